@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests run for real. Idempotent: does nothing when present.
+set -euo pipefail
+PACKAGES=(etcd-server prometheus-alertmanager chromium rsync pgbouncer)
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts these as services on install; the tests run their own instances.
+for svc in etcd prometheus-alertmanager pgbouncer; do
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
+        systemctl stop "$svc" || true
+    fi
+done
+pkill -x etcd 2>/dev/null || true
+pkill -f '^/usr/bin/prometheus-alertmanager' 2>/dev/null || true
+exit 0

@@ -1,0 +1,183 @@
+"""The one place that builds clients, each with explicit timeouts and no retry layer.
+
+Retries belong to `@task` (`tasks.retry`); clients fail fast so a dead target costs one
+timeout per attempt, not a hidden stack of them. Tests swap settings, not this code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import psycopg
+import redis
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.config.config_exception import ConfigException
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, dict_row
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tasks.errors import PermanentError, TransientError
+from tasks.settings import (
+    BackendSettings,
+    KubernetesSettings,
+    PaymentsSettings,
+    PostgresSettings,
+    RedisSettings,
+)
+
+# SQLSTATEs that no retry will fix: bad password / role / database / privilege.
+_PG_PERMANENT_STATES = {"28000", "28P01", "3D000", "42501", "42704"}
+
+
+def secret_from_block(block_name: str) -> str:
+    """Read a secret from a Prefect `Secret` block (never logged)."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block_name, _sync=True)  # type: ignore[call-arg]
+    except ValueError as exc:
+        raise PermanentError(f"Prefect Secret block {block_name!r} not found") from None
+    return str(value.get())  # type: ignore[union-attr]
+
+
+def pg_dsn(settings: PostgresSettings) -> str:
+    """The DSN to connect with, from the Secret block when one is named."""
+    if settings.dsn_secret_block:
+        return secret_from_block(settings.dsn_secret_block)
+    return settings.dsn.get_secret_value()
+
+
+def pg_target(settings: PostgresSettings) -> str:
+    """A printable name of the PostgreSQL target: host:port/dbname, never the password."""
+    try:
+        parts = conninfo_to_dict(pg_dsn(settings))
+    except psycopg.ProgrammingError:
+        return "<unparsable DSN>"
+    host = parts.get("host") or "localhost"
+    return f"{host}:{parts.get('port') or 5432}/{parts.get('dbname') or parts.get('user') or ''}"
+
+
+def classify_pg_error(exc: psycopg.Error, target: str) -> TransientError | PermanentError:
+    """Map a psycopg error to our error types, with a message free of secrets."""
+    state = exc.sqlstate
+    if state in _PG_PERMANENT_STATES:
+        return PermanentError(f"PostgreSQL {target} refused the request (SQLSTATE {state})")
+    if isinstance(exc, psycopg.OperationalError | psycopg.errors.LockNotAvailable) or (
+        state is not None and state[:2] in {"08", "53", "57", "40", "55"}
+    ):
+        # 08 connection, 53 resources (too many connections), 57 shutdown/cancel,
+        # 40 serialization/deadlock, 55 lock not available: all worth another try.
+        return TransientError(f"PostgreSQL {target} unavailable: {_first_line(exc)}")
+    return PermanentError(f"PostgreSQL {target} error (SQLSTATE {state}): {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+@contextmanager
+def pg_connect(
+    settings: PostgresSettings | None = None, *, autocommit: bool = True
+) -> Iterator[psycopg.Connection[DictRow]]:
+    """Open a PostgreSQL connection with connect, statement and lock timeouts set."""
+    settings = settings or PostgresSettings()
+    target = pg_target(settings)
+    options = (
+        f"-c statement_timeout={settings.statement_timeout_ms} "
+        f"-c lock_timeout={settings.lock_timeout_ms}"
+    )
+    try:
+        conn = psycopg.connect(
+            pg_dsn(settings),
+            connect_timeout=settings.connect_timeout_s,
+            application_name=settings.application_name,
+            options=options,
+            autocommit=autocommit,
+            row_factory=dict_row,
+        )
+    except psycopg.Error as exc:
+        raise classify_pg_error(exc, target) from None
+    try:
+        with conn:
+            yield conn
+    except psycopg.Error as exc:
+        raise classify_pg_error(exc, target) from None
+
+
+def redis_client(settings: RedisSettings | None = None) -> redis.Redis:
+    """A Redis client with explicit timeouts and redis-py's own retries switched off."""
+    settings = settings or RedisSettings()
+    url = (
+        secret_from_block(settings.url_secret_block)
+        if settings.url_secret_block
+        else settings.url.get_secret_value()
+    )
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=settings.connect_timeout_s,
+        socket_timeout=settings.timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+
+
+def kube_api_client(settings: KubernetesSettings | None = None) -> k8s.ApiClient:
+    """An `ApiClient` from the configured kubeconfig, else in-cluster, else ~/.kube/config."""
+    settings = settings or KubernetesSettings()
+    configuration = k8s.Configuration()
+    try:
+        if settings.kubeconfig is not None:
+            k8s_config.load_kube_config(
+                config_file=str(settings.kubeconfig),
+                context=settings.context,
+                client_configuration=configuration,
+            )
+        else:
+            try:
+                k8s_config.load_incluster_config(client_configuration=configuration)
+            except ConfigException:
+                k8s_config.load_kube_config(
+                    context=settings.context, client_configuration=configuration
+                )
+    except (ConfigException, OSError) as exc:
+        raise PermanentError(f"Kubernetes configuration unusable: {_first_line(exc)}") from None
+    # urllib3 would otherwise retry 3 times under our task retries.
+    configuration.retries = False
+    return k8s.ApiClient(configuration)
+
+
+def kube_request_timeout(settings: KubernetesSettings | None = None) -> tuple[float, float]:
+    """`_request_timeout` for kubernetes calls: (connect, read) seconds."""
+    settings = settings or KubernetesSettings()
+    return (min(5.0, settings.request_timeout_s), settings.request_timeout_s)
+
+
+def backend_http(settings: BackendSettings | None = None, **kwargs: Any) -> httpx.Client:
+    """An HTTP client for the backend with explicit connect and read timeouts."""
+    settings = settings or BackendSettings()
+    return httpx.Client(
+        base_url=settings.url,
+        timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+        **kwargs,
+    )
+
+
+def payments_http(settings: PaymentsSettings | None = None) -> httpx.Client:
+    """An HTTP client for the payments API; the bearer token rides in a header only."""
+    settings = settings or PaymentsSettings()
+    token = (
+        secret_from_block(settings.token_secret_block)
+        if settings.token_secret_block
+        else settings.token.get_secret_value()
+    )
+    return httpx.Client(
+        base_url=settings.url,
+        timeout=httpx.Timeout(settings.timeout_s, connect=min(5.0, settings.timeout_s)),
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )

@@ -1,0 +1,154 @@
+"""Typed settings, one class per system, read from `RUNBOOKS_<SYSTEM>_*` variables.
+
+Defaults fit the seed platform (deployment `akig-backend`, label `app=akig`, backend
+`http://backend:4000`); every one can be overridden by the environment. Secrets are
+`SecretStr`, so they print as `**********` in logs, reprs and artifacts. A secret may
+also come from a Prefect `Secret` block: set the matching `*_secret_block` field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RetrySettings(BaseSettings):
+    """The task retry policy (read once, when `tasks.retry` is imported)."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_RETRY_")
+
+    attempts: int = Field(3, ge=0, le=10, description="Retries after the first attempt.")
+    backoff_s: float = Field(
+        2.0, ge=0, description="First retry delay in seconds; doubles on each retry."
+    )
+    jitter_factor: float = Field(
+        0.5, ge=0, le=2, description="Random extra delay, as a fraction of the delay."
+    )
+
+
+class PostgresSettings(BaseSettings):
+    """How runbooks reach the platform's PostgreSQL (as a superuser or pg_signal_backend)."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_PG_")
+
+    dsn: SecretStr = Field(
+        SecretStr("postgresql://postgres@127.0.0.1:5432/postgres"),
+        description="libpq connection string or URI; may hold a password, hence secret.",
+    )
+    dsn_secret_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the DSN (wins over `dsn`)."
+    )
+    connect_timeout_s: int = Field(
+        5, ge=1, le=60, description="TCP + auth timeout; a dead server must fail fast."
+    )
+    statement_timeout_ms: int = Field(
+        15_000, ge=100, description="Cap on any one statement, so a check never hangs."
+    )
+    lock_timeout_ms: int = Field(
+        3_000, ge=100, description="Cap on lock waits; ALTER SYSTEM must not queue forever."
+    )
+    application_name: str = Field(
+        "incident-runbooks", description="Shown in pg_stat_activity; our own sessions."
+    )
+    protected_roles: list[str] = Field(
+        default_factory=lambda: ["postgres", "replication", "rdsadmin", "cloudsqladmin"],
+        description="Roles whose sessions are never terminated, whatever the parameters.",
+    )
+
+
+class PgBouncerSettings(BaseSettings):
+    """PgBouncer's admin console (read-only `SHOW POOLS`); optional."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_PGBOUNCER_")
+
+    dsn: SecretStr | None = Field(
+        None, description="DSN of the `pgbouncer` admin database; unset = not checked."
+    )
+    connect_timeout_s: int = Field(3, ge=1, le=60, description="Connect timeout, seconds.")
+
+
+class RedisSettings(BaseSettings):
+    """How runbooks reach Redis."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_REDIS_")
+
+    url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), description="redis:// URL; may hold a password."
+    )
+    url_secret_block: str | None = Field(None, description="Prefect Secret block with the URL.")
+    connect_timeout_s: float = Field(3.0, gt=0, description="Socket connect timeout, seconds.")
+    timeout_s: float = Field(5.0, gt=0, description="Per-command socket timeout, seconds.")
+
+
+class KubernetesSettings(BaseSettings):
+    """How runbooks reach the Kubernetes API and which workloads they look after."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_K8S_")
+
+    kubeconfig: Path | None = Field(
+        None, description="kubeconfig file; unset = in-cluster config, then ~/.kube/config."
+    )
+    context: str | None = Field(None, description="kubeconfig context; unset = current.")
+    namespace: str = Field("default", description="Namespace of the platform workloads.")
+    backend_deployment: str = Field("akig-backend", description="The backend Deployment.")
+    frontend_deployment: str = Field("akig-frontend", description="The frontend Deployment.")
+    label_selector: str = Field("app=akig", description="Selects the platform's pods.")
+    request_timeout_s: float = Field(10.0, gt=0, description="Per API request timeout.")
+    rollout_timeout_s: float = Field(
+        300.0, gt=0, description="How long to wait for a rollout to finish."
+    )
+
+
+class BackendSettings(BaseSettings):
+    """The platform backend's HTTP API."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_BACKEND_")
+
+    url: str = Field("http://backend:4000", description="Base URL of the backend.")
+    health_path: str = Field("/api/health", description="Health endpoint path.")
+    connect_timeout_s: float = Field(3.0, gt=0, description="TCP connect timeout, seconds.")
+    timeout_s: float = Field(10.0, gt=0, description="Read/write timeout, seconds.")
+
+
+class PaymentsSettings(BaseSettings):
+    """The payments API behind the backend (`POST /api/payments/retry`)."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_PAYMENTS_")
+
+    url: str = Field("http://backend:4000", description="Base URL of the payments API.")
+    token: SecretStr = Field(SecretStr(""), description="Bearer token for the payments API.")
+    token_secret_block: str | None = Field(None, description="Prefect Secret block, token.")
+    timeout_s: float = Field(15.0, gt=0, description="Request timeout, seconds.")
+
+
+class TlsSettings(BaseSettings):
+    """Where certificates live and when to warn about them."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_TLS_")
+
+    files: list[Path] = Field(
+        default_factory=lambda: [Path("/etc/ssl/certs/akig.crt")],
+        description="PEM files or directories to scan.",
+    )
+    endpoints: list[str] = Field(
+        default_factory=list, description="Live endpoints as host:port (SNI = host)."
+    )
+    warn_days: list[int] = Field(
+        default_factory=lambda: [30, 14, 7, 3, 1], description="Alert thresholds in days."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="TLS connect+handshake timeout.")
+
+
+class NotifySettings(BaseSettings):
+    """Where notifications go (Slack / PagerDuty style webhooks)."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_NOTIFY_")
+
+    slack_webhook_url: SecretStr | None = Field(None, description="Slack incoming webhook.")
+    pagerduty_url: str = Field(
+        "https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events v2 URL."
+    )
+    pagerduty_routing_key: SecretStr | None = Field(None, description="PagerDuty routing key.")
+    timeout_s: float = Field(5.0, gt=0, description="Request timeout, seconds.")

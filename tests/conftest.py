@@ -1,0 +1,28 @@
+"""Shared fixtures: real PostgreSQL and Redis on loopback, one Prefect API per session."""
+
+from __future__ import annotations
+
+import os
+
+# Before Prefect is imported anywhere: no telemetry (there is no internet here), fast
+# retries so "unreachable" tests take seconds, not minutes.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RUNBOOKS_RETRY_ATTEMPTS", "2")
+os.environ.setdefault("RUNBOOKS_RETRY_BACKOFF_S", "0.05")
+os.environ.setdefault("RUNBOOKS_RETRY_JITTER_FACTOR", "0")
+
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest_plugins = ["tests.fixtures.postgres"]
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """A throwaway Prefect API (SQLite) for flow tests; ~20 s to enter, so once a session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
