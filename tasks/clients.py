@@ -40,7 +40,7 @@ def secret_from_block(block_name: str) -> str:
 
     try:
         value = Secret.load(block_name, _sync=True)  # type: ignore[call-arg]
-    except ValueError as exc:
+    except ValueError:
         raise PermanentError(f"Prefect Secret block {block_name!r} not found") from None
     return str(value.get())  # type: ignore[union-attr]
 

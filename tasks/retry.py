@@ -21,7 +21,7 @@ def retry_only_transient(task: Task[..., Any], task_run: TaskRun, state: State[A
         state.result()
     except TransientError:
         return True
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any other failure is final
         return False
     return False
 

@@ -12,9 +12,9 @@ os.environ.setdefault("RUNBOOKS_RETRY_ATTEMPTS", "2")
 os.environ.setdefault("RUNBOOKS_RETRY_BACKOFF_S", "0.05")
 os.environ.setdefault("RUNBOOKS_RETRY_JITTER_FACTOR", "0")
 
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator
 
-import pytest  # noqa: E402
+import pytest
 
 pytest_plugins = ["tests.fixtures.postgres"]
 

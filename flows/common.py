@@ -1,0 +1,125 @@
+"""What every runbook shares: the approval gate, the audit tags and the report artifact."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
+
+
+class Approval(RunInput):
+    """The form an approver fills in the Prefect UI to let a destructive step go ahead."""
+
+    approved: bool = Field(False, description="Tick to allow the planned action.")
+    approver: str = Field(..., min_length=1, description="Your name, recorded in the audit.")
+    reason: str = Field("", description="Why you approve or refuse; recorded in the audit.")
+
+
+@dataclass
+class Decision:
+    """The outcome of an approval gate, for the report."""
+
+    approved: bool
+    approver: str
+    reason: str
+
+    def line(self) -> str:
+        verdict = "approved" if self.approved else "refused"
+        return f"{verdict} by **{self.approver}**" + (f": {self.reason}" if self.reason else "")
+
+
+def request_approval(summary: str, timeout_s: int) -> Decision:
+    """Pause the run until someone approves or refuses in the UI; a timeout refuses."""
+    logger = get_run_logger()
+    logger.warning("Approval needed: %s (waiting up to %d s)", summary, timeout_s)
+    try:
+        answer = pause_flow_run(
+            wait_for_input=Approval.with_initial_data(description=summary, approved=False),
+            timeout=timeout_s,
+            poll_interval=min(5, max(1, timeout_s // 4)),
+        )
+    except FlowPauseTimeout:
+        return Decision(False, "nobody", f"no answer within {timeout_s} s; nothing done")
+    return Decision(answer.approved, answer.approver, answer.reason)
+
+
+def run_source() -> str:
+    """How this run started: `alert`, `schedule`, `ui` (a deployment run) or `local`."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return "local"
+    run = ctx.flow_run
+    tags = set(run.tags or [])
+    if "source:alert" in tags:
+        return "alert"
+    if run.auto_scheduled:
+        return "schedule"
+    return "ui" if run.deployment_id else "local"
+
+
+def tag_run(runbook: str) -> str:
+    """Add `runbook:<name>` and `source:<how>` tags to the current run; returns the source."""
+    source = run_source()
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return source
+    wanted = {f"runbook:{runbook}", f"source:{source}"}
+    current = set(ctx.flow_run.tags or [])
+    if not wanted <= current:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(ctx.flow_run.id, tags=sorted(current | wanted))
+    return source
+
+
+def _artifact_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100]
+
+
+@dataclass
+class Report:
+    """A markdown audit record built section by section and published once per run."""
+
+    runbook: str
+    title: str
+    sections: list[str] = field(default_factory=list)
+
+    def add(self, heading: str, body: str) -> None:
+        self.sections.append(f"## {heading}\n\n{body.strip()}\n")
+
+    def markdown(self) -> str:
+        ctx = FlowRunContext.get()
+        run = ctx.flow_run if ctx else None
+        who = f"run `{run.name}` ({run_source()})" if run else "local run"
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        head = f"# {self.title}\n\n_{self.runbook} · {who} · {stamp}_\n"
+        return "\n".join([head, *self.sections])
+
+    def publish(self, description: str) -> str:
+        """Create the run's markdown artifact (keyed by runbook, so history groups)."""
+        text = self.markdown()
+        create_markdown_artifact(
+            key=_artifact_key(self.runbook), markdown=text, description=description
+        )
+        return text
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    """A markdown table; cells are escaped so a query text cannot break the layout."""
+
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")[:200]
+
+    if not rows:
+        return "_none_"
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
