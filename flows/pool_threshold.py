@@ -1,0 +1,98 @@
+"""Scheduled check `pool-threshold`: PostgreSQL connection usage against a warning threshold.
+
+Trigger: every 5 minutes (`SCHEDULE_INTERVAL_S`), or by hand. The seed's prevention item
+"Add monitoring alert at 70% threshold", as a check that leaves a record every run.
+
+May change: nothing by itself. When `start_remediation` is on and usage is over the
+threshold, it starts the `db-pool-exhausted` deployment (dry-run unless told otherwise),
+whose own guards apply.
+
+Safety limits: read-only; the started run is a separate, audited deployment run.
+Undo: nothing to undo.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from pydantic import BaseModel, Field
+
+from flows.common import Report, table, tag_run
+from flows.db_pool_exhausted import RUNBOOK as REMEDIATION
+from flows.db_pool_exhausted import DbPoolParams
+from tasks.postgres import PoolUsage, measure_pool_usage
+
+RUNBOOK = "pool-threshold"
+SCHEDULE_INTERVAL_S = 300
+REMEDIATION_DEPLOYMENT = f"{REMEDIATION}/{REMEDIATION}"
+
+
+class PoolThresholdParams(BaseModel):
+    """Parameters of the scheduled pool-usage check."""
+
+    threshold_percent: float = Field(
+        70.0, gt=0, le=100, description="Usage at or above this percent fails the check."
+    )
+    start_remediation: bool = Field(
+        False, description="Over the threshold, start the db-pool-exhausted runbook."
+    )
+    remediation: DbPoolParams = Field(
+        default_factory=DbPoolParams,
+        description="Parameters for that runbook (dry run unless switched off there).",
+    )
+
+
+class PoolThresholdExceeded(Exception):
+    """The check failed: connection usage is at or above the threshold."""
+
+
+class PoolCheck(BaseModel):
+    """The check's measurement and whether it passed."""
+
+    usage: PoolUsage
+    threshold_percent: float
+    passed: bool
+    remediation_run: str | None = Field(description="Id of the started db-pool-exhausted run.")
+
+
+@flow(name=RUNBOOK)
+def pool_threshold(params: PoolThresholdParams = PoolThresholdParams()) -> PoolCheck:  # noqa: B008
+    """Fail (with an artifact) when connection usage reaches the threshold."""
+    logger = get_run_logger()
+    tag_run(RUNBOOK)
+    usage = measure_pool_usage()
+    passed = usage.percent_used < params.threshold_percent
+    report = Report(RUNBOOK, f"Connection usage on {usage.target}")
+    report.add(
+        "Usage",
+        f"**{usage.percent_used:.1f}%** ({usage.client_connections}/{usage.max_connections}), "
+        f"threshold {params.threshold_percent:g}%: **{'OK' if passed else 'OVER'}**.\n\n"
+        + table(["database", "n"], [[c.key, c.count] for c in usage.by_database])
+        + "\n\n"
+        + table(["role", "n"], [[c.key, c.count] for c in usage.by_user]),
+    )
+    run_id: str | None = None
+    if not passed and params.start_remediation:
+        run: FlowRun = run_deployment(  # type: ignore[assignment]
+            REMEDIATION_DEPLOYMENT,
+            parameters={"params": params.remediation.model_dump(mode="json")},
+            timeout=0,
+            tags=["source:schedule", f"runbook:{REMEDIATION}"],
+        )
+        run_id = str(run.id)
+        report.add(
+            "Remediation",
+            f"Started `{REMEDIATION_DEPLOYMENT}` run `{run.name}` ({run_id}), "
+            f"dry run: {params.remediation.dry_run}.",
+        )
+    report.publish(f"pool usage {usage.percent_used:.1f}% on {usage.target}")
+    if not passed:
+        logger.error("%s: usage %.1f%% over threshold", usage.target, usage.percent_used)
+        raise PoolThresholdExceeded(
+            f"{usage.target}: {usage.percent_used:.1f}% of max_connections in use "
+            f"(threshold {params.threshold_percent:g}%)"
+        )
+    return PoolCheck(
+        usage=usage, threshold_percent=params.threshold_percent, passed=True, remediation_run=None
+    )

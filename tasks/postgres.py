@@ -1,0 +1,577 @@
+"""PostgreSQL actions: measure connection usage, plan and terminate idle sessions, set timeouts.
+
+The termination guard (DESIGN.md section 3) is one SQL predicate, `GUARD_SQL`, used both to
+plan and to kill: the kill statement re-evaluates it on live `pg_stat_activity` rows, so a
+session that turned active (or whose pid was reused by a new backend) since the plan survives.
+`is_terminable` is the same predicate in Python, kept equal to the SQL by a property test.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import psycopg
+from prefect import task
+from psycopg import sql
+from psycopg.rows import DictRow
+from pydantic import BaseModel, Field, field_validator
+
+from tasks.clients import pg_connect, pg_target
+from tasks.errors import PermanentError, SafetyViolation
+from tasks.logs import run_logger
+from tasks.retry import RETRY_TRANSIENT
+from tasks.settings import PgBouncerSettings, PostgresSettings
+
+IdleState = Literal["idle", "idle in transaction", "idle in transaction (aborted)"]
+IDLE_STATES: tuple[IdleState, ...] = (
+    "idle",
+    "idle in transaction",
+    "idle in transaction (aborted)",
+)
+
+# A SQL identifier we accept for role/database names passed from forms or alerts.
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$.-]{0,62}$")
+
+
+def _check_name(value: str | None) -> str | None:
+    if value is not None and not _NAME.match(value):
+        raise ValueError(f"not a valid PostgreSQL name: {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class CountBy(BaseModel):
+    """A number of client connections sharing one key (a state, a database or a role)."""
+
+    key: str
+    count: int
+
+
+class LongTransaction(BaseModel):
+    """A session with an open transaction, oldest first."""
+
+    pid: int
+    usename: str | None
+    datname: str | None
+    state: str | None
+    xact_age_s: float
+    state_age_s: float | None
+    query: str = Field(description="Query text with string literals masked, truncated.")
+
+
+class PoolUsage(BaseModel):
+    """Client connections against `max_connections`, with the slots reserved for superusers."""
+
+    taken_at: datetime
+    target: str
+    max_connections: int
+    superuser_reserved: int
+    reserved: int = Field(description="`reserved_connections` (PostgreSQL 16+), else 0.")
+    client_connections: int
+    percent_used: float = Field(description="client connections / max_connections * 100")
+    free_for_applications: int = Field(
+        description="Slots an ordinary role can still take (reserved slots excluded)."
+    )
+    by_state: list[CountBy]
+    by_database: list[CountBy]
+    by_user: list[CountBy]
+
+
+class PoolSnapshot(BaseModel):
+    """Everything the pool check finds: usage, long transactions, idle-in-transaction ages."""
+
+    usage: PoolUsage
+    long_transactions: list[LongTransaction]
+    idle_in_transaction: list[LongTransaction]
+
+
+class TerminationGuard(BaseModel):
+    """Which sessions may be terminated. Every condition must hold, re-checked at kill time."""
+
+    states: list[IdleState] = Field(
+        default_factory=lambda: list(IDLE_STATES),
+        min_length=1,
+        description="Only sessions in these idle states; active sessions are never touched.",
+    )
+    idle_minutes: float = Field(
+        10.0, gt=0, le=7 * 24 * 60, description="Only sessions idle for longer than this."
+    )
+    database: str | None = Field(None, description="Only sessions on this database.")
+    username: str | None = Field(None, description="Only sessions of this role.")
+    protected_roles: list[str] = Field(
+        default_factory=list, description="Roles never terminated (besides superusers)."
+    )
+    max_sessions: int = Field(50, ge=1, le=5000, description="At most this many per run.")
+
+    @field_validator("database", "username")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        return _check_name(value)
+
+
+class Session(BaseModel):
+    """One row of `pg_stat_activity` as the guard sees it."""
+
+    pid: int
+    backend_start: datetime
+    backend_type: str
+    usename: str | None
+    datname: str | None
+    state: str | None
+    state_change: datetime | None
+    rolsuper: bool
+    is_self: bool = False
+    application_name: str = ""
+    client_addr: str | None = None
+
+    def idle_s(self, now: datetime) -> float | None:
+        return None if self.state_change is None else (now - self.state_change).total_seconds()
+
+
+class TerminationPlan(BaseModel):
+    """The sessions a run would terminate, chosen by the guard, oldest idle first."""
+
+    target: str
+    guard: TerminationGuard
+    planned_at: datetime
+    sessions: list[Session]
+    more_than_cap: bool = Field(description="More sessions matched than `max_sessions`.")
+
+
+class TerminationResult(BaseModel):
+    """What the kill statement did: terminated pids and the planned ones it spared."""
+
+    target: str
+    terminated: list[Session]
+    spared_pids: list[int] = Field(description="Planned but no longer matching the guard.")
+    failed_pids: list[int] = Field(description="pg_terminate_backend returned false.")
+    elapsed_s: float
+
+
+class TimeoutChange(BaseModel):
+    """A change of `idle_in_transaction_session_timeout`, with what it replaced (for undo)."""
+
+    target: str
+    scope: str = Field(description="`system` or `role:<name>`")
+    previous: str | None
+    new: str
+    undo_sql: str
+
+
+class PgBouncerPool(BaseModel):
+    """One line of PgBouncer's `SHOW POOLS`."""
+
+    database: str
+    user: str
+    cl_active: int
+    cl_waiting: int
+    sv_active: int
+    sv_idle: int
+    sv_used: int
+    maxwait_s: float
+
+
+# ---------------------------------------------------------------------------------------------
+# The guard: one predicate, SQL and Python.
+
+SESSIONS_SQL = """
+    SELECT a.pid, a.backend_start, a.backend_type, a.usename::text AS usename,
+           a.datname::text AS datname, a.state, a.state_change,
+           coalesce(r.rolsuper, true) AS rolsuper, a.pid = pg_backend_pid() AS is_self,
+           coalesce(a.application_name, '') AS application_name,
+           host(a.client_addr) AS client_addr
+      FROM pg_stat_activity a
+      LEFT JOIN pg_roles r ON r.oid = a.usesysid
+"""
+
+# Unknown role (no pg_roles row) counts as superuser above: when in doubt, spare it.
+GUARD_SQL = """
+        s.backend_type = 'client backend'
+    AND NOT s.is_self
+    AND NOT s.rolsuper
+    AND s.usename IS NOT NULL
+    AND NOT (s.usename = ANY(%(protected)s::text[]))
+    AND s.state = ANY(%(states)s::text[])
+    AND s.state_change < now() - make_interval(secs => %(idle_s)s::float8)
+    AND (%(datname)s::text IS NULL OR s.datname = %(datname)s::text)
+    AND (%(usename)s::text IS NULL OR s.usename = %(usename)s::text)
+"""
+
+
+def guard_params(guard: TerminationGuard, settings: PostgresSettings) -> dict[str, object]:
+    """Bind values for `GUARD_SQL`; protected roles = settings' list + the run's list."""
+    return {
+        "protected": sorted(set(settings.protected_roles) | set(guard.protected_roles)),
+        "states": list(guard.states),
+        "idle_s": guard.idle_minutes * 60.0,
+        "datname": guard.database,
+        "usename": guard.username,
+    }
+
+
+def is_terminable(s: Session, guard: TerminationGuard, protected: set[str], now: datetime) -> bool:
+    """The guard in Python, equal to `GUARD_SQL` (a property test holds them together)."""
+    idle = s.idle_s(now)
+    return (
+        s.backend_type == "client backend"
+        and not s.is_self
+        and not s.rolsuper
+        and s.usename is not None
+        and s.usename not in protected
+        and s.state in guard.states
+        and idle is not None
+        and idle > guard.idle_minutes * 60.0
+        and (guard.database is None or s.datname == guard.database)
+        and (guard.username is None or s.usename == guard.username)
+    )
+
+
+def redact_query(query: str | None, limit: int = 160) -> str:
+    """Mask string literals (they may hold passwords) and truncate."""
+    if not query:
+        return ""
+    masked = re.sub(r"'(?:[^']|'')*'", "'…'", query)
+    masked = re.sub(r"\s+", " ", masked).strip()
+    return masked if len(masked) <= limit else masked[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+def _counts(conn: psycopg.Connection[DictRow], column: str) -> list[CountBy]:
+    query = sql.SQL(
+        "SELECT coalesce({col}::text, '(none)') AS key, count(*) AS count FROM pg_stat_activity"
+        " WHERE backend_type = 'client backend' GROUP BY 1 ORDER BY 2 DESC, 1"
+    ).format(col=sql.Identifier(column))
+    return [CountBy.model_validate(r) for r in conn.execute(query).fetchall()]
+
+
+def read_pool_usage(settings: PostgresSettings | None = None) -> PoolUsage:
+    """Measure client connections against max_connections (no task wrapper: used by benches)."""
+    settings = settings or PostgresSettings()
+    with pg_connect(settings) as conn:
+        row = conn.execute(
+            """
+            SELECT current_setting('max_connections')::int AS max_connections,
+                   current_setting('superuser_reserved_connections')::int AS superuser_reserved,
+                   coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
+                   (SELECT count(*) FROM pg_stat_activity
+                     WHERE backend_type = 'client backend')::int AS client_connections,
+                   now() AS taken_at
+            """
+        ).fetchone()
+        assert row is not None
+        max_conn = int(row["max_connections"])
+        used = int(row["client_connections"])
+        reserved_total = int(row["superuser_reserved"]) + int(row["reserved"])
+        return PoolUsage(
+            taken_at=row["taken_at"],
+            target=pg_target(settings),
+            max_connections=max_conn,
+            superuser_reserved=row["superuser_reserved"],
+            reserved=row["reserved"],
+            client_connections=used,
+            percent_used=round(100.0 * used / max_conn, 2),
+            free_for_applications=max(0, max_conn - reserved_total - used),
+            by_state=_counts(conn, "state"),
+            by_database=_counts(conn, "datname"),
+            by_user=_counts(conn, "usename"),
+        )
+
+
+@task(**RETRY_TRANSIENT, task_run_name="measure-pool-usage")
+def measure_pool_usage() -> PoolUsage:
+    """Count client connections by state, database and role against max_connections."""
+    usage = read_pool_usage()
+    run_logger().info(
+        "%s: %d/%d connections (%.1f%%)",
+        usage.target,
+        usage.client_connections,
+        usage.max_connections,
+        usage.percent_used,
+    )
+    return usage
+
+
+@task(**RETRY_TRANSIENT, task_run_name="inspect-pool")
+def inspect_pool(limit: int = 10) -> PoolSnapshot:
+    """Measure usage and list the oldest open transactions and idle-in-transaction sessions."""
+    settings = PostgresSettings()
+    usage = read_pool_usage(settings)
+    with pg_connect(settings) as conn:
+        rows = conn.execute(
+            """
+            SELECT pid, usename::text AS usename, datname::text AS datname, state,
+                   extract(epoch FROM now() - xact_start)::float8 AS xact_age_s,
+                   extract(epoch FROM now() - state_change)::float8 AS state_age_s,
+                   query
+              FROM pg_stat_activity
+             WHERE backend_type = 'client backend' AND xact_start IS NOT NULL
+               AND pid <> pg_backend_pid()
+             ORDER BY xact_start
+            """
+        ).fetchall()
+    txns = [LongTransaction(**{**r, "query": redact_query(r["query"])}) for r in rows]
+    idle_tx = sorted(
+        (t for t in txns if (t.state or "").startswith("idle in transaction")),
+        key=lambda t: -(t.state_age_s or 0.0),
+    )
+    return PoolSnapshot(
+        usage=usage, long_transactions=txns[:limit], idle_in_transaction=idle_tx[:limit]
+    )
+
+
+def select_sessions(
+    guard: TerminationGuard, settings: PostgresSettings | None = None
+) -> TerminationPlan:
+    """Run the guard on live `pg_stat_activity` and return the plan (no side effects)."""
+    settings = settings or PostgresSettings()
+    params = guard_params(guard, settings) | {"cap": guard.max_sessions + 1}
+    with pg_connect(settings) as conn:
+        now = conn.execute("SELECT now() AS now").fetchone()
+        rows = conn.execute(
+            f"SELECT s.* FROM ({SESSIONS_SQL}) s WHERE {GUARD_SQL}"  # noqa: S608 - constant SQL, values bound
+            " ORDER BY s.state_change, s.pid LIMIT %(cap)s",
+            params,
+        ).fetchall()
+    sessions = [Session.model_validate(r) for r in rows]
+    return TerminationPlan(
+        target=pg_target(settings),
+        guard=guard,
+        planned_at=now["now"] if now else datetime.now(UTC),
+        sessions=sessions[: guard.max_sessions],
+        more_than_cap=len(sessions) > guard.max_sessions,
+    )
+
+
+@task(**RETRY_TRANSIENT, task_run_name="plan-terminations-{guard.database}")
+def plan_terminations(guard: TerminationGuard) -> TerminationPlan:
+    """List the sessions the guard allows to terminate, oldest idle first, capped."""
+    plan = select_sessions(guard)
+    run_logger().info(
+        "%s: %d session(s) match the guard%s",
+        plan.target,
+        len(plan.sessions),
+        " (cap reached)" if plan.more_than_cap else "",
+    )
+    return plan
+
+
+def kill_planned(
+    plan: TerminationPlan, settings: PostgresSettings | None = None
+) -> TerminationResult:
+    """Terminate the planned sessions still matching the guard, in one statement."""
+    settings = settings or PostgresSettings()
+    if len(plan.sessions) > plan.guard.max_sessions:
+        raise SafetyViolation(
+            f"plan holds {len(plan.sessions)} sessions, over the cap of {plan.guard.max_sessions}"
+        )
+    if not plan.sessions:
+        return TerminationResult(
+            target=plan.target, terminated=[], spared_pids=[], failed_pids=[], elapsed_s=0.0
+        )
+    params = guard_params(plan.guard, settings) | {
+        "pids": [s.pid for s in plan.sessions],
+        "starts": [s.backend_start for s in plan.sessions],
+        "cap": plan.guard.max_sessions,
+    }
+    # MATERIALIZED: the guard and the cap are applied before any pg_terminate_backend call;
+    # (pid, backend_start) pairs make sure a pid reused by a new backend is not hit.
+    statement = f"""
+        WITH planned AS (
+            SELECT * FROM unnest(%(pids)s::int[], %(starts)s::timestamptz[]) AS p(pid, started)
+        ), targets AS MATERIALIZED (
+            SELECT s.* FROM ({SESSIONS_SQL}) s
+              JOIN planned p ON p.pid = s.pid AND p.started = s.backend_start
+             WHERE {GUARD_SQL}
+             ORDER BY s.state_change, s.pid
+             LIMIT %(cap)s
+        )
+        SELECT t.*, pg_terminate_backend(t.pid) AS terminated,
+               clock_timestamp() AS done_at, statement_timestamp() AS started_at
+          FROM targets t
+    """  # noqa: S608 - constant SQL, values bound
+    with pg_connect(settings) as conn:
+        started = datetime.now(UTC)
+        rows = conn.execute(statement, params).fetchall()
+        elapsed = (datetime.now(UTC) - started).total_seconds()
+    killed = [Session.model_validate(r) for r in rows if r["terminated"]]
+    failed = [int(r["pid"]) for r in rows if not r["terminated"]]
+    hit = {int(r["pid"]) for r in rows}
+    return TerminationResult(
+        target=plan.target,
+        terminated=killed,
+        spared_pids=[s.pid for s in plan.sessions if s.pid not in hit],
+        failed_pids=failed,
+        elapsed_s=round(elapsed, 4),
+    )
+
+
+@task(task_run_name="terminate-sessions-{plan.target}")
+def terminate_sessions(plan: TerminationPlan) -> TerminationResult:
+    """Terminate the planned sessions that still match the guard, in one statement."""
+    # Not retried: a retry after an unknown outcome would re-plan nothing but could confuse
+    # the audit; the flow re-measures instead and a human decides on a second pass.
+    result = kill_planned(plan)
+    run_logger().warning(
+        "%s: terminated %d session(s), spared %d that no longer matched the guard",
+        result.target,
+        len(result.terminated),
+        len(result.spared_pids),
+    )
+    return result
+
+
+def _timeout_literal(seconds: int) -> str:
+    return f"{seconds}s"
+
+
+@task(**RETRY_TRANSIENT, task_run_name="set-idle-in-transaction-timeout-{role}")
+def set_idle_in_transaction_timeout(seconds: int, role: str | None = None) -> TimeoutChange:
+    """Set idle_in_transaction_session_timeout for one role or (role=None) via ALTER SYSTEM."""
+    if not 1 <= seconds <= 24 * 3600:
+        raise PermanentError("idle_in_transaction_session_timeout must be 1 s .. 24 h")
+    _check_name(role)
+    settings = PostgresSettings()
+    target = pg_target(settings)
+    value = _timeout_literal(seconds)
+    with pg_connect(settings) as conn:
+        if role is None:
+            previous = conn.execute(
+                "SELECT setting || coalesce(unit, '') AS v, source FROM pg_settings"
+                " WHERE name = 'idle_in_transaction_session_timeout'"
+            ).fetchone()
+            prev_value = None if previous is None else str(previous["v"])
+            prev_auto = previous is not None and previous["source"] == "configuration file"
+            conn.execute(
+                sql.SQL("ALTER SYSTEM SET idle_in_transaction_session_timeout = {}").format(
+                    sql.Literal(value)
+                )
+            )
+            # The seed's `pg_ctl_reload()` does not exist: the SQL function is pg_reload_conf().
+            conn.execute("SELECT pg_reload_conf()")
+            undo = (
+                f"ALTER SYSTEM SET idle_in_transaction_session_timeout = '{prev_value}'; "
+                if prev_auto and prev_value
+                else "ALTER SYSTEM RESET idle_in_transaction_session_timeout; "
+            ) + "SELECT pg_reload_conf();"
+            scope = "system"
+        else:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            if exists is None:
+                raise PermanentError(f"role {role!r} does not exist on {target}")
+            previous = conn.execute(
+                """
+                SELECT split_part(c, '=', 2) AS v
+                  FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole,
+                       unnest(s.setconfig) c
+                 WHERE r.rolname = %s AND s.setdatabase = 0
+                   AND c LIKE 'idle_in_transaction_session_timeout=%%'
+                """,
+                (role,),
+            ).fetchone()
+            prev_value = None if previous is None else str(previous["v"])
+            conn.execute(
+                sql.SQL("ALTER ROLE {} SET idle_in_transaction_session_timeout = {}").format(
+                    sql.Identifier(role), sql.Literal(value)
+                )
+            )
+            ident = sql.Identifier(role).as_string(conn)
+            undo = (
+                f"ALTER ROLE {ident} SET idle_in_transaction_session_timeout = '{prev_value}';"
+                if prev_value
+                else f"ALTER ROLE {ident} RESET idle_in_transaction_session_timeout;"
+            )
+            scope = f"role:{role}"
+    run_logger().warning(
+        "%s: idle_in_transaction_session_timeout=%s (%s)", target, value, scope
+    )
+    return TimeoutChange(target=target, scope=scope, previous=prev_value, new=value, undo_sql=undo)
+
+
+@task(**RETRY_TRANSIENT, task_run_name="show-pgbouncer-pools")
+def show_pgbouncer_pools() -> list[PgBouncerPool]:
+    """Read PgBouncer's SHOW POOLS from its admin console (read-only); [] when not configured."""
+    settings = PgBouncerSettings()
+    if settings.dsn is None:
+        return []
+    try:
+        # The admin console speaks the simple query protocol only: ClientCursor uses it.
+        with psycopg.connect(
+            settings.dsn.get_secret_value(),
+            connect_timeout=settings.connect_timeout_s,
+            autocommit=True,
+            cursor_factory=psycopg.ClientCursor,
+        ) as conn:
+            cur = conn.execute("SHOW POOLS")
+            names = [d.name for d in cur.description or []]
+            rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    except psycopg.Error as exc:
+        from tasks.clients import classify_pg_error
+
+        raise classify_pg_error(exc, "pgbouncer") from None
+    return [
+        PgBouncerPool(
+            database=str(r["database"]),
+            user=str(r["user"]),
+            cl_active=int(r["cl_active"]),
+            cl_waiting=int(r["cl_waiting"]),
+            sv_active=int(r["sv_active"]),
+            sv_idle=int(r["sv_idle"]),
+            sv_used=int(r["sv_used"]),
+            maxwait_s=float(r["maxwait"]) + float(r.get("maxwait_us", 0) or 0) / 1e6,
+        )
+        for r in rows
+    ]
+
+
+def guard_summary(guard: TerminationGuard) -> str:
+    """The guard in words, for the plan artifact and the approval form."""
+    parts = [
+        "client backends only",
+        "never this session",
+        "never superusers",
+        f"states {', '.join(guard.states)}",
+        f"idle > {guard.idle_minutes:g} min",
+        f"at most {guard.max_sessions}",
+    ]
+    if guard.database:
+        parts.append(f"database = {guard.database}")
+    if guard.username:
+        parts.append(f"role = {guard.username}")
+    if guard.protected_roles:
+        parts.append(f"also protected: {', '.join(guard.protected_roles)}")
+    return "; ".join(parts)
+
+
+def age_text(seconds: float | None) -> str:
+    """A duration as the on-call reads it (`3m05s`)."""
+    if seconds is None:
+        return "-"
+    return str(timedelta(seconds=int(seconds)))
+
+
+@contextmanager
+def remediation_lock(name: str, settings: PostgresSettings | None = None) -> Iterator[None]:
+    """Hold a session advisory lock so only one remediation acts on this server at a time."""
+    settings = settings or PostgresSettings()
+    with pg_connect(settings) as conn:
+        got = conn.execute(
+            "SELECT pg_try_advisory_lock(hashtext(%s)) AS ok", (f"incident-runbooks:{name}",)
+        ).fetchone()
+        if not got or not got["ok"]:
+            raise SafetyViolation(
+                f"another {name} remediation holds the lock on {pg_target(settings)}; not acting"
+            )
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"incident-runbooks:{name}",))

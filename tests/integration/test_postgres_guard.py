@@ -1,0 +1,175 @@
+"""The termination guard against real sessions on the local PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tasks.postgres import (
+    TerminationGuard,
+    kill_planned,
+    read_pool_usage,
+    select_sessions,
+    set_idle_in_transaction_timeout,
+)
+from tests.fixtures.postgres import PgWorld, Sessions, alive, pid, wait_gone
+
+ONE_SECOND = 1.0 / 60  # idle_minutes for "older than one second"
+
+
+def guard(world: PgWorld, **kw: object) -> TerminationGuard:
+    base: dict[str, object] = {
+        "database": world.database,
+        "idle_minutes": ONE_SECOND,
+        "protected_roles": [world.protected_role],
+    }
+    return TerminationGuard.model_validate(base | kw)
+
+
+def test_only_the_right_sessions_die(pg_env: PgWorld, sessions: Sessions) -> None:
+    w = pg_env
+    old_idle = sessions.open(w.app_role, "idle")
+    old_iit = sessions.open(w.app_role, "idle in transaction")
+    super_iit = sessions.open(w.super_role, "idle in transaction")
+    protected_idle = sessions.open(w.protected_role, "idle")
+    time.sleep(1.3)
+    young_idle = sessions.open(w.app_role, "idle")
+    young_iit = sessions.open(w.app_role, "idle in transaction")
+    active = sessions.open(w.app_role, "active")
+    time.sleep(0.2)
+
+    plan = select_sessions(guard(w))
+    assert {s.pid for s in plan.sessions} == {pid(old_idle), pid(old_iit)}
+    assert not plan.more_than_cap
+
+    result = kill_planned(plan)
+    assert {s.pid for s in result.terminated} == {pid(old_idle), pid(old_iit)}
+    assert result.spared_pids == [] and result.failed_pids == []
+    assert wait_gone([pid(old_idle), pid(old_iit)]) == set()
+    survivors = [super_iit, protected_idle, young_idle, young_iit, active]
+    assert alive([pid(c) for c in survivors]) == {pid(c) for c in survivors}
+
+
+def test_states_and_user_filters(pg_env: PgWorld, sessions: Sessions) -> None:
+    w = pg_env
+    idle = sessions.open(w.app_role, "idle")
+    iit = sessions.open(w.app_role, "idle in transaction")
+    time.sleep(1.2)
+    only_idle = select_sessions(guard(w, states=["idle"]))
+    assert {s.pid for s in only_idle.sessions} == {pid(idle)}
+    other_user = select_sessions(guard(w, username=w.protected_role, protected_roles=[]))
+    assert other_user.sessions == []
+    other_db = select_sessions(guard(w, database="postgres"))
+    assert pid(iit) not in {s.pid for s in other_db.sessions}
+
+
+def test_session_turned_active_after_plan_survives(pg_env: PgWorld, sessions: Sessions) -> None:
+    w = pg_env
+    victim = sessions.open(w.app_role, "idle")
+    bystander = sessions.open(w.app_role, "idle")
+    time.sleep(1.2)
+    plan = select_sessions(guard(w))
+    assert {s.pid for s in plan.sessions} == {pid(victim), pid(bystander)}
+
+    sessions.run_in_background(bystander, "SELECT pg_sleep(3)")
+    sessions.wait_for_state(pid(bystander), "active")
+    result = kill_planned(plan)
+
+    assert [s.pid for s in result.terminated] == [pid(victim)]
+    assert result.spared_pids == [pid(bystander)]
+    assert alive([pid(bystander)]) == {pid(bystander)}
+
+
+def test_cap_holds(pg_env: PgWorld, sessions: Sessions) -> None:
+    w = pg_env
+    conns = [sessions.open(w.app_role, "idle") for _ in range(5)]
+    time.sleep(1.2)
+    plan = select_sessions(guard(w, max_sessions=2))
+    assert len(plan.sessions) == 2 and plan.more_than_cap
+    # Oldest idle first: the first two opened.
+    assert [s.pid for s in plan.sessions] == [pid(c) for c in conns[:2]]
+    result = kill_planned(plan)
+    assert len(result.terminated) == 2
+    assert wait_gone([pid(c) for c in conns[:2]]) == set()
+    assert alive([pid(c) for c in conns[2:]]) == {pid(c) for c in conns[2:]}
+
+
+def test_plan_alone_kills_nothing(pg_env: PgWorld, sessions: Sessions) -> None:
+    w = pg_env
+    conns = [sessions.open(w.app_role, "idle") for _ in range(3)]
+    time.sleep(1.2)
+    plan = select_sessions(guard(w))
+    assert len(plan.sessions) == 3
+    time.sleep(0.3)
+    assert alive([pid(c) for c in conns]) == {pid(c) for c in conns}
+
+
+def test_usage_counts_the_sessions(pg_env: PgWorld, sessions: Sessions) -> None:
+    before = read_pool_usage()
+    for _ in range(3):
+        sessions.open(pg_env.app_role, "idle")
+    after = read_pool_usage()
+    by_db = {c.key: c.count for c in after.by_database}
+    assert by_db.get(pg_env.database) == 3
+    assert after.max_connections == before.max_connections > 0
+    assert after.percent_used == pytest.approx(
+        100 * after.client_connections / after.max_connections, abs=0.01
+    )
+    assert after.free_for_applications == (
+        after.max_connections
+        - after.superuser_reserved
+        - after.reserved
+        - after.client_connections
+    )
+
+
+def _setting(dsn: str, name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+def test_set_timeout_system_wide_then_undo(pg_env: PgWorld) -> None:
+    import psycopg
+
+    try:
+        change = set_idle_in_transaction_timeout.fn(seconds=321, role=None)
+        assert change.scope == "system" and change.new == "321s"
+        deadline = time.monotonic() + 5
+        while _setting(pg_env.admin_dsn, "idle_in_transaction_session_timeout") != "321s":
+            assert time.monotonic() < deadline, "pg_reload_conf() did not apply the setting"
+            time.sleep(0.1)
+        with psycopg.connect(pg_env.admin_dsn, autocommit=True) as conn:
+            for stmt in change.undo_sql.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)  # type: ignore[call-overload]
+    finally:
+        with psycopg.connect(pg_env.admin_dsn, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM RESET idle_in_transaction_session_timeout")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+def test_set_timeout_per_role(pg_env: PgWorld, sessions: Sessions) -> None:
+    import psycopg
+
+    change = set_idle_in_transaction_timeout.fn(seconds=60, role=pg_env.app_role)
+    assert change.scope == f"role:{pg_env.app_role}" and change.previous is None
+    assert _setting(pg_env.dsn(pg_env.app_role), "idle_in_transaction_session_timeout") == "1min"
+    with psycopg.connect(pg_env.admin_dsn, autocommit=True) as conn:
+        conn.execute(change.undo_sql)  # type: ignore[call-overload]
+    assert _setting(pg_env.dsn(pg_env.app_role), "idle_in_transaction_session_timeout") == "0"
+
+
+def test_set_timeout_rejects_bad_input(pg_env: PgWorld) -> None:
+    from tasks.errors import PermanentError
+
+    with pytest.raises(PermanentError, match="does not exist"):
+        set_idle_in_transaction_timeout.fn(seconds=60, role="no_such_role_xyz")
+    with pytest.raises(ValueError, match="not a valid PostgreSQL name"):
+        set_idle_in_transaction_timeout.fn(seconds=60, role='x"; DROP ROLE postgres; --')
+    with pytest.raises(PermanentError):
+        set_idle_in_transaction_timeout.fn(seconds=0)
