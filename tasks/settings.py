@@ -139,6 +139,20 @@ class TlsSettings(BaseSettings):
         default_factory=lambda: [30, 14, 7, 3, 1], description="Alert thresholds in days."
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="TLS connect+handshake timeout.")
+    emergency_hours: float = Field(
+        24.0, gt=0, description="Less time left than this (or expired) is critical: emergency."
+    )
+    high_days: float = Field(7.0, gt=0, description="At most this many days left is high.")
+    medium_days: float = Field(14.0, gt=0, description="At most this many days left is medium.")
+    lifetime_fraction_warn: float = Field(
+        1 / 3,
+        ge=0,
+        le=1,
+        description="Warn (low) below this fraction of lifetime left; cert-manager renews at 2/3.",
+    )
+    max_workers: int = Field(
+        64, ge=1, le=512, description="Concurrent probes; each one is a thread mostly waiting."
+    )
 
 
 class NotifySettings(BaseSettings):
