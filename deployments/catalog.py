@@ -1,0 +1,104 @@
+"""The one list of runbooks that can be started: by schedule, by hand in the UI, or by an alert.
+
+A runbook written later joins by one line in `RUNBOOKS`. Everything else (the deployments
+`serve.py` registers, `prefect.yaml`, the receiver's routing validation and its warm pool)
+reads this list. Flows are named by entrypoint (`module:function`) and imported only when
+needed, so a broken runbook module fails the start-up loudly instead of at import of this file.
+
+The deployment of a flow is always `<flow-name>/<flow-name>`: flows start each other with
+`run_deployment("<flow-name>/<flow-name>")`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from prefect import Flow
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class Runbook:
+    """One runbook served as a deployment; `name` is the flow's name."""
+
+    name: str
+    entrypoint: str
+    description: str
+    tags: tuple[str, ...] = ()
+    interval_s: float | None = None
+    cron: str | None = None
+    #: One remediation per target at a time: runs beyond the limit wait in the Prefect queue.
+    concurrency_limit: int | None = 1
+    #: The parameter field that makes a run plan-only; `None` = the runbook never changes
+    #: anything, so an alert route may not need one.
+    dry_run_field: str | None = "dry_run"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def deployment(self) -> str:
+        """The deployment's full name, `<flow-name>/<deployment-name>`."""
+        return f"{self.name}/{self.name}"
+
+    def load(self) -> Flow[..., Any]:
+        """Import the flow object (cached); raises if the module or function is missing."""
+        return _load_flow(self.entrypoint)
+
+    def params_model(self) -> type[BaseModel]:
+        """The pydantic model of the flow's single `params` parameter."""
+        flow = self.load()
+        annotation = inspect.signature(flow.fn, eval_str=True).parameters["params"].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise TypeError(f"{self.entrypoint}: parameter `params` is not a pydantic model")
+        return annotation
+
+
+@cache
+def _load_flow(entrypoint: str) -> Flow[..., Any]:
+    module_name, _, attr = entrypoint.partition(":")
+    obj = getattr(importlib.import_module(module_name), attr)
+    if not isinstance(obj, Flow):
+        raise TypeError(f"{entrypoint} is not a Prefect flow")
+    return obj
+
+
+RUNBOOKS: tuple[Runbook, ...] = (
+    Runbook(
+        name="db-pool-exhausted",
+        entrypoint="flows.db_pool_exhausted:db_pool_exhausted",
+        description="PostgreSQL connection pool exhausted: find and (guarded) end idle sessions.",
+        tags=("postgres", "destructive"),
+    ),
+    Runbook(
+        name="pool-threshold",
+        entrypoint="flows.pool_threshold:pool_threshold",
+        description="Every 5 min: PostgreSQL pool usage vs threshold; notify or start cleanup.",
+        tags=("postgres", "scheduled"),
+        interval_s=300,
+    ),
+    Runbook(
+        name="cert-expiry",
+        entrypoint="flows.cert_expiry:cert_expiry",
+        description="Daily: TLS certificates from files and live endpoints; warn and escalate.",
+        tags=("tls", "scheduled"),
+        cron="0 6 * * *",
+        dry_run_field=None,
+    ),
+)
+
+
+def by_deployment(runbooks: tuple[Runbook, ...]) -> dict[str, Runbook]:
+    """Index runbooks by full deployment name."""
+    return {rb.deployment: rb for rb in runbooks}
+
+
+def load_catalog(ref: str | None) -> tuple[Runbook, ...]:
+    """The catalog named `module:attr` (tests and benches use their own), else `RUNBOOKS`."""
+    if not ref:
+        return RUNBOOKS
+    module_name, _, attr = ref.partition(":")
+    value = getattr(importlib.import_module(module_name), attr or "RUNBOOKS")
+    return tuple(value)

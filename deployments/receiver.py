@@ -1,0 +1,334 @@
+"""The Alertmanager webhook receiver: `POST /alerts` -> one flow run per firing alert.
+
+Order of checks, each refusing before anything starts:
+
+1. auth (bearer token or basic auth, constant-time compare) before the body is even read: 401;
+2. body size: 413; JSON and the version-4 payload model: 400 / 422;
+3. per alert: resolved -> recorded only; no route -> recorded only; parameters that the
+   route cannot build or the runbook's model rejects -> recorded, nothing started.
+
+Then every routed firing alert is created as a deployment flow run with
+`idempotency_key = fingerprint:startsAt`, so Alertmanager's at-least-once delivery (HA peers,
+retries) starts exactly one run. Status: 200 when every alert was started, deduplicated or
+deliberately skipped; 503 when a run could not be recorded in Prefect (Alertmanager retries
+5xx only; the retry is deduplicated). The token is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from deployments.alertmanager import Alert, WebhookPayload
+from deployments.catalog import Runbook, by_deployment
+from deployments.intake import DeploymentNotFound, PrefectRuns, PrefectUnavailable
+from deployments.routing import MissingLabel, RoutingTable, build_params
+from deployments.settings import ReceiverSettings
+from deployments.warm_pool import WarmPool
+
+log = logging.getLogger("runbooks.receiver")
+
+Outcome = Literal[
+    "started", "deduplicated", "resolved", "unrouted", "rejected", "failed", "no-deployment"
+]
+
+
+class AlertResult(BaseModel):
+    """What happened to one alert of the delivery."""
+
+    fingerprint: str
+    alertname: str
+    outcome: Outcome
+    deployment: str | None = None
+    flow_run_id: str | None = None
+    executor: Literal["warm", "runner"] | None = None
+    detail: str = ""
+
+
+class IntakeResult(BaseModel):
+    """The answer to a delivery, one entry per alert."""
+
+    alerts: list[AlertResult] = Field(default_factory=list)
+
+
+class Credentials:
+    """Accepted credentials; compared in constant time, never printed."""
+
+    def __init__(self, token: str | None, basic_user: str | None, basic_pw: str | None) -> None:
+        if not token and not (basic_user and basic_pw):
+            raise ValueError("the receiver needs a bearer token or basic-auth credentials")
+        self._token = token.encode() if token else None
+        self._basic = f"{basic_user}:{basic_pw}".encode() if basic_user and basic_pw else None
+
+    def __repr__(self) -> str:
+        return "Credentials(***)"
+
+    def check(self, header: str | None) -> bool:
+        if not header:
+            return False
+        scheme, _, value = header.partition(" ")
+        scheme = scheme.lower()
+        given = value.strip().encode()
+        if scheme == "bearer" and self._token is not None:
+            return hmac.compare_digest(given, self._token)
+        if scheme == "basic" and self._basic is not None:
+            try:
+                decoded = base64.b64decode(given, validate=True)
+            except (binascii.Error, ValueError):
+                return False
+            return hmac.compare_digest(decoded, self._basic)
+        return False
+
+
+class AuthFirst:
+    """ASGI middleware: `/alerts` is refused (401) before its body is read or parsed."""
+
+    def __init__(self, app: ASGIApp, credentials: Credentials, max_body: int) -> None:
+        self.app = app
+        self.credentials = credentials
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/") == "/alerts":
+            headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+            auth = headers.get("authorization", b"").decode("latin-1")
+            if not self.credentials.check(auth):
+                response = JSONResponse(
+                    {"detail": "unauthorized"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="alerts"'},
+                )
+                await response(scope, receive, send)
+                return
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                await JSONResponse({"detail": "body too large"}, status_code=413)(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class Intake:
+    """Turns a validated payload into flow runs; shared by every request."""
+
+    table: RoutingTable
+    runbooks: tuple[Runbook, ...]
+    runs: PrefectRuns
+    pool: WarmPool | None
+    grace_s: float
+    cache_size: int
+    _index: dict[str, Runbook] = field(default_factory=dict)
+    _recent: OrderedDict[str, AlertResult] = field(default_factory=OrderedDict)
+    _inflight: dict[str, asyncio.Future[AlertResult]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._index = by_deployment(self.runbooks)
+
+    async def handle(self, payload: WebhookPayload) -> IntakeResult:
+        jobs = [self._one(alert) for alert in payload.alerts]
+        return IntakeResult(alerts=list(await asyncio.gather(*jobs)))
+
+    async def _one(self, alert: Alert) -> AlertResult:
+        base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
+        if alert.status == "resolved":
+            _record("resolved", alert, "resolved alerts start nothing")
+            return AlertResult(**base, outcome="resolved")
+        route = self.table.route_for(alert.labels)
+        if route is None:
+            _record("unrouted", alert, "no route for this alert")
+            return AlertResult(**base, outcome="unrouted")
+        runbook = self._index[route.deployment]
+        try:
+            params = build_params(route, runbook, alert.labels)
+        except (MissingLabel, ValidationError) as exc:
+            detail = f"parameters rejected: {_short(exc)}"
+            _record("rejected", alert, detail, route.deployment)
+            return AlertResult(
+                **base, outcome="rejected", deployment=route.deployment, detail=detail
+            )
+        key = alert.idempotency_key
+        cached = self._recent.get(key)
+        if cached is not None:
+            return cached.model_copy(update={"outcome": "deduplicated", "executor": None})
+        pending = self._inflight.get(key)
+        if pending is not None:  # the same alert in a concurrent delivery: share its result
+            first = await asyncio.shield(pending)
+            outcome = "deduplicated" if first.outcome == "started" else first.outcome
+            return first.model_copy(update={"outcome": outcome, "executor": None})
+        future: asyncio.Future[AlertResult] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._create(alert, route.deployment, route.auto, params)
+            if result.outcome in ("started", "deduplicated"):
+                self._remember(key, result)
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[key]
+
+    async def _create(
+        self, alert: Alert, deployment: str, auto: bool, params: dict[str, Any]
+    ) -> AlertResult:
+        base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
+        tags = [
+            "source:alert",
+            f"alert:{alert.fingerprint}",
+            f"alertname:{alert.alertname}",
+            "auto" if auto else "plan-only",
+        ]
+        try:
+            run = await self.runs.create_run(
+                deployment,
+                name=f"{alert.alertname}-{alert.fingerprint[:12]}".lower(),
+                parameters={"params": params},
+                tags=tags,
+                idempotency_key=alert.idempotency_key,
+                grace_s=self.grace_s if self.pool is not None else 0.0,
+            )
+        except DeploymentNotFound:
+            detail = f"deployment {deployment} is not registered (is serve running?)"
+            log.error("alert %s: %s", alert.fingerprint, detail)
+            return AlertResult(**base, outcome="no-deployment", deployment=deployment)
+        except PrefectUnavailable as exc:
+            log.error("alert %s: run not recorded: %s", alert.fingerprint, exc)
+            return AlertResult(**base, outcome="failed", deployment=deployment, detail=str(exc))
+        if not run.new:
+            log.info("alert %s: already has run %s", alert.fingerprint, run.id)
+            return AlertResult(
+                **base, outcome="deduplicated", deployment=deployment, flow_run_id=str(run.id)
+            )
+        warm = self.pool is not None and self.pool.try_submit(run.id, deployment)
+        log.info(
+            "alert %s (%s) -> %s run %s [%s]",
+            alert.fingerprint,
+            alert.alertname,
+            deployment,
+            run.id,
+            "warm" if warm else "runner",
+        )
+        return AlertResult(
+            **base,
+            outcome="started",
+            deployment=deployment,
+            flow_run_id=str(run.id),
+            executor="warm" if warm else "runner",
+        )
+
+    def _remember(self, key: str, result: AlertResult) -> None:
+        if self.cache_size <= 0:
+            return
+        self._recent[key] = result
+        while len(self._recent) > self.cache_size:
+            self._recent.popitem(last=False)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).replace("\n", " ")[:300]
+
+
+def _record(kind: str, alert: Alert, detail: str, deployment: str | None = None) -> None:
+    """Log, and emit a Prefect event so the intake decision is in the UI's event feed."""
+    log.info("alert %s (%s) %s: %s", alert.fingerprint, alert.alertname, kind, detail)
+    try:
+        from prefect.events import emit_event
+
+        emit_event(
+            event=f"runbooks.alert.{kind}",
+            resource={
+                "prefect.resource.id": f"alertmanager.alert.{alert.fingerprint}",
+                "prefect.resource.name": alert.alertname or alert.fingerprint,
+            },
+            payload={
+                "labels": alert.labels,
+                "startsAt": alert.startsAt,
+                "detail": detail,
+                "deployment": deployment,
+            },
+        )
+    except Exception:  # noqa: BLE001 - the log line above is the record of last resort
+        log.warning("could not emit the intake event for %s", alert.fingerprint)
+
+
+def create_app(
+    settings: ReceiverSettings,
+    table: RoutingTable,
+    runbooks: tuple[Runbook, ...],
+    *,
+    api_url: str,
+    api_auth_string: str | None = None,
+    pool: WarmPool | None = None,
+) -> FastAPI:
+    """The ASGI app, with the auth-first middleware installed."""
+    credentials = Credentials(
+        settings.token.get_secret_value() if settings.token else None,
+        settings.basic_user,
+        settings.basic_password.get_secret_value() if settings.basic_password else None,
+    )
+    runs = PrefectRuns(api_url, api_auth_string, settings.prefect_retry_s)
+    intake = Intake(
+        table=table,
+        runbooks=runbooks,
+        runs=runs,
+        pool=pool,
+        grace_s=settings.grace_s,
+        cache_size=settings.dedup_cache_size,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await runs.aclose()
+
+    app = FastAPI(
+        title="incident-runbooks alert receiver",
+        version="1",
+        lifespan=lifespan,
+        description="Alertmanager webhook (version 4) -> Prefect deployment flow runs.",
+    )
+    app.state.intake = intake
+
+    @app.post(
+        "/alerts",
+        response_model=IntakeResult,
+        responses={
+            401: {"description": "missing or wrong credentials"},
+            413: {"description": "body too large"},
+            422: {"description": "not an Alertmanager version 4 payload"},
+            503: {"description": "a run could not be recorded; Alertmanager retries"},
+        },
+    )
+    async def alerts(payload: WebhookPayload, response: Response) -> IntakeResult:
+        """Start one flow run per routed firing alert (deduplicated by fingerprint+startsAt)."""
+        result = await intake.handle(payload)
+        if any(a.outcome in ("failed", "no-deployment") for a in result.alerts):
+            response.status_code = 503
+        return result
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the receiver answers; how many warm processes are idle."""
+        return {
+            "status": "ok",
+            "routes": len(table.routes),
+            "warm_idle": pool.idle() if pool is not None else 0,
+        }
+
+    app.add_middleware(AuthFirst, credentials=credentials, max_body=settings.max_body_bytes)
+    return app

@@ -1,0 +1,69 @@
+"""Serve every runbook of the catalog as a deployment, with its schedule, on this machine.
+
+`python -m deployments.serve` (started by `deployments.cli run`). Schedules are not paused
+when this process stops (`pause_on_shutdown=False`): a restart must not silently switch off
+the daily certificate scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+
+from deployments.catalog import Runbook, load_catalog
+
+log = logging.getLogger("runbooks.serve")
+
+
+def to_deployments(runbooks: tuple[Runbook, ...]) -> list[RunnerDeployment]:
+    """One `RunnerDeployment` per runbook, named `<flow-name>/<flow-name>`."""
+    deployments = []
+    for rb in runbooks:
+        flow = rb.load()
+        if flow.name != rb.name:
+            raise ValueError(f"{rb.entrypoint}: flow is named {flow.name!r}, catalog {rb.name!r}")
+        schedule: dict[str, Any] = {}
+        if rb.interval_s is not None:
+            schedule["interval"] = rb.interval_s
+        if rb.cron is not None:
+            schedule["cron"] = rb.cron
+        deployment = flow.to_deployment(
+            name=rb.name,
+            description=rb.description,
+            tags=list(rb.tags),
+            concurrency_limit=rb.concurrency_limit,
+            **schedule,
+        )
+        assert isinstance(deployment, RunnerDeployment)  # sync call: never a coroutine
+        deployments.append(deployment)
+    return deployments
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--catalog", default=None, help="module:attr of a runbook catalog")
+    parser.add_argument(
+        "--prefetch-s",
+        type=float,
+        default=None,
+        help="Runner prefetch; 0 leaves alert runs (scheduled a grace ahead) to the warm pool",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="max concurrent runs")
+    args = parser.parse_args(argv)
+    runner_kwargs: dict[str, Any] = {}
+    if args.prefetch_s is not None:
+        runner_kwargs["prefetch_seconds"] = args.prefetch_s
+    serve(
+        *to_deployments(load_catalog(args.catalog)),
+        pause_on_shutdown=False,
+        limit=args.limit,
+        **runner_kwargs,
+    )
+
+
+if __name__ == "__main__":
+    main()
