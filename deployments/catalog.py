@@ -20,6 +20,9 @@ from typing import Any
 from prefect import Flow
 from pydantic import BaseModel
 
+from flows.cert_expiry import SCHEDULE_CRON as CERT_EXPIRY_CRON
+from flows.pool_threshold import SCHEDULE_INTERVAL_S as POOL_THRESHOLD_INTERVAL_S
+
 
 @dataclass(frozen=True)
 class Runbook:
@@ -33,8 +36,8 @@ class Runbook:
     cron: str | None = None
     #: One remediation per target at a time: runs beyond the limit wait in the Prefect queue.
     concurrency_limit: int | None = 1
-    #: The parameter field that makes a run plan-only; `None` = the runbook never changes
-    #: anything, so an alert route may not need one.
+    #: The parameter field (dotted for nested models) that makes a run plan-only; `None` =
+    #: the runbook never changes anything.
     dry_run_field: str | None = "dry_run"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -77,15 +80,23 @@ RUNBOOKS: tuple[Runbook, ...] = (
         entrypoint="flows.pool_threshold:pool_threshold",
         description="Every 5 min: PostgreSQL pool usage vs threshold; notify or start cleanup.",
         tags=("postgres", "scheduled"),
-        interval_s=300,
+        interval_s=POOL_THRESHOLD_INTERVAL_S,
+        # It only starts db-pool-exhausted; that run's own dry_run is what plans.
+        dry_run_field="remediation.dry_run",
     ),
     Runbook(
         name="cert-expiry",
         entrypoint="flows.cert_expiry:cert_expiry",
         description="Daily: TLS certificates from files and live endpoints; warn and escalate.",
         tags=("tls", "scheduled"),
-        cron="0 6 * * *",
+        cron=CERT_EXPIRY_CRON,
         dry_run_field=None,
+    ),
+    Runbook(
+        name="cert-replace",
+        entrypoint="flows.cert_expiry:cert_replace",
+        description="Replace a TLS Secret and restart the ingress (approval; dry run default).",
+        tags=("tls", "destructive"),
     ),
 )
 

@@ -9,7 +9,7 @@ YAML (see `routing.yaml` and docs/triggers.md)::
         deployment: db-pool-exhausted/db-pool-exhausted
         auto: false                        # false: the run only plans (dry_run forced on)
         params:
-          database: "${datname:-}"         # ${label}, ${label:-default}
+          guard: {database: "${datname?}"} # ${label}, ${label:-default}, ${label?}
 
 The first route that matches wins. The table is validated when the receiver starts: unknown
 deployments, bad regexes, templates and parameters the runbook's model rejects all stop the
@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deployments.catalog import Runbook, by_deployment
 
 _TEMPLATE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_OPTIONAL = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\?\}")
+_OMIT = object()
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -48,7 +50,8 @@ class Route(BaseModel):
     )
     deployment: str = Field(description="`<flow-name>/<deployment-name>` to start.")
     auto: bool = Field(
-        False, description="May act without a human; false forces the runbook's dry run."
+        False,
+        description="True: the run may act (dry run off); false: it only plans (dry run on).",
     )
     params: dict[str, Any] = Field(
         default_factory=dict, description="Fields of the runbook's `params`; `${label}` works."
@@ -94,8 +97,15 @@ class RoutingTable(BaseModel):
 
 
 def render(value: Any, labels: Mapping[str, str]) -> Any:
-    """Fill `${label}` / `${label:-default}` in strings (recursively in lists and dicts)."""
+    """Fill `${label}` / `${label:-default}` in strings (recursively in lists and dicts).
+
+    A value that is exactly `${label?}` is the label, or, when the alert lacks it, the field
+    is left out so the runbook's default applies (never an empty filter).
+    """
     if isinstance(value, str):
+        optional = _OPTIONAL.fullmatch(value)
+        if optional:
+            return labels.get(optional.group(1), _OMIT)
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
@@ -107,10 +117,43 @@ def render(value: Any, labels: Mapping[str, str]) -> Any:
 
         return _TEMPLATE.sub(sub, value)
     if isinstance(value, list):
-        return [render(v, labels) for v in value]
+        return [v for v in (render(v, labels) for v in value) if v is not _OMIT]
     if isinstance(value, dict):
-        return {k: render(v, labels) for k, v in value.items()}
+        rendered = {k: render(v, labels) for k, v in value.items()}
+        return {k: v for k, v in rendered.items() if v is not _OMIT}
     return value
+
+
+def _set_path(params: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = params
+    for name in parents:
+        child = node.get(name)
+        if not isinstance(child, dict):
+            child = {}
+            node[name] = child
+        node = child
+    node[leaf] = value
+
+
+def _has_path(model: type[BaseModel], dotted: str) -> bool:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        field = model.model_fields.get(name)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        model = annotation
+    return leaf in model.model_fields
+
+
+def _get_path(params: dict[str, Any], dotted: str) -> Any:
+    node: Any = params
+    for name in dotted.split("."):
+        if not isinstance(node, dict) or name not in node:
+            return None
+        node = node[name]
+    return node
 
 
 def build_params(route: Route, runbook: Runbook, labels: Mapping[str, str]) -> dict[str, Any]:
@@ -119,10 +162,12 @@ def build_params(route: Route, runbook: Runbook, labels: Mapping[str, str]) -> d
     Raises `MissingLabel` or pydantic's `ValidationError`; nothing is started then.
     """
     params = render(dict(route.params), labels)
-    if not route.auto and runbook.dry_run_field:
-        params[runbook.dry_run_field] = True
+    if runbook.dry_run_field:
+        # The route decides, not the runbook's default: auto acts, anything else plans.
+        _set_path(params, runbook.dry_run_field, not route.auto)
     model = runbook.params_model()
-    return model.model_validate(params).model_dump(mode="json")
+    # Only what the route set: the runbook's own defaults apply where it runs.
+    return model.model_validate(params).model_dump(mode="json", exclude_unset=True)
 
 
 def load_routing(path: Path, runbooks: tuple[Runbook, ...]) -> RoutingTable:
@@ -147,21 +192,49 @@ def validate_routing(table: RoutingTable, runbooks: tuple[Runbook, ...], source:
             problems.append(f"{where}: unknown deployment {route.deployment!r}")
             continue
         if runbook.dry_run_field:
-            fields = runbook.params_model().model_fields
-            if runbook.dry_run_field not in fields:
+            if not _has_path(runbook.params_model(), runbook.dry_run_field):
                 problems.append(f"{where}: runbook has no field {runbook.dry_run_field!r}")
                 continue
-            if runbook.dry_run_field in route.params:
+            if _get_path(route.params, runbook.dry_run_field) is not None:
                 problems.append(f"{where}: set `auto`, not params.{runbook.dry_run_field}")
                 continue
-        # Every template must render and validate with sample labels.
-        sample = _SampleLabels()
+        model = runbook.params_model()
+        unknown = [p for p in _leaf_paths(route.params) if not _has_path(model, p)]
+        if unknown:
+            problems.append(f"{where}: {model.__name__} has no field(s) {', '.join(unknown)}")
+            continue
+        # Fixed values must validate now; templated ones are checked per alert (their
+        # value comes from the labels), so errors located at a templated field are ignored.
+        templated = {tuple(p.split(".")) for p, v in _leaves(route.params) if "${" in str(v)}
         try:
-            build_params(route, runbook, sample)
-        except (ValidationError, MissingLabel, TypeError) as exc:
-            problems.append(f"{where}: params invalid: {exc}")
+            build_params(route, runbook, _SampleLabels())
+        except MissingLabel as exc:
+            problems.append(f"{where}: {exc}")
+        except ValidationError as exc:
+            errors = [
+                e
+                for e in exc.errors()
+                if not any(tuple(str(x) for x in e["loc"][: len(t)]) == t for t in templated)
+            ]
+            if errors:
+                problems.append(f"{where}: params invalid: {errors}")
     if problems:
         raise ValueError("routing table invalid:\n  " + "\n  ".join(problems))
+
+
+def _leaves(params: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in params.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += _leaves(value, path + ".")
+        else:
+            out.append((path, value))
+    return out
+
+
+def _leaf_paths(params: dict[str, Any]) -> list[str]:
+    return [p for p, _ in _leaves(params)]
 
 
 class _SampleLabels(dict[str, str]):
