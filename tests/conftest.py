@@ -16,7 +16,12 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.postgres"]
+pytest_plugins = [
+    "tests.fixtures.postgres",
+    "tests.fixtures.kube",
+    "tests.fixtures.tls",
+    "tests.fixtures.triggers",
+]
 
 
 @pytest.fixture(scope="session")
