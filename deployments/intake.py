@@ -47,8 +47,15 @@ def api_headers(auth_string: str | None) -> dict[str, str]:
 class PrefectRuns:
     """A small async client for the two calls the receiver makes."""
 
-    def __init__(self, api_url: str, auth_string: str | None, retry_s: float) -> None:
+    def __init__(
+        self,
+        api_url: str,
+        auth_string: str | None,
+        retry_s: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._http = httpx.AsyncClient(
+            transport=transport,
             base_url=api_url.rstrip("/") + "/",
             headers=api_headers(auth_string),
             timeout=httpx.Timeout(5.0, connect=2.0),

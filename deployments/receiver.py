@@ -272,6 +272,7 @@ def create_app(
     api_url: str,
     api_auth_string: str | None = None,
     pool: WarmPool | None = None,
+    runs: PrefectRuns | None = None,
 ) -> FastAPI:
     """The ASGI app, with the auth-first middleware installed."""
     credentials = Credentials(
@@ -279,7 +280,7 @@ def create_app(
         settings.basic_user,
         settings.basic_password.get_secret_value() if settings.basic_password else None,
     )
-    runs = PrefectRuns(api_url, api_auth_string, settings.prefect_retry_s)
+    runs = runs or PrefectRuns(api_url, api_auth_string, settings.prefect_retry_s)
     intake = Intake(
         table=table,
         runbooks=runbooks,
