@@ -1,0 +1,135 @@
+"""The `cert-expiry` flow end to end: real TLS servers, files, a deaf port, a Prefect API."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from flows.cert_expiry import CertExpiryParams, CertExpiryResult, cert_expiry
+from tasks.tls import Severity
+from tests.fixtures.tls import HOST, CertFactory, TlsServer
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a.data for a in found if a.key}
+
+
+def _rows(data: Any) -> list[dict[str, Any]]:
+    rows = json.loads(data) if isinstance(data, str) else data
+    assert isinstance(rows, list)
+    return rows
+
+
+def test_crossed_thresholds_fail_the_check_and_the_scan_goes_on(
+    pki: CertFactory, tls_server: TlsServer, deaf_port: int, tmp_path: Path
+) -> None:
+    urgent = pki.leaf(days_left=0.5, lifetime_days=90)
+    week = pki.leaf(days_left=7, lifetime_days=90)
+    fine = pki.leaf(days_left=40, lifetime_days=90)
+    endpoints = []
+    for issued in (urgent, week, fine):
+        (port,) = tls_server.serve(issued.chain_pem(), issued.key_pem)
+        endpoints.append(f"{HOST}@127.0.0.1:{port}")
+    endpoints.append(f"{HOST}@127.0.0.1:{deaf_port}")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    on_disk = pki.leaf(days_left=45, lifetime_days=90)
+    (certs / "akig.pem").write_bytes(on_disk.key_pem + on_disk.chain_pem())
+    (certs / "broken.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\nnope\n")
+    params = CertExpiryParams(files=[str(certs)], endpoints=endpoints, connect_timeout_s=0.5)
+
+    started = time.monotonic()
+    state = cert_expiry(params, return_state=True)
+    elapsed = time.monotonic() - started
+
+    assert state.is_failed()
+    assert "2 certificate(s) past a threshold (worst critical)" in (state.message or "")
+    assert "2 source(s) could not be checked" in (state.message or "")
+    # The deaf port costs its timeouts (3 attempts here), not the whole scan's time.
+    assert elapsed < 30
+
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    rows = _rows(artifacts["cert-expiry-certificates"])
+    days = [r["days_left"] for r in rows]
+    assert days == sorted(days)
+    leaves = [r for r in rows if r["position"] == 0]
+    assert [(r["severity"], r["source"]) for r in leaves] == [
+        ("critical", endpoints[0]),
+        ("high", endpoints[1]),
+        ("ok", endpoints[2]),
+        ("ok", str(certs / "akig.pem")),
+    ]
+    assert leaves[0]["threshold_days"] == 1
+    assert leaves[1]["threshold_days"] == 7
+    assert leaves[0]["hostname_match"] is True
+    assert len(rows) == 8  # four leaves and their intermediates
+
+    report = artifacts["cert-expiry"]
+    assert f"{HOST}@127.0.0.1:{deaf_port}" in report
+    assert "no TLS answer within 0.5 s" in report
+    assert "broken.crt: certificate block #1 of 1" not in report  # no END line: no block
+    assert "broken.crt: no PEM certificate found" in report
+
+    checklist = artifacts["cert-emergency-checklist"]
+    assert f"openssl s_client -connect 127.0.0.1:{endpoints[0].rsplit(':', 1)[1]}" in checklist
+    assert f"-servername {HOST}" in checklist
+    assert "Restart Nginx / the Ingress controller" in checklist
+    assert endpoints[1] not in checklist  # high, not critical: no emergency for it
+
+    key_line = on_disk.key_pem.decode().splitlines()[1]
+    for data in artifacts.values():
+        assert key_line not in str(data)
+
+
+def test_all_good_completes_without_emergency(
+    pki: CertFactory, tls_server: TlsServer, tmp_path: Path
+) -> None:
+    leaf = pki.leaf(days_left=200, lifetime_days=365)
+    ports = tls_server.serve(leaf.chain_pem(), leaf.key_pem, count=20)
+    bundle = tmp_path / "akig.crt"
+    bundle.write_bytes(leaf.chain_pem())
+    params = CertExpiryParams(
+        files=[str(bundle)], endpoints=[f"{HOST}@127.0.0.1:{p}" for p in ports]
+    )
+    state = cert_expiry(params, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert isinstance(result, CertExpiryResult)
+    assert result.worst is Severity.OK
+    assert result.sources_scanned == 21
+    assert len(result.findings) == 42
+    assert not result.errors
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert "cert-emergency-checklist" not in artifacts
+    assert "0 past a threshold" in artifacts["cert-expiry"]
+
+
+def test_lifetime_rule_and_custom_thresholds_reach_the_verdict(
+    pki: CertFactory, tmp_path: Path
+) -> None:
+    # 100 days left of a one-year certificate: no day threshold, but renewal is overdue.
+    leaf = pki.leaf(days_left=100, lifetime_days=365)
+    path = tmp_path / "one-year.pem"
+    path.write_bytes(leaf.chain_pem())
+    state = cert_expiry(CertExpiryParams(files=[str(path)]), return_state=True)
+    assert state.is_failed()
+    assert "worst low" in (state.message or "")
+    assert "renewal overdue" in (state.message or "")
+
+    relaxed = CertExpiryParams.model_validate(
+        {"files": [str(path)], "thresholds": {"lifetime_fraction_warn": 0.2}}
+    )
+    assert cert_expiry(relaxed, return_state=True).is_completed()
