@@ -19,7 +19,8 @@ from tests.fixtures.tls import HOST, CertFactory, TlsServer
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
-def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
+def _artifacts(flow_run_id: UUID | None) -> dict[str, Any]:
+    assert flow_run_id is not None
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
