@@ -117,10 +117,7 @@ def test_usage_counts_the_sessions(pg_env: PgWorld, sessions: Sessions) -> None:
         100 * after.client_connections / after.max_connections, abs=0.01
     )
     assert after.free_for_applications == (
-        after.max_connections
-        - after.superuser_reserved
-        - after.reserved
-        - after.client_connections
+        after.max_connections - after.superuser_reserved - after.reserved - after.client_connections
     )
 
 
@@ -146,7 +143,7 @@ def test_set_timeout_system_wide_then_undo(pg_env: PgWorld) -> None:
         with psycopg.connect(pg_env.admin_dsn, autocommit=True) as conn:
             for stmt in change.undo_sql.split(";"):
                 if stmt.strip():
-                    conn.execute(stmt)  # type: ignore[call-overload]
+                    conn.execute(stmt)
     finally:
         with psycopg.connect(pg_env.admin_dsn, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM RESET idle_in_transaction_session_timeout")
@@ -160,7 +157,7 @@ def test_set_timeout_per_role(pg_env: PgWorld, sessions: Sessions) -> None:
     assert change.scope == f"role:{pg_env.app_role}" and change.previous is None
     assert _setting(pg_env.dsn(pg_env.app_role), "idle_in_transaction_session_timeout") == "1min"
     with psycopg.connect(pg_env.admin_dsn, autocommit=True) as conn:
-        conn.execute(change.undo_sql)  # type: ignore[call-overload]
+        conn.execute(change.undo_sql)
     assert _setting(pg_env.dsn(pg_env.app_role), "idle_in_transaction_session_timeout") == "0"
 
 

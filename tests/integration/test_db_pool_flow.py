@@ -1,0 +1,145 @@
+"""The db-pool-exhausted and pool-threshold flows end to end on a Prefect API and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from pydantic import ValidationError
+
+from flows.db_pool_exhausted import DbPoolParams, PoolStillExhausted, db_pool_exhausted
+from flows.pool_threshold import PoolThresholdExceeded, PoolThresholdParams, pool_threshold
+from tasks.errors import TransientError
+from tasks.postgres import TerminationGuard
+from tests.fixtures.postgres import PgWorld, Sessions, alive, pid, wait_gone
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def params(world: PgWorld, **kw: object) -> DbPoolParams:
+    guard = TerminationGuard(
+        database=world.database, idle_minutes=1 / 60, protected_roles=[world.protected_role]
+    )
+    base: dict[str, object] = {
+        "guard": guard,
+        "act_above_percent": 0,
+        "healthy_below_percent": 100,
+        "cooldown_minutes": 0,
+        "requested_by": "pytest",
+    }
+    return DbPoolParams.model_validate(base | kw)
+
+
+def latest_artifact(key: str) -> str:
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            limit=1,
+            sort="CREATED_DESC",  # type: ignore[arg-type]
+        )
+    assert arts, f"no artifact {key}"
+    return str(arts[0].data)
+
+
+def test_dry_run_plans_and_kills_nothing(pg_env: PgWorld, sessions: Sessions) -> None:
+    conns = [sessions.open(pg_env.app_role, "idle") for _ in range(2)]
+    time.sleep(1.2)
+    out = db_pool_exhausted(DbPoolParams(guard=params(pg_env).guard))
+    assert out.action == "planned" and out.result is None
+    assert {s.pid for s in out.plan.sessions} == {pid(c) for c in conns}
+    assert alive([pid(c) for c in conns]) == {pid(c) for c in conns}
+    md = latest_artifact("db-pool-exhausted")
+    assert "would be terminated" in md and str(pid(conns[0])) in md and "dry run" in md
+
+
+def test_act_terminates_verifies_and_reports(pg_env: PgWorld, sessions: Sessions) -> None:
+    victims = [sessions.open(pg_env.app_role, "idle") for _ in range(3)]
+    keeper = sessions.open(pg_env.super_role, "idle in transaction")
+    time.sleep(1.2)
+    out = db_pool_exhausted(params(pg_env, dry_run=False))
+    assert out.action == "terminated" and out.healthy is True
+    assert out.result is not None
+    assert {s.pid for s in out.result.terminated} == {pid(c) for c in victims}
+    assert wait_gone([pid(c) for c in victims]) == set()
+    assert alive([pid(keeper)]) == {pid(keeper)}
+    assert out.after is not None
+    md = latest_artifact("db-pool-exhausted")
+    for text in ("## Findings", "## Plan", "## Done", "## Verify", "requested by", "pytest"):
+        assert text.lower() in md.lower()
+
+
+def test_below_act_threshold_changes_nothing(pg_env: PgWorld, sessions: Sessions) -> None:
+    conn = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    out = db_pool_exhausted(params(pg_env, dry_run=False, act_above_percent=100))
+    assert out.action == "skipped"
+    assert alive([pid(conn)]) == {pid(conn)}
+
+
+def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions) -> None:
+    from prefect.variables import Variable
+
+    from flows.db_pool_exhausted import _cooldown_key
+    from tasks.clients import pg_target
+    from tasks.settings import PostgresSettings
+
+    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    first = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
+    assert first.action == "terminated"
+    conn = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    second = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
+    assert second.action == "refused" and "cooldown" in second.note
+    assert alive([pid(conn)]) == {pid(conn)}
+    Variable.unset(_cooldown_key(first.before.target))
+
+
+def test_unhealthy_after_acting_fails_the_run(pg_env: PgWorld) -> None:
+    with pytest.raises(PoolStillExhausted, match="escalate"):
+        db_pool_exhausted(params(pg_env, dry_run=False, healthy_below_percent=0.001))
+
+
+def test_bad_parameters_are_rejected_before_anything_runs(pg_env: PgWorld) -> None:
+    with pytest.raises(ValidationError, match="max_sessions"):
+        DbPoolParams.model_validate({"guard": {"max_sessions": 0}})
+    with pytest.raises(ValidationError, match="idle_minutes"):
+        DbPoolParams.model_validate({"guard": {"idle_minutes": -5}})
+    with pytest.raises(ValidationError, match="states"):
+        DbPoolParams.model_validate({"guard": {"states": ["active"]}})
+    with pytest.raises(ValidationError, match="not a valid PostgreSQL name"):
+        DbPoolParams.model_validate({"guard": {"database": "x; DROP DATABASE y"}})
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError):
+        db_pool_exhausted(params={"dry_run": False, "guard": {"max_sessions": -1}})  # type: ignore[call-overload]
+
+
+def test_unreachable_postgres_fails_clearly_after_retries(
+    pg_env: PgWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOKS_PG_DSN", "postgresql://postgres:hunter2-secret@127.0.0.1:1/x")
+    state = db_pool_exhausted(params(pg_env, dry_run=False), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(TransientError) as err:
+        state.result()
+    assert "127.0.0.1:1" in str(err.value) and "hunter2" not in str(err.value)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=None,
+        )
+    inspect_runs = [r for r in runs if r.flow_run_id == state.state_details.flow_run_id]
+    assert inspect_runs and all(r.state is not None for r in inspect_runs)
+    # inspect-pool failed after its retries; nothing after it ran.
+    names = {r.name for r in inspect_runs}
+    assert names == {"inspect-pool"}
+    assert max(r.run_count for r in inspect_runs) == 3  # 1 attempt + RUNBOOKS_RETRY_ATTEMPTS=2
+
+
+def test_pool_threshold_passes_and_fails(pg_env: PgWorld) -> None:
+    ok = pool_threshold(PoolThresholdParams(threshold_percent=100))
+    assert ok.passed
+    with pytest.raises(PoolThresholdExceeded, match="threshold"):
+        pool_threshold(PoolThresholdParams(threshold_percent=0.001))
+    assert "OVER" in latest_artifact("pool-threshold")
