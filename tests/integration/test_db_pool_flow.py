@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.variables import Variable
 from pydantic import ValidationError
 
-from flows.db_pool_exhausted import DbPoolParams, PoolStillExhausted, db_pool_exhausted
+from flows.db_pool_exhausted import (
+    DbPoolParams,
+    PoolStillExhausted,
+    _cooldown_key,
+    db_pool_exhausted,
+)
 from flows.pool_threshold import PoolThresholdExceeded, PoolThresholdParams, pool_threshold
+from tasks.clients import pg_target
 from tasks.errors import TransientError
 from tasks.postgres import TerminationGuard
+from tasks.settings import PostgresSettings
 from tests.fixtures.postgres import PgWorld, Sessions, alive, pid, wait_gone
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -79,12 +89,6 @@ def test_below_act_threshold_changes_nothing(pg_env: PgWorld, sessions: Sessions
 
 
 def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions) -> None:
-    from prefect.variables import Variable
-
-    from flows.db_pool_exhausted import _cooldown_key
-    from tasks.clients import pg_target
-    from tasks.settings import PostgresSettings
-
     Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
     first = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
     assert first.action == "terminated"
@@ -143,3 +147,62 @@ def test_pool_threshold_passes_and_fails(pg_env: PgWorld) -> None:
     with pytest.raises(PoolThresholdExceeded, match="threshold"):
         pool_threshold(PoolThresholdParams(threshold_percent=0.001))
     assert "OVER" in latest_artifact("pool-threshold")
+
+
+def _paused_run_id(timeout: float = 60) -> UUID:
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                )
+            )
+            if runs:
+                return runs[0].id
+            time.sleep(0.2)
+    raise AssertionError("the run never paused for approval")
+
+
+@pytest.mark.parametrize("approved", [True, False])
+def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    conn = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(db_pool_exhausted, params(pg_env, dry_run=False, require_approval=True))
+        run_id = _paused_run_id()
+        # Nothing happens while the run waits for a human.
+        assert alive([pid(conn)]) == {pid(conn)}
+        resume_flow_run(
+            run_id, run_input={"approved": approved, "approver": "alice", "reason": "INC-42"}
+        )
+        out = fut.result(timeout=120)
+    md = latest_artifact("db-pool-exhausted")
+    assert "alice" in md and "INC-42" in md
+    if approved:
+        assert out.action == "terminated"
+        assert wait_gone([pid(conn)]) == set()
+    else:
+        assert out.action == "refused"
+        assert alive([pid(conn)]) == {pid(conn)}
+
+
+def test_approval_timeout_does_nothing(pg_env: PgWorld, sessions: Sessions) -> None:
+    conn = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    out = db_pool_exhausted(
+        params(pg_env, dry_run=False, require_approval=True, approval_timeout_s=10)
+    )
+    assert out.action == "refused"
+    assert "no answer within 10 s" in latest_artifact("db-pool-exhausted")
+    assert alive([pid(conn)]) == {pid(conn)}
