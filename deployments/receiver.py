@@ -27,7 +27,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -246,7 +247,10 @@ def _record(kind: str, alert: Alert, detail: str, deployment: str | None = None)
     log.info("alert %s (%s) %s: %s", alert.fingerprint, alert.alertname, kind, detail)
     try:
         from prefect.events import emit_event
+        from prefect.settings import PREFECT_API_URL
 
+        if not PREFECT_API_URL.value():
+            return  # no server configured: never let Prefect start an ephemeral one
         emit_event(
             event=f"runbooks.alert.{kind}",
             resource={
@@ -304,6 +308,15 @@ def create_app(
         description="Alertmanager webhook (version 4) -> Prefect deployment flow runs.",
     )
     app.state.intake = intake
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_payload(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Never echo the input back: it may not even be JSON-serialisable (Infinity).
+        errors = [
+            {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            for e in exc.errors()[:20]
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.post(
         "/alerts",
