@@ -13,7 +13,7 @@ from tasks.postgres import (
     select_sessions,
     set_idle_in_transaction_timeout,
 )
-from tests.fixtures.postgres import PgWorld, Sessions, alive, pid, wait_gone
+from tests.fixtures.postgres import PgBouncer, PgWorld, Sessions, alive, pid, wait_gone
 
 ONE_SECOND = 1.0 / 60  # idle_minutes for "older than one second"
 
@@ -170,3 +170,22 @@ def test_set_timeout_rejects_bad_input(pg_env: PgWorld) -> None:
         set_idle_in_transaction_timeout.fn(seconds=60, role='x"; DROP ROLE postgres; --')
     with pytest.raises(PermanentError):
         set_idle_in_transaction_timeout.fn(seconds=0)
+
+
+def test_pgbouncer_show_pools_read_only(
+    pg_env: PgWorld, pgbouncer: PgBouncer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    from tasks.postgres import show_pgbouncer_pools
+
+    assert show_pgbouncer_pools.fn() == []  # not configured: nothing read
+    monkeypatch.setenv("RUNBOOKS_PGBOUNCER_DSN", pgbouncer.admin_dsn)
+    dsn = f"postgresql://{pg_env.app_role}@127.0.0.1:{pgbouncer.port}/{pgbouncer.database}"
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as client:
+        client.execute("SELECT 1")
+        pools = show_pgbouncer_pools.fn()
+    mine = [p for p in pools if p.database == pgbouncer.database and p.user == pg_env.app_role]
+    assert len(mine) == 1
+    assert mine[0].cl_active == 1
+    assert mine[0].cl_waiting == 0
