@@ -166,7 +166,9 @@ export PATH="${GOROOT_DIR}/bin:${PATH}"
 export GOPROXY=off GOFLAGS=-mod=vendor GO111MODULE=on GOTOOLCHAIN=local
 export GOCACHE="${CACHE_ROOT}/go-build" GOPATH="${WORK}/gopath"
 # kube's build scripts want a version; the tarball has no .git.
-export KUBE_GIT_VERSION="v${VERSION%%[-+~]*}" KUBE_GIT_TREE_STATE=clean KUBE_GIT_COMMIT=debian-source
+UPSTREAM="${VERSION#*:}"
+UPSTREAM="${UPSTREAM##*+really}" # 1.20.5+really1.20.2-1.1 is upstream 1.20.2
+export KUBE_GIT_VERSION="v${UPSTREAM%%[-+~]*}" KUBE_GIT_TREE_STATE=clean KUBE_GIT_COMMIT=debian-source
 log "building with $(go version) (log: ${WORK}/make.log)"
 start=$(date +%s)
 if ! make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"${WORK}/make.log" 2>&1; then

@@ -178,7 +178,7 @@ class EventInfo(BaseModel):
     name: str | None
     count: int | None
     first_seen: datetime | None
-    last_seen: datetime | None
+    last_seen: datetime = Field(description="lastTimestamp, else eventTime, else creation.")
 
 
 class NodeInfo(BaseModel):
@@ -301,7 +301,9 @@ def semantic_equal(a: Any, b: Any) -> bool:
 def without_hash_label(template: k8s.V1PodTemplateSpec) -> k8s.V1PodTemplateSpec:
     """A deep copy of a pod template minus the `pod-template-hash` label."""
     copy = template.model_copy(deep=True)
-    if copy.metadata is not None and copy.metadata.labels is not None:
+    if copy.metadata is None:  # a value (not pointer) field in Go: absent == zero
+        copy.metadata = k8s.V1ObjectMeta()
+    if copy.metadata.labels is not None:
         copy.metadata.labels.pop(POD_TEMPLATE_HASH, None)
     return copy
 
@@ -631,8 +633,9 @@ def undo_rollout(
         current = parse_revision(_annotation(dep, REVISION))
         if dep.spec.paused:
             raise SafetyViolation(
+                # kubectl's exact words (checked by tests/integration/test_kubernetes_kubectl.py)
                 "you cannot rollback a paused deployment; resume it first with "
-                f"'kubectl rollout resume deployment/{deployment}' and try again"
+                "'kubectl rollout resume' and try again"
             )
         before = images_of(dep.spec.template)
         if equal_ignore_hash(_rs_template(rs), dep.spec.template):
