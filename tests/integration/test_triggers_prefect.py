@@ -1,0 +1,203 @@
+"""Receiver and warm pool against a real Prefect API (the session's test server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.objects import FlowRun
+from prefect.settings import PREFECT_API_URL
+
+from deployments.receiver import create_app
+from deployments.serve import to_deployments
+from deployments.warm_pool import WarmPool, execute
+from tests.fixtures.stub_runbooks import STUB_RUNBOOKS, stub_remediate
+from tests.fixtures.triggers import alert, bearer, payload, receiver_settings, stub_table
+
+
+@pytest.fixture(scope="session")
+def stub_deployments(prefect_api: None) -> None:
+    for deployment in to_deployments(STUB_RUNBOOKS):
+        deployment.apply()
+
+
+def api_url() -> str:
+    url = PREFECT_API_URL.value()
+    assert url
+    return str(url)
+
+
+def live_app(pool: WarmPool | None = None) -> Any:
+    return create_app(
+        receiver_settings(), stub_table(), STUB_RUNBOOKS, api_url=api_url(), pool=pool
+    )
+
+
+def runs_tagged(tag: str) -> list[FlowRun]:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+        )
+
+
+def wait_final(run_id: UUID, timeout: float = 60) -> FlowRun:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            if time.monotonic() > deadline:
+                raise AssertionError(f"run {run_id} still {run.state}")
+            time.sleep(0.2)
+
+
+@pytest.mark.usefixtures("stub_deployments")
+def test_firing_alert_creates_a_deployment_run_with_params_and_tags() -> None:
+    a = alert(alertname="StubPlan", severity="critical", namespace="prod-x", fingerprint="live1")
+    with TestClient(live_app()) as client:
+        r = client.post("/alerts", json=payload(a), headers=bearer())
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["alerts"]
+    assert result["outcome"] == "started" and result["executor"] == "runner"
+    (run,) = runs_tagged("alert:live1")
+    assert str(run.id) == result["flow_run_id"]
+    assert run.deployment_id is not None
+    assert run.parameters == {"params": {"namespace": "prod-x", "dry_run": True}}
+    assert {"source:alert", "alertname:StubPlan", "plan-only"} <= set(run.tags)
+    assert run.idempotency_key == f"live1:{a['startsAt']}"
+    assert run.state is not None and run.state.is_scheduled()
+
+
+@pytest.mark.usefixtures("stub_deployments")
+def test_resolved_and_unrouted_start_nothing() -> None:
+    body = payload(
+        alert(status="resolved", namespace="x", fingerprint="gone1"),
+        alert(alertname="NotOurs", fingerprint="gone2"),
+    )
+    with TestClient(live_app()) as client:
+        r = client.post("/alerts", json=body, headers=bearer())
+    assert r.status_code == 200
+    assert runs_tagged("alert:gone1") == [] and runs_tagged("alert:gone2") == []
+
+
+@pytest.mark.usefixtures("stub_deployments")
+def test_50_concurrent_identical_deliveries_start_exactly_one_run() -> None:
+    """Two receiver instances (as with Alertmanager HA peers): no shared memory, one run."""
+    body = json.dumps(payload(alert(namespace="x", fingerprint="storm1"))).encode()
+    apps = [live_app(), live_app()]
+
+    async def deliver() -> list[httpx.Response]:
+        clients = [
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=a), base_url="http://r")
+            for a in apps
+        ]
+        headers = {**bearer(), "content-type": "application/json"}
+        try:
+            return await asyncio.gather(
+                *(clients[i % 2].post("/alerts", content=body, headers=headers) for i in range(50))
+            )
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    responses = asyncio.run(deliver())
+    assert [r.status_code for r in responses] == [200] * 50
+    outcomes = [r.json()["alerts"][0]["outcome"] for r in responses]
+    assert outcomes.count("started") == 1
+    assert outcomes.count("deduplicated") == 49
+    assert len(runs_tagged("alert:storm1")) == 1
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_unknown_deployment_answers_503_so_alertmanager_retries() -> None:
+    # No stub deployments registered under this name: serve is not running yet.
+    from deployments.catalog import Runbook
+
+    table = stub_table().model_copy(
+        update={
+            "routes": [
+                r.model_copy(update={"deployment": "never-served/never-served"})
+                for r in stub_table().routes
+            ]
+        }
+    )
+    ghost_map = (
+        *STUB_RUNBOOKS,
+        Runbook(
+            name="never-served",
+            entrypoint="tests.fixtures.stub_runbooks:stub_remediate",
+            description="",
+        ),
+    )
+    app = create_app(receiver_settings(), table, ghost_map, api_url=api_url())
+    with TestClient(app) as client:
+        r = client.post("/alerts", json=payload(alert(namespace="x")), headers=bearer())
+    assert r.status_code == 503
+    assert r.json()["alerts"][0]["outcome"] == "no-deployment"
+
+
+@pytest.fixture
+def warm_pool(stub_deployments: None) -> Iterator[WarmPool]:
+    pool = WarmPool(
+        {"stub-remediate/stub-remediate": "tests.fixtures.stub_runbooks:stub_remediate"},
+        size=1,
+        env={"PREFECT_API_URL": api_url()},
+    )
+    pool.start()
+    assert pool.wait_ready(90), "warm process did not start"
+    yield pool
+    pool.close()
+
+
+def test_warm_pool_executes_the_alert_run_as_a_normal_deployment_run(
+    warm_pool: WarmPool,
+) -> None:
+    t0 = time.monotonic()
+    with TestClient(live_app(warm_pool)) as client:
+        r = client.post(
+            "/alerts", json=payload(alert(namespace="w", fingerprint="warm1")), headers=bearer()
+        )
+    (result,) = r.json()["alerts"]
+    assert result["executor"] == "warm"
+    run = wait_final(UUID(result["flow_run_id"]))
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert time.monotonic() - t0 < 30
+    assert {"source:alert", "runbook:stub-remediate", "alert:warm1"} <= set(run.tags)
+    with get_client(sync_client=True) as client:
+        states = client.read_flow_run_states(run.id)
+        tasks = client.read_task_runs()
+    assert [s.type.value for s in states][:3] == ["SCHEDULED", "PENDING", "RUNNING"]
+    assert any(t.flow_run_id == run.id and t.name.startswith("remediate-w") for t in tasks)
+    # The pool replaced the process that ran it.
+    assert warm_pool.wait_ready(90)
+
+
+def test_a_run_claimed_elsewhere_is_not_run_twice(stub_deployments: None) -> None:
+    with TestClient(live_app()) as client:
+        r = client.post(
+            "/alerts", json=payload(alert(namespace="c", fingerprint="claim1")), headers=bearer()
+        )
+    run_id = UUID(r.json()["alerts"][0]["flow_run_id"])
+    from prefect.states import Pending
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Pending())  # as the Runner would
+    assert execute(run_id, stub_remediate).startswith("not claimed")
+
+
+def test_saturated_or_closed_pool_leaves_the_run_to_the_runner() -> None:
+    pool = WarmPool({"d/d": "tests.fixtures.stub_runbooks:stub_remediate"}, size=0)
+    pool.start()
+    assert pool.try_submit(UUID(int=1), "d/d") is False
+    assert pool.try_submit(UUID(int=1), "unknown/unknown") is False
+    pool.close()
