@@ -107,6 +107,8 @@ APT_OPTS=(
     -o "Dir::State::Lists=${APT_DIR}/lists"
     -o "Dir::Cache=${APT_DIR}/cache"
     -o "APT::Get::List-Cleanup=0"
+    # Our private dirs live under $HOME, which the _apt sandbox user cannot write.
+    -o "APT::Sandbox::User=root"
 )
 log "apt-get update (private lists)"
 apt-get "${APT_OPTS[@]}" update -qq || die "apt-get update with the private deb-src list failed (no network or mirror down?)"
@@ -123,13 +125,21 @@ log "kubernetes source version ${VERSION}"
 
 # --- Go and build tools -------------------------------------------------------------------
 # The source's go.mod decides the minimum; Debian 12 builds 1.20.x with golang-1.19-go.
-GO_PKG=""
-for cand in golang-1.19-go golang-1.20-go golang-1.21-go golang-1.18-go golang-1.17-go golang-1.16-go golang-1.15-go; do
-    if [[ -n "$(apt-cache policy "$cand" 2>/dev/null | awk '/Candidate:/ && $2 != "(none)" {print $2}')" ]]; then
-        GO_PKG="$cand"
-        break
-    fi
-done
+pick_go() {
+    local cand
+    for cand in golang-1.19-go golang-1.20-go golang-1.21-go golang-1.18-go golang-1.17-go golang-1.16-go golang-1.15-go; do
+        if [[ -n "$(apt-cache policy "$cand" 2>/dev/null | awk '/Candidate:/ && $2 != "(none)" {print $2}')" ]]; then
+            echo "$cand"
+            return
+        fi
+    done
+}
+GO_PKG="$(pick_go)"
+if [[ -z "${GO_PKG}" ]]; then
+    # A fresh machine may never have run apt-get update.
+    apt-get update -qq || die "apt-get update failed (no network or mirror down?)"
+    GO_PKG="$(pick_go)"
+fi
 [[ -n "${GO_PKG}" ]] || die "no Go between 1.15 and 1.21 in apt (kubernetes ${VERSION} needs one of golang-1.15-go..golang-1.21-go; newer Go rejects its vendored code)"
 NEED=("${GO_PKG}" rsync make gcc libc6-dev dpkg-dev git)
 missing=()
