@@ -13,6 +13,8 @@ Undo: nothing to undo.
 
 from __future__ import annotations
 
+import os
+
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
@@ -24,7 +26,8 @@ from flows.db_pool_exhausted import DbPoolParams
 from tasks.postgres import PoolUsage, measure_pool_usage
 
 RUNBOOK = "pool-threshold"
-SCHEDULE_INTERVAL_S = 300
+# How often the check runs when served; `RUNBOOKS_POOL_CHECK_INTERVAL_S` overrides it.
+SCHEDULE_INTERVAL_S = int(os.environ.get("RUNBOOKS_POOL_CHECK_INTERVAL_S", "300"))
 REMEDIATION_DEPLOYMENT = f"{REMEDIATION}/{REMEDIATION}"
 
 

@@ -18,6 +18,7 @@ import pytest
 
 pytest_plugins = [
     "tests.fixtures.postgres",
+    "tests.fixtures.faults",
     "tests.fixtures.kube",
     "tests.fixtures.tls",
     "tests.fixtures.triggers",

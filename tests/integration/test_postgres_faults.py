@@ -1,0 +1,51 @@
+"""Network faults between the runbook and PostgreSQL: cut connections, a port that never answers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.pool_threshold import PoolThresholdParams, pool_threshold
+from tasks.errors import TransientError
+from tests.fixtures.faults import DeafPort, ProxyFactory
+from tests.fixtures.postgres import PgWorld
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def task_runs(flow_run_id: object) -> dict[str, int]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))  # type: ignore[list-item]
+        )
+    return {r.name: r.run_count for r in runs}
+
+
+def test_connection_reset_is_retried_and_the_check_completes(
+    pg_env: PgWorld, cutting_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = cutting_proxy(("127.0.0.1", 5432), cut_first=1)
+    monkeypatch.setenv("RUNBOOKS_PG_DSN", f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres")
+    state = pool_threshold(PoolThresholdParams(threshold_percent=100), return_state=True)
+    assert state.is_completed(), state.message
+    assert task_runs(state.state_details.flow_run_id) == {"measure-pool-usage": 2}
+    assert proxy.accepted >= 2
+
+
+def test_port_that_never_answers_times_out_then_fails_clearly(
+    pg_env: PgWorld, silent_port: DeafPort, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOKS_PG_DSN", f"postgresql://postgres@127.0.0.1:{silent_port.port}/db")
+    monkeypatch.setenv("RUNBOOKS_PG_CONNECT_TIMEOUT_S", "1")
+    started = time.monotonic()
+    state = pool_threshold(PoolThresholdParams(threshold_percent=100), return_state=True)
+    elapsed = time.monotonic() - started
+    assert state.is_failed()
+    with pytest.raises(TransientError, match=f"127.0.0.1:{silent_port.port}/db unavailable"):
+        state.result()
+    # 3 attempts of ~1 s each (plus tiny backoff): bounded, not hanging.
+    assert task_runs(state.state_details.flow_run_id) == {"measure-pool-usage": 3}
+    assert elapsed < 30
