@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 def task_runs(flow_run_id: object) -> dict[str, int]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))  # type: ignore[list-item]
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
     return {r.name: r.run_count for r in runs}
 
