@@ -8,7 +8,12 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    DeploymentFilter,
+    DeploymentFilterId,
+)
 from prefect.variables import Variable
 from pydantic import ValidationError
 
@@ -206,3 +211,24 @@ def test_approval_timeout_does_nothing(pg_env: PgWorld, sessions: Sessions) -> N
     assert out.action == "refused"
     assert "no answer within 10 s" in latest_artifact("db-pool-exhausted")
     assert alive([pid(conn)]) == {pid(conn)}
+
+
+def test_pool_threshold_starts_the_remediation_deployment(pg_env: PgWorld) -> None:
+    deployment_id: UUID = db_pool_exhausted.to_deployment(name="db-pool-exhausted").apply()  # type: ignore[union-attr]
+    p = PoolThresholdParams(
+        threshold_percent=0.001,
+        start_remediation=True,
+        remediation=params(pg_env, requested_by="pool-threshold"),
+    )
+    state = pool_threshold(p, return_state=True)
+    assert state.is_failed()  # the check itself failed: usage over the threshold
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.parameters["params"]["dry_run"] is True
+    assert run.parameters["params"]["guard"]["database"] == pg_env.database
+    assert "source:schedule" in run.tags
+    assert str(run.id) in latest_artifact("pool-threshold")
