@@ -214,7 +214,7 @@ def test_approval_timeout_does_nothing(pg_env: PgWorld, sessions: Sessions) -> N
 
 
 def test_pool_threshold_starts_the_remediation_deployment(pg_env: PgWorld) -> None:
-    deployment_id: UUID = db_pool_exhausted.to_deployment(name="db-pool-exhausted").apply()  # type: ignore[union-attr]
+    deployment_id: UUID = db_pool_exhausted.to_deployment(name="db-pool-exhausted").apply()  # type: ignore[union-attr,assignment]
     p = PoolThresholdParams(
         threshold_percent=0.001,
         start_remediation=True,
