@@ -152,7 +152,7 @@ def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int |
         )  # fmt: skip
         wait_healthy(api_url, env.get("PREFECT_API_AUTH_STRING"), stack.startup_timeout_s, server)
         log.info("Prefect UI: http://%s:%d", stack.host, stack.prefect_port)
-        serve_cmd = [sys.executable, "-m", "deployments.serve"]
+        serve_cmd = [sys.executable, "-m", "deployments.serve", "--limit", str(stack.runner_limit)]
         if stack.catalog:
             serve_cmd += ["--catalog", stack.catalog]
         if (pool_size if pool_size is not None else receiver.pool_size) > 0:

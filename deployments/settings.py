@@ -28,6 +28,9 @@ class StackSettings(BaseSettings):
     poll_frequency_s: float = Field(
         1.0, gt=0, description="Runner poll for scheduled runs (Prefect's default is 10 s)."
     )
+    runner_limit: int = Field(
+        8, ge=1, description="Runs the Runner executes at once; more wait, scheduled (not lost)."
+    )
     startup_timeout_s: float = Field(120, gt=0, description="Wait for the server's health.")
     catalog: str | None = Field(
         None, description="`module:attr` of another runbook catalog (tests, benches)."

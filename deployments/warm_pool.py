@@ -12,9 +12,11 @@ No alert is lost: if no process is idle, the pool is down, or the claim is refus
 Runner got it first, or the concurrency limit is full), the run simply stays Scheduled and
 the Runner starts it. Orchestration lets exactly one claimer move Scheduled -> Pending.
 
-Each process executes one run and exits; a fresh one is started in the background, so runs
-never share module state. A process that dies mid-run gets its run marked Crashed; a run
-cancelled in the UI gets its process terminated and the run marked Cancelled.
+A process executes one run at a time and is reused (importing Prefect and the runbooks costs
+several CPU-seconds, which a busy incident machine should not pay per alert); it is replaced
+after `MAX_RUNS_PER_PROCESS` runs. A process that dies mid-run gets its run marked Crashed
+and is replaced; a run cancelled in the UI gets its process terminated, the run marked
+Cancelled, and a fresh process started.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from uuid import UUID
 log = logging.getLogger("runbooks.warm_pool")
 
 _CANCEL_CHECK_S = 2.0
+#: Recycle a process after this many runs: bounds any slow leak of module state.
+MAX_RUNS_PER_PROCESS = 25
 
 
 @dataclass
@@ -45,6 +49,7 @@ class _Worker:
     conn: Connection
     ready: bool = False
     run_id: UUID | None = None
+    #: Set when the run was cancelled and the process terminated on purpose.
     finished: bool = False
 
 
@@ -172,8 +177,10 @@ class WarmPool:
             with self._lock:
                 w.ready = True
         elif isinstance(msg, tuple) and msg[0] == "done":
-            w.finished = True
             log.info("warm run %s finished: %s", msg[1], msg[2])
+            with self._lock:
+                if not w.finished:  # not cancelled meanwhile: the process takes the next run
+                    w.run_id = None
 
     def _reap(self, w: _Worker) -> None:
         with self._lock:
@@ -185,7 +192,7 @@ class WarmPool:
             while w.conn.poll():  # a "done" may sit in the pipe behind the exit
                 msg = w.conn.recv()
                 if isinstance(msg, tuple) and msg[0] == "done":
-                    w.finished = True
+                    w.run_id = None
         except (EOFError, OSError):
             pass
         w.conn.close()
@@ -262,7 +269,7 @@ def _mark_cancelled(run_id: UUID) -> None:
 
 # -- inside a warm process -----------------------------------------------------------
 def worker_main(conn: Connection, entrypoints: list[str], env: dict[str, str]) -> None:
-    """Import everything, say ready, execute at most one flow run, exit."""
+    """Import everything, say ready, then execute runs one at a time until told to stop."""
     os.environ.update(env)
     # Ctrl-C in a terminal reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -278,16 +285,22 @@ def worker_main(conn: Connection, entrypoints: list[str], env: dict[str, str]) -
     with get_client(sync_client=True) as client:
         client.api_healthcheck()
     conn.send("ready")
-    try:
-        msg = conn.recv()
-    except (EOFError, KeyboardInterrupt):
-        return
-    if msg is None:
-        return
-    run_id, entrypoint = msg
-    outcome = execute(UUID(run_id), flows[entrypoint])
-    with contextlib.suppress(OSError):
-        conn.send(("done", run_id, outcome))
+    for _ in range(MAX_RUNS_PER_PROCESS):
+        try:
+            msg = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if msg is None:
+            return
+        run_id, entrypoint = msg
+        try:
+            outcome = execute(UUID(run_id), flows[entrypoint])
+        except Exception as exc:  # noqa: BLE001 - the engine recorded the final state
+            outcome = f"engine error: {type(exc).__name__}"
+        try:
+            conn.send(("done", run_id, outcome))
+        except OSError:
+            return
 
 
 def execute(run_id: UUID, flow: Any) -> str:

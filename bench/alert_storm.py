@@ -1,0 +1,104 @@
+"""Alert storm: 1,000 webhook deliveries of 50 distinct alerts within 10 s.
+
+Alertmanager is at-least-once (HA peers each deliver, retries repeat): the receiver must turn
+this into exactly 50 flow runs, lose none, never answer 5xx, and answer fast (p99 < 100 ms),
+while the runs themselves execute on the same machine (warm pool + Runner, stand-in runbook).
+
+    .venv/bin/python bench/alert_storm.py [--deliveries 1000] [--alerts 50] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.fixtures.stack import Stack, running_stack
+from tests.fixtures.triggers import alert, payload
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def storm(
+    stack: Stack, deliveries: int, alerts: list[dict[str, object]], seconds: float
+) -> tuple[list[float], Counter[int]]:
+    headers = {"Authorization": f"Bearer {stack.token}"}
+    latencies: list[float] = []
+    statuses: Counter[int] = Counter()
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def deliver(i: int, at: float) -> None:
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            body = payload(alerts[i % len(alerts)])
+            t0 = time.monotonic()
+            try:
+                r = await client.post(f"{stack.receiver_url}/alerts", json=body, headers=headers)
+                statuses[r.status_code] += 1
+            except httpx.HTTPError:
+                statuses[0] += 1
+            latencies.append(time.monotonic() - t0)
+
+        start = time.monotonic() + 0.2
+        interval = seconds / deliveries
+        await asyncio.gather(*(deliver(i, start + i * interval) for i in range(deliveries)))
+    return latencies, statuses
+
+
+def count_runs(stack: Stack, fingerprints: list[str]) -> dict[str, int]:
+    counts = {}
+    for fp in fingerprints:
+        body = {"flow_runs": {"tags": {"all_": [f"alert:{fp}"]}}}
+        r = httpx.post(f"{stack.api_url}/flow_runs/filter", json=body, timeout=10)
+        counts[fp] = len(r.json())
+    return counts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--deliveries", type=int, default=1000)
+    parser.add_argument("--alerts", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    prefix = uuid.uuid4().hex[:8]
+    fingerprints = [f"{prefix}{i:04d}" for i in range(args.alerts)]
+    alerts = [alert(namespace=f"storm{i}", fingerprint=fp) for i, fp in enumerate(fingerprints)]
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-storm-") as tmp,
+        running_stack(Path(tmp) / "prefect", pool_size=2, poll_s=1.0) as stack,
+    ):
+        t0 = time.monotonic()
+        latencies, statuses = asyncio.run(storm(stack, args.deliveries, alerts, args.seconds))
+        elapsed = time.monotonic() - t0
+        time.sleep(1)
+        counts = count_runs(stack, fingerprints)
+    runs = sum(counts.values())
+    duplicates = sum(max(0, n - 1) for n in counts.values())
+    lost = sum(1 for n in counts.values() if n == 0)
+    server_errors = sum(n for code, n in statuses.items() if code >= 500 or code == 0)
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    print(f"deliveries: {len(latencies)} in {elapsed:.1f} s; status codes: {dict(statuses)}")
+    print(f"runs created: {runs} (expected {args.alerts}); duplicates: {duplicates}; lost: {lost}")
+    print(f"5xx: {server_errors}")
+    print(f"receiver latency p50={p50 * 1000:.1f} ms p99={p99 * 1000:.1f} ms "
+          f"max={max(latencies) * 1000:.1f} ms")  # fmt: skip
+    ok = runs == args.alerts and duplicates == 0 and server_errors == 0 and p99 < 0.1
+    print("targets (exactly one run per alert, no 5xx, p99 < 100 ms):", "MET" if ok else "NOT MET")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
