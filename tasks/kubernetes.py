@@ -892,7 +892,7 @@ def tail_logs(
                         namespace=namespace,
                     )
                 except PermanentError as exc:
-                    if "forbidden" in str(exc):
+                    if "forbidden" in str(exc) or "credentials" in str(exc):
                         raise
                     # One pod gone or not started must not hide the others' logs.
                     out.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from functools import partial
 from pathlib import Path
@@ -203,3 +204,38 @@ def test_manifests_grant_exactly_what_the_tasks_need(kube_cluster: KubeCluster, 
                 rbac.delete_cluster_role_binding(doc["metadata"]["name"])
             else:
                 rbac.delete_cluster_role(doc["metadata"]["name"])
+
+
+def test_shipped_manifests_apply_with_kustomize_as_is(kube_cluster: KubeCluster, kubectl):
+    """`kubectl apply -k deployments/k8s` works unmodified and binds the runbooks' identity."""
+    out = subprocess.run(
+        [str(kubectl), f"--kubeconfig={kube_cluster.kubeconfig}", "apply", "-k", str(MANIFESTS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "role.rbac.authorization.k8s.io/incident-runbooks created" in out.stdout
+    static = kube_cluster.settings(
+        "default", kubeconfig=kube_cluster.kubeconfig_for(kube_cluster.runbooks_token, "static")
+    )
+    core: Any = k8s.CoreV1Api(kube_api_client(static))
+    try:
+        assert list_pods.fn(None, "default", settings=static) == []
+        assert [n.name for n in node_status.fn(settings=static)] == ["fake-node"]
+        assert forbidden(lambda: core.list_namespaced_secret("default"))
+        assert forbidden(lambda: core.list_namespaced_pod("kube-system"))
+    finally:
+        subprocess.run(
+            [
+                str(kubectl),
+                f"--kubeconfig={kube_cluster.kubeconfig}",
+                "delete",
+                "-k",
+                str(MANIFESTS),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
