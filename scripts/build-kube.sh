@@ -114,7 +114,7 @@ log "apt-get update (private lists)"
 apt-get "${APT_OPTS[@]}" update -qq || die "apt-get update with the private deb-src list failed (no network or mirror down?)"
 
 VERSION="$(apt-cache "${APT_OPTS[@]}" showsrc kubernetes 2>/dev/null | awk '/^Version:/ {print $2}' | sort -V | tail -n 1)"
-[[ -n "${VERSION}" ]] || die "the configured suites ($(awk '{print $3}' "${SRC_LIST}" | sort -u | tr '\n' ' ')) have no 'kubernetes' source package (Debian 13 dropped it; it is in Debian 12 bookworm)"
+[[ -n "${VERSION}" ]] || die "the configured suites ($(awk '{print $3}' "${SRC_LIST}" | sort -u | tr '\n' ' ')) have no 'kubernetes' source package; Debian 12 (bookworm) has 1.20.2, later releases may not: add a bookworm deb line or build on Debian 12"
 SAFE_VERSION="${VERSION//[:~]/_}"
 DEST="${CACHE_ROOT}/${SAFE_VERSION}"
 if [[ -z "${RUNBOOKS_KUBE_FORCE:-}" && -x "${DEST}/bin/kube-apiserver" && -x "${DEST}/bin/kube-controller-manager" ]]; then
@@ -127,7 +127,10 @@ log "kubernetes source version ${VERSION}"
 # The source's go.mod decides the minimum; Debian 12 builds 1.20.x with golang-1.19-go.
 pick_go() {
     local cand
-    for cand in golang-1.19-go golang-1.20-go golang-1.21-go golang-1.18-go golang-1.17-go golang-1.16-go golang-1.15-go; do
+    # Preferred: the Go 1.20.x was released with (and Debian 12 built it with). Newer Go is a
+    # last resort (its linker may reject 1.20's vendored code: then make fails, and says so).
+    for cand in golang-1.19-go golang-1.20-go golang-1.21-go golang-1.18-go golang-1.17-go \
+        golang-1.16-go golang-1.15-go golang-1.22-go golang-1.23-go golang-1.24-go golang-go; do
         if [[ -n "$(apt-cache policy "$cand" 2>/dev/null | awk '/Candidate:/ && $2 != "(none)" {print $2}')" ]]; then
             echo "$cand"
             return
@@ -140,7 +143,7 @@ if [[ -z "${GO_PKG}" ]]; then
     apt-get update -qq || die "apt-get update failed (no network or mirror down?)"
     GO_PKG="$(pick_go)"
 fi
-[[ -n "${GO_PKG}" ]] || die "no Go between 1.15 and 1.21 in apt (kubernetes ${VERSION} needs one of golang-1.15-go..golang-1.21-go; newer Go rejects its vendored code)"
+[[ -n "${GO_PKG}" ]] || die "no Go package in apt (tried golang-1.15-go..golang-1.24-go and golang-go); kubernetes ${VERSION} needs Go >= 1.15"
 NEED=("${GO_PKG}" rsync make gcc libc6-dev dpkg-dev git)
 missing=()
 for p in "${NEED[@]}"; do
@@ -153,8 +156,13 @@ if ((${#missing[@]})); then
         { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } ||
         die "apt-get install ${missing[*]} failed"
 fi
-GOROOT_DIR="/usr/lib/go-${GO_PKG#golang-}"
-GOROOT_DIR="${GOROOT_DIR%-go}"
+if [[ "${GO_PKG}" == golang-go ]]; then
+    GOROOT_DIR=/usr/lib/go
+    log "warning: no versioned golang-1.NN-go package; trying the distro default Go"
+else
+    GOROOT_DIR="/usr/lib/go-${GO_PKG#golang-}"
+    GOROOT_DIR="${GOROOT_DIR%-go}"
+fi
 [[ -x "${GOROOT_DIR}/bin/go" ]] || die "${GO_PKG} installed but ${GOROOT_DIR}/bin/go is missing"
 
 # --- source ---------------------------------------------------------------------------------
