@@ -36,6 +36,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -682,6 +683,35 @@ def fetch_endpoint(
     )
 
 
+class ProbeOutcome(BaseModel):
+    """One endpoint's result in a batch probe: a scan, or the error that stopped it."""
+
+    endpoint: str
+    scan: SourceScan | None = None
+    error: str | None = None
+    transient: bool = Field(False, description="True: timeout / refused; worth another try.")
+
+
+def probe_many(
+    endpoints: Sequence[str], timeout_s: float = 5.0, max_workers: int = 64
+) -> list[ProbeOutcome]:
+    """Probe `endpoints` concurrently (threads: each probe mostly waits on the network),
+    one attempt each; errors come back as outcomes so one endpoint never hides another."""
+
+    def one(endpoint: str) -> ProbeOutcome:
+        try:
+            return ProbeOutcome(endpoint=endpoint, scan=fetch_endpoint(endpoint, timeout_s))
+        except TransientError as exc:
+            return ProbeOutcome(endpoint=endpoint, error=str(exc), transient=True)
+        except PermanentError as exc:
+            return ProbeOutcome(endpoint=endpoint, error=str(exc))
+
+    if not endpoints:
+        return []
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(endpoints))) as pool:
+        return list(pool.map(one, endpoints))
+
+
 # ------------------------------------------------------------------ Kubernetes Secrets
 
 TLS_SECRET_TYPE = "kubernetes.io/tls"  # noqa: S105 - a type name, not a secret
@@ -943,7 +973,7 @@ def write_tls_secret(
 # ---------------------------------------------------------------------------- tasks
 
 
-@task(**RETRY_TRANSIENT, task_run_name="read-cert-file-{path}")
+@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="read-cert-file-{path}")
 def read_cert_file(path: Path) -> SourceScan:
     """Read the certificates in one PEM/DER file."""
     scan = read_pem_file(Path(path))
@@ -951,7 +981,7 @@ def read_cert_file(path: Path) -> SourceScan:
     return scan
 
 
-@task(**RETRY_TRANSIENT, task_run_name="probe-tls-{endpoint}")
+@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="probe-tls-{endpoint}")
 def probe_tls_endpoint(endpoint: str, timeout_s: float | None = None) -> SourceScan:
     """Fetch and describe the certificate chain a live endpoint presents."""
     timeout = timeout_s if timeout_s is not None else TlsSettings().connect_timeout_s
@@ -962,7 +992,22 @@ def probe_tls_endpoint(endpoint: str, timeout_s: float | None = None) -> SourceS
     return scan
 
 
-@task(**RETRY_TRANSIENT, task_run_name="read-tls-secret-{namespace}/{name}")
+# No retries here: transient failures come back as outcomes and the flow re-probes just
+# those with `probe_tls_endpoint`, which carries the retry policy (attempts add, never nest).
+@task(cache_policy=NO_CACHE, task_run_name="probe-tls-batch-{label}")
+def probe_tls_endpoints(
+    endpoints: list[str], timeout_s: float | None = None, label: str = ""
+) -> list[ProbeOutcome]:
+    """Probe many endpoints concurrently, one attempt each; failures come back as outcomes."""
+    settings = TlsSettings()
+    timeout = timeout_s if timeout_s is not None else settings.connect_timeout_s
+    outcomes = probe_many(endpoints, timeout, settings.max_workers)
+    failed = sum(1 for o in outcomes if o.error)
+    get_run_logger().info("%d endpoint(s) probed, %d failed", len(outcomes), failed)
+    return outcomes
+
+
+@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="read-tls-secret-{namespace}/{name}")
 def read_tls_secret(
     namespace: str, name: str, settings: KubernetesSettings | None = None
 ) -> SourceScan:
