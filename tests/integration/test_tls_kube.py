@@ -1,0 +1,281 @@
+"""TLS Secrets on a real Kubernetes control plane: read, check, replace behind approval."""
+
+from __future__ import annotations
+
+import base64
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from uuid import UUID
+
+import pytest
+from kubernetes import client as k8s
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from pydantic import SecretStr
+
+from flows.cert_expiry import (
+    CertExpiryParams,
+    CertReplaceParams,
+    SecretRef,
+    cert_expiry,
+    cert_replace,
+)
+from tasks.errors import PermanentError, SafetyViolation
+from tasks.tls import (
+    NewPair,
+    Severity,
+    Thresholds,
+    evaluate,
+    read_secret_certificates,
+    write_tls_secret,
+)
+from tests.fixtures.kube import KubeCluster
+from tests.fixtures.tls import HOST, CertFactory, Issued
+
+pytestmark = [pytest.mark.kube, pytest.mark.usefixtures("prefect_api")]
+
+HOSTS = (HOST, "www.akig.example")
+
+
+@pytest.fixture
+def core(kube_cluster: KubeCluster, monkeypatch: pytest.MonkeyPatch) -> k8s.CoreV1Api:
+    """Admin CoreV1Api; the tasks reach the same cluster through RUNBOOKS_K8S_*."""
+    monkeypatch.setenv("RUNBOOKS_K8S_KUBECONFIG", str(kube_cluster.kubeconfig))
+    monkeypatch.setenv("RUNBOOKS_K8S_ROLLOUT_TIMEOUT_S", "60")
+    return k8s.CoreV1Api(kube_cluster.api())
+
+
+def _tls_secret(core: k8s.CoreV1Api, ns: str, name: str, issued: Issued) -> None:
+    core.create_namespaced_secret(
+        ns,
+        k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(
+                name=name, annotations={"cert-manager.io/certificate-name": name}
+            ),
+            type="kubernetes.io/tls",
+            string_data={
+                "tls.crt": issued.chain_pem().decode(),
+                "tls.key": issued.key_pem.decode(),
+            },
+        ),
+    )
+
+
+def _serial_in(core: k8s.CoreV1Api, ns: str, name: str) -> str:
+    from cryptography import x509
+
+    secret: Any = core.read_namespaced_secret(name, ns)
+    pem = base64.b64decode(secret.data["tls.crt"])
+    return format(x509.load_pem_x509_certificate(pem).serial_number, "x")
+
+
+def _serial(issued: Issued) -> str:
+    return format(issued.cert.serial_number, "x")
+
+
+def _ingress(ns: str, kube_cluster: KubeCluster) -> None:
+    apps = k8s.AppsV1Api(kube_cluster.api())
+    labels = {"app": "ingress"}
+    apps.create_namespaced_deployment(
+        ns,
+        k8s.V1Deployment(
+            metadata=k8s.V1ObjectMeta(name="ingress"),
+            spec=k8s.V1DeploymentSpec(
+                replicas=1,
+                selector=k8s.V1LabelSelector(match_labels=labels),
+                template=k8s.V1PodTemplateSpec(
+                    metadata=k8s.V1ObjectMeta(labels=labels),
+                    spec=k8s.V1PodSpec(
+                        containers=[k8s.V1Container(name="nginx", image="nginx:1.27")]
+                    ),
+                ),
+            ),
+        ),
+    )
+
+
+def _artifact(flow_run_id: UUID | None, key: str) -> Any:
+    assert flow_run_id is not None
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return next(a.data for a in found if a.key == key)
+
+
+def test_read_tls_secret(core: k8s.CoreV1Api, kube_namespace: str, pki: CertFactory) -> None:
+    soon = pki.leaf(days_left=0.5, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", soon)
+    scan = read_secret_certificates(kube_namespace, "akig-tls")
+    assert scan.source == f"{kube_namespace}/akig-tls"
+    assert [c.serial for c in scan.certificates] == [_serial(soon), _serial(pki.intermediate)]
+    assert scan.resource_version
+    assert evaluate(scan.certificates[0], Thresholds()).severity is Severity.CRITICAL
+    assert "PRIVATE" not in scan.model_dump_json()
+
+    core.create_namespaced_secret(
+        kube_namespace,
+        k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="opaque"), string_data={"a": "b"}),
+    )
+    with pytest.raises(PermanentError, match=r"of type 'Opaque', not kubernetes\.io/tls"):
+        read_secret_certificates(kube_namespace, "opaque")
+    with pytest.raises(PermanentError, match="answered 404"):
+        read_secret_certificates(kube_namespace, "missing")
+
+
+def test_cert_expiry_flow_checks_secrets(
+    core: k8s.CoreV1Api, kube_namespace: str, pki: CertFactory
+) -> None:
+    _tls_secret(core, kube_namespace, "good", pki.leaf(days_left=60, hosts=HOSTS))
+    _tls_secret(core, kube_namespace, "bad", pki.leaf(days_left=-1, hosts=HOSTS))
+    params = CertExpiryParams(
+        files=[],
+        secrets=[
+            SecretRef(namespace=kube_namespace, name="good"),
+            SecretRef(namespace=kube_namespace, name="bad"),
+            SecretRef(namespace=kube_namespace, name="gone"),
+        ],
+    )
+    state = cert_expiry(params, return_state=True)
+    assert state.is_failed()
+    assert f"{kube_namespace}/bad: EXPIRED" in (state.message or "")
+    checklist = _artifact(state.state_details.flow_run_id, "cert-emergency-checklist")
+    assert f"kubectl -n {kube_namespace} get secret bad" in checklist
+    report = _artifact(state.state_details.flow_run_id, "cert-expiry")
+    assert f"{kube_namespace}/gone" in report
+    assert "answered 404" in report
+
+
+def test_write_refuses_a_stale_plan_and_backs_up(
+    core: k8s.CoreV1Api, kube_namespace: str, pki: CertFactory
+) -> None:
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    new = pki.leaf(days_left=90, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    version = read_secret_certificates(kube_namespace, "akig-tls").resource_version
+    assert version is not None
+    pair = NewPair(cert_pem=new.chain_pem().decode(), key_pem=SecretStr(new.key_pem.decode()))
+
+    # Someone (cert-manager) touches the Secret after the plan was made.
+    core.patch_namespaced_secret(
+        "akig-tls", kube_namespace, {"metadata": {"labels": {"touched": "yes"}}}
+    )
+    with pytest.raises(SafetyViolation, match="changed since the plan"):
+        write_tls_secret(kube_namespace, "akig-tls", pair, version)
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+
+    fresh = read_secret_certificates(kube_namespace, "akig-tls").resource_version
+    assert fresh is not None
+    done = write_tls_secret(kube_namespace, "akig-tls", pair, fresh)
+    assert (done.old_serial, done.new_serial) == (_serial(old), _serial(new))
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(new)
+    assert done.backup_secret is not None
+    backup: Any = core.read_namespaced_secret(done.backup_secret, kube_namespace)
+    assert _serial_in(core, kube_namespace, done.backup_secret) == _serial(old)
+    assert backup.metadata.labels["runbooks/backup-of"] == "akig-tls"
+    assert not (backup.metadata.annotations or {})  # cert-manager must not adopt it
+    live: Any = core.read_namespaced_secret("akig-tls", kube_namespace)
+    assert live.metadata.annotations["cert-manager.io/certificate-name"] == "akig-tls"
+
+
+def _replace_params(ns: str, **kw: Any) -> CertReplaceParams:
+    fields: dict[str, Any] = {
+        "namespace": ns,
+        "secret": "akig-tls",
+        "new_secret": "akig-tls-new",
+        "ingress_deployment": "ingress",
+        "ingress_namespace": ns,
+        "reason": "INC-7 cert expires tonight",
+        "approval_timeout_s": 120,
+    }
+    fields.update(kw)
+    return CertReplaceParams.model_validate(fields)
+
+
+def test_replace_dry_run_and_refusal_change_nothing(
+    core: k8s.CoreV1Api, kube_namespace: str, kube_cluster: KubeCluster, pki: CertFactory
+) -> None:
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _ingress(kube_namespace, kube_cluster)
+
+    _tls_secret(core, kube_namespace, "akig-tls-new", pki.leaf(days_left=90, hosts=HOSTS))
+    out = cert_replace(_replace_params(kube_namespace))
+    assert out.outcome == "dry run"
+    assert out.check.ok
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+
+    _tls_secret(core, kube_namespace, "narrow", pki.leaf(days_left=90, hosts=(HOST,)))
+    state = cert_replace(
+        _replace_params(kube_namespace, new_secret="narrow", dry_run=False), return_state=True
+    )
+    assert state.is_failed()
+    assert "does not cover: www.akig.example" in (state.message or "")
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+    report = _artifact(state.state_details.flow_run_id, "cert-replace")
+    assert "REFUSED" in report
+
+
+def _paused_replace_run(timeout: float = 90) -> UUID:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["cert-replace"])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                ),
+            )
+            if runs:
+                return runs[0].id
+            time.sleep(0.2)
+    raise AssertionError("cert-replace never paused for approval")
+
+
+def test_replace_after_approval_restarts_ingress_and_audits(
+    core: k8s.CoreV1Api, kube_namespace: str, kube_cluster: KubeCluster, pki: CertFactory
+) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    new = pki.leaf(days_left=90, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _tls_secret(core, kube_namespace, "akig-tls-new", new)
+    _ingress(kube_namespace, kube_cluster)
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(
+            cert_replace, _replace_params(kube_namespace, dry_run=False), return_state=True
+        )
+        run_id = _paused_replace_run()
+        # Nothing is written while the run waits for a human.
+        assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+        resume_flow_run(
+            run_id, run_input={"approved": True, "approver": "alice", "reason": "INC-7"}
+        )
+        state = fut.result(timeout=180)
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out.outcome == "replaced"
+    assert out.approver == "alice"
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(new)
+    apps = k8s.AppsV1Api(kube_cluster.api())
+    dep: Any = apps.read_namespaced_deployment("ingress", kube_namespace)
+    assert "kubectl.kubernetes.io/restartedAt" in dep.spec.template.metadata.annotations
+
+    assert out.replacement is not None
+    report = _artifact(run_id, "cert-replace")
+    for expected in ("alice", "INC-7", _serial(old), _serial(new), out.replacement.backup_secret):
+        assert expected in report
+    key_line = new.key_pem.decode().splitlines()[1]
+    assert key_line not in report
