@@ -15,6 +15,7 @@ annotation merge, status, selectors) are plain functions so they can be tested a
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -504,8 +505,6 @@ def _kube(settings: KubernetesSettings | None) -> Iterator[_Kube]:
 
 
 def _server_message(exc: ApiException) -> str:
-    import json
-
     try:
         body = json.loads(exc.body or "")
         return str(body.get("message") or exc.reason)[:300]
