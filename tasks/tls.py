@@ -21,6 +21,11 @@ message travels in clear, and reads the chain the server sent from the bytes it 
 The parsed leaf must equal the one `ssl` reports, or the chain is not trusted. A TLS
 1.3-only server gets a second handshake and reports the leaf only, saying so.
 
+Concurrency: `probe_many` / the `probe_tls_endpoints` task probe a batch on a thread pool
+(each probe mostly waits on the network), one attempt each, returning failures as
+outcomes; the flow then re-probes only the transient failures with `probe_tls_endpoint`,
+which carries the retry policy. See docs/tls.md.
+
 Private keys are read only to validate a replacement pair; they never reach a log, an
 exception message, a return value or an artifact.
 """
@@ -661,6 +666,8 @@ def fetch_endpoint(
             f"{ep}: no TLS answer within {timeout_s:g} s (connect + handshake)"
         ) from None
     except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:  # the resolver itself is struggling: try again
+            raise TransientError(f"{ep}: cannot resolve {ep.host!r} ({exc.strerror})") from None
         raise PermanentError(f"{ep}: cannot resolve {ep.host!r} ({exc.strerror})") from None
     except ssl.SSLError as exc:
         raise PermanentError(f"{ep}: TLS handshake failed ({exc.reason or exc})") from None
