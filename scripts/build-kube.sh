@@ -20,6 +20,63 @@ die() {
     exit 1
 }
 
+APT_ETC="${RUNBOOKS_APT_ETC:-/etc/apt}" # tests point this at sample files
+
+mirror_one_line_file() {
+    # "deb [opts] uri suite comp..." -> "deb-src [opts] uri suite comp..."
+    sed -n -E 's/^[[:space:]]*deb([[:space:]]+)/deb-src\1/p' "$1"
+}
+
+mirror_deb822_file() {
+    # Each enabled stanza whose Types include `deb` becomes one-line deb-src entries.
+    # Continuation lines (an inline Signed-By key) are skipped; only a keyring path is kept.
+    awk '
+        function flush(   i, j, nS, nU, S, U, opts) {
+            if (types ~ /(^|[[:space:]])deb([[:space:]]|$)/ && enabled != "no" && uris != "" && suites != "") {
+                opts = ""
+                if (signed ~ /^\//) opts = "signed-by=" signed
+                nU = split(uris, U, /[[:space:]]+/)
+                nS = split(suites, S, /[[:space:]]+/)
+                for (i = 1; i <= nU; i++) for (j = 1; j <= nS; j++) {
+                    if (U[i] == "" || S[j] == "") continue
+                    printf "deb-src %s%s %s %s\n", (opts != "" ? "[" opts "] " : ""), U[i], S[j], comps
+                }
+            }
+            types = uris = suites = comps = signed = enabled = ""
+        }
+        /^[[:space:]]*#/ { next }
+        /^[[:space:]]*$/ { flush(); next }
+        /^[[:space:]]/ { next }
+        {
+            line = $0
+            key = tolower(line); sub(/:.*/, "", key)
+            val = line; sub(/^[^:]*:[[:space:]]*/, "", val); sub(/[[:space:]]+$/, "", val)
+            if (key == "types") types = val
+            else if (key == "uris") uris = val
+            else if (key == "suites") suites = val
+            else if (key == "components") comps = val
+            else if (key == "signed-by") signed = val
+            else if (key == "enabled") enabled = tolower(val)
+        }
+        END { flush() }
+    ' "$1"
+}
+
+mirror_sources() {
+    local f
+    [[ -f "${APT_ETC}/sources.list" ]] && mirror_one_line_file "${APT_ETC}/sources.list"
+    shopt -s nullglob
+    for f in "${APT_ETC}"/sources.list.d/*.list; do mirror_one_line_file "$f"; done
+    for f in "${APT_ETC}"/sources.list.d/*.sources; do mirror_deb822_file "$f"; done
+    shopt -u nullglob
+}
+
+if [[ "${1:-}" == --print-sources ]]; then
+    # What the private deb-src list would hold; no root, network or cache needed.
+    mirror_sources
+    exit 0
+fi
+
 mkdir -p "${CACHE_ROOT}"
 # One build per machine at a time (a session and .ci/run may both ask for it).
 exec 9>"${CACHE_ROOT}/.lock"
@@ -52,52 +109,9 @@ command -v apt-get >/dev/null || die "apt-get not found: this recipe needs a Deb
 # --- private apt config with deb-src lines ------------------------------------------------
 mkdir -p "${APT_DIR}/lists/partial" "${APT_DIR}/cache/archives/partial"
 SRC_LIST="${APT_DIR}/sources.list"
-: >"${SRC_LIST}"
+mirror_sources >"${SRC_LIST}"
+[[ -s "${SRC_LIST}" ]] || die "no enabled 'deb' lines in ${APT_ETC}/sources.list or ${APT_ETC}/sources.list.d/*.{list,sources} to mirror as deb-src"
 
-mirror_one_line_file() {
-    # "deb [opts] uri suite comp..." -> "deb-src [opts] uri suite comp..."
-    sed -n -E 's/^[[:space:]]*deb([[:space:]]+)/deb-src\1/p' "$1" >>"${SRC_LIST}"
-}
-
-mirror_deb822_file() {
-    # Each stanza whose Types include `deb` becomes one-line deb-src entries.
-    awk '
-        function flush(   i, j, nS, nU, S, U, opts) {
-            if (types ~ /(^|[[:space:]])deb([[:space:]]|$)/ && enabled != "no" && uris != "" && suites != "") {
-                opts = ""
-                if (signed != "") opts = "signed-by=" signed
-                nU = split(uris, U, /[[:space:]]+/)
-                nS = split(suites, S, /[[:space:]]+/)
-                for (i = 1; i <= nU; i++) for (j = 1; j <= nS; j++) {
-                    if (U[i] == "" || S[j] == "") continue
-                    printf "deb-src %s%s %s %s\n", (opts != "" ? "[" opts "] " : ""), U[i], S[j], comps
-                }
-            }
-            types = uris = suites = comps = signed = enabled = ""
-        }
-        /^[[:space:]]*#/ { next }
-        /^[[:space:]]*$/ { flush(); next }
-        {
-            line = $0
-            key = tolower(line); sub(/:.*/, "", key)
-            val = line; sub(/^[^:]*:[[:space:]]*/, "", val); sub(/[[:space:]]+$/, "", val)
-            if (key == "types") types = val
-            else if (key == "uris") uris = val
-            else if (key == "suites") suites = val
-            else if (key == "components") comps = val
-            else if (key == "signed-by") signed = val
-            else if (key == "enabled") enabled = tolower(val)
-        }
-        END { flush() }
-    ' "$1" >>"${SRC_LIST}"
-}
-
-[[ -f /etc/apt/sources.list ]] && mirror_one_line_file /etc/apt/sources.list
-shopt -s nullglob
-for f in /etc/apt/sources.list.d/*.list; do mirror_one_line_file "$f"; done
-for f in /etc/apt/sources.list.d/*.sources; do mirror_deb822_file "$f"; done
-shopt -u nullglob
-[[ -s "${SRC_LIST}" ]] || die "no enabled 'deb' lines in /etc/apt/sources.list or /etc/apt/sources.list.d/*.{list,sources} to mirror as deb-src"
 log "private deb-src list (${SRC_LIST}):"
 sed 's/^/    /' "${SRC_LIST}" >&2
 
