@@ -375,7 +375,7 @@ def cert_expiry(params: CertExpiryParams = CertExpiryParams()) -> CertExpiryResu
         create_markdown_artifact(
             key="cert-emergency-checklist",
             markdown="# Certificate emergency\n\n" + checklist,
-            description="Guided steps for certificates that are expired or < 24 h from it",
+            description="Guided steps for critical certificates (expired, < 24 h, wrong host)",
         )
     report.publish(summary)
 
@@ -386,7 +386,8 @@ def cert_expiry(params: CertExpiryParams = CertExpiryParams()) -> CertExpiryResu
             "%s %s #%d: %s", f.severity.value, f.source, f.position, "; ".join(f.reasons)
         )
     if alerts or errors:
-        top = "; ".join(f"{f.source}: {f.reasons[0]}" for f in alerts[:3])
+        loudest = sorted(alerts, key=lambda f: (-f.severity.rank, f.days_left))[:3]
+        top = "; ".join(f"{f.source}: {f.reasons[0]}" for f in loudest)
         raise CertificatesNeedAttention(
             f"{len(alerts)} certificate(s) past a threshold (worst {result.worst.value})"
             + (f": {top}" if top else "")

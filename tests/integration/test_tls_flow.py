@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.objects import TaskRun
 
 from flows.cert_expiry import CertExpiryParams, CertExpiryResult, cert_expiry
 from tasks.tls import Severity
@@ -93,6 +100,29 @@ def test_crossed_thresholds_fail_the_check_and_the_scan_goes_on(
     key_line = on_disk.key_pem.decode().splitlines()[1]
     for data in artifacts.values():
         assert key_line not in str(data)
+
+    # Only the deaf endpoint got its own task, which ran with the retry policy.
+    runs = _task_runs(state.state_details.flow_run_id, lambda r: r.run_count >= 3)
+    probes = sorted(r.name for r in runs if r.name.startswith("probe-tls-"))
+    assert probes == [f"probe-tls-{endpoints[3]}", "probe-tls-batch-1-4-of-4"]
+    deaf = next(r for r in runs if r.name == f"probe-tls-{endpoints[3]}")
+    assert deaf.run_count == 3  # 1 + RUNBOOKS_RETRY_ATTEMPTS=2 (tests/conftest.py)
+
+
+def _task_runs(flow_run_id: UUID | None, settled: Callable[[TaskRun], bool]) -> list[TaskRun]:
+    """Task runs of a flow run, once the one with a name starting "probe-tls-akig" settles
+    (task states reach the API through events, a moment after the flow ends)."""
+    assert flow_run_id is not None
+    deadline = time.monotonic() + 15
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            single = [r for r in runs if r.name.startswith(f"probe-tls-{HOST}")]
+            if (single and all(settled(r) for r in single)) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)
 
 
 def test_all_good_completes_without_emergency(
