@@ -14,6 +14,7 @@ from tasks.errors import PermanentError, SafetyViolation, TransientError
 from tasks.kubernetes import (
     RESTARTED_AT,
     REVISION,
+    EventInfo,
     list_events,
     list_pods,
     node_status,
@@ -248,16 +249,14 @@ def test_events_pods_nodes(kube_cluster, kube_namespace, apps):
         ns, deployment_body("ev", replicas=2, template_annotations={"fake-kubelet/restarts": "4"})
     )
     rolled_out(settings, ns, "ev")
-    events = wait_until(
-        lambda: [
-            e for e in list_events.fn(ns, settings=settings) if e.reason == "SuccessfulCreate"
-        ],
-        what="SuccessfulCreate events",
-    )
-    assert events
-    events = list_events.fn(ns, settings=settings)
-    reasons = {e.reason for e in events}
-    assert {"ScalingReplicaSet", "SuccessfulCreate"} <= reasons
+    # Events are recorded asynchronously: wait for the deployment's and the ReplicaSet's.
+    expected = {"ScalingReplicaSet", "SuccessfulCreate"}
+
+    def both_recorded() -> list[EventInfo] | None:
+        evs = list_events.fn(ns, settings=settings)
+        return evs if expected <= {e.reason for e in evs} else None
+
+    events = wait_until(both_recorded, what=f"{expected} events")
     times = [e.last_seen for e in events]
     assert times == sorted(times)
     only_deployment = list_events.fn(ns, object_name="ev", settings=settings)
