@@ -987,18 +987,19 @@ def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
 @task(
     **RETRY_TRANSIENT,
     cache_policy=NO_CACHE,
-    task_run_name="scale-{namespace}/{deployment}-to-{replicas}",
+    task_run_name="scale-{deployment}-to-{replicas}",
 )
 def scale(
     deployment: str,
     replicas: int,
-    namespace: str,
+    namespace: str | None = None,
     max_replicas: int = 20,
     dry_run: bool = False,
     settings: KubernetesSettings | None = None,
 ) -> ScaleResult:
     """Scale a platform Deployment (0 isolates it); refuses foreign workloads and oversize."""
     settings = settings or KubernetesSettings()
+    namespace = namespace or settings.namespace
     if replicas < 0:
         raise SafetyViolation(f"refusing to scale {deployment} to {replicas} replicas")
     if replicas > max_replicas:

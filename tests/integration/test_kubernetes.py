@@ -285,7 +285,7 @@ def test_scale_isolates_and_guards(kube_cluster, kube_namespace, apps):
     wait_until(lambda: not list_pods.fn("component=iso", ns, settings=settings), what="no pods")
     assert wait_for_rollout.fn("iso", ns, timeout_s=10, poll_s=0.1, settings=settings).complete
 
-    dry = scale.fn("iso", 1, ns, dry_run=True, settings=settings)
+    dry = scale.fn("iso", 1, dry_run=True, settings=settings)  # namespace from settings
     assert (dry.replicas_before, dry.replicas_after) == (0, 0)
     assert apps.read_namespaced_deployment("iso", ns).spec.replicas == 0
 
