@@ -221,7 +221,10 @@ def test_prefect_ui_lists_the_alert_run(stack: Stack, alert_run: dict[str, Any])
                 wait_until="networkidle",
                 timeout=60_000,
             )
-            page.get_by_text("source:alert").first.wait_for(timeout=60_000)
+            # The run page: its name and its tags are rendered (tags may sit in a collapsed list).
+            page.get_by_text(alert_run["name"]).first.wait_for(timeout=60_000)
+            page.get_by_text("source:alert").first.wait_for(state="attached", timeout=60_000)
+            page.wait_for_timeout(1000)
             page.screenshot(path=str(REPO / "docs" / "ui-flow-run.png"), full_page=False)
         finally:
             browser.close()
