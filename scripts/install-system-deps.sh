@@ -18,6 +18,6 @@ for svc in etcd prometheus-alertmanager pgbouncer; do
         systemctl stop "$svc" || true
     fi
 done
-pkill -x etcd 2>/dev/null || true
-pkill -f '^/usr/bin/prometheus-alertmanager' 2>/dev/null || true
+pkill -u etcd -x etcd 2>/dev/null || true  # only the package service, never a test cluster's etcd
+pkill -u prometheus -f '^/usr/bin/prometheus-alertmanager' 2>/dev/null || true
 exit 0

@@ -491,9 +491,7 @@ def set_idle_in_transaction_timeout(seconds: int, role: str | None = None) -> Ti
                 else f"ALTER ROLE {ident} RESET idle_in_transaction_session_timeout;"
             )
             scope = f"role:{role}"
-    run_logger().warning(
-        "%s: idle_in_transaction_session_timeout=%s (%s)", target, value, scope
-    )
+    run_logger().warning("%s: idle_in_transaction_session_timeout=%s (%s)", target, value, scope)
     return TimeoutChange(target=target, scope=scope, previous=prev_value, new=value, undo_sql=undo)
 
 
