@@ -17,6 +17,7 @@ Run: `.venv/bin/python bench/cert_scan.py [--endpoints 200] [--no-flow]`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -57,6 +58,14 @@ def _timed(label: str, fn, n: int) -> float:  # type: ignore[no-untyped-def]
     return elapsed
 
 
+class OutOfTime(Exception):
+    """The whole bench exceeded --budget-s."""
+
+
+def _out_of_time(signum: int, frame: object) -> None:
+    raise OutOfTime("bench exceeded its time budget")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoints", type=int, default=200)
@@ -69,7 +78,8 @@ def main() -> int:
     )
     parser.add_argument("--budget-s", type=int, default=300, help="hard cap on the whole run")
     args = parser.parse_args()
-    signal.alarm(args.budget_s)  # never hang a CI job
+    signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(args.budget_s)  # never hang a CI job; the handler lets cleanup run
     n = args.endpoints
 
     from tasks.settings import TlsSettings
@@ -85,34 +95,36 @@ def main() -> int:
         daemon=True,
     )
     server.start()
-    ports: list[int] = parent.recv()
-    endpoints = [f"{HOST}@127.0.0.1:{p}" for p in ports]
-    workers = TlsSettings().max_workers
-    print(
-        f"{n} TLS endpoints on loopback (EC P-256 leaf + intermediate), server answers after "
-        f"{args.latency_ms:g} ms, {os.cpu_count()} CPUs"
-    )
+    try:
+        ports: list[int] = parent.recv()
+        endpoints = [f"{HOST}@127.0.0.1:{p}" for p in ports]
+        workers = TlsSettings().max_workers
+        print(
+            f"{n} TLS endpoints on loopback (EC P-256 leaf + intermediate), server answers after "
+            f"{args.latency_ms:g} ms, {os.cpu_count()} CPUs"
+        )
 
-    def one(ep: str) -> bool:
-        scan = fetch_endpoint(ep, timeout_s=5)
-        return len(scan.certificates) == 2 and scan.chain_observed
+        def one(ep: str) -> bool:
+            scan = fetch_endpoint(ep, timeout_s=5)
+            return len(scan.certificates) == 2 and scan.chain_observed
 
-    fetch_endpoint(endpoints[0])  # warm-up: imports, first handshake
-    results: dict[str, float] = {}
-    results["concurrent"] = _timed(
-        f"concurrent ({workers} threads)",
-        lambda: sum(ThreadPoolExecutor(workers).map(one, endpoints)),
-        n,
-    )
-    results["sequential"] = _timed("sequential (same code)", lambda: sum(map(one, endpoints)), n)
+        fetch_endpoint(endpoints[0])  # warm-up: imports, first handshake
+        results: dict[str, float] = {}
+        results["concurrent"] = _timed(
+            f"concurrent ({workers} threads)",
+            lambda: sum(ThreadPoolExecutor(workers).map(one, endpoints)),
+            n,
+        )
+        results["sequential"] = _timed(
+            "sequential (same code)", lambda: sum(map(one, endpoints)), n
+        )
 
-    openssl = shutil.which("openssl")
-    if openssl:
+        openssl = shutil.which("openssl")
+        if openssl:
 
-        def s_client(ep: str) -> bool:
-            port = ep.rsplit(":", 1)[1]
-            proc = subprocess.run(
-                [
+            def s_client(ep: str) -> bool:
+                port = ep.rsplit(":", 1)[1]
+                command = [
                     openssl,
                     "s_client",
                     "-connect",
@@ -120,47 +132,52 @@ def main() -> int:
                     "-servername",
                     HOST,
                     "-showcerts",
-                ],
-                input=b"",
-                capture_output=True,
-                timeout=5,
-                check=False,
+                ]
+                try:
+                    proc = subprocess.run(
+                        command, input=b"", capture_output=True, timeout=5, check=False
+                    )
+                except subprocess.TimeoutExpired:
+                    return False
+                return proc.stdout.count(b"-----BEGIN CERTIFICATE-----") == 2
+
+            results["openssl"] = _timed(
+                "openssl s_client, sequential", lambda: sum(map(s_client, endpoints)), n
             )
-            return proc.stdout.count(b"-----BEGIN CERTIFICATE-----") == 2
+        else:
+            print("openssl s_client, sequential       (openssl not installed: skipped)")
 
-        results["openssl"] = _timed(
-            "openssl s_client, sequential", lambda: sum(map(s_client, endpoints)), n
-        )
-    else:
-        print("openssl s_client, sequential       (openssl not installed: skipped)")
+        if not args.no_flow:
+            from prefect.testing.utilities import prefect_test_harness
 
-    if not args.no_flow:
-        from prefect.testing.utilities import prefect_test_harness
+            from flows.cert_expiry import CertExpiryParams, cert_expiry
 
-        from flows.cert_expiry import CertExpiryParams, cert_expiry
+            started = time.perf_counter()
+            with prefect_test_harness(server_startup_timeout=120):
+                print(f"(throwaway Prefect API up in {time.perf_counter() - started:.1f} s)")
 
-        started = time.perf_counter()
-        with prefect_test_harness(server_startup_timeout=120):
-            print(f"(throwaway Prefect API up in {time.perf_counter() - started:.1f} s)")
+                def run_flow(eps: list[str]) -> int:
+                    params = CertExpiryParams(files=[], endpoints=eps, connect_timeout_s=5)
+                    state = cert_expiry(params, return_state=True)
+                    result = state.result(raise_on_failure=False)
+                    return len(getattr(result, "findings", [])) // 2
 
-            def run_flow(eps: list[str]) -> int:
-                params = CertExpiryParams(files=[], endpoints=eps, connect_timeout_s=5)
-                state = cert_expiry(params, return_state=True)
-                result = state.result(raise_on_failure=False)
-                return len(getattr(result, "findings", [])) // 2
+                run_flow(endpoints[:1])  # warm-up: flow registration, first API calls
+                fixed = _timed("cert-expiry flow, 1 endpoint", lambda: run_flow(endpoints[:1]), 1)
+                results["flow"] = _timed(
+                    f"cert-expiry flow, {n} endpoints", lambda: run_flow(endpoints), n
+                )
+                print(
+                    f"  flow: {fixed:.2f} s fixed Prefect cost (run, tags, artifacts), "
+                    f"{(results['flow'] - fixed) / max(1, n - 1) * 1000:.2f} ms per extra endpoint"
+                )
 
-            run_flow(endpoints[:1])  # warm-up: flow registration, first API calls
-            fixed = _timed("cert-expiry flow, 1 endpoint", lambda: run_flow(endpoints[:1]), 1)
-            results["flow"] = _timed(
-                f"cert-expiry flow, {n} endpoints", lambda: run_flow(endpoints), n
-            )
-            print(
-                f"  flow: {fixed:.2f} s fixed Prefect cost (run, tags, artifacts), "
-                f"{(results['flow'] - fixed) / max(1, n - 1) * 1000:.2f} ms per extra endpoint"
-            )
-
-    parent.send("stop")
-    server.join(10)
+    finally:
+        with contextlib.suppress(OSError):
+            parent.send("stop")
+        server.join(10)
+        if server.is_alive():
+            server.terminate()
 
     print()
     speedup = results["sequential"] / results["concurrent"]
@@ -174,4 +191,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except OutOfTime as exc:
+        print(f"ABORTED: {exc}", file=sys.stderr)
+        sys.exit(2)
