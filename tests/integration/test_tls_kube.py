@@ -279,3 +279,33 @@ def test_replace_after_approval_restarts_ingress_and_audits(
         assert expected in report
     key_line = new.key_pem.decode().splitlines()[1]
     assert key_line not in report
+
+
+def test_refused_approval_changes_nothing(
+    core: k8s.CoreV1Api, kube_namespace: str, kube_cluster: KubeCluster, pki: CertFactory
+) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _tls_secret(core, kube_namespace, "akig-tls-new", pki.leaf(days_left=90, hosts=HOSTS))
+    _ingress(kube_namespace, kube_cluster)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(cert_replace, _replace_params(kube_namespace, dry_run=False))
+        run_id = _paused_replace_run()
+        resume_flow_run(
+            run_id, run_input={"approved": False, "approver": "bob", "reason": "wrong CA"}
+        )
+        out = fut.result(timeout=180)
+    assert out.outcome == "not approved"
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+    secrets: Any = core.list_namespaced_secret(kube_namespace)
+    names = [str(s.metadata.name) for s in secrets.items]
+    assert "akig-tls-new" in names
+    assert not [n for n in names if n.startswith("akig-tls-backup-")]
+    apps = k8s.AppsV1Api(kube_cluster.api())
+    dep: Any = apps.read_namespaced_deployment("ingress", kube_namespace)
+    assert "kubectl.kubernetes.io/restartedAt" not in (dep.spec.template.metadata.annotations or {})
+    report = _artifact(run_id, "cert-replace")
+    assert "refused by **bob**: wrong CA" in report
+    assert "Not approved: nothing changed." in report
