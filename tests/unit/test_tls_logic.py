@@ -379,3 +379,17 @@ def test_refusals_never_quote_the_key(pki: CertFactory) -> None:
     assert check.problems == ["new tls.key is not an unencrypted PEM private key"]
     assert broken_key.splitlines()[1] not in check.model_dump_json()
     assert "PRIVATE" not in repr(pair)
+
+
+def test_emergency_checklist_names_each_source_with_its_command() -> None:
+    from flows.cert_expiry import emergency_checklist
+
+    file_info = info(-1, source="/etc/ssl/certs/akig.crt", san_dns=[HOST])
+    secret_info = info(0.5, source="prod/akig-tls", kind="secret", san_dns=["www.akig.example"])
+    infos = {(i.source, 0): i for i in (file_info, secret_info)}
+    text = emergency_checklist([evaluate(i, TH) for i in infos.values()], infos)
+    assert "openssl x509 -in /etc/ssl/certs/akig.crt -text -noout" in text
+    assert "kubectl -n prod get secret akig-tls" in text
+    assert f"`DNS:{HOST}`, `DNS:www.akig.example`" in text
+    steps = [line for line in text.splitlines() if line.startswith("- [ ] **")]
+    assert [s.split("**")[1].split(".")[0] for s in steps] == ["1", "2", "3", "4", "5", "6"]
