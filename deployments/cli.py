@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return run_stack(StackSettings(), ReceiverSettings(), args.pool_size)
     settings = ReceiverSettings()
+    if settings.journal_path is None:
+        settings = settings.model_copy(
+            update={"journal_path": StackSettings().home / "receiver-journal.sqlite3"}
+        )
     if settings.token is None and not settings.basic_user:
         settings = settings.model_copy(
             update={"token": SecretStr(receiver_token(StackSettings().home))}

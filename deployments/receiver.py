@@ -7,11 +7,13 @@ Order of checks, each refusing before anything starts:
 3. per alert: resolved -> recorded only; no route -> recorded only; parameters that the
    route cannot build or the runbook's model rejects -> recorded, nothing started.
 
-Then every routed firing alert is created as a deployment flow run with
-`idempotency_key = fingerprint:startsAt`, so Alertmanager's at-least-once delivery (HA peers,
-retries) starts exactly one run. Status: 200 when every alert was started, deduplicated or
-deliberately skipped; 503 when a run could not be recorded in Prefect (Alertmanager retries
-5xx only; the retry is deduplicated). The token is never logged.
+Then every routed firing alert is written to the journal (`deployments/journal.py`, durable,
+unique per `idempotency_key = fingerprint:startsAt`) and created as a deployment flow run in
+the background, so Alertmanager's at-least-once delivery (HA peers, retries) starts exactly
+one run and a slow Prefect never holds Alertmanager's request. Status: 200 when every alert
+was started, accepted, deduplicated or deliberately skipped; 503 only when an alert could not
+be recorded at all (Alertmanager retries 5xx only; the retry is deduplicated). The token is
+never logged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import base64
 import binascii
 import hmac
 import logging
+import sqlite3
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from deployments.alertmanager import Alert, WebhookPayload
 from deployments.catalog import Runbook, by_deployment
 from deployments.intake import DeploymentNotFound, PrefectRuns, PrefectUnavailable
+from deployments.journal import Entry, Journal
 from deployments.routing import MissingLabel, RoutingTable, build_params
 from deployments.settings import ReceiverSettings
 from deployments.warm_pool import WarmPool
@@ -43,7 +47,7 @@ from deployments.warm_pool import WarmPool
 log = logging.getLogger("runbooks.receiver")
 
 Outcome = Literal[
-    "started", "deduplicated", "resolved", "unrouted", "rejected", "failed", "no-deployment"
+    "started", "accepted", "deduplicated", "resolved", "unrouted", "rejected", "failed"
 ]
 
 
@@ -125,7 +129,13 @@ class AuthFirst:
 
 @dataclass
 class Intake:
-    """Turns a validated payload into flow runs; shared by every request."""
+    """Turns a validated payload into flow runs; shared by every request.
+
+    A routed firing alert is written to the journal (durable, unique per idempotency key),
+    then its run is created in Prefect by a background task that retries until Prefect takes
+    it. The request waits for that at most `sync_wait_s`: normally the answer carries the run
+    id ("started"); under a burst it says "accepted" and the run follows.
+    """
 
     table: RoutingTable
     runbooks: tuple[Runbook, ...]
@@ -133,12 +143,33 @@ class Intake:
     pool: WarmPool | None
     grace_s: float
     cache_size: int
+    journal: Journal = field(default_factory=lambda: Journal(None))
+    sync_wait_s: float = 0.05
+    max_parallel_creates: int = 4
     _index: dict[str, Runbook] = field(default_factory=dict)
     _recent: OrderedDict[str, AlertResult] = field(default_factory=OrderedDict)
-    _inflight: dict[str, asyncio.Future[AlertResult]] = field(default_factory=dict)
+    _inflight: dict[str, asyncio.Task[AlertResult]] = field(default_factory=dict)
+    _slots: asyncio.Semaphore | None = None
 
     def __post_init__(self) -> None:
         self._index = by_deployment(self.runbooks)
+
+    async def start(self) -> None:
+        """Replay what a previous receiver accepted but did not create."""
+        self._slots = asyncio.Semaphore(self.max_parallel_creates)
+        try:
+            pending = self.journal.pending()
+        except sqlite3.Error:
+            log.exception("journal unreadable: nothing replayed")
+            return
+        for entry in pending:
+            log.warning("replaying accepted alert %s", entry.idempotency_key)
+            self._spawn(entry)
+
+    async def stop(self) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     async def handle(self, payload: WebhookPayload) -> IntakeResult:
         jobs = [self._one(alert) for alert in payload.alerts]
@@ -166,66 +197,111 @@ class Intake:
         cached = self._recent.get(key)
         if cached is not None:
             return cached.model_copy(update={"outcome": "deduplicated", "executor": None})
-        pending = self._inflight.get(key)
-        if pending is not None:  # the same alert in a concurrent delivery: share its result
-            first = await asyncio.shield(pending)
-            outcome = "deduplicated" if first.outcome == "started" else first.outcome
-            return first.model_copy(update={"outcome": outcome, "executor": None})
-        future: asyncio.Future[AlertResult] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result = await self._create(alert, route.deployment, route.auto, params)
-            if result.outcome in ("started", "deduplicated"):
-                self._remember(key, result)
-            future.set_result(result)
-            return result
-        finally:
-            del self._inflight[key]
-
-    async def _create(
-        self, alert: Alert, deployment: str, auto: bool, params: dict[str, Any]
-    ) -> AlertResult:
-        base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
-        tags = [
-            "source:alert",
-            f"alert:{alert.fingerprint}",
-            f"alertname:{alert.alertname}",
-            "auto" if auto else "plan-only",
-        ]
-        try:
-            run = await self.runs.create_run(
-                deployment,
+        task = self._inflight.get(key)
+        if task is None:
+            entry = Entry(
+                idempotency_key=key,
+                deployment=route.deployment,
                 name=f"{alert.alertname}-{alert.fingerprint[:12]}".lower(),
                 parameters={"params": params},
-                tags=tags,
-                idempotency_key=alert.idempotency_key,
-                grace_s=self.grace_s if self.pool is not None else 0.0,
+                tags=[
+                    "source:alert",
+                    f"alert:{alert.fingerprint}",
+                    f"alertname:{alert.alertname}",
+                    "auto" if route.auto else "plan-only",
+                ],
             )
-        except DeploymentNotFound:
-            detail = f"deployment {deployment} is not registered (is serve running?)"
-            log.error("alert %s: %s", alert.fingerprint, detail)
-            return AlertResult(**base, outcome="no-deployment", deployment=deployment)
-        except PrefectUnavailable as exc:
-            log.error("alert %s: run not recorded: %s", alert.fingerprint, exc)
-            return AlertResult(**base, outcome="failed", deployment=deployment, detail=str(exc))
-        if not run.new:
-            log.info("alert %s: already has run %s", alert.fingerprint, run.id)
+            try:
+                new, run_id = self.journal.add(entry)
+            except sqlite3.Error as exc:
+                log.error("alert %s: journal write failed: %s", alert.fingerprint, exc)
+                return AlertResult(
+                    **base, outcome="failed", deployment=route.deployment, detail="not recorded"
+                )
+            if not new and run_id is not None:
+                result = AlertResult(
+                    **base, outcome="deduplicated", deployment=route.deployment, flow_run_id=run_id
+                )
+                self._remember(key, result)
+                return result
+            # New, or accepted earlier and still being created (e.g. replayed at start).
+            task = self._spawn(entry)
+            first = new
+        else:
+            first = False
+        try:
+            result = await asyncio.wait_for(asyncio.shield(task), self.sync_wait_s)
+        except TimeoutError:
             return AlertResult(
-                **base, outcome="deduplicated", deployment=deployment, flow_run_id=str(run.id)
+                **base,
+                outcome="accepted" if first else "deduplicated",
+                deployment=route.deployment,
+                detail="recorded; the run is being created",
             )
-        warm = self.pool is not None and self.pool.try_submit(run.id, deployment)
+        result = result.model_copy(update=base)
+        if not first:
+            return result.model_copy(update={"outcome": "deduplicated", "executor": None})
+        return result
+
+    def _spawn(self, entry: Entry) -> asyncio.Task[AlertResult]:
+        task = asyncio.get_running_loop().create_task(self._create(entry))
+        self._inflight[entry.idempotency_key] = task
+
+        def done(t: asyncio.Task[AlertResult]) -> None:
+            self._inflight.pop(entry.idempotency_key, None)
+            if not t.cancelled() and t.exception() is None:
+                self._remember(entry.idempotency_key, t.result())
+
+        task.add_done_callback(done)
+        return task
+
+    async def _create(self, entry: Entry) -> AlertResult:
+        """Create the run in Prefect, retrying until it is recorded there."""
+        fingerprint = entry.tags[1].removeprefix("alert:")
+        base = {"fingerprint": fingerprint, "alertname": entry.tags[2].split(":", 1)[1]}
+        delay = 0.5
+        if self._slots is None:  # start() was not awaited (an app without its lifespan)
+            self._slots = asyncio.Semaphore(self.max_parallel_creates)
+        while True:
+            try:
+                async with self._slots:
+                    run = await self.runs.create_run(
+                        entry.deployment,
+                        name=entry.name,
+                        parameters=entry.parameters,
+                        tags=entry.tags,
+                        idempotency_key=entry.idempotency_key,
+                        grace_s=self.grace_s if self.pool is not None else 0.0,
+                    )
+                break
+            except DeploymentNotFound:
+                log.error(
+                    "alert %s: deployment %s not registered (is serve running?); retrying",
+                    fingerprint,
+                    entry.deployment,
+                )
+            except PrefectUnavailable as exc:
+                log.warning("alert %s: run not created yet (%s); retrying", fingerprint, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        self.journal.created(entry.idempotency_key, str(run.id))
+        if not run.new:
+            log.info("alert %s: already has run %s", fingerprint, run.id)
+            return AlertResult(
+                **base, outcome="deduplicated", deployment=entry.deployment, flow_run_id=str(run.id)
+            )
+        warm = self.pool is not None and self.pool.try_submit(run.id, entry.deployment)
         log.info(
-            "alert %s (%s) -> %s run %s [%s]",
-            alert.fingerprint,
-            alert.alertname,
-            deployment,
+            "alert %s -> %s run %s [%s]",
+            fingerprint,
+            entry.deployment,
             run.id,
             "warm" if warm else "runner",
         )
         return AlertResult(
             **base,
             outcome="started",
-            deployment=deployment,
+            deployment=entry.deployment,
             flow_run_id=str(run.id),
             executor="warm" if warm else "runner",
         )
@@ -277,6 +353,7 @@ def create_app(
     api_auth_string: str | None = None,
     pool: WarmPool | None = None,
     runs: PrefectRuns | None = None,
+    journal: Journal | None = None,
 ) -> FastAPI:
     """The ASGI app, with the auth-first middleware installed."""
     credentials = Credentials(
@@ -292,13 +369,17 @@ def create_app(
         pool=pool,
         grace_s=settings.grace_s,
         cache_size=settings.dedup_cache_size,
+        journal=journal or Journal(settings.journal_path),
+        sync_wait_s=settings.sync_wait_s,
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await intake.start()
         try:
             yield
         finally:
+            await intake.stop()
             await runs.aclose()
 
     app = FastAPI(
@@ -325,13 +406,13 @@ def create_app(
             401: {"description": "missing or wrong credentials"},
             413: {"description": "body too large"},
             422: {"description": "not an Alertmanager version 4 payload"},
-            503: {"description": "a run could not be recorded; Alertmanager retries"},
+            503: {"description": "an alert could not be recorded; Alertmanager retries"},
         },
     )
     async def alerts(payload: WebhookPayload, response: Response) -> IntakeResult:
         """Start one flow run per routed firing alert (deduplicated by fingerprint+startsAt)."""
         result = await intake.handle(payload)
-        if any(a.outcome in ("failed", "no-deployment") for a in result.alerts):
+        if any(a.outcome == "failed" for a in result.alerts):
             response.status_code = 503
         return result
 

@@ -70,6 +70,12 @@ class ReceiverSettings(BaseSettings):
     prefect_retry_s: float = Field(
         10.0, gt=0, description="How long to retry Prefect 503/429/connection errors."
     )
+    journal_path: Path | None = Field(
+        None, description="The receiver's outbox (SQLite); unset = in memory (tests only)."
+    )
+    sync_wait_s: float = Field(
+        0.05, ge=0, description="How long a delivery waits for its run id before answering."
+    )
     dedup_cache_size: int = Field(
         10_000, ge=0, description="Recently recorded alert keys answered without the API."
     )

@@ -37,8 +37,9 @@ def api_url() -> str:
 
 
 def live_app(pool: WarmPool | None = None) -> Any:
+    # Wait for the run id (the default 50 ms answers "accepted" under load): tests read it.
     return create_app(
-        receiver_settings(), stub_table(), STUB_RUNBOOKS, api_url=api_url(), pool=pool
+        receiver_settings(sync_wait_s=10), stub_table(), STUB_RUNBOOKS, api_url=api_url(), pool=pool
     )
 
 
@@ -119,9 +120,9 @@ def test_50_concurrent_identical_deliveries_start_exactly_one_run() -> None:
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_unknown_deployment_answers_503_so_alertmanager_retries() -> None:
-    # No stub deployments registered under this name: serve is not running yet.
+def test_alert_for_a_deployment_not_served_yet_is_kept_until_it_is() -> None:
     from deployments.catalog import Runbook
+    from deployments.journal import Journal
 
     table = stub_table().model_copy(
         update={
@@ -131,7 +132,7 @@ def test_unknown_deployment_answers_503_so_alertmanager_retries() -> None:
             ]
         }
     )
-    ghost_map = (
+    runbooks = (
         *STUB_RUNBOOKS,
         Runbook(
             name="never-served",
@@ -139,11 +140,14 @@ def test_unknown_deployment_answers_503_so_alertmanager_retries() -> None:
             description="",
         ),
     )
-    app = create_app(receiver_settings(), table, ghost_map, api_url=api_url())
+    journal = Journal(None)
+    app = create_app(receiver_settings(), table, runbooks, api_url=api_url(), journal=journal)
     with TestClient(app) as client:
         r = client.post("/alerts", json=payload(alert(namespace="x")), headers=bearer())
-    assert r.status_code == 503
-    assert r.json()["alerts"][0]["outcome"] == "no-deployment"
+        assert r.status_code == 200
+        assert r.json()["alerts"][0]["outcome"] == "accepted"
+        time.sleep(1)
+        assert len(journal.pending()) == 1  # retried in the background, not dropped
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
 from uuid import uuid4
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.intake import PrefectRuns, PrefectUnavailable
+from deployments.journal import Journal
 from deployments.receiver import create_app
 from tests.fixtures.stub_runbooks import STUB_RUNBOOKS
 from tests.fixtures.triggers import alert, bearer, payload, receiver_settings, stub_table
@@ -58,16 +61,79 @@ def test_503s_are_retried_until_the_run_is_recorded() -> None:
     assert seen == [503, 503, 503, 201]
 
 
-def test_prefect_kept_locked_means_503_to_alertmanager_so_it_retries() -> None:
-    transport, _ = flaky_prefect(locked_answers=10_000)
+def test_prefect_kept_locked_the_alert_is_journaled_and_answered_fast() -> None:
+    """Prefect stuck: Alertmanager still gets a quick 2xx; the run request waits on disk."""
+    transport, seen = flaky_prefect(locked_answers=10_000)
     runs = PrefectRuns("http://prefect/api", None, retry_s=0.3, transport=transport)
+    journal = Journal(None)
     app = create_app(
-        receiver_settings(), stub_table(), STUB_RUNBOOKS, api_url="http://prefect/api", runs=runs
+        receiver_settings(),
+        stub_table(),
+        STUB_RUNBOOKS,
+        api_url="http://prefect/api",
+        runs=runs,
+        journal=journal,
+    )
+    with TestClient(app) as client:
+        t0 = time.monotonic()
+        r = client.post("/alerts", json=payload(alert(namespace="x")), headers=bearer())
+        assert time.monotonic() - t0 < 1.0
+    assert r.status_code == 200
+    assert r.json()["alerts"][0]["outcome"] == "accepted"
+    (entry,) = journal.pending()
+    assert entry.parameters == {"params": {"namespace": "x", "dry_run": False}}
+    assert seen and set(seen) == {503}
+
+
+def test_journal_failure_is_a_503_so_alertmanager_retries() -> None:
+    transport, _ = flaky_prefect(locked_answers=0)
+    runs = PrefectRuns("http://prefect/api", None, retry_s=0.3, transport=transport)
+    journal = Journal(None)
+    journal.close()  # the disk is gone
+    app = create_app(
+        receiver_settings(),
+        stub_table(),
+        STUB_RUNBOOKS,
+        api_url="http://prefect/api",
+        runs=runs,
+        journal=journal,
     )
     with TestClient(app) as client:
         r = client.post("/alerts", json=payload(alert(namespace="x")), headers=bearer())
     assert r.status_code == 503
     assert r.json()["alerts"][0]["outcome"] == "failed"
+
+
+def test_accepted_alerts_are_replayed_by_the_next_receiver(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    stuck, _ = flaky_prefect(locked_answers=10_000)
+    first = create_app(
+        receiver_settings(),
+        stub_table(),
+        STUB_RUNBOOKS,
+        api_url="http://prefect/api",
+        runs=PrefectRuns("http://prefect/api", None, retry_s=0.2, transport=stuck),
+        journal=Journal(path),
+    )
+    with TestClient(first) as client:
+        r = client.post("/alerts", json=payload(alert(namespace="r")), headers=bearer())
+        assert r.json()["alerts"][0]["outcome"] == "accepted"
+    healthy, seen = flaky_prefect(locked_answers=0)
+    journal = Journal(path)
+    second = create_app(
+        receiver_settings(),
+        stub_table(),
+        STUB_RUNBOOKS,
+        api_url="http://prefect/api",
+        runs=PrefectRuns("http://prefect/api", None, retry_s=0.2, transport=healthy),
+        journal=journal,
+    )
+    with TestClient(second):
+        deadline = time.monotonic() + 10
+        while journal.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert journal.pending() == []
+    assert seen == [201]
 
 
 def test_prefect_unreachable_is_unavailable() -> None:
