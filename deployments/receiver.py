@@ -24,6 +24,7 @@ import binascii
 import hmac
 import logging
 import sqlite3
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,7 +35,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.alertmanager import Alert, WebhookPayload
 from deployments.catalog import Runbook, by_deployment
@@ -124,7 +125,17 @@ class AuthFirst:
                     scope, receive, send
                 )
                 return
-        await self.app(scope, receive, send)
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                took = (time.perf_counter() - started) * 1000
+                headers = list(message.get("headers", []))
+                headers.append((b"server-timing", f"receiver;dur={took:.2f}".encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
 
 
 @dataclass
@@ -212,7 +223,8 @@ class Intake:
                 ],
             )
             try:
-                new, run_id = self.journal.add(entry)
+                # fsync in a thread: a slow disk must not stall every other delivery
+                new, run_id = await asyncio.to_thread(self.journal.add, entry)
             except sqlite3.Error as exc:
                 log.error("alert %s: journal write failed: %s", alert.fingerprint, exc)
                 return AlertResult(
@@ -229,19 +241,23 @@ class Intake:
             first = new
         else:
             first = False
+        if not first:  # a repeat of an alert whose run is being created: answer at once
+            return AlertResult(
+                **base,
+                outcome="deduplicated",
+                deployment=route.deployment,
+                detail="recorded earlier; the run is being created",
+            )
         try:
             result = await asyncio.wait_for(asyncio.shield(task), self.sync_wait_s)
         except TimeoutError:
             return AlertResult(
                 **base,
-                outcome="accepted" if first else "deduplicated",
+                outcome="accepted",
                 deployment=route.deployment,
                 detail="recorded; the run is being created",
             )
-        result = result.model_copy(update=base)
-        if not first:
-            return result.model_copy(update={"outcome": "deduplicated", "executor": None})
-        return result
+        return result.model_copy(update=base)
 
     def _spawn(self, entry: Entry) -> asyncio.Task[AlertResult]:
         task = asyncio.get_running_loop().create_task(self._create(entry))

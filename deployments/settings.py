@@ -31,6 +31,9 @@ class StackSettings(BaseSettings):
     runner_limit: int = Field(
         8, ge=1, description="Runs the Runner executes at once; more wait, scheduled (not lost)."
     )
+    runner_nice: int = Field(
+        5, ge=0, le=19, description="CPU niceness of the Runner (the receiver stays at 0)."
+    )
     startup_timeout_s: float = Field(120, gt=0, description="Wait for the server's health.")
     catalog: str | None = Field(
         None, description="`module:attr` of another runbook catalog (tests, benches)."

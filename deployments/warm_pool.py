@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -33,8 +34,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
 
 log = logging.getLogger("runbooks.warm_pool")
 
@@ -68,6 +72,7 @@ class WarmPool:
         self._closing = threading.Event()
         self._monitor: threading.Thread | None = None
         self._last_cancel_check = 0.0
+        self._client: SyncPrefectClient | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -209,7 +214,14 @@ class WarmPool:
         if not busy:
             return
         try:
-            cancelling = _cancelling_runs([r for r in busy if r is not None])
+            if self._client is None:
+                # One client for the thread's life: building one costs ~0.1-0.3 s of CPU under
+                # the GIL, which stalled the receiver's event loop at every check.
+                from prefect.client.orchestration import get_client
+
+                self._client = get_client(sync_client=True)
+                self._client.__enter__()
+            cancelling = _cancelling_runs(self._client, [r for r in busy if r is not None])
         except Exception:
             log.warning("could not check for cancelled runs", exc_info=True)
             return
@@ -221,8 +233,7 @@ class WarmPool:
             _mark_cancelled(run_id)
 
 
-def _cancelling_runs(run_ids: list[UUID]) -> list[UUID]:
-    from prefect.client.orchestration import get_client
+def _cancelling_runs(client: SyncPrefectClient, run_ids: list[UUID]) -> list[UUID]:
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterId,
@@ -231,13 +242,12 @@ def _cancelling_runs(run_ids: list[UUID]) -> list[UUID]:
     )
     from prefect.client.schemas.objects import StateType
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=run_ids),
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
-            )
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=run_ids),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
         )
+    )
     return [r.id for r in runs]
 
 
@@ -284,6 +294,8 @@ def worker_main(conn: Connection, entrypoints: list[str], env: dict[str, str]) -
 
     with get_client(sync_client=True) as client:
         client.api_healthcheck()
+    gc.collect()
+    gc.freeze()  # long-lived imports out of the cyclic GC (see deployments.cli)
     conn.send("ready")
     for _ in range(MAX_RUNS_PER_PROCESS):
         try:
