@@ -67,26 +67,40 @@ class Journal:
 
     def add(self, entry: Entry) -> tuple[bool, str | None]:
         """Record the request; (True, None) if new, else (False, its run id if created)."""
+        return self.add_many([entry])[0]
+
+    def add_many(self, entries: list[Entry]) -> list[tuple[bool, str | None]]:
+        """Record several requests in one transaction: one fsync for a burst (group commit)."""
+        out: list[tuple[bool, str | None]] = []
         with self._lock:
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO alert_runs (idempotency_key, deployment, name, parameters,"
-                " tags, accepted_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    entry.idempotency_key,
-                    entry.deployment,
-                    entry.name,
-                    json.dumps(entry.parameters),
-                    json.dumps(entry.tags),
-                    datetime.now(UTC).isoformat(),
-                ),
-            )
-            if cur.rowcount == 1:
-                return True, None
-            row = self._db.execute(
-                "SELECT flow_run_id FROM alert_runs WHERE idempotency_key = ?",
-                (entry.idempotency_key,),
-            ).fetchone()
-        return False, (row[0] if row else None)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for entry in entries:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO alert_runs (idempotency_key, deployment, name,"
+                        " parameters, tags, accepted_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            entry.idempotency_key,
+                            entry.deployment,
+                            entry.name,
+                            json.dumps(entry.parameters),
+                            json.dumps(entry.tags),
+                            datetime.now(UTC).isoformat(),
+                        ),
+                    )
+                    if cur.rowcount == 1:
+                        out.append((True, None))
+                        continue
+                    row = self._db.execute(
+                        "SELECT flow_run_id FROM alert_runs WHERE idempotency_key = ?",
+                        (entry.idempotency_key,),
+                    ).fetchone()
+                    out.append((False, row[0] if row else None))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return out
 
     def created(self, key: str, flow_run_id: str) -> None:
         with self._lock:

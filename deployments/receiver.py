@@ -155,12 +155,16 @@ class Intake:
     grace_s: float
     cache_size: int
     journal: Journal = field(default_factory=lambda: Journal(None))
-    sync_wait_s: float = 0.05
+    sync_wait_s: float = 0.0
     max_parallel_creates: int = 4
     _index: dict[str, Runbook] = field(default_factory=dict)
     _recent: OrderedDict[str, AlertResult] = field(default_factory=OrderedDict)
     _inflight: dict[str, asyncio.Task[AlertResult]] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
+    _journal_queue: list[tuple[Entry, asyncio.Future[tuple[bool, str | None]]]] = field(
+        default_factory=list
+    )
+    _journal_writer: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self._index = by_deployment(self.runbooks)
@@ -223,8 +227,7 @@ class Intake:
                 ],
             )
             try:
-                # fsync in a thread: a slow disk must not stall every other delivery
-                new, run_id = await asyncio.to_thread(self.journal.add, entry)
+                new, run_id = await self._journal_add(entry)
             except sqlite3.Error as exc:
                 log.error("alert %s: journal write failed: %s", alert.fingerprint, exc)
                 return AlertResult(
@@ -236,8 +239,10 @@ class Intake:
                 )
                 self._remember(key, result)
                 return result
-            # New, or accepted earlier and still being created (e.g. replayed at start).
-            task = self._spawn(entry)
+            # New, or accepted earlier and still being created (by a concurrent delivery
+            # that got here first, or replayed at start): one creation task per key.
+            existing = self._inflight.get(key)
+            task = existing if existing is not None else self._spawn(entry)
             first = new
         else:
             first = False
@@ -248,7 +253,11 @@ class Intake:
                 deployment=route.deployment,
                 detail="recorded earlier; the run is being created",
             )
+        if task.done() and not task.cancelled() and task.exception() is None:
+            return task.result().model_copy(update=base)
         try:
+            if self.sync_wait_s <= 0:
+                raise TimeoutError
             result = await asyncio.wait_for(asyncio.shield(task), self.sync_wait_s)
         except TimeoutError:
             return AlertResult(
@@ -258,6 +267,29 @@ class Intake:
                 detail="recorded; the run is being created",
             )
         return result.model_copy(update=base)
+
+    async def _journal_add(self, entry: Entry) -> tuple[bool, str | None]:
+        """Group commit: deliveries arriving while a write is on disk share the next fsync."""
+        future: asyncio.Future[tuple[bool, str | None]] = asyncio.get_running_loop().create_future()
+        self._journal_queue.append((entry, future))
+        if self._journal_writer is None or self._journal_writer.done():
+            self._journal_writer = asyncio.get_running_loop().create_task(self._write_journal())
+        return await future
+
+    async def _write_journal(self) -> None:
+        while self._journal_queue:
+            batch, self._journal_queue = self._journal_queue, []
+            try:
+                # In a thread: the fsync must not stall the event loop.
+                results = await asyncio.to_thread(self.journal.add_many, [e for e, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - each waiting delivery gets the error
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
 
     def _spawn(self, entry: Entry) -> asyncio.Task[AlertResult]:
         task = asyncio.get_running_loop().create_task(self._create(entry))

@@ -77,7 +77,10 @@ class ReceiverSettings(BaseSettings):
         None, description="The receiver's outbox (SQLite); unset = in memory (tests only)."
     )
     sync_wait_s: float = Field(
-        0.05, ge=0, description="How long a delivery waits for its run id before answering."
+        0.0,
+        ge=0,
+        description="How long a new alert's delivery waits for its run id before answering "
+        "`accepted` (0: answer once journaled; the run id is in the logs and in Prefect).",
     )
     dedup_cache_size: int = Field(
         10_000, ge=0, description="Recently recorded alert keys answered without the API."

@@ -67,7 +67,7 @@ def test_prefect_kept_locked_the_alert_is_journaled_and_answered_fast() -> None:
     runs = PrefectRuns("http://prefect/api", None, retry_s=0.3, transport=transport)
     journal = Journal(None)
     app = create_app(
-        receiver_settings(),
+        receiver_settings(sync_wait_s=0),
         stub_table(),
         STUB_RUNBOOKS,
         api_url="http://prefect/api",
@@ -91,7 +91,7 @@ def test_journal_failure_is_a_503_so_alertmanager_retries() -> None:
     journal = Journal(None)
     journal.close()  # the disk is gone
     app = create_app(
-        receiver_settings(),
+        receiver_settings(sync_wait_s=0),
         stub_table(),
         STUB_RUNBOOKS,
         api_url="http://prefect/api",
@@ -108,7 +108,7 @@ def test_accepted_alerts_are_replayed_by_the_next_receiver(tmp_path: Path) -> No
     path = tmp_path / "journal.sqlite3"
     stuck, _ = flaky_prefect(locked_answers=10_000)
     first = create_app(
-        receiver_settings(),
+        receiver_settings(sync_wait_s=0),
         stub_table(),
         STUB_RUNBOOKS,
         api_url="http://prefect/api",
@@ -121,7 +121,7 @@ def test_accepted_alerts_are_replayed_by_the_next_receiver(tmp_path: Path) -> No
     healthy, seen = flaky_prefect(locked_answers=0)
     journal = Journal(path)
     second = create_app(
-        receiver_settings(),
+        receiver_settings(sync_wait_s=0),
         stub_table(),
         STUB_RUNBOOKS,
         api_url="http://prefect/api",

@@ -186,3 +186,28 @@ def test_arbitrary_bodies_never_500_and_start_nothing(
         r = post(client, body, bearer())
     assert r.status_code in (400, 422), r.text
     assert recording_runs.calls == []
+
+
+def test_by_default_a_new_alert_is_answered_once_journaled(recording_runs: RecordingRuns) -> None:
+    from deployments.receiver import create_app
+    from tests.fixtures.stub_runbooks import STUB_RUNBOOKS
+    from tests.fixtures.triggers import receiver_settings, stub_table
+
+    app = create_app(
+        receiver_settings(sync_wait_s=0),
+        stub_table(),
+        STUB_RUNBOOKS,
+        api_url="http://127.0.0.1:9/api",
+        runs=recording_runs,
+    )
+    with TestClient(app) as client:
+        r = post(client, payload(alert(namespace="q")), bearer())
+        assert r.status_code == 200
+        assert r.json()["alerts"][0]["outcome"] in ("accepted", "started")
+        deadline = 50
+        while not recording_runs.calls and deadline:
+            import time
+
+            time.sleep(0.05)
+            deadline -= 1
+    assert len(recording_runs.calls) == 1
