@@ -46,13 +46,17 @@ def snapshot(apps: Any, ns: str) -> dict[str, Any]:
     for rs in apps.list_namespaced_replica_set(ns).items:
         if any(o.uid == dep.metadata.uid for o in rs.metadata.owner_references or []):
             rs_template = api.sanitize_for_serialization(rs.spec.template)
+            rs_restarted = RESTARTED_AT in (
+                (rs_template.get("metadata") or {}).get("annotations") or {}
+            )
             replica_sets.append(
                 (
                     int(rs.metadata.annotations[REVISION]),
                     rs.spec.template.spec.containers[0].image,
-                    # The hash covers restartedAt's value, which differs by the clock.
-                    None if restarted else rs.metadata.labels.get("pod-template-hash"),
-                    RESTARTED_AT in ((rs_template.get("metadata") or {}).get("annotations") or {}),
+                    # The hash covers restartedAt's value, which differs by the clock: compare
+                    # it only for ReplicaSets whose template carries no restartedAt.
+                    None if rs_restarted else rs.metadata.labels.get("pod-template-hash"),
+                    rs_restarted,
                 )
             )
     return {
