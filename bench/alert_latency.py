@@ -51,6 +51,22 @@ def first_task_start(stack: Stack, run_id: str, timeout: float) -> float:
     raise TimeoutError(f"no task of run {run_id} started within {timeout} s")
 
 
+def find_run(stack: Stack, fingerprint: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    body = {"flow_runs": {"tags": {"all_": [f"alert:{fingerprint}"]}}}
+    while time.monotonic() < deadline:
+        runs = httpx.post(f"{stack.api_url}/flow_runs/filter", json=body, timeout=5).json()
+        if runs:
+            return str(runs[0]["id"])
+        time.sleep(0.02)
+    raise TimeoutError(f"no run for alert {fingerprint}")
+
+
+def executed_by(stack: Stack, run_id: str) -> str:
+    """From the receiver's dispatch log line: `... run <id> [warm]` or `[runner]`."""
+    return "warm" if f"run {run_id} [warm]" in stack.log() else "runner"
+
+
 def wait_final(stack: Stack, run_id: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,12 +87,14 @@ def measure(stack: Stack, samples: int, gap: float, label: str) -> tuple[list[fl
             sent = time.time()
             r = client.post(f"{stack.receiver_url}/alerts", json=body, headers=headers)
             r.raise_for_status()
-            result = r.json()["alerts"][0]
-            started = first_task_start(stack, result["flow_run_id"], timeout=60)
+            # The receiver answers once the alert is journaled; the run follows.
+            run_id = find_run(stack, body["alerts"][0]["fingerprint"], timeout=30)
+            started = first_task_start(stack, run_id, timeout=60)
             latencies.append(started - sent)
-            executors.append(result["executor"])
-            wait_final(stack, result["flow_run_id"], timeout=60)
-            print(f"  {label} #{i + 1}: {latencies[-1]:.3f} s ({result['executor']})", flush=True)
+            wait_final(stack, run_id, timeout=60)
+            executor = executed_by(stack, run_id)
+            executors.append(executor)
+            print(f"  {label} #{i + 1}: {latencies[-1]:.3f} s ({executor})", flush=True)
             time.sleep(gap)
     return latencies, executors
 
@@ -102,7 +120,9 @@ def main() -> int:
         with running_stack(home, pool_size=2, poll_s=1.0) as stack:
             ours, ours_exec = measure(stack, args.samples, args.gap, "ours")
         print("starting stack: stock serve() (no pool, runner poll 10 s)", flush=True)
-        with running_stack(home, pool_size=0, poll_s=10.0) as stack:
+        # Stock: Prefect's defaults everywhere, the Runner not niced.
+        stock_env = {"RUNBOOKS_STACK_RUNNER_NICE": "0"}
+        with running_stack(home, pool_size=0, poll_s=10.0, extra_env=stock_env) as stack:
             stock, stock_exec = measure(stack, args.stock_samples, 0.5, "stock")
     print()
     print("alert POST -> first remediation task running")
