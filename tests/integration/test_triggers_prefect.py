@@ -205,3 +205,26 @@ def test_saturated_or_closed_pool_leaves_the_run_to_the_runner() -> None:
     assert pool.try_submit(UUID(int=1), "d/d") is False
     assert pool.try_submit(UUID(int=1), "unknown/unknown") is False
     pool.close()
+
+
+def test_cancelling_a_warm_run_in_the_ui_stops_it(warm_pool: WarmPool) -> None:
+    from datetime import UTC, datetime
+
+    from prefect.states import Cancelling, Scheduled
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("stub-remediate/stub-remediate")
+        run = client.create_flow_run_from_deployment(
+            dep.id,
+            parameters={"params": {"namespace": "slow", "sleep_s": 60}},
+            state=Scheduled(scheduled_time=datetime.now(UTC)),
+        )
+        assert warm_pool.try_submit(run.id, "stub-remediate/stub-remediate")
+        deadline = time.monotonic() + 60
+        while not (client.read_flow_run(run.id).state or Scheduled()).is_running():
+            assert time.monotonic() < deadline, "the warm run never started"
+            time.sleep(0.2)
+        client.set_flow_run_state(run.id, Cancelling(), force=True)  # the UI's Cancel button
+    final = wait_final(run.id, timeout=30)
+    assert final.state is not None and final.state.is_cancelled(), final.state
+    assert warm_pool.wait_ready(90), "the terminated process was not replaced"
