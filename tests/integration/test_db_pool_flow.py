@@ -29,6 +29,7 @@ from tasks.errors import TransientError
 from tasks.postgres import TerminationGuard
 from tasks.settings import PostgresSettings
 from tests.fixtures.postgres import PgWorld, Sessions, alive, pid, wait_gone
+from tests.fixtures.prefect_runs import wait_for_paused_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -154,28 +155,6 @@ def test_pool_threshold_passes_and_fails(pg_env: PgWorld) -> None:
     assert "OVER" in latest_artifact("pool-threshold")
 
 
-def _paused_run_id(timeout: float = 60) -> UUID:
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
-                )
-            )
-            if runs:
-                return runs[0].id
-            time.sleep(0.2)
-    raise AssertionError("the run never paused for approval")
-
-
 @pytest.mark.parametrize("approved", [True, False])
 def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> None:
     from prefect.flow_runs import resume_flow_run
@@ -185,7 +164,7 @@ def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> N
     time.sleep(1.2)
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(db_pool_exhausted, params(pg_env, dry_run=False, require_approval=True))
-        run_id = _paused_run_id()
+        run_id = wait_for_paused_run("db-pool-exhausted")
         # Nothing happens while the run waits for a human.
         assert alive([pid(conn)]) == {pid(conn)}
         resume_flow_run(

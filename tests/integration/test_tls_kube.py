@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from uuid import UUID
@@ -14,13 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
-    FlowFilter,
-    FlowFilterName,
-    FlowRunFilter,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
 from pydantic import SecretStr
 
 from flows.cert_expiry import (
@@ -40,6 +33,7 @@ from tasks.tls import (
     write_tls_secret,
 )
 from tests.fixtures.kube import KubeCluster
+from tests.fixtures.prefect_runs import wait_for_paused_run
 from tests.fixtures.tls import HOST, CertFactory, Issued
 
 pytestmark = [pytest.mark.kube, pytest.mark.usefixtures("prefect_api")]
@@ -226,22 +220,6 @@ def test_replace_dry_run_and_refusal_change_nothing(
     assert "REFUSED" in report
 
 
-def _paused_replace_run(timeout: float = 90) -> UUID:
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            runs = client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=["cert-replace"])),
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
-                ),
-            )
-            if runs:
-                return runs[0].id
-            time.sleep(0.2)
-    raise AssertionError("cert-replace never paused for approval")
-
-
 def test_replace_after_approval_restarts_ingress_and_audits(
     core: k8s.CoreV1Api, kube_namespace: str, kube_cluster: KubeCluster, pki: CertFactory
 ) -> None:
@@ -257,7 +235,7 @@ def test_replace_after_approval_restarts_ingress_and_audits(
         fut = pool.submit(
             cert_replace, _replace_params(kube_namespace, dry_run=False), return_state=True
         )
-        run_id = _paused_replace_run()
+        run_id = wait_for_paused_run("cert-replace")
         # Nothing is written while the run waits for a human.
         assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
         resume_flow_run(
@@ -292,7 +270,7 @@ def test_refused_approval_changes_nothing(
     _ingress(kube_namespace, kube_cluster)
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(cert_replace, _replace_params(kube_namespace, dry_run=False))
-        run_id = _paused_replace_run()
+        run_id = wait_for_paused_run("cert-replace")
         resume_flow_run(
             run_id, run_input={"approved": False, "approver": "bob", "reason": "wrong CA"}
         )
