@@ -16,6 +16,7 @@ from typing import Literal
 
 import psycopg
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 from psycopg.rows import DictRow
 from pydantic import BaseModel, Field, field_validator
@@ -287,7 +288,7 @@ def read_pool_usage(settings: PostgresSettings | None = None) -> PoolUsage:
         )
 
 
-@task(**RETRY_TRANSIENT, task_run_name="measure-pool-usage")
+@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="measure-pool-usage")
 def measure_pool_usage() -> PoolUsage:
     """Count client connections by state, database and role against max_connections."""
     usage = read_pool_usage()
@@ -301,7 +302,7 @@ def measure_pool_usage() -> PoolUsage:
     return usage
 
 
-@task(**RETRY_TRANSIENT, task_run_name="inspect-pool")
+@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="inspect-pool")
 def inspect_pool(limit: int = 10) -> PoolSnapshot:
     """Measure usage and list the oldest open transactions and idle-in-transaction sessions."""
     settings = PostgresSettings()
@@ -352,7 +353,7 @@ def select_sessions(
     )
 
 
-@task(**RETRY_TRANSIENT, task_run_name="plan-terminations-{guard.database}")
+@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="plan-terminations-{guard.database}")
 def plan_terminations(guard: TerminationGuard) -> TerminationPlan:
     """List the sessions the guard allows to terminate, oldest idle first, capped."""
     plan = select_sessions(guard)
@@ -415,7 +416,7 @@ def kill_planned(
     )
 
 
-@task(task_run_name="terminate-sessions-{plan.target}")
+@task(cache_policy=NO_CACHE, task_run_name="terminate-sessions-{plan.target}")
 def terminate_sessions(plan: TerminationPlan) -> TerminationResult:
     """Terminate the planned sessions that still match the guard, in one statement."""
     # Not retried: a retry after an unknown outcome would re-plan nothing but could confuse
@@ -434,7 +435,9 @@ def _timeout_literal(seconds: int) -> str:
     return f"{seconds}s"
 
 
-@task(**RETRY_TRANSIENT, task_run_name="set-idle-in-transaction-timeout-{role}")
+@task(
+    **RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="set-idle-in-transaction-timeout-{role}"
+)
 def set_idle_in_transaction_timeout(seconds: int, role: str | None = None) -> TimeoutChange:
     """Set idle_in_transaction_session_timeout for one role or (role=None) via ALTER SYSTEM."""
     if not 1 <= seconds <= 24 * 3600:
@@ -495,7 +498,7 @@ def set_idle_in_transaction_timeout(seconds: int, role: str | None = None) -> Ti
     return TimeoutChange(target=target, scope=scope, previous=prev_value, new=value, undo_sql=undo)
 
 
-@task(**RETRY_TRANSIENT, task_run_name="show-pgbouncer-pools")
+@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="show-pgbouncer-pools")
 def show_pgbouncer_pools() -> list[PgBouncerPool]:
     """Read PgBouncer's SHOW POOLS from its admin console (read-only); [] when not configured."""
     settings = PgBouncerSettings()
