@@ -18,6 +18,7 @@ from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
+from pydantic import SecretStr
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -45,11 +46,14 @@ def secret_from_block(block_name: str) -> str:
     return str(value.get())  # type: ignore[union-attr]
 
 
+def resolve_secret(value: SecretStr, block_name: str | None) -> str:
+    """The secret's value: from the named Prefect Secret block if any, else from settings."""
+    return secret_from_block(block_name) if block_name else value.get_secret_value()
+
+
 def pg_dsn(settings: PostgresSettings) -> str:
     """The DSN to connect with, from the Secret block when one is named."""
-    if settings.dsn_secret_block:
-        return secret_from_block(settings.dsn_secret_block)
-    return settings.dsn.get_secret_value()
+    return resolve_secret(settings.dsn, settings.dsn_secret_block)
 
 
 def pg_target(settings: PostgresSettings) -> str:
@@ -113,11 +117,7 @@ def pg_connect(
 def redis_client(settings: RedisSettings | None = None) -> redis.Redis:
     """A Redis client with explicit timeouts and redis-py's own retries switched off."""
     settings = settings or RedisSettings()
-    url = (
-        secret_from_block(settings.url_secret_block)
-        if settings.url_secret_block
-        else settings.url.get_secret_value()
-    )
+    url = resolve_secret(settings.url, settings.url_secret_block)
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=settings.connect_timeout_s,
@@ -171,11 +171,7 @@ def backend_http(settings: BackendSettings | None = None, **kwargs: Any) -> http
 def payments_http(settings: PaymentsSettings | None = None) -> httpx.Client:
     """An HTTP client for the payments API; the bearer token rides in a header only."""
     settings = settings or PaymentsSettings()
-    token = (
-        secret_from_block(settings.token_secret_block)
-        if settings.token_secret_block
-        else settings.token.get_secret_value()
-    )
+    token = resolve_secret(settings.token, settings.token_secret_block)
     return httpx.Client(
         base_url=settings.url,
         timeout=httpx.Timeout(settings.timeout_s, connect=min(5.0, settings.timeout_s)),

@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.rows import DictRow
 from pydantic import BaseModel, Field, field_validator
 
-from tasks.clients import pg_connect, pg_target
+from tasks.clients import classify_pg_error, pg_connect, pg_target
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.logs import run_logger
 from tasks.retry import RETRY_TRANSIENT
@@ -255,37 +255,42 @@ def _counts(conn: psycopg.Connection[DictRow], column: str) -> list[CountBy]:
     return [CountBy.model_validate(r) for r in conn.execute(query).fetchall()]
 
 
+def _usage_on(conn: psycopg.Connection[DictRow], target: str) -> PoolUsage:
+    """Client connections against max_connections, read on an open connection."""
+    row = conn.execute(
+        """
+        SELECT current_setting('max_connections')::int AS max_connections,
+               current_setting('superuser_reserved_connections')::int AS superuser_reserved,
+               coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
+               (SELECT count(*) FROM pg_stat_activity
+                 WHERE backend_type = 'client backend')::int AS client_connections,
+               now() AS taken_at
+        """
+    ).fetchone()
+    assert row is not None
+    max_conn = int(row["max_connections"])
+    used = int(row["client_connections"])
+    reserved_total = int(row["superuser_reserved"]) + int(row["reserved"])
+    return PoolUsage(
+        taken_at=row["taken_at"],
+        target=target,
+        max_connections=max_conn,
+        superuser_reserved=row["superuser_reserved"],
+        reserved=row["reserved"],
+        client_connections=used,
+        percent_used=round(100.0 * used / max_conn, 2),
+        free_for_applications=max(0, max_conn - reserved_total - used),
+        by_state=_counts(conn, "state"),
+        by_database=_counts(conn, "datname"),
+        by_user=_counts(conn, "usename"),
+    )
+
+
 def read_pool_usage(settings: PostgresSettings | None = None) -> PoolUsage:
     """Measure client connections against max_connections (no task wrapper: used by benches)."""
     settings = settings or PostgresSettings()
     with pg_connect(settings) as conn:
-        row = conn.execute(
-            """
-            SELECT current_setting('max_connections')::int AS max_connections,
-                   current_setting('superuser_reserved_connections')::int AS superuser_reserved,
-                   coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
-                   (SELECT count(*) FROM pg_stat_activity
-                     WHERE backend_type = 'client backend')::int AS client_connections,
-                   now() AS taken_at
-            """
-        ).fetchone()
-        assert row is not None
-        max_conn = int(row["max_connections"])
-        used = int(row["client_connections"])
-        reserved_total = int(row["superuser_reserved"]) + int(row["reserved"])
-        return PoolUsage(
-            taken_at=row["taken_at"],
-            target=pg_target(settings),
-            max_connections=max_conn,
-            superuser_reserved=row["superuser_reserved"],
-            reserved=row["reserved"],
-            client_connections=used,
-            percent_used=round(100.0 * used / max_conn, 2),
-            free_for_applications=max(0, max_conn - reserved_total - used),
-            by_state=_counts(conn, "state"),
-            by_database=_counts(conn, "datname"),
-            by_user=_counts(conn, "usename"),
-        )
+        return _usage_on(conn, pg_target(settings))
 
 
 @task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="measure-pool-usage")
@@ -306,8 +311,9 @@ def measure_pool_usage() -> PoolUsage:
 def inspect_pool(limit: int = 10) -> PoolSnapshot:
     """Measure usage and list the oldest open transactions and idle-in-transaction sessions."""
     settings = PostgresSettings()
-    usage = read_pool_usage(settings)
+    # One connection for the whole check: during an exhausted pool every slot counts.
     with pg_connect(settings) as conn:
+        usage = _usage_on(conn, pg_target(settings))
         rows = conn.execute(
             """
             SELECT pid, usename::text AS usename, datname::text AS datname, state,
@@ -396,9 +402,7 @@ def kill_planned(
              ORDER BY s.state_change, s.pid
              LIMIT %(cap)s
         )
-        SELECT t.*, pg_terminate_backend(t.pid) AS terminated,
-               clock_timestamp() AS done_at, statement_timestamp() AS started_at
-          FROM targets t
+        SELECT t.*, pg_terminate_backend(t.pid) AS terminated FROM targets t
     """  # noqa: S608 - constant SQL, values bound
     with pg_connect(settings) as conn:
         started = datetime.now(UTC)
@@ -516,8 +520,6 @@ def show_pgbouncer_pools() -> list[PgBouncerPool]:
             names = [d.name for d in cur.description or []]
             rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     except psycopg.Error as exc:
-        from tasks.clients import classify_pg_error
-
         raise classify_pg_error(exc, "pgbouncer") from None
     return [
         PgBouncerPool(

@@ -5,23 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.pool_threshold import PoolThresholdParams, pool_threshold
 from tasks.errors import TransientError
 from tests.fixtures.faults import DeafPort, ProxyFactory
 from tests.fixtures.postgres import PgWorld
+from tests.fixtures.prefect_runs import task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def task_runs(flow_run_id: object) -> dict[str, int]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return {r.name: r.run_count for r in runs}
 
 
 def test_connection_reset_is_retried_and_the_check_completes(
