@@ -113,11 +113,19 @@ class Report:
         return text
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
+
+
+def md_escape(value: object) -> str:
+    """Text from outside (alert labels, role names, query text) as inert markdown, one line."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table; cells are escaped so a query text cannot break the layout."""
+    """A markdown table; cells are escaped so a label or query text cannot break the layout."""
 
     def cell(value: object) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")[:200]
+        return md_escape(str(value)[:200])
 
     if not rows:
         return "_none_"

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from tasks.clients import kube_api_client, kube_request_timeout
 from tasks.errors import PermanentError, SafetyViolation, TransientError
-from tasks.retry import RETRY_TRANSIENT
+from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import KubernetesSettings
 
 # kubectl's constants (k8s.io/api/apps/v1, deploymentutil, corev1).
@@ -610,7 +610,9 @@ def _annotation(obj: k8s.V1Deployment | k8s.V1ReplicaSet, key: str) -> str | Non
 
 
 @task(
-    **RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="undo-rollout-{namespace}/{deployment}"
+    **RETRY_IDEMPOTENT_WRITE,
+    cache_policy=NO_CACHE,
+    task_run_name="undo-rollout-{namespace}/{deployment}",
 )
 def undo_rollout(
     deployment: str,
@@ -690,7 +692,7 @@ def undo_rollout(
 
 
 @task(
-    **RETRY_TRANSIENT,
+    **RETRY_IDEMPOTENT_WRITE,
     cache_policy=NO_CACHE,
     task_run_name="restart-rollout-{namespace}/{deployment}",
 )
@@ -766,7 +768,7 @@ def _status_model(
 
 
 @task(
-    **RETRY_TRANSIENT,
+    **RETRY_READ,
     cache_policy=NO_CACHE,
     task_run_name="wait-for-rollout-{namespace}/{deployment}",
 )
@@ -833,7 +835,7 @@ def _list_pods(kube: _Kube, namespace: str, selector: str) -> list[k8s.V1Pod]:
     return sorted(pods.items, key=lambda p: _meta(p).name or "")
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="list-pods-{label_selector}")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="list-pods-{label_selector}")
 def list_pods(
     label_selector: str | None = None,
     namespace: str | None = None,
@@ -847,7 +849,7 @@ def list_pods(
         return [_pod_info(p) for p in _list_pods(kube, namespace, selector)]
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="tail-logs-{deployment}")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="tail-logs-{deployment}")
 def tail_logs(
     deployment: str,
     lines: int = 100,
@@ -919,7 +921,7 @@ def _event_time(ev: k8s.CoreV1Event) -> datetime:
     return datetime.min.replace(tzinfo=UTC)
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="list-events-{namespace}")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="list-events-{namespace}")
 def list_events(
     namespace: str | None = None,
     object_name: str | None = None,
@@ -953,7 +955,7 @@ def list_events(
     ]
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="node-status")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="node-status")
 def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
     """Every Node's readiness, schedulability and pressure conditions (needs the ClusterRole)."""
     with _kube(settings) as kube:
@@ -985,7 +987,7 @@ def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
 
 
 @task(
-    **RETRY_TRANSIENT,
+    **RETRY_IDEMPOTENT_WRITE,
     cache_policy=NO_CACHE,
     task_run_name="scale-{deployment}-to-{replicas}",
 )
@@ -1047,7 +1049,7 @@ def scale(
 
 
 @task(
-    **RETRY_TRANSIENT,
+    **RETRY_READ,
     cache_policy=NO_CACHE,
     task_run_name="rollout-history-{namespace}/{deployment}",
 )

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, field_validator
 from tasks.clients import classify_pg_error, pg_connect, pg_target
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.logs import run_logger
-from tasks.retry import RETRY_TRANSIENT
+from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import PgBouncerSettings, PostgresSettings
 
 IdleState = Literal["idle", "idle in transaction", "idle in transaction (aborted)"]
@@ -293,7 +293,7 @@ def read_pool_usage(settings: PostgresSettings | None = None) -> PoolUsage:
         return _usage_on(conn, pg_target(settings))
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="measure-pool-usage")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="measure-pool-usage")
 def measure_pool_usage() -> PoolUsage:
     """Count client connections by state, database and role against max_connections."""
     usage = read_pool_usage()
@@ -307,7 +307,7 @@ def measure_pool_usage() -> PoolUsage:
     return usage
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="inspect-pool")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="inspect-pool")
 def inspect_pool(limit: int = 10) -> PoolSnapshot:
     """Measure usage and list the oldest open transactions and idle-in-transaction sessions."""
     settings = PostgresSettings()
@@ -359,7 +359,7 @@ def select_sessions(
     )
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="plan-terminations-{guard.database}")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="plan-terminations-{guard.database}")
 def plan_terminations(guard: TerminationGuard) -> TerminationPlan:
     """List the sessions the guard allows to terminate, oldest idle first, capped."""
     plan = select_sessions(guard)
@@ -440,7 +440,9 @@ def _timeout_literal(seconds: int) -> str:
 
 
 @task(
-    **RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="set-idle-in-transaction-timeout-{role}"
+    **RETRY_IDEMPOTENT_WRITE,
+    cache_policy=NO_CACHE,
+    task_run_name="set-idle-in-transaction-timeout-{role}",
 )
 def set_idle_in_transaction_timeout(seconds: int, role: str | None = None) -> TimeoutChange:
     """Set idle_in_transaction_session_timeout for one role or (role=None) via ALTER SYSTEM."""
@@ -502,7 +504,7 @@ def set_idle_in_transaction_timeout(seconds: int, role: str | None = None) -> Ti
     return TimeoutChange(target=target, scope=scope, previous=prev_value, new=value, undo_sql=undo)
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="show-pgbouncer-pools")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="show-pgbouncer-pools")
 def show_pgbouncer_pools() -> list[PgBouncerPool]:
     """Read PgBouncer's SHOW POOLS from its admin console (read-only); [] when not configured."""
     settings = PgBouncerSettings()

@@ -1,7 +1,14 @@
-"""The one retry policy: exponential backoff with jitter, transient errors only.
+"""The two retry policies: one for reads, one for writes that are idempotent by construction.
 
-Retries live on `@task` and nowhere else: clients are built with their own retry
-layers switched off (see `tasks.clients`) so attempts never multiply.
+Retries live on `@task` and nowhere else: clients are built with their own retry layers
+switched off (see `tasks.clients`) so attempts never multiply. Both policies retry only a
+`TransientError`, with exponential backoff and jitter.
+
+- `RETRY_READ`: a task that only reads. Repeating it changes nothing.
+- `RETRY_IDEMPOTENT_WRITE`: a write whose target was decided before, in a read step (the
+  revision, the timestamp, the previous value, the idempotency key) and passed in, so a
+  retry finds the change already made and does nothing. A write that is not idempotent by
+  construction gets neither policy: it is never retried automatically.
 """
 
 from __future__ import annotations
@@ -36,5 +43,10 @@ def _policy() -> dict[str, Any]:
     }
 
 
-#: Spread into `@task(**RETRY_TRANSIENT, ...)` on every task that talks to a system.
-RETRY_TRANSIENT: dict[str, Any] = _policy()
+#: Spread into `@task(**RETRY_READ, ...)` on every task that only reads a system.
+RETRY_READ: dict[str, Any] = _policy()
+
+#: Spread into `@task(**RETRY_IDEMPOTENT_WRITE, ...)` on a write that no-ops when it finds
+#: its (pre-decided) target already reached. Same mechanics as `RETRY_READ`; the separate
+#: name is the claim a reviewer checks.
+RETRY_IDEMPOTENT_WRITE: dict[str, Any] = _policy()

@@ -61,7 +61,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 from tasks.clients import kube_api_client, kube_request_timeout
 from tasks.errors import PermanentError, SafetyViolation, TransientError
-from tasks.retry import RETRY_TRANSIENT
+from tasks.retry import RETRY_READ
 from tasks.settings import KubernetesSettings, TlsSettings
 
 # ---------------------------------------------------------------------------- models
@@ -980,7 +980,7 @@ def write_tls_secret(
 # ---------------------------------------------------------------------------- tasks
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="read-cert-file-{path}")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="read-cert-file-{path}")
 def read_cert_file(path: Path) -> SourceScan:
     """Read the certificates in one PEM/DER file."""
     scan = read_pem_file(Path(path))
@@ -988,7 +988,7 @@ def read_cert_file(path: Path) -> SourceScan:
     return scan
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="probe-tls-{endpoint}")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="probe-tls-{endpoint}")
 def probe_tls_endpoint(endpoint: str, timeout_s: float | None = None) -> SourceScan:
     """Fetch and describe the certificate chain a live endpoint presents."""
     timeout = timeout_s if timeout_s is not None else TlsSettings().connect_timeout_s
@@ -1014,7 +1014,7 @@ def probe_tls_endpoints(
     return outcomes
 
 
-@task(**RETRY_TRANSIENT, cache_policy=NO_CACHE, task_run_name="read-tls-secret-{namespace}/{name}")
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="read-tls-secret-{namespace}/{name}")
 def read_tls_secret(
     namespace: str, name: str, settings: KubernetesSettings | None = None
 ) -> SourceScan:

@@ -1,21 +1,23 @@
-"""The one retry policy: transient errors are retried with backoff, the others are not."""
+"""The two retry policies: transient errors are retried with backoff, the others are not."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from prefect import flow, task
 
 from tasks.errors import PermanentError, SafetyViolation, TransientError
-from tasks.retry import RETRY_TRANSIENT
+from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import RetrySettings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
-def make_task(errors: list[Exception]):
+def make_task(errors: list[Exception], policy: dict[str, Any] = RETRY_READ):
     calls: list[int] = []
 
-    @task(**RETRY_TRANSIENT)
+    @task(**policy)
     def flaky() -> int:
         calls.append(1)
         if errors:
@@ -29,10 +31,10 @@ def make_task(errors: list[Exception]):
     return run, calls
 
 
-def test_transient_errors_are_retried_until_success() -> None:
-    run, calls = make_task([TransientError("refused"), TransientError("timeout")])
+@pytest.mark.parametrize("policy", [RETRY_READ, RETRY_IDEMPOTENT_WRITE])
+def test_transient_errors_are_retried_until_success(policy: dict[str, Any]) -> None:
+    run, _calls = make_task([TransientError("refused"), TransientError("timeout")], policy)
     assert run() == 3
-    assert len(calls) == 3
 
 
 def test_transient_errors_stop_after_the_configured_attempts() -> None:
@@ -50,7 +52,8 @@ def test_other_errors_are_not_retried(error: Exception) -> None:
     assert len(calls) == 1
 
 
-def test_policy_shape() -> None:
-    assert RETRY_TRANSIENT["retries"] == RetrySettings().attempts
-    delays = RETRY_TRANSIENT["retry_delay_seconds"](3)
+@pytest.mark.parametrize("policy", [RETRY_READ, RETRY_IDEMPOTENT_WRITE])
+def test_policy_shape(policy: dict[str, Any]) -> None:
+    assert policy["retries"] == RetrySettings().attempts
+    delays = policy["retry_delay_seconds"](3)
     assert delays == [RetrySettings().backoff_s * 2**i for i in range(3)]
