@@ -194,7 +194,8 @@ def apply_rollback(
         if plan.generation is not None and meta(dep).generation != plan.generation:
             raise _changed_since_plan(plan, dep)
         patch = _generation_precondition(plan) + plan.patch
-        _patch_rollback(kube, plan, patch, dry_run)
+        if not _patch_rollback(kube, plan, patch, dry_run):
+            return _already_applied(plan)
     if dry_run:
         message = f"deployment.apps/{name} would roll back to revision {plan.to_revision}"
     else:
@@ -220,7 +221,8 @@ def _patch_error(
 
 def _patch_rollback(
     kube: Kube, plan: RollbackPlan, patch: list[dict[str, Any]], dry_run: bool
-) -> None:
+) -> bool:
+    """Send the patch; False when the planned template turned out to be in place already."""
     name, namespace = plan.deployment, plan.namespace
     try:
         kube.apps.patch_namespaced_deployment(
@@ -232,9 +234,12 @@ def _patch_rollback(
             _request_timeout=kube.timeout,
         )
     except ApiException as exc:
-        if exc.status == 422 and "/metadata/generation" in str(exc.body):
-            # The precondition failed: someone changed the spec after our GET.
-            raise _changed_since_plan(plan, get_deployment(kube, name, namespace)) from None
+        if exc.status == 422 and "testing value /metadata/generation failed" in str(exc.body):
+            # The precondition failed: the spec changed after our GET. Look again.
+            dep = get_deployment(kube, name, namespace)
+            if equal_ignore_hash(plan.template, dep.spec.template):
+                return False  # what changed it put our template in place: nothing to do
+            raise _changed_since_plan(plan, dep) from None
         raise classify_api_error(
             exc,
             verb="patch",
@@ -252,6 +257,7 @@ def _patch_rollback(
             namespace=namespace,
             host=kube.host,
         ) from None
+    return True
 
 
 class UndoRollout:
