@@ -234,12 +234,14 @@ def _patch_rollback(
             _request_timeout=kube.timeout,
         )
     except ApiException as exc:
-        if exc.status == 422 and "testing value /metadata/generation failed" in str(exc.body):
-            # The precondition failed: the spec changed after our GET. Look again.
+        if exc.status == 422 and plan.generation is not None:
+            # 422 is how a failed JSON-patch `test` comes back (its detail is not in the
+            # body's message): look again to tell it from an invalid patch.
             dep = get_deployment(kube, name, namespace)
             if equal_ignore_hash(plan.template, dep.spec.template):
                 return False  # what changed it put our template in place: nothing to do
-            raise _changed_since_plan(plan, dep) from None
+            if meta(dep).generation != plan.generation:
+                raise _changed_since_plan(plan, dep) from None
         raise classify_api_error(
             exc,
             verb="patch",
