@@ -202,7 +202,9 @@ def test_scale_retries_the_precondition_after_unrelated_changes(
         before_forward=someone_annotates_once,
     )
     result = scale.fn(name, 1, ns, settings=via_proxy)
-    assert [status for method, _, status in proxy.forwarded if method == "PATCH"] == [409, 200]
+    statuses = [status for method, _, status in proxy.forwarded if method == "PATCH"]
+    assert statuses[0] == 409  # the annotation moved resourceVersion: refused as written
+    assert statuses[-1] == 200  # re-read, replicas unchanged: written with the fresh one
     assert (result.replicas_before, result.replicas_after, result.changed) == (2, 1, True)
     assert apps.read_namespaced_deployment(name, ns).spec.replicas == 1
 
