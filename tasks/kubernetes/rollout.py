@@ -153,7 +153,8 @@ def _rollback_result(
 def _already_applied(plan: RollbackPlan) -> RollbackResult:
     message = (
         f"deployment.apps/{plan.deployment} already has revision {plan.to_revision}'s "
-        "template (an earlier attempt's patch landed); nothing patched"
+        "template (put there by an earlier attempt whose answer was lost, or by another "
+        "writer); nothing patched"
     )
     run_logger().info(message)
     return _rollback_result(plan, "already rolled back", message)
@@ -242,23 +243,9 @@ def _patch_rollback(
                 return False  # what changed it put our template in place: nothing to do
             if meta(dep).generation != plan.generation:
                 raise _changed_since_plan(plan, dep) from None
-        raise classify_api_error(
-            exc,
-            verb="patch",
-            resource="deployments",
-            name=name,
-            namespace=namespace,
-            host=kube.host,
-        ) from None
+        raise _patch_error(exc, kube, name, namespace) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise classify_api_error(
-            exc,
-            verb="patch",
-            resource="deployments",
-            name=name,
-            namespace=namespace,
-            host=kube.host,
-        ) from None
+        raise _patch_error(exc, kube, name, namespace) from None
     return True
 
 
@@ -352,7 +339,7 @@ def apply_restart(
         if _template_annotations(dep).get(RESTARTED_AT) == plan.restarted_at:
             message = (
                 f"deployment.apps/{name} already restarted at {plan.restarted_at} "
-                "(an earlier attempt's patch landed); nothing patched"
+                "(an earlier attempt's patch landed, its answer was lost); nothing patched"
             )
             log.info(message)
             return RestartResult(
