@@ -6,9 +6,12 @@ import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 from tasks.kubernetes import REVISION, PodInfo, list_pods, wait_for_rollout
 from tasks.settings import KubernetesSettings
+from tests.fixtures.faults import DroppingProxyFactory, ResponseDroppingProxy
+from tests.fixtures.kube import KubeCluster, write_kubeconfig
 
 IMAGE = "registry.local/akig-backend"
 
@@ -143,3 +146,29 @@ def settled_pods(
 
     result: list[PodInfo] = wait_until(check, what=f"{count} settled pods {selector}")
     return result
+
+
+def through_proxy(
+    cluster: KubeCluster,
+    make_proxy: DroppingProxyFactory,
+    namespace: str,
+    drop_first: int = 1,
+    before_forward: Callable[[str, str], None] | None = None,
+) -> tuple[ResponseDroppingProxy, KubernetesSettings]:
+    """A response-dropping proxy in front of the test API server, and admin settings using it."""
+    url = urlsplit(cluster.server)
+    proxy = make_proxy(
+        url.hostname,
+        url.port,
+        cluster.workdir / "ca.pem",
+        drop_first=drop_first,
+        before_forward=before_forward,
+    )
+    kubeconfig = write_kubeconfig(
+        cluster.workdir / f"proxy-{proxy.port}.kubeconfig",
+        f"https://127.0.0.1:{proxy.port}",
+        proxy.ca_pem,
+        cluster.admin_token,
+        f"proxy-{proxy.port}",
+    )
+    return proxy, cluster.settings(namespace, kubeconfig=kubeconfig)

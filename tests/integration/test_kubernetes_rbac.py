@@ -1,9 +1,17 @@
-"""deployments/k8s/ grants exactly what tasks.kubernetes needs: proven with a real SA token."""
+"""deployments/k8s/ grants each runbook exactly what it needs: proven with real SA tokens.
+
+Every Role is applied as shipped (namespaces re-targeted at test namespaces), a real token
+is requested for its ServiceAccount (TokenRequest, signed by the API server's SA key), and
+the runbook's own task code runs with it: what it needs is allowed, everything around it
+(other Deployments, other Secrets, other verbs, other namespaces) is refused, and dropping
+any single rule breaks something (no rule is superfluous).
+"""
 
 from __future__ import annotations
 
 import subprocess
 import uuid
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,10 @@ from tasks.kubernetes import (
     undo_rollout,
     wait_for_rollout,
 )
+from tasks.settings import KubernetesSettings
+from tasks.tls import load_pair_from_secret, read_secret_certificates, write_tls_secret
 from tests.fixtures.kube import KubeCluster
+from tests.fixtures.tls import CertFactory, Issued
 from tests.integration.kube_helpers import (
     create_with_revisions,
     deployment_body,
@@ -37,13 +48,14 @@ from tests.integration.kube_helpers import (
 pytestmark = pytest.mark.kube
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deployments" / "k8s"
-SA = "incident-runbooks"
+PLATFORM, INGRESS = "default", "ingress-nginx"  # the namespaces the manifests are written for
+ROLES = {"incident-runbooks", "cert-expiry", "cert-replace", "cert-replace-ingress"}
 
 
-def load_manifests(namespace: str, suffix: str) -> list[dict[str, Any]]:
-    """The shipped manifests, re-targeted at a test namespace (cluster-scoped names suffixed)."""
+def load_manifests(namespaces: dict[str, str], suffix: str) -> list[dict[str, Any]]:
+    """The shipped manifests (subfolders too), re-targeted at test namespaces."""
     docs: list[dict[str, Any]] = []
-    for path in sorted(MANIFESTS.glob("*.yaml")):
+    for path in sorted(MANIFESTS.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if not doc or doc.get("kind") == "Kustomization":
                 continue
@@ -53,9 +65,9 @@ def load_manifests(namespace: str, suffix: str) -> list[dict[str, Any]]:
                 if doc["kind"] == "ClusterRoleBinding":
                     doc["roleRef"]["name"] = f"{doc['roleRef']['name']}-{suffix}"
             else:
-                meta["namespace"] = namespace
+                meta["namespace"] = namespaces[meta["namespace"]]
             for subject in doc.get("subjects", []):
-                subject["namespace"] = namespace
+                subject["namespace"] = namespaces[subject["namespace"]]
             docs.append(doc)
     return docs
 
@@ -79,163 +91,332 @@ def apply(api: k8s.ApiClient, doc: dict[str, Any]) -> None:
         raise AssertionError(f"unexpected kind {kind} in deployments/k8s")
 
 
-def forbidden(call) -> bool:
+def forbidden(call: Callable[[], Any]) -> bool:
+    """True when the call was refused by RBAC (403), through our tasks or the raw client."""
     try:
         call()
     except ApiException as exc:
         return bool(exc.status == 403)
     except PermanentError as exc:
-        return "forbidden" in str(exc)
+        return "forbidden" in str(exc) or "403" in str(exc)
     return False
 
 
-def test_manifests_grant_exactly_what_the_tasks_need(kube_cluster: KubeCluster, kube_namespace):
-    ns = kube_namespace
-    suffix = uuid.uuid4().hex[:6]
-    admin = kube_cluster.api()
-    admin_settings = kube_cluster.settings(ns)
-    apps: Any = k8s.AppsV1Api(admin)
-    docs = load_manifests(ns, suffix)
-    assert {d["kind"] for d in docs} == {
-        "ServiceAccount",
-        "Role",
-        "RoleBinding",
-        "ClusterRole",
-        "ClusterRoleBinding",
-    }
-    cluster_scoped = [d for d in docs if d["kind"].startswith("Cluster")]
-    for doc in docs:
-        if doc not in cluster_scoped:
-            apply(admin, doc)
+def role(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == name)
 
-    # A real ServiceAccount token (TokenRequest, signed by the apiserver's SA key).
-    token_api: Any = k8s.CoreV1Api(admin)
-    token = token_api.create_namespaced_service_account_token(
-        SA,
-        ns,
-        k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(audiences=[])),
-    ).status.token
-    sa_kubeconfig = kube_cluster.kubeconfig_for(token, f"sa-{ns}")
-    sa = kube_cluster.settings(ns, kubeconfig=sa_kubeconfig)
-    sa_api = kube_api_client(sa)
 
+def without_each_rule_something_breaks(
+    admin: k8s.ApiClient, the_role: dict[str, Any], needs: list[Callable[[], Any]]
+) -> None:
+    """Remove each rule in turn: the call that needs it must become forbidden."""
+    rbac: Any = k8s.RbacAuthorizationV1Api(admin)
+    name, ns = the_role["metadata"]["name"], the_role["metadata"]["namespace"]
+    assert len(needs) == len(the_role["rules"])
+    for i, rule in enumerate(the_role["rules"]):
+        fewer = {**the_role, "rules": the_role["rules"][:i] + the_role["rules"][i + 1 :]}
+        rbac.replace_namespaced_role(name, ns, fewer)
+        wait_until(partial(forbidden, needs[i]), timeout=10, what=f"{name} without {rule}")
+    rbac.replace_namespaced_role(name, ns, the_role)
+
+
+class Cluster:
+    """The shipped RBAC applied to a platform and an ingress test namespace."""
+
+    def __init__(self, kube: KubeCluster, platform: str, ingress: str) -> None:
+        self.kube, self.platform, self.ingress = kube, platform, ingress
+        self.admin = kube.api()
+        self.suffix = uuid.uuid4().hex[:6]
+        self.docs = load_manifests({PLATFORM: platform, INGRESS: ingress}, self.suffix)
+        self.cluster_scoped = [d for d in self.docs if d["kind"].startswith("Cluster")]
+        for doc in self.docs:
+            if doc not in self.cluster_scoped:
+                apply(self.admin, doc)
+
+    def token_settings(self, service_account: str) -> KubernetesSettings:
+        """Settings that authenticate with a fresh token of the ServiceAccount."""
+        core: Any = k8s.CoreV1Api(self.admin)
+        token = core.create_namespaced_service_account_token(
+            service_account,
+            self.platform,
+            k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(audiences=[])),
+        ).status.token
+        kubeconfig = self.kube.kubeconfig_for(token, f"{service_account}-{self.platform}")
+        return self.kube.settings(self.platform, kubeconfig=kubeconfig)
+
+
+@pytest.fixture
+def rbac_cluster(kube_cluster: KubeCluster, kube_namespace: str) -> Iterator[Cluster]:
+    admin: Any = k8s.CoreV1Api(kube_cluster.api())
+    ingress = f"ingress-{uuid.uuid4().hex[:6]}"
+    admin.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=ingress)))
+    cluster = Cluster(kube_cluster, kube_namespace, ingress)
+    try:
+        yield cluster
+    finally:
+        admin.delete_namespace(ingress)
+
+
+def test_every_shipped_role_is_tested(rbac_cluster: Cluster):
+    names = {d["metadata"]["name"] for d in rbac_cluster.docs if d["kind"] == "Role"}
+    assert names == ROLES
+
+
+def test_incident_runbooks_role(rbac_cluster: Cluster):
+    c, ns = rbac_cluster, rbac_cluster.platform
+    apps: Any = k8s.AppsV1Api(c.admin)
+    admin_settings = c.kube.settings(ns)
+    sa = c.token_settings("incident-runbooks")
     create_with_revisions(apps, admin_settings, ns, "akig-backend", revisions=2, replicas=1)
+    apps.create_namespaced_deployment(ns, deployment_body("akig-intruder", replicas=1))
 
-    # Every namespaced task works with the Role alone.
-    assert [r.revision for r in rollout_history.fn("akig-backend", ns, settings=sa).revisions] == [
-        1,
-        2,
-    ]
+    # Every namespaced task works on the named Deployment with the Role alone.
+    history = rollout_history.fn("akig-backend", ns, settings=sa)
+    assert [r.revision for r in history.revisions] == [1, 2]
     assert undo_rollout.fn("akig-backend", ns, settings=sa).outcome == "rolled back"
     assert wait_for_rollout.fn("akig-backend", ns, timeout_s=30, poll_s=0.1, settings=sa).complete
-    assert restart_rollout.fn("akig-backend", ns, settings=sa).message.endswith("restarted")
+    assert restart_rollout.fn("akig-backend", ns, settings=sa).patched
     assert wait_for_rollout.fn("akig-backend", ns, timeout_s=30, poll_s=0.1, settings=sa).complete
-    assert len(list_pods.fn(None, ns, settings=sa)) >= 1
+    assert list_pods.fn(None, ns, settings=sa)
     settled_pods(sa, ns, "component=akig-backend", 1)
     logs = tail_logs.fn("akig-backend", lines=5, namespace=ns, settings=sa)
-    assert logs.logs
-    assert all(p.error is None and len(p.lines) == 5 for p in logs.logs)
+    assert [len(p.lines) for p in logs.logs] == [5]
     assert list_events.fn(ns, settings=sa)
     assert scale.fn("akig-backend", 0, ns, settings=sa).replicas_after == 0
 
-    # Nodes are cluster-scoped: refused until the separate ClusterRole is bound.
-    with pytest.raises(PermanentError, match=r"forbidden: cannot list nodes \(RBAC\)"):
-        node_status.fn(settings=sa)
-    rbac: Any = k8s.RbacAuthorizationV1Api(admin)
-    for doc in cluster_scoped:
-        apply(admin, doc)
-    try:
-        nodes = wait_until(lambda: not forbidden(lambda: node_status.fn(settings=sa)), what="nodes")
-        assert nodes
-        assert [n.name for n in node_status.fn(settings=sa)] == ["fake-node"]
+    # The same tasks on a Deployment not named in the Role: refused before any change
+    # (its pods carry the platform label, so only RBAC stands in the way).
+    generation = apps.read_namespaced_deployment("akig-intruder", ns).metadata.generation
+    for call in (
+        lambda: restart_rollout.fn("akig-intruder", ns, settings=sa),
+        lambda: undo_rollout.fn("akig-intruder", ns, settings=sa),
+        lambda: scale.fn("akig-intruder", 0, ns, settings=sa),
+    ):
+        with pytest.raises(PermanentError, match=r"forbidden: cannot get deployments"):
+            call()
+    assert apps.read_namespaced_deployment("akig-intruder", ns).metadata.generation == generation
 
-        # Beyond the grant: no deletes, creates, secrets, ReplicaSet edits, other namespaces.
-        sa_apps: Any = k8s.AppsV1Api(sa_api)
-        sa_core: Any = k8s.CoreV1Api(sa_api)
-        assert forbidden(lambda: sa_apps.delete_namespaced_deployment("akig-backend", ns))
-        assert forbidden(lambda: sa_core.list_namespaced_secret(ns))
-        assert forbidden(lambda: sa_core.read_namespaced_secret("anything", ns))
-        assert forbidden(lambda: sa_core.delete_collection_namespaced_pod(ns))
-        assert forbidden(
-            lambda: sa_apps.create_namespaced_deployment(ns, deployment_body("intruder"))
-        )
-        assert forbidden(
-            lambda: sa_apps.patch_namespaced_replica_set(
-                "any", ns, {"spec": {"replicas": 0}}, _content_type="application/merge-patch+json"
-            )
-        )
-        assert forbidden(lambda: sa_core.delete_node("fake-node"))
-        with pytest.raises(
-            PermanentError, match=r"forbidden: cannot list pods in namespace default \(RBAC\)"
-        ):
-            list_pods.fn(None, "default", settings=sa)
-        with pytest.raises(
-            PermanentError, match=r"forbidden: cannot get deployments in namespace default \(RBAC\)"
-        ):
-            undo_rollout.fn("akig-backend", "default", settings=sa)
-
-        # And nothing in the Role is superfluous: drop one rule, some task breaks.
-        role = next(d for d in docs if d["kind"] == "Role")
-        needs = {
-            "deployments": lambda: rollout_history.fn("akig-backend", ns, settings=sa),
-            "deployments/scale": lambda: scale.fn("akig-backend", 0, ns, settings=sa),
-            "replicasets": lambda: rollout_history.fn("akig-backend", ns, settings=sa),
-            "pods": lambda: list_pods.fn(None, ns, settings=sa),
-            "pods/log": lambda: tail_logs.fn("akig-backend", lines=1, namespace=ns, settings=sa),
-            "events": lambda: list_events.fn(ns, settings=sa),
-        }
-        apps.patch_namespaced_deployment_scale(
-            "akig-backend",
+    # Beyond the grant: deletes, creates, Secrets, ReplicaSet edits, other namespaces.
+    sa_api = kube_api_client(sa)
+    sa_apps: Any = k8s.AppsV1Api(sa_api)
+    sa_core: Any = k8s.CoreV1Api(sa_api)
+    assert forbidden(lambda: sa_apps.delete_namespaced_deployment("akig-backend", ns))
+    assert forbidden(lambda: sa_apps.create_namespaced_deployment(ns, deployment_body("new")))
+    assert forbidden(
+        lambda: sa_apps.patch_namespaced_deployment_scale(
+            "akig-intruder",
             ns,
-            {"spec": {"replicas": 1}},
+            {"spec": {"replicas": 0}},
             _content_type="application/merge-patch+json",
         )
-        wait_for_rollout.fn("akig-backend", ns, timeout_s=30, poll_s=0.1, settings=admin_settings)
-        assert {r["resources"][0] for r in role["rules"]} == set(needs)
-        for i, rule in enumerate(role["rules"]):
-            fewer = {**role, "rules": role["rules"][:i] + role["rules"][i + 1 :]}
-            rbac.replace_namespaced_role(role["metadata"]["name"], ns, fewer)
-            wait_until(partial(forbidden, needs[rule["resources"][0]]), timeout=10, what=rule)
-        rbac.replace_namespaced_role(role["metadata"]["name"], ns, role)
-        wait_until(lambda: not forbidden(needs["pods/log"]), timeout=10, what="restored role")
+    )
+    assert forbidden(lambda: sa_apps.list_namespaced_deployment(ns))
+    assert forbidden(lambda: sa_core.list_namespaced_secret(ns))
+    assert forbidden(lambda: sa_core.read_namespaced_secret("anything", ns))
+    assert forbidden(lambda: sa_core.delete_collection_namespaced_pod(ns))
+    assert forbidden(
+        lambda: sa_apps.patch_namespaced_replica_set(
+            "any", ns, {"spec": {"replicas": 0}}, _content_type="application/merge-patch+json"
+        )
+    )
+    with pytest.raises(PermanentError, match=r"forbidden: cannot list pods in namespace default"):
+        list_pods.fn(None, "default", settings=sa)
+
+    # Drop any one rule: the task that needs it breaks.
+    apps.patch_namespaced_deployment_scale(
+        "akig-backend", ns, {"spec": {"replicas": 1}}, _content_type="application/merge-patch+json"
+    )
+    wait_for_rollout.fn("akig-backend", ns, timeout_s=30, poll_s=0.1, settings=admin_settings)
+    settled_pods(admin_settings, ns, "component=akig-backend", 1)
+    the_role = role(c.docs, "incident-runbooks")
+    assert [r["resources"][0] for r in the_role["rules"]] == [
+        "deployments",
+        "deployments/scale",
+        "replicasets",
+        "pods",
+        "pods/log",
+        "events",
+    ]
+    without_each_rule_something_breaks(
+        c.admin,
+        the_role,
+        [
+            lambda: rollout_history.fn("akig-backend", ns, settings=sa),
+            # a server dry run: authorized like the real write, never already at the target
+            lambda: scale.fn("akig-backend", 2, ns, dry_run=True, settings=sa),
+            lambda: rollout_history.fn("akig-backend", ns, settings=sa),
+            lambda: list_pods.fn(None, ns, settings=sa),
+            lambda: tail_logs.fn("akig-backend", lines=1, namespace=ns, settings=sa),
+            lambda: list_events.fn(ns, settings=sa),
+        ],
+    )
+
+
+def test_nodes_need_the_separate_cluster_role(rbac_cluster: Cluster):
+    c = rbac_cluster
+    sa = c.token_settings("incident-runbooks")
+    rbac: Any = k8s.RbacAuthorizationV1Api(c.admin)
+    with pytest.raises(PermanentError, match=r"forbidden: cannot list nodes \(RBAC\)"):
+        node_status.fn(settings=sa)
+    for doc in c.cluster_scoped:
+        apply(c.admin, doc)
+    try:
+        wait_until(lambda: not forbidden(lambda: node_status.fn(settings=sa)), what="nodes")
+        assert [n.name for n in node_status.fn(settings=sa)] == ["fake-node"]
+        sa_core: Any = k8s.CoreV1Api(kube_api_client(sa))
+        assert forbidden(lambda: sa_core.delete_node("fake-node"))
     finally:
-        for doc in cluster_scoped:
+        for doc in c.cluster_scoped:
             if doc["kind"] == "ClusterRoleBinding":
                 rbac.delete_cluster_role_binding(doc["metadata"]["name"])
             else:
                 rbac.delete_cluster_role(doc["metadata"]["name"])
 
 
+def _tls_secret(core: Any, ns: str, name: str, issued: Issued) -> None:
+    core.create_namespaced_secret(
+        ns,
+        k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name=name),
+            type="kubernetes.io/tls",
+            string_data={
+                "tls.crt": issued.chain_pem().decode(),
+                "tls.key": issued.key_pem.decode(),
+            },
+        ),
+    )
+
+
+def test_cert_expiry_role(rbac_cluster: Cluster, pki: CertFactory):
+    c, ns = rbac_cluster, rbac_cluster.platform
+    core: Any = k8s.CoreV1Api(c.admin)
+    _tls_secret(core, ns, "akig-tls", pki.leaf(days_left=20))
+    _tls_secret(core, ns, "payments-tls", pki.leaf(days_left=20))
+    sa = c.token_settings("cert-expiry")
+
+    assert read_secret_certificates(ns, "akig-tls", settings=sa).source == f"{ns}/akig-tls"
+    with pytest.raises(PermanentError, match="403"):
+        read_secret_certificates(ns, "payments-tls", settings=sa)
+    sa_core: Any = k8s.CoreV1Api(kube_api_client(sa))
+    assert forbidden(lambda: sa_core.list_namespaced_secret(ns))
+    assert forbidden(
+        lambda: sa_core.patch_namespaced_secret(
+            "akig-tls", ns, {"metadata": {"labels": {"x": "y"}}}
+        )
+    )
+    assert forbidden(lambda: sa_core.delete_namespaced_secret("akig-tls", ns))
+    assert forbidden(lambda: rollout_history.fn("akig-backend", ns, settings=sa))
+    without_each_rule_something_breaks(
+        c.admin,
+        role(c.docs, "cert-expiry"),
+        [lambda: read_secret_certificates(ns, "akig-tls", settings=sa)],
+    )
+
+
+def test_cert_replace_roles(rbac_cluster: Cluster, pki: CertFactory):
+    c, ns, ingress = rbac_cluster, rbac_cluster.platform, rbac_cluster.ingress
+    core: Any = k8s.CoreV1Api(c.admin)
+    apps: Any = k8s.AppsV1Api(c.admin)
+    old, new = pki.leaf(days_left=5), pki.leaf(days_left=90)
+    _tls_secret(core, ns, "akig-tls", old)
+    _tls_secret(core, ns, "akig-tls-new", new)
+    _tls_secret(core, ns, "payments-tls", old)
+    for name in ("ingress-nginx-controller", "other-controller"):
+        apps.create_namespaced_deployment(ingress, deployment_body(name, replicas=1))
+    sa = c.token_settings("cert-replace")
+    sa_core: Any = k8s.CoreV1Api(kube_api_client(sa))
+
+    # The flow's steps, with the flow's own code: read, load the staged pair, back up and
+    # replace, restart the ingress and wait for it.
+    current = read_secret_certificates(ns, "akig-tls", settings=sa)
+    pair = load_pair_from_secret(ns, "akig-tls-new", settings=sa)
+    assert current.resource_version is not None
+    done = write_tls_secret(ns, "akig-tls", pair, current.resource_version, settings=sa)
+    assert done.new_serial == format(new.cert.serial_number, "x")
+    assert restart_rollout.fn("ingress-nginx-controller", ingress, settings=sa).patched
+    status = wait_for_rollout.fn(
+        "ingress-nginx-controller", ingress, timeout_s=30, poll_s=0.1, settings=sa
+    )
+    assert status.complete
+
+    # Around it, refused: other Secrets, reading its own backup, editing the staged pair,
+    # deleting, listing, any other Deployment here or in the ingress namespace.
+    assert done.backup_secret is not None
+    assert forbidden(lambda: read_secret_certificates(ns, "payments-tls", settings=sa))
+    assert forbidden(lambda: sa_core.read_namespaced_secret(done.backup_secret, ns))
+    staged = core.read_namespaced_secret("akig-tls-new", ns)
+    assert forbidden(lambda: sa_core.replace_namespaced_secret("akig-tls-new", ns, staged))
+    assert forbidden(lambda: sa_core.delete_namespaced_secret("akig-tls", ns))
+    assert forbidden(lambda: sa_core.list_namespaced_secret(ns))
+    assert forbidden(lambda: restart_rollout.fn("other-controller", ingress, settings=sa))
+    assert forbidden(lambda: restart_rollout.fn("akig-backend", ns, settings=sa))
+    assert forbidden(lambda: list_pods.fn(None, ingress, settings=sa))
+
+    # Every rule is needed.
+    live = core.read_namespaced_secret("akig-tls", ns)
+    backup = k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="probe-backup"), type="Opaque")
+    without_each_rule_something_breaks(
+        c.admin,
+        role(c.docs, "cert-replace"),
+        [
+            lambda: read_secret_certificates(ns, "akig-tls", settings=sa),
+            lambda: sa_core.replace_namespaced_secret("akig-tls", ns, live),
+            lambda: sa_core.create_namespaced_secret(ns, backup),
+        ],
+    )
+    without_each_rule_something_breaks(
+        c.admin,
+        role(c.docs, "cert-replace-ingress"),
+        [
+            lambda: restart_rollout.fn(
+                "ingress-nginx-controller", ingress, dry_run=True, settings=sa
+            )
+        ],
+    )
+
+
+def test_postgres_runbooks_identity_has_no_kubernetes_access(rbac_cluster: Cluster):
+    c, ns = rbac_cluster, rbac_cluster.platform
+    sa = c.token_settings("runbooks-no-kube")
+    assert forbidden(lambda: list_pods.fn(None, ns, settings=sa))
+    assert forbidden(lambda: rollout_history.fn("akig-backend", ns, settings=sa))
+    account: Any = k8s.CoreV1Api(c.admin).read_namespaced_service_account("runbooks-no-kube", ns)
+    assert account.automount_service_account_token is False
+
+
 def test_shipped_manifests_apply_with_kustomize_as_is(kube_cluster: KubeCluster, kubectl):
-    """`kubectl apply -k deployments/k8s` works unmodified and binds the runbooks' identity."""
-    out = subprocess.run(
-        [str(kubectl), f"--kubeconfig={kube_cluster.kubeconfig}", "apply", "-k", str(MANIFESTS)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "role.rbac.authorization.k8s.io/incident-runbooks created" in out.stdout
-    static = kube_cluster.settings(
-        "default", kubeconfig=kube_cluster.kubeconfig_for(kube_cluster.runbooks_token, "static")
-    )
-    core: Any = k8s.CoreV1Api(kube_api_client(static))
-    try:
-        assert list_pods.fn(None, "default", settings=static) == []
-        assert [n.name for n in node_status.fn(settings=static)] == ["fake-node"]
-        assert forbidden(lambda: core.list_namespaced_secret("default"))
-        assert forbidden(lambda: core.list_namespaced_pod("kube-system"))
-    finally:
-        subprocess.run(
-            [
-                str(kubectl),
-                f"--kubeconfig={kube_cluster.kubeconfig}",
-                "delete",
-                "-k",
-                str(MANIFESTS),
-            ],
+    """`kubectl apply -k` works unmodified for both folders and binds the runbooks' identity."""
+    core: Any = k8s.CoreV1Api(kube_cluster.api())
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=INGRESS)))
+    base = [str(kubectl), f"--kubeconfig={kube_cluster.kubeconfig}"]
+
+    def kubectl_k(verb: str, folder: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*base, verb, "-k", str(folder)],
             capture_output=True,
+            text=True,
             timeout=60,
             check=False,
         )
+
+    try:
+        out = kubectl_k("apply", MANIFESTS)
+        assert out.returncode == 0, out.stderr
+        ingress_out = kubectl_k("apply", MANIFESTS / "ingress")
+        assert ingress_out.returncode == 0, ingress_out.stderr
+        created = {
+            line.split()[0] for line in (out.stdout + ingress_out.stdout).splitlines() if line
+        }
+        assert {f"role.rbac.authorization.k8s.io/{name}" for name in ROLES} <= created
+        static = kube_cluster.settings(
+            "default", kubeconfig=kube_cluster.kubeconfig_for(kube_cluster.runbooks_token, "static")
+        )
+        static_core: Any = k8s.CoreV1Api(kube_api_client(static))
+        assert list_pods.fn(None, "default", settings=static) == []
+        assert [n.name for n in node_status.fn(settings=static)] == ["fake-node"]
+        assert forbidden(lambda: static_core.list_namespaced_secret("default"))
+        assert forbidden(lambda: static_core.list_namespaced_pod("kube-system"))
+    finally:
+        kubectl_k("delete", MANIFESTS / "ingress")
+        kubectl_k("delete", MANIFESTS)
+        core.delete_namespace(INGRESS)

@@ -1,0 +1,179 @@
+"""What the Kubernetes tasks return: pydantic models, safe to put in artifacts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class RollbackPlan(BaseModel):
+    """A rollback resolved once, by a read: the revision and the exact template to apply."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    deployment: str
+    namespace: str
+    requested_revision: int = Field(description="The `to_revision` asked for (0 = previous).")
+    to_revision: int = Field(description="The revision it resolved to when planned.")
+    from_revision: int | None = Field(description="The Deployment's revision when planned.")
+    generation: int | None = Field(description="metadata.generation when planned.")
+    already_current: bool = Field(description="The template already matched when planned.")
+    template: Any = Field(description="The ReplicaSet's pod template (V1PodTemplateSpec).")
+    patch: list[dict[str, Any]] = Field(description="kubectl's JSON patch for that template.")
+    images_before: list[str]
+    images_after: list[str]
+
+
+class RollbackResult(BaseModel):
+    """What `undo_rollout` did (or would do, on a dry run)."""
+
+    deployment: str
+    namespace: str
+    outcome: Literal["rolled back", "skipped rollback", "already rolled back", "dry run"] = Field(
+        description="'already rolled back': a retry found its own earlier patch in place."
+    )
+    message: str = Field(description="kubectl's wording, e.g. 'deployment.apps/x rolled back'.")
+    from_revision: int | None = Field(description="The Deployment's revision before.")
+    to_revision: int = Field(description="Revision of the ReplicaSet whose template is restored.")
+    images_before: list[str]
+    images_after: list[str]
+    patch: list[dict[str, Any]] = Field(default_factory=list, description="The JSON patch sent.")
+
+
+class RestartPlan(BaseModel):
+    """A restart decided once, by a read: the `restartedAt` value every attempt sets."""
+
+    deployment: str
+    namespace: str
+    restarted_at: str = Field(description="RFC 3339 value to set, chosen before any write.")
+    previous_restarted_at: str | None
+    generation: int | None
+
+
+class RestartResult(BaseModel):
+    """What `restart_rollout` did."""
+
+    deployment: str
+    namespace: str
+    restarted_at: str = Field(description="RFC 3339 value of kubectl.kubernetes.io/restartedAt.")
+    generation: int | None = Field(description="Deployment generation after the patch.")
+    dry_run: bool
+    patched: bool = Field(description="False when a retry found the value already set.")
+    message: str
+
+
+class RolloutStatus(BaseModel):
+    """A Deployment's rollout progress, as `kubectl rollout status` sees it."""
+
+    deployment: str
+    namespace: str
+    complete: bool
+    message: str
+    revision: int | None
+    generation: int | None
+    observed_generation: int | None
+    replicas: int = Field(description="Desired replicas (spec).")
+    updated_replicas: int
+    ready_replicas: int
+    available_replicas: int
+    elapsed_s: float = 0.0
+
+
+class PodInfo(BaseModel):
+    """One pod, the way `kubectl get pods -o wide` summarises it."""
+
+    name: str
+    namespace: str
+    phase: str | None
+    ready: bool
+    ready_containers: int
+    containers: int
+    restarts: int
+    node: str | None
+    ip: str | None
+    created: datetime | None
+    terminating: bool
+
+
+class PodLogs(BaseModel):
+    """The tail of one container's log."""
+
+    pod: str
+    container: str
+    lines: list[str]
+    error: str | None = Field(None, description="Why this container's log could not be read.")
+
+
+class TailLogsResult(BaseModel):
+    """The last lines of every pod of a Deployment, optionally filtered."""
+
+    deployment: str
+    namespace: str
+    lines: int
+    grep: str | None
+    logs: list[PodLogs]
+
+    @property
+    def all_lines(self) -> list[str]:
+        """Every line, prefixed with pod/container like `kubectl logs --prefix`."""
+        return [f"[pod/{p.pod}/{p.container}] {line}" for p in self.logs for line in p.lines]
+
+
+class EventInfo(BaseModel):
+    """One core/v1 Event."""
+
+    type: str | None
+    reason: str | None
+    message: str | None
+    kind: str | None
+    name: str | None
+    count: int | None
+    first_seen: datetime | None
+    last_seen: datetime = Field(description="lastTimestamp, else eventTime, else creation.")
+
+
+class NodeInfo(BaseModel):
+    """A Node's health."""
+
+    name: str
+    ready: bool
+    unschedulable: bool
+    problems: list[str] = Field(description="Conditions other than Ready that are True.")
+    kubelet_version: str | None
+    addresses: list[str]
+
+
+class ScaleResult(BaseModel):
+    """What `scale` did."""
+
+    deployment: str
+    namespace: str
+    replicas_before: int = Field(description="spec.replicas as read before the write.")
+    replicas_after: int
+    dry_run: bool
+    changed: bool = Field(description="False when the Deployment was already at the target.")
+    message: str = ""
+
+
+class RevisionInfo(BaseModel):
+    """One entry of a Deployment's rollout history."""
+
+    revision: int
+    replica_set: str
+    images: list[str]
+    change_cause: str | None
+    replicas: int
+    ready_replicas: int
+    created: datetime | None
+    current: bool
+
+
+class RolloutHistory(BaseModel):
+    """`kubectl rollout history`, with the images of each revision."""
+
+    deployment: str
+    namespace: str
+    current_revision: int | None
+    revisions: list[RevisionInfo]

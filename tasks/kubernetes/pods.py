@@ -1,0 +1,201 @@
+"""Read-only Kubernetes tasks for diagnosis: pods, their logs, events, Nodes."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from kubernetes import client as k8s
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.errors import PermanentError
+from tasks.kubernetes.api import Kube, call, get_deployment, kube_session
+from tasks.kubernetes.models import EventInfo, NodeInfo, PodInfo, PodLogs, TailLogsResult
+from tasks.kubernetes.semantics import label_selector_string, meta
+from tasks.retry import RETRY_READ
+from tasks.settings import KubernetesSettings
+
+
+def _pod_info(pod: k8s.V1Pod) -> PodInfo:
+    status = pod.status or k8s.V1PodStatus()
+    statuses = status.container_statuses or []
+    ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+    return PodInfo(
+        name=meta(pod).name,
+        namespace=meta(pod).namespace,
+        phase=status.phase,
+        ready=ready,
+        ready_containers=sum(1 for c in statuses if c.ready),
+        containers=len(pod.spec.containers) if pod.spec else len(statuses),
+        restarts=sum(c.restart_count or 0 for c in statuses),
+        node=pod.spec.node_name if pod.spec else None,
+        ip=status.pod_ip,
+        created=meta(pod).creation_timestamp,
+        terminating=meta(pod).deletion_timestamp is not None,
+    )
+
+
+def list_pod_objects(kube: Kube, namespace: str, selector: str) -> list[k8s.V1Pod]:
+    """Pods matching `selector` (all when empty), sorted by name."""
+    pods = call(
+        kube,
+        kube.core.list_namespaced_pod,
+        namespace,
+        label_selector=selector or None,
+        verb="list",
+        resource="pods",
+        namespace=namespace,
+    )
+    return sorted(pods.items, key=lambda p: meta(p).name or "")
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="list-pods-{label_selector}")
+def list_pods(
+    label_selector: str | None = None,
+    namespace: str | None = None,
+    settings: KubernetesSettings | None = None,
+) -> list[PodInfo]:
+    """List pods with phase, readiness, restarts and node (default: the platform's label)."""
+    settings = settings or KubernetesSettings()
+    namespace = namespace or settings.namespace
+    selector = settings.label_selector if label_selector is None else label_selector
+    with kube_session(settings) as kube:
+        return [_pod_info(p) for p in list_pod_objects(kube, namespace, selector)]
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="tail-logs-{deployment}")
+def tail_logs(
+    deployment: str,
+    lines: int = 100,
+    grep: str | None = None,
+    namespace: str | None = None,
+    settings: KubernetesSettings | None = None,
+) -> TailLogsResult:
+    """The last `lines` log lines of every container of a Deployment's pods, optionally grepped."""
+    if not 1 <= lines <= 10_000:
+        raise PermanentError(f"lines must be between 1 and 10000, not {lines}")
+    try:
+        pattern = re.compile(grep) if grep else None
+    except re.error as exc:
+        raise PermanentError(f"invalid grep pattern {grep!r}: {exc}") from None
+    settings = settings or KubernetesSettings()
+    namespace = namespace or settings.namespace
+    out: list[PodLogs] = []
+    with kube_session(settings) as kube:
+        dep = get_deployment(kube, deployment, namespace)
+        for pod in list_pod_objects(kube, namespace, label_selector_string(dep.spec.selector)):
+            containers = pod.spec.containers if pod.spec else []
+            node_name = pod.spec.node_name if pod.spec else None
+            for container in containers:
+                name = meta(pod).name
+                if not node_name:
+                    out.append(
+                        PodLogs(pod=name, container=container.name, lines=[], error="not scheduled")
+                    )
+                    continue
+                try:
+                    text = call(
+                        kube,
+                        kube.core.read_namespaced_pod_log,
+                        name,
+                        namespace,
+                        container=container.name,
+                        tail_lines=lines,
+                        verb="get",
+                        resource="pods/log",
+                        name=name,
+                        namespace=namespace,
+                    )
+                except PermanentError as exc:
+                    if "forbidden" in str(exc) or "credentials" in str(exc):
+                        raise
+                    # One pod gone or not started must not hide the others' logs.
+                    out.append(
+                        PodLogs(pod=name, container=container.name, lines=[], error=str(exc))
+                    )
+                    continue
+                got = str(text).splitlines()
+                if pattern is not None:
+                    got = [line for line in got if pattern.search(line)]
+                out.append(PodLogs(pod=name, container=container.name, lines=got))
+    return TailLogsResult(
+        deployment=deployment, namespace=namespace, lines=lines, grep=grep, logs=out
+    )
+
+
+def _event_time(ev: k8s.CoreV1Event) -> datetime:
+    for ts in (
+        ev.last_timestamp,
+        ev.event_time,
+        ev.first_timestamp,
+        meta(ev).creation_timestamp,
+    ):
+        if ts is not None:
+            return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    return datetime.min.replace(tzinfo=UTC)
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="list-events-{namespace}")
+def list_events(
+    namespace: str | None = None,
+    object_name: str | None = None,
+    settings: KubernetesSettings | None = None,
+) -> list[EventInfo]:
+    """A namespace's events, oldest first (by last seen), optionally for one object."""
+    settings = settings or KubernetesSettings()
+    namespace = namespace or settings.namespace
+    with kube_session(settings) as kube:
+        events = call(
+            kube,
+            kube.core.list_namespaced_event,
+            namespace,
+            field_selector=f"involvedObject.name={object_name}" if object_name else None,
+            verb="list",
+            resource="events",
+            namespace=namespace,
+        )
+    return [
+        EventInfo(
+            type=ev.type,
+            reason=ev.reason,
+            message=ev.message,
+            kind=ev.involved_object.kind,
+            name=ev.involved_object.name,
+            count=ev.count,
+            first_seen=ev.first_timestamp,
+            last_seen=_event_time(ev),
+        )
+        for ev in sorted(events.items, key=_event_time)
+    ]
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="node-status")
+def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
+    """Every Node's readiness, schedulability and pressure conditions (needs the ClusterRole)."""
+    with kube_session(settings) as kube:
+        nodes = call(kube, kube.core.list_node, verb="list", resource="nodes")
+    result = []
+    for node in sorted(nodes.items, key=lambda n: meta(n).name or ""):
+        conditions = (node.status.conditions if node.status else None) or []
+        result.append(
+            NodeInfo(
+                name=meta(node).name,
+                ready=any(c.type == "Ready" and c.status == "True" for c in conditions),
+                unschedulable=bool(node.spec and node.spec.unschedulable),
+                problems=[
+                    f"{c.type}: {c.message or c.reason or ''}".strip()
+                    for c in conditions
+                    if c.type != "Ready" and c.status == "True"
+                ],
+                kubelet_version=(
+                    node.status.node_info.kubelet_version
+                    if node.status and node.status.node_info
+                    else None
+                ),
+                addresses=[
+                    a.address for a in (node.status.addresses if node.status else None) or []
+                ],
+            )
+        )
+    return result
