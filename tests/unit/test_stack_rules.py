@@ -1,0 +1,35 @@
+"""`make run`'s start-up rules: restart backoff, no exposed Prefect API, a sane zombie window."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.cli import ExposureRefused, check_exposure, restart_delay
+from deployments.settings import StackSettings
+
+ANY_ADDRESS = "0.0.0.0"  # noqa: S104 - the exposure under test, never bound here
+
+
+def test_restart_backoff_doubles_and_is_capped() -> None:
+    delays = [restart_delay(n, 1.0, 30.0) for n in range(1, 8)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+@pytest.mark.parametrize("host", [ANY_ADDRESS, "::", "192.168.1.20", "prefect.internal"])
+def test_server_off_loopback_without_api_auth_is_refused(host: str) -> None:
+    with pytest.raises(ExposureRefused, match="PREFECT_SERVER_API_AUTH_STRING"):
+        check_exposure(host, {})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_loopback_server_needs_no_api_auth(host: str) -> None:
+    check_exposure(host, {})
+
+
+def test_server_off_loopback_with_api_auth_starts() -> None:
+    check_exposure(ANY_ADDRESS, {"PREFECT_SERVER_API_AUTH_STRING": "admin:long-random"})
+
+
+def test_zombie_window_must_span_two_heartbeats() -> None:
+    with pytest.raises(ValueError, match="at least twice"):
+        StackSettings(heartbeat_s=30, zombie_after_s=45)
