@@ -176,6 +176,17 @@ def stop_group(pgid: int, name: str, timeout_s: float) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def group_alive(pgid: int) -> bool:
+    """True while any process of the group exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else: not ours any more
+        return False
+    return True
+
+
 def restart_delay(crashes: int, first_s: float, max_s: float) -> float:
     """Exponential backoff: first_s, 2*first_s, 4*first_s, ... capped at max_s."""
     return float(min(max_s, first_s * 2 ** max(0, crashes - 1)))
@@ -256,6 +267,8 @@ class Supervisor:
         while not self.stopping:
             now = time.monotonic()
             for part in self.parts:
+                # Forget emptied groups at once: their number could be reused by a stranger.
+                part.leftovers = [g for g in part.leftovers if group_alive(g)]
                 if part.proc is not None and part.proc.poll() is not None:
                     self.on_exit(part, now)
                 if part.proc is None and now >= part.restart_at and not self.stopping:

@@ -54,7 +54,7 @@ class StackSettings(BaseSettings):
     )
     zombie_after_s: int = Field(
         120,
-        ge=1,
+        ge=10,  # Prefect's minimum window for a proactive trigger
         description="A run silent this long (no heartbeat, no final state) is marked Crashed.",
     )
 
