@@ -20,6 +20,9 @@ HOOK = """
 import sys
 # The receiver (`-m deployments.cli receiver`) and its spawned warm processes only.
 if sys.argv[-1] in ("receiver", "--multiprocessing-fork"):
+    # Prefect's own modules keep the reference they imported; only a new lookup fails.
+    import prefect.flow_engine
+    import prefect.main
     import prefect.utilities.engine
     del prefect.utilities.engine.propose_state_sync
 """
