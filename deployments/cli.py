@@ -18,10 +18,11 @@
 Supervision: a part that dies during start-up stops everything (a configuration problem
 should not loop). After start-up, a part that exits is logged and restarted alone, after a
 backoff that doubles per crash (1 s, 2 s, 4 s, ... capped at 60 s) and starts over once a
-part ran 60 s before crashing. The Prefect server is restarted too: the Runner retries, and
-the receiver keeps accepting alerts into its journal meanwhile. Flow runs a crashed Runner
-or receiver left behind keep running and reporting; runs whose process died are marked
-Crashed by the heartbeat automation.
+part ran 60 s before crashing. The Prefect server is restarted too: the receiver keeps
+accepting alerts into its journal meanwhile, and the Runner (which exits when it loses the
+API) and any other crashed part are restarted only once the server answers again. Flow
+runs a crashed Runner or receiver left behind keep running and reporting; runs whose
+process died are marked Crashed by the heartbeat automation.
 
 Shutdown: receiver first (no new alerts), then the Runner, then the server; SIGTERM to each
 process group, SIGKILL after a timeout, so no child outlives `make run`.
