@@ -9,9 +9,20 @@
    telemetry off. A Postgres-backed server is one setting away: export
    `PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pw@host:5432/prefect`.
    `PREFECT_SERVER_API_AUTH_STRING` (user:password), when set, protects the API and the UI
-   and is handed to the other processes as `PREFECT_API_AUTH_STRING`;
+   and is handed to the other processes as `PREFECT_API_AUTH_STRING`; a server bound off
+   loopback without it is refused;
 2. `python -m deployments.serve`: the deployments and their schedules (Runner poll 1 s);
+   it also creates or updates the project's automations (`deployments/automations.py`);
 3. the receiver (uvicorn) with its warm pool.
+
+Supervision: a part that dies during start-up stops everything (a configuration problem
+should not loop). After start-up, a part that exits is logged and restarted alone, after a
+backoff that doubles per crash (1 s, 2 s, 4 s, ... capped at 60 s) and starts over once a
+part ran 60 s before crashing. The Prefect server is restarted too: the receiver keeps
+accepting alerts into its journal meanwhile, and the Runner (which exits when it loses the
+API) and any other crashed part are restarted only once the server answers again. Flow
+runs a crashed Runner or receiver left behind keep running and reporting; runs whose
+process died are marked Crashed by the heartbeat automation.
 
 Shutdown: receiver first (no new alerts), then the Runner, then the server; SIGTERM to each
 process group, SIGKILL after a timeout, so no child outlives `make run`.
@@ -22,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import ipaddress
 import logging
 import os
 import secrets
@@ -29,6 +41,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -53,6 +67,9 @@ def base_env(stack: StackSettings) -> dict[str, str]:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": f"http://{stack.host}:{stack.prefect_port}/api",
             "PREFECT_RUNNER_POLL_FREQUENCY": str(stack.poll_frequency_s),
+            # Runs (Runner subprocesses and warm processes) prove they are alive this often;
+            # the `crash-zombie-runs` automation marks a silent one Crashed.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(stack.heartbeat_s),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
         }
     )
@@ -78,22 +95,55 @@ def receiver_token(home: Path) -> str:
     return token
 
 
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything, so it counts as exposed
+        return False
+
+
+def check_exposure(host: str, env: Mapping[str, str]) -> None:
+    """Refuse a Prefect server reachable from the network without API credentials."""
+    if is_loopback(host) or env.get("PREFECT_SERVER_API_AUTH_STRING"):
+        return
+    raise ExposureRefused(
+        f"refusing to start: the Prefect server would listen on {host!r}, which is not "
+        "loopback, without PREFECT_SERVER_API_AUTH_STRING. Anyone reaching it could start, "
+        "approve or cancel runbook runs. Set PREFECT_SERVER_API_AUTH_STRING='user:password' "
+        "(a long random password), or keep RUNBOOKS_STACK_HOST=127.0.0.1."
+    )
+
+
+class ExposureRefused(RuntimeError):
+    """The stack's configuration would expose the Prefect API without credentials."""
+
+
 def wait_healthy(
-    api_url: str, auth: str | None, timeout_s: float, proc: subprocess.Popen[bytes]
-) -> None:
-    """Poll `/health` until the server answers; fail early if it exited."""
+    url: str,
+    headers: dict[str, str],
+    timeout_s: float,
+    proc: subprocess.Popen[bytes],
+    name: str,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Poll `url` until it answers 200; False if asked to stop; fail early if `proc` exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if should_stop():
+            return False
         if proc.poll() is not None:
-            raise RuntimeError(f"Prefect server exited with code {proc.returncode}")
+            raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
         try:
-            r = httpx.get(f"{api_url}/health", headers=api_headers(auth), timeout=2)
+            r = httpx.get(url, headers=headers, timeout=2)
             if r.status_code == 200:
-                return
+                return True
         except httpx.TransportError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"Prefect server not healthy after {timeout_s:.0f} s")
+    raise RuntimeError(f"{name} not healthy after {timeout_s:.0f} s")
 
 
 def stop(proc: subprocess.Popen[bytes], name: str, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -108,14 +158,151 @@ def stop(proc: subprocess.Popen[bytes], name: str, timeout_s: float = STOP_TIMEO
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop in %.0f s: killing", name, timeout_s)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     # Grandchildren (flow runs, warm processes) may remain in the group: end them too.
+    stop_group(proc.pid, name, timeout_s)
+
+
+def stop_group(pgid: int, name: str, timeout_s: float) -> None:
+    """End what is left in a process group: flow runs and warm processes of a part."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # raises ProcessLookupError once the group is empty
+            time.sleep(0.1)
+        log.warning("processes left by %s did not stop in %.0f s: killing", name, timeout_s)
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of the group exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else: not ours any more
+        return False
+    return True
+
+
+def restart_delay(crashes: int, first_s: float, max_s: float) -> float:
+    """Exponential backoff: first_s, 2*first_s, 4*first_s, ... capped at max_s."""
+    return float(min(max_s, first_s * 2 ** max(0, crashes - 1)))
+
+
+@dataclass
+class Part:
+    """One supervised process of `make run` and its crash history."""
+
+    name: str
+    cmd: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    #: Crashes in a row, each within `restart_stable_s` of its start; drives the backoff.
+    crashes: int = 0
+    restart_at: float = 0.0
+    #: Due for a restart but waiting for the Prefect server.
+    waiting: bool = False
+    #: Process groups of earlier incarnations whose runs were left to finish.
+    leftovers: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    """Starts the parts, restarts a crashed one with backoff, stops all in order."""
+
+    def __init__(self, stack: StackSettings, env: dict[str, str]) -> None:
+        self.stack = stack
+        self.env = env
+        self.parts: list[Part] = []
+        self.stopping = False
+        self.health_url = f"{env['PREFECT_API_URL']}/health"
+        self.headers = api_headers(env.get("PREFECT_API_AUTH_STRING"))
+
+    def server_healthy(self) -> bool:
+        try:
+            return httpx.get(self.health_url, headers=self.headers, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def launch(self, part: Part) -> None:
+        part.proc = subprocess.Popen(part.cmd, env=self.env, cwd=ROOT, start_new_session=True)
+        part.started_at = time.monotonic()
+        log.info("started %s (pid %d)", part.name, part.proc.pid)
+
+    def add(self, name: str, cmd: list[str]) -> Part:
+        part = Part(name, cmd)
+        self.parts.append(part)
+        self.launch(part)
+        return part
+
+    def on_exit(self, part: Part, now: float) -> None:
+        """Log a crash and schedule the restart."""
+        assert part.proc is not None
+        proc, ran_s = part.proc, now - part.started_at
+        # A part that ran stably before crashing starts over at the shortest delay.
+        part.crashes = 1 if ran_s >= self.stack.restart_stable_s else part.crashes + 1
+        delay = restart_delay(
+            part.crashes, self.stack.restart_backoff_s, self.stack.restart_backoff_max_s
+        )
+        log.error(
+            "%s (pid %d) exited with code %s after %.1f s: restarting in %.1f s "
+            "(crash %d in a row)",
+            part.name, proc.pid, proc.returncode, ran_s, delay, part.crashes,
+        )  # fmt: skip
+        if part.name == SERVER:
+            # A surviving server child would hold the port and the database: end the group.
+            stop_group(proc.pid, part.name, STOP_TIMEOUT_S)
+        else:
+            # Flow runs it started are separate processes that report to Prefect and keep
+            # their heartbeats: let them finish rather than cut a remediation in half. They are
+            # stopped with everything else on Ctrl-C.
+            part.leftovers.append(proc.pid)
+        part.proc = None
+        part.restart_at = now + delay
+
+    def watch(self) -> None:
+        """Until a signal: restart every part that exits, after its backoff."""
+        while not self.stopping:
+            now = time.monotonic()
+            for part in self.parts:
+                # Forget emptied groups at once: their number could be reused by a stranger.
+                part.leftovers = [g for g in part.leftovers if group_alive(g)]
+                if part.proc is not None and part.proc.poll() is not None:
+                    self.on_exit(part, now)
+                if part.proc is None and now >= part.restart_at and not self.stopping:
+                    # The Runner and the receiver need the API at start: while the server is
+                    # down, starting them would only crash them again.
+                    if part.name != SERVER and not self.server_healthy():
+                        if not part.waiting:
+                            log.warning("%s waits for the Prefect server to restart", part.name)
+                            part.waiting = True
+                        continue
+                    part.waiting = False
+                    self.launch(part)
+            time.sleep(0.2)
+
+    def stop_all(self) -> None:
+        """Receiver first (no new alerts), then the Runner, then the server; leftovers too."""
+        for part in reversed(self.parts):
+            if part.proc is not None:
+                stop(part.proc, part.name)
+            for pgid in part.leftovers:
+                stop_group(pgid, f"an earlier {part.name}", STOP_TIMEOUT_S)
+
+
+SERVER, RUNNER, RECEIVER = "prefect server", "runner", "receiver"
 
 
 def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None) -> int:
-    """Start server, Runner and receiver; block until a signal or a child dies."""
+    """Start server, Runner and receiver; restart a crashed one; stop all on a signal."""
+    try:
+        check_exposure(stack.host, os.environ)
+    except ExposureRefused as exc:
+        log.error("%s", exc)
+        return 2
     stack.home.mkdir(parents=True, exist_ok=True)
     env = base_env(stack)
     env["RUNBOOKS_RECEIVER_TOKEN"] = receiver_token(stack.home)
@@ -124,34 +311,34 @@ def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int |
     if pool_size is not None:
         env["RUNBOOKS_RECEIVER_POOL_SIZE"] = str(pool_size)
     api_url = env["PREFECT_API_URL"]
-
-    stopping = False
+    sup = Supervisor(stack, env)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
         log.info("signal %d: shutting down", signum)
-        stopping = True
+        sup.stopping = True
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def spawn(name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
-        children.append((name, proc))
-        log.info("started %s (pid %d)", name, proc.pid)
-        return proc
-
     try:
-        server = spawn(
-            "prefect server",
+        server = sup.add(
+            SERVER,
             [
                 sys.executable, "-m", "prefect", "server", "start",
                 "--host", stack.host, "--port", str(stack.prefect_port),
             ],
         )  # fmt: skip
-        wait_healthy(api_url, env.get("PREFECT_API_AUTH_STRING"), stack.startup_timeout_s, server)
+        assert server.proc is not None
+        api_headers_ = api_headers(env.get("PREFECT_API_AUTH_STRING"))
+        if not wait_healthy(
+            f"{api_url}/health",
+            api_headers_,
+            stack.startup_timeout_s,
+            server.proc,
+            "Prefect server",
+            lambda: sup.stopping,
+        ):
+            return 0
         log.info("Prefect UI: http://%s:%d", stack.host, stack.prefect_port)
         serve_cmd = [sys.executable, "-m", "deployments.serve", "--limit", str(stack.runner_limit)]
         if stack.catalog:
@@ -160,31 +347,41 @@ def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int |
             serve_cmd += ["--prefetch-s", "0"]
         # The receiver must answer Alertmanager within its timeout even while a burst of runs
         # imports and executes: the Runner and its run subprocesses yield the CPU to it.
-        spawn("runner", ["nice", "-n", str(stack.runner_nice), *serve_cmd])
-        spawn("receiver", [sys.executable, "-m", "deployments.cli", "receiver"])
+        runner = sup.add(RUNNER, ["nice", "-n", str(stack.runner_nice), *serve_cmd])
+        rec = sup.add(RECEIVER, [sys.executable, "-m", "deployments.cli", "receiver"])
+        assert rec.proc is not None and runner.proc is not None
+        # Start-up: a part that dies now has a configuration problem (bad routing table,
+        # port in use): say so and stop, rather than restart it in a loop.
+        rec_host = receiver.host
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(rec_host).is_unspecified:  # listening everywhere
+                rec_host = "127.0.0.1"
+        if not wait_healthy(
+            f"http://{rec_host}:{receiver.port}/healthz",
+            {},
+            stack.startup_timeout_s,
+            rec.proc,
+            "receiver",
+            lambda: sup.stopping,
+        ):
+            return 0
+        if runner.proc.poll() is not None:
+            raise RuntimeError(f"runner exited with code {runner.proc.returncode} during start-up")
         log.info(
             "alert receiver: http://%s:%d/alerts (bearer token in %s or RUNBOOKS_RECEIVER_TOKEN)",
             receiver.host,
             receiver.port,
             stack.home / "receiver-token",
         )
-        while not stopping:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    log.error("%s exited with code %s: stopping everything", name, proc.returncode)
-                    stopping = True
-                    break
-            time.sleep(0.3)
-        failed = any(p.returncode not in (None, 0) for _, p in children)
-        return 1 if failed else 0
+        sup.watch()
+        return 0
     except RuntimeError as exc:
-        log.error("%s", exc)
+        log.error("%s: stopping everything", exc)
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for name, proc in reversed(children):
-            stop(proc, name)
+        sup.stop_all()
 
 
 def run_receiver(settings: ReceiverSettings) -> None:

@@ -2,7 +2,8 @@
 
 `python -m deployments.serve` (started by `deployments.cli run`). Schedules are not paused
 when this process stops (`pause_on_shutdown=False`): a restart must not silently switch off
-the daily certificate scan.
+the daily certificate scan. At start it creates or updates the project's automations
+(`deployments/automations.py`: runs whose process died are marked Crashed).
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def to_deployments(runbooks: tuple[Runbook, ...]) -> list[RunnerDeployment]:
     return deployments
 
 
+def apply_automations() -> None:
+    """Create or update the project's automations; a failure is logged, never fatal."""
+    from deployments.automations import apply, declared
+    from deployments.settings import StackSettings
+
+    try:
+        apply(declared(StackSettings().zombie_after_s))
+    except Exception:
+        # Serving the runbooks matters more than crash detection: run without it, loudly.
+        log.exception("could not apply the automations: runs of dead processes stay Running")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--catalog", default=None, help="module:attr of a runbook catalog")
@@ -54,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--limit", type=int, default=None, help="max concurrent runs")
     args = parser.parse_args(argv)
+    # Prefect's logging config owns the root logger (WARNING): let our INFO lines through.
+    logging.getLogger("runbooks").setLevel(logging.INFO)
+    apply_automations()
     runner_kwargs: dict[str, Any] = {}
     if args.prefetch_s is not None:
         runner_kwargs["prefetch_seconds"] = args.prefetch_s

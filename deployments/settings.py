@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +38,35 @@ class StackSettings(BaseSettings):
     catalog: str | None = Field(
         None, description="`module:attr` of another runbook catalog (tests, benches)."
     )
+    restart_backoff_s: float = Field(
+        1.0, gt=0, description="First delay before restarting a crashed part; doubles per crash."
+    )
+    restart_backoff_max_s: float = Field(
+        60.0, gt=0, description="Cap of the restart delay (a crash loop retries this often)."
+    )
+    restart_stable_s: float = Field(
+        60.0, gt=0, description="A part that ran this long before crashing restarts at once."
+    )
+    heartbeat_s: int = Field(
+        30,
+        ge=30,  # Prefect's engine never beats faster (flow_engine.MINIMUM_HEARTBEAT_INTERVAL)
+        description="PREFECT_FLOWS_HEARTBEAT_FREQUENCY: flow runs say they are alive this often.",
+    )
+    zombie_after_s: int = Field(
+        120,
+        ge=10,  # Prefect's minimum window for a proactive trigger
+        description="A run silent this long (no heartbeat, no final state) is marked Crashed.",
+    )
+
+    @model_validator(mode="after")
+    def _zombie_window_spans_heartbeats(self) -> StackSettings:
+        # A window shorter than ~2 beats would crash healthy runs whose beat arrives late.
+        if self.zombie_after_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"zombie_after_s ({self.zombie_after_s}) must be at least twice "
+                f"heartbeat_s ({self.heartbeat_s})"
+            )
+        return self
 
 
 class ReceiverSettings(BaseSettings):

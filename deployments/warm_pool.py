@@ -17,6 +17,10 @@ several CPU-seconds, which a busy incident machine should not pay per alert); it
 after `MAX_RUNS_PER_PROCESS` runs. A process that dies mid-run gets its run marked Crashed
 and is replaced; a run cancelled in the UI gets its process terminated, the run marked
 Cancelled, and a fresh process started.
+
+The pool calls Prefect internals (the engine's `run_flow`, `propose_state_sync`, ...). At
+start it checks they exist with the parameters it passes (`missing_internals`); if a Prefect
+upgrade changed them, it logs why and stays disabled: the Runner executes every run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
+import inspect
 import logging
 import multiprocessing
 import os
@@ -45,6 +51,50 @@ log = logging.getLogger("runbooks.warm_pool")
 _CANCEL_CHECK_S = 2.0
 #: Recycle a process after this many runs: bounds any slow leak of module state.
 MAX_RUNS_PER_PROCESS = 25
+
+
+#: The Prefect internals a warm process calls: (module, attribute, keyword names it passes).
+#: Private or semi-private in Prefect, so checked at start-up (`missing_internals`).
+INTERNALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("prefect.flow_engine", "run_flow", ("flow", "flow_run", "return_type", "error_logger")),
+    ("prefect.utilities.engine", "propose_state_sync", ("client", "state", "flow_run_id")),
+    ("prefect.logging.loggers", "flow_run_logger", ("flow_run",)),
+    ("prefect.exceptions", "Abort", ()),
+    ("prefect.states", "Pending", ("state_details",)),
+    ("prefect.client.orchestration", "get_client", ("sync_client",)),
+    ("deployments.catalog", "_load_flow", ("entrypoint",)),
+)
+
+
+def missing_internals() -> list[str]:
+    """What the warm processes rely on and this Prefect lacks; empty when all is there."""
+    problems = []
+    for module_name, attr, keywords in INTERNALS:
+        where = f"{module_name}.{attr}"
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{where} is missing ({type(exc).__name__})")
+            continue
+        if not keywords:
+            continue
+        try:
+            params = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            problems.append(f"{where} has no inspectable signature")
+            continue
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        absent = [k for k in keywords if k not in params and not takes_any]
+        if absent:
+            problems.append(f"{where} no longer takes {', '.join(absent)}")
+    try:
+        from prefect.client.schemas.objects import StateDetails
+
+        if "scheduled_time" not in StateDetails.model_fields:
+            problems.append("StateDetails.scheduled_time is missing (the claim relies on it)")
+    except ImportError:
+        problems.append("prefect.client.schemas.objects.StateDetails is missing")
+    return problems
 
 
 @dataclass
@@ -73,10 +123,20 @@ class WarmPool:
         self._monitor: threading.Thread | None = None
         self._last_cancel_check = 0.0
         self._client: SyncPrefectClient | None = None
+        #: Why the pool refused to start (Prefect internals changed); None when it runs.
+        self.disabled_reason: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        """Start the processes and the monitor thread (returns at once)."""
+        """Check Prefect's internals, start the processes and the monitor (returns at once)."""
+        problems = missing_internals()
+        if problems:
+            # A Prefect upgrade changed what the warm processes call: executing runs with it
+            # could fail mid-remediation. The Runner starts every run instead (slower, safe).
+            self.disabled_reason = "; ".join(problems)
+            log.error("warm pool disabled, the Runner executes every run: %s", self.disabled_reason)
+            self._closing.set()
+            return
         with self._lock:
             for _ in range(self._size):
                 self._workers.append(self._spawn())
