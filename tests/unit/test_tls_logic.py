@@ -15,7 +15,6 @@ from tasks.tls import (
     NewPair,
     Severity,
     Thresholds,
-    _certificate_message,
     chain_problems,
     crossed_threshold,
     describe_bundle,
@@ -27,6 +26,7 @@ from tasks.tls import (
     severity_for_days,
     validate_replacement,
 )
+from tasks.tls.probe import _certificate_message
 from tests.fixtures.tls import HOST, CertFactory, Issued, make_cert
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
