@@ -31,6 +31,7 @@ from tasks.tls.certs import (
     lifetime_fraction_left,
     parse_certificates,
     severity_for_days,
+    short_days,
     worst,
 )
 from tasks.tls.files import expand_cert_paths, read_cert_file, read_pem_file
@@ -51,6 +52,9 @@ from tasks.tls.replacement import (
 )
 from tasks.tls.secrets import (
     TLS_SECRET_TYPE,
+    KubeName,
+    Namespace,
+    backup_secret_name,
     check_tls_replacement,
     load_new_pair,
     load_pair_from_secret,
@@ -65,6 +69,8 @@ __all__ = [
     "CertificateInfo",
     "Endpoint",
     "Finding",
+    "KubeName",
+    "Namespace",
     "NewPair",
     "ProbeOutcome",
     "ReplacementCheck",
@@ -72,6 +78,7 @@ __all__ = [
     "Severity",
     "SourceScan",
     "Thresholds",
+    "backup_secret_name",
     "chain_problems",
     "check_tls_replacement",
     "crossed_threshold",
@@ -98,6 +105,7 @@ __all__ = [
     "read_tls_secret",
     "replace_tls_secret",
     "severity_for_days",
+    "short_days",
     "validate_replacement",
     "worst",
     "write_tls_secret",

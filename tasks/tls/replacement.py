@@ -124,13 +124,16 @@ def _covers(leaf: CertificateInfo, host: str) -> bool:
 
 
 class SecretReplacement(BaseModel):
-    """What `replace_tls_secret` did, for the audit artifact (serials and dates only)."""
+    """What `replace_tls_secret` did, for the audit artifact (serials, fingerprints and
+    dates only)."""
 
     namespace: str
     name: str
     old_serial: str | None
     old_not_after: datetime | None
+    old_fingerprint_sha256: str | None = None
     new_serial: str
     new_not_after: datetime
+    new_fingerprint_sha256: str | None = None
     backup_secret: str | None
     resource_version: str | None

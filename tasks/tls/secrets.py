@@ -12,14 +12,14 @@ import binascii
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import SecretStr
+from pydantic import SecretStr, StringConstraints
 
 from tasks.clients import kube_api_client, kube_request_timeout
 from tasks.errors import PermanentError, SafetyViolation, TransientError
@@ -35,6 +35,19 @@ from tasks.tls.replacement import (
 )
 
 TLS_SECRET_TYPE = "kubernetes.io/tls"  # noqa: S105 - a type name, not a secret
+
+# Kubernetes' own name rules (DNS-1123), checked in the parameter models before anything
+# runs: a name that cannot exist is refused up front, and names are safe in commands.
+Namespace = Annotated[
+    str, StringConstraints(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+]
+KubeName = Annotated[
+    str,
+    StringConstraints(
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    ),
+]
 
 
 def _core_v1(settings: KubernetesSettings | None) -> Any:
@@ -110,6 +123,11 @@ def load_pair_from_secret(
     )
 
 
+def backup_secret_name(name: str, now: datetime) -> str:
+    """The name of the copy taken before `name` is replaced: `<name>-backup-<UTC stamp>`."""
+    return f"{name}-backup-{now:%Y%m%d%H%M%S}"[:253]
+
+
 def write_tls_secret(
     namespace: str,
     name: str,
@@ -117,6 +135,7 @@ def write_tls_secret(
     expected_resource_version: str,
     settings: KubernetesSettings | None = None,
     now: datetime | None = None,
+    backup_name: str | None = None,
 ) -> SecretReplacement:
     """Back up the current Secret, then replace its tls.crt/tls.key with `pair`.
 
@@ -139,7 +158,9 @@ def write_tls_secret(
         raise SafetyViolation(f"{what}: new pair refused: " + "; ".join(check.problems))
     api = _core_v1(settings)
     timeout = kube_request_timeout(settings)
-    backup_name = f"{name}-backup-{now:%Y%m%d%H%M%S}"[:253]
+    # The caller names the backup before the write, so its audit holds the undo even
+    # when this call fails half-way.
+    backup_name = backup_name or backup_secret_name(name, now)
     backup = k8s.V1Secret(
         metadata=k8s.V1ObjectMeta(
             name=backup_name,
@@ -170,8 +191,10 @@ def write_tls_secret(
         name=name,
         old_serial=old_infos[0].serial,
         old_not_after=old_infos[0].not_after,
+        old_fingerprint_sha256=old_infos[0].fingerprint_sha256,
         new_serial=check.new[0].serial,
         new_not_after=check.new[0].not_after,
+        new_fingerprint_sha256=check.new[0].fingerprint_sha256,
         backup_secret=backup_name,
         resource_version=updated.metadata.resource_version,
     )
@@ -231,11 +254,14 @@ def replace_tls_secret(
     new_cert_file: Path | None = None,
     new_key_file: Path | None = None,
     settings: KubernetesSettings | None = None,
+    backup_name: str | None = None,
 ) -> SecretReplacement:
     """Back up and replace a Kubernetes TLS Secret with a validated new pair (no retries:
     a half-known write is re-planned, not repeated)."""
     pair = load_new_pair(namespace, new_secret, new_cert_file, new_key_file, settings)
-    done = write_tls_secret(namespace, name, pair, expected_resource_version, settings)
+    done = write_tls_secret(
+        namespace, name, pair, expected_resource_version, settings, backup_name=backup_name
+    )
     get_run_logger().warning(
         "secret %s/%s replaced: serial %s → %s (backup %s)",
         namespace,

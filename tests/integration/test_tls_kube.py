@@ -16,13 +16,8 @@ from prefect.client.schemas.filters import (
 )
 from pydantic import SecretStr
 
-from flows.cert_expiry import (
-    CertExpiryParams,
-    CertReplaceParams,
-    SecretRef,
-    cert_expiry,
-    cert_replace,
-)
+from flows.cert_expiry import CertExpiryParams, SecretRef, cert_expiry
+from flows.cert_replace import CertReplaceParams, cert_replace
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.tls import (
     NewPair,
