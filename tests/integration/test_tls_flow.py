@@ -59,15 +59,11 @@ def test_crossed_thresholds_fail_the_check_and_the_scan_goes_on(
     (certs / "broken.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\nnope\n")
     params = CertExpiryParams(files=[str(certs)], endpoints=endpoints, connect_timeout_s=0.5)
 
-    started = time.monotonic()
     state = cert_expiry(params, return_state=True)
-    elapsed = time.monotonic() - started
 
     assert state.is_failed()
     assert "2 certificate(s) past a threshold (worst critical)" in (state.message or "")
     assert "2 source(s) could not be checked" in (state.message or "")
-    # The deaf port costs its timeouts (3 attempts here), not the whole scan's time.
-    assert elapsed < 30
 
     artifacts = _artifacts(state.state_details.flow_run_id)
     rows = _rows(artifacts["cert-expiry-certificates"])
@@ -101,7 +97,8 @@ def test_crossed_thresholds_fail_the_check_and_the_scan_goes_on(
     for data in artifacts.values():
         assert key_line not in str(data)
 
-    # Only the deaf endpoint got its own task, which ran with the retry policy.
+    # Only the deaf endpoint got its own task, which ran with the retry policy: it costs
+    # its own attempts, the other endpoints one batch (counted, not timed).
     runs = _task_runs(state.state_details.flow_run_id, lambda r: r.run_count >= 3)
     probes = sorted(r.name for r in runs if r.name.startswith("probe-tls-"))
     assert probes == [f"probe-tls-{endpoints[3]}", "probe-tls-batch-1-4-of-4"]
