@@ -41,7 +41,10 @@ def test_importing_the_catalog_imports_no_flow_and_loading_imports_one() -> None
     )
     before, after = json.loads(out)
     assert before == []
-    assert after == ["flows", "flows.cert_replace", "flows.common"]
+    assert "flows.cert_replace" in after
+    assert {"flows.cert_expiry", "flows.db_pool_exhausted", "flows.pool_threshold"}.isdisjoint(
+        after
+    )
 
 
 @pytest.mark.parametrize(

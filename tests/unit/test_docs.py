@@ -31,7 +31,9 @@ _ELSEWHERE = {"tasks/postgres.py"}
 @pytest.mark.parametrize(
     "path",
     [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="names a design note outside the repo"))
+        pytest.param(
+            p, marks=pytest.mark.xfail(strict=True, reason="names a design note outside the repo")
+        )
         if p in _ELSEWHERE
         else p
         for p in TRACKED
