@@ -168,7 +168,8 @@ def test_write_refuses_a_stale_plan_and_backs_up(
     fresh = read_secret_certificates(kube_namespace, "akig-tls").resource_version
     assert fresh is not None
     done = write_tls_secret(kube_namespace, "akig-tls", pair, fresh)
-    assert (done.old_serial, done.new_serial) == (_serial(old), _serial(new))
+    assert done.old_serial == _serial(old)
+    assert done.new_serial == _serial(new)
     assert _serial_in(core, kube_namespace, "akig-tls") == _serial(new)
     assert done.backup_secret is not None
     backup: Any = core.read_namespaced_secret(done.backup_secret, kube_namespace)
