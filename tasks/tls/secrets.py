@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,8 +52,11 @@ KubeName = Annotated[
 ]
 
 
-def _core_v1(settings: KubernetesSettings | None) -> Any:
-    return k8s.CoreV1Api(kube_api_client(settings))
+@contextmanager
+def _core_v1(settings: KubernetesSettings | None) -> Iterator[Any]:
+    """A CoreV1Api on the shared client builder, closed afterwards."""
+    with kube_api_client(settings) as api_client:
+        yield k8s.CoreV1Api(api_client)
 
 
 def _kube_error(exc: Exception, what: str) -> TransientError | PermanentError:
@@ -66,9 +71,10 @@ def _kube_error(exc: Exception, what: str) -> TransientError | PermanentError:
 def _read_secret(namespace: str, name: str, settings: KubernetesSettings | None) -> Any:
     what = f"secret {namespace}/{name}"
     try:
-        secret = _core_v1(settings).read_namespaced_secret(
-            name, namespace, _request_timeout=kube_request_timeout(settings)
-        )
+        with _core_v1(settings) as core:
+            secret = core.read_namespaced_secret(
+                name, namespace, _request_timeout=kube_request_timeout(settings)
+            )
     except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise _kube_error(exc, what) from None
     if secret.type != TLS_SECRET_TYPE:
@@ -156,7 +162,6 @@ def write_tls_secret(
     check = validate_replacement(pair, old_infos, now=now)
     if not check.ok:
         raise SafetyViolation(f"{what}: new pair refused: " + "; ".join(check.problems))
-    api = _core_v1(settings)
     timeout = kube_request_timeout(settings)
     # The caller names the backup before the write, so its audit holds the undo even
     # when this call fails half-way.
@@ -175,13 +180,23 @@ def write_tls_secret(
     new_data["tls.crt"] = base64.b64encode(pair.cert_pem.encode()).decode()
     new_data["tls.key"] = base64.b64encode(pair.key_pem.get_secret_value().encode()).decode()
     secret.data = new_data
+    backed_up = False
     try:
-        api.create_namespaced_secret(namespace, backup, _request_timeout=timeout)
-        updated = api.replace_namespaced_secret(name, namespace, secret, _request_timeout=timeout)
+        with _core_v1(settings) as api:
+            api.create_namespaced_secret(namespace, backup, _request_timeout=timeout)
+            backed_up = True
+            updated = api.replace_namespaced_secret(
+                name, namespace, secret, _request_timeout=timeout
+            )
     except ApiException as exc:
+        if exc.status == 409 and not backed_up:
+            raise SafetyViolation(
+                f"backup secret {namespace}/{backup_name} already exists; nothing written"
+            ) from None
         if exc.status == 409:
             raise SafetyViolation(
-                f"{what} changed while replacing it (409 Conflict); nothing more written"
+                f"{what} changed while replacing it (409 Conflict): backup "
+                f"{backup_name} written, {what} not; plan again"
             ) from None
         raise _kube_error(exc, what) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:

@@ -180,6 +180,21 @@ def test_write_refuses_a_stale_plan_and_backs_up(
     assert live.metadata.annotations["cert-manager.io/certificate-name"] == "akig-tls"
 
 
+def test_write_refuses_to_overwrite_an_existing_backup(
+    core: k8s.CoreV1Api, kube_namespace: str, pki: CertFactory
+) -> None:
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    new = pki.leaf(days_left=90, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _tls_secret(core, kube_namespace, "akig-tls-backup-1", old)
+    version = read_secret_certificates(kube_namespace, "akig-tls").resource_version
+    assert version is not None
+    pair = NewPair(cert_pem=new.chain_pem().decode(), key_pem=SecretStr(new.key_pem.decode()))
+    with pytest.raises(SafetyViolation, match="akig-tls-backup-1 already exists; nothing written"):
+        write_tls_secret(kube_namespace, "akig-tls", pair, version, backup_name="akig-tls-backup-1")
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+
+
 def _replace_params(ns: str, **kw: Any) -> CertReplaceParams:
     fields: dict[str, Any] = {
         "namespace": ns,
