@@ -426,3 +426,13 @@ def test_cert_replace_refuses_a_namespace_kubernetes_cannot_hold(namespace: str)
 
     with pytest.raises(ValidationError):
         CertReplaceParams(namespace=namespace, secret="akig-tls")
+
+
+@pytest.mark.parametrize(("namespace", "name"), [("Default", "akig-tls"), ("default", "a b")])
+def test_cert_expiry_refuses_a_secret_ref_kubernetes_cannot_hold(namespace: str, name: str) -> None:
+    from pydantic import ValidationError
+
+    from flows.cert_expiry import SecretRef
+
+    with pytest.raises(ValidationError):
+        SecretRef(namespace=namespace, name=name)
