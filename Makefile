@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps kube lint test test-fast run bench clean
+.PHONY: setup system-deps kube lint test test-fast run bench clean prefect-yaml screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,15 @@ test-fast: setup lint
 
 run: setup
 	$(PY) -m deployments.cli run
+
+# deployments/prefect.yaml from deployments/catalog.py (with the default schedules);
+# tests/unit/test_prefect_yaml.py fails while the committed file is stale.
+prefect-yaml: setup
+	env -u RUNBOOKS_POOL_CHECK_INTERVAL_S $(PY) -m deployments.prefect_yaml
+
+# Refresh the Prefect UI screenshots in docs/ (`make test` writes them to a temporary folder).
+screenshots: setup system-deps
+	RUNBOOKS_SCREENSHOT_DIR=$(CURDIR)/docs $(PY) -m pytest tests/e2e/test_alert_to_run.py -k prefect_ui
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

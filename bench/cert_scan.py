@@ -3,7 +3,7 @@
 Starts a server process (one asyncio loop, 200 loopback ports, each presenting a leaf +
 intermediate made here), then measures, in one run:
 
-  1. concurrent   `tasks.tls.fetch_endpoint` (the code `probe_tls_endpoint` runs) on a
+  1. concurrent   `tasks.tls.probe.fetch_endpoint` (the code `probe_tls_endpoint` runs) on a
                   thread pool as wide as the flow's (`RUNBOOKS_TLS_MAX_WORKERS`, 64)
   2. sequential   the same code, one endpoint after the other
   3. openssl      `openssl s_client` one after the other (the by-hand way), if installed
@@ -83,7 +83,7 @@ def main() -> int:
     n = args.endpoints
 
     from tasks.settings import TlsSettings
-    from tasks.tls import fetch_endpoint
+    from tasks.tls.probe import fetch_endpoint
     from tests.fixtures.tls import CertFactory
 
     pki = CertFactory()

@@ -7,21 +7,40 @@ needed, so a broken runbook module fails the start-up loudly instead of at impor
 
 The deployment of a flow is always `<flow-name>/<flow-name>`: flows start each other with
 `run_deployment("<flow-name>/<flow-name>")`.
+
+Schedules live here, not in the flow modules, and importing this module imports no flow
+(tests/unit/test_catalog.py checks both). One schedule reads the environment when this
+module is imported: `RUNBOOKS_POOL_CHECK_INTERVAL_S` (default 300) sets how often
+`pool-threshold` runs.
+
+`service_account` is the Kubernetes ServiceAccount a run uses under a Kubernetes work pool
+(`prefect.yaml`, generated from this list by `make prefect-yaml`); the manifests are in
+`deployments/k8s/`.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefect import Flow
-from pydantic import BaseModel
+if TYPE_CHECKING:  # imported when a runbook is loaded: this module stays cheap to import
+    from prefect import Flow
+    from pydantic import BaseModel
 
-from flows.cert_expiry import SCHEDULE_CRON as CERT_EXPIRY_CRON
-from flows.pool_threshold import SCHEDULE_INTERVAL_S as POOL_THRESHOLD_INTERVAL_S
+#: The ServiceAccount of the rollout runbooks: the platform's named Deployments only
+#: (deployments/k8s/). Runbooks that never call Kubernetes use `NO_KUBE_SERVICE_ACCOUNT`
+#: (no Role, no mounted token); the TLS runbooks have one each, scoped to their Secrets.
+DEFAULT_SERVICE_ACCOUNT = "incident-runbooks"
+NO_KUBE_SERVICE_ACCOUNT = "runbooks-no-kube"
+
+#: Every 5 minutes unless `RUNBOOKS_POOL_CHECK_INTERVAL_S` says otherwise.
+POOL_THRESHOLD_INTERVAL_S = int(os.environ.get("RUNBOOKS_POOL_CHECK_INTERVAL_S", "300"))
+#: Daily at 06:00 UTC, early enough to act in office hours on what it finds.
+CERT_EXPIRY_CRON = "0 6 * * *"
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,8 @@ class Runbook:
     #: The parameter field (dotted for nested models) that makes a run plan-only; `None` =
     #: the runbook never changes anything.
     dry_run_field: str | None = "dry_run"
+    #: Kubernetes ServiceAccount of its runs under a Kubernetes work pool (prefect.yaml).
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -52,6 +73,8 @@ class Runbook:
 
     def params_model(self) -> type[BaseModel]:
         """The pydantic model of the flow's single `params` parameter."""
+        from pydantic import BaseModel
+
         flow = self.load()
         annotation = inspect.signature(flow.fn, eval_str=True).parameters["params"].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -61,6 +84,8 @@ class Runbook:
 
 @cache
 def _load_flow(entrypoint: str) -> Flow[..., Any]:
+    from prefect import Flow
+
     module_name, _, attr = entrypoint.partition(":")
     obj = getattr(importlib.import_module(module_name), attr)
     if not isinstance(obj, Flow):
@@ -74,6 +99,7 @@ RUNBOOKS: tuple[Runbook, ...] = (
         entrypoint="flows.db_pool_exhausted:db_pool_exhausted",
         description="PostgreSQL connection pool exhausted: find and (guarded) end idle sessions.",
         tags=("postgres", "destructive"),
+        service_account=NO_KUBE_SERVICE_ACCOUNT,
     ),
     Runbook(
         name="pool-threshold",
@@ -83,6 +109,7 @@ RUNBOOKS: tuple[Runbook, ...] = (
         interval_s=POOL_THRESHOLD_INTERVAL_S,
         # It only starts db-pool-exhausted; that run's own dry_run is what plans.
         dry_run_field="remediation.dry_run",
+        service_account=NO_KUBE_SERVICE_ACCOUNT,
     ),
     Runbook(
         name="cert-expiry",
@@ -91,12 +118,14 @@ RUNBOOKS: tuple[Runbook, ...] = (
         tags=("tls", "scheduled"),
         cron=CERT_EXPIRY_CRON,
         dry_run_field=None,
+        service_account="cert-expiry",
     ),
     Runbook(
         name="cert-replace",
-        entrypoint="flows.cert_expiry:cert_replace",
+        entrypoint="flows.cert_replace:cert_replace",
         description="Replace a TLS Secret and restart the ingress (approval; dry run default).",
         tags=("tls", "destructive"),
+        service_account="cert-replace",
     ),
 )
 

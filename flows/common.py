@@ -121,6 +121,16 @@ def md_escape(value: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
 
 
+def md_code(value: object) -> str:
+    """Text from outside shown verbatim as one inline code span (a command, a host name):
+    never markdown, and a backtick inside cannot close it (the fence is longer)."""
+    text = " ".join(str(value).split())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if longest else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table; cells are escaped so a label or query text cannot break the layout."""
 

@@ -1,7 +1,8 @@
 """Scheduled check `pool-threshold`: PostgreSQL connection usage against a warning threshold.
 
-Trigger: every 5 minutes (`SCHEDULE_INTERVAL_S`), or by hand. The seed's prevention item
-"Add monitoring alert at 70% threshold", as a check that leaves a record every run.
+Trigger: every 5 minutes (the schedule is in `deployments/catalog.py`), or by hand. The
+seed's prevention item "Add monitoring alert at 70% threshold", as a check that leaves a
+record every run.
 
 May change: nothing by itself. When `start_remediation` is on and usage is over the
 threshold, it starts the `db-pool-exhausted` deployment (dry-run unless told otherwise),
@@ -12,8 +13,6 @@ Undo: nothing to undo.
 """
 
 from __future__ import annotations
-
-import os
 
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
@@ -26,8 +25,6 @@ from flows.db_pool_exhausted import DbPoolParams
 from tasks.postgres import PoolUsage, measure_pool_usage
 
 RUNBOOK = "pool-threshold"
-# How often the check runs when served; `RUNBOOKS_POOL_CHECK_INTERVAL_S` overrides it.
-SCHEDULE_INTERVAL_S = int(os.environ.get("RUNBOOKS_POOL_CHECK_INTERVAL_S", "300"))
 REMEDIATION_DEPLOYMENT = f"{REMEDIATION}/{REMEDIATION}"
 
 

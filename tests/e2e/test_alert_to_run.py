@@ -4,7 +4,8 @@
 routing table). The apt `prometheus-alertmanager` is configured with a webhook receiver and a
 bearer token; an alert pushed to its v2 API must become a db-pool-exhausted run (dry run,
 database from the alert's label) that completes against the local PostgreSQL. Headless
-Chromium then opens the Prefect UI's runs list, finds the run and saves docs/ui-flow-runs.png.
+Chromium then opens the Prefect UI's runs list, finds the run and screenshots it: into a
+temporary folder, or into $RUNBOOKS_SCREENSHOT_DIR (`make screenshots` points it at docs/).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.fixtures.stack import REPO, Stack, running_stack
+from tests.fixtures.stack import Stack, running_stack
 from tests.fixtures.triggers import free_port
 
 pytestmark = pytest.mark.e2e
@@ -194,11 +196,15 @@ def test_redelivery_and_resolution_start_nothing_more(
     assert len(find_runs(stack, f"alert:{fingerprint}")) == 1
 
 
-def test_prefect_ui_lists_the_alert_run(stack: Stack, alert_run: dict[str, Any]) -> None:
+def test_prefect_ui_lists_the_alert_run(
+    stack: Stack, alert_run: dict[str, Any], tmp_path: Path
+) -> None:
     require_binary(CHROMIUM)
     from playwright.sync_api import sync_playwright
 
-    shot = REPO / "docs" / "ui-flow-runs.png"
+    # `make test` leaves the work tree clean; `make screenshots` refreshes docs/.
+    folder = Path(os.environ.get("RUNBOOKS_SCREENSHOT_DIR") or tmp_path)
+    shot = folder / "ui-flow-runs.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
@@ -225,7 +231,7 @@ def test_prefect_ui_lists_the_alert_run(stack: Stack, alert_run: dict[str, Any])
             page.get_by_text(alert_run["name"]).first.wait_for(timeout=60_000)
             page.get_by_text("source:alert").first.wait_for(state="attached", timeout=60_000)
             page.wait_for_timeout(1000)
-            page.screenshot(path=str(REPO / "docs" / "ui-flow-run.png"), full_page=False)
+            page.screenshot(path=str(folder / "ui-flow-run.png"), full_page=False)
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import TaskRun
 
 from flows.cert_expiry import CertExpiryParams, CertExpiryResult, cert_expiry
+from flows.common import md_escape
 from tasks.tls import Severity
 from tests.fixtures.tls import HOST, CertFactory, TlsServer
 
@@ -59,15 +61,11 @@ def test_crossed_thresholds_fail_the_check_and_the_scan_goes_on(
     (certs / "broken.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\nnope\n")
     params = CertExpiryParams(files=[str(certs)], endpoints=endpoints, connect_timeout_s=0.5)
 
-    started = time.monotonic()
     state = cert_expiry(params, return_state=True)
-    elapsed = time.monotonic() - started
 
     assert state.is_failed()
     assert "2 certificate(s) past a threshold (worst critical)" in (state.message or "")
     assert "2 source(s) could not be checked" in (state.message or "")
-    # The deaf port costs its timeouts (3 attempts here), not the whole scan's time.
-    assert elapsed < 30
 
     artifacts = _artifacts(state.state_details.flow_run_id)
     rows = _rows(artifacts["cert-expiry-certificates"])
@@ -101,7 +99,8 @@ def test_crossed_thresholds_fail_the_check_and_the_scan_goes_on(
     for data in artifacts.values():
         assert key_line not in str(data)
 
-    # Only the deaf endpoint got its own task, which ran with the retry policy.
+    # Only the deaf endpoint got its own task, which ran with the retry policy: it costs
+    # its own attempts, the other endpoints one batch (counted, not timed).
     runs = _task_runs(state.state_details.flow_run_id, lambda r: r.run_count >= 3)
     probes = sorted(r.name for r in runs if r.name.startswith("probe-tls-"))
     assert probes == [f"probe-tls-{endpoints[3]}", "probe-tls-batch-1-4-of-4"]
@@ -164,3 +163,18 @@ def test_lifetime_rule_and_custom_thresholds_reach_the_verdict(
         {"files": [str(path)], "thresholds": {"lifetime_fraction_warn": 0.2}}
     )
     assert cert_expiry(relaxed, return_state=True).is_completed()
+
+
+def test_outside_text_in_the_report_is_inert(pki: CertFactory, tmp_path: Path) -> None:
+    folder = tmp_path / "my certs"
+    folder.mkdir()
+    path = folder / "akig_prod.pem"
+    evil = pki.leaf(days_left=0.5, cn="<img src=x onerror=alert(1)> **x** | y")
+    path.write_bytes(evil.chain_pem())
+    state = cert_expiry(CertExpiryParams(files=[str(path)]), return_state=True)
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    report = artifacts["cert-expiry"]
+    assert re.search(r"(?<!\\)<img", report) is None  # the subject is escaped, not HTML
+    assert md_escape(evil.cert.subject.rfc4514_string()) in report
+    # The checklist command is shell-quoted and shown verbatim (no markdown escapes in it).
+    assert f"`openssl x509 -in '{path}' -text -noout`" in artifacts["cert-emergency-checklist"]

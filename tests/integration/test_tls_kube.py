@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from uuid import UUID
@@ -16,13 +17,9 @@ from prefect.client.schemas.filters import (
 )
 from pydantic import SecretStr
 
-from flows.cert_expiry import (
-    CertExpiryParams,
-    CertReplaceParams,
-    SecretRef,
-    cert_expiry,
-    cert_replace,
-)
+from flows.cert_expiry import CertExpiryParams, SecretRef, cert_expiry
+from flows.cert_replace import CertReplaceParams, cert_replace
+from flows.common import md_escape
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.tls import (
     NewPair,
@@ -171,7 +168,8 @@ def test_write_refuses_a_stale_plan_and_backs_up(
     fresh = read_secret_certificates(kube_namespace, "akig-tls").resource_version
     assert fresh is not None
     done = write_tls_secret(kube_namespace, "akig-tls", pair, fresh)
-    assert (done.old_serial, done.new_serial) == (_serial(old), _serial(new))
+    assert done.old_serial == _serial(old)
+    assert done.new_serial == _serial(new)
     assert _serial_in(core, kube_namespace, "akig-tls") == _serial(new)
     assert done.backup_secret is not None
     backup: Any = core.read_namespaced_secret(done.backup_secret, kube_namespace)
@@ -180,6 +178,21 @@ def test_write_refuses_a_stale_plan_and_backs_up(
     assert not (backup.metadata.annotations or {})  # cert-manager must not adopt it
     live: Any = core.read_namespaced_secret("akig-tls", kube_namespace)
     assert live.metadata.annotations["cert-manager.io/certificate-name"] == "akig-tls"
+
+
+def test_write_refuses_to_overwrite_an_existing_backup(
+    core: k8s.CoreV1Api, kube_namespace: str, pki: CertFactory
+) -> None:
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    new = pki.leaf(days_left=90, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _tls_secret(core, kube_namespace, "akig-tls-backup-1", old)
+    version = read_secret_certificates(kube_namespace, "akig-tls").resource_version
+    assert version is not None
+    pair = NewPair(cert_pem=new.chain_pem().decode(), key_pem=SecretStr(new.key_pem.decode()))
+    with pytest.raises(SafetyViolation, match="akig-tls-backup-1 already exists; nothing written"):
+        write_tls_secret(kube_namespace, "akig-tls", pair, version, backup_name="akig-tls-backup-1")
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
 
 
 def _replace_params(ns: str, **kw: Any) -> CertReplaceParams:
@@ -204,10 +217,15 @@ def test_replace_dry_run_and_refusal_change_nothing(
     _ingress(kube_namespace, kube_cluster)
 
     _tls_secret(core, kube_namespace, "akig-tls-new", pki.leaf(days_left=90, hosts=HOSTS))
-    out = cert_replace(_replace_params(kube_namespace))
+    reason = "INC-7 <img src=x onerror=alert(1)> **now** | `x`"
+    dry = cert_replace(_replace_params(kube_namespace, reason=reason), return_state=True)
+    out = dry.result()
     assert out.outcome == "dry run"
     assert out.check.ok
     assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+    dry_report = _artifact(dry.state_details.flow_run_id, "cert-replace")
+    assert md_escape(reason) in dry_report  # text from outside is inert markdown
+    assert re.search(r"(?<!\\)<img", dry_report) is None  # no live HTML tag
 
     _tls_secret(core, kube_namespace, "narrow", pki.leaf(days_left=90, hosts=(HOST,)))
     state = cert_replace(
@@ -287,3 +305,113 @@ def test_refused_approval_changes_nothing(
     report = _artifact(run_id, "cert-replace")
     assert "refused by **bob**: wrong CA" in report
     assert "Not approved: nothing changed." in report
+
+
+def _fingerprint(issued: Issued) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return issued.cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _backups(core: k8s.CoreV1Api, ns: str) -> list[str]:
+    secrets: Any = core.list_namespaced_secret(ns)
+    return [str(s.metadata.name) for s in secrets.items if "-backup-" in str(s.metadata.name)]
+
+
+def test_a_failure_after_the_write_leaves_the_undo_in_the_audit(
+    core: k8s.CoreV1Api, kube_namespace: str, kube_cluster: KubeCluster, pki: CertFactory
+) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    new = pki.leaf(days_left=90, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _tls_secret(core, kube_namespace, "akig-tls-new", new)
+    _ingress(kube_namespace, kube_cluster)
+    apps = k8s.AppsV1Api(kube_cluster.api())
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(
+            cert_replace, _replace_params(kube_namespace, dry_run=False), return_state=True
+        )
+        run_id = wait_for_paused_run("cert-replace")
+        # A real failure in the step after the write: the ingress is gone meanwhile.
+        apps.delete_namespaced_deployment("ingress", kube_namespace)
+        resume_flow_run(run_id, run_input={"approved": True, "approver": "alice"})
+        state = fut.result(timeout=180)
+    assert state.is_failed()
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(new)
+    (backup,) = _backups(core, kube_namespace)
+    assert _serial_in(core, kube_namespace, backup) == _serial(old)
+    report = _artifact(run_id, "cert-replace")
+    assert _fingerprint(old) in report  # every previous value: the undo
+    assert "## Stopped" in report
+    assert "The Secret may have been changed" in report
+    assert _serial(old) in report
+    assert f"{kube_namespace}/{backup}" in report
+    assert f"kubectl -n {kube_namespace} get secret {backup} -o json" in report
+
+
+def test_a_change_while_waiting_for_approval_stops_the_write(
+    core: k8s.CoreV1Api, kube_namespace: str, kube_cluster: KubeCluster, pki: CertFactory
+) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _tls_secret(core, kube_namespace, "akig-tls-new", pki.leaf(days_left=90, hosts=HOSTS))
+    _ingress(kube_namespace, kube_cluster)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(
+            cert_replace, _replace_params(kube_namespace, dry_run=False), return_state=True
+        )
+        run_id = wait_for_paused_run("cert-replace")
+        # cert-manager renews the Secret while the run waits for a human.
+        core.patch_namespaced_secret(
+            "akig-tls", kube_namespace, {"metadata": {"labels": {"renewed": "yes"}}}
+        )
+        resume_flow_run(run_id, run_input={"approved": True, "approver": "alice"})
+        state = fut.result(timeout=180)
+    assert state.is_failed()
+    assert "changed since the plan" in (state.message or "")
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+    assert _backups(core, kube_namespace) == []
+    report = _artifact(run_id, "cert-replace")
+    assert "changed since the plan" in report
+    assert _fingerprint(old) in report
+
+
+def test_a_missing_ingress_stops_the_run_before_approval(
+    core: k8s.CoreV1Api, kube_namespace: str, pki: CertFactory
+) -> None:
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _tls_secret(core, kube_namespace, "akig-tls-new", pki.leaf(days_left=90, hosts=HOSTS))
+    # No ingress Deployment: asking for approval would only lead to a half-done change.
+    state = cert_replace(
+        _replace_params(kube_namespace, dry_run=False, approval_timeout_s=10), return_state=True
+    )
+    assert state.is_failed()
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+    report = _artifact(state.state_details.flow_run_id, "cert-replace")
+    assert "## Approval" not in report
+    assert "Nothing was changed." in report
+
+
+def test_an_approval_timeout_changes_nothing_and_is_recorded(
+    core: k8s.CoreV1Api, kube_namespace: str, kube_cluster: KubeCluster, pki: CertFactory
+) -> None:
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _tls_secret(core, kube_namespace, "akig-tls-new", pki.leaf(days_left=90, hosts=HOSTS))
+    _ingress(kube_namespace, kube_cluster)
+    state = cert_replace(
+        _replace_params(kube_namespace, dry_run=False, approval_timeout_s=10), return_state=True
+    )
+    # Prefect's server ends a run whose pause expired as Failed ("never resumed"),
+    # whatever the flow returns; what matters is that nothing changed and it is recorded.
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+    assert _backups(core, kube_namespace) == []
+    report = _artifact(state.state_details.flow_run_id, "cert-replace")
+    assert "no answer within 10 s" in report
+    assert "Not approved: nothing changed." in report
+    assert _fingerprint(old) in report

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ from tasks.tls import (
     evaluate,
     expand_cert_paths,
     fetch_endpoint,
+    probe_many,
     read_pem_file,
 )
 from tests.fixtures.tls import HOST, CertFactory, Issued, TlsServer
@@ -108,7 +108,8 @@ def test_sni_selects_the_certificate(pki: CertFactory, tls_server: TlsServer) ->
     )
     got_a = fetch_endpoint(f"a.example@127.0.0.1:{port}").certificates[0]
     got_b = fetch_endpoint(f"b.example@127.0.0.1:{port}").certificates[0]
-    assert (got_a.serial, got_b.serial) == (_serial(a), _serial(b))
+    assert got_a.serial == _serial(a)
+    assert got_b.serial == _serial(b)
     assert got_a.hostname_match is True
     assert got_b.hostname_match is True
     # Connecting by IP sends no SNI: the default certificate, checked against the IP,
@@ -166,10 +167,9 @@ def test_tls13_only_server_reports_the_leaf_and_says_so(
 
 
 def test_deaf_port_times_out_as_transient(deaf_port: int) -> None:
-    started = time.monotonic()
+    # How long the timeout takes is bench/cert_scan.py's business; here: what it says.
     with pytest.raises(TransientError, match=r"no TLS answer within 0.5 s"):
         fetch_endpoint(f"{HOST}@127.0.0.1:{deaf_port}", timeout_s=0.5)
-    assert 0.4 < time.monotonic() - started < 2
 
 
 def test_refused_port_is_transient(closed_port: int) -> None:
@@ -209,15 +209,35 @@ def test_a_port_not_speaking_tls_is_a_clear_permanent_error(plain_http_port: int
         fetch_endpoint(f"127.0.0.1:{plain_http_port}", timeout_s=3)
 
 
-def test_many_endpoints_concurrently(pki: CertFactory, tls_server: TlsServer) -> None:
+GATE = 20
+
+
+@pytest.fixture
+def gated_ports(pki: CertFactory, tls_server: TlsServer) -> tuple[list[int], Issued]:
+    """GATE ports that answer only once all GATE connections are open at once."""
+    leaf = pki.leaf()
+    return tls_server.serve(leaf.chain_pem(), leaf.key_pem, count=GATE, gate=GATE), leaf
+
+
+def test_probe_many_has_every_endpoint_in_flight_at_once(
+    gated_ports: tuple[list[int], Issued], tls_server: TlsServer
+) -> None:
+    ports, leaf = gated_ports
+    endpoints = [f"{HOST}@127.0.0.1:{p}" for p in ports]
+    # One probe at a time would time out on every port but the last.
+    outcomes = probe_many(endpoints, timeout_s=5, max_workers=64)
+    assert [o.error for o in outcomes] == [None] * GATE
+    assert tls_server.held_at_once == GATE
+    assert [o.endpoint for o in outcomes] == endpoints  # in input order
+    assert {o.scan.certificates[0].serial for o in outcomes if o.scan} == {_serial(leaf)}
+
+
+def test_fetch_endpoint_is_thread_safe(pki: CertFactory, tls_server: TlsServer) -> None:
     leaf = pki.leaf()
     ports = tls_server.serve(leaf.chain_pem(), leaf.key_pem, count=50)
-    started = time.monotonic()
     with ThreadPoolExecutor(50) as pool:
         scans = list(pool.map(lambda p: fetch_endpoint(f"{HOST}@127.0.0.1:{p}"), ports))
-    elapsed = time.monotonic() - started
     assert {s.certificates[0].serial for s in scans} == {_serial(leaf)}
-    assert elapsed < 5, f"50 endpoints took {elapsed:.2f} s"
 
 
 # --------------------------------------------------------------------------- files

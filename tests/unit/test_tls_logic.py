@@ -15,7 +15,6 @@ from tasks.tls import (
     NewPair,
     Severity,
     Thresholds,
-    _certificate_message,
     chain_problems,
     crossed_threshold,
     describe_bundle,
@@ -27,6 +26,7 @@ from tasks.tls import (
     severity_for_days,
     validate_replacement,
 )
+from tasks.tls.probe import _certificate_message
 from tests.fixtures.tls import HOST, CertFactory, Issued, make_cert
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
@@ -393,3 +393,46 @@ def test_emergency_checklist_names_each_source_with_its_command() -> None:
     assert f"`DNS:{HOST}`, `DNS:www.akig.example`" in text
     steps = [line for line in text.splitlines() if line.startswith("- [ ] **")]
     assert [s.split("**")[1].split(".")[0] for s in steps] == ["1", "2", "3", "4", "5", "6"]
+
+
+# ------------------------------------------------------------ flow inputs and outputs
+
+
+def test_checklist_commands_are_shell_quoted_and_shown_verbatim() -> None:
+    from flows.cert_expiry import emergency_checklist
+
+    source = "we_ird`name@127.0.0.1:8443"
+    cert = info(0.5, source=source, kind="endpoint", san_dns=["*.akig_x.example"])
+    checklist = emergency_checklist([evaluate(cert, TH)], {(source, 0): cert})
+    # A double-backtick span: the backtick inside neither ends it nor needs escaping.
+    assert "`` openssl s_client -connect 127.0.0.1:8443 -servername 'we_ird`name' " in checklist
+
+
+@pytest.mark.parametrize("name", ["Akig_TLS", "a/b", "x`y", "", "-tls", "a" * 254])
+def test_cert_replace_refuses_a_secret_name_kubernetes_cannot_hold(name: str) -> None:
+    from pydantic import ValidationError
+
+    from flows.cert_replace import CertReplaceParams
+
+    with pytest.raises(ValidationError):
+        CertReplaceParams(namespace="default", secret=name)
+
+
+@pytest.mark.parametrize("namespace", ["Default", "a.b", "x" * 64])
+def test_cert_replace_refuses_a_namespace_kubernetes_cannot_hold(namespace: str) -> None:
+    from pydantic import ValidationError
+
+    from flows.cert_replace import CertReplaceParams
+
+    with pytest.raises(ValidationError):
+        CertReplaceParams(namespace=namespace, secret="akig-tls")
+
+
+@pytest.mark.parametrize(("namespace", "name"), [("Default", "akig-tls"), ("default", "a b")])
+def test_cert_expiry_refuses_a_secret_ref_kubernetes_cannot_hold(namespace: str, name: str) -> None:
+    from pydantic import ValidationError
+
+    from flows.cert_expiry import SecretRef
+
+    with pytest.raises(ValidationError):
+        SecretRef(namespace=namespace, name=name)

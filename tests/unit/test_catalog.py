@@ -1,0 +1,65 @@
+"""The catalog is the one place per runbook: schedules live there, flows load lazily."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deployments.catalog import RUNBOOKS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _in_fresh_python(code: str, **env: str) -> str:
+    """Run `code` in a new interpreter (nothing imported yet); return its stdout."""
+    base = {k: v for k, v in os.environ.items() if k != "RUNBOOKS_POOL_CHECK_INTERVAL_S"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=base | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_importing_the_catalog_imports_no_flow_and_loading_imports_one() -> None:
+    out = _in_fresh_python(
+        "import json, sys\n"
+        "flows = lambda: sorted(m for m in sys.modules if m == 'flows' or m.startswith('flows.'))\n"
+        "from deployments.catalog import by_deployment, RUNBOOKS\n"
+        "before = flows()\n"
+        "by_deployment(RUNBOOKS)['cert-replace/cert-replace'].load()\n"
+        "print(json.dumps([before, flows()]))"
+    )
+    before, after = json.loads(out)
+    assert before == []
+    assert "flows.cert_replace" in after
+    assert {"flows.cert_expiry", "flows.db_pool_exhausted", "flows.pool_threshold"}.isdisjoint(
+        after
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"), [({}, 300), ({"RUNBOOKS_POOL_CHECK_INTERVAL_S": "60"}, 60)]
+)
+def test_pool_check_interval_comes_from_the_environment(env: dict[str, str], expected: int) -> None:
+    out = _in_fresh_python(
+        "from deployments.catalog import by_deployment, RUNBOOKS\n"
+        "print(by_deployment(RUNBOOKS)['pool-threshold/pool-threshold'].interval_s)",
+        **env,
+    )
+    assert int(out) == expected
+
+
+@pytest.mark.parametrize("rb", RUNBOOKS, ids=lambda rb: rb.name)
+def test_no_flow_module_declares_a_schedule(rb: object) -> None:
+    module = sys.modules[rb.load().fn.__module__]  # type: ignore[attr-defined]
+    assert not [name for name in vars(module) if name.startswith("SCHEDULE")]

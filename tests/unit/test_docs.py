@@ -1,0 +1,53 @@
+"""Project text names only files that exist in this repository (no design note elsewhere)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+_MD_NAME = re.compile(r"(?<![\w./-])([\w./-]+\.md)\b")
+
+
+def _tracked() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "*.py", "*.md", "*.yaml", "*.toml", "Makefile", "*.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.split()
+
+
+TRACKED = _tracked()
+# Fixed in the PostgreSQL slice of the same issue; strict: this fails once it is fixed.
+_ELSEWHERE = {"tasks/postgres.py"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            p, marks=pytest.mark.xfail(strict=True, reason="names a design note outside the repo")
+        )
+        if p in _ELSEWHERE
+        else p
+        for p in TRACKED
+    ],
+)
+def test_every_markdown_file_named_exists_here(path: str) -> None:
+    text = (REPO / path).read_text(errors="replace")
+    missing = sorted(
+        {
+            name
+            for name in _MD_NAME.findall(text)
+            if not any(
+                t == name.lstrip("./") or t.endswith("/" + name.lstrip("./")) for t in TRACKED
+            )
+        }
+    )
+    assert missing == []
