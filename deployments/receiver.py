@@ -445,6 +445,7 @@ class Intake:
     async def _cancel_not_started(self, alert: Alert, records: list[Record]) -> AlertResult:
         base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
         cancelled: list[str] = []
+        run_ids: list[str] = []
         notes: list[str] = []
         for record in records:
             if record.status == "pending" and self.journal.finish(
@@ -453,7 +454,7 @@ class Intake:
                 "the alert resolved before its run was created",
                 only_pending=True,
             ):
-                notes.append(f"{record.idempotency_key}: not created, will not be")
+                cancelled.append(f"{record.idempotency_key} (its run was not created yet)")
                 continue
             # Created meanwhile, or earlier: ask Prefect.
             current = self.journal.get(record.idempotency_key)
@@ -475,15 +476,16 @@ class Intake:
                     "the alert resolved before its run started",
                     only_pending=False,
                 )
-                cancelled.append(run_id)
+                cancelled.append(f"run {run_id}")
+                run_ids.append(run_id)
             elif state is not None:
                 notes.append(f"run {run_id} is {state}: left alone")
-        detail = "; ".join([*(f"run {r} cancelled" for r in cancelled), *notes])[:500]
+        detail = "; ".join([*(f"{c} cancelled" for c in cancelled), *notes])[:500]
         _record("resolved", alert, detail or "resolved")
         return AlertResult(
             **base,
             outcome="cancelled" if cancelled else "resolved",
-            flow_run_id=cancelled[0] if cancelled else None,
+            flow_run_id=run_ids[0] if run_ids else None,
             detail=detail,
         )
 
