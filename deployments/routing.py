@@ -43,6 +43,8 @@ DEFAULT_COOLDOWN = timedelta(minutes=10)
 def _duration(value: Any) -> Any:
     """Alertmanager-style `10m`, `1h30m`, `45s`, or a number of seconds."""
     if isinstance(value, str):
+        if value.strip().isdigit():
+            return timedelta(seconds=int(value))
         m = _DURATION.fullmatch(value.strip())
         if m and any(m.groups()):
             h, mins, sec = (int(g or 0) for g in m.groups())
