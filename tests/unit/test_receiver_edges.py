@@ -548,3 +548,39 @@ def test_a_label_in_a_tag_is_one_line(recording_runs: RecordingRuns) -> None:
 def test_label_values_reach_the_runbook_unchanged(recording_runs: RecordingRuns) -> None:
     """Parameters are data (a filter must match exactly); escaping happens where rendered."""
     assert evil_run(recording_runs)["parameters"]["params"]["namespace"] == EVIL
+
+
+# --- A journal written by the previous receiver -------------------------------------------
+
+OLD_SCHEMA = """
+CREATE TABLE alert_runs (
+    idempotency_key TEXT PRIMARY KEY, deployment TEXT NOT NULL, name TEXT NOT NULL,
+    parameters TEXT NOT NULL, tags TEXT NOT NULL, accepted_at TEXT NOT NULL,
+    flow_run_id TEXT, created_at TEXT
+)
+"""
+
+
+def old_journal(path: Path) -> None:
+    import sqlite3
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).isoformat()
+    db = sqlite3.connect(path)
+    db.execute(OLD_SCHEMA)
+    row = "INSERT INTO alert_runs VALUES (?, 'd/d', 'n', '{}', '[]', ?, ?, ?)"
+    db.execute(row, (f"waiting1:{T1}", now, None, None))
+    db.execute(row, (f"made1:{T1}", now, str(uuid4()), now))
+    db.commit()
+    db.close()
+
+
+def test_an_old_journal_is_upgraded_and_its_pending_entry_kept(tmp_path: Path) -> None:
+    old_journal(tmp_path / "journal.sqlite3")
+    (entry,) = Journal(tmp_path / "journal.sqlite3").pending()
+    assert entry.fingerprint == "waiting1"
+
+
+def test_an_old_journal_keeps_its_created_entries_created(tmp_path: Path) -> None:
+    old_journal(tmp_path / "journal.sqlite3")
+    assert status_of(Journal(tmp_path / "journal.sqlite3"), f"made1:{T1}") == "created"
