@@ -269,11 +269,14 @@ class Intake:
             return
         now = time.time()
         for entry in pending:
-            if now - entry.accepted_ts > self.max_age_s:
-                self._expire(entry, now)
+            if now - entry.accepted_ts <= self.max_age_s:
+                log.warning("replaying accepted alert %s", entry.idempotency_key)
+                self._spawn(entry)
                 continue
-            log.warning("replaying accepted alert %s", entry.idempotency_key)
-            self._spawn(entry)
+            try:  # stale: recorded as expired, never started
+                self._expire(entry, now)
+            except sqlite3.Error:
+                log.exception("journal: could not expire %s; not replayed", entry.idempotency_key)
         self._keep(asyncio.get_running_loop().create_task(self._housekeeping()))
 
     async def stop(self) -> None:
