@@ -251,6 +251,8 @@ class Intake:
     _recent: OrderedDict[str, AlertResult] = field(default_factory=OrderedDict)
     _inflight: dict[str, asyncio.Task[AlertResult]] = field(default_factory=dict)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Keys a resolved alert cancelled before their run was created (read by `_create`).
+    _cancelled: set[str] = field(default_factory=set)
     _slots: asyncio.Semaphore | None = None
     _journal_queue: list[tuple[Entry, asyncio.Future[Added]]] = field(default_factory=list)
     _journal_writer: asyncio.Task[None] | None = None
@@ -428,7 +430,9 @@ class Intake:
         """Cancel this alert's runs that have not started; a Running run is left alone."""
         base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
         try:
-            records = self.journal.for_fingerprint(alert.fingerprint)
+            # In a thread, like every journal call on a request's path: the loop never waits
+            # for the journal's lock while another thread holds it for an fsync.
+            records = await asyncio.to_thread(self.journal.for_fingerprint, alert.fingerprint)
         except sqlite3.Error:
             log.exception("alert %s resolved: journal unreadable", alert.fingerprint)
             records = []
@@ -451,16 +455,18 @@ class Intake:
         run_ids: list[str] = []
         notes: list[str] = []
         for record in records:
-            if record.status == "pending" and self.journal.finish(
+            if record.status == "pending" and await asyncio.to_thread(
+                self.journal.finish,
                 record.idempotency_key,
                 "cancelled",
                 "the alert resolved before its run was created",
                 only_pending=True,
             ):
+                self._cancelled.add(record.idempotency_key)
                 cancelled.append(f"{record.idempotency_key} (its run was not created yet)")
                 continue
             # Created meanwhile, or earlier: ask Prefect.
-            current = self.journal.get(record.idempotency_key)
+            current = await asyncio.to_thread(self.journal.get, record.idempotency_key)
             run_id = current.flow_run_id if current else record.flow_run_id
             if run_id is None:
                 continue
@@ -473,7 +479,8 @@ class Intake:
                 notes.append(f"run {run_id}: not checked (Prefect unavailable)")
                 continue
             if done:
-                self.journal.finish(
+                await asyncio.to_thread(
+                    self.journal.finish,
                     record.idempotency_key,
                     "cancelled",
                     "the alert resolved before its run started",
@@ -535,17 +542,17 @@ class Intake:
         if self._slots is None:  # start() was not awaited (an app without its lifespan)
             self._slots = asyncio.Semaphore(self.max_parallel_creates)
         while True:
-            record = self.journal.get(entry.idempotency_key)
-            if record is not None and record.status != "pending":  # resolved meanwhile
+            if entry.idempotency_key in self._cancelled:  # resolved meanwhile
+                self._cancelled.discard(entry.idempotency_key)
                 return AlertResult(
                     **base,
-                    outcome="cancelled" if record.status == "cancelled" else "deduplicated",
+                    outcome="cancelled",
                     deployment=entry.deployment,
-                    detail=record.reason or record.status,
+                    detail="the alert resolved before its run was created",
                 )
             now = time.time()
             if now - entry.accepted_ts > self.max_age_s:
-                return self._expire(entry, now)
+                return await asyncio.to_thread(self._expire, entry, now)
             try:
                 async with self._slots:
                     run = await self.runs.create_run(
@@ -560,7 +567,9 @@ class Intake:
             except PrefectRefused as exc:
                 # Final: the same request would be refused again. Recorded, never retried.
                 reason = f"Prefect refused the run: {exc}"
-                self.journal.finish(entry.idempotency_key, "failed", reason, only_pending=True)
+                await asyncio.to_thread(
+                    self.journal.finish, entry.idempotency_key, "failed", reason, only_pending=True
+                )
                 log.error("alert %s: %s", fingerprint, reason)
                 return AlertResult(
                     **base, outcome="refused", deployment=entry.deployment, detail=reason[:500]
@@ -575,7 +584,8 @@ class Intake:
                 log.warning("alert %s: run not created yet (%s); retrying", fingerprint, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-        if not self.journal.created(entry.idempotency_key, str(run.id)):
+        if not await asyncio.to_thread(self.journal.created, entry.idempotency_key, str(run.id)):
+            self._cancelled.discard(entry.idempotency_key)
             # The alert resolved while its run was being created: cancel it before it starts.
             done, state = await self.runs.cancel_if_not_started(str(run.id))
             log.info("alert %s resolved during creation: run %s %s", fingerprint, run.id, state)
