@@ -416,14 +416,23 @@ class Intake:
         return created.model_copy(update=base)
 
     async def _wait(self, task: asyncio.Task[AlertResult]) -> AlertResult | None:
-        """The task's result if it comes within `sync_wait_s`, else None (it goes on)."""
-        if task.done() and not task.cancelled() and task.exception() is None:
+        """The task's result if it comes within `sync_wait_s`, else None (it goes on).
+
+        A task that failed unexpectedly also gives None: the alert is journaled (replayed by
+        the next start), so the delivery is answered, not turned into a 500.
+        """
+        if task.done():
+            if task.cancelled() or task.exception() is not None:
+                return None
             return task.result()
         if self.sync_wait_s <= 0:
             return None
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.sync_wait_s)
         except TimeoutError:
+            return None
+        except Exception:  # logged; the answer says what is known
+            log.exception("intake task failed")
             return None
 
     async def _resolved(self, alert: Alert) -> AlertResult:
@@ -450,6 +459,18 @@ class Intake:
         return result
 
     async def _cancel_not_started(self, alert: Alert, records: list[Record]) -> AlertResult:
+        try:
+            return await self._cancel_each(alert, records)
+        except Exception:  # a cancellation must never crash the receiver
+            log.exception("alert %s resolved: cancelling its runs failed", alert.fingerprint)
+            return AlertResult(
+                fingerprint=alert.fingerprint,
+                alertname=alert.alertname,
+                outcome="resolved",
+                detail="its runs could not be checked",
+            )
+
+    async def _cancel_each(self, alert: Alert, records: list[Record]) -> AlertResult:
         base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
         cancelled: list[str] = []
         run_ids: list[str] = []

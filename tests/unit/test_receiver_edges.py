@@ -376,6 +376,23 @@ def test_resolved_before_its_run_is_created_cancels_the_entry() -> None:
     assert outcome(r) == "cancelled"
 
 
+def test_a_resolved_alert_is_answered_when_prefect_cannot_say_the_run_state() -> None:
+    created, _ = prefect_answering(201)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/api/flow_runs/"):
+            return httpx.Response(503, json={"detail": "database is locked"})
+        return created.handle_request(request)
+
+    firing = alert(namespace="x", fingerprint="unsure1", starts_at=T1)
+    app = app_with(runs_via(httpx.MockTransport(handler)), sync_wait_s=5)
+    with TestClient(app) as client:
+        post(client, payload(firing), bearer())
+        r = post(client, payload({**firing, "status": "resolved"}, status="resolved"), bearer())
+    assert r.status_code == 200
+    assert "not checked" in r.json()["alerts"][0]["detail"]
+
+
 def test_a_resolved_alert_with_nothing_recorded_only_resolves(
     offline_app: Any, recording_runs: RecordingRuns
 ) -> None:
