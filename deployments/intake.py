@@ -19,10 +19,25 @@ from uuid import UUID
 import httpx
 
 RETRY_STATUS = {429, 502, 503, 504}
+#: 4xx answers that may succeed later without the request changing: auth being fixed
+#: (401/403: the operator corrects PREFECT_API_AUTH_STRING), a deployment not served yet
+#: (404), a timeout (408), rate limiting (429). Every other 4xx (409 parameters refused by the
+#: deployment's schema, 422, 400) is final: retrying the same request can never succeed.
+NOT_FINAL_4XX = {401, 403, 404, 408, 429}
+#: A run in one of these states has not started executing: it may still be cancelled.
+NOT_STARTED = {"SCHEDULED", "PENDING"}
 
 
 class PrefectUnavailable(Exception):
     """The run could not be recorded (Prefect down, or kept answering 5xx)."""
+
+
+class PrefectRefused(Exception):
+    """Prefect answered a final 4xx (e.g. 409/422): the same request will never succeed."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
 
 
 class DeploymentNotFound(Exception):
@@ -125,10 +140,64 @@ class PrefectRuns:
         if response.status_code == 404:
             self._deployment_ids.pop(deployment, None)
             raise DeploymentNotFound(deployment)
+        if _is_final(response):
+            # 409/422/400: the server refused the request; nothing was created, and the same
+            # request will be refused again.
+            raise PrefectRefused(response.status_code, _detail(response))
         if response.is_error:
-            # 409/422: the server refused the parameters; nothing was created.
-            raise PrefectUnavailable(
-                f"creating a run of {deployment}: HTTP {response.status_code} {response.text[:300]}"
-            )
+            raise PrefectUnavailable(f"creating a run of {deployment}: HTTP {response.status_code}")
         data = response.json()
         return CreatedRun(UUID(data["id"]), data["name"], response.status_code == 201)
+
+    async def run_state(self, run_id: str) -> str | None:
+        """The run's state type (`SCHEDULED`, `RUNNING`, ...), or None if it does not exist."""
+        response = await self._request("GET", f"flow_runs/{run_id}")
+        if response.status_code == 404:
+            return None
+        if response.is_error:
+            raise PrefectUnavailable(f"reading run {run_id}: HTTP {response.status_code}")
+        state = response.json().get("state") or {}
+        return str(state.get("type")) if state.get("type") else None
+
+    async def cancel_if_not_started(self, run_id: str) -> tuple[bool, str | None]:
+        """Cancel the run only while it is Scheduled or Pending: (cancelled, state type).
+
+        Proposes CANCELLING, exactly as the UI's Cancel button does, through orchestration
+        (not forced): Prefect turns it into CANCELLED at once for a Scheduled run with no
+        process yet (its BypassCancellingFlowRunsWithNoInfra rule, checked inside the
+        server's transaction), and the Runner or warm pool that claimed a Pending run
+        terminates its process. A Running (or Paused, or finished) run is never touched.
+        Prefect's API has no "only if still Pending" precondition: the remaining window is
+        one round trip between the read and the write.
+        """
+        before = await self.run_state(run_id)
+        if before not in NOT_STARTED:
+            return False, before
+        body = {
+            "state": {
+                "type": "CANCELLING",
+                "name": "Cancelling",
+                "message": "the alert resolved before its run started",
+            },
+            "force": False,
+        }
+        response = await self._request("POST", f"flow_runs/{run_id}/set_state", json=body)
+        if response.is_error:
+            raise PrefectUnavailable(f"cancelling run {run_id}: HTTP {response.status_code}")
+        after = (response.json().get("state") or {}).get("type")
+        return after in ("CANCELLING", "CANCELLED"), after
+
+
+def _is_final(response: httpx.Response) -> bool:
+    code = response.status_code
+    return 400 <= code < 500 and code not in NOT_FINAL_4XX
+
+
+def _detail(response: httpx.Response) -> str:
+    """Prefect's `detail` text, one line, bounded (it may quote parameters, never secrets)."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = response.text
+    detail = data.get("detail", data) if isinstance(data, dict) else data
+    return " ".join(str(detail).split())[:300]

@@ -7,6 +7,18 @@ the receiver writes the alert's run request here (one small fsync'd SQLite trans
 unique on the idempotency key), answers, and creates the Prefect run in the background,
 retrying until Prefect takes it; entries left by a stopped receiver are replayed at start.
 Prefect's `idempotency_key` still guarantees one run per alert across receivers.
+
+Each entry has a status:
+
+- `pending`: accepted, its run not created yet (replayed at start unless older than max age);
+- `created`: the run exists in Prefect (`flow_run_id`);
+- `failed`: Prefect refused the run for good (a 4xx such as 409/422; `reason` says why);
+- `expired`: not created within the max age: recorded, never started;
+- `cancelled`: the alert resolved before its run started.
+
+The entries also carry what the per-route cooldown needs (fingerprint, deployment, accepted
+time), so a restart does not reset a cooldown. Finished entries are pruned after a retention
+period.
 """
 
 from __future__ import annotations
@@ -14,10 +26,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+Status = Literal["pending", "created", "failed", "expired", "cancelled"]
+#: Statuses that count for a cooldown: a run was (or is being) created. A run cancelled
+#: before it started, refused or expired never acted, so it does not hold the next one back.
+_COOLDOWN_STATUSES = ("pending", "created")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS alert_runs (
@@ -31,6 +49,19 @@ CREATE TABLE IF NOT EXISTS alert_runs (
     created_at      TEXT
 )
 """
+#: Added after the first release: an existing journal file is upgraded in place.
+_COLUMNS = {
+    "fingerprint": "TEXT NOT NULL DEFAULT ''",
+    "status": "TEXT NOT NULL DEFAULT 'pending'",
+    "reason": "TEXT",
+    "accepted_ts": "REAL NOT NULL DEFAULT 0",
+    "finished_ts": "REAL",
+}
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS alert_runs_cooldown"
+    " ON alert_runs (fingerprint, deployment, accepted_ts)",
+    "CREATE INDEX IF NOT EXISTS alert_runs_status ON alert_runs (status, finished_ts)",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +74,37 @@ class Entry:
     parameters: dict[str, Any]
     tags: list[str]
     flow_run_id: str | None = None
+    fingerprint: str = ""
+    #: Seconds during which this fingerprint starts no other run of this deployment.
+    cooldown_s: float = 0.0
+    #: When it was journaled (epoch seconds); set when read back.
+    accepted_ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class Added:
+    """What `add_many` did with one entry."""
+
+    #: new: recorded, its run is to be created; exists: this key was recorded before;
+    #: cooldown: not recorded, the fingerprint started a run within the route's cooldown.
+    outcome: Literal["new", "exists", "cooldown"]
+    flow_run_id: str | None = None
+    status: Status | None = None
+    reason: str | None = None
+    #: For `cooldown`: the key of the run that holds it, and when it was accepted.
+    earlier_key: str | None = None
+    earlier_ts: float | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One journal row as the resolve and housekeeping paths need it."""
+
+    idempotency_key: str
+    status: Status
+    flow_run_id: str | None
+    reason: str | None
+    accepted_ts: float
 
 
 class Journal:
@@ -60,60 +122,181 @@ class Journal:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # accepted means on disk
             self._db.execute(_SCHEMA)
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Add the columns a journal written by an older receiver lacks, filling them in."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(alert_runs)")}
+        missing = {name: decl for name, decl in _COLUMNS.items() if name not in have}
+        if missing:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for name, decl in missing.items():
+                    self._db.execute(f"ALTER TABLE alert_runs ADD COLUMN {name} {decl}")
+                rows = self._db.execute(
+                    "SELECT idempotency_key, accepted_at, flow_run_id, created_at FROM alert_runs"
+                ).fetchall()
+                for key, accepted_at, run_id, created_at in rows:
+                    accepted = _epoch(accepted_at)
+                    self._db.execute(
+                        "UPDATE alert_runs SET fingerprint = ?, accepted_ts = ?, status = ?,"
+                        " finished_ts = ? WHERE idempotency_key = ?",
+                        (
+                            key.split(":", 1)[0],
+                            accepted,
+                            "created" if run_id else "pending",
+                            _epoch(created_at) if run_id and created_at else None,
+                            key,
+                        ),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        for statement in _INDEXES:
+            self._db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def add(self, entry: Entry) -> tuple[bool, str | None]:
-        """Record the request; (True, None) if new, else (False, its run id if created)."""
-        return self.add_many([entry])[0]
+    def add(self, entry: Entry, now: float | None = None) -> Added:
+        """Record one request (see `add_many`)."""
+        return self.add_many([entry], now)[0]
 
-    def add_many(self, entries: list[Entry]) -> list[tuple[bool, str | None]]:
-        """Record several requests in one transaction: one fsync for a burst (group commit)."""
-        out: list[tuple[bool, str | None]] = []
+    def add_many(self, entries: list[Entry], now: float | None = None) -> list[Added]:
+        """Record several requests in one transaction: one fsync for a burst (group commit).
+
+        The cooldown is checked in the same transaction as the insert, so two deliveries of
+        a flapping alert (two `startsAt`, two keys) cannot both start a run.
+        """
+        at = time.time() if now is None else now
+        out: list[Added] = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for entry in entries:
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO alert_runs (idempotency_key, deployment, name,"
-                        " parameters, tags, accepted_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            entry.idempotency_key,
-                            entry.deployment,
-                            entry.name,
-                            json.dumps(entry.parameters),
-                            json.dumps(entry.tags),
-                            datetime.now(UTC).isoformat(),
-                        ),
-                    )
-                    if cur.rowcount == 1:
-                        out.append((True, None))
-                        continue
-                    row = self._db.execute(
-                        "SELECT flow_run_id FROM alert_runs WHERE idempotency_key = ?",
-                        (entry.idempotency_key,),
-                    ).fetchone()
-                    out.append((False, row[0] if row else None))
+                    out.append(self._add_one(entry, at))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return out
 
-    def created(self, key: str, flow_run_id: str) -> None:
+    def _add_one(self, entry: Entry, at: float) -> Added:
+        row = self._db.execute(
+            "SELECT flow_run_id, status, reason FROM alert_runs WHERE idempotency_key = ?",
+            (entry.idempotency_key,),
+        ).fetchone()
+        if row is not None:
+            return Added("exists", flow_run_id=row[0], status=row[1], reason=row[2])
+        if entry.cooldown_s > 0 and entry.fingerprint:
+            earlier = self._db.execute(
+                "SELECT idempotency_key, flow_run_id, accepted_ts FROM alert_runs"
+                " WHERE fingerprint = ? AND deployment = ? AND accepted_ts > ?"
+                " AND status IN (?, ?) ORDER BY accepted_ts DESC LIMIT 1",
+                (entry.fingerprint, entry.deployment, at - entry.cooldown_s, *_COOLDOWN_STATUSES),
+            ).fetchone()
+            if earlier is not None:
+                return Added(
+                    "cooldown",
+                    flow_run_id=earlier[1],
+                    earlier_key=earlier[0],
+                    earlier_ts=earlier[2],
+                )
+        self._db.execute(
+            "INSERT INTO alert_runs (idempotency_key, deployment, name, parameters, tags,"
+            " accepted_at, fingerprint, status, accepted_ts)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+            (
+                entry.idempotency_key,
+                entry.deployment,
+                entry.name,
+                json.dumps(entry.parameters),
+                json.dumps(entry.tags),
+                datetime.fromtimestamp(at, UTC).isoformat(),
+                entry.fingerprint,
+                at,
+            ),
+        )
+        return Added("new", status="pending")
+
+    def created(self, key: str, flow_run_id: str, now: float | None = None) -> bool:
+        """Record the run id; False if the entry is no longer pending (resolved meanwhile)."""
+        at = time.time() if now is None else now
         with self._lock:
-            self._db.execute(
-                "UPDATE alert_runs SET flow_run_id = ?, created_at = ? WHERE idempotency_key = ?",
-                (flow_run_id, datetime.now(UTC).isoformat(), key),
+            cur = self._db.execute(
+                "UPDATE alert_runs SET flow_run_id = ?, created_at = ?, status = 'created',"
+                " finished_ts = ? WHERE idempotency_key = ? AND status = 'pending'",
+                (flow_run_id, datetime.fromtimestamp(at, UTC).isoformat(), at, key),
             )
+            if cur.rowcount == 1:
+                return True
+            # Not pending any more: keep its status, but remember the run that now exists.
+            self._db.execute(
+                "UPDATE alert_runs SET flow_run_id = ? WHERE idempotency_key = ?",
+                (flow_run_id, key),
+            )
+            return False
+
+    def finish(
+        self, key: str, status: Status, reason: str, now: float | None = None, *, only_pending: bool
+    ) -> bool:
+        """Close an entry as failed, expired or cancelled; True if it changed."""
+        at = time.time() if now is None else now
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE alert_runs SET status = ?, reason = ?, finished_ts = ?"
+                " WHERE idempotency_key = ? AND (status = 'pending' OR NOT ?)",
+                (status, reason[:500], at, key, only_pending),
+            )
+            return cur.rowcount == 1
+
+    def get(self, key: str) -> Record | None:
+        """One entry's status, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT idempotency_key, status, flow_run_id, reason, accepted_ts FROM alert_runs"
+                " WHERE idempotency_key = ?",
+                (key,),
+            ).fetchone()
+        return Record(*row) if row else None
+
+    def for_fingerprint(self, fingerprint: str, limit: int = 5) -> list[Record]:
+        """The most recent pending or created entries of one alert (newest first)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT idempotency_key, status, flow_run_id, reason, accepted_ts FROM alert_runs"
+                " WHERE fingerprint = ? AND status IN ('pending', 'created')"
+                " ORDER BY accepted_ts DESC LIMIT ?",
+                (fingerprint, limit),
+            ).fetchall()
+        return [Record(*row) for row in rows]
 
     def pending(self) -> list[Entry]:
         """Accepted but not yet created in Prefect (oldest first)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT idempotency_key, deployment, name, parameters, tags FROM alert_runs"
-                " WHERE flow_run_id IS NULL ORDER BY accepted_at"
+                "SELECT idempotency_key, deployment, name, parameters, tags, fingerprint,"
+                " accepted_ts FROM alert_runs WHERE status = 'pending' ORDER BY accepted_ts"
             ).fetchall()
-        return [Entry(k, d, n, json.loads(p), json.loads(t)) for k, d, n, p, t in rows]
+        return [
+            Entry(k, d, n, json.loads(p), json.loads(t), fingerprint=f, accepted_ts=a)
+            for k, d, n, p, t, f, a in rows
+        ]
+
+    def prune(self, retention_s: float, now: float | None = None) -> int:
+        """Delete entries finished more than `retention_s` ago; pending ones are kept."""
+        at = time.time() if now is None else now
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM alert_runs WHERE status != 'pending' AND finished_ts < ?",
+                (at - retention_s,),
+            )
+            return cur.rowcount
+
+
+def _epoch(iso: str | None) -> float:
+    if not iso:
+        return 0.0
+    return datetime.fromisoformat(iso).timestamp()

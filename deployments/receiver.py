@@ -2,18 +2,24 @@
 
 Order of checks, each refusing before anything starts:
 
-1. auth (bearer token or basic auth, constant-time compare) before the body is even read: 401;
-2. body size: 413; JSON and the version-4 payload model: 400 / 422;
-3. per alert: resolved -> recorded only; no route -> recorded only; parameters that the
-   route cannot build or the runbook's model rejects -> recorded, nothing started.
+1. auth (bearer token or basic auth, constant-time compare) on every request but
+   `/healthz`, in an ASGI middleware before the body is even read, and again in the route
+   (so it holds under a `root_path`, mounted in another app, or without the middleware): 401;
+2. body size, counted while the body is read whatever its framing (chunked too): 413;
+   JSON and the version-4 payload model: 422;
+3. per alert: resolved -> its runs still Scheduled or Pending are cancelled, a Running one
+   is left alone; no route -> recorded only; parameters that the route cannot build or the
+   runbook's model rejects -> recorded, nothing started; started a run of the same route
+   within the route's cooldown (a flapping alert) -> recorded, nothing started.
 
 Then every routed firing alert is written to the journal (`deployments/journal.py`, durable,
 unique per `idempotency_key = fingerprint:startsAt`) and created as a deployment flow run in
 the background, so Alertmanager's at-least-once delivery (HA peers, retries) starts exactly
-one run and a slow Prefect never holds Alertmanager's request. Status: 200 when every alert
-was started, accepted, deduplicated or deliberately skipped; 503 only when an alert could not
-be recorded at all (Alertmanager retries 5xx only; the retry is deduplicated). The token is
-never logged.
+one run and a slow Prefect never holds Alertmanager's request. A final 4xx from Prefect is
+recorded as failed, an entry older than `max_age_s` as expired; neither is retried. Status:
+200 when every alert was started, accepted, deduplicated or deliberately skipped; 503 only
+when an alert could not be recorded at all (Alertmanager retries 5xx only; the retry is
+deduplicated). The token is never logged. `/docs` and `/openapi.json` are off.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import base64
 import binascii
 import hmac
 import logging
+import re
 import sqlite3
 import time
 from collections import OrderedDict
@@ -31,7 +38,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
@@ -39,8 +46,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.alertmanager import Alert, WebhookPayload
 from deployments.catalog import Runbook, by_deployment
-from deployments.intake import DeploymentNotFound, PrefectRuns, PrefectUnavailable
-from deployments.journal import Entry, Journal
+from deployments.intake import DeploymentNotFound, PrefectRefused, PrefectRuns, PrefectUnavailable
+from deployments.journal import Added, Entry, Journal, Record
 from deployments.routing import MissingLabel, RoutingTable, build_params
 from deployments.settings import ReceiverSettings
 from deployments.warm_pool import WarmPool
@@ -48,7 +55,17 @@ from deployments.warm_pool import WarmPool
 log = logging.getLogger("runbooks.receiver")
 
 Outcome = Literal[
-    "started", "accepted", "deduplicated", "resolved", "unrouted", "rejected", "failed"
+    "started",  # run created (flow_run_id)
+    "accepted",  # journaled, run being created
+    "deduplicated",  # recorded earlier (same fingerprint + startsAt)
+    "cooldown",  # this alert started a run of the route within its cooldown: nothing started
+    "resolved",  # resolved, no run of it waiting to start (a Running one is left alone)
+    "cancelled",  # resolved while its run was Scheduled or Pending: that run was cancelled
+    "unrouted",  # no route
+    "rejected",  # parameters the route or the runbook's model refused
+    "refused",  # Prefect refused the run for good (4xx): journaled as failed
+    "expired",  # not created within max_age: journaled as expired, never started
+    "failed",  # could not be journaled: 503, Alertmanager retries
 ]
 
 
@@ -99,8 +116,29 @@ class Credentials:
         return False
 
 
+def route_path(scope: Scope) -> str:
+    """The path inside this app, whether it is served under a `root_path` or mounted.
+
+    Servers and Starlette's `Mount` put the prefix in `root_path`; depending on the version,
+    `path` still carries it (ASGI spec) or not. Either way, strip it: authentication must
+    not depend on where the app is mounted.
+    """
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path or "/"
+
+
 class AuthFirst:
-    """ASGI middleware: `/alerts` is refused (401) before its body is read or parsed."""
+    """ASGI middleware: every request but `/healthz` is authenticated before anything else.
+
+    Default deny: a request that is not exactly `/healthz` (inside this app) needs
+    credentials, 401 otherwise, before its body is read or parsed. The body of an
+    authenticated request is then read here, counting bytes, whatever its framing
+    (Content-Length, chunked, or a stream with neither): 413 as soon as it exceeds
+    `max_body`, so a sender that never ends its body cannot make us buffer it.
+    """
 
     def __init__(self, app: ASGIApp, credentials: Credentials, max_body: int) -> None:
         self.app = app
@@ -108,23 +146,12 @@ class AuthFirst:
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].rstrip("/") == "/alerts":
-            headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
-            auth = headers.get("authorization", b"").decode("latin-1")
-            if not self.credentials.check(auth):
-                response = JSONResponse(
-                    {"detail": "unauthorized"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="alerts"'},
-                )
-                await response(scope, receive, send)
-                return
-            length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                await JSONResponse({"detail": "body too large"}, status_code=413)(
-                    scope, receive, send
-                )
-                return
+        if scope["type"] == "websocket":  # no websocket routes: refuse before accepting
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":  # lifespan
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
 
         async def timed_send(message: Message) -> None:
@@ -135,17 +162,77 @@ class AuthFirst:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, timed_send)
+        if route_path(scope) == "/healthz":
+            await self.app(scope, receive, timed_send)
+            return
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        if not self.credentials.check(headers.get("authorization", b"").decode("latin-1")):
+            await _unauthorized()(scope, receive, send)
+            return
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await _too_large()(scope, receive, send)
+            return
+        body = await self._read_body(receive)
+        if body is None:  # over the limit: answered without reading the rest
+            await _too_large()(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # http.disconnect, when the client goes
+
+        await self.app(scope, replay, timed_send)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it exceeds the limit."""
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse(
+        {"detail": "unauthorized"},
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="alerts"'},
+    )
+
+
+def _too_large() -> JSONResponse:
+    # Connection: close: the rest of the body is never read, so the connection cannot be
+    # reused for another request.
+    return JSONResponse(
+        {"detail": "body too large"}, status_code=413, headers={"Connection": "close"}
+    )
 
 
 @dataclass
 class Intake:
     """Turns a validated payload into flow runs; shared by every request.
 
-    A routed firing alert is written to the journal (durable, unique per idempotency key),
-    then its run is created in Prefect by a background task that retries until Prefect takes
-    it. The request waits for that at most `sync_wait_s`: normally the answer carries the run
-    id ("started"); under a burst it says "accepted" and the run follows.
+    A routed firing alert is written to the journal (durable, unique per idempotency key,
+    subject to the route's cooldown), then its run is created in Prefect by a background task
+    that retries until Prefect takes it, refuses it for good (a final 4xx: recorded as
+    failed) or the entry is older than `max_age_s` (recorded as expired). The request waits
+    for that at most `sync_wait_s`: normally the answer carries the run id ("started"); under
+    a burst it says "accepted" and the run follows. A resolved alert cancels its runs that
+    have not started yet (Scheduled or Pending), never a Running one.
     """
 
     table: RoutingTable
@@ -157,34 +244,76 @@ class Intake:
     journal: Journal = field(default_factory=lambda: Journal(None))
     sync_wait_s: float = 0.0
     max_parallel_creates: int = 4
+    max_age_s: float = 3600.0
+    retention_s: float = 7 * 24 * 3600.0
+    prune_interval_s: float = 600.0
     _index: dict[str, Runbook] = field(default_factory=dict)
     _recent: OrderedDict[str, AlertResult] = field(default_factory=OrderedDict)
     _inflight: dict[str, asyncio.Task[AlertResult]] = field(default_factory=dict)
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Keys a resolved alert cancelled before their run was created (read by `_create`).
+    _cancelled: set[str] = field(default_factory=set)
     _slots: asyncio.Semaphore | None = None
-    _journal_queue: list[tuple[Entry, asyncio.Future[tuple[bool, str | None]]]] = field(
-        default_factory=list
-    )
+    _journal_queue: list[tuple[Entry, asyncio.Future[Added]]] = field(default_factory=list)
     _journal_writer: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self._index = by_deployment(self.runbooks)
 
     async def start(self) -> None:
-        """Replay what a previous receiver accepted but did not create."""
+        """Replay what a previous receiver accepted but did not create; prune the journal."""
         self._slots = asyncio.Semaphore(self.max_parallel_creates)
         try:
+            self._prune()
             pending = self.journal.pending()
         except sqlite3.Error:
             log.exception("journal unreadable: nothing replayed")
             return
+        now = time.time()
         for entry in pending:
-            log.warning("replaying accepted alert %s", entry.idempotency_key)
-            self._spawn(entry)
+            if now - entry.accepted_ts <= self.max_age_s:
+                log.warning("replaying accepted alert %s", entry.idempotency_key)
+                self._spawn(entry)
+                continue
+            try:  # stale: recorded as expired, never started
+                self._expire(entry, now)
+            except sqlite3.Error:
+                log.exception("journal: could not expire %s; not replayed", entry.idempotency_key)
+        self._keep(asyncio.get_running_loop().create_task(self._housekeeping()))
 
     async def stop(self) -> None:
-        for task in list(self._inflight.values()):
+        tasks = [*self._inflight.values(), *self._background]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _keep(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Hold a reference to a background task until it ends (and cancel it at stop)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(self.prune_interval_s)
+            try:
+                await asyncio.to_thread(self._prune)
+            except sqlite3.Error:
+                log.exception("journal prune failed")
+
+    def _prune(self) -> None:
+        pruned = self.journal.prune(self.retention_s)
+        if pruned:
+            log.info("journal: pruned %d finished entries", pruned)
+
+    def _expire(self, entry: Entry, now: float) -> AlertResult:
+        age = now - entry.accepted_ts
+        reason = f"not created within max_age ({age:.0f} s > {self.max_age_s:.0f} s)"
+        self.journal.finish(entry.idempotency_key, "expired", reason, only_pending=True)
+        log.error("alert %s expired, not started: %s", entry.idempotency_key, reason)
+        return AlertResult(
+            **_base(entry), outcome="expired", deployment=entry.deployment, detail=reason
+        )
 
     async def handle(self, payload: WebhookPayload) -> IntakeResult:
         jobs = [self._one(alert) for alert in payload.alerts]
@@ -193,8 +322,7 @@ class Intake:
     async def _one(self, alert: Alert) -> AlertResult:
         base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
         if alert.status == "resolved":
-            _record("resolved", alert, "resolved alerts start nothing")
-            return AlertResult(**base, outcome="resolved")
+            return await self._resolved(alert)
         route = self.table.route_for(alert.labels)
         if route is None:
             _record("unrouted", alert, "no route for this alert")
@@ -217,25 +345,49 @@ class Intake:
             entry = Entry(
                 idempotency_key=key,
                 deployment=route.deployment,
-                name=f"{alert.alertname}-{alert.fingerprint[:12]}".lower(),
+                name=run_name(alert.alertname, alert.fingerprint),
                 parameters={"params": params},
                 tags=[
                     "source:alert",
                     f"alert:{alert.fingerprint}",
-                    f"alertname:{alert.alertname}",
+                    f"alertname:{_tag_value(alert.alertname)}",
                     "auto" if route.auto else "plan-only",
                 ],
+                fingerprint=alert.fingerprint,
+                cooldown_s=route.cooldown.total_seconds(),
+                accepted_ts=time.time(),
             )
             try:
-                new, run_id = await self._journal_add(entry)
+                added = await self._journal_add(entry)
             except sqlite3.Error as exc:
                 log.error("alert %s: journal write failed: %s", alert.fingerprint, exc)
                 return AlertResult(
                     **base, outcome="failed", deployment=route.deployment, detail="not recorded"
                 )
-            if not new and run_id is not None:
+            if added.outcome == "cooldown":
+                ago = time.time() - (added.earlier_ts or 0.0)
+                detail = (
+                    f"this alert started a run of this route {ago:.0f} s ago (key "
+                    f"{added.earlier_key}); cooldown {route.cooldown.total_seconds():.0f} s: "
+                    "nothing started"
+                )
+                _record("cooldown", alert, detail, route.deployment)
+                # Not cached: a later delivery, after the cooldown, is decided again.
+                return AlertResult(
+                    **base,
+                    outcome="cooldown",
+                    deployment=route.deployment,
+                    flow_run_id=added.flow_run_id,
+                    detail=detail,
+                )
+            if added.outcome == "exists" and added.status != "pending":
                 result = AlertResult(
-                    **base, outcome="deduplicated", deployment=route.deployment, flow_run_id=run_id
+                    **base,
+                    outcome="deduplicated",
+                    deployment=route.deployment,
+                    flow_run_id=added.flow_run_id,
+                    detail=f"recorded earlier as {added.status}"
+                    + (f": {added.reason}" if added.reason else ""),
                 )
                 self._remember(key, result)
                 return result
@@ -243,7 +395,7 @@ class Intake:
             # that got here first, or replayed at start): one creation task per key.
             existing = self._inflight.get(key)
             task = existing if existing is not None else self._spawn(entry)
-            first = new
+            first = added.outcome == "new"
         else:
             first = False
         if not first:  # a repeat of an alert whose run is being created: answer at once
@@ -253,24 +405,124 @@ class Intake:
                 deployment=route.deployment,
                 detail="recorded earlier; the run is being created",
             )
-        if task.done() and not task.cancelled() and task.exception() is None:
-            return task.result().model_copy(update=base)
-        try:
-            if self.sync_wait_s <= 0:
-                raise TimeoutError
-            result = await asyncio.wait_for(asyncio.shield(task), self.sync_wait_s)
-        except TimeoutError:
+        created = await self._wait(task)
+        if created is None:
             return AlertResult(
                 **base,
                 outcome="accepted",
                 deployment=route.deployment,
                 detail="recorded; the run is being created",
             )
-        return result.model_copy(update=base)
+        return created.model_copy(update=base)
 
-    async def _journal_add(self, entry: Entry) -> tuple[bool, str | None]:
+    async def _wait(self, task: asyncio.Task[AlertResult]) -> AlertResult | None:
+        """The task's result if it comes within `sync_wait_s`, else None (it goes on).
+
+        A task that failed unexpectedly also gives None: the alert is journaled (replayed by
+        the next start), so the delivery is answered, not turned into a 500.
+        """
+        if task.done():
+            if task.cancelled() or task.exception() is not None:
+                return None
+            return task.result()
+        if self.sync_wait_s <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.sync_wait_s)
+        except TimeoutError:
+            return None
+        except Exception:  # logged; the answer says what is known
+            log.exception("intake task failed")
+            return None
+
+    async def _resolved(self, alert: Alert) -> AlertResult:
+        """Cancel this alert's runs that have not started; a Running run is left alone."""
+        base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
+        try:
+            # In a thread, like every journal call on a request's path: the loop never waits
+            # for the journal's lock while another thread holds it for an fsync.
+            records = await asyncio.to_thread(self.journal.for_fingerprint, alert.fingerprint)
+        except sqlite3.Error:
+            log.exception("alert %s resolved: journal unreadable", alert.fingerprint)
+            records = []
+        if not records:
+            _record("resolved", alert, "resolved; no run of it waiting to start")
+            return AlertResult(**base, outcome="resolved")
+        task = self._keep(
+            asyncio.get_running_loop().create_task(self._cancel_not_started(alert, records))
+        )
+        result = await self._wait(task)
+        if result is None:
+            return AlertResult(
+                **base, outcome="resolved", detail="cancelling its runs that have not started"
+            )
+        return result
+
+    async def _cancel_not_started(self, alert: Alert, records: list[Record]) -> AlertResult:
+        try:
+            return await self._cancel_each(alert, records)
+        except Exception:  # a cancellation must never crash the receiver
+            log.exception("alert %s resolved: cancelling its runs failed", alert.fingerprint)
+            return AlertResult(
+                fingerprint=alert.fingerprint,
+                alertname=alert.alertname,
+                outcome="resolved",
+                detail="its runs could not be checked",
+            )
+
+    async def _cancel_each(self, alert: Alert, records: list[Record]) -> AlertResult:
+        base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
+        cancelled: list[str] = []
+        run_ids: list[str] = []
+        notes: list[str] = []
+        for record in records:
+            if record.status == "pending" and await asyncio.to_thread(
+                self.journal.finish,
+                record.idempotency_key,
+                "cancelled",
+                "the alert resolved before its run was created",
+                only_pending=True,
+            ):
+                self._cancelled.add(record.idempotency_key)
+                cancelled.append(f"{record.idempotency_key} (its run was not created yet)")
+                continue
+            # Created meanwhile, or earlier: ask Prefect.
+            current = await asyncio.to_thread(self.journal.get, record.idempotency_key)
+            run_id = current.flow_run_id if current else record.flow_run_id
+            if run_id is None:
+                continue
+            try:
+                done, state = await self.runs.cancel_if_not_started(run_id)
+            except PrefectUnavailable as exc:
+                log.warning(
+                    "alert %s resolved: run %s not checked: %s", alert.fingerprint, run_id, exc
+                )
+                notes.append(f"run {run_id}: not checked (Prefect unavailable)")
+                continue
+            if done:
+                await asyncio.to_thread(
+                    self.journal.finish,
+                    record.idempotency_key,
+                    "cancelled",
+                    "the alert resolved before its run started",
+                    only_pending=False,
+                )
+                cancelled.append(f"run {run_id}")
+                run_ids.append(run_id)
+            elif state is not None:
+                notes.append(f"run {run_id} is {state}: left alone")
+        detail = "; ".join([*(f"{c} cancelled" for c in cancelled), *notes])[:500]
+        _record("resolved", alert, detail or "resolved")
+        return AlertResult(
+            **base,
+            outcome="cancelled" if cancelled else "resolved",
+            flow_run_id=run_ids[0] if run_ids else None,
+            detail=detail,
+        )
+
+    async def _journal_add(self, entry: Entry) -> Added:
         """Group commit: deliveries arriving while a write is on disk share the next fsync."""
-        future: asyncio.Future[tuple[bool, str | None]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Added] = asyncio.get_running_loop().create_future()
         self._journal_queue.append((entry, future))
         if self._journal_writer is None or self._journal_writer.done():
             self._journal_writer = asyncio.get_running_loop().create_task(self._write_journal())
@@ -304,13 +556,24 @@ class Intake:
         return task
 
     async def _create(self, entry: Entry) -> AlertResult:
-        """Create the run in Prefect, retrying until it is recorded there."""
-        fingerprint = entry.tags[1].removeprefix("alert:")
-        base = {"fingerprint": fingerprint, "alertname": entry.tags[2].split(":", 1)[1]}
+        """Create the run in Prefect, retrying what may succeed later, until max age."""
+        base = _base(entry)
+        fingerprint = base["fingerprint"]
         delay = 0.5
         if self._slots is None:  # start() was not awaited (an app without its lifespan)
             self._slots = asyncio.Semaphore(self.max_parallel_creates)
         while True:
+            if entry.idempotency_key in self._cancelled:  # resolved meanwhile
+                self._cancelled.discard(entry.idempotency_key)
+                return AlertResult(
+                    **base,
+                    outcome="cancelled",
+                    deployment=entry.deployment,
+                    detail="the alert resolved before its run was created",
+                )
+            now = time.time()
+            if now - entry.accepted_ts > self.max_age_s:
+                return await asyncio.to_thread(self._expire, entry, now)
             try:
                 async with self._slots:
                     run = await self.runs.create_run(
@@ -322,6 +585,16 @@ class Intake:
                         grace_s=self.grace_s if self.pool is not None else 0.0,
                     )
                 break
+            except PrefectRefused as exc:
+                # Final: the same request would be refused again. Recorded, never retried.
+                reason = f"Prefect refused the run: {exc}"
+                await asyncio.to_thread(
+                    self.journal.finish, entry.idempotency_key, "failed", reason, only_pending=True
+                )
+                log.error("alert %s: %s", fingerprint, reason)
+                return AlertResult(
+                    **base, outcome="refused", deployment=entry.deployment, detail=reason[:500]
+                )
             except DeploymentNotFound:
                 log.error(
                     "alert %s: deployment %s not registered (is serve running?); retrying",
@@ -332,7 +605,18 @@ class Intake:
                 log.warning("alert %s: run not created yet (%s); retrying", fingerprint, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-        self.journal.created(entry.idempotency_key, str(run.id))
+        if not await asyncio.to_thread(self.journal.created, entry.idempotency_key, str(run.id)):
+            self._cancelled.discard(entry.idempotency_key)
+            # The alert resolved while its run was being created: cancel it before it starts.
+            done, state = await self.runs.cancel_if_not_started(str(run.id))
+            log.info("alert %s resolved during creation: run %s %s", fingerprint, run.id, state)
+            return AlertResult(
+                **base,
+                outcome="cancelled" if done else "deduplicated",
+                deployment=entry.deployment,
+                flow_run_id=str(run.id),
+                detail=f"the alert resolved while its run was created; run is {state}",
+            )
         if not run.new:
             log.info("alert %s: already has run %s", fingerprint, run.id)
             return AlertResult(
@@ -360,6 +644,29 @@ class Intake:
         self._recent[key] = result
         while len(self._recent) > self.cache_size:
             self._recent.popitem(last=False)
+
+
+def _base(entry: Entry) -> dict[str, str]:
+    """fingerprint and alertname of a journal entry (from its tags, set by `_one`)."""
+    tags = dict(t.split(":", 1) for t in entry.tags if ":" in t)
+    return {
+        "fingerprint": entry.fingerprint or tags.get("alert", ""),
+        "alertname": tags.get("alertname", ""),
+    }
+
+
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+def run_name(alertname: str, fingerprint: str) -> str:
+    """`<alertname>-<fingerprint[:12]>`, reduced to [a-z0-9-]: a label is never markup here."""
+    slug = _SLUG.sub("-", alertname.lower()).strip("-")[:60] or "alert"
+    return f"{slug}-{fingerprint[:12].lower()}"
+
+
+def _tag_value(value: str) -> str:
+    """A label value in a tag: one line, bounded (tags are filters, not text to render)."""
+    return " ".join(value.split())[:100]
 
 
 def _short(exc: Exception) -> str:
@@ -409,6 +716,12 @@ def create_app(
         settings.basic_user,
         settings.basic_password.get_secret_value() if settings.basic_password else None,
     )
+    longest = max((r.cooldown.total_seconds() for r in table.routes), default=0.0)
+    if settings.retention_s < longest:
+        raise ValueError(
+            f"RUNBOOKS_RECEIVER_RETENTION_S ({settings.retention_s:.0f} s) is shorter than the "
+            f"longest route cooldown ({longest:.0f} s): pruning would forget a cooldown"
+        )
     runs = runs or PrefectRuns(api_url, api_auth_string, settings.prefect_retry_s)
     intake = Intake(
         table=table,
@@ -419,7 +732,19 @@ def create_app(
         cache_size=settings.dedup_cache_size,
         journal=journal or Journal(settings.journal_path),
         sync_wait_s=settings.sync_wait_s,
+        max_age_s=settings.max_age_s,
+        retention_s=settings.retention_s,
+        prune_interval_s=settings.prune_interval_s,
     )
+
+    async def require_credentials(request: Request) -> None:
+        """The route's own check: holds even where the middleware is not in front of it."""
+        if not credentials.check(request.headers.get("authorization")):
+            raise HTTPException(
+                status_code=401,
+                detail="unauthorized",
+                headers={"WWW-Authenticate": 'Bearer realm="alerts"'},
+            )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -435,6 +760,11 @@ def create_app(
         version="1",
         lifespan=lifespan,
         description="Alertmanager webhook (version 4) -> Prefect deployment flow runs.",
+        # No /docs, /redoc, /openapi.json: nothing but Alertmanager talks to this service,
+        # and an unauthenticated schema only helps an attacker. Tools get `app.openapi()`.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.intake = intake
 
@@ -449,6 +779,7 @@ def create_app(
 
     @app.post(
         "/alerts",
+        dependencies=[Depends(require_credentials)],
         response_model=IntakeResult,
         responses={
             401: {"description": "missing or wrong credentials"},

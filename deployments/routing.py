@@ -8,23 +8,26 @@ YAML (see `routing.yaml` and docs/triggers.md)::
         match_re: {namespace: "prod-.*"}   # label fully matches regex (optional)
         deployment: db-pool-exhausted/db-pool-exhausted
         auto: false                        # false: the run only plans (dry_run forced on)
+        cooldown: 10m                      # one run per alert (fingerprint) per 10 min
         params:
           guard: {database: "${datname?}"} # ${label}, ${label:-default}, ${label?}
 
 The first route that matches wins. The table is validated when the receiver starts: unknown
-deployments, bad regexes, templates and parameters the runbook's model rejects all stop the
-start-up, so a typo is found at deploy time and not at 3 a.m.
+deployments, bad regexes, templates and parameters the runbook's model rejects, and an
+`auto: true` route using `${label?}` all stop the start-up, so a typo is found at deploy time
+and not at 3 a.m.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from deployments.catalog import Runbook, by_deployment
 
@@ -32,6 +35,25 @@ _TEMPLATE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _OPTIONAL = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\?\}")
 _OMIT = object()
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ANY_OPTIONAL = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\?\}")
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+DEFAULT_COOLDOWN = timedelta(minutes=10)
+
+
+def _duration(value: Any) -> Any:
+    """Alertmanager-style `10m`, `1h30m`, `45s`, or a number of seconds."""
+    if isinstance(value, str):
+        if value.strip().isdigit():
+            return timedelta(seconds=int(value))
+        m = _DURATION.fullmatch(value.strip())
+        if m and any(m.groups()):
+            h, mins, sec = (int(g or 0) for g in m.groups())
+            return timedelta(hours=h, minutes=mins, seconds=sec)
+    return value
+
+
+#: A duration in routing.yaml: `10m`, `1h`, `90s`, `0` (no cooldown) or seconds.
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
 class MissingLabel(ValueError):
@@ -56,6 +78,18 @@ class Route(BaseModel):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Fields of the runbook's `params`; `${label}` works."
     )
+    cooldown: Duration = Field(
+        DEFAULT_COOLDOWN,
+        description="One alert (fingerprint) starts at most one run of this route per "
+        "cooldown, whatever its `startsAt` (a flapping alert); `0` = no cooldown.",
+    )
+
+    @field_validator("cooldown")
+    @classmethod
+    def _not_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("cooldown must not be negative")
+        return value
 
     @field_validator("match", "match_re")
     @classmethod
@@ -198,6 +232,16 @@ def validate_routing(table: RoutingTable, runbooks: tuple[Runbook, ...], source:
             if _get_path(route.params, runbook.dry_run_field) is not None:
                 problems.append(f"{where}: set `auto`, not params.{runbook.dry_run_field}")
                 continue
+        optional = [p for p, v in _leaves(route.params) if _ANY_OPTIONAL.search(str(v))]
+        if route.auto and optional:
+            # `${label?}` drops the field when the label is missing: on a route that acts
+            # unattended, a missing label would silently widen what the run may change.
+            problems.append(
+                f"{where}: `auto: true` must not use `${{label?}}` (in {', '.join(optional)}): "
+                "a missing label would drop that filter and widen an unattended run; use "
+                "`${label}` (required) or `auto: false`"
+            )
+            continue
         model = runbook.params_model()
         unknown = [p for p in _leaf_paths(route.params) if not _has_path(model, p)]
         if unknown:

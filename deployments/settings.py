@@ -114,3 +114,19 @@ class ReceiverSettings(BaseSettings):
     dedup_cache_size: int = Field(
         10_000, ge=0, description="Recently recorded alert keys answered without the API."
     )
+    max_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A journaled alert whose run is not created within this time (Prefect "
+        "down, deployment not served, receiver stopped) is recorded as expired, never started: "
+        "an hour-old remediation decision is stale.",
+    )
+    retention_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="Finished journal entries (created, failed, expired, cancelled) are pruned "
+        "this long after they finished; must cover the longest route cooldown.",
+    )
+    prune_interval_s: float = Field(
+        600.0, gt=0, description="How often the journal is pruned (also once at start)."
+    )

@@ -17,6 +17,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL
 
+from deployments.intake import CreatedRun, PrefectRefused, PrefectRuns
 from deployments.receiver import create_app
 from deployments.serve import to_deployments
 from deployments.warm_pool import WarmPool, execute
@@ -228,3 +229,143 @@ def test_cancelling_a_warm_run_in_the_ui_stops_it(warm_pool: WarmPool) -> None:
     final = wait_final(run.id, timeout=30)
     assert final.state is not None and final.state.is_cancelled(), final.state
     assert warm_pool.wait_ready(90), "the terminated process was not replaced"
+
+
+# --- Issue 8, item 5: Prefect's answers and resolved alerts, against the real API ----------
+
+
+def read_state(run_id: str) -> str:
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(run_id)).state
+    assert state is not None
+    return state.type.value
+
+
+def fire_then_resolve(fingerprint: str, before_resolve: list[Any]) -> tuple[str, dict[str, Any]]:
+    """Fire an alert (run created, Scheduled), move the run through `before_resolve` states
+    as the Runner and the engine would, then resolve the alert. (run id, answer)."""
+    a = alert(namespace="r", fingerprint=fingerprint)
+    with TestClient(live_app()) as client:
+        fired = client.post("/alerts", json=payload(a), headers=bearer())
+        run_id = fired.json()["alerts"][0]["flow_run_id"]
+        with get_client(sync_client=True) as prefect:
+            for state in before_resolve:
+                result = prefect.set_flow_run_state(UUID(run_id), state)
+                assert result.status.value == "ACCEPT", result.details
+        resolved = client.post(
+            "/alerts",
+            json=payload({**a, "status": "resolved"}, status="resolved"),
+            headers=bearer(),
+        )
+    return run_id, resolved.json()["alerts"][0]
+
+
+@pytest.mark.usefixtures("stub_deployments")
+def test_a_resolved_alert_cancels_its_scheduled_run() -> None:
+    run_id, answer = fire_then_resolve("resolvesched", [])
+    assert read_state(run_id) == "CANCELLED"
+    assert answer["outcome"] == "cancelled"
+
+
+@pytest.mark.usefixtures("stub_deployments")
+def test_a_resolved_alert_cancels_its_pending_run() -> None:
+    """Pending (claimed, process starting): CANCELLING, as the UI's Cancel button does; the
+    Runner or warm pool that claimed it terminates the process and marks it Cancelled."""
+    from prefect.states import Pending
+
+    run_id, answer = fire_then_resolve("resolvepend", [Pending()])
+    assert read_state(run_id) == "CANCELLING"
+    assert answer["outcome"] == "cancelled"
+
+
+@pytest.mark.usefixtures("stub_deployments")
+def test_a_resolved_alert_never_cancels_a_running_run() -> None:
+    from prefect.states import Completed, Pending, Running
+
+    run_id, answer = fire_then_resolve("resolverun", [Pending(), Running()])
+    state_after_resolve = read_state(run_id)
+    with get_client(sync_client=True) as client:  # let it finish, as the engine would
+        client.set_flow_run_state(UUID(run_id), Completed())
+    assert state_after_resolve == "RUNNING"
+    assert answer["outcome"] == "resolved"
+    assert "RUNNING: left alone" in answer["detail"]
+
+
+class CountingRuns(PrefectRuns):
+    """The real client, counting its create calls."""
+
+    creates = 0
+
+    async def create_run(self, deployment: str, **kwargs: Any) -> CreatedRun:
+        self.creates += 1
+        return await super().create_run(deployment, **kwargs)
+
+
+def test_prefect_refuses_parameters_outside_the_deployment_schema(
+    stub_deployments: None,
+) -> None:
+    async def create() -> None:
+        runs = PrefectRuns(api_url(), None, retry_s=2)
+        try:
+            await runs.create_run(
+                "stub-remediate/stub-remediate",
+                name="refused",
+                parameters={"params": {"max_sessions": 100_000}},
+                tags=[],
+                idempotency_key=f"refused-{time.time()}",
+                grace_s=0,
+            )
+        finally:
+            await runs.aclose()
+
+    with pytest.raises(PrefectRefused) as refused:
+        asyncio.run(create())
+    assert refused.value.status == 409
+
+
+@pytest.mark.usefixtures("stub_deployments")
+def test_a_run_prefect_refuses_is_journaled_failed_and_asked_once() -> None:
+    from deployments.catalog import Runbook
+    from deployments.journal import Journal
+    from deployments.routing import RoutingTable
+
+    table = RoutingTable.model_validate(
+        {
+            "routes": [
+                {
+                    "alertname": "StubLoose",
+                    "deployment": "stub-remediate/stub-remediate",
+                    "auto": True,
+                    "params": {"namespace": "${namespace}", "max_sessions": "${n}"},
+                }
+            ]
+        }
+    )
+    loose = (
+        Runbook(
+            name="stub-remediate",
+            entrypoint="tests.fixtures.triggers:loose_stub_remediate",
+            description="",
+        ),
+    )
+    journal = Journal(None)
+    runs = CountingRuns(api_url(), None, 2.0)
+    app = create_app(
+        receiver_settings(sync_wait_s=10),
+        table,
+        loose,
+        api_url=api_url(),
+        runs=runs,
+        journal=journal,
+    )
+    a = alert(alertname="StubLoose", namespace="x", n="5000", fingerprint="refused1")
+    with TestClient(app) as client:
+        first = client.post("/alerts", json=payload(a), headers=bearer())
+        again = client.post("/alerts", json=payload(a), headers=bearer())
+    record = journal.get(f"refused1:{a['startsAt']}")
+    assert first.json()["alerts"][0]["outcome"] == "refused"
+    assert again.json()["alerts"][0]["outcome"] == "deduplicated"
+    assert record is not None and record.status == "failed"
+    assert record.reason is not None and "HTTP 409" in record.reason
+    assert runs.creates == 1
+    assert runs_tagged("alert:refused1") == []

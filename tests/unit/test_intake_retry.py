@@ -30,7 +30,8 @@ def flaky_prefect(locked_answers: int) -> tuple[httpx.MockTransport, list[int]]:
             return httpx.Response(200, json={"id": DEP_ID})
         if request.url.path.endswith("/create_flow_run"):
             body = json.loads(request.content)
-            assert body["idempotency_key"] and body["state"]["type"] == "SCHEDULED"
+            assert body["idempotency_key"]
+            assert body["state"]["type"] == "SCHEDULED"
             if len(seen) < locked_answers:
                 seen.append(503)
                 return httpx.Response(503, json={"detail": "database is locked"})
@@ -63,7 +64,7 @@ def test_503s_are_retried_until_the_run_is_recorded() -> None:
 
 def test_prefect_kept_locked_the_alert_is_journaled_and_answered_fast() -> None:
     """Prefect stuck: Alertmanager still gets a quick 2xx; the run request waits on disk."""
-    transport, seen = flaky_prefect(locked_answers=10_000)
+    transport, _ = flaky_prefect(locked_answers=10_000)
     runs = PrefectRuns("http://prefect/api", None, retry_s=0.3, transport=transport)
     journal = Journal(None)
     app = create_app(
@@ -75,14 +76,14 @@ def test_prefect_kept_locked_the_alert_is_journaled_and_answered_fast() -> None:
         journal=journal,
     )
     with TestClient(app) as client:
-        t0 = time.monotonic()
         r = client.post("/alerts", json=payload(alert(namespace="x")), headers=bearer())
-        assert time.monotonic() - t0 < 1.0
+        # Answered while the run was still being created: the answer did not wait for Prefect.
+        creating_when_answered = len(app.state.intake._inflight)
+    assert creating_when_answered == 1
     assert r.status_code == 200
     assert r.json()["alerts"][0]["outcome"] == "accepted"
     (entry,) = journal.pending()
     assert entry.parameters == {"params": {"namespace": "x", "dry_run": False}}
-    assert seen and set(seen) == {503}
 
 
 def test_journal_failure_is_a_503_so_alertmanager_retries() -> None:

@@ -73,7 +73,8 @@ def test_credentials_never_show_in_repr_or_logs(
     with TestClient(offline_app) as client:
         post(client, payload(alert(namespace="a")), bearer())
         post(client, payload(alert(namespace="a")), bearer("wrong-secret"))
-    assert TOKEN not in caplog.text and "wrong-secret" not in caplog.text
+    assert TOKEN not in caplog.text
+    assert "wrong-secret" not in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -129,7 +130,8 @@ def test_firing_alert_becomes_one_run_with_tags_params_and_key(
     with TestClient(offline_app) as client:
         first = post(client, payload(a), bearer())
         again = post(client, payload(a), bearer())
-    assert first.status_code == again.status_code == 200
+    assert first.status_code == 200
+    assert again.status_code == 200
     assert first.json()["alerts"][0]["outcome"] == "started"
     assert again.json()["alerts"][0]["outcome"] == "deduplicated"
     (call,) = recording_runs.calls  # the repeat is answered from the recent-key cache
@@ -155,7 +157,8 @@ def test_concurrent_identical_deliveries_share_one_create(
     responses = asyncio.run(storm())
     assert all(r.status_code == 200 for r in responses)
     outcomes = sorted(r.json()["alerts"][0]["outcome"] for r in responses)
-    assert outcomes.count("started") == 1 and outcomes.count("deduplicated") == 49
+    assert outcomes.count("started") == 1
+    assert outcomes.count("deduplicated") == 49
     assert len(recording_runs.calls) == 1
 
 

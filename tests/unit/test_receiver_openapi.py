@@ -19,7 +19,10 @@ RUNS = RecordingRuns()
 APP = create_app(
     receiver_settings(), stub_table(), STUB_RUNBOOKS, api_url="http://127.0.0.1:9/api", runs=RUNS
 )
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+# The app serves no /openapi.json (off, see docs/triggers.md): read the schema from FastAPI
+# and send the cases to the app itself.
+schema = schemathesis.openapi.from_dict(APP.openapi())
+schema.app = APP
 
 
 @schema.include(path="/alerts", method="POST").parametrize()

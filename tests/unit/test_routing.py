@@ -140,3 +140,75 @@ def test_shipped_routing_table_is_valid_and_plans_pool_cleanup() -> None:
     high = table.route_for({"alertname": "DatabaseConnectionPoolHigh"})
     assert high is not None
     assert build_params(high, index[high.deployment], {})["remediation"]["dry_run"] is True
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"database": "${datname?}"},
+        {"namespace": "${namespace}", "database": "${datname?}"},
+        {"namespace": "ns-${datname?}"},  # inside a longer string too
+    ],
+)
+def test_an_auto_route_must_not_drop_a_filter_with_an_optional_label(
+    params: dict[str, object],
+) -> None:
+    table = RoutingTable.model_validate(
+        {
+            "routes": [
+                {
+                    "alertname": "A",
+                    "deployment": "stub-remediate/stub-remediate",
+                    "auto": True,
+                    "params": params,
+                }
+            ]
+        }
+    )
+    with pytest.raises(ValueError, match=r"`auto: true` must not use `\$\{label\?\}`"):
+        validate_routing(table, STUB_RUNBOOKS, source="test")
+
+
+def test_an_auto_route_with_an_optional_label_stops_the_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "routing.yaml"
+    path.write_text(
+        "routes:\n  - alertname: A\n    deployment: stub-remediate/stub-remediate\n"
+        "    auto: true\n    params: {namespace: x, database: '${datname?}'}\n"
+    )
+    with pytest.raises(ValueError, match=r"auto: true` must not use .* \(in database\)"):
+        load_routing(path, STUB_RUNBOOKS)
+
+
+def test_a_plan_only_route_may_use_an_optional_label() -> None:
+    table = RoutingTable.model_validate(
+        {
+            "routes": [
+                {
+                    "alertname": "A",
+                    "deployment": "stub-remediate/stub-remediate",
+                    "params": {"database": "${datname?}"},
+                }
+            ]
+        }
+    )
+    validate_routing(table, STUB_RUNBOOKS, source="test")
+    assert table.routes[0].auto is False
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("10m", 600), ("1h30m", 5400), ("45s", 45), (90, 90), ("0", 0), (0, 0)],
+)
+def test_a_route_cooldown_reads_durations(value: object, seconds: int) -> None:
+    route = Route.model_validate({"alertname": "A", "deployment": "d/d", "cooldown": value})
+    assert route.cooldown.total_seconds() == seconds
+
+
+def test_a_route_cooldown_defaults_to_ten_minutes() -> None:
+    assert Route(alertname="A", deployment="d/d").cooldown.total_seconds() == 600
+
+
+@pytest.mark.parametrize("value", ["-5", "ten minutes", -1])
+def test_a_bad_cooldown_is_refused(value: object) -> None:
+    with pytest.raises(ValidationError):
+        Route.model_validate({"alertname": "A", "deployment": "d/d", "cooldown": value})
