@@ -18,6 +18,7 @@ from prefect.variables import Variable
 from pydantic import ValidationError
 
 from flows.db_pool_exhausted import (
+    RUNBOOK,
     DbPoolParams,
     PoolStillExhausted,
     _cooldown_key,
@@ -159,7 +160,7 @@ def test_unreachable_postgres_fails_clearly_after_retries(
     # after it ran.
     assert task_runs(state.state_details.flow_run_id) == {"inspect-pool": 3}
     # ... and the audit record was still written, saying why the run stopped.
-    (md,) = flow_run_artifacts(state.state_details.flow_run_id)
+    (md,) = flow_run_artifacts(state.state_details.flow_run_id, RUNBOOK)
     assert "## Failed" in md
     assert "TransientError" in md
 
@@ -188,7 +189,7 @@ def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> N
             run_id, run_input={"approved": approved, "approver": "alice", "reason": "INC-42"}
         )
         out = fut.result(timeout=120)
-    (md,) = flow_run_artifacts(run_id)
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "alice" in md
     assert "INC-42" in md
     if approved:
@@ -202,12 +203,15 @@ def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> N
 def test_approval_timeout_does_nothing(pg_env: PgWorld, sessions: Sessions) -> None:
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
-    state = db_pool_exhausted(
-        params(pg_env, dry_run=False, require_approval=True, approval_timeout_s=10),
-        return_state=True,
-    )
-    assert state.result().action == "refused"
-    (md,) = flow_run_artifacts(state.state_details.flow_run_id)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(
+            db_pool_exhausted,
+            params(pg_env, dry_run=False, require_approval=True, approval_timeout_s=10),
+        )
+        run_id = wait_for_paused_run("db-pool-exhausted")
+        out = fut.result(timeout=120)
+    assert out.action == "refused"
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "no answer within 10 s" in md
     assert alive([pid(conn)]) == {pid(conn)}
 
@@ -271,7 +275,7 @@ def test_approved_run_acts_only_on_sessions_approved_and_still_matching(
     assert out.result is not None
     assert [s.pid for s in out.result.terminated] == [pid(v2)]
     assert alive([pid(v3), pid(v4)]) == {pid(v3), pid(v4)}
-    (md,) = flow_run_artifacts(run_id)
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "## Plan\n" in md
     assert "## Plan after approval" in md
     assert "Approved and still matching: **1**" in md
@@ -308,7 +312,7 @@ def test_approved_run_respects_a_cooldown_set_while_it_waited(
     assert "cooldown" in out.note
     assert out.result is None
     assert alive([pid(v2)]) == {pid(v2)}
-    (md,) = flow_run_artifacts(run_id)
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "## Plan after approval" in md
 
 
@@ -332,7 +336,7 @@ def test_postgres_lost_after_approval_fails_the_run_and_still_publishes(
     assert state.is_failed()
     with pytest.raises(TransientError):
         state.result()
-    (md,) = flow_run_artifacts(run_id)
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "## Approval" in md
     assert "## Failed" in md
     assert "TransientError" in md

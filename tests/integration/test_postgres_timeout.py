@@ -146,7 +146,7 @@ def test_retry_after_a_lost_reply_keeps_the_original_undo_in_the_flow(
     assert change.previous == "45s"
     assert change.already_set is True
     assert role_value(world) == "90s"
-    (md,) = flow_run_artifacts(state.state_details.flow_run_id)
+    (md,) = flow_run_artifacts(state.state_details.flow_run_id, "db-pool-exhausted")
     assert "was 45s" in md
     run_sql(world.admin_dsn, change.undo_sql)
     assert role_value(world) == "45s"
