@@ -414,3 +414,13 @@ def test_bad_parameters_change_nothing(
     with pytest.raises(ParameterTypeError, match=error):
         db_pool_exhausted(params=raw | change)  # type: ignore[call-overload]
     assert alive([pid(conn)]) == {pid(conn)}
+
+
+def test_pool_threshold_publishes_even_when_it_cannot_measure(
+    pg_env: PgWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOKS_PG_DSN", "postgresql://postgres@127.0.0.1:1/postgres")
+    state = pool_threshold(PoolThresholdParams(), return_state=True)
+    assert state.is_failed()
+    (md,) = flow_run_artifacts(state.state_details.flow_run_id, "pool-threshold")
+    assert "## Failed" in md
