@@ -102,15 +102,25 @@ class TerminationGuard(BaseModel):
         min_length=1,
         description="Only sessions in these idle states; active sessions are never touched.",
     )
+    # Defaults stay inside the operator's floor and cap (settings), so the default
+    # parameters are always valid; the runbook's parameter model enforces both.
     idle_minutes: float = Field(
-        10.0, gt=0, le=7 * 24 * 60, description="Only sessions idle for longer than this."
+        default_factory=lambda: max(10.0, PostgresSettings().min_idle_minutes),
+        gt=0,
+        le=7 * 24 * 60,
+        description="Only sessions idle for longer than this (minutes; default 10).",
     )
     database: str | None = Field(None, description="Only sessions on this database.")
     username: str | None = Field(None, description="Only sessions of this role.")
     protected_roles: list[str] = Field(
         default_factory=list, description="Roles never terminated (besides superusers)."
     )
-    max_sessions: int = Field(50, ge=1, le=5000, description="At most this many per run.")
+    max_sessions: int = Field(
+        default_factory=lambda: min(50, PostgresSettings().max_sessions_cap),
+        ge=1,
+        le=5000,
+        description="At most this many per run (default 50).",
+    )
 
     @field_validator("database", "username")
     @classmethod

@@ -213,3 +213,10 @@ def test_the_max_sessions_cap_comes_from_settings(monkeypatch: pytest.MonkeyPatc
     assert (
         DbPoolParams.model_validate(_params(guard={"max_sessions": 500})).guard.max_sessions == 500
     )
+
+
+def test_defaults_stay_inside_a_stricter_floor_and_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBOOKS_PG_MAX_SESSIONS_CAP", "20")
+    monkeypatch.setenv("RUNBOOKS_PG_MIN_IDLE_MINUTES", "30")
+    guard = DbPoolParams().guard
+    assert (guard.max_sessions, guard.idle_minutes) == (20, 30.0)
