@@ -29,7 +29,14 @@ from tasks.clients import pg_target
 from tasks.errors import TransientError
 from tasks.postgres import TerminationGuard
 from tasks.settings import PostgresSettings
-from tests.fixtures.postgres import PgWorld, Sessions, alive, pid, wait_gone
+from tests.fixtures.postgres import (
+    PgWorld,
+    Sessions,
+    alive,
+    pid,
+    system_timeout_file_value,
+    wait_gone,
+)
 from tests.fixtures.prefect_runs import (
     flow_run_artifacts,
     flow_run_logs,
@@ -392,6 +399,7 @@ def test_bad_parameters_change_nothing(
     pg_env: PgWorld,
     sessions: Sessions,
     monkeypatch: pytest.MonkeyPatch,
+    system_timeout_restored: str | None,
     change: dict[str, object],
     error: str,
 ) -> None:
@@ -414,6 +422,7 @@ def test_bad_parameters_change_nothing(
     with pytest.raises(ParameterTypeError, match=error):
         db_pool_exhausted(params=raw | change)  # type: ignore[call-overload]
     assert alive([pid(conn)]) == {pid(conn)}
+    assert system_timeout_file_value() == system_timeout_restored
 
 
 def test_pool_threshold_publishes_even_when_it_cannot_measure(

@@ -44,7 +44,8 @@ def test_only_the_right_sessions_die(pg_env: PgWorld, sessions: Sessions) -> Non
 
     result = kill_planned(plan)
     assert {s.pid for s in result.terminated} == {pid(old_idle), pid(old_iit)}
-    assert result.spared_pids == [] and result.failed_pids == []
+    assert result.spared_pids == []
+    assert result.failed_pids == []
     assert wait_gone([pid(old_idle), pid(old_iit)]) == set()
     survivors = [super_iit, protected_idle, young_idle, young_iit, active]
     assert alive([pid(c) for c in survivors]) == {pid(c) for c in survivors}
@@ -85,7 +86,8 @@ def test_cap_holds(pg_env: PgWorld, sessions: Sessions) -> None:
     conns = [sessions.open(w.app_role, "idle") for _ in range(5)]
     time.sleep(1.2)
     plan = select_sessions(guard(w, max_sessions=2))
-    assert len(plan.sessions) == 2 and plan.more_than_cap
+    assert len(plan.sessions) == 2
+    assert plan.more_than_cap
     # Oldest idle first: the first two opened.
     assert [s.pid for s in plan.sessions] == [pid(c) for c in conns[:2]]
     result = kill_planned(plan)
