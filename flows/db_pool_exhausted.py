@@ -229,7 +229,7 @@ def _findings_md(snap: PoolSnapshot, pools: list[PgBouncerPool] | str) -> str:
     return "\n\n".join(out)
 
 
-def _plan_md(plan: TerminationPlan) -> str:
+def _plan_md(plan: TerminationPlan, lead: str = "would be terminated") -> str:
     rows = [
         [
             s.pid,
@@ -247,7 +247,7 @@ def _plan_md(plan: TerminationPlan) -> str:
     )
     return (
         f"Guard: {guard_summary(plan.guard)}.\n\n"
-        f"**{len(plan.sessions)}** session(s) would be terminated:\n\n"
+        f"**{len(plan.sessions)}** session(s) {lead}:\n\n"
         + table(["pid", "role", "database", "state", "idle for", "application", "client"], rows)
         + cap
     )
@@ -259,7 +259,7 @@ def _replan_md(approved: TerminationPlan, fresh: TerminationPlan, both: Terminat
     gone = [x.pid for x in approved.sessions if (x.pid, x.backend_start) not in fresh_keys]
     new = [x.pid for x in fresh.sessions if (x.pid, x.backend_start) not in keys]
     return (
-        _plan_md(fresh)
+        _plan_md(fresh, "match the guard now")
         + f"\n\nApproved and still matching: **{len(both.sessions)}** session(s)"
         + (f"; approved but no longer matching (left alone): {gone}" if gone else "")
         + (f"; matching now but never approved (left alone): {new}" if new else "")

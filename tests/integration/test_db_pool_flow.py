@@ -285,6 +285,7 @@ def test_approved_run_acts_only_on_sessions_approved_and_still_matching(
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "## Plan\n" in md
     assert "## Plan after approval" in md
+    assert "**2** session(s) match the guard now" in md
     assert "Approved and still matching: **1**" in md
 
 
