@@ -10,16 +10,20 @@ PgBouncer `SHOW POOLS` when configured (read-only).
 May change: terminates idle sessions that pass every guard (client backends only, never this
 run's own session, never superusers or protected roles, only the allowed idle states, idle
 for longer than N minutes, optional database/role filter); optionally sets
-`idle_in_transaction_session_timeout` (ALTER SYSTEM + `pg_reload_conf()`, or ALTER ROLE).
+`idle_in_transaction_session_timeout` per role (ALTER ROLE, the default) or, with approval
+and at least 60 s, system-wide (ALTER SYSTEM + `pg_reload_conf()`).
 
-Safety limits: dry-run by default (the plan is the artifact); acts only while usage is at or
-above `act_above_percent`; at most `guard.max_sessions` terminations, in one statement that
-re-checks the guard, so a session that became active since the plan survives; one
+Safety limits: dry-run by default (the plan is the artifact); floors and caps in the
+parameter model (idle >= 1 min, `max_sessions` <= the settings cap); acts only while usage is
+at or above `act_above_percent`; at most `guard.max_sessions` terminations, in one statement
+that re-checks the guard, so a session that became active since the plan survives; one
 remediation per server at a time (advisory lock) and a cooldown between remediations;
-optional approval gate.
+optional approval gate, after which usage, cooldown and plan are checked again in the lock
+and only sessions both approved and still matching are terminated.
 
 Undo: a terminated session cannot be revived; its client reconnects (pools do so by
-themselves). A timeout change prints its exact undo statement in the artifact.
+themselves). A timeout change prints its exact undo statement in the artifact, built from
+the value read once before the write. The artifact is published on every exit path.
 """
 
 from __future__ import annotations
