@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -15,6 +16,8 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
+
+from tasks.errors import RunbookError
 
 
 class Approval(RunInput):
@@ -142,3 +145,35 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def failure_text(exc: BaseException) -> str:
+    """An exception for the audit report: our own errors' messages, others by type only."""
+    # RunbookError messages are written secret-free; a library's text may quote anything.
+    if isinstance(exc, RunbookError):
+        return f"{type(exc).__name__}: {md_escape(str(exc)[:500])}"
+    return f"{type(exc).__name__} (details in the run's logs)"
+
+
+@contextmanager
+def publish_on_exit(report: Report, summary: Callable[[], str]) -> Iterator[Report]:
+    """Publish `report` when the block ends however it ends: return, refusal or exception.
+
+    On an exception a "Failed" section names it, the artifact is still written, and the
+    exception goes on. `summary()` gives the artifact description on a normal exit.
+    """
+    failure: BaseException | None = None
+    try:
+        yield report
+    except BaseException as exc:
+        failure = exc
+        report.add("Failed", f"The run stopped with **{failure_text(exc)}**.")
+        raise
+    finally:
+        description = (
+            summary() if failure is None else f"{report.runbook}: failed ({type(failure).__name__})"
+        )
+        try:
+            report.publish(description)
+        except Exception:  # noqa: BLE001 - the report must never hide the run's own outcome
+            get_run_logger().exception("could not publish the %s report", report.runbook)

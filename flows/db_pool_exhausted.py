@@ -10,29 +10,33 @@ PgBouncer `SHOW POOLS` when configured (read-only).
 May change: terminates idle sessions that pass every guard (client backends only, never this
 run's own session, never superusers or protected roles, only the allowed idle states, idle
 for longer than N minutes, optional database/role filter); optionally sets
-`idle_in_transaction_session_timeout` (ALTER SYSTEM + `pg_reload_conf()`, or ALTER ROLE).
+`idle_in_transaction_session_timeout` per role (ALTER ROLE, the default) or, with approval
+and at least 60 s, system-wide (ALTER SYSTEM + `pg_reload_conf()`).
 
-Safety limits: dry-run by default (the plan is the artifact); acts only while usage is at or
-above `act_above_percent`; at most `guard.max_sessions` terminations, in one statement that
-re-checks the guard, so a session that became active since the plan survives; one
+Safety limits: dry-run by default (the plan is the artifact); floors and caps in the
+parameter model (idle >= 1 min, `max_sessions` <= the settings cap); acts only while usage is
+at or above `act_above_percent`; at most `guard.max_sessions` terminations, in one statement
+that re-checks the guard, so a session that became active since the plan survives; one
 remediation per server at a time (advisory lock) and a cooldown between remediations;
-optional approval gate.
+optional approval gate, after which usage, cooldown and plan are checked again in the lock
+and only sessions both approved and still matching are terminated.
 
 Undo: a terminated session cannot be revived; its client reconnects (pools do so by
-themselves). A timeout change prints its exact undo statement in the artifact.
+themselves). A timeout change prints its exact undo statement in the artifact, built from
+the value read once before the write. The artifact is published on every exit path.
 """
 
 from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, Self
 
 from prefect import flow, get_run_logger
 from prefect.variables import Variable
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from flows.common import Report, request_approval, table, tag_run
+from flows.common import Report, publish_on_exit, request_approval, table, tag_run
 from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
 from tasks.postgres import (
@@ -44,10 +48,13 @@ from tasks.postgres import (
     TerminationResult,
     TimeoutChange,
     age_text,
+    approved_and_matching,
+    check_name,
     guard_summary,
     inspect_pool,
     measure_pool_usage,
     plan_terminations,
+    read_idle_in_transaction_timeout,
     remediation_lock,
     set_idle_in_transaction_timeout,
     show_pgbouncer_pools,
@@ -56,6 +63,9 @@ from tasks.postgres import (
 from tasks.settings import PostgresSettings
 
 RUNBOOK = "db-pool-exhausted"
+# A system-wide idle_in_transaction_session_timeout hits every role, the runbook's own
+# maintenance jobs included: never below a minute, and only with a human's approval.
+MIN_SYSTEM_TIMEOUT_S = 60
 
 
 class DbPoolParams(BaseModel):
@@ -83,9 +93,13 @@ class DbPoolParams(BaseModel):
         le=86_400,
         description="Prevention: set idle_in_transaction_session_timeout (seconds); unset = no.",
     )
+    timeout_scope: Literal["role", "system"] = Field(
+        "role",
+        description="`role` (default): ALTER ROLE `timeout_role` SET …; `system`: ALTER SYSTEM"
+        f" (needs require_approval and at least {MIN_SYSTEM_TIMEOUT_S} s).",
+    )
     timeout_role: str | None = Field(
-        None,
-        description="Set that timeout for this role only (ALTER ROLE); unset = ALTER SYSTEM.",
+        None, description="The role whose sessions get that timeout (timeout_scope `role`)."
     )
     require_approval: bool = Field(
         False, description="Pause for a human approval in the UI before acting."
@@ -101,6 +115,43 @@ class DbPoolParams(BaseModel):
     )
     reason: str = Field("", max_length=2000, description="Why; recorded in the audit artifact.")
 
+    @field_validator("timeout_role")
+    @classmethod
+    def _valid_role(cls, value: str | None) -> str | None:
+        return check_name(value)
+
+    @model_validator(mode="after")
+    def _blast_radius(self) -> Self:
+        """Floors and caps no parameter may cross, checked before anything runs."""
+        settings = PostgresSettings()
+        if self.guard.idle_minutes < settings.min_idle_minutes:
+            raise ValueError(
+                f"guard.idle_minutes must be at least {settings.min_idle_minutes:g}"
+                " (RUNBOOKS_PG_MIN_IDLE_MINUTES)"
+            )
+        if self.guard.max_sessions > settings.max_sessions_cap:
+            raise ValueError(
+                f"guard.max_sessions must be at most {settings.max_sessions_cap}"
+                " (RUNBOOKS_PG_MAX_SESSIONS_CAP)"
+            )
+        seconds = self.idle_in_transaction_timeout_s
+        if seconds is None:
+            return self
+        if self.timeout_scope == "role":
+            if not self.timeout_role:
+                raise ValueError(
+                    "timeout_role is required for a per-role timeout (timeout_scope 'role');"
+                    " a system-wide one needs timeout_scope 'system'"
+                )
+        else:
+            if self.timeout_role:
+                raise ValueError("timeout_role must be unset with timeout_scope 'system'")
+            if not self.require_approval:
+                raise ValueError("a system-wide timeout (timeout_scope 'system') needs approval")
+            if seconds < MIN_SYSTEM_TIMEOUT_S:
+                raise ValueError(f"a system-wide timeout must be at least {MIN_SYSTEM_TIMEOUT_S} s")
+        return self
+
 
 class DbPoolOutcome(BaseModel):
     """What the run found and did."""
@@ -109,7 +160,13 @@ class DbPoolOutcome(BaseModel):
     note: str
     before: PoolUsage
     after: PoolUsage | None
-    plan: TerminationPlan
+    plan: TerminationPlan = Field(description="The first plan (the one shown for approval).")
+    replan: TerminationPlan | None = Field(
+        None, description="After an approval: the plan again, on what is live now."
+    )
+    acted_on: TerminationPlan | None = Field(
+        None, description="The sessions handed to the kill: approved and still matching."
+    )
     result: TerminationResult | None
     timeout_change: TimeoutChange | None
     healthy: bool | None = Field(description="Usage below the healthy mark after acting.")
@@ -176,7 +233,7 @@ def _findings_md(snap: PoolSnapshot, pools: list[PgBouncerPool] | str) -> str:
     return "\n\n".join(out)
 
 
-def _plan_md(plan: TerminationPlan) -> str:
+def _plan_md(plan: TerminationPlan, lead: str = "would be terminated") -> str:
     rows = [
         [
             s.pid,
@@ -194,19 +251,55 @@ def _plan_md(plan: TerminationPlan) -> str:
     )
     return (
         f"Guard: {guard_summary(plan.guard)}.\n\n"
-        f"**{len(plan.sessions)}** session(s) would be terminated:\n\n"
+        f"**{len(plan.sessions)}** session(s) {lead}:\n\n"
         + table(["pid", "role", "database", "state", "idle for", "application", "client"], rows)
         + cap
     )
 
 
+def _replan_md(approved: TerminationPlan, fresh: TerminationPlan, both: TerminationPlan) -> str:
+    keys = {(x.pid, x.backend_start) for x in both.sessions}
+    fresh_keys = {(x.pid, x.backend_start) for x in fresh.sessions}
+    gone = [x.pid for x in approved.sessions if (x.pid, x.backend_start) not in fresh_keys]
+    new = [x.pid for x in fresh.sessions if (x.pid, x.backend_start) not in keys]
+    return (
+        _plan_md(fresh, "match the guard now")
+        + f"\n\nApproved and still matching: **{len(both.sessions)}** session(s)"
+        + (f"; approved but no longer matching (left alone): {gone}" if gone else "")
+        + (f"; matching now but never approved (left alone): {new}" if new else "")
+        + "."
+    )
+
+
+Action = Literal["planned", "terminated", "skipped", "refused"]
+
+
 @flow(name=RUNBOOK, log_prints=False)
 def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  # noqa: B008
     """Check the PostgreSQL pool, plan guarded terminations, act when allowed, verify."""
-    logger = get_run_logger()
-    source = tag_run(RUNBOOK)
     target = pg_target(PostgresSettings())
     report = Report(RUNBOOK, f"PostgreSQL pool on {target}")
+    outcome: list[DbPoolOutcome] = []
+
+    def summary() -> str:
+        return f"{RUNBOOK} on {target}: {outcome[0].action if outcome else 'stopped'}"
+
+    # The audit record is written on every path: done, refused, timed out or failed.
+    with publish_on_exit(report, summary):
+        result = _remediate(params, target, report)
+        outcome.append(result)
+        if result.healthy is False:
+            assert result.after is not None and result.result is not None
+            raise PoolStillExhausted(
+                f"{target}: usage still {result.after.percent_used:.1f}% after terminating "
+                f"{len(result.result.terminated)} session(s); escalate (see the run's artifact)"
+            )
+        return result
+
+
+def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutcome:
+    logger = get_run_logger()
+    source = tag_run(RUNBOOK)
     who = params.requested_by or source
     report.add(
         "Request",
@@ -223,18 +316,19 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
     plan = plan_terminations(params.guard)
     report.add("Plan", _plan_md(plan))
     before = snapshot.usage
+    replan: TerminationPlan | None = None
 
     def finish(
-        action: Literal["planned", "terminated", "skipped", "refused"],
+        action: Action,
         note: str,
         *,
         after: PoolUsage | None = None,
+        acted_on: TerminationPlan | None = None,
         result: TerminationResult | None = None,
         change: TimeoutChange | None = None,
         healthy: bool | None = None,
     ) -> DbPoolOutcome:
         report.add("Outcome", f"**{action}**: {note}")
-        report.publish(f"{RUNBOOK} on {target}: {action}")
         logger.info("%s: %s (%s)", target, action, note)
         return DbPoolOutcome(
             action=action,
@@ -242,6 +336,8 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
             before=before,
             after=after,
             plan=plan,
+            replan=replan,
+            acted_on=acted_on,
             result=result,
             timeout_change=change,
             healthy=healthy,
@@ -255,18 +351,19 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
             f"usage {before.percent_used:.1f}% is below act_above_percent "
             f"{params.act_above_percent:g}%: nothing changed.",
         )
+    # Checked here so nobody is asked to approve a run that would refuse, and again in the lock.
     wait = _cooldown_left(target, params.cooldown_minutes)
     if wait is not None:
-        return finish(
-            "refused",
-            f"a remediation ran on {target} recently; cooldown has {age_text(wait.total_seconds())}"
-            " left. Nothing changed.",
-        )
+        return finish("refused", _cooldown_note(target, wait))
     if params.require_approval:
         timeout = params.idle_in_transaction_timeout_s
         decision = request_approval(
             f"Terminate {len(plan.sessions)} idle session(s) on {target}"
-            + (f" and set idle_in_transaction_session_timeout={timeout}s" if timeout else ""),
+            + (
+                f" and set idle_in_transaction_session_timeout={timeout}s ({_scope(params)})"
+                if timeout
+                else ""
+            ),
             params.approval_timeout_s,
         )
         report.add("Approval", decision.line())
@@ -275,35 +372,43 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
 
     try:
         with remediation_lock(RUNBOOK):
-            Variable.set(_cooldown_key(target), datetime.now(UTC).isoformat(), overwrite=True)
-            result = terminate_sessions(plan)
-            change = (
-                set_idle_in_transaction_timeout(
-                    params.idle_in_transaction_timeout_s, params.timeout_role
+            now = before
+            acted_on = plan
+            if params.require_approval:
+                # While the run waited, others may have acted and sessions come and gone:
+                # measure and plan again, and act only on what was approved AND still matches.
+                now = measure_pool_usage()
+                replan = plan_terminations(params.guard)
+                acted_on = approved_and_matching(plan, replan)
+                report.add("Plan after approval", _replan_md(plan, replan, acted_on))
+            wait = _cooldown_left(target, params.cooldown_minutes)
+            if wait is not None:
+                return finish("refused", _cooldown_note(target, wait) + " (re-checked in the lock)")
+            if now.percent_used < params.act_above_percent:
+                return finish(
+                    "skipped",
+                    f"usage is now {now.percent_used:.1f}%, below act_above_percent "
+                    f"{params.act_above_percent:g}%: nothing changed.",
                 )
-                if params.idle_in_transaction_timeout_s
-                else None
-            )
+            Variable.set(_cooldown_key(target), datetime.now(UTC).isoformat(), overwrite=True)
+            result = terminate_sessions(acted_on)
+            report.add("Done", _done_md(result))
+            change: TimeoutChange | None = None
+            if params.idle_in_transaction_timeout_s:
+                role = params.timeout_role if params.timeout_scope == "role" else None
+                # The previous value is read once, here; the write only gets it passed in.
+                reading = read_idle_in_transaction_timeout(role)
+                change = set_idle_in_transaction_timeout(
+                    params.idle_in_transaction_timeout_s, reading
+                )
+                report.add(
+                    "Prevention",
+                    f"idle_in_transaction_session_timeout = {change.new} ({change.scope}); "
+                    f"was {change.previous or 'not set'} (in effect: {reading.effective})."
+                    f"\n\nUndo: `{change.undo_sql}`",
+                )
     except SafetyViolation as exc:
-        return finish("refused", f"{exc}. Nothing changed.")
-
-    done = table(
-        ["pid", "role", "database", "state"],
-        [[s.pid, s.usename, s.datname, s.state] for s in result.terminated],
-    )
-    spared = f"\n\nSpared (no longer matching the guard): {result.spared_pids}" * bool(
-        result.spared_pids
-    )
-    report.add(
-        "Done",
-        f"Terminated **{len(result.terminated)}** in {result.elapsed_s:.3f} s:\n\n" + done + spared,
-    )
-    if change is not None:
-        report.add(
-            "Prevention",
-            f"idle_in_transaction_session_timeout = {change.new} ({change.scope}); "
-            f"was {change.previous or 'default'}.\n\nUndo: `{change.undo_sql}`",
-        )
+        return finish("refused", f"{exc}. Nothing changed.", acted_on=None)
 
     after = measure_pool_usage()
     healthy = after.percent_used < params.healthy_below_percent
@@ -313,17 +418,36 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
         f"**{after.percent_used:.1f}%** ({after.client_connections}); healthy below "
         f"{params.healthy_below_percent:g}%: **{'yes' if healthy else 'NO'}**.",
     )
-    outcome = finish(
+    return finish(
         "terminated",
         f"{len(result.terminated)} session(s) terminated; usage {after.percent_used:.1f}%.",
         after=after,
+        acted_on=acted_on,
         result=result,
         change=change,
         healthy=healthy,
     )
-    if not healthy:
-        raise PoolStillExhausted(
-            f"{target}: usage still {after.percent_used:.1f}% after terminating "
-            f"{len(result.terminated)} session(s); escalate (see the run's artifact)"
-        )
-    return outcome
+
+
+def _scope(params: DbPoolParams) -> str:
+    return f"role {params.timeout_role}" if params.timeout_scope == "role" else "SYSTEM-WIDE"
+
+
+def _cooldown_note(target: str, wait: timedelta) -> str:
+    return (
+        f"a remediation ran on {target} recently; cooldown has {age_text(wait.total_seconds())}"
+        " left. Nothing changed."
+    )
+
+
+def _done_md(result: TerminationResult) -> str:
+    done = table(
+        ["pid", "role", "database", "state"],
+        [[x.pid, x.usename, x.datname, x.state] for x in result.terminated],
+    )
+    spared = f"\n\nSpared (no longer matching the guard): {result.spared_pids}" * bool(
+        result.spared_pids
+    )
+    return (
+        f"Terminated **{len(result.terminated)}** in {result.elapsed_s:.3f} s:\n\n" + done + spared
+    )

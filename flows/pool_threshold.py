@@ -19,7 +19,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
 
-from flows.common import Report, table, tag_run
+from flows.common import Report, publish_on_exit, table, tag_run
 from flows.db_pool_exhausted import RUNBOOK as REMEDIATION
 from flows.db_pool_exhausted import DbPoolParams
 from tasks.postgres import PoolUsage, measure_pool_usage
@@ -61,38 +61,43 @@ def pool_threshold(params: PoolThresholdParams = PoolThresholdParams()) -> PoolC
     """Fail (with an artifact) when connection usage reaches the threshold."""
     logger = get_run_logger()
     tag_run(RUNBOOK)
-    usage = measure_pool_usage()
-    passed = usage.percent_used < params.threshold_percent
-    report = Report(RUNBOOK, f"Connection usage on {usage.target}")
-    report.add(
-        "Usage",
-        f"**{usage.percent_used:.1f}%** ({usage.client_connections}/{usage.max_connections}), "
-        f"threshold {params.threshold_percent:g}%: **{'OK' if passed else 'OVER'}**.\n\n"
-        + table(["database", "n"], [[c.key, c.count] for c in usage.by_database])
-        + "\n\n"
-        + table(["role", "n"], [[c.key, c.count] for c in usage.by_user]),
-    )
-    run_id: str | None = None
-    if not passed and params.start_remediation:
-        run: FlowRun = run_deployment(  # type: ignore[assignment]
-            REMEDIATION_DEPLOYMENT,
-            parameters={"params": params.remediation.model_dump(mode="json")},
-            timeout=0,
-            tags=["source:schedule", f"runbook:{REMEDIATION}"],
-        )
-        run_id = str(run.id)
+    report = Report(RUNBOOK, "Connection usage")
+    line: list[str] = []
+    # Written however the run ends, a failed measurement included.
+    with publish_on_exit(report, lambda: line[0] if line else f"{RUNBOOK}: no measurement"):
+        usage = measure_pool_usage()
+        report.title = f"Connection usage on {usage.target}"
+        passed = usage.percent_used < params.threshold_percent
+        line.append(f"pool usage {usage.percent_used:.1f}% on {usage.target}")
         report.add(
-            "Remediation",
-            f"Started `{REMEDIATION_DEPLOYMENT}` run `{run.name}` ({run_id}), "
-            f"dry run: {params.remediation.dry_run}.",
+            "Usage",
+            f"**{usage.percent_used:.1f}%** ({usage.client_connections}/{usage.max_connections}),"
+            f" threshold {params.threshold_percent:g}%: **{'OK' if passed else 'OVER'}**.\n\n"
+            + table(["database", "n"], [[c.key, c.count] for c in usage.by_database])
+            + "\n\n"
+            + table(["role", "n"], [[c.key, c.count] for c in usage.by_user]),
         )
-    report.publish(f"pool usage {usage.percent_used:.1f}% on {usage.target}")
-    if not passed:
-        logger.error("%s: usage %.1f%% over threshold", usage.target, usage.percent_used)
-        raise PoolThresholdExceeded(
-            f"{usage.target}: {usage.percent_used:.1f}% of max_connections in use "
-            f"(threshold {params.threshold_percent:g}%)"
+        if not passed and params.start_remediation:
+            run: FlowRun = run_deployment(  # type: ignore[assignment]
+                REMEDIATION_DEPLOYMENT,
+                parameters={"params": params.remediation.model_dump(mode="json")},
+                timeout=0,
+                tags=["source:schedule", f"runbook:{REMEDIATION}"],
+            )
+            report.add(
+                "Remediation",
+                f"Started `{REMEDIATION_DEPLOYMENT}` run `{run.name}` ({run.id}), "
+                f"dry run: {params.remediation.dry_run}.",
+            )
+        if not passed:
+            logger.error("%s: usage %.1f%% over threshold", usage.target, usage.percent_used)
+            raise PoolThresholdExceeded(
+                f"{usage.target}: {usage.percent_used:.1f}% of max_connections in use "
+                f"(threshold {params.threshold_percent:g}%)"
+            )
+        return PoolCheck(
+            usage=usage,
+            threshold_percent=params.threshold_percent,
+            passed=True,
+            remediation_run=None,
         )
-    return PoolCheck(
-        usage=usage, threshold_percent=params.threshold_percent, passed=True, remediation_run=None
-    )

@@ -6,9 +6,11 @@ timeout per attempt, not a hidden stack of them. Tests swap settings, not this c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import psycopg
@@ -56,28 +58,69 @@ def pg_dsn(settings: PostgresSettings) -> str:
     return resolve_secret(settings.dsn, settings.dsn_secret_block)
 
 
-def pg_target(settings: PostgresSettings) -> str:
-    """A printable name of the PostgreSQL target: host:port/dbname, never the password."""
+# What a parsed host / port may look like. libpq "parses" some malformed URLs (a raw `/` or
+# `@` in the password) into fields holding pieces of the password: such fields are refused.
+_PG_HOST = re.compile(r"^[A-Za-z0-9._:/%\[\]-]+$")
+_PG_PORT = re.compile(r"^[0-9]{1,5}$")
+_PG_DBNAME = re.compile(r"^[A-Za-z0-9_$.-]{1,63}$")
+_PG_MALFORMED = (
+    "PostgreSQL DSN is malformed (not shown): check RUNBOOKS_PG_DSN or its Secret block;"
+    " in a URL, percent-encode special characters of the password (/ @ % : space)"
+)
+
+
+def _pg_parts(dsn: str) -> dict[str, str]:
+    """The DSN's fields as libpq parses them; a fixed message (never libpq's) when malformed."""
     try:
-        parts = conninfo_to_dict(pg_dsn(settings))
-    except psycopg.ProgrammingError:
-        return "<unparsable DSN>"
+        parts = {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
+    except psycopg.Error:
+        # libpq's parse errors quote the offending fragment, which may be the password.
+        raise PermanentError(_PG_MALFORMED) from None
+    hosts = [h for h in parts.get("host", "").split(",") if h]
+    ports = [p for p in parts.get("port", "").split(",") if p]
+    if not all(_PG_HOST.match(h) and "@" not in h for h in hosts) or not all(
+        _PG_PORT.match(p) for p in ports
+    ):
+        raise PermanentError(_PG_MALFORMED)
+    return parts
+
+
+def pg_target(settings: PostgresSettings) -> str:
+    """A printable name of the PostgreSQL target, `host:port/dbname`, from parsed fields only."""
+    try:
+        parts = _pg_parts(pg_dsn(settings))
+    except PermanentError:
+        return "<malformed DSN>"
     host = parts.get("host") or "localhost"
-    return f"{host}:{parts.get('port') or 5432}/{parts.get('dbname') or parts.get('user') or ''}"
+    port = parts.get("port") or "5432"
+    dbname = parts.get("dbname") or parts.get("user") or ""
+    # A database name is shown only when it looks like one: never a fragment of a mis-parse.
+    return f"{host}:{port}/{dbname if _PG_DBNAME.match(dbname) else '?'}"
 
 
-def classify_pg_error(exc: psycopg.Error, target: str) -> TransientError | PermanentError:
+def _scrub(text: str, secret: str | None) -> str:
+    """`text` with the password (as written and percent-encoded) blotted out."""
+    if secret and len(secret) >= 3:
+        for form in {secret, quote(secret, safe=""), quote(secret)}:
+            text = text.replace(form, "***")
+    return text
+
+
+def classify_pg_error(
+    exc: psycopg.Error, target: str, secret: str | None = None
+) -> TransientError | PermanentError:
     """Map a psycopg error to our error types, with a message free of secrets."""
     state = exc.sqlstate
     if state in _PG_PERMANENT_STATES:
         return PermanentError(f"PostgreSQL {target} refused the request (SQLSTATE {state})")
+    detail = _scrub(_first_line(exc), secret)
     if isinstance(exc, psycopg.OperationalError | psycopg.errors.LockNotAvailable) or (
         state is not None and state[:2] in {"08", "53", "57", "40", "55"}
     ):
         # 08 connection, 53 resources (too many connections), 57 shutdown/cancel,
         # 40 serialization/deadlock, 55 lock not available: all worth another try.
-        return TransientError(f"PostgreSQL {target} unavailable: {_first_line(exc)}")
-    return PermanentError(f"PostgreSQL {target} error (SQLSTATE {state}): {_first_line(exc)}")
+        return TransientError(f"PostgreSQL {target} unavailable: {detail}")
+    return PermanentError(f"PostgreSQL {target} error (SQLSTATE {state}): {detail}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -92,13 +135,15 @@ def pg_connect(
     """Open a PostgreSQL connection with connect, statement and lock timeouts set."""
     settings = settings or PostgresSettings()
     target = pg_target(settings)
+    dsn = pg_dsn(settings)
+    password = _pg_parts(dsn).get("password")
     options = (
         f"-c statement_timeout={settings.statement_timeout_ms} "
         f"-c lock_timeout={settings.lock_timeout_ms}"
     )
     try:
         conn = psycopg.connect(
-            pg_dsn(settings),
+            dsn,
             connect_timeout=settings.connect_timeout_s,
             application_name=settings.application_name,
             options=options,
@@ -106,12 +151,12 @@ def pg_connect(
             row_factory=dict_row,
         )
     except psycopg.Error as exc:
-        raise classify_pg_error(exc, target) from None
+        raise classify_pg_error(exc, target, password) from None
     try:
         with conn:
             yield conn
     except psycopg.Error as exc:
-        raise classify_pg_error(exc, target) from None
+        raise classify_pg_error(exc, target, password) from None
 
 
 def redis_client(settings: RedisSettings | None = None) -> redis.Redis:

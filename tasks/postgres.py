@@ -1,7 +1,7 @@
 """PostgreSQL actions: measure connection usage, plan and terminate idle sessions, set timeouts.
 
-The termination guard (DESIGN.md section 3) is one SQL predicate, `GUARD_SQL`, used both to
-plan and to kill: the kill statement re-evaluates it on live `pg_stat_activity` rows, so a
+The termination guard (docs/postgres.md, "The guard") is one SQL predicate, `GUARD_SQL`, used
+both to plan and to kill: the kill statement re-evaluates it on live `pg_stat_activity` rows, so a
 session that turned active (or whose pid was reused by a new backend) since the plan survives.
 `is_terminable` is the same predicate in Python, kept equal to the SQL by a property test.
 """
@@ -38,7 +38,8 @@ IDLE_STATES: tuple[IdleState, ...] = (
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$.-]{0,62}$")
 
 
-def _check_name(value: str | None) -> str | None:
+def check_name(value: str | None) -> str | None:
+    """The name unchanged when it is a plain PostgreSQL name (or None); else ValueError."""
     if value is not None and not _NAME.match(value):
         raise ValueError(f"not a valid PostgreSQL name: {value!r}")
     return value
@@ -101,20 +102,30 @@ class TerminationGuard(BaseModel):
         min_length=1,
         description="Only sessions in these idle states; active sessions are never touched.",
     )
+    # Defaults stay inside the operator's floor and cap (settings), so the default
+    # parameters are always valid; the runbook's parameter model enforces both.
     idle_minutes: float = Field(
-        10.0, gt=0, le=7 * 24 * 60, description="Only sessions idle for longer than this."
+        default_factory=lambda: max(10.0, PostgresSettings().min_idle_minutes),
+        gt=0,
+        le=7 * 24 * 60,
+        description="Only sessions idle for longer than this (minutes; default 10).",
     )
     database: str | None = Field(None, description="Only sessions on this database.")
     username: str | None = Field(None, description="Only sessions of this role.")
     protected_roles: list[str] = Field(
         default_factory=list, description="Roles never terminated (besides superusers)."
     )
-    max_sessions: int = Field(50, ge=1, le=5000, description="At most this many per run.")
+    max_sessions: int = Field(
+        default_factory=lambda: min(50, PostgresSettings().max_sessions_cap),
+        ge=1,
+        le=5000,
+        description="At most this many per run (default 50).",
+    )
 
     @field_validator("database", "username")
     @classmethod
     def _valid_name(cls, value: str | None) -> str | None:
-        return _check_name(value)
+        return check_name(value)
 
 
 class Session(BaseModel):
@@ -156,6 +167,19 @@ class TerminationResult(BaseModel):
     elapsed_s: float
 
 
+class TimeoutReading(BaseModel):
+    """`idle_in_transaction_session_timeout` as found before a change: what undo restores."""
+
+    target: str
+    role: str | None = Field(description="The role; None = system-wide (ALTER SYSTEM).")
+    scope: str = Field(description="`system` or `role:<name>`")
+    previous: str | None = Field(
+        description="The value ALTER SYSTEM / ALTER ROLE had set before; None = none set."
+    )
+    effective: str = Field(description="The value in effect for new sessions when read.")
+    undo_sql: str
+
+
 class TimeoutChange(BaseModel):
     """A change of `idle_in_transaction_session_timeout`, with what it replaced (for undo)."""
 
@@ -164,6 +188,9 @@ class TimeoutChange(BaseModel):
     previous: str | None
     new: str
     undo_sql: str
+    already_set: bool = Field(
+        False, description="The value was already in place (e.g. a retry after a lost reply)."
+    )
 
 
 class PgBouncerPool(BaseModel):
@@ -234,12 +261,65 @@ def is_terminable(s: Session, guard: TerminationGuard, protected: set[str], now:
     )
 
 
+_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\x80-\uffff][A-Za-z0-9_\x80-\uffff]*)?\$")
+_IDENT_CHAR = re.compile(r"[A-Za-z0-9_$\x80-\uffff]")
+
+
+def _mask_literals(query: str) -> str:
+    """Replace every literal and comment body with `…`, the way PostgreSQL's lexer sees them.
+
+    Handled: '…' (with '' inside), E'…' (backslash escapes), $$…$$ and $tag$…$tag$, "quoted
+    identifiers" (kept), -- and /* */ comments (bodies masked: a quote in a comment must not
+    flip what counts as inside a literal). An unterminated literal is masked to the end.
+    """
+    out: list[str] = []
+    i, n = 0, len(query)
+    while i < n:
+        c = query[i]
+        prev_ident = i > 0 and bool(_IDENT_CHAR.match(query[i - 1]))
+        if c == "'" or (c in "eE" and query[i + 1 : i + 2] == "'" and not prev_ident):
+            escapes = c != "'"
+            j = i + (2 if escapes else 1)
+            while j < n:
+                if escapes and query[j] == "\\":
+                    j += 2
+                elif query[j] == "'":
+                    if query[j + 1 : j + 2] == "'":
+                        j += 2
+                    else:
+                        break
+                else:
+                    j += 1
+            out.append(("E" if escapes else "") + "'…'")
+            i = j + 1
+        elif c == "$" and not prev_ident and (tag := _DOLLAR_TAG.match(query, i)):
+            end = query.find(tag.group(), tag.end())
+            out.append(f"{tag.group()}…{tag.group()}")
+            i = n if end < 0 else end + len(tag.group())
+        elif c == '"':
+            end = query.find('"', i + 1)
+            end = n - 1 if end < 0 else end
+            out.append(query[i : end + 1])
+            i = end + 1
+        elif query.startswith("--", i):
+            end = query.find("\n", i)
+            out.append("--…\n")
+            i = n if end < 0 else end + 1
+        elif query.startswith("/*", i):
+            end = query.find("*/", i + 2)
+            out.append("/*…*/")
+            i = n if end < 0 else end + 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 def redact_query(query: str | None, limit: int = 160) -> str:
-    """Mask string literals (they may hold passwords) and truncate."""
+    """Mask literals and comments (they may hold passwords), squeeze blanks, truncate."""
     if not query:
         return ""
-    masked = re.sub(r"'(?:[^']|'')*'", "'…'", query)
-    masked = re.sub(r"\s+", " ", masked).strip()
+    masked = re.sub(r"\s+", " ", _mask_literals(query)).strip()
     return masked if len(masked) <= limit else masked[: limit - 1] + "…"
 
 
@@ -372,6 +452,22 @@ def plan_terminations(guard: TerminationGuard) -> TerminationPlan:
     return plan
 
 
+def approved_and_matching(approved: TerminationPlan, fresh: TerminationPlan) -> TerminationPlan:
+    """The sessions both approved (first plan) and matching the guard now (fresh plan).
+
+    Matched by `(pid, backend_start)`: a pid reused by a new backend is a different session.
+    """
+    keys = {(s.pid, s.backend_start) for s in approved.sessions}
+    both = [s for s in fresh.sessions if (s.pid, s.backend_start) in keys]
+    return TerminationPlan(
+        target=fresh.target,
+        guard=approved.guard,
+        planned_at=fresh.planned_at,
+        sessions=both,
+        more_than_cap=False,
+    )
+
+
 def kill_planned(
     plan: TerminationPlan, settings: PostgresSettings | None = None
 ) -> TerminationResult:
@@ -420,18 +516,22 @@ def kill_planned(
     )
 
 
-@task(cache_policy=NO_CACHE, task_run_name="terminate-sessions-{plan.target}")
+# retries=0 spelled out: a termination is not idempotent (never retried automatically).
+@task(retries=0, cache_policy=NO_CACHE, task_run_name="terminate-sessions-{plan.target}")
 def terminate_sessions(plan: TerminationPlan) -> TerminationResult:
     """Terminate the planned sessions that still match the guard, in one statement."""
     # Not retried: a retry after an unknown outcome would re-plan nothing but could confuse
     # the audit; the flow re-measures instead and a human decides on a second pass.
     result = kill_planned(plan)
-    run_logger().warning(
+    logger = run_logger()
+    logger.warning(
         "%s: terminated %d session(s), spared %d that no longer matched the guard",
         result.target,
         len(result.terminated),
         len(result.spared_pids),
     )
+    for s in result.terminated:
+        logger.warning("terminated pid=%d role=%s database=%s", s.pid, s.usename, s.datname)
     return result
 
 
@@ -439,69 +539,153 @@ def _timeout_literal(seconds: int) -> str:
     return f"{seconds}s"
 
 
+TIMEOUT_GUC = "idle_in_transaction_session_timeout"
+
+
+def _system_value(conn: psycopg.Connection[DictRow]) -> str | None:
+    """The value ALTER SYSTEM has written (postgresql.auto.conf), reloaded or not; None = none."""
+    row = conn.execute(
+        "SELECT setting FROM pg_file_settings WHERE name = %s"
+        " AND sourcefile LIKE '%%postgresql.auto.conf' ORDER BY seqno DESC LIMIT 1",
+        (TIMEOUT_GUC,),
+    ).fetchone()
+    return None if row is None else str(row["setting"])
+
+
+def _role_value(conn: psycopg.Connection[DictRow], role: str) -> str | None:
+    """The value `ALTER ROLE role SET` has stored (all databases); None = none."""
+    row = conn.execute(
+        """
+        SELECT substr(c, length(%(guc)s) + 2) AS v
+          FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole,
+               unnest(s.setconfig) c
+         WHERE r.rolname = %(role)s AND s.setdatabase = 0 AND c LIKE %(guc)s || '=%%'
+        """,
+        {"guc": TIMEOUT_GUC, "role": role},
+    ).fetchone()
+    return None if row is None else str(row["v"])
+
+
+def _require_role(conn: psycopg.Connection[DictRow], role: str, target: str) -> None:
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+        raise PermanentError(f"role {role!r} does not exist on {target}")
+
+
+@task(
+    **RETRY_READ,
+    cache_policy=NO_CACHE,
+    task_run_name="read-idle-in-transaction-timeout-{role}",
+)
+def read_idle_in_transaction_timeout(role: str | None = None) -> TimeoutReading:
+    """Read idle_in_transaction_session_timeout before a change, and the statement to undo it."""
+    check_name(role)
+    settings = PostgresSettings()
+    target = pg_target(settings)
+    with pg_connect(settings) as conn:
+        if role is None:
+            previous = _system_value(conn)
+            effective = conn.execute("SELECT current_setting(%s) AS v", (TIMEOUT_GUC,)).fetchone()
+            undo = (
+                sql.SQL("ALTER SYSTEM SET {} = {}; SELECT pg_reload_conf();").format(
+                    sql.Identifier(TIMEOUT_GUC), sql.Literal(previous)
+                )
+                if previous is not None
+                else sql.SQL("ALTER SYSTEM RESET {}; SELECT pg_reload_conf();").format(
+                    sql.Identifier(TIMEOUT_GUC)
+                )
+            )
+            scope = "system"
+            in_effect = str(effective["v"]) if effective else "?"
+        else:
+            _require_role(conn, role, target)
+            previous = _role_value(conn, role)
+            undo = (
+                sql.SQL("ALTER ROLE {} SET {} = {};").format(
+                    sql.Identifier(role), sql.Identifier(TIMEOUT_GUC), sql.Literal(previous)
+                )
+                if previous is not None
+                else sql.SQL("ALTER ROLE {} RESET {};").format(
+                    sql.Identifier(role), sql.Identifier(TIMEOUT_GUC)
+                )
+            )
+            scope = f"role:{role}"
+            in_effect = previous or "(the system value)"
+        undo_sql = undo.as_string(conn)
+    run_logger().info(
+        "%s: %s (%s) was %s before the change; in effect: %s",
+        target,
+        TIMEOUT_GUC,
+        scope,
+        previous if previous is not None else "not set",
+        in_effect,
+    )
+    return TimeoutReading(
+        target=target,
+        role=role,
+        scope=scope,
+        previous=previous,
+        effective=in_effect,
+        undo_sql=undo_sql,
+    )
+
+
 @task(
     **RETRY_IDEMPOTENT_WRITE,
     cache_policy=NO_CACHE,
-    task_run_name="set-idle-in-transaction-timeout-{role}",
+    task_run_name="set-idle-in-transaction-timeout-{reading.scope}",
 )
-def set_idle_in_transaction_timeout(seconds: int, role: str | None = None) -> TimeoutChange:
-    """Set idle_in_transaction_session_timeout for one role or (role=None) via ALTER SYSTEM."""
+def set_idle_in_transaction_timeout(seconds: int, reading: TimeoutReading) -> TimeoutChange:
+    """Set idle_in_transaction_session_timeout to `seconds`; a no-op when already there."""
+    # Idempotent by construction: the previous value and the undo come from `reading`, taken
+    # once before this write, and a retry that finds the target value in place changes nothing.
+    role = reading.role
     if not 1 <= seconds <= 24 * 3600:
-        raise PermanentError("idle_in_transaction_session_timeout must be 1 s .. 24 h")
-    _check_name(role)
+        raise PermanentError(f"{TIMEOUT_GUC} must be 1 s .. 24 h")
+    if role is None and seconds < 60:
+        raise PermanentError(f"a system-wide {TIMEOUT_GUC} must be at least 60 s")
+    check_name(role)
     settings = PostgresSettings()
     target = pg_target(settings)
     value = _timeout_literal(seconds)
     with pg_connect(settings) as conn:
         if role is None:
-            previous = conn.execute(
-                "SELECT setting || coalesce(unit, '') AS v, source FROM pg_settings"
-                " WHERE name = 'idle_in_transaction_session_timeout'"
-            ).fetchone()
-            prev_value = None if previous is None else str(previous["v"])
-            prev_auto = previous is not None and previous["source"] == "configuration file"
-            conn.execute(
-                sql.SQL("ALTER SYSTEM SET idle_in_transaction_session_timeout = {}").format(
-                    sql.Literal(value)
+            already = _system_value(conn) == value
+            if not already:
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(TIMEOUT_GUC), sql.Literal(value)
+                    )
                 )
-            )
             # The seed's `pg_ctl_reload()` does not exist: the SQL function is pg_reload_conf().
+            # Reloading again is harmless, and needed when the lost reply was the reload's.
             conn.execute("SELECT pg_reload_conf()")
-            undo = (
-                f"ALTER SYSTEM SET idle_in_transaction_session_timeout = '{prev_value}'; "
-                if prev_auto and prev_value
-                else "ALTER SYSTEM RESET idle_in_transaction_session_timeout; "
-            ) + "SELECT pg_reload_conf();"
-            scope = "system"
         else:
-            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-            if exists is None:
-                raise PermanentError(f"role {role!r} does not exist on {target}")
-            previous = conn.execute(
-                """
-                SELECT split_part(c, '=', 2) AS v
-                  FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole,
-                       unnest(s.setconfig) c
-                 WHERE r.rolname = %s AND s.setdatabase = 0
-                   AND c LIKE 'idle_in_transaction_session_timeout=%%'
-                """,
-                (role,),
-            ).fetchone()
-            prev_value = None if previous is None else str(previous["v"])
-            conn.execute(
-                sql.SQL("ALTER ROLE {} SET idle_in_transaction_session_timeout = {}").format(
-                    sql.Identifier(role), sql.Literal(value)
+            _require_role(conn, role, target)
+            already = _role_value(conn, role) == value
+            if not already:
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                        sql.Identifier(role), sql.Identifier(TIMEOUT_GUC), sql.Literal(value)
+                    )
                 )
-            )
-            ident = sql.Identifier(role).as_string(conn)
-            undo = (
-                f"ALTER ROLE {ident} SET idle_in_transaction_session_timeout = '{prev_value}';"
-                if prev_value
-                else f"ALTER ROLE {ident} RESET idle_in_transaction_session_timeout;"
-            )
-            scope = f"role:{role}"
-    run_logger().warning("%s: idle_in_transaction_session_timeout=%s (%s)", target, value, scope)
-    return TimeoutChange(target=target, scope=scope, previous=prev_value, new=value, undo_sql=undo)
+    run_logger().warning(
+        "%s: %s=%s (%s)%s; previous %s; undo: %s",
+        target,
+        TIMEOUT_GUC,
+        value,
+        reading.scope,
+        " (already in place)" if already else "",
+        reading.previous if reading.previous is not None else "not set",
+        reading.undo_sql,
+    )
+    return TimeoutChange(
+        target=target,
+        scope=reading.scope,
+        previous=reading.previous,
+        new=value,
+        undo_sql=reading.undo_sql,
+        already_set=already,
+    )
 
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="show-pgbouncer-pools")

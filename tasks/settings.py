@@ -56,6 +56,18 @@ class PostgresSettings(BaseSettings):
         default_factory=lambda: ["postgres", "replication", "rdsadmin", "cloudsqladmin"],
         description="Roles whose sessions are never terminated, whatever the parameters.",
     )
+    max_sessions_cap: int = Field(
+        100,
+        ge=1,
+        le=5000,
+        description="Ceiling on a run's `guard.max_sessions`: no parameter can go above it.",
+    )
+    min_idle_minutes: float = Field(
+        1.0,
+        ge=1 / 60,
+        le=60,
+        description="Floor on a run's `guard.idle_minutes` (1 min; the test suite lowers it).",
+    )
 
 
 class PgBouncerSettings(BaseSettings):

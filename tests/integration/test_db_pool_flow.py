@@ -18,6 +18,7 @@ from prefect.variables import Variable
 from pydantic import ValidationError
 
 from flows.db_pool_exhausted import (
+    RUNBOOK,
     DbPoolParams,
     PoolStillExhausted,
     _cooldown_key,
@@ -28,10 +29,31 @@ from tasks.clients import pg_target
 from tasks.errors import TransientError
 from tasks.postgres import TerminationGuard
 from tasks.settings import PostgresSettings
-from tests.fixtures.postgres import PgWorld, Sessions, alive, pid, wait_gone
-from tests.fixtures.prefect_runs import task_runs, wait_for_paused_run
+from tests.fixtures.postgres import (
+    PgWorld,
+    Sessions,
+    alive,
+    pid,
+    system_timeout_file_value,
+    wait_gone,
+)
+from tests.fixtures.prefect_runs import (
+    flow_run_artifacts,
+    flow_run_logs,
+    task_runs,
+    wait_for_paused_run,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def guard(world: PgWorld, **kw: object) -> TerminationGuard:
+    base: dict[str, object] = {
+        "database": world.database,
+        "idle_minutes": 1 / 60,
+        "protected_roles": [world.protected_role],
+    }
+    return TerminationGuard.model_validate(base | kw)
 
 
 def params(world: PgWorld, **kw: object) -> DbPoolParams:
@@ -63,11 +85,14 @@ def test_dry_run_plans_and_kills_nothing(pg_env: PgWorld, sessions: Sessions) ->
     conns = [sessions.open(pg_env.app_role, "idle") for _ in range(2)]
     time.sleep(1.2)
     out = db_pool_exhausted(DbPoolParams(guard=params(pg_env).guard))
-    assert out.action == "planned" and out.result is None
+    assert out.action == "planned"
+    assert out.result is None
     assert {s.pid for s in out.plan.sessions} == {pid(c) for c in conns}
     assert alive([pid(c) for c in conns]) == {pid(c) for c in conns}
     md = latest_artifact("db-pool-exhausted")
-    assert "would be terminated" in md and str(pid(conns[0])) in md and "dry run" in md
+    assert "would be terminated" in md
+    assert str(pid(conns[0])) in md
+    assert "dry run" in md
 
 
 def test_act_terminates_verifies_and_reports(pg_env: PgWorld, sessions: Sessions) -> None:
@@ -75,7 +100,8 @@ def test_act_terminates_verifies_and_reports(pg_env: PgWorld, sessions: Sessions
     keeper = sessions.open(pg_env.super_role, "idle in transaction")
     time.sleep(1.2)
     out = db_pool_exhausted(params(pg_env, dry_run=False))
-    assert out.action == "terminated" and out.healthy is True
+    assert out.action == "terminated"
+    assert out.healthy is True
     assert out.result is not None
     assert {s.pid for s in out.result.terminated} == {pid(c) for c in victims}
     assert wait_gone([pid(c) for c in victims]) == set()
@@ -101,7 +127,8 @@ def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     second = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
-    assert second.action == "refused" and "cooldown" in second.note
+    assert second.action == "refused"
+    assert "cooldown" in second.note
     assert alive([pid(conn)]) == {pid(conn)}
     Variable.unset(_cooldown_key(first.before.target))
 
@@ -134,10 +161,15 @@ def test_unreachable_postgres_fails_clearly_after_retries(
     assert state.is_failed()
     with pytest.raises(TransientError) as err:
         state.result()
-    assert "127.0.0.1:1" in str(err.value) and "hunter2" not in str(err.value)
+    assert "127.0.0.1:1" in str(err.value)
+    assert "hunter2" not in str(err.value)
     # inspect-pool failed after its retries (1 attempt + RUNBOOKS_RETRY_ATTEMPTS=2); nothing
     # after it ran.
     assert task_runs(state.state_details.flow_run_id) == {"inspect-pool": 3}
+    # ... and the audit record was still written, saying why the run stopped.
+    (md,) = flow_run_artifacts(state.state_details.flow_run_id, RUNBOOK)
+    assert "## Failed" in md
+    assert "TransientError" in md
 
 
 def test_pool_threshold_passes_and_fails(pg_env: PgWorld) -> None:
@@ -164,8 +196,9 @@ def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> N
             run_id, run_input={"approved": approved, "approver": "alice", "reason": "INC-42"}
         )
         out = fut.result(timeout=120)
-    md = latest_artifact("db-pool-exhausted")
-    assert "alice" in md and "INC-42" in md
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "alice" in md
+    assert "INC-42" in md
     if approved:
         assert out.action == "terminated"
         assert wait_gone([pid(conn)]) == set()
@@ -177,11 +210,16 @@ def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> N
 def test_approval_timeout_does_nothing(pg_env: PgWorld, sessions: Sessions) -> None:
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
-    out = db_pool_exhausted(
-        params(pg_env, dry_run=False, require_approval=True, approval_timeout_s=10)
-    )
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(
+            db_pool_exhausted,
+            params(pg_env, dry_run=False, require_approval=True, approval_timeout_s=10),
+        )
+        run_id = wait_for_paused_run("db-pool-exhausted")
+        out = fut.result(timeout=120)
     assert out.action == "refused"
-    assert "no answer within 10 s" in latest_artifact("db-pool-exhausted")
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "no answer within 10 s" in md
     assert alive([pid(conn)]) == {pid(conn)}
 
 
@@ -204,3 +242,195 @@ def test_pool_threshold_starts_the_remediation_deployment(pg_env: PgWorld) -> No
     assert run.parameters["params"]["guard"]["database"] == pg_env.database
     assert "source:schedule" in run.tags
     assert str(run.id) in latest_artifact("pool-threshold")
+
+
+def _resume(run_id: UUID, approved: bool = True) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    resume_flow_run(run_id, run_input={"approved": approved, "approver": "bob", "reason": "INC-7"})
+
+
+def test_approved_run_acts_only_on_sessions_approved_and_still_matching(
+    pg_env: PgWorld, sessions: Sessions
+) -> None:
+    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    v1, v2, v3 = (sessions.open(pg_env.app_role, "idle") for _ in range(3))
+    time.sleep(1.2)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            db_pool_exhausted,
+            params(pg_env, dry_run=False, require_approval=True),
+            return_state=True,
+        )
+        run_id = wait_for_paused_run("db-pool-exhausted")
+        # While the first run waits: a second run acts, one session turns busy, one appears.
+        second = db_pool_exhausted(
+            params(pg_env, dry_run=False, guard=guard(pg_env, max_sessions=1))
+        )
+        sessions.run_in_background(v3, "SELECT pg_sleep(30)")
+        sessions.wait_for_state(pid(v3), "active")
+        v4 = sessions.open(pg_env.app_role, "idle")
+        time.sleep(1.2)  # v4 now matches the guard too, but nobody approved it
+        _resume(run_id)
+        state = first.result(timeout=120)
+    assert second.result is not None
+    assert [s.pid for s in second.result.terminated] == [pid(v1)]
+    out = state.result()
+    assert {s.pid for s in out.plan.sessions} == {pid(v1), pid(v2), pid(v3)}
+    assert out.replan is not None
+    assert {s.pid for s in out.replan.sessions} == {pid(v2), pid(v4)}
+    assert out.result is not None
+    assert [s.pid for s in out.result.terminated] == [pid(v2)]
+    assert alive([pid(v3), pid(v4)]) == {pid(v3), pid(v4)}
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "## Plan\n" in md
+    assert "## Plan after approval" in md
+    assert "**2** session(s) match the guard now" in md
+    assert "Approved and still matching: **1**" in md
+
+
+def test_approved_run_respects_a_cooldown_set_while_it_waited(
+    pg_env: PgWorld, sessions: Sessions
+) -> None:
+    key = _cooldown_key(pg_target(PostgresSettings()))
+    Variable.unset(key)
+    _v1, v2 = (sessions.open(pg_env.app_role, "idle") for _ in range(2))
+    time.sleep(1.2)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(
+                db_pool_exhausted,
+                params(pg_env, dry_run=False, require_approval=True, cooldown_minutes=30),
+            )
+            run_id = wait_for_paused_run("db-pool-exhausted")
+            second = db_pool_exhausted(
+                params(
+                    pg_env,
+                    dry_run=False,
+                    cooldown_minutes=30,
+                    guard=guard(pg_env, max_sessions=1),
+                )
+            )
+            _resume(run_id)
+            out = first.result(timeout=120)
+    finally:
+        Variable.unset(key)
+    assert second.action == "terminated"
+    assert out.action == "refused"
+    assert "cooldown" in out.note
+    assert out.result is None
+    assert alive([pid(v2)]) == {pid(v2)}
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "## Plan after approval" in md
+
+
+def test_postgres_lost_after_approval_fails_the_run_and_still_publishes(
+    pg_env: PgWorld, sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    conn = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(
+            db_pool_exhausted,
+            params(pg_env, dry_run=False, require_approval=True),
+            return_state=True,
+        )
+        run_id = wait_for_paused_run("db-pool-exhausted")
+        # From here on the server is unreachable: nothing listens where the DSN points.
+        monkeypatch.setenv("RUNBOOKS_PG_DSN", "postgresql://postgres@127.0.0.1:1/postgres")
+        _resume(run_id)
+        state = fut.result(timeout=120)
+    assert state.is_failed()
+    with pytest.raises(TransientError):
+        state.result()
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "## Approval" in md
+    assert "## Failed" in md
+    assert "TransientError" in md
+    assert alive([pid(conn)]) == {pid(conn)}
+
+
+def test_logs_name_each_terminated_session_and_the_previous_setting(
+    pg_env: PgWorld, sessions: Sessions
+) -> None:
+    import psycopg
+
+    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    role = pg_env.app_role
+    with psycopg.connect(pg_env.admin_dsn, autocommit=True) as admin:
+        admin.execute(f"ALTER ROLE \"{role}\" SET idle_in_transaction_session_timeout = '45s'")
+    victims = [sessions.open(role, "idle") for _ in range(2)]
+    time.sleep(1.2)
+    try:
+        state = db_pool_exhausted(
+            params(pg_env, dry_run=False, idle_in_transaction_timeout_s=90, timeout_role=role),
+            return_state=True,
+        )
+    finally:
+        with psycopg.connect(pg_env.admin_dsn, autocommit=True) as admin:
+            admin.execute(f'ALTER ROLE "{role}" RESET idle_in_transaction_session_timeout')
+    assert state.is_completed()
+    logs = "\n".join(flow_run_logs(state.state_details.flow_run_id))
+    for v in victims:
+        assert f"terminated pid={pid(v)} role={role} database={pg_env.database}" in logs
+    assert f"(role:{role}) was 45s before the change" in logs
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"timeout_role": 'app"; DROP ROLE postgres; --'}, "not a valid PostgreSQL name"),
+        ({"timeout_role": None}, "timeout_role is required"),
+        ({"timeout_role": None, "timeout_scope": "system"}, "needs approval"),
+        (
+            {
+                "timeout_role": None,
+                "timeout_scope": "system",
+                "require_approval": True,
+                "idle_in_transaction_timeout_s": 30,
+            },
+            "at least 60 s",
+        ),
+        ({"guard": {"idle_minutes": 0.5}}, "idle_minutes must be at least 1"),
+        ({"guard": {"max_sessions": 101}}, "max_sessions must be at most 100"),
+    ],
+)
+def test_bad_parameters_change_nothing(
+    pg_env: PgWorld,
+    sessions: Sessions,
+    monkeypatch: pytest.MonkeyPatch,
+    system_timeout_restored: str | None,
+    change: dict[str, object],
+    error: str,
+) -> None:
+    from prefect.exceptions import ParameterTypeError
+
+    monkeypatch.setenv("RUNBOOKS_PG_MIN_IDLE_MINUTES", "1")  # the production floor
+    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    conn = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    raw: dict[str, object] = {
+        "dry_run": False,
+        "guard": {"database": pg_env.database, "idle_minutes": 1},
+        "act_above_percent": 0,
+        "cooldown_minutes": 0,
+        "idle_in_transaction_timeout_s": 90,
+        "timeout_role": pg_env.app_role,
+    }
+    if isinstance(change.get("guard"), dict):
+        change = {"guard": raw["guard"] | change["guard"]}  # type: ignore[operator]
+    with pytest.raises(ParameterTypeError, match=error):
+        db_pool_exhausted(params=raw | change)  # type: ignore[call-overload]
+    assert alive([pid(conn)]) == {pid(conn)}
+    assert system_timeout_file_value() == system_timeout_restored
+
+
+def test_pool_threshold_publishes_even_when_it_cannot_measure(
+    pg_env: PgWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOKS_PG_DSN", "postgresql://postgres@127.0.0.1:1/postgres")
+    state = pool_threshold(PoolThresholdParams(), return_state=True)
+    assert state.is_failed()
+    (md,) = flow_run_artifacts(state.state_details.flow_run_id, "pool-threshold")
+    assert "## Failed" in md

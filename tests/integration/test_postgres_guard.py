@@ -11,7 +11,6 @@ from tasks.postgres import (
     kill_planned,
     read_pool_usage,
     select_sessions,
-    set_idle_in_transaction_timeout,
 )
 from tests.fixtures.postgres import PgBouncer, PgWorld, Sessions, alive, pid, wait_gone
 
@@ -45,7 +44,8 @@ def test_only_the_right_sessions_die(pg_env: PgWorld, sessions: Sessions) -> Non
 
     result = kill_planned(plan)
     assert {s.pid for s in result.terminated} == {pid(old_idle), pid(old_iit)}
-    assert result.spared_pids == [] and result.failed_pids == []
+    assert result.spared_pids == []
+    assert result.failed_pids == []
     assert wait_gone([pid(old_idle), pid(old_iit)]) == set()
     survivors = [super_iit, protected_idle, young_idle, young_iit, active]
     assert alive([pid(c) for c in survivors]) == {pid(c) for c in survivors}
@@ -86,7 +86,8 @@ def test_cap_holds(pg_env: PgWorld, sessions: Sessions) -> None:
     conns = [sessions.open(w.app_role, "idle") for _ in range(5)]
     time.sleep(1.2)
     plan = select_sessions(guard(w, max_sessions=2))
-    assert len(plan.sessions) == 2 and plan.more_than_cap
+    assert len(plan.sessions) == 2
+    assert plan.more_than_cap
     # Oldest idle first: the first two opened.
     assert [s.pid for s in plan.sessions] == [pid(c) for c in conns[:2]]
     result = kill_planned(plan)
@@ -119,57 +120,6 @@ def test_usage_counts_the_sessions(pg_env: PgWorld, sessions: Sessions) -> None:
     assert after.free_for_applications == (
         after.max_connections - after.superuser_reserved - after.reserved - after.client_connections
     )
-
-
-def _setting(dsn: str, name: str) -> str:
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
-        assert row is not None
-        return str(row[0])
-
-
-def test_set_timeout_system_wide_then_undo(pg_env: PgWorld) -> None:
-    import psycopg
-
-    try:
-        change = set_idle_in_transaction_timeout.fn(seconds=321, role=None)
-        assert change.scope == "system" and change.new == "321s"
-        deadline = time.monotonic() + 5
-        while _setting(pg_env.admin_dsn, "idle_in_transaction_session_timeout") != "321s":
-            assert time.monotonic() < deadline, "pg_reload_conf() did not apply the setting"
-            time.sleep(0.1)
-        with psycopg.connect(pg_env.admin_dsn, autocommit=True) as conn:
-            for stmt in change.undo_sql.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-    finally:
-        with psycopg.connect(pg_env.admin_dsn, autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM RESET idle_in_transaction_session_timeout")
-            conn.execute("SELECT pg_reload_conf()")
-
-
-def test_set_timeout_per_role(pg_env: PgWorld, sessions: Sessions) -> None:
-    import psycopg
-
-    change = set_idle_in_transaction_timeout.fn(seconds=60, role=pg_env.app_role)
-    assert change.scope == f"role:{pg_env.app_role}" and change.previous is None
-    assert _setting(pg_env.dsn(pg_env.app_role), "idle_in_transaction_session_timeout") == "1min"
-    with psycopg.connect(pg_env.admin_dsn, autocommit=True) as conn:
-        conn.execute(change.undo_sql)
-    assert _setting(pg_env.dsn(pg_env.app_role), "idle_in_transaction_session_timeout") == "0"
-
-
-def test_set_timeout_rejects_bad_input(pg_env: PgWorld) -> None:
-    from tasks.errors import PermanentError
-
-    with pytest.raises(PermanentError, match="does not exist"):
-        set_idle_in_transaction_timeout.fn(seconds=60, role="no_such_role_xyz")
-    with pytest.raises(ValueError, match="not a valid PostgreSQL name"):
-        set_idle_in_transaction_timeout.fn(seconds=60, role='x"; DROP ROLE postgres; --')
-    with pytest.raises(PermanentError):
-        set_idle_in_transaction_timeout.fn(seconds=0)
 
 
 def test_pgbouncer_show_pools_read_only(

@@ -24,21 +24,9 @@ def _tracked() -> list[str]:
 
 
 TRACKED = _tracked()
-# Fixed in the PostgreSQL slice of the same issue; strict: this fails once it is fixed.
-_ELSEWHERE = {"tasks/postgres.py"}
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            p, marks=pytest.mark.xfail(strict=True, reason="names a design note outside the repo")
-        )
-        if p in _ELSEWHERE
-        else p
-        for p in TRACKED
-    ],
-)
+@pytest.mark.parametrize("path", TRACKED)
 def test_every_markdown_file_named_exists_here(path: str) -> None:
     text = (REPO / path).read_text(errors="replace")
     missing = sorted(
