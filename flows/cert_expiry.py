@@ -28,7 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 from pydantic import BaseModel, Field
 
-from flows.common import Report, md_code, md_escape, table, tag_run
+from flows.common import Report, md_code, md_escape, publish_on_exit, table, tag_run
 from tasks.errors import RunbookError, TransientError
 from tasks.settings import TlsSettings
 from tasks.tls import (
@@ -242,15 +242,10 @@ def cert_expiry(params: CertExpiryParams = CertExpiryParams()) -> CertExpiryResu
     tag_run(RUNBOOK)
     report = Report(RUNBOOK, "Certificate expiry check")
     summary = "stopped before the scan finished"
-    try:
+    # Every exit path leaves its record, whatever step raised.
+    with publish_on_exit(report, lambda: summary):
         scans, errors, sources = _scan(params)
         result, summary = _report(params, scans, errors, sources, report)
-    except Exception as exc:
-        report.add("Stopped", f"{type(exc).__name__}: {md_escape(exc)}")
-        raise
-    finally:
-        # Every exit path leaves its record, whatever step raised.
-        report.publish(summary)
     _verdict(result, summary)
     return result
 

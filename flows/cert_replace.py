@@ -36,7 +36,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
-from flows.common import Decision, Report, md_escape, request_approval, table, tag_run
+from flows.common import Report, md_escape, publish_on_exit, request_approval, table, tag_run
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.kubernetes import restart_rollout, wait_for_rollout
 from tasks.settings import KubernetesSettings
@@ -121,13 +121,6 @@ def _cert_table(certs: list[CertificateInfo]) -> str:
     )
 
 
-def _decision(decision: Decision) -> str:
-    """The approval line; the approver's name and reason are typed by a human: escaped."""
-    verdict = "approved" if decision.approved else "refused"
-    reason = f": {md_escape(decision.reason)}" if decision.reason else ""
-    return f"{verdict} by **{md_escape(decision.approver)}**{reason}"
-
-
 def _undo(params: CertReplaceParams, backup: str) -> str:
     """The kubectl commands that put the backup back (names are DNS-1123: nothing to quote)."""
     fields = ".metadata.uid,.metadata.resourceVersion,.metadata.creationTimestamp,.metadata.labels"
@@ -175,25 +168,21 @@ def cert_replace(params: CertReplaceParams) -> CertReplaceResult:
         ),
     )
     outcome = "stopped"
-    try:
-        result = _replace(params, report)
-        outcome = result.outcome
-        return result
-    except Exception as exc:
-        written = any(s.startswith(f"## {_BEFORE}") for s in report.sections)
-        report.add(
-            "Stopped",
-            f"{type(exc).__name__}: {md_escape(exc)}\n\n"
-            + (
+    # Every exit path leaves its record: refusal, timeout, an exception in any step.
+    with publish_on_exit(report, lambda: f"{RUNBOOK} {target}: {outcome}"):
+        try:
+            result = _replace(params, report)
+        except Exception:
+            written = any(s.startswith(f"## {_BEFORE}") for s in report.sections)
+            report.add(
+                "Stopped",
                 f"The Secret may have been changed: **{_BEFORE}** names the backup and the undo."
                 if written
-                else "Nothing was changed."
-            ),
-        )
-        raise
-    finally:
-        # Every exit path leaves its record: refusal, timeout, an exception in any step.
-        report.publish(f"{RUNBOOK} {target}: {outcome}")
+                else "Nothing was changed.",
+            )
+            raise
+        outcome = result.outcome
+        return result
 
 
 def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
@@ -251,7 +240,7 @@ def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
         return CertReplaceResult(outcome="dry run", check=check)
 
     decision = request_approval(plan, params.approval_timeout_s)
-    report.add("Approval", _decision(decision))
+    report.add("Approval", decision.line())
     if not decision.approved:
         report.add("Outcome", "Not approved: nothing changed.")
         return CertReplaceResult(outcome="not approved", check=check, approver=decision.approver)

@@ -15,6 +15,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.states import Running
 from pydantic import Field
 
 from tasks.errors import RunbookError
@@ -37,8 +38,10 @@ class Decision:
     reason: str
 
     def line(self) -> str:
+        # The approver's name and reason are typed by a human in the UI: escaped.
         verdict = "approved" if self.approved else "refused"
-        return f"{verdict} by **{self.approver}**" + (f": {self.reason}" if self.reason else "")
+        reason = f": {md_escape(self.reason)}" if self.reason else ""
+        return f"{verdict} by **{md_escape(self.approver)}**{reason}"
 
 
 def request_approval(summary: str, timeout_s: int) -> Decision:
@@ -52,8 +55,24 @@ def request_approval(summary: str, timeout_s: int) -> Decision:
             poll_interval=min(5, max(1, timeout_s // 4)),
         )
     except FlowPauseTimeout:
+        _end_expired_pause()
         return Decision(False, "nobody", f"no answer within {timeout_s} s; nothing done")
     return Decision(answer.approved, answer.approver, answer.reason)
+
+
+def _end_expired_pause() -> None:
+    """Take the run out of its expired pause, as a resume would, so it can report and end.
+
+    Prefect's server refuses every transition out of a pause whose timeout has passed and
+    fails the run ("never resumed") instead, whatever the flow then does. A timed-out approval
+    is a refusal, not a failure of the runbook: the run goes on (Running, forced past that
+    rule) to write its report and end as the flow decides.
+    """
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(ctx.flow_run.id, Running(), force=True)
 
 
 def run_source() -> str:

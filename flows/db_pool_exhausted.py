@@ -36,7 +36,7 @@ from prefect import flow, get_run_logger
 from prefect.variables import Variable
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from flows.common import Report, publish_on_exit, request_approval, table, tag_run
+from flows.common import Report, md_escape, publish_on_exit, request_approval, table, tag_run
 from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
 from tasks.postgres import (
@@ -303,8 +303,8 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
     who = params.requested_by or source
     report.add(
         "Request",
-        f"Requested by **{who}** (source: {source}); dry run: **{params.dry_run}**."
-        + (f"\n\nReason: {params.reason}" if params.reason else ""),
+        f"Requested by **{md_escape(who)}** (source: {source}); dry run: **{params.dry_run}**."
+        + (f"\n\nReason: {md_escape(params.reason)}" if params.reason else ""),
     )
 
     snapshot = inspect_pool()

@@ -14,6 +14,7 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
 )
+from prefect.client.schemas.objects import StateType
 from prefect.variables import Variable
 from pydantic import ValidationError
 
@@ -221,6 +222,19 @@ def test_approval_timeout_does_nothing(pg_env: PgWorld, sessions: Sessions) -> N
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "no answer within 10 s" in md
     assert alive([pid(conn)]) == {pid(conn)}
+    # A timed-out approval is a refusal: the run ends as the flow says, not Failed by
+    # Prefect's "paused and never resumed" rule.
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state_type == StateType.COMPLETED
+
+
+def test_outside_text_in_the_request_is_inert(pg_env: PgWorld) -> None:
+    evil = "db-1 | *x* [click](http://evil.example) <b>\n## Done"
+    db_pool_exhausted(params(pg_env, reason=evil, requested_by="[me](http://evil.example)"))
+    md = latest_artifact("db-pool-exhausted")
+    assert "[click](http://evil.example)" not in md
+    assert "[me](http://evil.example)" not in md
+    assert "\n## Done" not in md
 
 
 def test_pool_threshold_starts_the_remediation_deployment(pg_env: PgWorld) -> None:

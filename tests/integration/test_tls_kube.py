@@ -407,8 +407,8 @@ def test_an_approval_timeout_changes_nothing_and_is_recorded(
     state = cert_replace(
         _replace_params(kube_namespace, dry_run=False, approval_timeout_s=10), return_state=True
     )
-    # Prefect's server ends a run whose pause expired as Failed ("never resumed"),
-    # whatever the flow returns; what matters is that nothing changed and it is recorded.
+    # A timed-out approval is a refusal: Completed, not Failed by Prefect's "never resumed".
+    assert state.is_completed()
     assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
     assert _backups(core, kube_namespace) == []
     report = _artifact(state.state_details.flow_run_id, "cert-replace")
