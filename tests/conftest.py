@@ -23,6 +23,7 @@ pytest_plugins = [
     "tests.fixtures.tls",
     "tests.fixtures.triggers",
     "tests.fixtures.sandbox",
+    "tests.fixtures.prometheus",
 ]
 
 
