@@ -80,6 +80,16 @@ class RedisSettings(BaseSettings):
     url_secret_block: str | None = Field(None, description="Prefect Secret block with the URL.")
     connect_timeout_s: float = Field(3.0, gt=0, description="Socket connect timeout, seconds.")
     timeout_s: float = Field(5.0, gt=0, description="Per-command socket timeout, seconds.")
+    cache_key_pattern: str | None = Field(
+        None,
+        description="SCAN MATCH pattern of the cache keys a cache clear may UNLINK "
+        "(e.g. `akig:cache:*`); unset = cache clear refuses.",
+    )
+    cache_only: bool = Field(
+        False,
+        description="The db holds nothing but cache: only then may a clear match every key "
+        "(and use FLUSHDB ASYNC on this db; never FLUSHALL).",
+    )
 
 
 class KubernetesSettings(BaseSettings):
