@@ -128,3 +128,17 @@ def test_high_error_rate_stays_quiet_on_a_healthy_backend(scraped_sandbox):
     assert prom.wait_for(traffic_seen, what="/api traffic rate") > 0
     assert not [r for r in prom.query(high_error_rate_expr()) if r["metric"].get("job") == job]
     assert not [a for a in prom.alerts() if a["labels"].get("job") == job]
+
+
+def test_high_latency_expression_on_real_injected_latency(scraped_sandbox):
+    scraped = scraped_sandbox()
+    sb, job, prom = scraped.sandbox, scraped.job, scraped.prometheus
+    (rule,) = [r for r in rules() if r["alert"] == "HighLatency"]
+    sb.faults(latency_ms=1100)
+    with sb.background_traffic(("/api/products", "/api/users/8"), workers=4):
+        rows = prom.wait_for(
+            lambda: [r for r in prom.query(str(rule["expr"])) if r["metric"].get("job") == job],
+            timeout=30,
+            what="HighLatency expression true",
+        )
+    assert float(rows[0]["value"][1]) > 1.0
