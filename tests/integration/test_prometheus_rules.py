@@ -91,11 +91,15 @@ def test_high_error_rate_fires_on_real_30_percent_5xx(scraped_sandbox):
     try:
         # The rule's own expression (read from rules.yml), evaluated by Prometheus on real scrapes.
         expr = f"({high_error_rate_expr().strip()})"
-        rows = prom.wait_for(
-            lambda: [r for r in prom.query(expr) if r["metric"].get("job") == job],
-            timeout=30,
-            what="HighErrorRate expression true",
-        )
+        seen = f'sum(increase(http_requests_total{{job="{job}",route=~"/api/.*"}}[1m]))'
+
+        def expression_true():
+            # Enough requests in the window that 30 % is not a coin toss over a few.
+            if (prom.value(seen) or 0) < 150:
+                return None
+            return [r for r in prom.query(expr) if r["metric"].get("job") == job]
+
+        rows = prom.wait_for(expression_true, timeout=30, what="HighErrorRate expression true")
         ratio = float(rows[0]["value"][1])
         assert 0.05 < ratio < 0.6, ratio
         # ... and the rule itself went active (pending: its `for: 1m` has not elapsed).
