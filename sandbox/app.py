@@ -281,6 +281,17 @@ class Backend:
         self.redis.delete(self._fill_counter())
         return removed
 
+    def poison_cache(self, users: int = 100) -> int:
+        """Write undecodable entries for users 1..`users` and the product lists: each read of
+        them fails (500) until the entries expire or the cache is cleared (scenario C)."""
+        pipe = self.redis.pipeline(transaction=False)
+        keys = [f"user:{i}" for i in range(1, users + 1)]
+        keys += [f"products:{n}" for n in (5, 10, 20, 50, 100)]
+        for key in keys:
+            pipe.set(self.settings.key_prefix + key, "\x00corrupt{", ex=self.settings.cache_ttl_s)
+        pipe.execute()
+        return len(keys)
+
     # -- audit ---------------------------------------------------------------------------
     def audit(
         self, user_id: int | None, route: str, method: str, status: int, ip: str | None, ms: float
@@ -306,8 +317,14 @@ class Backend:
             status = 503 if isinstance(exc, PoolExhaustedError) else 500
             return JSONResponse({"detail": "database error"}, status_code=status)
 
+        def crash(request: Request, exc: Exception) -> JSONResponse:
+            # Any other bug: a 500 whose log line says what broke (Starlette re-raises after).
+            request.state.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            return JSONResponse({"detail": "internal server error"}, status_code=500)
+
         app.add_exception_handler(psycopg.Error, db_error)
         app.add_exception_handler(PoolExhaustedError, db_error)
+        app.add_exception_handler(Exception, crash)
 
         @app.get("/api/health")
         def health() -> JSONResponse:
@@ -421,6 +438,10 @@ class Backend:
         @app.post("/admin/redis-fill", dependencies=guarded)
         def redis_fill(req: FillRequest) -> dict[str, Any]:
             return backend.fill_redis(req)
+
+        @app.post("/admin/cache-poison", dependencies=guarded)
+        def cache_poison(users: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+            return {"poisoned": backend.poison_cache(users)}
 
         @app.delete("/admin/redis-fill", dependencies=guarded)
         def redis_unfill() -> dict[str, Any]:

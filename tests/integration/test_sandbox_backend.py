@@ -341,3 +341,16 @@ def test_admin_token_is_a_secret():
 
     s = SandboxSettings(admin_token=SecretStr("hunter2"), kube_token=SecretStr("k"))
     assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())
+
+
+def test_poisoned_cache_fails_reads_until_cleared(sandbox_backend, sandbox_redis):
+    poisoned = sandbox_backend.admin("POST", "/admin/cache-poison", params={"users": 10}).json()
+    assert poisoned["poisoned"] == 15
+    assert sandbox_backend.traffic(3, "/api/users/4") == [500] * 3
+    assert sandbox_backend.traffic(1, "/api/users/11") == [200]  # not poisoned
+    line = next(x for x in sandbox_backend.log_lines() if "path=/api/users/4" in x)
+    assert "status=500" in line and 'error="JSONDecodeError' in line
+    # What a cache clear does (SCAN + UNLINK of the cache keys) ends the errors.
+    client = sandbox_redis.client()
+    client.unlink(*client.scan_iter(match=f"{sandbox_backend.settings.key_prefix}user:*"))
+    assert sandbox_backend.traffic(3, "/api/users/4") == [200] * 3
