@@ -10,8 +10,8 @@ from tasks.errors import PermanentError, TransientError
 from tasks.settings import BackendSettings
 
 
-def settings_for(sandbox, **kw) -> BackendSettings:
-    return BackendSettings(url=sandbox.url, **kw)
+def settings_for(sandbox, **kw):
+    return sandbox.backend_settings(**kw)
 
 
 def test_health_ok_with_summary_and_timings(sandbox_backend):

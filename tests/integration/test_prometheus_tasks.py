@@ -19,8 +19,8 @@ from tasks.prometheus import (
 from tasks.settings import PrometheusSettings
 
 
-def settings_for(scraped) -> PrometheusSettings:
-    return PrometheusSettings(url=scraped.prometheus.url, selector=f'job="{scraped.job}"')
+def settings_for(scraped):
+    return scraped.prometheus_settings()
 
 
 def test_not_configured_is_a_result_not_an_error(monkeypatch):

@@ -136,3 +136,34 @@ def test_cache_only_db_is_flushed_alone(sandbox_redis):
 )
 def test_matches_everything(pattern, everything):
     assert matches_everything(pattern) is everything
+
+
+def test_memory_near_maxmemory_and_evictions(sandbox_backend, sandbox_redis):
+    s = RedisSettings(url=SecretStr(sandbox_redis.url()))
+    sandbox_backend.admin("POST", "/admin/redis-fill", json={"fraction": 0.95})
+    try:
+        before = redis_info.fn(settings=s)
+        assert before.memory_ratio is not None and before.memory_ratio >= 0.95
+        # 8 MB more than fits: allkeys-lru must evict (the filler keys, least recently used).
+        client = sandbox_redis.client()
+        big = "y" * (1024 * 1024)
+        for i in range(8):
+            client.set(f"{sandbox_backend.settings.key_prefix}big:{i}", big)
+        after = redis_info.fn(settings=s)
+        assert after.evicted_keys > before.evicted_keys
+        assert after.memory_ratio is not None and after.memory_ratio <= 1.05
+    finally:
+        sandbox_backend.admin("DELETE", "/admin/redis-fill")
+
+
+def test_clear_of_a_poisoned_backend_cache_ends_its_errors(sandbox_backend):
+    sandbox_backend.traffic(1, "/api/users/30")  # a healthy entry, also cache
+    sandbox_backend.admin("POST", "/admin/cache-poison", params={"users": 20})
+    assert sandbox_backend.traffic(2, "/api/users/3") == [500, 500]
+    s = sandbox_backend.redis_settings()
+    dry = clear_cache.fn(dry_run=True, settings=s)
+    assert dry.matched >= 26 and dry.deleted == 0
+    assert sandbox_backend.traffic(1, "/api/users/3") == [500]  # the dry run changed nothing
+    real = clear_cache.fn(dry_run=False, settings=s)
+    assert real.deleted == real.matched >= 26
+    assert sandbox_backend.traffic(3, "/api/users/3") == [200] * 3
