@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real. Idempotent: does nothing when present.
 set -euo pipefail
-PACKAGES=(etcd-server prometheus-alertmanager chromium rsync pgbouncer)
+PACKAGES=(etcd-server prometheus-alertmanager chromium rsync pgbouncer prometheus)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,11 +13,12 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian starts these as services on install; the tests run their own instances.
-for svc in etcd prometheus-alertmanager pgbouncer; do
+for svc in etcd prometheus-alertmanager pgbouncer prometheus; do
     if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi
 done
 pkill -u etcd -x etcd 2>/dev/null || true  # only the package service, never a test cluster's etcd
 pkill -u prometheus -f '^/usr/bin/prometheus-alertmanager' 2>/dev/null || true
+pkill -u prometheus -x prometheus 2>/dev/null || true  # the package's server, never a test's (root)
 exit 0

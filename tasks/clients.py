@@ -30,6 +30,7 @@ from tasks.settings import (
     KubernetesSettings,
     PaymentsSettings,
     PostgresSettings,
+    PrometheusSettings,
     RedisSettings,
 )
 
@@ -220,5 +221,17 @@ def payments_http(settings: PaymentsSettings | None = None) -> httpx.Client:
     return httpx.Client(
         base_url=settings.url,
         timeout=httpx.Timeout(settings.timeout_s, connect=min(5.0, settings.timeout_s)),
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )
+
+
+def prometheus_http(settings: PrometheusSettings) -> httpx.Client:
+    """An HTTP client for the Prometheus API (URL required); the token rides in a header only."""
+    if not settings.url:
+        raise PermanentError("Prometheus is not configured (RUNBOOKS_PROMETHEUS_URL)")
+    token = resolve_secret(settings.token or SecretStr(""), settings.token_secret_block)
+    return httpx.Client(
+        base_url=settings.url,
+        timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
         headers={"Authorization": f"Bearer {token}"} if token else {},
     )

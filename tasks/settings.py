@@ -92,6 +92,16 @@ class RedisSettings(BaseSettings):
     url_secret_block: str | None = Field(None, description="Prefect Secret block with the URL.")
     connect_timeout_s: float = Field(3.0, gt=0, description="Socket connect timeout, seconds.")
     timeout_s: float = Field(5.0, gt=0, description="Per-command socket timeout, seconds.")
+    cache_key_pattern: str | None = Field(
+        None,
+        description="SCAN MATCH pattern of the cache keys a cache clear may UNLINK "
+        "(e.g. `akig:cache:*`); unset = cache clear refuses.",
+    )
+    cache_only: bool = Field(
+        False,
+        description="The db holds nothing but cache: only then may a clear match every key "
+        "(and use FLUSHDB ASYNC on this db; never FLUSHALL).",
+    )
 
 
 class KubernetesSettings(BaseSettings):
@@ -178,3 +188,19 @@ class NotifySettings(BaseSettings):
     )
     pagerduty_routing_key: SecretStr | None = Field(None, description="PagerDuty routing key.")
     timeout_s: float = Field(5.0, gt=0, description="Request timeout, seconds.")
+
+
+class PrometheusSettings(BaseSettings):
+    """The Prometheus HTTP API the runbooks query; unset URL = "not configured", not an error."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_PROMETHEUS_")
+
+    url: str | None = Field(None, description="Base URL, e.g. http://prometheus:9090; unset = off.")
+    token: SecretStr | None = Field(None, description="Bearer token, if the API needs one.")
+    token_secret_block: str | None = Field(None, description="Prefect Secret block, token.")
+    selector: str = Field(
+        'job="akig-backend"',
+        description='Label matchers that pick the backend\'s series, e.g. job="akig-backend".',
+    )
+    connect_timeout_s: float = Field(3.0, gt=0, description="TCP connect timeout, seconds.")
+    timeout_s: float = Field(10.0, gt=0, description="Read timeout, seconds (also the query's).")

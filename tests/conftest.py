@@ -22,6 +22,8 @@ pytest_plugins = [
     "tests.fixtures.kube",
     "tests.fixtures.tls",
     "tests.fixtures.triggers",
+    "tests.fixtures.sandbox",
+    "tests.fixtures.prometheus",
 ]
 
 
