@@ -202,6 +202,8 @@ def test_archiver_ok_then_failing(pg_private: PrivateCluster) -> None:
     assert state.archived_count >= 1 and state.last_archived_wal
     assert state.last_archived_age_s is not None and state.last_archived_age_s < 600
     assert (pg_private.root / "archive" / state.last_archived_wal).exists()
+    stale = read_archiver(max_age_s=0.0, settings=s)  # any age is too old: the stale verdict
+    assert stale.status == "stale" and "ago" in stale.detail
     # An archive_command that fails: the verdict turns "failing" with the segment named.
     with psycopg.connect(pg_private.admin_dsn, autocommit=True) as conn:
         conn.execute("ALTER SYSTEM SET archive_command = 'false'")
