@@ -890,6 +890,7 @@ class TopStatements(BaseModel):
     by_calls: list[StatementStat] = Field(default_factory=list)
 
 
+_HIDDEN_TEXT = "<insufficient privilege>"
 _STATEMENTS_ENABLE = (
     "add pg_stat_statements to shared_preload_libraries (restart), then"
     " CREATE EXTENSION pg_stat_statements in the database the runbook connects to"
@@ -995,7 +996,15 @@ def read_top_statements(
                     " GRANT pg_read_all_stats TO it",
                 )
             lists[key] = [_statement(r) for r in rows]
-    return TopStatements(target=target, status="ok", detail="", database=database, **lists)
+    # Without pg_read_all_stats the view answers, but other roles' texts read
+    # "<insufficient privilege>": the figures stand, the statements cannot be named.
+    hidden = any(st.query == _HIDDEN_TEXT for rows_ in lists.values() for st in rows_)
+    detail = (
+        "some query texts are hidden from this role: GRANT pg_read_all_stats (or pg_monitor)"
+        if hidden
+        else ""
+    )
+    return TopStatements(target=target, status="ok", detail=detail, database=database, **lists)
 
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="top-statements-{database}")

@@ -117,6 +117,20 @@ def test_query_literals_are_redacted(akig: str, pg_private: PrivateCluster) -> N
     assert not any(SECRET in t or "hunter2" in t for t in texts)
 
 
+def test_hidden_texts_are_said(akig: str, pg_private: PrivateCluster) -> None:
+    with psycopg.connect(pg_private.admin_dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS rb_viewer")
+        conn.execute("CREATE ROLE rb_viewer LOGIN")
+    stats = read_top_statements(
+        limit=3, database="akig_diag", settings=settings(pg_private.dsn(role="rb_viewer"))
+    )
+    # Figures without texts: still "ok", and the detail says which grant is missing.
+    assert stats.status == "ok"
+    assert stats.by_calls[0].calls == REQUESTS * ORDERS_PER_REQUEST
+    assert stats.by_calls[0].query == "<insufficient privilege>"
+    assert "pg_read_all_stats" in stats.detail
+
+
 def test_missing_index_is_flagged(akig: str, pg_private: PrivateCluster) -> None:
     report = wait_for(
         lambda: read_seq_scan_tables(
