@@ -19,6 +19,7 @@ from prefect import flow
 from pydantic import SecretStr
 
 from sandbox.db import create_database, drop_database
+from tasks.errors import PermanentError, TransientError
 from tasks.postgres import (
     ArchiverState,
     TopStatements,
@@ -254,3 +255,19 @@ def test_tasks_run_in_a_flow_against_the_shared_server(
     assert seq.database == "postgres"  # type: ignore[attr-defined]
     assert sizes.total_database_bytes > 0  # type: ignore[attr-defined]
     assert archiver.status == "off"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://rb_app:Pw%2Fsecret%40x@127.0.0.1:1/postgres",  # nothing listens on :1
+        "host=127.0.0.1 port=1 user=rb_app password='Pw/secret@x' dbname=postgres",
+        "postgresql://rb_app:Pw/secret@x@127.0.0.1:1/postgres",  # malformed: raw / and @
+    ],
+)
+def test_another_database_keeps_the_password_out(dsn: str) -> None:
+    # `database` rebuilds the DSN: neither that nor the failure may show the password.
+    with pytest.raises((TransientError, PermanentError)) as caught:
+        read_seq_scan_tables(database="akig", settings=settings(dsn))
+    text = f"{caught.value!r} {caught.value}"
+    assert "secret" not in text and "Pw" not in text
