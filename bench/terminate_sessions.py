@@ -11,17 +11,9 @@ Run: .venv/bin/python bench/terminate_sessions.py [N ...]      Target: 1,000 in 
 from __future__ import annotations
 
 import contextlib
-import glob
-import os
-import pwd
 import resource
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,57 +23,12 @@ from pydantic import SecretStr
 from tasks.postgres import TerminationGuard, kill_planned, select_sessions
 from tasks.settings import PostgresSettings
 
+# The private cluster lives with the test fixtures (tests use it too).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.fixtures.pg_private import private_cluster
+
 SIZES = [int(a) for a in sys.argv[1:]] or [100, 500, 1000]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def private_cluster(max_connections: int) -> Iterator[int]:
-    """initdb + pg_ctl start on a free loopback port; stopped and removed afterwards."""
-    bindir = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
-    run_as: list[str] = []
-    tmp = Path(tempfile.mkdtemp(prefix="rb-bench-pg-"))
-    if os.geteuid() == 0:  # initdb refuses root: run the cluster as `postgres`
-        pw = pwd.getpwnam("postgres")
-        os.chown(tmp, pw.pw_uid, pw.pw_gid)
-        run_as = ["runuser", "-u", "postgres", "--"]
-    data, port = tmp / "data", free_port()
-    subprocess.run(
-        [*run_as, f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    opts = f"-p {port} -c listen_addresses=127.0.0.1 -c max_connections={max_connections} -k {tmp}"
-    subprocess.run(
-        [
-            *run_as,
-            f"{bindir}/pg_ctl",
-            "-D",
-            str(data),
-            "-o",
-            opts,
-            "-l",
-            str(tmp / "log"),
-            "-w",
-            "start",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        yield port
-    finally:
-        subprocess.run(
-            [*run_as, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
-            check=False,
-            stdout=subprocess.DEVNULL,
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_idle(dsn: str, n: int) -> list[psycopg.Connection[tuple[object, ...]]]:
@@ -98,7 +45,8 @@ def close_all(conns: list[psycopg.Connection[tuple[object, ...]]]) -> None:
 def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
-    with private_cluster(max(SIZES) + 50) as port:
+    with private_cluster(max(SIZES) + 50) as cluster:
+        port = cluster.port
         admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("CREATE ROLE bench_app LOGIN")

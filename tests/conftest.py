@@ -24,6 +24,7 @@ pytest_plugins = [
     "tests.fixtures.triggers",
     "tests.fixtures.sandbox",
     "tests.fixtures.prometheus",
+    "tests.fixtures.pg_private",
 ]
 
 
