@@ -186,10 +186,7 @@ def statefulset_body(
     labels = {"app": "akig", "component": name}
     container: dict[str, Any] = {"name": "main", "image": image}
     if memory_limit:
-        container["resources"] = {
-            "limits": {"memory": memory_limit},
-            "requests": {"memory": memory_limit},
-        }
+        container["resources"] = {"limits": {"memory": memory_limit}}
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
