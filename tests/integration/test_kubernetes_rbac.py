@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -194,10 +194,11 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
     assert wait_for_statefulset.fn("akig-redis", ns, timeout_s=30, poll_s=0.1, settings=sa).complete
     assert restart_statefulset.fn("akig-redis", ns, settings=sa).patched
     assert wait_for_statefulset.fn("akig-redis", ns, timeout_s=30, poll_s=0.1, settings=sa).complete
-    for kind, name, container in (
+    workloads: list[tuple[Literal["deployment", "statefulset"], str, str]] = [
         ("deployment", "akig-backend", "app"),
         ("statefulset", "akig-redis", "main"),
-    ):
+    ]
+    for kind, name, container in workloads:
         limit = {"resources": {"limits": {"memory": "64Mi"}}}
         patch = {"spec": {"template": {"spec": {"containers": [{"name": container, **limit}]}}}}
         if kind == "deployment":
@@ -218,14 +219,15 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
             call()
     assert apps.read_namespaced_deployment("akig-intruder", ns).metadata.generation == generation
     sts_generation = apps.read_namespaced_stateful_set("akig-intruder-db", ns).metadata.generation
-    for call in (
+    sts_calls: list[Callable[[], Any]] = [
         lambda: restart_statefulset.fn("akig-intruder-db", ns, settings=sa),
         lambda: raise_memory_limit.fn(
             "statefulset", "akig-intruder-db", ns, "main", "300Mi", settings=sa
         ),
-    ):
+    ]
+    for sts_call in sts_calls:
         with pytest.raises(PermanentError, match=r"forbidden: cannot get statefulsets"):
-            call()
+            sts_call()
     assert (
         apps.read_namespaced_stateful_set("akig-intruder-db", ns).metadata.generation
         == sts_generation
