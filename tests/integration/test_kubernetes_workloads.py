@@ -23,6 +23,7 @@ from tasks.kubernetes import (
     pod_restarts,
     raise_memory_limit,
     restart_statefulset,
+    tail_logs,
     wait_for_statefulset,
 )
 from tests.fixtures.kube import KubeCluster
@@ -311,3 +312,40 @@ def test_raise_memory_limit_on_a_statefulset(kube_cluster, kube_namespace, apps)
     # 2Gi -> 2048Mi is the same quantity: already there.
     same = raise_memory_limit.fn("statefulset", name, ns, "main", "2048Mi", settings=settings)
     assert same.changed is False
+
+
+# -------------------------------------------------------- real backend lines as pod logs
+
+
+def test_tail_logs_returns_the_sandbox_backends_real_lines(
+    kube_cluster, kube_namespace, apps, make_sandbox_backend
+):
+    ns = kube_namespace
+    settings = kube_cluster.settings(ns)
+    apps.create_namespaced_deployment(ns, deployment_body("akig-backend", replicas=2))
+    rolled_out(settings, ns, "akig-backend")
+    sb = make_sandbox_backend()
+    sb.faults(error_rate_pct=100)
+    assert set(sb.traffic(5)) == {500}
+    sb.faults(error_rate_pct=0)
+    assert set(sb.traffic(3, "/api/health")) == {200}
+    written = sb.log_lines()
+    assert len(written) >= 8
+
+    assert kube_cluster.kubelet is not None
+    with kube_cluster.kubelet.serve_backend_logs(ns, sb.log_file):
+        result = tail_logs.fn("akig-backend", lines=8, namespace=ns, settings=settings)
+        errors = tail_logs.fn(
+            "akig-backend", lines=100, grep=r" status=500 ", namespace=ns, settings=settings
+        )
+    # Every pod serves the backend's own last lines, through pods/log on the API server.
+    assert len(result.logs) == 2
+    assert all(p.lines == written[-8:] for p in result.logs)
+    assert any("duration=" in line and "/api/health" in line for line in result.logs[0].lines)
+    assert all(
+        len(p.lines) == 5 and p.lines == [x for x in written if " status=500 " in x]
+        for p in errors.logs
+    )
+    # Outside the block the pods are back to the fake kubelet's canned lines.
+    canned = tail_logs.fn("akig-backend", lines=1, namespace=ns, settings=settings)
+    assert all(p.lines[0].endswith("line 20") for p in canned.logs)
