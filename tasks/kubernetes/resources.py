@@ -5,7 +5,8 @@ only refuses what is unsafe, in two places:
 
 - `MemoryLimitChange` (the plan, a pydantic model) cannot be built with a target above 2x
   the current limit, below it, or for a container without a memory limit;
-- `plan_memory_limit` (read, retried) reads the current limit and builds that model;
+- `plan_memory_limit` (read, retried) reads the current limit and builds that model (and,
+  like `scale`, refuses a workload whose pods do not match `RUNBOOKS_K8S_LABEL_SELECTOR`);
   `apply_memory_limit` (idempotent write, retried) re-reads: already at the target -> no-op
   (a retried write whose answer was lost); the limit moved since the plan -> refused;
   otherwise one strategic-merge patch on the container, matched by name.
@@ -32,7 +33,7 @@ from tasks.kubernetes.api import (
     run_logger,
 )
 from tasks.kubernetes.models import MemoryLimitChange, MemoryLimitResult
-from tasks.kubernetes.semantics import meta
+from tasks.kubernetes.semantics import labels_match, meta
 from tasks.kubernetes.statefulset import get_statefulset
 from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import KubernetesSettings
@@ -82,8 +83,16 @@ def plan_memory_limit(
 ) -> MemoryLimitChange:
     """Read a container's memory limit and check `target` is a raise of at most 2x (read only)."""
     target_bytes = memory_bytes(target)
+    settings = settings or KubernetesSettings()
     with kube_session(settings) as kube:
         obj = _workload(kube, kind, name, namespace)
+    labels = obj.spec.template.metadata.labels if obj.spec.template.metadata else None
+    if not labels_match(settings.label_selector, labels):
+        # Like `scale`: a typo in the name must not resize someone else's workload.
+        raise SafetyViolation(
+            f"refusing to change the memory limit of {kind} {name} in namespace {namespace}: "
+            f"its pods do not match the platform selector {settings.label_selector!r}"
+        )
     current = _limit_of(obj, kind, container)
     if current is None:
         raise SafetyViolation(

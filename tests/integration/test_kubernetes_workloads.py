@@ -231,6 +231,13 @@ def test_raise_memory_limit_capped_at_twice(kube_cluster, kube_namespace, apps):
             raise_memory_limit.fn("deployment", name, ns, "app", target, settings=settings)
     with pytest.raises(SafetyViolation, match="has no memory limit"):
         raise_memory_limit.fn("deployment", name, ns, "sidecar", "64Mi", settings=settings)
+    other = deployment_body("not-ours", replicas=0, labels={"app": "someone-else"})
+    other["spec"]["template"]["spec"]["containers"][0]["resources"] = {
+        "limits": {"memory": "256Mi"}
+    }
+    apps.create_namespaced_deployment(ns, other)
+    with pytest.raises(SafetyViolation, match="do not match the platform selector 'app=akig'"):
+        raise_memory_limit.fn("deployment", "not-ours", ns, "app", "300Mi", settings=settings)
     with pytest.raises(PermanentError, match="no container 'nope'"):
         raise_memory_limit.fn("deployment", name, ns, "nope", "300Mi", settings=settings)
     # The cap is in the model too: a hand-made plan past 2x never reaches the API server.
