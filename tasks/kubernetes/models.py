@@ -305,8 +305,11 @@ class MemoryLimitResult(BaseModel):
     name: str
     namespace: str
     container: str
-    before: str
-    after: str
+    before: str = Field(description="The limit when planned.")
+    after: str = Field(description="The limit now (unchanged on a dry run).")
     dry_run: bool
-    changed: bool = Field(description="False when the limit was already at the target.")
+    changed: bool = Field(description="False when it was already at the target when planned.")
+    patched: bool = Field(
+        description="This attempt sent the patch (False on a retry that found it)."
+    )
     message: str

@@ -137,17 +137,20 @@ def apply_memory_limit(
     log = run_logger()
     kind, name, namespace = plan.kind, plan.name, plan.namespace
 
-    def result(changed: bool, before: str, message: str) -> MemoryLimitResult:
+    def result(patched: bool, after: str, message: str) -> MemoryLimitResult:
         log.info(message)
         return MemoryLimitResult(
             kind=kind,
             name=name,
             namespace=namespace,
             container=plan.container,
-            before=before,
-            after=plan.target if changed or not dry_run else before,
+            before=plan.current,
+            after=after,
             dry_run=dry_run,
-            changed=changed and not dry_run,
+            # The limit is now the target and was not when planned (by this attempt's patch
+            # or an earlier attempt's whose answer was lost).
+            changed=not dry_run and not plan.already_at_target,
+            patched=patched,
             message=message,
         )
 
@@ -200,8 +203,8 @@ def apply_memory_limit(
         )
     verb = "would raise" if dry_run else "raised"
     return result(
-        not dry_run,
-        plan.current,
+        True,
+        plan.current if dry_run else plan.target,
         f"{kind}.apps/{name} container {plan.container}: {verb} memory limit "
         f"{plan.current} -> {plan.target}" + (" (server dry run)" if dry_run else ""),
     )

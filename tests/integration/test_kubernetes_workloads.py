@@ -15,6 +15,7 @@ from tasks.kubernetes import (
     RESTARTED_AT,
     ROLLOUT_FIELD_MANAGER,
     MemoryLimitChange,
+    MemoryLimitResult,
     StatefulSetRestartResult,
     apply_memory_limit,
     apply_statefulset_restart,
@@ -271,12 +272,12 @@ def test_raise_memory_limit_capped_at_twice(kube_cluster, kube_namespace, apps):
     dry = raise_memory_limit.fn(
         "deployment", name, ns, "app", "0.5Gi", dry_run=True, settings=settings
     )
-    assert (dry.before, dry.after, dry.changed) == ("256Mi", "256Mi", False)
+    assert (dry.before, dry.after, dry.changed, dry.patched) == ("256Mi", "256Mi", False, True)
     assert _limit(apps, ns, name) == "256Mi"
 
     plan = plan_memory_limit.fn("deployment", name, ns, "app", "512Mi", settings=settings)
     done = apply_memory_limit.fn(plan, settings=settings)
-    assert (done.before, done.after, done.changed) == ("256Mi", "512Mi", True)
+    assert (done.before, done.after, done.changed, done.patched) == ("256Mi", "512Mi", True, True)
     dep = apps.read_namespaced_deployment(name, ns)
     app, sidecar = dep.spec.template.spec.containers
     assert app.resources.limits == {"memory": "512Mi"}
@@ -286,7 +287,8 @@ def test_raise_memory_limit_capped_at_twice(kube_cluster, kube_namespace, apps):
 
     # The same plan again (a retry): already at the target, nothing written.
     again = apply_memory_limit.fn(plan, settings=settings)
-    assert (again.changed, again.after) == (False, "512Mi") and "nothing patched" in again.message
+    assert (again.changed, again.patched, again.after) == (True, False, "512Mi")
+    assert "nothing patched" in again.message
     # Planned from 512Mi, then someone else sets 600Mi: refused, theirs stays.
     stale = plan_memory_limit.fn("deployment", name, ns, "app", "1Gi", settings=settings)
     apps.patch_namespaced_deployment(
@@ -318,7 +320,7 @@ def test_raise_memory_limit_on_a_statefulset(kube_cluster, kube_namespace, apps)
     assert _limit(apps, ns, name, "statefulset") == "2Gi"
     # 2Gi -> 2048Mi is the same quantity: already there.
     same = raise_memory_limit.fn("statefulset", name, ns, "main", "2048Mi", settings=settings)
-    assert same.changed is False
+    assert (same.before, same.after, same.changed, same.patched) == ("2Gi", "2Gi", False, False)
 
 
 # -------------------------------------------------------- real backend lines as pod logs
@@ -356,3 +358,35 @@ def test_tail_logs_returns_the_sandbox_backends_real_lines(
     # Outside the block the pods are back to the fake kubelet's canned lines.
     canned = tail_logs.fn("akig-backend", lines=1, namespace=ns, settings=settings)
     assert all(p.lines[0].endswith("line 20") for p in canned.logs)
+
+
+def test_retried_memory_limit_raise_writes_once(
+    kube_cluster, kube_namespace, apps, prefect_api, response_dropping_proxy
+):
+    ns, name = kube_namespace, "akig-postgres"
+    apps.create_namespaced_stateful_set(ns, statefulset_body(name, replicas=1, memory_limit="1Gi"))
+    generation = apps.read_namespaced_stateful_set(name, ns).metadata.generation
+    proxy, via_proxy = through_proxy(kube_cluster, response_dropping_proxy, ns)
+
+    @flow
+    def resize() -> MemoryLimitResult:
+        return raise_memory_limit("statefulset", name, ns, "main", "1536Mi", settings=via_proxy)
+
+    state = resize(return_state=True)
+    result = state.result()
+
+    assert len(proxy.dropped) == 1
+    assert proxy.count("PATCH") == 1
+    assert task_runs(state.state_details.flow_run_id) == {
+        f"plan-memory-limit-{ns}/statefulset-{name}-main": 1,
+        f"apply-memory-limit-{ns}/statefulset-{name}-main": 2,
+    }
+    # The retry found the limit in place: changed (from the plan's 1Gi), not patched again.
+    assert (result.before, result.after, result.changed, result.patched) == (
+        "1Gi",
+        "1536Mi",
+        True,
+        False,
+    )
+    assert _limit(apps, ns, name, "statefulset") == "1536Mi"
+    assert apps.read_namespaced_stateful_set(name, ns).metadata.generation == generation + 1
