@@ -8,15 +8,22 @@ One module per concern, all re-exported here (`from tasks.kubernetes import undo
 - `models`: the pydantic results;
 - `rollout`: undo (plan + apply), restart (plan + apply), wait, history;
 - `scale`: replicas with a resourceVersion precondition;
-- `pods`: pods, logs, events, Nodes (read only).
+- `statefulset`: StatefulSet restart (plan + apply) and rollout status;
+- `resources`: a container's memory limit, raised at most 2x (plan + apply);
+- `pods`: pods, restarts and OOMKilled reasons, logs, events, Nodes (read only).
 """
 
 from tasks.kubernetes.api import classify_api_error
 from tasks.kubernetes.models import (
+    MEMORY_LIMIT_MAX_FACTOR,
+    ContainerRestarts,
     EventInfo,
+    MemoryLimitChange,
+    MemoryLimitResult,
     NodeInfo,
     PodInfo,
     PodLogs,
+    PodRestarts,
     RestartPlan,
     RestartResult,
     RevisionInfo,
@@ -25,9 +32,18 @@ from tasks.kubernetes.models import (
     RolloutHistory,
     RolloutStatus,
     ScaleResult,
+    StatefulSetRestartPlan,
+    StatefulSetRestartResult,
+    StatefulSetRolloutStatus,
     TailLogsResult,
 )
-from tasks.kubernetes.pods import list_events, list_pods, node_status, tail_logs
+from tasks.kubernetes.pods import list_events, list_pods, node_status, pod_restarts, tail_logs
+from tasks.kubernetes.resources import (
+    apply_memory_limit,
+    memory_bytes,
+    plan_memory_limit,
+    raise_memory_limit,
+)
 from tasks.kubernetes.rollout import (
     apply_restart,
     apply_rollback,
@@ -59,21 +75,33 @@ from tasks.kubernetes.semantics import (
     rollout_status_message,
     select_rollback_revision,
     semantic_equal,
+    statefulset_status_message,
     without_hash_label,
+)
+from tasks.kubernetes.statefulset import (
+    apply_statefulset_restart,
+    plan_statefulset_restart,
+    restart_statefulset,
+    wait_for_statefulset,
 )
 
 __all__ = [
     "ANNOTATIONS_TO_SKIP",
     "CHANGE_CAUSE",
+    "MEMORY_LIMIT_MAX_FACTOR",
     "POD_TEMPLATE_HASH",
     "RESTARTED_AT",
     "REVISION",
     "ROLLOUT_FIELD_MANAGER",
     "TIMED_OUT_REASON",
+    "ContainerRestarts",
     "EventInfo",
+    "MemoryLimitChange",
+    "MemoryLimitResult",
     "NodeInfo",
     "PodInfo",
     "PodLogs",
+    "PodRestarts",
     "RestartPlan",
     "RestartResult",
     "RevisionInfo",
@@ -82,9 +110,14 @@ __all__ = [
     "RolloutHistory",
     "RolloutStatus",
     "ScaleResult",
+    "StatefulSetRestartPlan",
+    "StatefulSetRestartResult",
+    "StatefulSetRolloutStatus",
     "TailLogsResult",
+    "apply_memory_limit",
     "apply_restart",
     "apply_rollback",
+    "apply_statefulset_restart",
     "classify_api_error",
     "equal_ignore_hash",
     "images_of",
@@ -92,12 +125,18 @@ __all__ = [
     "labels_match",
     "list_events",
     "list_pods",
+    "memory_bytes",
     "node_status",
     "order_like_kubectl",
     "parse_revision",
+    "plan_memory_limit",
     "plan_restart",
     "plan_rollback",
+    "plan_statefulset_restart",
+    "pod_restarts",
+    "raise_memory_limit",
     "restart_rollout",
+    "restart_statefulset",
     "rfc3339_now",
     "rollback_annotations",
     "rollback_patch",
@@ -106,8 +145,10 @@ __all__ = [
     "scale",
     "select_rollback_revision",
     "semantic_equal",
+    "statefulset_status_message",
     "tail_logs",
     "undo_rollout",
     "wait_for_rollout",
+    "wait_for_statefulset",
     "without_hash_label",
 ]

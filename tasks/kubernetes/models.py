@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class RollbackPlan(BaseModel):
@@ -177,3 +177,139 @@ class RolloutHistory(BaseModel):
     namespace: str
     current_revision: int | None
     revisions: list[RevisionInfo]
+
+
+class ContainerRestarts(BaseModel):
+    """One container's restarts and why it last stopped (`kubectl describe pod`'s view)."""
+
+    container: str
+    restart_count: int
+    ready: bool
+    state: Literal["running", "waiting", "terminated", "unknown"]
+    waiting_reason: str | None = Field(None, description="e.g. CrashLoopBackOff, ImagePullBackOff.")
+    last_terminated_reason: str | None = Field(None, description="e.g. OOMKilled, Error.")
+    last_exit_code: int | None = None
+    last_finished_at: datetime | None = None
+    memory_limit: str | None = Field(None, description="resources.limits.memory of the spec.")
+
+    @property
+    def oom_killed(self) -> bool:
+        """The previous instance was killed for exceeding its memory limit."""
+        return self.last_terminated_reason == "OOMKilled"
+
+
+class PodRestarts(BaseModel):
+    """A pod's containers, their restart counts and last termination reasons."""
+
+    pod: str
+    namespace: str
+    phase: str | None
+    node: str | None
+    containers: list[ContainerRestarts]
+
+    @property
+    def restarts(self) -> int:
+        """Total restarts over the pod's containers."""
+        return sum(c.restart_count for c in self.containers)
+
+    @property
+    def oom_killed(self) -> list[str]:
+        """Names of the containers whose last termination was OOMKilled."""
+        return [c.container for c in self.containers if c.oom_killed]
+
+
+class StatefulSetRestartPlan(BaseModel):
+    """A StatefulSet restart decided once, by a read: the `restartedAt` every attempt sets."""
+
+    statefulset: str
+    namespace: str
+    restarted_at: str = Field(description="RFC 3339 value to set, chosen before any write.")
+    previous_restarted_at: str | None
+    generation: int | None
+    update_strategy: str = Field(description="RollingUpdate restarts pods; OnDelete does not.")
+
+
+class StatefulSetRestartResult(BaseModel):
+    """What `restart_statefulset` did."""
+
+    statefulset: str
+    namespace: str
+    restarted_at: str
+    generation: int | None
+    dry_run: bool
+    patched: bool = Field(description="False when a retry found the value already set.")
+    message: str
+
+
+class StatefulSetRolloutStatus(BaseModel):
+    """A StatefulSet's rollout progress, as `kubectl rollout status statefulset/x` sees it."""
+
+    statefulset: str
+    namespace: str
+    complete: bool
+    message: str
+    generation: int | None
+    observed_generation: int | None
+    replicas: int
+    ready_replicas: int
+    updated_replicas: int
+    current_revision: str | None
+    update_revision: str | None
+    elapsed_s: float = 0.0
+
+
+#: The most a single memory-limit change may multiply the current limit by.
+MEMORY_LIMIT_MAX_FACTOR = 2
+
+
+class MemoryLimitChange(BaseModel):
+    """A raise of one container's memory limit, capped at 2x the current limit.
+
+    The cap lives in the model, so no plan exceeding it can even be built: validation fails.
+    """
+
+    kind: Literal["deployment", "statefulset"]
+    name: str
+    namespace: str
+    container: str
+    current: str = Field(description="resources.limits.memory when planned, e.g. '256Mi'.")
+    current_bytes: int = Field(gt=0)
+    target: str = Field(description="The new limit, e.g. '512Mi'.")
+    target_bytes: int = Field(gt=0)
+    generation: int | None = Field(description="metadata.generation when planned.")
+
+    @model_validator(mode="after")
+    def _capped(self) -> MemoryLimitChange:
+        if self.target_bytes < self.current_bytes:
+            raise ValueError(
+                f"memory limit {self.target} is lower than the current {self.current}: "
+                "this task only raises limits"
+            )
+        if self.target_bytes > MEMORY_LIMIT_MAX_FACTOR * self.current_bytes:
+            raise ValueError(
+                f"memory limit {self.target} is more than {MEMORY_LIMIT_MAX_FACTOR}x the "
+                f"current {self.current}; refused"
+            )
+        return self
+
+    @property
+    def already_at_target(self) -> bool:
+        """The container already had the target limit when planned."""
+        return self.target_bytes == self.current_bytes
+
+
+class MemoryLimitResult(BaseModel):
+    """What `raise_memory_limit` did."""
+
+    kind: Literal["deployment", "statefulset"]
+    name: str
+    namespace: str
+    container: str
+    before: str = Field(description="The limit when planned.")
+    after: str = Field(description="The limit now (unchanged on a dry run).")
+    dry_run: bool
+    changed: bool = Field(description="False when it was already at the target when planned.")
+    patched: bool = Field(
+        description="This attempt sent the patch (False on a retry that found it)."
+    )
+    message: str

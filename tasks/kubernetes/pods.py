@@ -11,7 +11,15 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import PermanentError
 from tasks.kubernetes.api import Kube, call, get_deployment, kube_session
-from tasks.kubernetes.models import EventInfo, NodeInfo, PodInfo, PodLogs, TailLogsResult
+from tasks.kubernetes.models import (
+    ContainerRestarts,
+    EventInfo,
+    NodeInfo,
+    PodInfo,
+    PodLogs,
+    PodRestarts,
+    TailLogsResult,
+)
 from tasks.kubernetes.semantics import label_selector_string, meta
 from tasks.retry import RETRY_READ
 from tasks.settings import KubernetesSettings
@@ -62,6 +70,64 @@ def list_pods(
     selector = settings.label_selector if label_selector is None else label_selector
     with kube_session(settings) as kube:
         return [_pod_info(p) for p in list_pod_objects(kube, namespace, selector)]
+
+
+def _container_restarts(pod: k8s.V1Pod, status: k8s.V1ContainerStatus) -> ContainerRestarts:
+    state = status.state or k8s.V1ContainerState()
+    last = status.last_state.terminated if status.last_state else None
+    spec = next(
+        (c for c in (pod.spec.containers if pod.spec else []) if c.name == status.name), None
+    )
+    limits = (spec.resources.limits if spec and spec.resources else None) or {}
+    kind = (
+        "running"
+        if state.running
+        else "waiting"
+        if state.waiting
+        else "terminated"
+        if state.terminated
+        else "unknown"
+    )
+    return ContainerRestarts(
+        container=status.name,
+        restart_count=status.restart_count or 0,
+        ready=bool(status.ready),
+        state=kind,
+        waiting_reason=state.waiting.reason if state.waiting else None,
+        last_terminated_reason=last.reason if last else None,
+        last_exit_code=last.exit_code if last else None,
+        last_finished_at=last.finished_at if last else None,
+        memory_limit=limits.get("memory"),
+    )
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="pod-restarts-{label_selector}")
+def pod_restarts(
+    label_selector: str | None = None,
+    namespace: str | None = None,
+    settings: KubernetesSettings | None = None,
+) -> list[PodRestarts]:
+    """Per pod and container: restarts, last termination (OOMKilled...), waiting reason."""
+    settings = settings or KubernetesSettings()
+    namespace = namespace or settings.namespace
+    selector = settings.label_selector if label_selector is None else label_selector
+    with kube_session(settings) as kube:
+        pods = list_pod_objects(kube, namespace, selector)
+    result = []
+    for pod in pods:
+        status = pod.status or k8s.V1PodStatus()
+        # Init containers restart too (a crash-looping migration shows up there).
+        statuses = (status.init_container_statuses or []) + (status.container_statuses or [])
+        result.append(
+            PodRestarts(
+                pod=meta(pod).name,
+                namespace=meta(pod).namespace,
+                phase=status.phase,
+                node=pod.spec.node_name if pod.spec else None,
+                containers=[_container_restarts(pod, c) for c in statuses],
+            )
+        )
+    return result
 
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="tail-logs-{deployment}")

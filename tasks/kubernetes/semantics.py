@@ -300,3 +300,46 @@ def images_of(template: k8s.V1PodTemplateSpec | None) -> list[str]:
     if template is None or template.spec is None:
         return []
     return [c.image or "" for c in template.spec.containers]
+
+
+def statefulset_status_message(sts: k8s.V1StatefulSet) -> tuple[str, bool]:
+    """kubectl's StatefulSetStatusViewer.Status: (message, done); OnDelete -> PermanentError."""
+    spec = sts.spec
+    status = sts.status or k8s.V1StatefulSetStatus(replicas=0)
+    strategy = spec.update_strategy or k8s.V1StatefulSetUpdateStrategy(type="RollingUpdate")
+    if strategy.type != "RollingUpdate":
+        raise PermanentError("rollout status is only available for RollingUpdate strategy type")
+    observed = status.observed_generation or 0
+    if observed == 0 or (meta(sts).generation or 0) > observed:
+        return "Waiting for statefulset spec update to be observed...", False
+    ready = status.ready_replicas or 0
+    if spec.replicas is not None and ready < spec.replicas:
+        return f"Waiting for {spec.replicas - ready} pods to be ready...", False
+    updated = status.updated_replicas or 0
+    rolling = strategy.rolling_update
+    if rolling is not None:
+        # The API server defaults partition to 0, so this is the usual branch (kubectl's
+        # wording included: "partitioned roll out complete" with no partition set).
+        partition = rolling.partition
+        if (
+            spec.replicas is not None
+            and partition is not None
+            and (updated < spec.replicas - partition)
+        ):
+            return (
+                "Waiting for partitioned roll out to finish: "
+                f"{updated} out of {spec.replicas - partition} new pods have been updated...",
+                False,
+            )
+        return f"partitioned roll out complete: {updated} new pods have been updated...", True
+    if status.update_revision != status.current_revision:
+        return (
+            f"waiting for statefulset rolling update to complete {updated} pods at revision "
+            f"{status.update_revision}...",
+            False,
+        )
+    return (
+        f"statefulset rolling update complete {status.current_replicas or 0} pods at revision "
+        f"{status.current_revision}...",
+        True,
+    )

@@ -172,3 +172,39 @@ def through_proxy(
         f"proxy-{proxy.port}",
     )
     return proxy, cluster.settings(namespace, kubeconfig=kubeconfig)
+
+
+def statefulset_body(
+    name: str,
+    image: str = "registry.local/redis:7",
+    replicas: int = 2,
+    memory_limit: str | None = "256Mi",
+    template_annotations: dict[str, str] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A StatefulSet like the platform's Redis / database ones (label app=akig)."""
+    labels = {"app": "akig", "component": name}
+    container: dict[str, Any] = {"name": "main", "image": image}
+    if memory_limit:
+        container["resources"] = {"limits": {"memory": memory_limit}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "serviceName": name,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels, "annotations": template_annotations or {}},
+                "spec": {"containers": [container], "terminationGracePeriodSeconds": 5},
+            },
+            **spec,
+        },
+    }
+
+
+def pod_uids(core: Any, namespace: str, selector: str) -> dict[str, str]:
+    """name -> uid of the pods matching `selector`."""
+    pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+    return {p.metadata.name: p.metadata.uid for p in pods}

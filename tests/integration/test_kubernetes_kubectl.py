@@ -19,13 +19,16 @@ from tasks.kubernetes import (
     RESTARTED_AT,
     REVISION,
     restart_rollout,
+    restart_statefulset,
     undo_rollout,
+    wait_for_statefulset,
 )
 from tests.fixtures.kube import KubeCluster
 from tests.integration.kube_helpers import (
     create_with_revisions,
     revision_of,
     rolled_out,
+    statefulset_body,
     wait_until,
 )
 
@@ -170,5 +173,65 @@ def test_undo_and_restart_match_kubectl(kube_cluster: KubeCluster, kube_namespac
             restart_rollout.fn(NAME, ours, settings=s_ours)
         assert str(paused.value) in out.stderr
         assert snapshot(apps, ours) == snapshot(apps, theirs)
+    finally:
+        core.delete_namespace(theirs)
+
+
+def sts_snapshot(apps: Any, ns: str, name: str) -> dict[str, Any]:
+    """A StatefulSet's template (restartedAt masked), generation and field managers."""
+    sts = apps.read_namespaced_stateful_set(name, ns)
+    template = k8s.ApiClient().sanitize_for_serialization(sts.spec.template)
+    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    if RESTARTED_AT in annotations:
+        annotations[RESTARTED_AT] = "<restartedAt>"
+    managers = sorted(
+        (m.manager, m.operation, sorted(m.fields_v1 or {})) for m in sts.metadata.managed_fields
+    )
+    return {"template": template, "generation": sts.metadata.generation, "managers": managers}
+
+
+def test_statefulset_restart_and_status_match_kubectl(
+    kube_cluster: KubeCluster, kube_namespace, kubectl
+):
+    ours, name = kube_namespace, "akig-redis"
+    theirs = f"kubectl-{uuid.uuid4().hex[:6]}"
+    admin = kube_cluster.api()
+    apps: Any = k8s.AppsV1Api(admin)
+    core: Any = k8s.CoreV1Api(admin)
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=theirs)))
+    run = Kubectl(kubectl, kube_cluster.kubeconfig, theirs)
+    s_ours = kube_cluster.settings(ours)
+    try:
+        for ns in (ours, theirs):
+            apps.create_namespaced_stateful_set(ns, statefulset_body(name, replicas=2))
+
+        def status_both() -> None:
+            out = run("rollout", "status", f"statefulset/{name}", "--timeout=60s")
+            assert out.returncode == 0, out.stderr
+            mine = wait_for_statefulset.fn(name, ours, timeout_s=60, poll_s=0.1, settings=s_ours)
+            assert out.stdout.strip().splitlines()[-1] == mine.message
+
+        status_both()
+        assert sts_snapshot(apps, ours, name) == sts_snapshot(apps, theirs, name)
+
+        out = run("rollout", "restart", f"statefulset/{name}")
+        assert out.returncode == 0, out.stderr
+        result = restart_statefulset.fn(name, ours, settings=s_ours)
+        assert out.stdout.strip() == result.message
+        mine, kubectls = sts_snapshot(apps, ours, name), sts_snapshot(apps, theirs, name)
+        assert mine == kubectls
+        assert any(m[0] == "kubectl-rollout" for m in mine["managers"])
+        status_both()
+
+        # kubectl refuses `rollout status` for OnDelete; so do we, in its words.
+        for ns in (ours, theirs):
+            apps.create_namespaced_stateful_set(
+                ns, statefulset_body("ondelete", replicas=1, updateStrategy={"type": "OnDelete"})
+            )
+        out = run("rollout", "status", "statefulset/ondelete", "--timeout=10s")
+        assert out.returncode != 0
+        with pytest.raises(PermanentError) as refused:
+            wait_for_statefulset.fn("ondelete", ours, timeout_s=10, poll_s=0.1, settings=s_ours)
+        assert str(refused.value) in out.stderr
     finally:
         core.delete_namespace(theirs)

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -27,12 +27,16 @@ from tasks.kubernetes import (
     list_events,
     list_pods,
     node_status,
+    pod_restarts,
+    raise_memory_limit,
     restart_rollout,
+    restart_statefulset,
     rollout_history,
     scale,
     tail_logs,
     undo_rollout,
     wait_for_rollout,
+    wait_for_statefulset,
 )
 from tasks.settings import KubernetesSettings
 from tasks.tls import load_pair_from_secret, read_secret_certificates, write_tls_secret
@@ -42,6 +46,7 @@ from tests.integration.kube_helpers import (
     create_with_revisions,
     deployment_body,
     settled_pods,
+    statefulset_body,
     wait_until,
 )
 
@@ -169,6 +174,8 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
     sa = c.token_settings("incident-runbooks")
     create_with_revisions(apps, admin_settings, ns, "akig-backend", revisions=2, replicas=1)
     apps.create_namespaced_deployment(ns, deployment_body("akig-intruder", replicas=1))
+    apps.create_namespaced_stateful_set(ns, statefulset_body("akig-redis", replicas=1))
+    apps.create_namespaced_stateful_set(ns, statefulset_body("akig-intruder-db", replicas=1))
 
     # Every namespaced task works on the named Deployment with the Role alone.
     history = rollout_history.fn("akig-backend", ns, settings=sa)
@@ -183,6 +190,22 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
     assert [len(p.lines) for p in logs.logs] == [5]
     assert list_events.fn(ns, settings=sa)
     assert scale.fn("akig-backend", 0, ns, settings=sa).replicas_after == 0
+    assert [p.restarts for p in pod_restarts.fn("component=akig-redis", ns, settings=sa)] == [0]
+    assert wait_for_statefulset.fn("akig-redis", ns, timeout_s=30, poll_s=0.1, settings=sa).complete
+    assert restart_statefulset.fn("akig-redis", ns, settings=sa).patched
+    assert wait_for_statefulset.fn("akig-redis", ns, timeout_s=30, poll_s=0.1, settings=sa).complete
+    workloads: list[tuple[Literal["deployment", "statefulset"], str, str]] = [
+        ("deployment", "akig-backend", "app"),
+        ("statefulset", "akig-redis", "main"),
+    ]
+    for kind, name, container in workloads:
+        limit = {"resources": {"limits": {"memory": "64Mi"}}}
+        patch = {"spec": {"template": {"spec": {"containers": [{"name": container, **limit}]}}}}
+        if kind == "deployment":
+            apps.patch_namespaced_deployment(name, ns, patch)
+        else:
+            apps.patch_namespaced_stateful_set(name, ns, patch)
+        assert raise_memory_limit.fn(kind, name, ns, container, "128Mi", settings=sa).changed
 
     # The same tasks on a Deployment not named in the Role: refused before any change
     # (its pods carry the platform label, so only RBAC stands in the way).
@@ -195,6 +218,20 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
         with pytest.raises(PermanentError, match=r"forbidden: cannot get deployments"):
             call()
     assert apps.read_namespaced_deployment("akig-intruder", ns).metadata.generation == generation
+    sts_generation = apps.read_namespaced_stateful_set("akig-intruder-db", ns).metadata.generation
+    sts_calls: list[Callable[[], Any]] = [
+        lambda: restart_statefulset.fn("akig-intruder-db", ns, settings=sa),
+        lambda: raise_memory_limit.fn(
+            "statefulset", "akig-intruder-db", ns, "main", "300Mi", settings=sa
+        ),
+    ]
+    for sts_call in sts_calls:
+        with pytest.raises(PermanentError, match=r"forbidden: cannot get statefulsets"):
+            sts_call()
+    assert (
+        apps.read_namespaced_stateful_set("akig-intruder-db", ns).metadata.generation
+        == sts_generation
+    )
 
     # Beyond the grant: deletes, creates, Secrets, ReplicaSet edits, other namespaces.
     sa_api = kube_api_client(sa)
@@ -211,6 +248,8 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
         )
     )
     assert forbidden(lambda: sa_apps.list_namespaced_deployment(ns))
+    assert forbidden(lambda: sa_apps.list_namespaced_stateful_set(ns))
+    assert forbidden(lambda: sa_apps.delete_namespaced_stateful_set("akig-redis", ns))
     assert forbidden(lambda: sa_core.list_namespaced_secret(ns))
     assert forbidden(lambda: sa_core.read_namespaced_secret("anything", ns))
     assert forbidden(lambda: sa_core.delete_collection_namespaced_pod(ns))
@@ -232,6 +271,7 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
     assert [r["resources"][0] for r in the_role["rules"]] == [
         "deployments",
         "deployments/scale",
+        "statefulsets",
         "replicasets",
         "pods",
         "pods/log",
@@ -244,6 +284,7 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
             lambda: rollout_history.fn("akig-backend", ns, settings=sa),
             # a server dry run: authorized like the real write, never already at the target
             lambda: scale.fn("akig-backend", 2, ns, dry_run=True, settings=sa),
+            lambda: restart_statefulset.fn("akig-redis", ns, dry_run=True, settings=sa),
             lambda: rollout_history.fn("akig-backend", ns, settings=sa),
             lambda: list_pods.fn(None, ns, settings=sa),
             lambda: tail_logs.fn("akig-backend", lines=1, namespace=ns, settings=sa),

@@ -16,12 +16,14 @@ from kubernetes.client.exceptions import ApiException
 from tasks.errors import PermanentError, TransientError
 from tasks.kubernetes import (
     ANNOTATIONS_TO_SKIP,
+    MEMORY_LIMIT_MAX_FACTOR,
     POD_TEMPLATE_HASH,
     REVISION,
     classify_api_error,
     equal_ignore_hash,
     label_selector_string,
     labels_match,
+    memory_bytes,
     order_like_kubectl,
     parse_revision,
     rfc3339_now,
@@ -30,7 +32,9 @@ from tasks.kubernetes import (
     rollout_status_message,
     select_rollback_revision,
     semantic_equal,
+    statefulset_status_message,
 )
+from tasks.kubernetes.models import MemoryLimitChange
 
 API = k8s.ApiClient()
 
@@ -346,3 +350,133 @@ def test_error_mapping():
     assert "NewConnectionError" in str(err)
     assert isinstance(classify(urllib3.exceptions.ReadTimeoutError(None, "/", "t")), TransientError)  # type: ignore[arg-type]
     assert isinstance(classify(ConnectionRefusedError()), TransientError)
+
+
+# ------------------------------------------------------- StatefulSet status, memory cap
+
+
+def statefulset(
+    replicas: int = 3,
+    generation: int = 2,
+    observed: int = 2,
+    ready: int = 3,
+    updated: int = 3,
+    current_rev: str = "r1",
+    update_rev: str = "r1",
+    strategy: dict[str, Any] | None = None,
+) -> Any:
+    return model(
+        {
+            "metadata": {"name": "akig-redis", "generation": generation},
+            "spec": {
+                "replicas": replicas,
+                "selector": {},
+                "serviceName": "akig-redis",
+                "template": {},
+                "updateStrategy": strategy
+                or {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+            },
+            "status": {
+                "replicas": replicas,
+                "observedGeneration": observed,
+                "readyReplicas": ready,
+                "updatedReplicas": updated,
+                "currentReplicas": replicas,
+                "currentRevision": current_rev,
+                "updateRevision": update_rev,
+            },
+        },
+        "V1StatefulSet",
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message", "done"),
+    [
+        ({"observed": 1}, "Waiting for statefulset spec update to be observed...", False),
+        (
+            {"observed": 0, "generation": 0},
+            "Waiting for statefulset spec update to be observed...",
+            False,
+        ),
+        ({"ready": 1}, "Waiting for 2 pods to be ready...", False),
+        (
+            {"updated": 1},
+            "Waiting for partitioned roll out to finish: 1 out of 3 new pods have been updated...",
+            False,
+        ),
+        (
+            {
+                "updated": 1,
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}},
+            },
+            "partitioned roll out complete: 1 new pods have been updated...",
+            True,
+        ),
+        ({}, "partitioned roll out complete: 3 new pods have been updated...", True),
+        (
+            {"update_rev": "r2", "strategy": {"type": "RollingUpdate"}},
+            "waiting for statefulset rolling update to complete 3 pods at revision r2...",
+            False,
+        ),
+        (
+            {"strategy": {"type": "RollingUpdate"}},
+            "statefulset rolling update complete 3 pods at revision r1...",
+            True,
+        ),
+    ],
+)
+def test_statefulset_status_like_kubectl(kwargs: dict[str, Any], message: str, done: bool):
+    assert statefulset_status_message(statefulset(**kwargs)) == (message, done)
+
+
+def test_statefulset_status_refuses_on_delete():
+    with pytest.raises(PermanentError, match="only available for RollingUpdate strategy type"):
+        statefulset_status_message(statefulset(strategy={"type": "OnDelete"}))
+
+
+@pytest.mark.parametrize(
+    ("quantity", "expected"),
+    [("512Mi", 512 * 2**20), ("1Gi", 2**30), ("1G", 10**9), ("0.5Gi", 2**29), ("1e3", 1000)],
+)
+def test_memory_bytes(quantity: str, expected: int):
+    assert memory_bytes(quantity) == expected
+
+
+def test_memory_bytes_rejects_garbage():
+    with pytest.raises(PermanentError, match="invalid memory quantity"):
+        memory_bytes("lots")
+
+
+def _change(current: int, target: int) -> MemoryLimitChange:
+    return MemoryLimitChange(
+        kind="statefulset",
+        name="akig-redis",
+        namespace="prod",
+        container="main",
+        current=str(current),
+        current_bytes=current,
+        target=str(target),
+        target_bytes=target,
+        generation=1,
+    )
+
+
+@given(current=st.integers(1, 2**40), factor=st.floats(0, 4, allow_nan=False))
+@settings(max_examples=300)
+def test_memory_limit_change_is_capped_at_twice(current: int, factor: float):
+    target = max(1, int(current * factor))
+    if current <= target <= MEMORY_LIMIT_MAX_FACTOR * current:
+        change = _change(current, target)
+        assert change.already_at_target == (target == current)
+    else:
+        with pytest.raises(ValueError, match=r"more than 2x|lower than the current"):
+            _change(current, target)
+
+
+def test_memory_limit_cap_boundaries():
+    assert _change(256, 512).target_bytes == 512
+    with pytest.raises(ValueError, match="more than 2x"):
+        _change(256, 513)
+    with pytest.raises(ValueError, match="lower"):
+        _change(256, 255)

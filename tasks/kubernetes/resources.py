@@ -1,0 +1,248 @@
+"""Raise one container's memory limit, capped at 2x the current limit.
+
+The new value is decided before this runs (by a person approving it, in the flow); the task
+only refuses what is unsafe, in two places:
+
+- `MemoryLimitChange` (the plan, a pydantic model) cannot be built with a target above 2x
+  the current limit, below it, or for a container without a memory limit;
+- `plan_memory_limit` (read, retried) reads the current limit and builds that model (and,
+  like `scale`, refuses a workload whose pods do not match `RUNBOOKS_K8S_LABEL_SELECTOR`);
+  `apply_memory_limit` (idempotent write, retried) re-reads: already at the target -> no-op
+  (a retried write whose answer was lost); the limit moved since the plan -> refused;
+  otherwise one strategic-merge patch on the container, matched by name.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Literal
+
+from kubernetes import client as k8s
+from kubernetes.utils import parse_quantity
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import ValidationError
+
+from tasks.errors import PermanentError, SafetyViolation
+from tasks.kubernetes.api import (
+    STRATEGIC_MERGE_PATCH,
+    Kube,
+    call,
+    get_deployment,
+    kube_session,
+    run_logger,
+)
+from tasks.kubernetes.models import MemoryLimitChange, MemoryLimitResult
+from tasks.kubernetes.semantics import labels_match, meta
+from tasks.kubernetes.statefulset import get_statefulset
+from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
+from tasks.settings import KubernetesSettings
+
+Kind = Literal["deployment", "statefulset"]
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity ('512Mi', '1G', '1e9') in bytes, rounded up like the API."""
+    try:
+        value = Decimal(parse_quantity(quantity))
+    except (ValueError, TypeError) as exc:
+        raise PermanentError(f"invalid memory quantity {quantity!r}: {exc}") from None
+    return int(value.to_integral_value(rounding="ROUND_CEILING"))
+
+
+def _workload(kube: Kube, kind: Kind, name: str, namespace: str) -> Any:
+    if kind == "deployment":
+        return get_deployment(kube, name, namespace)
+    return get_statefulset(kube, name, namespace)
+
+
+def _limit_of(obj: Any, kind: Kind, container: str) -> str | None:
+    containers: list[k8s.V1Container] = obj.spec.template.spec.containers or []
+    found = next((c for c in containers if c.name == container), None)
+    if found is None:
+        raise PermanentError(
+            f"{kind} {meta(obj).name} in namespace {meta(obj).namespace} has no container "
+            f"{container!r} (containers: {', '.join(c.name for c in containers)})"
+        )
+    limits = (found.resources.limits if found.resources else None) or {}
+    return limits.get("memory")
+
+
+@task(
+    **RETRY_READ,
+    cache_policy=NO_CACHE,
+    task_run_name="plan-memory-limit-{namespace}/{kind}-{name}-{container}",
+)
+def plan_memory_limit(
+    kind: Kind,
+    name: str,
+    namespace: str,
+    container: str,
+    target: str,
+    settings: KubernetesSettings | None = None,
+) -> MemoryLimitChange:
+    """Read a container's memory limit and check `target` is a raise of at most 2x (read only)."""
+    target_bytes = memory_bytes(target)
+    settings = settings or KubernetesSettings()
+    with kube_session(settings) as kube:
+        obj = _workload(kube, kind, name, namespace)
+    labels = obj.spec.template.metadata.labels if obj.spec.template.metadata else None
+    if not labels_match(settings.label_selector, labels):
+        # Like `scale`: a typo in the name must not resize someone else's workload.
+        raise SafetyViolation(
+            f"refusing to change the memory limit of {kind} {name} in namespace {namespace}: "
+            f"its pods do not match the platform selector {settings.label_selector!r}"
+        )
+    current = _limit_of(obj, kind, container)
+    if current is None:
+        raise SafetyViolation(
+            f"{kind} {name} container {container} has no memory limit: there is nothing to "
+            "raise, and setting one could OOM-kill it; refused"
+        )
+    try:
+        return MemoryLimitChange(
+            kind=kind,
+            name=name,
+            namespace=namespace,
+            container=container,
+            current=current,
+            current_bytes=memory_bytes(current),
+            target=target,
+            target_bytes=target_bytes,
+            generation=meta(obj).generation,
+        )
+    except ValidationError as exc:
+        raise SafetyViolation(
+            f"{kind} {name} container {container}: " + "; ".join(e["msg"] for e in exc.errors())
+        ) from None
+
+
+@task(
+    **RETRY_IDEMPOTENT_WRITE,
+    cache_policy=NO_CACHE,
+    task_run_name="apply-memory-limit-{plan.namespace}/{plan.kind}-{plan.name}-{plan.container}",
+)
+def apply_memory_limit(
+    plan: MemoryLimitChange, dry_run: bool = False, settings: KubernetesSettings | None = None
+) -> MemoryLimitResult:
+    """Set the planned memory limit; a no-op when the container already has it."""
+    # Re-validate: a plan built by hand (model_construct) must not skip the cap.
+    try:
+        plan = MemoryLimitChange.model_validate(plan.model_dump())
+    except ValidationError as exc:
+        raise SafetyViolation(
+            f"{plan.kind} {plan.name} container {plan.container}: "
+            + "; ".join(e["msg"] for e in exc.errors())
+        ) from None
+    log = run_logger()
+    kind, name, namespace = plan.kind, plan.name, plan.namespace
+
+    def result(patched: bool, after: str, message: str) -> MemoryLimitResult:
+        log.info(message)
+        return MemoryLimitResult(
+            kind=kind,
+            name=name,
+            namespace=namespace,
+            container=plan.container,
+            before=plan.current,
+            after=after,
+            dry_run=dry_run,
+            # The limit is now the target and was not when planned (by this attempt's patch
+            # or an earlier attempt's whose answer was lost).
+            changed=not dry_run and not plan.already_at_target,
+            patched=patched,
+            message=message,
+        )
+
+    with kube_session(settings) as kube:
+        obj = _workload(kube, kind, name, namespace)
+        now = _limit_of(obj, kind, plan.container)
+        if now is not None and memory_bytes(now) == plan.target_bytes:
+            return result(
+                False,
+                now,
+                f"{kind}.apps/{name} container {plan.container} already has memory limit "
+                f"{now}; nothing patched",
+            )
+        if now is None or memory_bytes(now) != plan.current_bytes:
+            raise SafetyViolation(
+                f"{kind} {name} container {plan.container}: memory limit changed since the "
+                f"plan ({plan.current} -> {now}); nothing patched, plan again"
+            )
+        body = {
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": plan.container,
+                                "resources": {"limits": {"memory": plan.target}},
+                            }
+                        ]
+                    }
+                }
+            }
+        }
+        patch = (
+            kube.apps.patch_namespaced_deployment
+            if kind == "deployment"
+            else kube.apps.patch_namespaced_stateful_set
+        )
+        call(
+            kube,
+            patch,
+            name,
+            namespace,
+            body,
+            dry_run="All" if dry_run else None,
+            _content_type=STRATEGIC_MERGE_PATCH,
+            verb="patch",
+            resource=f"{kind}s",
+            name=name,
+            namespace=namespace,
+        )
+    verb = "would raise" if dry_run else "raised"
+    return result(
+        True,
+        plan.current if dry_run else plan.target,
+        f"{kind}.apps/{name} container {plan.container}: {verb} memory limit "
+        f"{plan.current} -> {plan.target}" + (" (server dry run)" if dry_run else ""),
+    )
+
+
+class RaiseMemoryLimit:
+    """Raise a container's memory limit (<= 2x): plan (read) then apply (idempotent write).
+
+    The new value comes from the flow, after approval; this refuses anything above 2x.
+    """
+
+    def __call__(
+        self,
+        kind: Kind,
+        name: str,
+        namespace: str,
+        container: str,
+        target: str,
+        dry_run: bool = False,
+        settings: KubernetesSettings | None = None,
+    ) -> MemoryLimitResult:
+        """Raise the limit as two Prefect tasks."""
+        plan = plan_memory_limit(kind, name, namespace, container, target, settings=settings)
+        return apply_memory_limit(plan, dry_run=dry_run, settings=settings)
+
+    def fn(
+        self,
+        kind: Kind,
+        name: str,
+        namespace: str,
+        container: str,
+        target: str,
+        dry_run: bool = False,
+        settings: KubernetesSettings | None = None,
+    ) -> MemoryLimitResult:
+        """The same two steps as plain functions (no Prefect run, no retries)."""
+        plan = plan_memory_limit.fn(kind, name, namespace, container, target, settings=settings)
+        return apply_memory_limit.fn(plan, dry_run=dry_run, settings=settings)
+
+
+raise_memory_limit = RaiseMemoryLimit()

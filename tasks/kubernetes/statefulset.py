@@ -1,0 +1,244 @@
+"""StatefulSet restart and rollout status (Redis, database pods), following kubectl.
+
+`kubectl rollout restart statefulset/x` (`pkg/polymorphichelpers/objectrestarter.go`) sets
+`spec.template.metadata.annotations["kubectl.kubernetes.io/restartedAt"]` to the current
+RFC 3339 time with a strategic-merge patch, field manager `kubectl-rollout`. Unlike a
+Deployment a StatefulSet has no `paused` field, so kubectl refuses nothing; its only failure
+is the empty patch when the same second was already set. The same plan/apply split as for
+Deployments (`rollout.py`) keeps a retried write from restarting twice:
+
+- `plan_statefulset_restart` (read, retried) picks the `restartedAt` value once;
+- `apply_statefulset_restart` (idempotent write, retried) sets it, a no-op once it is set.
+
+`wait_for_statefulset` is `kubectl rollout status statefulset/x --timeout`
+(`StatefulSetStatusViewer`, `semantics.statefulset_status_message`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from kubernetes import client as k8s
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.errors import PermanentError, TransientError
+from tasks.kubernetes.api import STRATEGIC_MERGE_PATCH, Kube, call, kube_session, run_logger
+from tasks.kubernetes.models import (
+    StatefulSetRestartPlan,
+    StatefulSetRestartResult,
+    StatefulSetRolloutStatus,
+)
+from tasks.kubernetes.semantics import (
+    RESTARTED_AT,
+    ROLLOUT_FIELD_MANAGER,
+    meta,
+    rfc3339_now,
+    statefulset_status_message,
+)
+from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
+from tasks.settings import KubernetesSettings
+
+
+def get_statefulset(kube: Kube, name: str, namespace: str) -> k8s.V1StatefulSet:
+    """GET one StatefulSet (404 -> PermanentError naming it)."""
+    return call(
+        kube,
+        kube.apps.read_namespaced_stateful_set,
+        name,
+        namespace,
+        verb="get",
+        resource="statefulsets",
+        name=name,
+        namespace=namespace,
+    )
+
+
+def _restarted_at(sts: k8s.V1StatefulSet) -> str | None:
+    template_meta = sts.spec.template.metadata if sts.spec and sts.spec.template else None
+    return ((template_meta.annotations if template_meta else None) or {}).get(RESTARTED_AT)
+
+
+@task(
+    **RETRY_READ,
+    cache_policy=NO_CACHE,
+    task_run_name="plan-restart-{namespace}/statefulset-{statefulset}",
+)
+def plan_statefulset_restart(
+    statefulset: str,
+    namespace: str,
+    restarted_at: str | None = None,
+    settings: KubernetesSettings | None = None,
+) -> StatefulSetRestartPlan:
+    """Pick the `restartedAt` value of a StatefulSet restart, once (read only)."""
+    with kube_session(settings) as kube:
+        sts = get_statefulset(kube, statefulset, namespace)
+    value = restarted_at or rfc3339_now()
+    previous = _restarted_at(sts)
+    if previous == value:
+        # kubectl's patch would be empty; a read, so retrying it (a new second) is safe.
+        raise TransientError(
+            f"failed to create patch for {statefulset}: if restart has already been "
+            "triggered within the past second, please wait before attempting to trigger another"
+        )
+    strategy = sts.spec.update_strategy.type if sts.spec.update_strategy else "RollingUpdate"
+    return StatefulSetRestartPlan(
+        statefulset=statefulset,
+        namespace=namespace,
+        restarted_at=value,
+        previous_restarted_at=previous,
+        generation=meta(sts).generation,
+        update_strategy=strategy or "RollingUpdate",
+    )
+
+
+@task(
+    **RETRY_IDEMPOTENT_WRITE,
+    cache_policy=NO_CACHE,
+    task_run_name="apply-restart-{plan.namespace}/statefulset-{plan.statefulset}",
+)
+def apply_statefulset_restart(
+    plan: StatefulSetRestartPlan, dry_run: bool = False, settings: KubernetesSettings | None = None
+) -> StatefulSetRestartResult:
+    """Set the planned `restartedAt` on a StatefulSet; a no-op when already set."""
+    log = run_logger()
+    name, namespace = plan.statefulset, plan.namespace
+    with kube_session(settings) as kube:
+        sts = get_statefulset(kube, name, namespace)
+        if _restarted_at(sts) == plan.restarted_at:
+            message = (
+                f"statefulset.apps/{name} already restarted at {plan.restarted_at} "
+                "(an earlier attempt's patch landed, its answer was lost); nothing patched"
+            )
+            log.info(message)
+            return StatefulSetRestartResult(
+                statefulset=name,
+                namespace=namespace,
+                restarted_at=plan.restarted_at,
+                generation=meta(sts).generation,
+                dry_run=dry_run,
+                patched=False,
+                message=message,
+            )
+        body = {
+            "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: plan.restarted_at}}}}
+        }
+        patched = call(
+            kube,
+            kube.apps.patch_namespaced_stateful_set,
+            name,
+            namespace,
+            body,
+            field_manager=ROLLOUT_FIELD_MANAGER,
+            dry_run="All" if dry_run else None,
+            _content_type=STRATEGIC_MERGE_PATCH,
+            verb="patch",
+            resource="statefulsets",
+            name=name,
+            namespace=namespace,
+        )
+    message = f"statefulset.apps/{name} restarted" + (" (server dry run)" if dry_run else "")
+    if plan.update_strategy != "RollingUpdate":
+        # kubectl patches it all the same; the controller then waits for someone to delete pods.
+        message += f" (updateStrategy {plan.update_strategy}: pods restart only when deleted)"
+    log.info(message)
+    return StatefulSetRestartResult(
+        statefulset=name,
+        namespace=namespace,
+        restarted_at=plan.restarted_at,
+        generation=meta(patched).generation,
+        dry_run=dry_run,
+        patched=True,
+        message=message,
+    )
+
+
+class RestartStatefulSet:
+    """`kubectl rollout restart statefulset/x`: plan (read) then apply (idempotent write).
+
+    Call it in a flow like a task (two task runs); `.fn(...)` runs the same two steps
+    without Prefect.
+    """
+
+    def __call__(
+        self,
+        statefulset: str,
+        namespace: str,
+        dry_run: bool = False,
+        settings: KubernetesSettings | None = None,
+        restarted_at: str | None = None,
+    ) -> StatefulSetRestartResult:
+        """Restart a StatefulSet's pods like `kubectl rollout restart`, as two Prefect tasks."""
+        plan = plan_statefulset_restart(statefulset, namespace, restarted_at, settings=settings)
+        return apply_statefulset_restart(plan, dry_run=dry_run, settings=settings)
+
+    def fn(
+        self,
+        statefulset: str,
+        namespace: str,
+        dry_run: bool = False,
+        settings: KubernetesSettings | None = None,
+        restarted_at: str | None = None,
+    ) -> StatefulSetRestartResult:
+        """The same two steps as plain functions (no Prefect run, no retries)."""
+        plan = plan_statefulset_restart.fn(statefulset, namespace, restarted_at, settings=settings)
+        return apply_statefulset_restart.fn(plan, dry_run=dry_run, settings=settings)
+
+
+restart_statefulset = RestartStatefulSet()
+
+
+def _status_model(
+    sts: k8s.V1StatefulSet, message: str, complete: bool, elapsed: float
+) -> StatefulSetRolloutStatus:
+    status = sts.status or k8s.V1StatefulSetStatus(replicas=0)
+    return StatefulSetRolloutStatus(
+        statefulset=meta(sts).name,
+        namespace=meta(sts).namespace,
+        complete=complete,
+        message=message,
+        generation=meta(sts).generation,
+        observed_generation=status.observed_generation,
+        replicas=sts.spec.replicas if sts.spec.replicas is not None else 1,
+        ready_replicas=status.ready_replicas or 0,
+        updated_replicas=status.updated_replicas or 0,
+        current_revision=status.current_revision,
+        update_revision=status.update_revision,
+        elapsed_s=round(elapsed, 3),
+    )
+
+
+@task(
+    **RETRY_READ,
+    cache_policy=NO_CACHE,
+    task_run_name="wait-for-rollout-{namespace}/statefulset-{statefulset}",
+)
+def wait_for_statefulset(
+    statefulset: str,
+    namespace: str,
+    timeout_s: float | None = None,
+    poll_s: float = 1.0,
+    settings: KubernetesSettings | None = None,
+) -> StatefulSetRolloutStatus:
+    """Wait until a StatefulSet is rolled out, like `kubectl rollout status --timeout`."""
+    settings = settings or KubernetesSettings()
+    timeout = settings.rollout_timeout_s if timeout_s is None else timeout_s
+    log = run_logger()
+    start = time.monotonic()
+    last = ""
+    with kube_session(settings) as kube:
+        while True:
+            sts = get_statefulset(kube, statefulset, namespace)
+            message, done = statefulset_status_message(sts)
+            elapsed = time.monotonic() - start
+            if message != last:
+                log.info("%s/%s: %s", namespace, statefulset, message)
+                last = message
+            if done:
+                return _status_model(sts, message, True, elapsed)
+            if elapsed >= timeout:
+                raise PermanentError(
+                    f"timed out after {timeout:g} s waiting for statefulset {statefulset} in "
+                    f"namespace {namespace} to roll out; last status: {message}"
+                )
+            time.sleep(min(poll_s, max(0.05, timeout - elapsed)))
