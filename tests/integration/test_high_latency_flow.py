@@ -191,3 +191,20 @@ def test_cache_clear_needs_approval(env: ScrapedSandbox, approved: bool) -> None
     else:
         assert out.cache_action == "refused"
         assert _cache_keys(env) == keys
+
+
+def test_down_redis_is_a_row_and_its_password_stays_out(
+    env: ScrapedSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "hunter2-redis-secret"
+    monkeypatch.setenv("RUNBOOKS_REDIS_URL", f"redis://:{secret}@127.0.0.1:{free_port()}/0")
+    out = high_latency(HighLatencyParams(dry_run=False, clear_cache=True))
+    assert _row(out, "cache hit rate").verdict == "unavailable"
+    assert _row(out, "Redis memory").verdict == "unavailable"
+    assert _row(out, "network latency: redis").verdict == "unavailable"
+    # No cache evidence could be read: nothing is proposed, nobody is asked, nothing changes.
+    assert out.cache_action == "none"
+    md = flow_run_artifacts_latest()
+    assert "cache: not judged" in md
+    assert secret not in md
+    assert secret not in out.model_dump_json()
