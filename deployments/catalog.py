@@ -127,6 +127,15 @@ RUNBOOKS: tuple[Runbook, ...] = (
         tags=("tls", "destructive"),
         service_account="cert-replace",
     ),
+    Runbook(
+        name="high-latency",
+        entrypoint="flows.high_latency:high_latency",
+        description="High response time: the latency checklist, quick wins with evidence;"
+        " a cache clear only after approval.",
+        tags=("latency", "redis", "postgres", "prometheus"),
+        dry_run_field="dry_run",
+        service_account="incident-runbooks",
+    ),
 )
 
 
