@@ -38,6 +38,7 @@ from tasks.kubernetes import (
     wait_for_rollout,
     wait_for_statefulset,
 )
+from tasks.kubernetes.metrics import pod_metrics
 from tasks.settings import KubernetesSettings
 from tasks.tls import load_pair_from_secret, read_secret_certificates, write_tls_secret
 from tests.fixtures.kube import KubeCluster
@@ -276,7 +277,10 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
         "pods",
         "pods/log",
         "events",
+        "pods",  # metrics.k8s.io
     ]
+    # Allowed: no metrics-server here, so the API answers "not served", not "forbidden".
+    assert pod_metrics.fn(None, ns, settings=sa).available is False
     without_each_rule_something_breaks(
         c.admin,
         the_role,
@@ -289,6 +293,7 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
             lambda: list_pods.fn(None, ns, settings=sa),
             lambda: tail_logs.fn("akig-backend", lines=1, namespace=ns, settings=sa),
             lambda: list_events.fn(ns, settings=sa),
+            lambda: pod_metrics.fn(None, ns, settings=sa),
         ],
     )
 
