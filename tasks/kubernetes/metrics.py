@@ -90,22 +90,13 @@ def pod_metrics(
                 label_selector=selector,
                 _request_timeout=kube.timeout,
             )
-        except ApiException as exc:
-            if exc.status in (404, 503):
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if isinstance(exc, ApiException) and exc.status in (404, 503):
                 # 404: no such API group; 503: registered but metrics-server is not serving.
                 return PodMetrics(
                     available=False,
                     detail=f"metrics.k8s.io not served by {kube.host} (HTTP {exc.status})",
                 )
-            raise classify_api_error(
-                exc,
-                verb="list",
-                resource="pods.metrics.k8s.io",
-                name=None,
-                namespace=namespace,
-                host=kube.host,
-            ) from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise classify_api_error(
                 exc,
                 verb="list",

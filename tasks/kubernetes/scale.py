@@ -52,18 +52,9 @@ def _patch_scale(
             _content_type=MERGE_PATCH,
             _request_timeout=kube.timeout,
         )
-    except ApiException as exc:
-        if exc.status == 409:
+    except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        if isinstance(exc, ApiException) and exc.status == 409:
             return False
-        raise classify_api_error(
-            exc,
-            verb="patch",
-            resource="deployments/scale",
-            name=name,
-            namespace=namespace,
-            host=kube.host,
-        ) from None
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise classify_api_error(
             exc,
             verb="patch",
