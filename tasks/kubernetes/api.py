@@ -24,7 +24,12 @@ from prefect.exceptions import MissingContextError
 
 from tasks.clients import kube_api_client, kube_request_timeout
 from tasks.errors import PermanentError, TransientError
-from tasks.kubernetes.semantics import label_selector_string, meta
+from tasks.kubernetes.semantics import (
+    RESTARTED_AT,
+    ROLLOUT_FIELD_MANAGER,
+    label_selector_string,
+    meta,
+)
 from tasks.settings import KubernetesSettings
 
 JSON_PATCH = "application/json-patch+json"
@@ -163,3 +168,31 @@ def owned_replica_sets(kube: Kube, dep: k8s.V1Deployment) -> list[k8s.V1ReplicaS
         if controller is not None and controller.uid == meta(dep).uid:
             owned.append(rs)
     return owned
+
+
+def patch_restarted_at(
+    kube: Kube,
+    patch: Callable[..., _T],
+    *,
+    resource: str,
+    name: str,
+    namespace: str,
+    restarted_at: str,
+    dry_run: bool,
+) -> _T:
+    """`kubectl rollout restart`'s write: the pod template's `restartedAt`, as kubectl sets it."""
+    body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: restarted_at}}}}}
+    return call(
+        kube,
+        patch,
+        name,
+        namespace,
+        body,
+        field_manager=ROLLOUT_FIELD_MANAGER,
+        dry_run="All" if dry_run else None,
+        _content_type=STRATEGIC_MERGE_PATCH,
+        verb="patch",
+        resource=resource,
+        name=name,
+        namespace=namespace,
+    )

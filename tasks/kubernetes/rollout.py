@@ -30,13 +30,12 @@ from prefect.cache_policies import NO_CACHE
 from tasks.errors import PermanentError, SafetyViolation, TransientError
 from tasks.kubernetes.api import (
     JSON_PATCH,
-    STRATEGIC_MERGE_PATCH,
     Kube,
-    call,
     classify_api_error,
     get_deployment,
     kube_session,
     owned_replica_sets,
+    patch_restarted_at,
     run_logger,
 )
 from tasks.kubernetes.models import (
@@ -52,7 +51,6 @@ from tasks.kubernetes.semantics import (
     CHANGE_CAUSE,
     RESTARTED_AT,
     REVISION,
-    ROLLOUT_FIELD_MANAGER,
     annotation,
     equal_ignore_hash,
     images_of,
@@ -351,22 +349,14 @@ def apply_restart(
                 patched=False,
                 message=message,
             )
-        body = {
-            "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: plan.restarted_at}}}}
-        }
-        patched = call(
+        patched = patch_restarted_at(
             kube,
             kube.apps.patch_namespaced_deployment,
-            name,
-            namespace,
-            body,
-            field_manager=ROLLOUT_FIELD_MANAGER,
-            dry_run="All" if dry_run else None,
-            _content_type=STRATEGIC_MERGE_PATCH,
-            verb="patch",
             resource="deployments",
             name=name,
             namespace=namespace,
+            restarted_at=plan.restarted_at,
+            dry_run=dry_run,
         )
     message = f"deployment.apps/{name} restarted" + (" (server dry run)" if dry_run else "")
     log.info(message)

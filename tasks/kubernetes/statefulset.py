@@ -23,7 +23,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import PermanentError, TransientError
-from tasks.kubernetes.api import STRATEGIC_MERGE_PATCH, Kube, call, kube_session, run_logger
+from tasks.kubernetes.api import (
+    Kube,
+    call,
+    kube_session,
+    patch_restarted_at,
+    run_logger,
+)
 from tasks.kubernetes.models import (
     StatefulSetRestartPlan,
     StatefulSetRestartResult,
@@ -31,7 +37,6 @@ from tasks.kubernetes.models import (
 )
 from tasks.kubernetes.semantics import (
     RESTARTED_AT,
-    ROLLOUT_FIELD_MANAGER,
     meta,
     rfc3339_now,
     statefulset_status_message,
@@ -120,22 +125,14 @@ def apply_statefulset_restart(
                 patched=False,
                 message=message,
             )
-        body = {
-            "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: plan.restarted_at}}}}
-        }
-        patched = call(
+        patched = patch_restarted_at(
             kube,
             kube.apps.patch_namespaced_stateful_set,
-            name,
-            namespace,
-            body,
-            field_manager=ROLLOUT_FIELD_MANAGER,
-            dry_run="All" if dry_run else None,
-            _content_type=STRATEGIC_MERGE_PATCH,
-            verb="patch",
             resource="statefulsets",
             name=name,
             namespace=namespace,
+            restarted_at=plan.restarted_at,
+            dry_run=dry_run,
         )
     message = f"statefulset.apps/{name} restarted" + (" (server dry run)" if dry_run else "")
     if plan.update_strategy != "RollingUpdate":
