@@ -1299,7 +1299,10 @@ def read_archiver(
             """
             SELECT current_setting('archive_mode') AS archive_mode,
                    archived_count, last_archived_wal, last_archived_time,
-                   extract(epoch FROM now() - last_archived_time)::float8 AS age_s,
+                   -- clock_timestamp(), not now(): the statement's start can precede an
+                   -- archive that the stats snapshot already shows (a negative age).
+                   greatest(0, extract(epoch FROM clock_timestamp() - last_archived_time))::float8
+                     AS age_s,
                    failed_count, last_failed_wal, last_failed_time, stats_reset
               FROM pg_stat_archiver
             """
