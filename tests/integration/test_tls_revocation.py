@@ -249,3 +249,51 @@ def test_each_source_can_be_switched_off_in_settings(
     monkeypatch.setenv("RUNBOOKS_TLS_OCSP_STAPLING", "false")
     assert verdicts() == {"ocsp": "off", "crl": "off"}
     assert crl_server.hits == {"/int.crl": 1}  # nothing fetched once switched off
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_flow_reports_revocation_and_chains(
+    pki: CertFactory,
+    tls_server: TlsServer,
+    ocsp_responders: MakeResponder,
+    crl_server: CrlServer,
+    closed_port: int,
+) -> None:
+    from flows.cert_expiry import CertExpiryParams, cert_expiry
+    from tests.integration.test_tls_flow import _artifacts, _rows
+
+    responder = ocsp_responders(pki.intermediate)
+    revoked = pki.leaf(ocsp_url=responder.url)
+    unreachable = pki.leaf(ocsp_url=f"http://127.0.0.1:{closed_port}/")
+    listed_good = pki.leaf(crl_url=crl_server.url("/int.crl"))
+    responder.start(revoked=[revoked])
+    crl_server.files["/int.crl"] = make_crl(pki.intermediate)
+    endpoints = [
+        f"{HOST}@127.0.0.1:{tls_server.serve(c.chain_pem(), c.key_pem)[0]}"
+        for c in (revoked, unreachable, listed_good)
+    ]
+
+    state = cert_expiry(CertExpiryParams(files=[], endpoints=endpoints), return_state=True)
+
+    assert state.is_failed()
+    assert "2 certificate(s) past a threshold (worst critical)" in (state.message or "")
+    assert f"{endpoints[0]}: REVOKED: ocsp: revoked" in (state.message or "")
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    leaves = {
+        r["source"]: r for r in _rows(artifacts["cert-expiry-certificates"]) if not r["position"]
+    }
+    assert {s: (r["severity"], r["revocation"]) for s, r in leaves.items()} == {
+        endpoints[0]: ("critical", "revoked"),
+        endpoints[1]: ("low", "unknown"),
+        endpoints[2]: ("ok", "good"),
+    }
+    report = artifacts["cert-expiry"]
+    assert "## Endpoint chains and revocation" in report
+    assert (
+        "| endpoint | TLS | certs | in order | complete | stapled | revocation (leaf) |" in report
+    )
+    assert "unknown: ocsp: http://127.0.0.1" in report
+    checklist = artifacts["cert-emergency-checklist"]
+    assert f"-connect 127.0.0.1:{endpoints[0].rsplit(':', 1)[1]} -servername {HOST}" in checklist
+    assert "REVOKED: ocsp: revoked" in checklist
+    assert endpoints[1].rsplit(":", 1)[1] not in checklist  # unknown is a warning, not a page
