@@ -165,6 +165,26 @@ def test_a_forged_or_missing_crl_is_unknown(
     assert "HTTP 404" in head.revocation_detail
 
 
+def test_an_intermediate_whose_root_is_not_sent_is_no_warning(
+    pki: CertFactory, tls_server: TlsServer, crl_server: CrlServer, closed_port: int
+) -> None:
+    intermediate = make_cert(
+        "Runbooks Test Intermediate 2",
+        issuer=pki.root,
+        ca=True,
+        crl_url=f"http://127.0.0.1:{closed_port}/root.crl",  # down
+    )
+    leaf = pki.leaf(issuer=intermediate, crl_url=crl_server.url("/i2.crl"))
+    crl_server.files["/i2.crl"] = make_crl(intermediate)
+    scan = _probe(tls_server, leaf, CRL_ONLY)
+    assert [c.revocation for c in scan.certificates] == ["good", "none"]
+    assert scan.certificates[1].revocation_detail == "its issuer (a root) was not presented"
+    # With the root sent too, the intermediate is checked: its CRL is down.
+    (port,) = tls_server.serve(leaf.chain_pem(order=[0, 1, 2]), leaf.key_pem)
+    scan = fetch_endpoint(f"{HOST}@127.0.0.1:{port}", revocation=CRL_ONLY)
+    assert [c.revocation for c in scan.certificates] == ["good", "unknown", "none"]
+
+
 def test_crl_answers_when_the_ocsp_responder_is_down(
     pki: CertFactory, tls_server: TlsServer, crl_server: CrlServer, closed_port: int
 ) -> None:
