@@ -190,6 +190,8 @@ def fetch_endpoint(
         if exc.errno == socket.EAI_AGAIN:  # the resolver itself is struggling: try again
             raise TransientError(f"{ep}: cannot resolve {ep.host!r} ({exc.strerror})") from None
         raise PermanentError(f"{ep}: cannot resolve {ep.host!r} ({exc.strerror})") from None
+    except UnicodeError:
+        raise PermanentError(f"{ep}: {ep.name!r} is not a host name that SNI can carry") from None
     except SSL.SysCallError as exc:
         # The peer hung up mid-handshake (errno) or the socket failed: worth another try.
         raise TransientError(f"{ep}: connection failed during the TLS handshake ({exc})") from None

@@ -243,6 +243,11 @@ def plain_http_port() -> Iterator[int]:
     srv.close()
 
 
+def test_a_name_sni_cannot_carry_is_a_clear_permanent_error(closed_port: int) -> None:
+    with pytest.raises(PermanentError, match="not a host name that SNI can carry"):
+        fetch_endpoint(f"{'x' * 64}.example@127.0.0.1:{closed_port}", timeout_s=2)
+
+
 def test_a_port_not_speaking_tls_is_a_clear_permanent_error(plain_http_port: int) -> None:
     with pytest.raises(PermanentError, match="TLS handshake failed"):
         fetch_endpoint(f"127.0.0.1:{plain_http_port}", timeout_s=3)
