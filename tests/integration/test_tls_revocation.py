@@ -238,6 +238,30 @@ def test_a_stale_staple_is_not_believed(
     assert "unreachable" in head.revocation_detail  # then the responder was asked
 
 
+def test_a_staple_about_another_certificate_is_not_believed(
+    pki: CertFactory, stapling_server: StaplingServer, closed_port: int
+) -> None:
+    leaf = pki.leaf(ocsp_url=f"http://127.0.0.1:{closed_port}/")
+    other = pki.leaf()
+    port = stapling_server.serve(leaf, ocsp_answer(other, pki.intermediate))
+    head = fetch_endpoint(f"{HOST}@127.0.0.1:{port}", revocation=STAPLE_AND_OCSP).certificates[0]
+    assert head.revocation == "unknown"
+    assert "ocsp-stapled: the answer is not about this certificate" in head.revocation_detail
+
+
+def test_stapling_switched_off_asks_for_no_staple(
+    pki: CertFactory, stapling_server: StaplingServer, closed_port: int
+) -> None:
+    leaf = pki.leaf(ocsp_url=f"http://127.0.0.1:{closed_port}/")
+    port = stapling_server.serve(leaf, ocsp_answer(leaf, pki.intermediate, revoked=True))
+    scan = fetch_endpoint(f"{HOST}@127.0.0.1:{port}", revocation=RevocationConfig.off())
+    assert scan.ocsp_stapled is None  # not asked for
+    assert scan.certificates[0].revocation == "off"
+    scan = fetch_endpoint(f"{HOST}@127.0.0.1:{port}", revocation=STAPLE_AND_OCSP)
+    assert scan.ocsp_stapled is True
+    assert scan.certificates[0].revocation == "revoked"
+
+
 def test_each_source_can_be_switched_off_in_settings(
     pki: CertFactory,
     tls_server: TlsServer,
