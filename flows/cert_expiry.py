@@ -6,7 +6,9 @@ carries the emergency checklist, whose step 3 is the `cert-replace` runbook
 (`flows/cert_replace.py`).
 
 What it may change: nothing. It reads PEM files, live endpoints (a TLS handshake without
-sending any request) and Kubernetes TLS Secrets (`tls.crt` only).
+sending any request) and Kubernetes TLS Secrets (`tls.crt` only), and asks the OCSP
+responders and CRL distribution points the served certificates name (each switchable off:
+`RUNBOOKS_TLS_OCSP`, `_CRL`, `_OCSP_STAPLING`).
 
 Safety limits: read-only; one failing source never hides the others (each failure is a
 row of the report). The report artifact is published on every exit path, including an
@@ -171,6 +173,7 @@ def _rows(findings: list[Finding], infos: dict[tuple[str, int], CertificateInfo]
                 "hostname_match": "" if info.hostname_match is None else info.hostname_match,
                 "self_signed": info.self_signed,
                 "threshold_days": f.crossed_days if f.crossed_days is not None else "",
+                "revocation": info.revocation or "",
                 "reasons": "; ".join(f.reasons),
             }
         )
@@ -360,6 +363,9 @@ def _report(
                 [[e.source, e.kind, e.transient, e.message] for e in errors],
             ),
         )
+    endpoints = [s for s in scans if s.kind == "endpoint"]
+    if endpoints:
+        report.add("Endpoint chains and revocation", _chains(endpoints))
     notes = [s for s in scans if s.note]
     if notes:
         report.add(
@@ -381,6 +387,34 @@ def _report(
             description="Guided steps for critical certificates (expired, < 24 h, wrong host)",
         )
     return result, summary
+
+
+def _yes_no(value: bool | None) -> str:
+    return "" if value is None else ("yes" if value else "NO")
+
+
+def _chains(endpoints: list[SourceScan]) -> str:
+    """Per endpoint: TLS version, the presented chain's order and completeness, whether
+    the server stapled OCSP, and the leaf's revocation verdict (docs/tls.md)."""
+    rows = []
+    for s in sorted(endpoints, key=lambda s: s.source):
+        leaf = s.certificates[0] if s.certificates else None
+        revocation = (leaf.revocation or "") if leaf else ""
+        detail = leaf.revocation_detail if leaf and revocation not in ("good", "off") else ""
+        rows.append(
+            [
+                s.source,
+                s.tls_version or "",
+                len(s.certificates),
+                _yes_no(s.chain_in_order),
+                _yes_no(s.chain_complete),
+                _yes_no(s.ocsp_stapled),
+                f"{revocation}: {detail}" if detail else revocation,
+            ]
+        )
+    return table(
+        ["endpoint", "TLS", "certs", "in order", "complete", "stapled", "revocation (leaf)"], rows
+    )
 
 
 def _verdict(result: CertExpiryResult, summary: str) -> None:

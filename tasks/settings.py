@@ -175,6 +175,16 @@ class TlsSettings(BaseSettings):
     max_workers: int = Field(
         64, ge=1, le=512, description="Concurrent probes; each one is a thread mostly waiting."
     )
+    # Revocation: each source can be switched off alone (air-gapped platforms: all three).
+    ocsp: bool = Field(True, description="Ask the OCSP responder named in the AIA extension.")
+    crl: bool = Field(True, description="Fetch the CRL from the distribution point (cached).")
+    ocsp_stapling: bool = Field(True, description="Ask servers to staple OCSP; use the answer.")
+    revocation_timeout_s: float = Field(
+        3.0, gt=0, le=60, description="Per OCSP / CRL HTTP request: connect + read, seconds."
+    )
+    revocation_max_age_h: float = Field(
+        168.0, gt=0, description="An OCSP answer without nextUpdate is stale after this."
+    )
 
 
 class NotifySettings(BaseSettings):

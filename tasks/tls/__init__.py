@@ -5,7 +5,8 @@ One module per concern; this package re-exports their public names, so
 
     certs        the models, parsing, chain checks and the severity mapping (no I/O)
     files        PEM/DER files and directories on the worker
-    probe        live endpoints: the chain a server presents in its handshake
+    probe        live endpoints: the chain a server presents in its handshake (pyOpenSSL)
+    revocation   OCSP (stapled and online) and CRL checks of a presented chain
     replacement  validating a new certificate + key against the one it replaces
     secrets      Kubernetes TLS Secrets: read, back up and replace
 
@@ -19,6 +20,8 @@ from tasks.tls.certs import (
     Severity,
     SourceScan,
     Thresholds,
+    certificate_matches,
+    chain_incomplete,
     chain_problems,
     crossed_threshold,
     describe,
@@ -50,6 +53,14 @@ from tasks.tls.replacement import (
     load_pair_from_files,
     validate_replacement,
 )
+from tasks.tls.revocation import (
+    Revocation,
+    RevocationConfig,
+    SourceAnswer,
+    check_certificate,
+    check_ocsp_response,
+    clear_crl_cache,
+)
 from tasks.tls.secrets import (
     TLS_SECRET_TYPE,
     KubeName,
@@ -74,13 +85,21 @@ __all__ = [
     "NewPair",
     "ProbeOutcome",
     "ReplacementCheck",
+    "Revocation",
+    "RevocationConfig",
     "SecretReplacement",
     "Severity",
+    "SourceAnswer",
     "SourceScan",
     "Thresholds",
     "backup_secret_name",
+    "certificate_matches",
+    "chain_incomplete",
     "chain_problems",
+    "check_certificate",
+    "check_ocsp_response",
     "check_tls_replacement",
+    "clear_crl_cache",
     "crossed_threshold",
     "describe",
     "describe_bundle",

@@ -3,12 +3,15 @@
 Severity of one certificate (`evaluate`), worst reason wins; thresholds come from
 `TlsSettings` (`RUNBOOKS_TLS_*`) or the flow parameters:
 
-    critical  expired, not yet valid, < `emergency_hours` (24 h) left, or an endpoint whose
-              certificate does not cover the host name: clients fail now (page, < 15 min)
-    high      <= `high_days` (7) left, or the presented chain is out of order / broken
+    critical  expired, not yet valid, < `emergency_hours` (24 h) left, revoked, or an
+              endpoint whose certificate does not cover the host name: clients fail now
+              (page, < 15 min)
+    high      <= `high_days` (7) left, or the presented chain is out of order, broken or
+              incomplete
     medium    <= `medium_days` (14) left, RSA key < 2048 bits, SHA-1/MD5 signature
     low       <= max(`warn_days`) (30) left, or < `lifetime_fraction_warn` (1/3) of the
-              lifetime left: cert-manager renews at 2/3, so it should have renewed by now
+              lifetime left: cert-manager renews at 2/3, so it should have renewed by now;
+              revocation status unknown (a responder or CRL that could not be reached)
     ok        none of the above
 
 `crossed_days` names the smallest alert threshold of `warn_days` (30/14/7/3/1) crossed,
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -32,6 +36,18 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 from pydantic import BaseModel, Field
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
+from service_identity.exceptions import CertificateError, VerificationError
+from service_identity.hazmat import (
+    DNS_ID,
+    DNSPattern,
+    IPAddress_ID,
+    IPAddressPattern,
+    verify_service_identity,
+)
 
 from tasks.errors import PermanentError
 from tasks.settings import TlsSettings
@@ -116,6 +132,10 @@ class CertificateInfo(BaseModel):
     hostname: str | None = Field(None, description="Host name checked (endpoints only).")
     hostname_match: bool | None = Field(None, description="None where not applicable.")
     chain_problems: list[str] = Field(default_factory=list)
+    revocation: Literal["good", "revoked", "unknown", "none", "off"] | None = Field(
+        None, description="None: not checked (files, Secrets); see tasks/tls/revocation.py."
+    )
+    revocation_detail: str = ""
 
     @property
     def sans(self) -> list[str]:
@@ -145,6 +165,11 @@ class SourceScan(BaseModel):
     certificates: list[CertificateInfo]
     tls_version: str | None = None
     chain_observed: bool = Field(True, description="False: only the leaf could be seen.")
+    chain_in_order: bool | None = Field(None, description="Each one issued by the next.")
+    chain_complete: bool | None = Field(
+        None, description="Endpoints: every issuer up to a CA certificate was presented."
+    )
+    ocsp_stapled: bool | None = Field(None, description="The server stapled an OCSP answer.")
     note: str = ""
     resource_version: str | None = Field(None, description="Kubernetes Secret version read.")
     elapsed_s: float = 0.0
@@ -216,35 +241,62 @@ def lifetime_fraction_left(not_before: datetime, not_after: datetime, now: datet
     return min(1.0, max(0.0, left / total))
 
 
+def _identity(hostname: str) -> DNS_ID | IPAddress_ID | None:
+    """The service_identity ID for `hostname` (an IP address, bracketed or not, or a DNS
+    name; a trailing dot is the same name), or None when it is neither."""
+    name = hostname.strip().strip("[]").rstrip(".")
+    try:
+        return IPAddress_ID(str(ipaddress.ip_address(name)))
+    except ValueError:
+        pass
+    try:
+        return DNS_ID(name)
+    except (ValueError, TypeError, UnicodeError):
+        return None
+
+
 def hostname_matches(hostname: str, san_dns: Sequence[str], san_ips: Sequence[str]) -> bool:
-    """RFC 6125 matching against the SANs only (no CN fallback, as browsers and `ssl` do):
-    exact names, or a `*` that is the whole left-most label and stands for exactly one
-    label, never for a public suffix like `*.com`; IP addresses only against IP SANs."""
-    try:
-        ip = ipaddress.ip_address(hostname.strip("[]"))
-    except ValueError:
-        ip = None
-    if ip is not None:
-        return any(_same_ip(ip, candidate) for candidate in san_ips)
-    host = hostname.rstrip(".").lower()
-    if not host:
-        return False
-    for pattern in san_dns:
-        p = pattern.rstrip(".").lower()
-        if p == host and "*" not in p:
-            return True
-        if p.startswith("*.") and "*" not in p[2:] and p[2:].count(".") >= 1:
-            first, _, rest = host.partition(".")
-            if first and rest == p[2:]:
-                return True
-    return False
+    """RFC 6125 matching by `service_identity` against the SANs only (no CN fallback, as
+    browsers and `ssl` do): exact names, or a `*` that is the whole left-most label and
+    stands for exactly one label, never for a public suffix like `*.com`; IP addresses
+    only against IP SANs."""
+    patterns: list[DNSPattern | IPAddressPattern] = []
+    for name in san_dns:
+        # A pattern service_identity refuses (`*.com`, an IP written as a DNS name) can
+        # match nothing; the other SANs still count.
+        with contextlib.suppress(CertificateError, ValueError, UnicodeError):
+            patterns.append(DNSPattern.from_bytes(name.rstrip(".").encode("idna")))
+    for ip in san_ips:
+        with contextlib.suppress(ValueError):
+            patterns.append(IPAddressPattern(ipaddress.ip_address(ip)))
+    return _verify(patterns, hostname)
 
 
-def _same_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, candidate: str) -> bool:
+def certificate_matches(cert: x509.Certificate, hostname: str) -> bool:
+    """Whether `cert` is valid for `hostname` (DNS name or IP address), by
+    `service_identity.cryptography` (`verify_certificate_hostname` / `_ip_address`)."""
+    name = hostname.strip().strip("[]").rstrip(".")
     try:
-        return ipaddress.ip_address(candidate) == ip
-    except ValueError:
+        if isinstance(_identity(name), IPAddress_ID):
+            verify_certificate_ip_address(cert, name)
+        else:
+            verify_certificate_hostname(cert, name)
+    except (VerificationError, CertificateError, ValueError, TypeError, UnicodeError):
+        # A mismatch, a certificate without SANs or a name that is no host name: the
+        # certificate does not cover it.
         return False
+    return True
+
+
+def _verify(patterns: Sequence[DNSPattern | IPAddressPattern], hostname: str) -> bool:
+    identity = _identity(hostname)
+    if identity is None or not patterns:
+        return False
+    try:
+        verify_service_identity(list(patterns), [identity], [])
+    except (VerificationError, CertificateError):
+        return False
+    return True
 
 
 def chain_problems(certs: Sequence[x509.Certificate]) -> list[list[str]]:
@@ -265,6 +317,24 @@ def chain_problems(certs: Sequence[x509.Certificate]) -> list[list[str]]:
             f"#{i} is not issued by #{i + 1} ({certs[i + 1].subject.rfc4514_string()}); {where}"
         )
     return problems
+
+
+def chain_incomplete(certs: Sequence[x509.Certificate]) -> tuple[int, str] | None:
+    """(position, why) when a presented chain is incomplete, or None when it is complete.
+
+    Without a trust store the test is: a certificate that is neither a CA nor self-signed
+    (the leaf) needs its issuer in the chain; a CA certificate may end the chain, since
+    its issuer is the root clients hold. A leaf signed directly by a root and sent alone
+    therefore counts as incomplete (rare; docs/tls.md)."""
+    for i, cert in enumerate(certs):
+        if is_ca_cert(cert) or cert.issuer == cert.subject:
+            continue
+        if not any(issued_by(cert, other) for k, other in enumerate(certs) if k != i):
+            return i, (
+                f"chain incomplete: the issuer of #{i} ({cert.issuer.rfc4514_string()}) "
+                "was not presented"
+            )
+    return None
 
 
 def describe(
@@ -307,7 +377,7 @@ def describe(
         is_ca=is_ca_cert(cert),
         hostname=hostname if position == 0 else None,
         hostname_match=(
-            hostname_matches(hostname, dns, ips) if hostname is not None and position == 0 else None
+            certificate_matches(cert, hostname) if hostname is not None and position == 0 else None
         ),
         chain_problems=problems or [],
     )
@@ -355,6 +425,11 @@ def evaluate(info: CertificateInfo, th: Thresholds) -> Finding:
     if info.hostname_match is False:
         graded.append((Severity.CRITICAL, f"does not cover host name {info.hostname!r}"))
     graded += [(Severity.HIGH, p) for p in info.chain_problems]
+    if info.revocation == "revoked":
+        graded.append((Severity.CRITICAL, f"REVOKED: {info.revocation_detail}"))
+    elif info.revocation == "unknown":
+        # Never "good" for want of an answer, but no page either: a warning.
+        graded.append((Severity.LOW, f"revocation status unknown: {info.revocation_detail}"))
     if info.key_type == "RSA" and info.key_size is not None and info.key_size < 2048:
         graded.append((Severity.MEDIUM, f"weak RSA key ({info.key_size} bits)"))
     if any(m in info.signature_algorithm.upper() for m in _WEAK_SIG_MARKERS):
@@ -434,6 +509,10 @@ def describe_bundle(
     now = now or datetime.now(UTC)
     is_chain = bool(certs) and not is_ca_cert(certs[0])
     problems = chain_problems(certs) if is_chain else [[] for _ in certs]
+    # What a server presents must be complete; a file or Secret may hold the leaf alone.
+    incomplete = chain_incomplete(certs) if kind == "endpoint" else None
+    if incomplete:
+        problems[incomplete[0]].append(incomplete[1])
     return [
         describe(c, source=source, kind=kind, position=i, now=now, hostname=hostname, problems=p)
         for i, (c, p) in enumerate(zip(certs, problems, strict=True))

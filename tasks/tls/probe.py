@@ -1,11 +1,10 @@
 """Live TLS endpoints: read the certificate chain a server presents, without a request.
 
-Python 3.11 only exposes the leaf (`getpeercert(binary_form=True)`);
-`get_unverified_chain()` is public from 3.13 on. So the probe drives the handshake itself
-through the public `MemoryBIO` API with TLS capped at 1.2, where the server's Certificate
-message travels in clear, and reads the chain the server sent from the bytes it received.
-The parsed leaf must equal the one `ssl` reports, or the chain is not trusted. A TLS
-1.3-only server gets a second handshake and reports the leaf only, saying so.
+pyOpenSSL drives the handshake (any version, TLS 1.3 included) through memory BIOs over
+a plain socket, so connect, handshake and goodbye share one deadline; the presented
+chain comes from `Connection.get_peer_cert_chain()`, in the order the server sent it,
+and the OCSP answer a server staples is kept for the revocation check
+(`tasks/tls/revocation.py`). Host names are matched by `service_identity` (`certs.py`).
 
 Concurrency: `probe_many` / the `probe_tls_endpoints` task probe a batch on a thread pool
 (each probe mostly waits on the network), one attempt each, returning failures as
@@ -16,15 +15,17 @@ which carries the retry policy. See docs/tls.md.
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
 import re
 import socket
-import ssl
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from cryptography import x509
+from OpenSSL import SSL
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
@@ -32,7 +33,8 @@ from pydantic import BaseModel, Field
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
 from tasks.settings import TlsSettings
-from tasks.tls.certs import SourceScan, describe_bundle
+from tasks.tls.certs import SourceScan, chain_incomplete, chain_problems, describe_bundle
+from tasks.tls.revocation import RevocationConfig, check_certificate
 
 
 class Endpoint(BaseModel):
@@ -71,57 +73,56 @@ class Endpoint(BaseModel):
         return cls(host=host, port=port, server_name=server_name)
 
 
-_MAX_HANDSHAKE_BYTES = 1 << 20
+class _Seen:
+    """What the handshake left behind besides the chain: the stapled OCSP answer."""
+
+    def __init__(self) -> None:
+        self.staple: bytes | None = None
 
 
-def _certificate_message(received: bytes) -> list[bytes] | None:
-    """The DER certificates of the first TLS 1.2 Certificate handshake message in
-    `received` (server-to-client bytes), or None when there is none in clear text."""
-    handshake = bytearray()
-    i = 0
-    while i + 5 <= len(received):
-        content_type, length = received[i], int.from_bytes(received[i + 3 : i + 5], "big")
-        if i + 5 + length > len(received):
-            break
-        if content_type == 20:  # ChangeCipherSpec: all that follows is encrypted
-            break
-        if content_type == 22:
-            handshake += received[i + 5 : i + 5 + length]
-        i += 5 + length
-    j = 0
-    while j + 4 <= len(handshake):
-        msg_type, msg_len = handshake[j], int.from_bytes(handshake[j + 1 : j + 4], "big")
-        body = bytes(handshake[j + 4 : j + 4 + msg_len])
-        j += 4 + msg_len
-        if msg_type != 11:  # Certificate
-            continue
-        if len(body) < 3:
-            return None
-        end = 3 + int.from_bytes(body[:3], "big")
-        k, certs = 3, []
-        while k + 3 <= min(end, len(body)):
-            cert_len = int.from_bytes(body[k : k + 3], "big")
-            certs.append(body[k + 3 : k + 3 + cert_len])
-            k += 3 + cert_len
-        return certs
-    return None
+def _on_staple(conn: SSL.Connection, staple: bytes, _: object) -> bool:
+    """OCSP-stapling callback: keep the answer for the revocation check; never abort the
+    handshake here (a bad or revoked staple is judged later and reported)."""
+    seen = conn.get_app_data()
+    if isinstance(seen, _Seen) and staple:
+        seen.staple = bytes(staple)
+    return True
+
+
+@functools.cache
+def _context(stapling: bool) -> SSL.Context:
+    """One client context per stapling choice, shared by every probe (OpenSSL contexts
+    are thread-safe once set up). No verification on purpose: the runbook must see what
+    is served, broken or not, over any TLS version and with any key (security level 0)."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_verify(SSL.VERIFY_NONE)
+    ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    if stapling:
+        ctx.set_ocsp_client_callback(_on_staple)
+    return ctx
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _handshake(
-    endpoint: Endpoint, deadline: float, *, tls12_only: bool
-) -> tuple[list[bytes], str | None, bool]:
-    """One handshake (no verification: we want to see what is served, even if broken).
-
-    Returns (DER certificates leaf first, TLS version, whether that is the whole chain).
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if tls12_only:
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=endpoint.name)
-    received = bytearray()
+    endpoint: Endpoint, deadline: float, *, stapling: bool
+) -> tuple[list[x509.Certificate], str, bytes | None]:
+    """One handshake through pyOpenSSL memory BIOs over a plain socket (so every wait is
+    bounded by `deadline`). Returns (the presented chain as sent, TLS version, staple)."""
+    seen = _Seen()
+    conn = SSL.Connection(_context(stapling), None)
+    conn.set_app_data(seen)
+    conn.set_connect_state()
+    if not _is_ip(endpoint.name):  # RFC 6066: no IP addresses in SNI
+        conn.set_tlsext_host_name(endpoint.name.encode("idna"))
+    if stapling:
+        conn.request_ocsp()
 
     def remaining() -> float:
         left = deadline - time.monotonic()
@@ -129,60 +130,58 @@ def _handshake(
             raise TimeoutError
         return left
 
+    def flush(sock: socket.socket) -> None:
+        while True:
+            try:
+                pending = conn.bio_read(65536)
+            except SSL.WantReadError:
+                return
+            sock.settimeout(remaining())
+            sock.sendall(pending)
+
     with socket.create_connection((endpoint.host, endpoint.port), timeout=remaining()) as sock:
         while True:
             try:
-                tls.do_handshake()
+                conn.do_handshake()
                 break
-            except ssl.SSLWantReadError:
-                pending = outgoing.read()
-                if pending:
-                    sock.settimeout(remaining())
-                    sock.sendall(pending)
+            except SSL.WantReadError:
+                flush(sock)
                 sock.settimeout(remaining())
                 data = sock.recv(65536)
                 if not data:
                     raise ConnectionResetError("connection closed during the handshake") from None
-                if len(received) < _MAX_HANDSHAKE_BYTES:
-                    received += data
-                incoming.write(data)
-        leaf = tls.getpeercert(binary_form=True)
-        version = tls.version()
+                conn.bio_write(data)
+        chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+        version = conn.get_protocol_version_name()
         # Say goodbye politely; the server's answer is not worth waiting for.
-        with contextlib.suppress(ssl.SSLError):
-            tls.unwrap()
-        pending = outgoing.read()
-        if pending:
-            with contextlib.suppress(OSError):
-                sock.sendall(pending)
-    if not leaf:
-        raise ssl.SSLError("the server presented no certificate")
-    chain = _certificate_message(bytes(received)) if version != "TLSv1.3" else None
-    if chain and chain[0] == leaf:
-        return chain, version, True
-    return [leaf], version, False
+        with contextlib.suppress(SSL.Error, OSError, TimeoutError):
+            conn.shutdown()
+            flush(sock)
+    if not chain:
+        raise SSL.Error("the server presented no certificate")
+    return list(chain), version, seen.staple
 
 
 def fetch_endpoint(
-    endpoint: Endpoint | str, timeout_s: float = 5.0, now: datetime | None = None
+    endpoint: Endpoint | str,
+    timeout_s: float = 5.0,
+    now: datetime | None = None,
+    revocation: RevocationConfig | None = None,
 ) -> SourceScan:
-    """Connect (SNI = server name), read the presented chain and describe it.
+    """Connect (SNI = server name), read the presented chain, describe it and check the
+    revocation of each certificate whose issuer was presented (`revocation`, default from
+    settings; `RevocationConfig.off()` for none).
 
     Raises `TransientError` on timeout / refused / reset (a later try may work) and
     `PermanentError` when the peer does not speak TLS we can read or the name is unknown.
+    A revocation source that cannot be reached never raises: its verdict is "unknown".
     """
     ep = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
+    config = revocation if revocation is not None else RevocationConfig.from_settings()
     started = time.monotonic()
     deadline = started + timeout_s
-    note = ""
     try:
-        try:
-            ders, version, whole = _handshake(ep, deadline, tls12_only=True)
-        except (ssl.SSLError, ConnectionResetError):
-            # Likely a TLS 1.3-only server refusing a 1.2 hello (an alert, or just a
-            # hang-up): the chain is then encrypted, see the module docstring.
-            ders, version, whole = _handshake(ep, deadline, tls12_only=False)
-            note = "TLS 1.3 only: leaf seen, chain not observable with Python 3.11"
+        certs, version, staple = _handshake(ep, deadline, stapling=config.stapling)
     except TimeoutError:
         raise TransientError(
             f"{ep}: no TLS answer within {timeout_s:g} s (connect + handshake)"
@@ -191,25 +190,50 @@ def fetch_endpoint(
         if exc.errno == socket.EAI_AGAIN:  # the resolver itself is struggling: try again
             raise TransientError(f"{ep}: cannot resolve {ep.host!r} ({exc.strerror})") from None
         raise PermanentError(f"{ep}: cannot resolve {ep.host!r} ({exc.strerror})") from None
-    except ssl.SSLError as exc:
-        raise PermanentError(f"{ep}: TLS handshake failed ({exc.reason or exc})") from None
+    except UnicodeError:
+        raise PermanentError(f"{ep}: {ep.name!r} is not a host name that SNI can carry") from None
+    except SSL.SysCallError as exc:
+        # The peer hung up mid-handshake (errno) or the socket failed: worth another try.
+        raise TransientError(f"{ep}: connection failed during the TLS handshake ({exc})") from None
+    except SSL.Error as exc:
+        raise PermanentError(f"{ep}: TLS handshake failed ({_ssl_reason(exc)})") from None
     except OSError as exc:
         raise TransientError(
             f"{ep}: connection failed ({exc.strerror or type(exc).__name__})"
         ) from None
-    if not whole and not note:
-        note = "only the leaf could be read from the handshake"
-    certs = [x509.load_der_x509_certificate(d) for d in ders]
     infos = describe_bundle(certs, source=str(ep), kind="endpoint", now=now, hostname=ep.name)
+    # Every certificate gets a verdict, "off" included: the report says what was not asked.
+    verdicts = [
+        check_certificate(cert, certs, config, stapled=staple if i == 0 else None, now=now)
+        for i, cert in enumerate(certs)
+    ]
+    infos = [
+        info.model_copy(update={"revocation": v.status, "revocation_detail": v.detail})
+        for info, v in zip(infos, verdicts, strict=True)
+    ]
+    in_order = not any(p for p in chain_problems(certs))
     return SourceScan(
         source=str(ep),
         kind="endpoint",
         certificates=infos,
         tls_version=version,
-        chain_observed=whole,
-        note=note,
+        chain_observed=True,
+        chain_in_order=in_order,
+        chain_complete=chain_incomplete(certs) is None,
+        ocsp_stapled=staple is not None if config.stapling else None,
+        note="",
         elapsed_s=time.monotonic() - started,
     )
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    """OpenSSL's reason strings (`wrong version number`), not the whole error tuple."""
+    details = exc.args[0] if exc.args else None
+    if isinstance(details, list):
+        reasons = [str(d[2]) for d in details if isinstance(d, tuple) and len(d) == 3]
+        if reasons:
+            return "; ".join(reasons)
+    return str(exc) or type(exc).__name__
 
 
 class ProbeOutcome(BaseModel):
@@ -222,14 +246,18 @@ class ProbeOutcome(BaseModel):
 
 
 def probe_many(
-    endpoints: Sequence[str], timeout_s: float = 5.0, max_workers: int = 64
+    endpoints: Sequence[str],
+    timeout_s: float = 5.0,
+    max_workers: int = 64,
+    revocation: RevocationConfig | None = None,
 ) -> list[ProbeOutcome]:
     """Probe `endpoints` concurrently (threads: each probe mostly waits on the network),
     one attempt each; errors come back as outcomes so one endpoint never hides another."""
 
     def one(endpoint: str) -> ProbeOutcome:
         try:
-            return ProbeOutcome(endpoint=endpoint, scan=fetch_endpoint(endpoint, timeout_s))
+            scan = fetch_endpoint(endpoint, timeout_s, revocation=config)
+            return ProbeOutcome(endpoint=endpoint, scan=scan)
         except TransientError as exc:
             return ProbeOutcome(endpoint=endpoint, error=str(exc), transient=True)
         except PermanentError as exc:
@@ -237,6 +265,7 @@ def probe_many(
 
     if not endpoints:
         return []
+    config = revocation if revocation is not None else RevocationConfig.from_settings()
     with ThreadPoolExecutor(max_workers=min(max_workers, len(endpoints))) as pool:
         return list(pool.map(one, endpoints))
 

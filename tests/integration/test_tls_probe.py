@@ -34,7 +34,9 @@ def test_presented_chain_is_read_in_order(pki: CertFactory, tls_server: TlsServe
     (port,) = tls_server.serve(leaf.chain_pem(), leaf.key_pem)
     scan = fetch_endpoint(f"{HOST}@127.0.0.1:{port}", timeout_s=5)
     assert scan.chain_observed
-    assert scan.tls_version == "TLSv1.2"
+    assert scan.chain_in_order is True
+    assert scan.chain_complete is True
+    assert scan.tls_version == "TLSv1.3"  # pyOpenSSL: no version cap any more
     assert [c.serial for c in scan.certificates] == [
         _serial(leaf),
         _serial(pki.intermediate),
@@ -128,9 +130,27 @@ def test_bad_chain_order_is_reported(pki: CertFactory, tls_server: TlsServer) ->
         "CN=Runbooks Test Root",
         "CN=Runbooks Test Intermediate",
     ]
+    assert scan.chain_in_order is False
+    assert scan.chain_complete is True  # every issuer is there, just misplaced
     finding = evaluate(scan.certificates[0], TH)
     assert finding.severity is Severity.HIGH
     assert "chain out of order" in finding.reasons[0]
+
+
+def test_a_chain_missing_its_intermediate_is_incomplete(
+    pki: CertFactory, tls_server: TlsServer
+) -> None:
+    leaf = pki.leaf(days_left=60)
+    (port,) = tls_server.serve(leaf.chain_pem(order=[0]), leaf.key_pem)
+    scan = fetch_endpoint(f"{HOST}@127.0.0.1:{port}")
+    assert [c.serial for c in scan.certificates] == [_serial(leaf)]
+    assert scan.chain_in_order is True
+    assert scan.chain_complete is False
+    finding = evaluate(scan.certificates[0], TH)
+    assert finding.severity is Severity.HIGH
+    assert finding.reasons == [
+        "chain incomplete: the issuer of #0 (CN=Runbooks Test Intermediate) was not presented"
+    ]
 
 
 def test_expired_intermediate_is_caught(pki: CertFactory, tls_server: TlsServer) -> None:
@@ -153,17 +173,36 @@ def test_expired_intermediate_is_caught(pki: CertFactory, tls_server: TlsServer)
     assert severities == [Severity.OK, Severity.CRITICAL]
 
 
-def test_tls13_only_server_reports_the_leaf_and_says_so(
-    pki: CertFactory, tls_server: TlsServer
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_full_chain_whatever_the_tls_version(
+    pki: CertFactory, tls_server: TlsServer, version: str
 ) -> None:
     leaf = pki.leaf(days_left=3)
-    (port,) = tls_server.serve(leaf.chain_pem(), leaf.key_pem, tls13_only=True)
+    (port,) = tls_server.serve(
+        leaf.chain_pem(),
+        leaf.key_pem,
+        tls13_only=version == "TLSv1.3",
+        tls12_only=version == "TLSv1.2",
+    )
+    scan = fetch_endpoint(f"{HOST}@127.0.0.1:{port}")
+    assert scan.tls_version == version
+    assert scan.chain_observed
+    assert scan.note == ""
+    assert [c.serial for c in scan.certificates] == [_serial(leaf), _serial(pki.intermediate)]
+    assert scan.chain_in_order is True
+    assert scan.chain_complete is True
+    assert evaluate(scan.certificates[0], TH).severity is Severity.HIGH  # 3 days left
+
+
+def test_tls13_out_of_order_chain_is_reported(pki: CertFactory, tls_server: TlsServer) -> None:
+    # Under TLS 1.3 the Certificate message is encrypted: the old record parser saw nothing.
+    leaf = pki.leaf(days_left=60)
+    (port,) = tls_server.serve(leaf.chain_pem(order=[0, 2, 1]), leaf.key_pem, tls13_only=True)
     scan = fetch_endpoint(f"{HOST}@127.0.0.1:{port}")
     assert scan.tls_version == "TLSv1.3"
-    assert not scan.chain_observed
-    assert "chain not observable" in scan.note
-    assert [c.serial for c in scan.certificates] == [_serial(leaf)]
-    assert evaluate(scan.certificates[0], TH).severity is Severity.HIGH
+    assert len(scan.certificates) == 3
+    assert scan.chain_in_order is False
+    assert "chain out of order" in evaluate(scan.certificates[0], TH).reasons[0]
 
 
 def test_deaf_port_times_out_as_transient(deaf_port: int) -> None:
@@ -202,6 +241,11 @@ def plain_http_port() -> Iterator[int]:
     stop.set()
     t.join(2)
     srv.close()
+
+
+def test_a_name_sni_cannot_carry_is_a_clear_permanent_error(closed_port: int) -> None:
+    with pytest.raises(PermanentError, match="not a host name that SNI can carry"):
+        fetch_endpoint(f"{'x' * 64}.example@127.0.0.1:{closed_port}", timeout_s=2)
 
 
 def test_a_port_not_speaking_tls_is_a_clear_permanent_error(plain_http_port: int) -> None:

@@ -15,6 +15,8 @@ from tasks.tls import (
     NewPair,
     Severity,
     Thresholds,
+    certificate_matches,
+    chain_incomplete,
     chain_problems,
     crossed_threshold,
     describe_bundle,
@@ -26,7 +28,6 @@ from tasks.tls import (
     severity_for_days,
     validate_replacement,
 )
-from tasks.tls.probe import _certificate_message
 from tests.fixtures.tls import HOST, CertFactory, Issued, make_cert
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
@@ -284,33 +285,41 @@ def test_expand_cert_paths_dedups_symlinks_and_keeps_missing(tmp_path) -> None:
     assert [p.name for p in got] == ["a.pem", "b.crt", "gone.pem"]
 
 
-# ------------------------------------------------------------ TLS record parsing
+# ------------------------------------------- names on real certificates, chain completeness
 
 
-def _record(content_type: int, body: bytes) -> bytes:
-    return bytes([content_type, 3, 3]) + len(body).to_bytes(2, "big") + body
+@pytest.mark.parametrize(
+    ("hosts", "name", "ok"),
+    [
+        (("*.akig.example",), "api.akig.example", True),
+        (("*.akig.example",), "a.b.akig.example", False),
+        (("*.akig.example",), "akig.example", False),
+        ((HOST,), f"{HOST}.", True),
+        (("127.0.0.1",), "127.0.0.1", True),
+        (("::1",), "[::1]", True),
+        ((HOST,), "127.0.0.1", False),  # an IP needs an IP SAN
+        ((), HOST, False),  # no SANs at all: no CN fallback
+    ],
+)
+def test_certificate_names_by_service_identity(
+    pki: CertFactory, hosts: tuple[str, ...], name: str, ok: bool
+) -> None:
+    cert = pki.leaf(hosts=hosts, cn=HOST).cert
+    assert certificate_matches(cert, name) is ok
 
 
-def _handshake_msg(msg_type: int, body: bytes) -> bytes:
-    return bytes([msg_type]) + len(body).to_bytes(3, "big") + body
-
-
-def test_certificate_message_split_over_records_is_reassembled() -> None:
-    certs = [b"\x30" + bytes(range(200)), b"\x30" + b"\x01" * 5000]
-    listing = b"".join(len(c).to_bytes(3, "big") + c for c in certs)
-    message = _handshake_msg(2, b"hello") + _handshake_msg(
-        11, len(listing).to_bytes(3, "big") + listing
+def test_chain_completeness(pki: CertFactory) -> None:
+    leaf = pki.leaf()
+    assert chain_incomplete([leaf.cert, pki.intermediate.cert]) is None
+    assert chain_incomplete([leaf.cert, pki.root.cert, pki.intermediate.cert]) is None
+    assert chain_incomplete([pki.intermediate.cert]) is None  # a CA may end the chain
+    assert chain_incomplete([leaf.cert]) == (
+        0,
+        "chain incomplete: the issuer of #0 (CN=Runbooks Test Intermediate) was not presented",
     )
-    cut = 1000
-    wire = (
-        _record(22, message[:cut])
-        + _record(22, message[cut:])
-        + _record(20, b"\x01")
-        + _record(22, _handshake_msg(11, b"\x00\x00\x00"))  # encrypted in real life: ignored
-    )
-    assert _certificate_message(wire) == certs
-    assert _certificate_message(_record(22, _handshake_msg(2, b"hi"))) is None
-    assert _certificate_message(wire[:50]) is None  # truncated: nothing made up
+    assert chain_incomplete([leaf.cert, pki.root.cert]) is not None
+    selfie = make_cert(HOST, hosts=(HOST,))
+    assert chain_incomplete([selfie.cert]) is None
 
 
 # -------------------------------------------------------------------- replacement
