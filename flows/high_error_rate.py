@@ -597,7 +597,12 @@ def _redis_evidence(
     rows.append(
         CheckRow(
             item="Redis",
-            figure=f"memory {_pct(info.memory_ratio)} of maxmemory; hit rate "
+            figure=(
+                f"memory {info.memory_ratio:.1%} of maxmemory"
+                if info.memory_ratio is not None
+                else f"memory {info.used_memory_human or info.used_memory} (no maxmemory)"
+            )
+            + "; hit rate "
             f"{_pct(rate if rate is not None else info.hit_rate)}; evicted {info.evicted_keys}",
             verdict="PROBLEM" if problems else "ok",
             detail="; ".join(problems) or f"policy {info.maxmemory_policy}",
