@@ -249,3 +249,39 @@ def test_database_restart_waits_for_approval_even_with_auto_approve(
     assert sts.metadata.generation == sts_generation
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "carol" in md and "database-restart" in md
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "v3 rolled out"])
+def test_rollback_after_approval_goes_only_to_the_approved_revision(
+    platform: Callable[..., Platform], meanwhile: str
+) -> None:
+    p = platform()
+    with p.sandbox.background_traffic(("/api/products",)):
+        wait_ratio(p.scraped, lambda v: v < 0.01, "v1 traffic scraped")
+        p.roll_out_v2()
+        wait_ratio(p.scraped, lambda v: v > 0.1, "v2's 5xx in Prometheus")
+        params = HighErrorRateParams(dry_run=False, verify_window="10s", verify_timeout_s=120)
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(high_error_rate, params)
+            run_id = wait_for_paused_run(RUNBOOK)
+            # Nothing changes while the run waits for a human.
+            assert p.image() == f"{IMAGE}:v2"
+            if meanwhile != "nothing":
+                # A fix rolled out by someone else while the approval was pending: the
+                # "previous revision" is now v2, which nobody approved rolling back to.
+                set_image(p.apps, p.namespace, DEPLOYMENT, f"{IMAGE}:v3", change_cause="v3")
+                wait_until(lambda: revision_of(p.apps, p.namespace, DEPLOYMENT) == 3, what="v3")
+            resume_flow_run(run_id, run_input={"approved": True, "approver": "dave"})
+            out = fut.result(timeout=240)
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "Re-measured after approval" in md and "dave" in md
+    (approved,) = [a for a in out.plan if a.kind == "rollback"]
+    assert approved.rollback is not None and approved.rollback.to_revision == 1
+    if meanwhile == "nothing":
+        assert out.action == "acted"
+        assert p.image() == f"{IMAGE}:v1"
+        assert out.verify is not None and out.verify.recovered
+    else:
+        assert out.action == "skipped" and out.actions == []
+        assert p.image() == f"{IMAGE}:v3"
+        assert revision_of(p.apps, p.namespace, DEPLOYMENT) == 3
