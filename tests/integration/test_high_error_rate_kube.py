@@ -285,3 +285,39 @@ def test_rollback_after_approval_goes_only_to_the_approved_revision(
         assert out.action == "skipped" and out.actions == []
         assert p.image() == f"{IMAGE}:v3"
         assert revision_of(p.apps, p.namespace, DEPLOYMENT) == 3
+
+
+def test_its_service_account_is_enough(
+    platform: Callable[..., Platform],
+    kube_cluster: KubeCluster,
+    kube_namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The catalog runs it as `incident-runbooks`: with that Role alone (deployments/k8s, as
+    shipped) every check answers and the rollback, its wait and the verify go through."""
+    from tests.integration.test_kubernetes_rbac import Cluster
+
+    p = platform()
+    core: Any = k8s.CoreV1Api(kube_cluster.api())
+    ingress = f"ingress-{kube_namespace}"
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=ingress)))
+    try:
+        rbac = Cluster(kube_cluster, kube_namespace, ingress)
+        sa = rbac.token_settings("incident-runbooks")
+        monkeypatch.setenv("RUNBOOKS_K8S_KUBECONFIG", str(sa.kubeconfig))
+        with p.sandbox.background_traffic(("/api/products",)):
+            wait_ratio(p.scraped, lambda v: v < 0.01, "v1 traffic scraped")
+            p.roll_out_v2()
+            wait_ratio(p.scraped, lambda v: v > 0.1, "v2's 5xx in Prometheus")
+            out = high_error_rate(
+                HighErrorRateParams(
+                    dry_run=False, auto_approve=True, verify_window="10s", verify_timeout_s=120
+                )
+            )
+    finally:
+        core.delete_namespace(ingress)
+    for prefix in ("backend logs", "pods", "rollout history"):
+        assert row(out, prefix).verdict != "unavailable", row(out, prefix)
+    assert held(out) == {"D"} and out.action == "acted"
+    assert out.verify is not None and out.verify.recovered
+    assert p.image() == f"{IMAGE}:v1"
