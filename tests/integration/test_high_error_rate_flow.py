@@ -236,3 +236,12 @@ def test_verify_failure_fails_the_run_and_says_escalate(
     assert "not asked" in md  # auto_approve: no pause for a cache clear
     assert "cache-clear" in md and "Failed" in md
     assert len(cache_keys(env)) < filled / 10
+
+
+def test_cache_that_always_misses_is_scenario_c(env: ScrapedSandbox, traffic: None) -> None:
+    env.sandbox.faults(cache_miss=True)
+    out = high_error_rate(HighErrorRateParams(redis_window_s=3))
+    assert "C" in held(out), out.checks
+    (c,) = [s for s in out.scenarios if s.scenario == "C"]
+    assert any(e.startswith("hit rate 0.0%") for e in c.evidence), c.evidence
+    assert out.action == "planned"

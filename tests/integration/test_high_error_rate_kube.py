@@ -321,3 +321,27 @@ def test_its_service_account_is_enough(
     assert held(out) == {"D"} and out.action == "acted"
     assert out.verify is not None and out.verify.recovered
     assert p.image() == f"{IMAGE}:v1"
+
+
+def test_poisoned_cache_is_scenario_c_and_its_clear_ends_the_errors(
+    platform: Callable[..., Platform],
+) -> None:
+    p = platform()
+    with p.sandbox.background_traffic(("/api/products", "/api/users/3")):
+        wait_ratio(p.scraped, lambda v: v < 0.01, "healthy traffic scraped")
+        p.sandbox.admin("POST", "/admin/cache-poison", params={"users": 20})
+        wait_ratio(p.scraped, lambda v: v > 0.5, "5xx from the poisoned entries")
+        out = high_error_rate(
+            HighErrorRateParams(
+                dry_run=False, auto_approve=True, verify_window="10s", verify_timeout_s=120
+            )
+        )
+    # Only the logs say it: Redis itself is healthy, the reads are hits that fail to decode.
+    assert held(out) == {"C"}, out.scenarios
+    (c,) = out.scenarios
+    assert len(c.evidence) == 1 and "error line(s) in the logs name the cache" in c.evidence[0]
+    assert "JSONDecodeError" in row(out, "backend logs").detail
+    (done,) = out.actions
+    assert done.kind == "cache-clear"
+    assert out.verify is not None and out.verify.recovered
+    assert p.sandbox.traffic(5, "/api/users/3") == [200] * 5
