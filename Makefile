@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps kube lint test test-fast run bench clean prefect-yaml screenshots
+.PHONY: setup system-deps kube lint test test-fast run bench demo clean prefect-yaml screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +51,11 @@ screenshots: setup system-deps
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# The sandbox platform (PostgreSQL, Kubernetes API, backend, Prometheus), a bad :v2 rollout,
+# high-error-rate acting on it unattended (dry_run off, auto_approve), its artifact; cleaned up.
+demo: setup system-deps kube
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf $(VENV) .prefect .mypy_cache .ruff_cache .pytest_cache

@@ -136,6 +136,15 @@ RUNBOOKS: tuple[Runbook, ...] = (
         dry_run_field="dry_run",
         service_account="incident-runbooks",
     ),
+    Runbook(
+        name="high-error-rate",
+        entrypoint="flows.high_error_rate:high_error_rate",
+        description="High 5xx rate: evidence in parallel, scenario A-D with figures; rollout"
+        " undo, restart or cache clear after approval, then verified by Prometheus.",
+        tags=("errors", "kubernetes", "redis", "postgres", "prometheus", "destructive"),
+        dry_run_field="dry_run",
+        service_account="incident-runbooks",
+    ),
 )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -14,6 +15,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
+from prefect.futures import PrefectFuture
 from prefect.input import RunInput
 from prefect.states import Running
 from pydantic import Field
@@ -196,3 +198,28 @@ def publish_on_exit(report: Report, summary: Callable[[], str]) -> Iterator[Repo
             report.publish(description)
         except Exception:  # noqa: BLE001 - the report must never hide the run's own outcome
             get_run_logger().exception("could not publish the %s report", report.runbook)
+
+
+_T = TypeVar("_T")
+
+
+class Unavailable:
+    """A check whose source failed: the reason, safe for the report."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Unavailable({self.reason!r})"
+
+
+def collect(fut: PrefectFuture[_T]) -> _T | Unavailable:
+    """The task's result, or why it failed (never raises: one source down is one row)."""
+    fut.wait()
+    state = fut.state
+    if state.is_completed():
+        return fut.result()
+    exc: Any = state.result(raise_on_failure=False)
+    if isinstance(exc, BaseException):
+        return Unavailable(failure_text(exc))
+    return Unavailable(f"{state.name}: no result")

@@ -14,7 +14,7 @@ crash of the run. The artifact holds the checklist, the quick wins and what was 
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger
@@ -23,6 +23,8 @@ from pydantic import BaseModel, Field
 
 from flows.common import (
     Report,
+    Unavailable,
+    collect,
     failure_text,
     md_escape,
     publish_on_exit,
@@ -53,8 +55,6 @@ from tasks.redis import CacheClearResult, RedisInfo, clear_cache, redis_info, re
 from tasks.settings import BackendSettings, PostgresSettings, PrometheusSettings, RedisSettings
 
 RUNBOOK = "high-latency"
-
-_T = TypeVar("_T")
 
 Verdict = Literal["pass", "FAIL", "not available", "unavailable"]
 
@@ -122,25 +122,6 @@ class HighLatencyOutcome(BaseModel):
     note: str
     cache_plan: CacheClearResult | None = None
     cache_result: CacheClearResult | None = None
-
-
-class Unavailable:
-    """A check whose source failed: the reason, safe for the report."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _collect(fut: PrefectFuture[_T]) -> _T | Unavailable:
-    """The task's result, or why it failed (never raises: one source down is one row)."""
-    fut.wait()
-    state = fut.state
-    if state.is_completed():
-        return fut.result()
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, BaseException):
-        return Unavailable(failure_text(exc))
-    return Unavailable(f"{state.name}: no result")
 
 
 def _targets() -> dict[str, tuple[str, int]]:
@@ -574,7 +555,7 @@ def _run(params: HighLatencyParams, report: Report) -> HighLatencyOutcome:
         ),
         "gzip": compression_check.submit(),
     }
-    got: dict[str, Any] = {name: _collect(fut) for name, fut in futures.items()}
+    got: dict[str, Any] = {name: collect(fut) for name, fut in futures.items()}
     checks = [
         _load_row(got["rate"]),
         _p95_row(got["p95"], params.p95_max_s),

@@ -1,0 +1,174 @@
+"""The high-error-rate runbook's pure logic: onset dating, log counts, classification, re-plan."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from flows.common import Unavailable
+from flows.high_error_rate import (
+    HighErrorRateParams,
+    PlannedAction,
+    classify,
+    count_log_errors,
+    error_onset,
+    still_valid,
+)
+from tasks.kubernetes import PodLogs, RevisionInfo, RollbackPlan, RolloutHistory, TailLogsResult
+from tasks.prometheus import RangeResult, RouteFigures, Series
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+T0 = NOW.timestamp()
+
+
+def history(*values: float | None, step: float = 5.0) -> RangeResult:
+    start = T0 - step * (len(values) - 1)
+    points = [(start + i * step, v) for i, v in enumerate(values)]
+    return RangeResult(query="q", series=[Series(points=points)], start=NOW, end=NOW)
+
+
+def test_onset_is_the_start_of_the_current_run_above_the_threshold() -> None:
+    onset = error_onset(history(0.0, 0.3, 0.0, 0.2, 0.3, 0.3), 0.05)
+    assert onset == datetime.fromtimestamp(T0 - 10, UTC)
+
+
+@pytest.mark.parametrize("values", [(0.3, 0.3, 0.01), (0.3, None), (), (0.05, 0.05)], ids=str)
+def test_no_onset_when_not_above_now(values: tuple[float | None, ...]) -> None:
+    assert error_onset(history(*values), 0.05) is None
+
+
+def test_a_gap_without_traffic_ends_the_run() -> None:
+    assert error_onset(history(0.3, None, 0.3), 0.05) == NOW
+
+
+def test_log_counts() -> None:
+    lines = [
+        "t level=info method=GET path=/api/x status=200 duration=1ms",
+        't level=error method=GET status=500 error="OperationalError: connection failed"',
+        't level=error method=GET status=500 error="JSONDecodeError: Expecting value"',
+        "t level=warn method=GET status=404",
+        't level=error method=GET status=503 error="PoolExhaustedError: database pool"',
+    ]
+    logs = TailLogsResult(
+        deployment="d",
+        namespace="n",
+        lines=10,
+        grep=None,
+        logs=[PodLogs(pod="p", container="app", lines=lines)],
+    )
+    n = count_log_errors(logs)
+    assert (n.lines, n.errors, n.database, n.cache) == (5, 3, 2, 1)
+    assert "PoolExhausted" in n.sample
+
+
+def revision(rev: int, image: str, current: bool, created: datetime) -> RevisionInfo:
+    return RevisionInfo(
+        revision=rev,
+        replica_set=f"rs-{rev}",
+        images=[image],
+        change_cause=None,
+        replicas=1 if current else 0,
+        ready_replicas=1 if current else 0,
+        created=created,
+        current=current,
+    )
+
+
+def gathered(
+    rolled: datetime, onset_s_ago: float | None, ratio: float, previous: bool = True
+) -> dict[str, Any]:
+    """Evidence where only Prometheus and the rollout history answered."""
+    steps = 60
+    values: list[float | None] = [0.0] * steps
+    if onset_s_ago is not None:
+        above = int(onset_s_ago // 5) + 1
+        values[-above:] = [ratio] * above
+    revisions = [revision(2, "img:v2", True, rolled)]
+    if previous:
+        revisions.insert(0, revision(1, "img:v1", False, rolled - timedelta(days=1)))
+    down = Unavailable("TransientError: down")
+    return {
+        "logs": down,
+        "health": down,
+        "pods": down,
+        "activity": down,
+        "pool": Unavailable("PermanentError: bad DSN"),
+        "redis": Unavailable("PermanentError: refused our credentials"),
+        "errors": RouteFigures(what="5xx ratio", window="1m", query="q", overall=ratio),
+        "history": history(*values),
+        "rollout": RolloutHistory(
+            deployment="akig-backend", namespace="n", current_revision=2, revisions=revisions
+        ),
+    }
+
+
+def scenarios(got: dict[str, Any], **params: Any) -> set[str]:
+    found = classify(HighErrorRateParams(**params), got, NOW)
+    return {s.scenario for s in found.scenarios}
+
+
+def test_code_when_errors_began_after_the_rollout() -> None:
+    got = gathered(rolled=NOW - timedelta(seconds=120), onset_s_ago=100, ratio=0.3)
+    found = classify(HighErrorRateParams(), got, NOW)
+    assert [s.scenario for s in found.scenarios] == ["D"]
+    (evidence,) = found.scenarios[0].evidence
+    assert "after revision 2 (img:v2)" in evidence and "previous revision 1 (img:v1)" in evidence
+
+
+def test_not_code_when_errors_began_before_the_rollout() -> None:
+    got = gathered(rolled=NOW - timedelta(seconds=60), onset_s_ago=200, ratio=0.3)
+    assert scenarios(got) == set()
+
+
+def test_not_code_when_the_rollout_is_older_than_the_window() -> None:
+    got = gathered(rolled=NOW - timedelta(minutes=40), onset_s_ago=100, ratio=0.3)
+    assert scenarios(got, rollout_window_minutes=30) == set()
+
+
+def test_not_code_without_a_previous_revision() -> None:
+    got = gathered(rolled=NOW - timedelta(seconds=120), onset_s_ago=100, ratio=0.3, previous=False)
+    assert scenarios(got) == set()
+
+
+def test_not_code_when_the_ratio_is_below_the_threshold() -> None:
+    got = gathered(rolled=NOW - timedelta(seconds=120), onset_s_ago=None, ratio=0.01)
+    assert scenarios(got) == set()
+
+
+def test_unreachable_sources_are_rows_and_only_transient_ones_are_evidence() -> None:
+    got = gathered(rolled=NOW - timedelta(seconds=120), onset_s_ago=None, ratio=0.0)
+    got["redis"] = Unavailable("TransientError: Redis 127.0.0.1:1/0 unavailable")
+    found = classify(HighErrorRateParams(), got, NOW)
+    assert {s.scenario for s in found.scenarios} == {"C"}
+    unavailable = {r.item for r in found.checks if r.verdict == "unavailable"}
+    assert {"backend logs (tail)", "backend health", "Redis", "PostgreSQL connections"} <= (
+        unavailable
+    )
+
+
+def plan(to_revision: int, image: str) -> PlannedAction:
+    rb = RollbackPlan(
+        deployment="akig-backend",
+        namespace="n",
+        requested_revision=0,
+        to_revision=to_revision,
+        from_revision=3,
+        generation=3,
+        already_current=False,
+        template=None,
+        patch=[],
+        images_before=["img:v3"],
+        images_after=[image],
+    )
+    return PlannedAction(scenario="D", kind="rollback", target="t", summary="s", rollback=rb)
+
+
+def test_a_rollback_acts_only_on_the_approved_revision() -> None:
+    approved = [plan(1, "img:v1")]
+    assert still_valid(approved, [plan(1, "img:v1")]) == [plan(1, "img:v1")]
+    # Someone rolled out meanwhile: "previous" now means another revision. Not approved.
+    assert still_valid(approved, [plan(2, "img:v2")]) == []
+    # A scenario that no longer holds is not in the fresh plan: nothing to act on.
+    assert still_valid(approved, []) == []
