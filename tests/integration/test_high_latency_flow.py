@@ -4,11 +4,16 @@ admin endpoint; nothing is mocked."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -18,11 +23,14 @@ from sandbox.db import create_database, drop_database
 from sandbox.server import free_port
 from tasks.postgres import read_seq_scan_tables
 from tasks.settings import PostgresSettings
+from tests.fixtures.cadvisor import ProcessCadvisor, resident_bytes
 from tests.fixtures.pg_private import PrivateCluster
 from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
 from tests.fixtures.prometheus import ScrapedSandbox
 
 DB = "akig_latency"
+# Flow runs need an API: the shared session server, not an ephemeral one per process.
+pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +216,72 @@ def test_down_redis_is_a_row_and_its_password_stays_out(
     assert "cache: not judged" in md
     assert secret not in md
     assert secret not in out.model_dump_json()
+
+
+@pytest.fixture
+def backend_process(env: ScrapedSandbox) -> Iterator[tuple[int, str]]:
+    """The sandbox backend as a process of its own (a pod's container): its pid and URL."""
+    port = free_port()
+    s = env.sandbox.settings
+    proc_env = {
+        **os.environ,
+        "SANDBOX_DATABASE_DSN": s.database_dsn,
+        "SANDBOX_REDIS_URL": s.redis_url,
+        "SANDBOX_KEY_PREFIX": s.key_prefix,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox.backend", "--port", str(port)],
+        env=proc_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        up = _wait(lambda: _status(f"{url}/api/health"), lambda code: code == 200)
+        assert up == 200, "the backend process did not come up"
+        yield proc.pid, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def test_pod_cpu_and_memory_row_from_real_container_metrics(
+    env: ScrapedSandbox, backend_process: tuple[int, str]
+) -> None:
+    """No metrics.k8s.io here: the row falls back to Prometheus' cAdvisor series of a real
+    process, so its figures are that process's measured CPU and memory."""
+    pid, url = backend_process
+    pod = f"akig-backend-{uuid.uuid4().hex[:6]}"
+    job = f"cadvisor-{pod}"
+    with ProcessCadvisor("default", {pod: pid}) as cadvisor:
+        env.prometheus.scrape(cadvisor.url, job)
+        try:
+            env.prometheus.wait_up(job)
+            with httpx.Client(base_url=url, timeout=10) as c:  # load: CPU the row must see
+                for i in range(300):
+                    assert c.get("/api/products", params={"page": i % 5}).status_code == 200
+            cpu_expr = f'rate(container_cpu_usage_seconds_total{{pod="{pod}"}}[5m])'
+            env.prometheus.wait_for(
+                lambda: (env.prometheus.value(cpu_expr) or 0) > 0, what="a CPU rate above 0"
+            )
+            out = high_latency(HighLatencyParams())
+            row = _row(out, "pod CPU/memory")
+            assert row.verdict == "pass", row
+            assert "Prometheus container metrics" in row.detail
+            assert "metrics.k8s.io" in row.detail  # why the first source was not used
+            assert f"({pod})" in row.figure
+            mib = float(row.figure.split("max memory ")[1].split(" MiB")[0])
+            rss_mib = resident_bytes(pid) / 2**20
+            assert abs(mib - rss_mib) <= max(5.0, 0.2 * rss_mib), (row.figure, rss_mib)
+            # The same measured CPU against a threshold it exceeds: the row fails.
+            strict = high_latency(HighLatencyParams(pod_cpu_max_cores=1e-6))
+            assert _row(strict, "pod CPU/memory").verdict == "FAIL"
+        finally:
+            env.prometheus.forget(job)
