@@ -6,11 +6,9 @@ import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
@@ -24,66 +22,9 @@ from tests.fixtures.prefect_runs import (
     task_runs,
     wait_for_paused_run,
 )
-from tests.fixtures.sinks import Sink, Sinks
+from tests.fixtures.sinks import CONTACTS
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-CONTACTS = (
-    "on-call",
-    "on-call-slack",
-    "on-call-secondary",
-    "team-lead",
-    "incidents",
-    "db-team",
-    "security-team",
-    "payments-team",
-    "leadership",
-    "tickets",
-    "backlog",
-)
-
-
-class World:
-    """One sink per channel, their blocks saved in Prefect, and a config file naming them."""
-
-    def __init__(self, sinks: Sinks, path: Path, **sink_options: dict[str, Any]) -> None:
-        self.sink: dict[str, Sink] = {}
-        refs: dict[str, str] = {}
-        for name in CONTACTS:
-            pd = name in {"on-call", "on-call-secondary"}
-            opts = sink_options.get(name.replace("-", "_"), {})
-            sink = sinks.pagerduty(**opts) if pd else sinks.slack(**opts)
-            self.sink[name] = sink
-            refs[name] = sink.save_block(f"test-{name}")
-        contacts = {
-            name: {"channels": [refs[name]]}
-            for name in CONTACTS
-            if name not in {"on-call", "on-call-slack"}
-        }
-        contacts["on-call"] = {"channels": [refs["on-call"], refs["on-call-slack"]]}
-        config = {
-            "contacts": contacts,
-            "topics": {"database": "db-team", "security": "security-team"},
-            "default_topic_contact": "incidents",
-        }
-        self.file = path / "escalation.yaml"
-        self.file.write_text(yaml.safe_dump(config))
-        self.secrets = sinks.secrets
-
-    def counts(self) -> dict[str, int]:
-        """Payloads each contact's sink accepted (only the non-zero ones)."""
-        return {name: len(s.delivered) for name, s in self.sink.items() if s.delivered}
-
-
-@pytest.fixture
-def world_env(sinks: Sinks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    def make(**sink_options: dict[str, Any]) -> World:
-        world = World(sinks, tmp_path, **sink_options)
-        monkeypatch.setenv("RUNBOOKS_ESCALATION_CONFIG_FILE", str(world.file))
-        monkeypatch.setenv("RUNBOOKS_ESCALATION_POLL_INTERVAL_S", "1")
-        return world
-
-    return make
 
 
 def key() -> str:
