@@ -192,8 +192,26 @@ def declared(
     return out
 
 
-async def aapply(automations: list[Automation]) -> list[Automation]:
-    """Create each automation, or update the one of the same name (idempotent)."""
+async def aprune(keep: list[Automation], prefixes: tuple[str, ...]) -> list[str]:
+    """Delete automations named with one of `prefixes` that `keep` no longer declares."""
+    from prefect.client.orchestration import get_client
+
+    wanted = {a.name for a in keep}
+    deleted = []
+    async with get_client() as client:
+        for found in await client.read_automations():
+            if found.name.startswith(prefixes) and found.name not in wanted:
+                await client.delete_automation(found.id)
+                log.info("automation %r deleted (its runbook lost its severity)", found.name)
+                deleted.append(found.name)
+    return deleted
+
+
+async def aapply(
+    automations: list[Automation], prune_prefixes: tuple[str, ...] = ()
+) -> list[Automation]:
+    """Create each automation, or update the one of the same name (idempotent); then
+    delete those named with `prune_prefixes` that are no longer declared."""
     applied = []
     for wanted in automations:
         try:
@@ -207,12 +225,19 @@ async def aapply(automations: list[Automation]) -> list[Automation]:
         await wanted.aupdate()
         log.info("automation %r updated (%s)", wanted.name, wanted.id)
         applied.append(wanted)
+    if prune_prefixes:
+        await aprune(automations, prune_prefixes)
     return applied
 
 
-def apply(automations: list[Automation]) -> list[Automation]:
+def apply(automations: list[Automation], prune_prefixes: tuple[str, ...] = ()) -> list[Automation]:
     """`aapply` from synchronous code (no event loop running)."""
-    return asyncio.run(aapply(automations))
+    return asyncio.run(aapply(automations, prune_prefixes))
+
+
+#: What `make run` prunes once escalate is deployed: a runbook that lost its severity (or
+#: left the catalog) stops escalating.
+ESCALATION_PREFIXES = (ESCALATE_FAILED, ESCALATE_PAUSED)
 
 
 async def _escalate_deployment_id() -> UUID | None:
@@ -234,7 +259,8 @@ def main() -> None:
     escalate_id = asyncio.run(_escalate_deployment_id())
     if escalate_id is None:
         log.warning("deployment escalate/escalate not found: escalation automations skipped")
-    apply(declared(StackSettings().zombie_after_s, escalate_id, RUNBOOKS))
+    prune = ESCALATION_PREFIXES if escalate_id is not None else ()
+    apply(declared(StackSettings().zombie_after_s, escalate_id, RUNBOOKS), prune)
 
 
 if __name__ == "__main__":

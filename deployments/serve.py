@@ -49,7 +49,7 @@ def apply_automations(
     runbooks: tuple[Runbook, ...] = (), deployments: list[RunnerDeployment] | None = None
 ) -> None:
     """Create or update the project's automations; a failure is logged, never fatal."""
-    from deployments.automations import apply, declared
+    from deployments.automations import ESCALATION_PREFIXES, apply, declared
     from deployments.settings import StackSettings
 
     escalate_id: UUID | None = None
@@ -63,7 +63,8 @@ def apply_automations(
     except Exception:
         log.exception("could not register escalate: failed runs are not escalated")
     try:
-        apply(declared(StackSettings().zombie_after_s, escalate_id, runbooks))
+        prune = ESCALATION_PREFIXES if escalate_id is not None else ()
+        apply(declared(StackSettings().zombie_after_s, escalate_id, runbooks), prune)
     except Exception:
         # Serving the runbooks matters more than crash detection: run without it, loudly.
         log.exception("could not apply the automations: runs of dead processes stay Running")

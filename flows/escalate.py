@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -167,6 +168,16 @@ def _wait_for_ack(summary: str, timeout_s: int, poll_s: int) -> Acknowledgement 
         return None
 
 
+def _tag_incident(incident_key: str) -> None:
+    """Tag the run `incident:<key>`, so an incident's notifications are found by tag."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(ctx.flow_run.id).tags or []
+        client.update_flow_run(ctx.flow_run.id, tags=sorted({*current, f"incident:{incident_key}"}))
+
+
 def _deliveries_md(rows: list[Delivery]) -> str:
     return table(
         ["contact", "block", "status", "answer", "when (UTC)", "note"],
@@ -189,6 +200,7 @@ def escalate(params: EscalateParams) -> EscalationOutcome:
     """Notify the contacts of a severity and topic once per incident; re-page without an ack."""
     logger = get_run_logger()
     tag_run(RUNBOOK)
+    _tag_incident(params.incident_key)
     settings = EscalationSettings()
     config = load_config(settings)
     policy = config.severities[params.severity]

@@ -9,6 +9,7 @@ answered in time.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from prefect.states import Completed, Failed, Paused, Running, Scheduled
 from deployments.automations import (
     ESCALATE_FAILED,
     ESCALATE_PAUSED,
+    ESCALATION_PREFIXES,
     ZOMBIE_AUTOMATION,
     apply,
     declared,
@@ -119,6 +121,12 @@ def test_applying_twice_keeps_one_of_each(escalate_id: UUID) -> None:
         for name in names:
             assert len(client.read_automations_by_name(name)) == 1
     assert declared(60, None, runbooks) == declared(60)  # escalate not deployed: zombie only
+
+    # The runbook loses its severity: `make run` prunes its escalations, keeps the rest.
+    quiet = dataclasses.replace(CRITICAL_STUB, severity=None)
+    apply(declared(60, escalate_id, (quiet,)), ESCALATION_PREFIXES)
+    with get_client(sync_client=True) as client:
+        assert [len(client.read_automations_by_name(n)) for n in names] == [1, 0, 0]
 
 
 def test_a_failed_runbook_run_starts_escalate_with_its_severity(applied: UUID) -> None:

@@ -60,6 +60,9 @@ def test_critical_database_pages_on_call_executives_and_the_db_team_once(world_e
     assert incident in page["payload"]["summary"]
     assert "pool still exhausted" in page["payload"]["custom_details"]["details"]
     assert incident in world.sink["db-team"].delivered[0]["text"]
+    with get_client(sync_client=True) as client:
+        tags = client.read_flow_run(state.state_details.flow_run_id).tags
+    assert {f"incident:{incident}", "runbook:escalate"} <= set(tags)
     text = report_of(state)
     for expected in ("test-on-call", "test-leadership", "test-db-team", "accepted: HTTP 2xx"):
         assert expected in text
