@@ -19,6 +19,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun, State
+from prefect.events.actions import RunDeployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Failed, Paused, Running, Scheduled
 
@@ -159,3 +160,34 @@ def test_a_run_paused_past_its_deadline_re_pages(applied: UUID) -> None:
     assert (found.severity, found.topic) == (Severity.CRITICAL, "database")
     assert f"longer than {WITHIN_S} s" in found.summary
     assert f"approval-wait:{answered}" not in escalations(applied)
+
+
+def test_make_run_registers_escalate_and_one_pair_per_runbook_with_a_severity(
+    server: str,
+) -> None:
+    from deployments.serve import apply_automations
+
+    apply_automations(RUNBOOKS, to_deployments(RUNBOOKS))
+    apply_automations(RUNBOOKS, to_deployments(RUNBOOKS))  # a restart: same automations
+    with get_client(sync_client=True) as client:
+        names = sorted(a.name for a in client.read_automations())
+        deployment = client.read_deployment_by_name("escalate/escalate")
+    paged = sorted(rb.name for rb in RUNBOOKS if rb.severity)
+    assert paged == [
+        "cert-expiry",
+        "cert-replace",
+        "db-pool-exhausted",
+        "high-latency",
+        "pool-threshold",
+    ]
+    assert names == sorted(
+        [ZOMBIE_AUTOMATION]
+        + [ESCALATE_FAILED + n for n in paged]
+        + [ESCALATE_PAUSED + n for n in paged]
+    )
+    with get_client(sync_client=True) as client:
+        (failed,) = client.read_automations_by_name(ESCALATE_FAILED + "db-pool-exhausted")
+    (action,) = failed.actions
+    assert isinstance(action, RunDeployment) and action.parameters is not None
+    assert action.deployment_id == deployment.id
+    assert action.parameters["params"]["severity"] == "critical"
