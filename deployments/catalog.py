@@ -60,6 +60,11 @@ class Runbook:
     dry_run_field: str | None = "dry_run"
     #: Kubernetes ServiceAccount of its runs under a Kubernetes work pool (prefect.yaml).
     service_account: str = DEFAULT_SERVICE_ACCOUNT
+    #: A run that ends Failed or Crashed, or waits for approval longer than this severity's
+    #: deadline, starts `escalate` with it and `topic` (deployments/automations.py); `None` =
+    #: never (the escalate flow itself).
+    severity: str | None = None
+    topic: str = "platform"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,6 +105,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         description="PostgreSQL connection pool exhausted: find and (guarded) end idle sessions.",
         tags=("postgres", "destructive"),
         service_account=NO_KUBE_SERVICE_ACCOUNT,
+        severity="critical",
+        topic="database",
     ),
     Runbook(
         name="pool-threshold",
@@ -110,6 +117,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         # It only starts db-pool-exhausted; that run's own dry_run is what plans.
         dry_run_field="remediation.dry_run",
         service_account=NO_KUBE_SERVICE_ACCOUNT,
+        severity="high",
+        topic="database",
     ),
     Runbook(
         name="cert-expiry",
@@ -119,6 +128,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         cron=CERT_EXPIRY_CRON,
         dry_run_field=None,
         service_account="cert-expiry",
+        severity="high",
+        topic="security",
     ),
     Runbook(
         name="cert-replace",
@@ -126,6 +137,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         description="Replace a TLS Secret and restart the ingress (approval; dry run default).",
         tags=("tls", "destructive"),
         service_account="cert-replace",
+        severity="critical",
+        topic="security",
     ),
     Runbook(
         name="high-latency",
@@ -135,6 +148,19 @@ RUNBOOKS: tuple[Runbook, ...] = (
         tags=("latency", "redis", "postgres", "prometheus"),
         dry_run_field="dry_run",
         service_account="incident-runbooks",
+        severity="high",
+        topic="platform",
+    ),
+    Runbook(
+        name="escalate",
+        entrypoint="flows.escalate:escalate",
+        description="Notify the contacts of a severity and topic once per incident;"
+        " re-page the next level without an acknowledgement.",
+        tags=("escalation",),
+        # Many incidents at once: no limit. It changes no system, so no dry run.
+        concurrency_limit=None,
+        dry_run_field=None,
+        service_account=NO_KUBE_SERVICE_ACCOUNT,
     ),
     Runbook(
         name="high-error-rate",
@@ -144,6 +170,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         tags=("errors", "kubernetes", "redis", "postgres", "prometheus", "destructive"),
         dry_run_field="dry_run",
         service_account="incident-runbooks",
+        severity="critical",
+        topic="platform",
     ),
 )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 from typing import Any
+from uuid import UUID
 
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
@@ -44,13 +45,26 @@ def to_deployments(runbooks: tuple[Runbook, ...]) -> list[RunnerDeployment]:
     return deployments
 
 
-def apply_automations() -> None:
+def apply_automations(
+    runbooks: tuple[Runbook, ...] = (), deployments: list[RunnerDeployment] | None = None
+) -> None:
     """Create or update the project's automations; a failure is logged, never fatal."""
-    from deployments.automations import apply, declared
+    from deployments.automations import ESCALATION_PREFIXES, apply, declared
     from deployments.settings import StackSettings
 
+    escalate_id: UUID | None = None
+    escalate = next((d for d in deployments or [] if d.name == "escalate"), None)
     try:
-        apply(declared(StackSettings().zombie_after_s))
+        # The escalation automations name the escalate deployment by id: register it first
+        # (serve() registers it again, by name: the same deployment).
+        applied = escalate.apply() if escalate is not None else None
+        assert applied is None or isinstance(applied, UUID)  # sync call: never a coroutine
+        escalate_id = applied
+    except Exception:
+        log.exception("could not register escalate: failed runs are not escalated")
+    try:
+        prune = ESCALATION_PREFIXES if escalate_id is not None else ()
+        apply(declared(StackSettings().zombie_after_s, escalate_id, runbooks), prune)
     except Exception:
         # Serving the runbooks matters more than crash detection: run without it, loudly.
         log.exception("could not apply the automations: runs of dead processes stay Running")
@@ -69,12 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Prefect's logging config owns the root logger (WARNING): let our INFO lines through.
     logging.getLogger("runbooks").setLevel(logging.INFO)
-    apply_automations()
+    runbooks = load_catalog(args.catalog)
+    deployments = to_deployments(runbooks)
+    apply_automations(runbooks, deployments)
     runner_kwargs: dict[str, Any] = {}
     if args.prefetch_s is not None:
         runner_kwargs["prefetch_seconds"] = args.prefetch_s
     serve(
-        *to_deployments(load_catalog(args.catalog)),
+        *deployments,
         pause_on_shutdown=False,
         limit=args.limit,
         **runner_kwargs,

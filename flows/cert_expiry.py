@@ -31,6 +31,7 @@ from prefect.utilities.annotations import unmapped
 from pydantic import BaseModel, Field
 
 from flows.common import Report, md_code, md_escape, publish_on_exit, table, tag_run
+from flows.escalate import escalate_incident
 from tasks.errors import RunbookError, TransientError
 from tasks.settings import TlsSettings
 from tasks.tls import (
@@ -249,6 +250,9 @@ def cert_expiry(params: CertExpiryParams = CertExpiryParams()) -> CertExpiryResu
     with publish_on_exit(report, lambda: summary):
         scans, errors, sources = _scan(params)
         result, summary = _report(params, scans, errors, sources, report)
+    # < 1 day (or expired, wrong host) is critical, <= 7 days high: one page, the worst level.
+    if result.worst in (Severity.CRITICAL, Severity.HIGH):
+        escalate_incident(result.worst.value, "security", summary)
     _verdict(result, summary)
     return result
 

@@ -37,6 +37,7 @@ from prefect.variables import Variable
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.common import Report, md_escape, publish_on_exit, request_approval, table, tag_run
+from flows.escalate import escalate_incident
 from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
 from tasks.postgres import (
@@ -290,10 +291,12 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
         outcome.append(result)
         if result.healthy is False:
             assert result.after is not None and result.result is not None
-            raise PoolStillExhausted(
+            message = (
                 f"{target}: usage still {result.after.percent_used:.1f}% after terminating "
-                f"{len(result.result.terminated)} session(s); escalate (see the run's artifact)"
+                f"{len(result.result.terminated)} session(s); escalated (see the run's artifact)"
             )
+            escalate_incident("critical", "database", message)
+            raise PoolStillExhausted(message)
         return result
 
 

@@ -61,6 +61,7 @@ from flows.common import (
     table,
     tag_run,
 )
+from flows.escalate import escalate_incident
 from tasks.backend import HealthResult, backend_health
 from tasks.errors import RunbookError, TransientError
 from tasks.kubernetes import (
@@ -935,10 +936,21 @@ def high_error_rate(params: HighErrorRateParams = HighErrorRateParams()) -> High
         result = _run(params, report)
         outcome.append(result)
         if result.verify is not None and not result.verify.recovered:
-            raise ErrorRateNotRecovered(
+            message = (
                 f"5xx ratio not below {params.error_rate_max:.0%} after remediation "
-                f"({result.verify.reason}); escalate: page the on-call (see the run's artifact)"
+                f"({result.verify.reason}); escalated to the on-call (see the run's artifact)"
             )
+            paged = escalate_incident("critical", "platform", message)
+            sent = [d.contact for d in paged.deliveries if d.status == "sent"] if paged else []
+            reached = sorted(set(sent))
+            report.add(
+                "Escalation",
+                "**critical** (topic platform): "
+                + (f"notified {md_escape(', '.join(reached))}" if reached else "nobody reached")
+                + " (see the escalate subflow's artifact).",
+            )
+
+            raise ErrorRateNotRecovered(message)
         return result
 
 

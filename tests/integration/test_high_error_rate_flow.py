@@ -220,9 +220,10 @@ def test_cache_clear_waits_for_approval(
         assert "refused" in md
 
 
-def test_verify_failure_fails_the_run_and_says_escalate(
-    env: ScrapedSandbox, traffic: None, filled: int
+def test_verify_failure_fails_the_run_and_pages_critical(
+    env: ScrapedSandbox, traffic: None, filled: int, world_env: Any
 ) -> None:
+    world = world_env()
     # The cache is full (C) but the 5xx come from elsewhere: the clear cannot end them.
     env.sandbox.faults(error_rate_pct=40)
     wait_ratio(env, lambda v: v > 0.2, "5xx from the injected fault")
@@ -236,6 +237,11 @@ def test_verify_failure_fails_the_run_and_says_escalate(
     assert "not asked" in md  # auto_approve: no pause for a cache clear
     assert "cache-clear" in md and "Failed" in md
     assert len(cache_keys(env)) < filled / 10
+    # Critical, topic platform (no team of its own: the incidents channel), once each.
+    assert world.counts() == {"on-call": 1, "leadership": 1, "incidents": 1}
+    (page,) = world.sink["on-call"].delivered
+    assert page["payload"]["summary"].startswith("[CRITICAL] platform:")
+    assert "notified incidents, leadership, on-call" in md
 
 
 def test_cache_that_always_misses_is_scenario_c(env: ScrapedSandbox, traffic: None) -> None:

@@ -1,0 +1,219 @@
+"""The escalation path as typed config: severities, their deadlines, contacts and topics.
+
+Defaults are the seed's table (critical < 15 min: page on-call and notify executives; high
+< 1 h: team lead and the incident channel; medium < 4 h: a ticket; low < 1 day: the
+backlog). A contact is a list of Prefect notification blocks, tried in order until one
+answers; a block is named `<block-type-slug>/<block-name>` (e.g. `slack-webhook/db-team`,
+`custom-webhook/on-call-pagerduty`) and saved in the Prefect server, never here: the webhook
+URLs and routing keys stay in the blocks.
+
+Override with `RUNBOOKS_ESCALATION_CONFIG_FILE` (a YAML file of the same shape,
+`deployments/escalation.example.yaml`) and the deadlines alone with
+`RUNBOOKS_ESCALATION_DEADLINES_S` (JSON, e.g. `{"critical": 5}`: tests use seconds).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Self
+
+import yaml
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.errors import PermanentError
+
+_BLOCK_REF = re.compile(r"^[a-z0-9-]+/[a-z0-9-]+$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class Severity(StrEnum):
+    """The seed's four severities, most urgent first."""
+
+    CRITICAL = "critical"
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
+#: Marks "the contact of the incident's topic" in a severity's `notify` list.
+TOPIC = "{topic}"
+
+
+class Contact(BaseModel):
+    """Who is reached, and through which blocks (in order: the next when one is down)."""
+
+    description: str = Field("", description="Who this is (for the report).")
+    channels: list[str] = Field(
+        min_length=1, description="Notification block refs `<block-type-slug>/<block-name>`."
+    )
+
+    @field_validator("channels")
+    @classmethod
+    def _refs(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            if not _BLOCK_REF.match(ref):
+                raise ValueError(f"{ref!r} is not a block ref `<block-type-slug>/<block-name>`")
+        return value
+
+
+class SeverityPolicy(BaseModel):
+    """What one severity does: whom to notify, how fast, and who is next without an ack."""
+
+    deadline_s: int = Field(ge=1, description="Acknowledge (or act) within this many seconds.")
+    action: str = Field(description="The seed's action, for the report.")
+    notify: list[str] = Field(
+        description=f"Contact names, or {TOPIC!r} for the contact of the incident's topic."
+    )
+    ack_required: bool = Field(
+        False, description="Wait for an acknowledgement; without one, page the next level."
+    )
+    next_levels: list[str] = Field(
+        default_factory=list,
+        description="Contacts paged one by one, each after a deadline passed without an ack.",
+    )
+
+
+def _default_contacts() -> dict[str, Contact]:
+    return {
+        "on-call": Contact(
+            description="primary on-call (PagerDuty), then the on-call Slack channel",
+            channels=["custom-webhook/on-call-pagerduty", "custom-webhook/on-call-slack"],
+        ),
+        "on-call-secondary": Contact(
+            description="secondary on-call (PagerDuty)",
+            channels=["custom-webhook/on-call-secondary-pagerduty"],
+        ),
+        "team-lead": Contact(
+            description="engineering team lead (Slack)", channels=["custom-webhook/team-lead-slack"]
+        ),
+        "incidents": Contact(
+            description="the incident channel (Slack)", channels=["custom-webhook/incidents-slack"]
+        ),
+        "db-team": Contact(
+            description="database team (Slack)", channels=["custom-webhook/db-team-slack"]
+        ),
+        "security-team": Contact(
+            description="security team (Slack)", channels=["custom-webhook/security-team-slack"]
+        ),
+        "payments-team": Contact(
+            description="payments team (Slack)", channels=["custom-webhook/payments-team-slack"]
+        ),
+        "leadership": Contact(
+            description="executives (Slack)", channels=["custom-webhook/leadership-slack"]
+        ),
+        "tickets": Contact(
+            description="ticket queue (webhook)", channels=["custom-webhook/tickets"]
+        ),
+        "backlog": Contact(
+            description="team backlog (webhook)", channels=["custom-webhook/backlog"]
+        ),
+    }
+
+
+def _default_severities() -> dict[Severity, SeverityPolicy]:
+    return {
+        Severity.CRITICAL: SeverityPolicy(
+            deadline_s=15 * 60,
+            action="page on-call, notify executives",
+            notify=["on-call", "leadership", TOPIC],
+            ack_required=True,
+            next_levels=["on-call-secondary", "team-lead"],
+        ),
+        Severity.HIGH: SeverityPolicy(
+            deadline_s=3600,
+            action="notify team lead, post the incident",
+            notify=["team-lead", "incidents", TOPIC],
+        ),
+        Severity.MEDIUM: SeverityPolicy(
+            deadline_s=4 * 3600, action="create a ticket", notify=["tickets"]
+        ),
+        Severity.LOW: SeverityPolicy(deadline_s=86_400, action="backlog", notify=["backlog"]),
+    }
+
+
+def _default_topics() -> dict[str, str]:
+    return {
+        "database": "db-team",
+        "security": "security-team",
+        "tls": "security-team",
+        "payments": "payments-team",
+        "platform": "incidents",
+    }
+
+
+class EscalationConfig(BaseModel):
+    """Contacts, topics and the severity table; every name used must be defined."""
+
+    contacts: dict[str, Contact] = Field(default_factory=_default_contacts)
+    topics: dict[str, str] = Field(
+        default_factory=_default_topics, description="Topic -> contact name."
+    )
+    default_topic_contact: str = Field(
+        "incidents", description="The contact of a topic not in `topics`."
+    )
+    severities: dict[Severity, SeverityPolicy] = Field(default_factory=_default_severities)
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Self:
+        for name in self.contacts:
+            if not _NAME.match(name):
+                raise ValueError(f"contact name {name!r}: lowercase letters, digits and dashes")
+        used = set(self.topics.values()) | {self.default_topic_contact}
+        for policy in self.severities.values():
+            used |= {n for n in policy.notify if n != TOPIC} | set(policy.next_levels)
+        missing = sorted(used - set(self.contacts))
+        if missing:
+            raise ValueError(f"contacts used but not defined: {missing}")
+        if set(self.severities) != set(Severity):
+            raise ValueError("every severity (critical, high, medium, low) needs a policy")
+        return self
+
+    def topic_contact(self, topic: str) -> str:
+        """The contact that owns `topic` (the default contact for an unknown topic)."""
+        return self.topics.get(topic, self.default_topic_contact)
+
+    def first_level(self, severity: Severity, topic: str) -> list[str]:
+        """The contacts notified at once for `severity` and `topic`, in order, no repeats."""
+        names = [
+            self.topic_contact(topic) if n == TOPIC else n for n in self.severities[severity].notify
+        ]
+        return list(dict.fromkeys(names))
+
+
+class EscalationSettings(BaseSettings):
+    """Where the escalation config comes from, and per-severity deadline overrides."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_ESCALATION_")
+
+    config_file: Path | None = Field(
+        None, description="YAML file with contacts, topics, severities; unset = the defaults."
+    )
+    deadlines_s: dict[Severity, int] = Field(
+        default_factory=dict, description="Override a severity's deadline (seconds)."
+    )
+    poll_interval_s: int = Field(
+        5, ge=1, le=60, description="How often a wait for an acknowledgement checks for it."
+    )
+
+
+def load_config(settings: EscalationSettings | None = None) -> EscalationConfig:
+    """The escalation config: the file if set, else the defaults; deadline overrides applied."""
+    settings = settings or EscalationSettings()
+    if settings.config_file is None:
+        config = EscalationConfig()
+    else:
+        try:
+            raw = yaml.safe_load(settings.config_file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise PermanentError(
+                f"escalation config {settings.config_file}: cannot read it ({type(exc).__name__})"
+            ) from None
+        config = EscalationConfig.model_validate(raw or {})
+    for severity, seconds in settings.deadlines_s.items():
+        if seconds < 1:
+            raise PermanentError(f"RUNBOOKS_ESCALATION_DEADLINES_S: {severity} must be >= 1")
+        config.severities[severity].deadline_s = seconds
+    return config

@@ -1,0 +1,193 @@
+"""The escalation automations on a real Prefect server (event, trigger and action services).
+
+A stand-in runbook declared `critical`/`database` fails, or waits in a pause longer than its
+deadline (10 s, Prefect's minimum for a proactive trigger): the server itself must start
+the `escalate` deployment with the runbook's severity, topic and incident key. Controls that
+must not escalate: a completed run, a failing run of a runbook without a severity, a pause
+answered in time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.events.actions import RunDeployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Completed, Failed, Paused, Running, Scheduled
+
+from deployments.automations import (
+    ESCALATE_FAILED,
+    ESCALATE_PAUSED,
+    ESCALATION_PREFIXES,
+    ZOMBIE_AUTOMATION,
+    apply,
+    declared,
+)
+from deployments.catalog import RUNBOOKS, Runbook
+from deployments.serve import to_deployments
+from flows.escalate import EscalateParams
+from tasks.contacts import Severity
+from tests.fixtures.stack import prefect_server
+from tests.fixtures.stub_runbooks import STUB_RUNBOOKS, stub_readonly, stub_remediate
+
+WITHIN_S = 10
+CRITICAL_STUB = Runbook(
+    name="stub-remediate",
+    entrypoint="tests.fixtures.stub_runbooks:stub_remediate",
+    description="stand-in",
+    concurrency_limit=None,
+    severity="critical",
+    topic="database",
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with (
+        prefect_server(tmp_path_factory.mktemp("prefect")) as api_url,
+        temporary_settings(updates={PREFECT_API_URL: api_url}),
+    ):
+        yield api_url
+
+
+@pytest.fixture(scope="module")
+def escalate_id(server: str) -> UUID:
+    (deployment,) = to_deployments(tuple(rb for rb in RUNBOOKS if rb.name == "escalate"))
+    deployment_id = deployment.apply()
+    assert isinstance(deployment_id, UUID)
+    return deployment_id
+
+
+@pytest.fixture
+def applied(escalate_id: UUID, monkeypatch: pytest.MonkeyPatch) -> UUID:
+    monkeypatch.setenv("RUNBOOKS_ESCALATION_DEADLINES_S", f'{{"critical": {WITHIN_S}}}')
+    apply(declared(60, escalate_id, (CRITICAL_STUB, STUB_RUNBOOKS[1])))
+    return escalate_id
+
+
+def until(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {timeout:.0f} s")
+        time.sleep(0.25)
+    return value
+
+
+def escalations(deployment_id: UUID) -> dict[str, EscalateParams]:
+    """incident key -> parameters of every escalate run the server created."""
+    with get_client(sync_client=True) as client:
+        runs: list[FlowRun] = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+    out = {}
+    for run in runs:
+        params = EscalateParams.model_validate(run.parameters["params"])
+        out[params.incident_key] = params
+    return out
+
+
+def stub_run(flow: Any = stub_remediate) -> UUID:
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(flow, parameters={"params": {}}, state=Scheduled())
+    return run.id
+
+
+def move(run_id: UUID, *states: State[Any]) -> None:
+    with get_client(sync_client=True) as client:
+        for state in states:
+            client.set_flow_run_state(run_id, state, force=True)
+
+
+def test_applying_twice_keeps_one_of_each(escalate_id: UUID) -> None:
+    runbooks = (CRITICAL_STUB, STUB_RUNBOOKS[1])  # the second has no severity: none for it
+    first = apply(declared(60, escalate_id, runbooks))
+    second = apply(declared(60, escalate_id, runbooks))
+    assert [a.id for a in second] == [a.id for a in first]
+    names = [a.name for a in first]
+    assert names == [
+        ZOMBIE_AUTOMATION,
+        ESCALATE_FAILED + "stub-remediate",
+        ESCALATE_PAUSED + "stub-remediate",
+    ]
+    with get_client(sync_client=True) as client:
+        for name in names:
+            assert len(client.read_automations_by_name(name)) == 1
+    assert declared(60, None, runbooks) == declared(60)  # escalate not deployed: zombie only
+
+    # The runbook loses its severity: `make run` prunes its escalations, keeps the rest.
+    quiet = dataclasses.replace(CRITICAL_STUB, severity=None)
+    apply(declared(60, escalate_id, (quiet,)), ESCALATION_PREFIXES)
+    with get_client(sync_client=True) as client:
+        assert [len(client.read_automations_by_name(n)) for n in names] == [1, 0, 0]
+
+
+def test_a_failed_runbook_run_starts_escalate_with_its_severity(applied: UUID) -> None:
+    completed, other = stub_run(), stub_run(stub_readonly)
+    move(completed, Running(), Completed())
+    move(other, Running(), Failed(message="not escalated: no severity"))
+    failed = stub_run()
+    move(failed, Running(), Failed(message="pool still exhausted"))
+
+    found = until("escalate run for the failed run", lambda: escalations(applied).get(str(failed)))
+    assert (found.severity, found.topic, found.wait_for_ack) == (
+        Severity.CRITICAL,
+        "database",
+        True,
+    )
+    assert "stub-remediate run" in found.summary and "pool still exhausted" in found.summary
+    # Reactive triggers act in event order: the controls' events came first.
+    keys = escalations(applied)
+    assert str(completed) not in keys and str(other) not in keys
+
+
+def test_a_run_paused_past_its_deadline_re_pages(applied: UUID) -> None:
+    waiting, answered = stub_run(), stub_run()
+    move(waiting, Running(), Paused(timeout_seconds=600, pause_key="1"))
+    move(answered, Running(), Paused(timeout_seconds=600, pause_key="1"))
+    move(answered, Running())  # approved in time
+
+    key = f"approval-wait:{waiting}"
+    found = until("re-page for the long pause", lambda: escalations(applied).get(key))
+    assert (found.severity, found.topic) == (Severity.CRITICAL, "database")
+    assert f"longer than {WITHIN_S} s" in found.summary
+    assert f"approval-wait:{answered}" not in escalations(applied)
+
+
+def test_make_run_registers_escalate_and_one_pair_per_runbook_with_a_severity(
+    server: str,
+) -> None:
+    from deployments.serve import apply_automations
+
+    apply_automations(RUNBOOKS, to_deployments(RUNBOOKS))
+    apply_automations(RUNBOOKS, to_deployments(RUNBOOKS))  # a restart: same automations
+    with get_client(sync_client=True) as client:
+        names = sorted(a.name for a in client.read_automations())
+        deployment = client.read_deployment_by_name("escalate/escalate")
+    paged = sorted(rb.name for rb in RUNBOOKS if rb.severity)
+    assert paged == [
+        "cert-expiry",
+        "cert-replace",
+        "db-pool-exhausted",
+        "high-latency",
+        "pool-threshold",
+    ]
+    assert names == sorted(
+        [ZOMBIE_AUTOMATION]
+        + [ESCALATE_FAILED + n for n in paged]
+        + [ESCALATE_PAUSED + n for n in paged]
+    )
+    with get_client(sync_client=True) as client:
+        (failed,) = client.read_automations_by_name(ESCALATE_FAILED + "db-pool-exhausted")
+    (action,) = failed.actions
+    assert isinstance(action, RunDeployment) and action.parameters is not None
+    assert action.deployment_id == deployment.id
+    assert action.parameters["params"]["severity"] == "critical"
