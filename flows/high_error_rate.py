@@ -230,7 +230,7 @@ class ActionRecord(BaseModel):
 
 
 class VerifyResult(BaseModel):
-    """`verify_recovery`'s answer: the hook for escalation (issue 10 pages from here)."""
+    """`verify_recovery`'s answer; not recovered pages critical (`escalate_incident`)."""
 
     recovered: bool
     threshold: float
