@@ -297,9 +297,13 @@ def read_protection() -> Protection:
 
 def _classified(exc: Exception, what: str) -> Exception:
     status = getattr(getattr(exc, "response", None), "status_code", None)
+    # The path names the call; the query and body are left out (they never hold secrets
+    # here, but a URL may carry credentials in other setups).
+    request = getattr(exc, "_request", None)
+    where = f" {request.method} {request.url.path}" if isinstance(request, httpx.Request) else ""
     if status is None or status >= 500 or status == 429:
-        return TransientError(f"Prefect API: {what}: {type(exc).__name__} {status or ''}".strip())
-    return PermanentError(f"Prefect API: {what}: HTTP {status}")
+        return TransientError(f"Prefect API{where}: {what}: {type(exc).__name__} {status or ''}")
+    return PermanentError(f"Prefect API{where}: {what}: HTTP {status}")
 
 
 def process_batch(

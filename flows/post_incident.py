@@ -338,9 +338,13 @@ class Gathered(BaseModel):
 def _classified(exc: Exception, what: str) -> Exception:
     """A Prefect API error as a runbook error: 5xx/transport transient, the rest permanent."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
+    # The path names the call; the query and body are left out (they never hold secrets
+    # here, but a URL may carry credentials in other setups).
+    request = getattr(exc, "_request", None)
+    where = f" {request.method} {request.url.path}" if isinstance(request, httpx.Request) else ""
     if status is None or status >= 500 or status == 429:
-        return TransientError(f"Prefect API: {what}: {type(exc).__name__} {status or ''}".strip())
-    return PermanentError(f"Prefect API: {what}: HTTP {status}")
+        return TransientError(f"Prefect API{where}: {what}: {type(exc).__name__} {status or ''}")
+    return PermanentError(f"Prefect API{where}: {what}: HTTP {status}")
 
 
 def _all_runs(
@@ -396,13 +400,9 @@ def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
     runs = [r for r in found.values() if names[r.flow_id] not in NOT_IN_TIMELINE]
     ids = [r.id for r in runs]
     artifacts: dict[UUID, list[Artifact]] = {i: [] for i in ids}
-    if ids:
-        for art in client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)),
-            limit=PAGE * 5,
-        ):
-            if art.flow_run_id in artifacts:
-                artifacts[art.flow_run_id].append(art)
+    for art in _artifacts(client, ids):
+        if art.flow_run_id in artifacts:
+            artifacts[art.flow_run_id].append(art)
     return Gathered(
         runs=runs,
         flows=names,
@@ -411,6 +411,20 @@ def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
         artifacts=artifacts,
         inputs={i: _responses(client, i) for i in ids},
     )
+
+
+def _artifacts(client: SyncPrefectClient, run_ids: list[UUID]) -> list[Artifact]:
+    out: list[Artifact] = []
+    while run_ids:
+        page = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=run_ids)),
+            limit=PAGE,
+            offset=len(out),
+        )
+        out += page
+        if len(page) < PAGE:
+            break
+    return out
 
 
 def _task_runs(client: SyncPrefectClient, run_ids: list[UUID]) -> list[TaskRun]:
