@@ -5,17 +5,22 @@ runs a year, and the UI's run list slows down with them.
 
 Trigger: daily (catalog schedule, 03:30 UTC) and by hand from the UI.
 
-May change: deletes flow runs that ended more than `older_than_days` ago (their task runs,
-states and inputs go with them in Prefect's database; their logs are removed by Prefect's
-own background job) and those runs' artifacts, through Prefect's API, after writing each
-batch to the export file and syncing it to disk.
+Age: a run's `expected_start_time`, the time it was due to start (its schedule, or its
+creation for a run started at once), set on every run whether it started or not, and moved
+only when the run is scheduled again (a retry makes it young). Candidates are final runs due
+more than `older_than_days` ago.
+
+May change: deletes those runs (their task runs, states and inputs go with them in Prefect's
+database; their logs are removed by Prefect's own background job) and those runs'
+artifacts, through Prefect's API, after writing each batch to the export file and syncing
+it to disk.
 
 Never touched (an open incident, see docs/post-incident.md):
 
 1. a run not in a final state (Scheduled, Pending, Running, Paused, Cancelling), whatever its
-   age: only Completed, Failed, Cancelled and Crashed runs whose end time is before the cutoff
-   are candidates, and the delete request itself repeats that filter (the guard is
-   re-evaluated by the server in the same transaction);
+   age: only Completed, Failed, Cancelled and Crashed runs due before the cutoff are
+   candidates, and the delete request itself repeats that filter (the guard is re-evaluated
+   by the server in the same transaction);
 2. a run of an incident still in progress: its `alert:<fp>` (or `incident:alert:<fp>`) key is
    carried by a run that is not final (a runbook run still going, a post-incident form
    waiting for answers); re-read before every batch;
@@ -51,7 +56,7 @@ from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
-    FlowRunFilterEndTime,
+    FlowRunFilterExpectedStartTime,
     FlowRunFilterId,
     FlowRunFilterState,
     FlowRunFilterStateType,
@@ -87,7 +92,7 @@ class RetentionParams(BaseModel):
 
     dry_run: bool = Field(True, description="Only count: export nothing, delete nothing.")
     older_than_days: float = Field(
-        90, ge=1, le=36_500, description="Runs that ended more than this many days ago."
+        90, ge=1, le=36_500, description="Final runs due to start more than this many days ago."
     )
     export_dir: str = Field(
         ".prefect/audit-export",
@@ -113,7 +118,7 @@ class RetentionOutcome(BaseModel):
 
     dry_run: bool
     cutoff: datetime
-    candidates: int = Field(description="Final runs that ended before the cutoff, seen.")
+    candidates: int = Field(description="Final runs due before the cutoff, seen.")
     exported: int = 0
     deleted: int = 0
     artifacts_deleted: int = 0
@@ -192,7 +197,9 @@ def keep_reason(run: FlowRun, protection: Protection) -> str | None:
     if keys & protection.open_keys:
         return "incident still open"
     alert_keys = {k for k in run.tags or [] if k.startswith("alert:")}
-    if run.start_time is not None and alert_keys - protection.recorded:
+    # run_count counts Running transitions: 0 for a run cancelled before it started (Prefect
+    # sets start_time on that run too, so start_time cannot tell).
+    if run.run_count > 0 and alert_keys - protection.recorded:
         return "no post-incident record yet"
     return None
 
@@ -200,7 +207,7 @@ def keep_reason(run: FlowRun, protection: Protection) -> str | None:
 def _candidates(cutoff: datetime) -> FlowRunFilter:
     return FlowRunFilter(
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINAL)),
-        end_time=FlowRunFilterEndTime(before_=cutoff),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=cutoff),
     )
 
 
@@ -264,7 +271,7 @@ def _bulk_delete(client: SyncPrefectClient, ids: list[Any], cutoff: datetime) ->
     guard = FlowRunFilter(
         id=FlowRunFilterId(any_=ids),
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINAL)),
-        end_time=FlowRunFilterEndTime(before_=cutoff),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=cutoff),
     )
     # Prefect 3.9's client has no method for this endpoint: its own HTTP client, same auth.
     response = client._client.post(
@@ -427,7 +434,7 @@ def audit_retention(params: RetentionParams = RetentionParams()) -> RetentionOut
         report.add(
             "Request",
             f"Source: {source}; dry run: **{params.dry_run}**; cutoff {cutoff.isoformat()}"
-            f" (ended before); at most {params.max_runs} run(s).",
+            f" (due to start before); at most {params.max_runs} run(s).",
         )
         path: Path | None = None
         if not params.dry_run:

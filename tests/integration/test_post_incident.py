@@ -428,3 +428,24 @@ def test_bad_or_empty_keys_fail_clearly(tmp_path: Path, prefect_api: None) -> No
     assert list(tmp_path.iterdir()) == []
     key = IncidentKey.parse("db-pool-exhausted@2026-01-01T00:00:00Z..2026-01-02T00:00:00Z")
     assert IncidentKey.parse(key.label()) == key
+
+
+def test_an_alert_resolved_before_its_run_started_gets_no_draft(deployed: None) -> None:
+    fingerprint = "pinorun" + uuid4().hex[:8]
+    firing = alert(
+        alertname="DatabaseConnectionPoolExhausted", fingerprint=fingerprint, datname="x"
+    )
+    with TestClient(receiver()) as client:
+        fired = client.post("/alerts", json=payload(firing), headers=bearer())
+        run_id = UUID(fired.json()["alerts"][0]["flow_run_id"])
+        resolved = client.post(
+            "/alerts",
+            json=payload({**firing, "status": "resolved"}, status="resolved"),
+            headers=bearer(),
+        )
+    answer = resolved.json()["alerts"][0]
+    assert answer["outcome"] == "cancelled"  # it never ran: nothing to review
+    assert "post-incident" not in answer["detail"]
+    assert tagged(f"incident:alert:{fingerprint}") == []
+    state = read_run(run_id).state
+    assert state is not None and state.is_cancelled()
