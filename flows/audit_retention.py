@@ -32,9 +32,10 @@ Never touched (an open incident, see docs/post-incident.md):
    with or after its parent).
 
 Safety limits: dry run by default (counts only, nothing written or deleted); `older_than_days`
-at least 1; at most `max_runs` deleted per run; batches of at most 50 (Prefect's bulk-delete
-limit); a batch is deleted only once its lines are on disk (fsync). Undo: the export file
-holds every deleted run, its task runs and artifacts as the API returned them.
+at least 1; at most `max_runs` deleted per run; a batch (up to 200 runs, the API's page
+limit) is deleted only once its lines are on disk (fsync), 50 runs per delete call
+(Prefect's bulk-delete limit). Undo: the export file holds every deleted run, its task runs
+and artifacts as the API returned them.
 """
 
 from __future__ import annotations
@@ -103,7 +104,12 @@ class RetentionParams(BaseModel):
     max_runs: int = Field(
         20_000, ge=1, le=1_000_000, description="Delete at most this many runs in one run."
     )
-    batch_size: int = Field(BULK_LIMIT, ge=1, le=BULK_LIMIT, description="Runs per batch.")
+    batch_size: int = Field(
+        PAGE,
+        ge=1,
+        le=PAGE,
+        description="Runs read, exported and synced per batch (deleted 50 per API call).",
+    )
 
     @model_validator(mode="after")
     def _export_dir_is_a_folder(self) -> Self:
@@ -364,7 +370,9 @@ def process_batch(
     out.flush()
     os.fsync(out.fileno())
     batch.exported = len(going)
-    deleted = set(_bulk_delete(client, ids, cutoff))
+    deleted: set[str] = set()
+    for start in range(0, len(ids), BULK_LIMIT):
+        deleted |= set(_bulk_delete(client, ids[start : start + BULK_LIMIT], cutoff))
     batch.deleted = len(deleted)
     for art in artifacts:
         if str(art.flow_run_id) in deleted:
