@@ -527,6 +527,7 @@ def build_record(
     approval: tuple[datetime, str, str] | None = None
     recovery: tuple[datetime, str] | None = None
     notifications = 0
+    owner = {t.id: run_id for run_id, ts in data.task_runs.items() for t in ts}
     if fired:
         add(min(fired), kind="alert", run="", flow="", step="alert fired", detail="startsAt")
     for run in runs:
@@ -540,7 +541,7 @@ def build_record(
                 id=run.id,
                 name=run.name,
                 flow=flow_name,
-                parent_run_id=None,
+                parent_run_id=owner.get(run.parent_task_run_id) if run.parent_task_run_id else None,
                 tags=sorted(run.tags or []),
                 state=final,
                 created=run.created,
@@ -639,7 +640,7 @@ def build_record(
                 and (approval is None or answer.created < approval[0])
             ):
                 approval = (answer.created, who, run.name)
-    if not raw and not runs:
+    if not runs:
         raise PermanentError(f"no runs found for incident {key.label()}")
     raw.sort(key=lambda x: (x[0], x[1]))
     t0 = min(fired) if fired else (raw[0][0] if raw else None)
