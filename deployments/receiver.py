@@ -519,7 +519,7 @@ class Intake:
             elif state is not None:
                 notes.append(f"run {run_id} is {state}: left alone")
                 ran = ran or state in RAN
-        if ran:
+        if ran and POST_INCIDENT in self._index:
             notes.append(await self._start_post_incident(alert))
         detail = "; ".join([*(f"{c} cancelled" for c in cancelled), *notes])[:500]
         _record("resolved", alert, detail or "resolved")
@@ -532,8 +532,6 @@ class Intake:
 
     async def _start_post_incident(self, alert: Alert) -> str:
         """Start the `post-incident` draft of a resolved alert whose runbook ran (once)."""
-        if POST_INCIDENT not in self._index:
-            return "no post-incident runbook in the catalog"
         fp = alert.fingerprint
         try:
             run = await self.runs.create_run(
