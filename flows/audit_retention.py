@@ -395,7 +395,7 @@ def export_and_delete(
         export_file=str(path) if path else None,
     )
     kept: Counter[str] = Counter()
-    offset = 0
+    offset = batches = 0
     out = path.open("a", encoding="utf-8") if path else open(os.devnull, "w")  # noqa: SIM115
     try:
         with get_client(sync_client=True) as client:
@@ -411,6 +411,14 @@ def export_and_delete(
                 kept.update(batch.kept)
                 # Deleted runs leave the list: the next page starts after what stayed.
                 offset += batch.seen - batch.deleted
+                batches += 1
+                if batches % 25 == 0:  # a long first run shows where it is
+                    logger.info(
+                        "%d candidate(s) seen, %d exported, %d deleted",
+                        outcome.candidates,
+                        outcome.exported,
+                        outcome.deleted,
+                    )
                 if batch.exported != batch.deleted and not params.dry_run:
                     logger.warning(
                         "%d exported run(s) not deleted (changed since read): kept",
