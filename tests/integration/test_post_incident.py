@@ -449,3 +449,15 @@ def test_an_alert_resolved_before_its_run_started_gets_no_draft(deployed: None) 
     assert tagged(f"incident:alert:{fingerprint}") == []
     state = read_run(run_id).state
     assert state is not None and state.is_cancelled()
+
+
+def test_a_checklist_form_nobody_answers_leaves_the_items_open(incident: Incident) -> None:
+    params = PostIncidentParams(incident=f"alert:{incident.fingerprint}", form_timeout_s=10)
+    state = post_incident(params, return_state=True)
+    # Not Failed by Prefect's "never resumed": the run ends as the flow decides.
+    assert state.is_completed(), state
+    record: PostIncidentRecord = state.result()
+    assert record.mode == "final" and not any(i.done for i in record.checklist.items)
+    assert record.metrics.recovered  # the timeline is there all the same
+    (md,) = flow_run_artifacts(state.state_details.flow_run_id, "post-incident")
+    assert "no answer within 10 s" in md and md.count("| open |") == 6
