@@ -41,6 +41,8 @@ NO_KUBE_SERVICE_ACCOUNT = "runbooks-no-kube"
 POOL_THRESHOLD_INTERVAL_S = int(os.environ.get("RUNBOOKS_POOL_CHECK_INTERVAL_S", "300"))
 #: Daily at 06:00 UTC, early enough to act in office hours on what it finds.
 CERT_EXPIRY_CRON = "0 6 * * *"
+#: Daily at 03:30 UTC, when the run list is quietest.
+AUDIT_RETENTION_CRON = "30 3 * * *"
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,26 @@ RUNBOOKS: tuple[Runbook, ...] = (
         service_account="incident-runbooks",
         severity="critical",
         topic="platform",
+    ),
+    Runbook(
+        name="post-incident",
+        entrypoint="flows.post_incident:post_incident",
+        description="The incident's timeline, figures and checklist form; exported as"
+        " markdown and JSON. Started as a draft when an alert whose runbook ran resolves.",
+        tags=("audit",),
+        # One record per incident key, several incidents at once: no limit.
+        concurrency_limit=None,
+        dry_run_field=None,
+        service_account=NO_KUBE_SERVICE_ACCOUNT,
+    ),
+    Runbook(
+        name="audit-retention",
+        entrypoint="flows.audit_retention:audit_retention",
+        description="Daily: export runs older than N days (JSON lines, with artifacts), then"
+        " delete them; never a run of an open incident. Dry run by default.",
+        tags=("audit", "scheduled", "destructive"),
+        cron=AUDIT_RETENTION_CRON,
+        service_account=NO_KUBE_SERVICE_ACCOUNT,
     ),
 )
 

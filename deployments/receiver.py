@@ -8,8 +8,9 @@ Order of checks, each refusing before anything starts:
 2. body size, counted while the body is read whatever its framing (chunked too): 413;
    JSON and the version-4 payload model: 422;
 3. per alert: resolved -> its runs still Scheduled or Pending are cancelled, a Running one
-   is left alone; no route -> recorded only; parameters that the route cannot build or the
-   runbook's model rejects -> recorded, nothing started; started a run of the same route
+   is left alone, and if one of them ran, a `post-incident` draft run is started (once);
+   no route -> recorded only; parameters that the route cannot build or the runbook's
+   model rejects -> recorded, nothing started; started a run of the same route
    within the route's cooldown (a flapping alert) -> recorded, nothing started.
 
 Then every routed firing alert is written to the journal (`deployments/journal.py`, durable,
@@ -53,6 +54,11 @@ from deployments.settings import ReceiverSettings
 from deployments.warm_pool import WarmPool
 
 log = logging.getLogger("runbooks.receiver")
+
+#: A resolved alert whose run started (reached one of these states) gets a post-incident
+#: draft. Scheduled/Pending runs are cancelled instead; a Cancelled one never acted.
+RAN = {"RUNNING", "PAUSED", "COMPLETED", "FAILED", "CRASHED"}
+POST_INCIDENT = "post-incident/post-incident"
 
 Outcome = Literal[
     "started",  # run created (flow_run_id)
@@ -475,6 +481,7 @@ class Intake:
         cancelled: list[str] = []
         run_ids: list[str] = []
         notes: list[str] = []
+        ran = False
         for record in records:
             if record.status == "pending" and await asyncio.to_thread(
                 self.journal.finish,
@@ -511,6 +518,9 @@ class Intake:
                 run_ids.append(run_id)
             elif state is not None:
                 notes.append(f"run {run_id} is {state}: left alone")
+                ran = ran or state in RAN
+        if ran and POST_INCIDENT in self._index:
+            notes.append(await self._start_post_incident(alert))
         detail = "; ".join([*(f"{c} cancelled" for c in cancelled), *notes])[:500]
         _record("resolved", alert, detail or "resolved")
         return AlertResult(
@@ -519,6 +529,29 @@ class Intake:
             flow_run_id=run_ids[0] if run_ids else None,
             detail=detail,
         )
+
+    async def _start_post_incident(self, alert: Alert) -> str:
+        """Start the `post-incident` draft of a resolved alert whose runbook ran (once)."""
+        fp = alert.fingerprint
+        try:
+            run = await self.runs.create_run(
+                POST_INCIDENT,
+                name=run_name("post-incident", fp),
+                parameters={"params": {"incident": f"alert:{fp}", "draft": True}},
+                # `incident:<key>` is the tag flows.post_incident.incident_tag gives its runs:
+                # retention and the CLI find the record by it. Not `alert:<fp>`: the record
+                # is about the incident's runs, not one of them.
+                tags=["source:alert", f"incident:alert:{fp}"],
+                # One draft per alert occurrence, however often Alertmanager re-sends it.
+                idempotency_key=f"post-incident:{alert.idempotency_key}",
+                grace_s=0.0,
+            )
+        except (PrefectUnavailable, PrefectRefused, DeploymentNotFound) as exc:
+            log.warning("alert %s resolved: post-incident draft not started: %s", fp, exc)
+            return f"post-incident draft not started ({type(exc).__name__})"
+        if run.new and self.pool is not None:
+            self.pool.try_submit(run.id, POST_INCIDENT)
+        return f"post-incident draft run {run.id}"
 
     async def _journal_add(self, entry: Entry) -> Added:
         """Group commit: deliveries arriving while a write is on disk share the next fsync."""

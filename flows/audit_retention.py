@@ -1,0 +1,485 @@
+"""Flow `audit-retention`: export old flow runs (JSON lines, with artifacts), then delete them.
+
+Why: Prefect OSS keeps every run forever; the 5-minute `pool-threshold` alone makes ~105,000
+runs a year, and the UI's run list slows down with them.
+
+Trigger: daily (catalog schedule, 03:30 UTC) and by hand from the UI.
+
+Age: a run's `expected_start_time`, the time it was due to start (its schedule, or its
+creation for a run started at once), set on every run whether it started or not, and moved
+only when the run is scheduled again (a retry makes it young). Candidates are final runs due
+more than `older_than_days` ago.
+
+May change: deletes those runs (their task runs, states and inputs go with them in Prefect's
+database; their logs are removed by Prefect's own background job) and those runs'
+artifacts, through Prefect's API, after writing each batch to the export file and syncing
+it to disk.
+
+Never touched (an open incident, see docs/post-incident.md):
+
+1. a run not in a final state (Scheduled, Pending, Running, Paused, Cancelling), whatever its
+   age: only Completed, Failed, Cancelled and Crashed runs due before the cutoff are
+   candidates, and the delete request itself repeats that filter (the guard is re-evaluated
+   by the server in the same transaction);
+2. a run of an incident still in progress: its `alert:<fp>` (or `incident:alert:<fp>`) key is
+   carried by a run that is not final (a runbook run still going, a post-incident form
+   waiting for answers); re-read before every batch;
+3. a run that ran for an alert (`alert:<fp>`) with no post-incident record yet: no Completed
+   `post-incident` run tagged `incident:alert:<fp>`. The receiver starts that record (a draft)
+   when the alert resolves, so "no record" means the alert is still firing or its review
+   has not been made;
+4. a subflow whose parent run is still there and not deleted in the same batch (it goes
+   with or after its parent).
+
+Safety limits: dry run by default (counts only, nothing written or deleted); `older_than_days`
+at least 1; at most `max_runs` deleted per run; a batch (up to 200 runs, the API's page
+limit) is deleted only once its lines are on disk (fsync), 50 runs per delete call
+(Prefect's bulk-delete limit). Undo: the export file holds every deleted run, its task runs
+and artifacts as the API returned them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+    TaskRunFilter,
+    TaskRunFilterId,
+)
+from prefect.client.schemas.objects import Artifact, FlowRun, StateType, TaskRun
+from prefect.client.schemas.sorting import FlowRunSort
+from pydantic import BaseModel, Field, model_validator
+
+from flows.common import Report, md_code, publish_on_exit, table, tag_run
+from tasks.errors import PermanentError, TransientError
+from tasks.retry import RETRY_READ
+
+RUNBOOK = "audit-retention"
+POST_INCIDENT = "post-incident"
+FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED]
+NOT_FINAL = [
+    StateType.SCHEDULED,
+    StateType.PENDING,
+    StateType.RUNNING,
+    StateType.PAUSED,
+    StateType.CANCELLING,
+]
+#: Prefect's `POST /flow_runs/bulk_delete` takes at most 50 runs per call.
+BULK_LIMIT = 50
+PAGE = 200
+
+
+class RetentionParams(BaseModel):
+    """Parameters of the audit-retention flow (the form in the UI's Run dialog)."""
+
+    dry_run: bool = Field(True, description="Only count: export nothing, delete nothing.")
+    older_than_days: float = Field(
+        90, ge=1, le=36_500, description="Final runs due to start more than this many days ago."
+    )
+    export_dir: str = Field(
+        ".prefect/audit-export",
+        min_length=1,
+        max_length=500,
+        description="Folder of the JSON-lines export (one file per run of this flow).",
+    )
+    max_runs: int = Field(
+        20_000, ge=1, le=1_000_000, description="Delete at most this many runs in one run."
+    )
+    batch_size: int = Field(
+        PAGE,
+        ge=1,
+        le=PAGE,
+        description="Runs read, exported and synced per batch (deleted 50 per API call).",
+    )
+
+    @model_validator(mode="after")
+    def _export_dir_is_a_folder(self) -> Self:
+        path = Path(self.export_dir).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"export_dir {path} exists and is not a folder")
+        return self
+
+
+class RetentionOutcome(BaseModel):
+    """What the run found and did."""
+
+    dry_run: bool
+    cutoff: datetime
+    candidates: int = Field(description="Final runs due before the cutoff, seen.")
+    exported: int = 0
+    deleted: int = 0
+    artifacts_deleted: int = 0
+    kept: dict[str, int] = Field(default_factory=dict, description="Kept runs, by reason.")
+    export_file: str | None = None
+    elapsed_s: float = 0.0
+
+
+class Protection(BaseModel):
+    """Which incident keys are open, and which have a post-incident record."""
+
+    open_keys: set[str] = Field(default_factory=set)
+    recorded: set[str] = Field(default_factory=set)
+
+
+def incident_keys(tags: list[str] | None) -> set[str]:
+    """The incident keys (`alert:<fp>`) a run belongs to, from its tags."""
+    keys = set()
+    for tag in tags or []:
+        if tag.startswith("alert:"):
+            keys.add(tag)
+        elif tag.startswith("incident:alert:"):
+            keys.add(tag.removeprefix("incident:"))
+    return keys
+
+
+def _page(
+    client: SyncPrefectClient,
+    run_filter: FlowRunFilter,
+    *,
+    limit: int,
+    offset: int,
+    flow_filter: FlowFilter | None = None,
+) -> list[FlowRun]:
+    return client.read_flow_runs(
+        flow_filter=flow_filter,
+        flow_run_filter=run_filter,
+        sort=FlowRunSort.ID_DESC,
+        limit=limit,
+        offset=offset,
+    )
+
+
+def _every(
+    client: SyncPrefectClient, run_filter: FlowRunFilter, flow_filter: FlowFilter | None = None
+) -> list[FlowRun]:
+    out: list[FlowRun] = []
+    while True:
+        page = _page(client, run_filter, limit=PAGE, offset=len(out), flow_filter=flow_filter)
+        out += page
+        if len(page) < PAGE:
+            return out
+
+
+def open_keys(client: SyncPrefectClient) -> set[str]:
+    """Incident keys carried by a run that is not final: the incident is still going."""
+    not_final = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=NOT_FINAL)))
+    return {k for run in _every(client, not_final) for k in incident_keys(run.tags)}
+
+
+def recorded_keys(client: SyncPrefectClient) -> set[str]:
+    """Incident keys with a finished post-incident record (draft or final)."""
+    done = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])),
+        tags=FlowRunFilterTags(is_null_=False),
+    )
+    runs = _every(client, done, FlowFilter(name=FlowFilterName(any_=[POST_INCIDENT])))
+    return {
+        t.removeprefix("incident:") for r in runs for t in r.tags or [] if t.startswith("incident:")
+    }
+
+
+def keep_reason(run: FlowRun, protection: Protection) -> str | None:
+    """Why this old, final run must stay (rules 2 and 3 of the module docstring), or None."""
+    keys = incident_keys(run.tags)
+    if keys & protection.open_keys:
+        return "incident still open"
+    alert_keys = {k for k in run.tags or [] if k.startswith("alert:")}
+    # run_count counts Running transitions: 0 for a run cancelled before it started (Prefect
+    # sets start_time on that run too, so start_time cannot tell).
+    if run.run_count > 0 and alert_keys - protection.recorded:
+        return "no post-incident record yet"
+    return None
+
+
+def _candidates(cutoff: datetime) -> FlowRunFilter:
+    return FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINAL)),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=cutoff),
+    )
+
+
+def _parents_kept(client: SyncPrefectClient, runs: list[FlowRun], going: set[Any]) -> set[Any]:
+    """Subflows whose parent run still exists and is not deleted in this batch (rule 4)."""
+    children = {r.id: r.parent_task_run_id for r in runs if r.parent_task_run_id}
+    if not children:
+        return set()
+    parents = client.read_task_runs(
+        task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(set(children.values())))),
+        limit=len(children) + 1,
+    )
+    owner = {t.id: t.flow_run_id for t in parents}
+    return {
+        child
+        for child, task_run in children.items()
+        if task_run in owner and owner[task_run] not in going
+    }
+
+
+def _all_task_runs(client: SyncPrefectClient, ids: list[Any]) -> list[TaskRun]:
+    out: list[TaskRun] = []
+    while True:
+        page = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)),
+            limit=PAGE,
+            offset=len(out),
+        )
+        out += page
+        if len(page) < PAGE:
+            return out
+
+
+def _all_artifacts(client: SyncPrefectClient, ids: list[Any]) -> list[Artifact]:
+    out: list[Artifact] = []
+    while True:
+        page = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)),
+            limit=PAGE,
+            offset=len(out),
+        )
+        out += page
+        if len(page) < PAGE:
+            return out
+
+
+def _line(run: FlowRun, flows: dict[Any, str], tasks: list[Any], artifacts: list[Any]) -> str:
+    return json.dumps(
+        {
+            "flow_run": run.model_dump(mode="json"),
+            "flow": flows.get(run.flow_id),
+            "task_runs": [t.model_dump(mode="json") for t in tasks],
+            "artifacts": [a.model_dump(mode="json") for a in artifacts],
+        },
+        separators=(",", ":"),
+    )
+
+
+def _bulk_delete(client: SyncPrefectClient, ids: list[Any], cutoff: datetime) -> list[str]:
+    """Delete these runs, still final and still older than the cutoff (checked by the server)."""
+    guard = FlowRunFilter(
+        id=FlowRunFilterId(any_=ids),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINAL)),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=cutoff),
+    )
+    # Prefect 3.9's client has no method for this endpoint: its own HTTP client, same auth.
+    response = client._client.post(
+        "/flow_runs/bulk_delete",
+        json={"flow_runs": guard.model_dump(mode="json", exclude_unset=True), "limit": len(ids)},
+    )
+    response.raise_for_status()
+    return [str(x) for x in response.json().get("deleted", [])]
+
+
+class Batch(BaseModel):
+    """One batch's result."""
+
+    seen: int
+    exported: int = 0
+    deleted: int = 0
+    artifacts_deleted: int = 0
+    kept: dict[str, int] = Field(default_factory=dict)
+
+
+@task(**RETRY_READ)
+def read_protection() -> Protection:
+    """Read which incident keys are open and which have a post-incident record."""
+    try:
+        with get_client(sync_client=True) as client:
+            return Protection(open_keys=open_keys(client), recorded=recorded_keys(client))
+    except httpx.HTTPError as exc:
+        raise _classified(exc, "reading open incidents") from None
+
+
+def _classified(exc: Exception, what: str) -> Exception:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    # The path names the call; the query and body are left out (they never hold secrets
+    # here, but a URL may carry credentials in other setups).
+    request = getattr(exc, "_request", None)
+    where = f" {request.method} {request.url.path}" if isinstance(request, httpx.Request) else ""
+    if status is None or status >= 500 or status == 429:
+        return TransientError(f"Prefect API{where}: {what}: {type(exc).__name__} {status or ''}")
+    return PermanentError(f"Prefect API{where}: {what}: HTTP {status}")
+
+
+def process_batch(
+    client: SyncPrefectClient,
+    params: RetentionParams,
+    cutoff: datetime,
+    offset: int,
+    limit: int,
+    protection: Protection,
+    out: Any,
+) -> Batch:
+    """Read one page of candidates; unless a dry run, export then delete the deletable ones."""
+    page = _page(client, _candidates(cutoff), limit=limit, offset=offset)
+    batch = Batch(seen=len(page))
+    if not page:
+        return batch
+    if not params.dry_run:
+        # Rule 2 re-read just before acting: an alert may have fired again meanwhile.
+        protection = protection.model_copy(update={"open_keys": open_keys(client)})
+    kept: Counter[str] = Counter()
+    going = []
+    for run in page:
+        reason = keep_reason(run, protection)
+        if reason:
+            kept[reason] += 1
+        else:
+            going.append(run)
+    sub = _parents_kept(client, going, {r.id for r in going})
+    if sub:
+        kept["parent run kept"] += len(sub)
+        going = [r for r in going if r.id not in sub]
+    batch.kept = dict(kept)
+    if params.dry_run or not going:
+        batch.exported = len(going) if params.dry_run else 0
+        return batch
+    ids = [r.id for r in going]
+    task_runs = _all_task_runs(client, ids)
+    artifacts = _all_artifacts(client, ids)
+    flows = {f: client.read_flow(f).name for f in {r.flow_id for r in going}}
+    for run in going:
+        out.write(
+            _line(
+                run,
+                flows,
+                [t for t in task_runs if t.flow_run_id == run.id],
+                [a for a in artifacts if a.flow_run_id == run.id],
+            )
+            + "\n"
+        )
+    # On disk before anything is deleted: the export is the undo.
+    out.flush()
+    os.fsync(out.fileno())
+    batch.exported = len(going)
+    deleted: set[str] = set()
+    for start in range(0, len(ids), BULK_LIMIT):
+        deleted |= set(_bulk_delete(client, ids[start : start + BULK_LIMIT], cutoff))
+    batch.deleted = len(deleted)
+    for art in artifacts:
+        if str(art.flow_run_id) in deleted:
+            client.delete_artifact(art.id)
+            batch.artifacts_deleted += 1
+    return batch
+
+
+@task(task_run_name="export-and-delete")
+def export_and_delete(
+    params: RetentionParams, cutoff: datetime, protection: Protection, path: Path | None
+) -> RetentionOutcome:
+    """Export then delete old runs batch by batch (no retry: a delete is not repeated)."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    outcome = RetentionOutcome(
+        dry_run=params.dry_run,
+        cutoff=cutoff,
+        candidates=0,
+        export_file=str(path) if path else None,
+    )
+    kept: Counter[str] = Counter()
+    offset = batches = 0
+    out = path.open("a", encoding="utf-8") if path else open(os.devnull, "w")  # noqa: SIM115
+    try:
+        with get_client(sync_client=True) as client:
+            while outcome.deleted < params.max_runs and outcome.exported < params.max_runs:
+                limit = min(params.batch_size, params.max_runs - outcome.exported)
+                batch = process_batch(client, params, cutoff, offset, limit, protection, out)
+                if not batch.seen:
+                    break
+                outcome.candidates += batch.seen
+                outcome.exported += batch.exported
+                outcome.deleted += batch.deleted
+                outcome.artifacts_deleted += batch.artifacts_deleted
+                kept.update(batch.kept)
+                # Deleted runs leave the list: the next page starts after what stayed.
+                offset += batch.seen - batch.deleted
+                batches += 1
+                if batches % 25 == 0:  # a long first run shows where it is
+                    logger.info(
+                        "%d candidate(s) seen, %d exported, %d deleted",
+                        outcome.candidates,
+                        outcome.exported,
+                        outcome.deleted,
+                    )
+                if batch.exported != batch.deleted and not params.dry_run:
+                    logger.warning(
+                        "%d exported run(s) not deleted (changed since read): kept",
+                        batch.exported - batch.deleted,
+                    )
+    finally:
+        out.close()
+        outcome.kept = dict(kept)
+        outcome.elapsed_s = round(time.perf_counter() - started, 3)
+    return outcome
+
+
+@flow(name=RUNBOOK, log_prints=False)
+def audit_retention(params: RetentionParams = RetentionParams()) -> RetentionOutcome:  # noqa: B008
+    """Export, then delete, flow runs older than N days that no open incident needs."""
+    report = Report(RUNBOOK, f"Audit retention: runs older than {params.older_than_days:g} days")
+    done: list[RetentionOutcome] = []
+
+    def summary() -> str:
+        if not done:
+            return f"{RUNBOOK}: stopped"
+        o = done[0]
+        verb = "would delete" if o.dry_run else "deleted"
+        return f"{RUNBOOK}: {verb} {o.exported if o.dry_run else o.deleted} run(s)"
+
+    with publish_on_exit(report, summary):
+        source = tag_run(RUNBOOK)
+        cutoff = datetime.now(UTC) - timedelta(days=params.older_than_days)
+        report.add(
+            "Request",
+            f"Source: {source}; dry run: **{params.dry_run}**; cutoff {cutoff.isoformat()}"
+            f" (due to start before); at most {params.max_runs} run(s).",
+        )
+        path: Path | None = None
+        if not params.dry_run:
+            folder = Path(params.export_dir).expanduser()
+            folder.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            path = folder / f"flow-runs-before-{cutoff:%Y%m%d}-{stamp}.jsonl"
+            # Writable before the first read, so a bad folder stops the run with nothing done.
+            path.touch(exist_ok=False)
+        protection = read_protection()
+        report.add(
+            "Open incidents",
+            f"{len(protection.open_keys)} open incident key(s), "
+            f"{len(protection.recorded)} with a post-incident record.\n\n"
+            + table(["open incident key"], [[k] for k in sorted(protection.open_keys)[:50]]),
+        )
+        outcome = export_and_delete(params, cutoff, protection, path)
+        done.append(outcome)
+        kept = table(["kept because", "runs"], sorted(outcome.kept.items()))
+        if outcome.dry_run:
+            body = (
+                f"Dry run: **{outcome.exported}** run(s) would be exported and deleted; "
+                "nothing written, nothing deleted."
+            )
+        else:
+            body = (
+                f"Exported **{outcome.exported}** run(s) to {md_code(path)}, deleted "
+                f"**{outcome.deleted}** run(s) and {outcome.artifacts_deleted} artifact(s) "
+                f"in {outcome.elapsed_s:.1f} s."
+            )
+        report.add("Outcome", body + f"\n\n{outcome.candidates} candidate(s) seen.\n\n" + kept)
+        return outcome

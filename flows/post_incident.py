@@ -1,0 +1,938 @@
+"""Flow `post-incident`: one readable record of an incident, from Prefect's own run history.
+
+Trigger: the receiver starts it as a **draft** when an alert resolves whose runbook ran
+(`deployments/receiver.py`); by hand from the UI (checklist form); or from a shell:
+`python -m flows.post_incident --incident KEY --out DIR` (writes the record, asks nothing).
+
+Incident key (`IncidentKey.parse`):
+
+- `alert:<fingerprint>` (or a bare fingerprint): the runs the receiver tagged `alert:<fp>`;
+- `tag:<tag>`: every run carrying that tag;
+- `<runbook>@<since>..<until>`: the runs of that runbook expected to start in the range.
+
+Gathers, through the Prefect API: every flow run (with its subflows), task run, state change,
+artifact, approval input and notification (runs of the `escalate` flow) → one ordered
+timeline with durations, the times to first action, approval and recovery, and the seed's
+post-incident checklist, filled in a Prefect form (`ChecklistForm`), each item with who and
+when. The same record is published as a markdown artifact and can be exported as markdown
+and JSON (the JSON loads back into the same `PostIncidentRecord`).
+
+May change: nothing outside this run (it reads the API; its form answers are its own run
+inputs). Safety: read-only; human text (approver names, reasons, checklist answers) is
+markdown-escaped in the artifact; the form's `filled_by` is self-declared, like the approver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, Self
+from uuid import UUID
+
+import httpx
+from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
+    FlowRunFilterId,
+    FlowRunFilterParentTaskRunId,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import Artifact, FlowRun, FlowRunInput, TaskRun
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.context import FlowRunContext
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from flows.common import (
+    Report,
+    _end_expired_pause,
+    md_escape,
+    publish_on_exit,
+    table,
+    tag_run,
+)
+from tasks.errors import PermanentError, TransientError
+from tasks.retry import RETRY_READ
+
+RUNBOOK = "post-incident"
+#: Runs of this flow are notifications (the escalation helper's flow); "none" is fine.
+NOTIFY_FLOW = "escalate"
+#: Flows that describe incidents rather than act in them: never part of a timeline.
+NOT_IN_TIMELINE = frozenset({RUNBOOK, "audit-retention"})
+PAGE = 200
+#: More runs than this under one key is not an incident but a mistyped key (a tag on
+#: everything): refused, rather than read for minutes.
+MAX_RUNS = 500
+
+#: How each runbook says "recovered" when it has no `verify*` task: a Completed run whose
+#: report (artifact description, `<runbook> on <target>: <action>`) ends with this action.
+#: db-pool-exhausted fails its run (PoolStillExhausted) when usage stays above the healthy
+#: mark after terminating, so a Completed "terminated" run is a passed verification.
+RECOVERED_WHEN = {"db-pool-exhausted": ": terminated"}
+
+ChecklistName = Literal[
+    "root_cause",
+    "prevention",
+    "runbook_update",
+    "learning_session",
+    "alert_thresholds",
+    "customer_communication",
+]
+CHECKLIST: tuple[ChecklistName, ...] = (
+    "root_cause",
+    "prevention",
+    "runbook_update",
+    "learning_session",
+    "alert_thresholds",
+    "customer_communication",
+)
+CHECKLIST_TITLES: dict[ChecklistName, str] = {
+    "root_cause": "Root cause identified and documented",
+    "prevention": "Prevention measures implemented",
+    "runbook_update": "Runbook updated with learnings",
+    "learning_session": "Team learning session scheduled",
+    "alert_thresholds": "Alert thresholds reviewed",
+    "customer_communication": "Customer communication sent (if needed)",
+}
+
+_RANGE = re.compile(r"^(?P<runbook>[a-z0-9][a-z0-9-]*)@(?P<since>[^.]+)\.\.(?P<until>.+)$")
+
+
+class IncidentKey(BaseModel):
+    """Which runs make one incident: an alert fingerprint, a tag, or a runbook + time range."""
+
+    fingerprint: str | None = None
+    tag: str | None = None
+    runbook: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        ranged = (self.runbook, self.since, self.until)
+        kinds = [
+            self.fingerprint is not None,
+            self.tag is not None,
+            any(x is not None for x in ranged),
+        ]
+        if sum(kinds) != 1:
+            raise ValueError("an incident key is a fingerprint, a tag, or a runbook + time range")
+        if kinds[2]:
+            if self.runbook is None or self.since is None or self.until is None:
+                raise ValueError("a time-range key needs the runbook, since and until")
+            if self.since.tzinfo is None or self.until.tzinfo is None:
+                raise ValueError("since and until need a time zone (e.g. ...Z)")
+            if self.until <= self.since:
+                raise ValueError("until must be after since")
+        for text in (self.fingerprint, self.tag):
+            if text is not None and (not 0 < len(text) <= 200 or text != text.strip()):
+                raise ValueError("the fingerprint or tag must be 1-200 characters, no padding")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> IncidentKey:
+        """`alert:<fp>`, a bare fingerprint, `tag:<tag>` or `<runbook>@<since>..<until>`."""
+        text = text.strip()
+        if text.startswith("alert:"):
+            return cls(fingerprint=text.removeprefix("alert:"))
+        if text.startswith("tag:"):
+            return cls(tag=text.removeprefix("tag:"))
+        found = _RANGE.match(text)
+        if found:
+            return cls(
+                runbook=found["runbook"],
+                since=datetime.fromisoformat(found["since"]),
+                until=datetime.fromisoformat(found["until"]),
+            )
+        if re.fullmatch(r"[A-Za-z0-9_-]{1,200}", text):
+            return cls(fingerprint=text)
+        raise ValueError(
+            "incident key: alert:<fingerprint>, tag:<tag> or <runbook>@<since>..<until>"
+        )
+
+    def label(self) -> str:
+        """The key as text; `parse(label())` gives the same key."""
+        if self.fingerprint is not None:
+            return f"alert:{self.fingerprint}"
+        if self.tag is not None:
+            return f"tag:{self.tag}"
+        assert self.since is not None and self.until is not None
+        return f"{self.runbook}@{self.since.isoformat()}..{self.until.isoformat()}"
+
+    def run_filter(self) -> tuple[FlowFilter | None, FlowRunFilter]:
+        """The API filter for the incident's top-level runs."""
+        if self.fingerprint is not None:
+            return None, FlowRunFilter(tags=FlowRunFilterTags(all_=[f"alert:{self.fingerprint}"]))
+        if self.tag is not None:
+            return None, FlowRunFilter(tags=FlowRunFilterTags(all_=[self.tag]))
+        return FlowFilter(name=FlowFilterName(any_=[self.runbook or ""])), FlowRunFilter(
+            expected_start_time=FlowRunFilterExpectedStartTime(
+                after_=self.since, before_=self.until
+            )
+        )
+
+
+class RunSummary(BaseModel):
+    """One flow run of the incident."""
+
+    id: UUID
+    name: str
+    flow: str
+    parent_run_id: UUID | None = None
+    tags: list[str] = Field(default_factory=list)
+    state: str
+    created: datetime | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    duration_s: float | None = None
+    dry_run: bool | None = None
+    notification: bool = False
+
+
+EventKind = Literal["alert", "state", "task", "artifact", "approval", "notification"]
+
+
+class TimelineEvent(BaseModel):
+    """One line of the timeline: what happened, when, for how long."""
+
+    at: datetime
+    offset_s: float = Field(description="Seconds since the incident started.")
+    kind: EventKind
+    run: str = Field(description="The flow run's name.")
+    flow: str
+    step: str
+    detail: str = ""
+    duration_s: float | None = None
+
+
+class Metrics(BaseModel):
+    """The three figures of the review, from the timeline."""
+
+    started_at: datetime | None
+    started_by: str = Field(description="What t0 is: the alert's startsAt or the first run.")
+    first_action_at: datetime | None = None
+    first_action_s: float | None = None
+    approval_at: datetime | None = None
+    approval_s: float | None = None
+    approval_by: str | None = None
+    recovered: bool = False
+    recovery_at: datetime | None = None
+    recovery_s: float | None = None
+    recovery_by: str = Field("", description="The step whose success counts as recovery.")
+    notifications: int = 0
+
+
+class ChecklistItem(BaseModel):
+    """One item of the seed's post-incident checklist."""
+
+    item: ChecklistName
+    title: str
+    answer: str = ""
+    by: str | None = None
+    at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        return bool(self.answer.strip())
+
+
+class Checklist(BaseModel):
+    """The seed's six items, open until someone answers them in the form."""
+
+    items: list[ChecklistItem] = Field(
+        default_factory=lambda: [
+            ChecklistItem(item=n, title=CHECKLIST_TITLES[n]) for n in CHECKLIST
+        ]
+    )
+
+    @property
+    def complete(self) -> bool:
+        return all(i.done for i in self.items)
+
+    def answer(self, name: ChecklistName) -> str:
+        return next(i.answer for i in self.items if i.item == name)
+
+
+class PostIncidentRecord(BaseModel):
+    """The post-incident record: exported as JSON and markdown, loaded back the same."""
+
+    incident: IncidentKey
+    mode: Literal["draft", "final"]
+    generated_at: datetime
+    runs: list[RunSummary]
+    timeline: list[TimelineEvent]
+    metrics: Metrics
+    checklist: Checklist = Field(default_factory=Checklist)
+
+
+class ChecklistForm(RunInput):
+    """The seed's post-incident checklist, filled by the on-call in the Prefect UI."""
+
+    filled_by: str = Field(..., min_length=1, max_length=200, description="Your name.")
+    root_cause: str = Field(
+        "", max_length=4000, description="Root cause identified and documented."
+    )
+    prevention: str = Field("", max_length=4000, description="Prevention measures implemented.")
+    runbook_update: str = Field("", max_length=4000, description="Runbook updated with learnings.")
+    learning_session: str = Field("", max_length=4000, description="Learning session scheduled.")
+    alert_thresholds: str = Field("", max_length=4000, description="Alert thresholds reviewed.")
+    customer_communication: str = Field(
+        "", max_length=4000, description="Customer communication sent (or: not needed, why)."
+    )
+    done: bool = Field(False, description="Tick to close the review; else the form stays open.")
+
+
+class PostIncidentParams(BaseModel):
+    """Parameters of the post-incident flow (the form in the UI's Run dialog)."""
+
+    incident: str = Field(
+        ...,
+        min_length=1,
+        max_length=300,
+        description="alert:<fingerprint>, tag:<tag> or <runbook>@<since>..<until> (ISO times).",
+    )
+    draft: bool = Field(
+        False, description="Build the timeline only; the checklist stays open (no form)."
+    )
+    form_timeout_s: int = Field(
+        86_400, ge=10, le=7 * 86_400, description="How long each checklist form waits."
+    )
+    max_rounds: int = Field(6, ge=1, le=20, description="Forms at most, until all items answered.")
+    export_dir: str | None = Field(
+        None, max_length=500, description="Also write <key>.md and <key>.json into this folder."
+    )
+
+    @model_validator(mode="after")
+    def _valid_key(self) -> Self:
+        IncidentKey.parse(self.incident)  # a bad key is refused before anything runs
+        return self
+
+
+# --- gathering --------------------------------------------------------------------------
+
+
+class Gathered(BaseModel):
+    """What the API holds about the incident, before it becomes a timeline."""
+
+    runs: list[FlowRun]
+    flows: dict[UUID, str]
+    states: dict[UUID, list[Any]]
+    task_runs: dict[UUID, list[TaskRun]]
+    artifacts: dict[UUID, list[Artifact]]
+    inputs: dict[UUID, list[FlowRunInput]]
+
+
+def _classified(exc: Exception, what: str) -> Exception:
+    """A Prefect API error as a runbook error: 5xx/transport transient, the rest permanent."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    # The path names the call; the query and body are left out (they never hold secrets
+    # here, but a URL may carry credentials in other setups).
+    request = getattr(exc, "_request", None)
+    where = f" {request.method} {request.url.path}" if isinstance(request, httpx.Request) else ""
+    if status is None or status >= 500 or status == 429:
+        return TransientError(f"Prefect API{where}: {what}: {type(exc).__name__} {status or ''}")
+    return PermanentError(f"Prefect API{where}: {what}: HTTP {status}")
+
+
+def _all_runs(
+    client: SyncPrefectClient, flow_filter: FlowFilter | None, run_filter: FlowRunFilter
+) -> list[FlowRun]:
+    runs: list[FlowRun] = []
+    while True:
+        page = client.read_flow_runs(
+            flow_filter=flow_filter,
+            flow_run_filter=run_filter,
+            sort=FlowRunSort.ID_DESC,
+            limit=PAGE,
+            offset=len(runs),
+        )
+        runs += page
+        if len(runs) > MAX_RUNS:
+            raise PermanentError(
+                f"more than {MAX_RUNS} runs under this incident key: too wide (is it a tag on"
+                " everything?)"
+            )
+        if len(page) < PAGE:
+            return runs
+
+
+def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
+    """Every run of the incident (subflows too) with its states, tasks, artifacts, inputs."""
+    flow_filter, run_filter = key.run_filter()
+    found: dict[UUID, FlowRun] = {r.id: r for r in _all_runs(client, flow_filter, run_filter)}
+    task_runs: dict[UUID, list[TaskRun]] = {}
+    todo = list(found)
+    # Subflows are found through their parent task run, whatever their tags: repeat until
+    # no run adds a child.
+    while todo:
+        batch, todo = todo[:PAGE], todo[PAGE:]
+        tasks = _task_runs(client, batch)
+        for run_id in batch:
+            task_runs[run_id] = [t for t in tasks if t.flow_run_id == run_id]
+        if not tasks:
+            continue
+        children = _all_runs(
+            client,
+            None,
+            FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in tasks])
+            ),
+        )
+        for child in children:
+            if child.id not in found:
+                found[child.id] = child
+                todo.append(child.id)
+    flow_ids = list({r.flow_id for r in found.values()})
+    names = {flow_id: client.read_flow(flow_id).name for flow_id in flow_ids}
+    runs = [r for r in found.values() if names[r.flow_id] not in NOT_IN_TIMELINE]
+    ids = [r.id for r in runs]
+    artifacts: dict[UUID, list[Artifact]] = {i: [] for i in ids}
+    for art in _artifacts(client, ids):
+        if art.flow_run_id in artifacts:
+            artifacts[art.flow_run_id].append(art)
+    return Gathered(
+        runs=runs,
+        flows=names,
+        states={r.id: client.read_flow_run_states(r.id) for r in runs},
+        task_runs={i: task_runs.get(i, []) for i in ids},
+        artifacts=artifacts,
+        inputs={i: _responses(client, i) for i in ids},
+    )
+
+
+def _artifacts(client: SyncPrefectClient, run_ids: list[UUID]) -> list[Artifact]:
+    out: list[Artifact] = []
+    while run_ids:
+        page = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=run_ids)),
+            limit=PAGE,
+            offset=len(out),
+        )
+        out += page
+        if len(page) < PAGE:
+            break
+    return out
+
+
+def _task_runs(client: SyncPrefectClient, run_ids: list[UUID]) -> list[TaskRun]:
+    out: list[TaskRun] = []
+    while True:
+        page = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)),
+            limit=PAGE,
+            offset=len(out),
+        )
+        out += page
+        if len(page) < PAGE:
+            return out
+
+
+def _responses(client: SyncPrefectClient, run_id: UUID) -> list[FlowRunInput]:
+    """The answers given to the run's pauses (approval and checklist forms), oldest first."""
+    inputs = client.filter_flow_run_input(
+        flow_run_id=run_id, key_prefix="paused-", limit=100, exclude_keys=set()
+    )
+    return sorted((i for i in inputs if i.key.endswith("-response")), key=_created)
+
+
+def _created(obj: Any) -> datetime:
+    value = obj.created
+    assert isinstance(value, datetime)
+    return value
+
+
+@task(**RETRY_READ, task_run_name="gather-incident")
+def gather_incident(key: IncidentKey) -> Gathered:
+    """Read every run, state, task run, artifact and form answer of the incident."""
+    try:
+        with get_client(sync_client=True) as client:
+            return collect(client, key)
+    except httpx.HTTPError as exc:  # PrefectHTTPStatusError included
+        raise _classified(exc, f"reading incident {key.label()}") from None
+
+
+# --- the timeline -----------------------------------------------------------------------
+
+
+def _secs(a: datetime | None, b: datetime | None) -> float | None:
+    return None if a is None or b is None else round((b - a).total_seconds(), 6)
+
+
+def _fired_at(run: FlowRun) -> datetime | None:
+    """The alert's startsAt, from the receiver's idempotency key `<fp>:<startsAt>`."""
+    if "source:alert" not in (run.tags or []) or not run.idempotency_key:
+        return None
+    _, _, stamp = run.idempotency_key.partition(":")
+    # Alertmanager sends nanoseconds; Python parses microseconds.
+    stamp = re.sub(r"(\.\d{6})\d+", r"\1", stamp.replace("Z", "+00:00"))
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return when if when.tzinfo else None
+
+
+def _dry_run(run: FlowRun) -> bool | None:
+    params = run.parameters.get("params") if run.parameters else None
+    value = params.get("dry_run") if isinstance(params, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+def _decoded(value: FlowRunInput) -> dict[str, Any]:
+    try:
+        data = json.loads(value.value)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def build_record(
+    key: IncidentKey,
+    data: Gathered,
+    *,
+    mode: Literal["draft", "final"],
+    checklist: Checklist | None = None,
+    now: datetime | None = None,
+) -> PostIncidentRecord:
+    """The ordered timeline and the figures, from what `collect` read."""
+    runs = sorted(
+        data.runs,
+        key=lambda r: r.created or r.expected_start_time or datetime.max.replace(tzinfo=UTC),
+    )
+    fired = [t for t in (_fired_at(r) for r in runs) if t is not None]
+    raw: list[tuple[datetime, int, dict[str, Any]]] = []
+    seq = 0
+
+    def add(at: datetime | None, **fields: Any) -> None:
+        nonlocal seq
+        if at is not None:
+            raw.append((at, seq, fields))
+            seq += 1
+
+    summaries: list[RunSummary] = []
+    first_action: tuple[datetime, str] | None = None
+    approval: tuple[datetime, str, str] | None = None
+    recovery: tuple[datetime, str] | None = None
+    notifications = 0
+    owner = {t.id: run_id for run_id, ts in data.task_runs.items() for t in ts}
+    if fired:
+        add(min(fired), kind="alert", run="", flow="", step="alert fired", detail="startsAt")
+    for run in runs:
+        flow_name = data.flows.get(run.flow_id, "?")
+        notify = flow_name == NOTIFY_FLOW
+        notifications += notify
+        states = sorted(data.states.get(run.id, []), key=lambda s: s.timestamp)
+        final = run.state.name if run.state else "unknown"
+        summaries.append(
+            RunSummary(
+                id=run.id,
+                name=run.name,
+                flow=flow_name,
+                parent_run_id=owner.get(run.parent_task_run_id) if run.parent_task_run_id else None,
+                tags=sorted(run.tags or []),
+                state=final,
+                created=run.created,
+                start=run.start_time,
+                end=run.end_time,
+                duration_s=_secs(run.start_time, run.end_time),
+                dry_run=_dry_run(run),
+                notification=notify,
+            )
+        )
+        base = {"run": run.name, "flow": flow_name}
+        for i, state in enumerate(states):
+            after = states[i + 1].timestamp if i + 1 < len(states) else None
+            add(
+                state.timestamp,
+                kind="notification" if notify and state.is_final() else "state",
+                step=state.name or state.type.value,
+                detail=(state.message or "")[:300],
+                duration_s=_secs(state.timestamp, after),
+                **base,
+            )
+        for t in sorted(
+            data.task_runs.get(run.id, []),
+            key=lambda t: (
+                t.start_time
+                or t.expected_start_time
+                or run.created
+                or datetime.max.replace(tzinfo=UTC)
+            ),
+        ):
+            at = t.start_time or t.expected_start_time
+            tstate = t.state.name if t.state else "unknown"
+            attempts = f"; {t.run_count} attempts" if t.run_count > 1 else ""
+            add(
+                at,
+                kind="task",
+                step=t.name,
+                detail=f"{tstate}{attempts}",
+                duration_s=_secs(t.start_time, t.end_time),
+                **base,
+            )
+            if (
+                t.start_time is not None
+                and not notify
+                and (first_action is None or t.start_time < first_action[0])
+            ):
+                first_action = (t.start_time, f"{run.name} / {t.name}")
+            if (
+                t.name.startswith("verify")
+                and t.state is not None
+                and t.state.is_completed()
+                and t.end_time is not None
+                and (recovery is None or t.end_time < recovery[0])
+            ):
+                recovery = (t.end_time, f"{run.name} / {t.name}")
+        for art in data.artifacts.get(run.id, []):
+            add(
+                art.created,
+                kind="artifact",
+                step=art.key or art.type or "artifact",
+                detail=(art.description or "")[:300],
+                **base,
+            )
+            marker = RECOVERED_WHEN.get(flow_name)
+            if (
+                marker
+                and run.state is not None
+                and run.state.is_completed()
+                and (art.description or "").endswith(marker)
+                and run.end_time is not None
+                and (recovery is None or run.end_time < recovery[0])
+            ):
+                recovery = (run.end_time, f"{run.name} (Completed, {marker.strip(': ')})")
+        paused = [s for s in states if s.is_paused()]
+        for answer in data.inputs.get(run.id, []):
+            value = _decoded(answer)
+            if "approved" not in value:
+                continue
+            asked = max(
+                (s.timestamp for s in paused if s.timestamp <= answer.created), default=None
+            )
+            verdict = "approved" if value.get("approved") else "refused"
+            who = str(value.get("approver", ""))[:200]
+            add(
+                answer.created,
+                kind="approval",
+                step=verdict,
+                detail=f"{verdict} by {who}"
+                + (f": {value.get('reason')}" if value.get("reason") else ""),
+                duration_s=_secs(asked, answer.created),
+                **base,
+            )
+            if (
+                value.get("approved")
+                and answer.created
+                and (approval is None or answer.created < approval[0])
+            ):
+                approval = (answer.created, who, run.name)
+    if not runs:
+        raise PermanentError(f"no runs found for incident {key.label()}")
+    raw.sort(key=lambda x: (x[0], x[1]))
+    t0 = min(fired) if fired else (raw[0][0] if raw else None)
+    timeline = [
+        TimelineEvent(at=at, offset_s=_secs(t0, at) or 0.0, **fields) for at, _, fields in raw
+    ]
+    metrics = Metrics(
+        started_at=t0,
+        started_by="alert startsAt" if fired else "first recorded event",
+        notifications=notifications,
+    )
+    if first_action:
+        metrics.first_action_at, metrics.first_action_s = (
+            first_action[0],
+            _secs(t0, first_action[0]),
+        )
+    if approval:
+        metrics.approval_at, metrics.approval_by = approval[0], approval[1]
+        metrics.approval_s = _secs(t0, approval[0])
+    if recovery:
+        metrics.recovered = True
+        metrics.recovery_at, metrics.recovery_s = recovery[0], _secs(t0, recovery[0])
+        metrics.recovery_by = recovery[1]
+    return PostIncidentRecord(
+        incident=key,
+        mode=mode,
+        generated_at=now or datetime.now(UTC),
+        runs=summaries,
+        timeline=timeline,
+        metrics=metrics,
+        checklist=checklist or Checklist(),
+    )
+
+
+# --- the checklist ----------------------------------------------------------------------
+
+
+def checklist_from_inputs(answers: Iterable[FlowRunInput]) -> Checklist:
+    """The checklist from the form answers, oldest first: an item's who/when is the answer
+    that last changed its text (a form re-sent with the same text keeps the first author)."""
+    checklist = Checklist()
+    for answer in sorted(answers, key=_created):
+        value = _decoded(answer)
+        if "filled_by" not in value:
+            continue  # an approval answer, not a checklist
+        try:
+            form = ChecklistForm.model_validate(value)
+        except ValidationError:
+            continue
+        for item in checklist.items:
+            text = str(getattr(form, item.item)).strip()
+            if text and text != item.answer:
+                item.answer, item.by, item.at = text, form.filled_by, answer.created
+    return checklist
+
+
+def recorded_checklist(client: SyncPrefectClient, key: IncidentKey) -> Checklist:
+    """The checklist as answered in this incident's post-incident runs (tag `incident:<key>`)."""
+    runs = client.read_flow_runs(
+        flow_filter=FlowFilter(name=FlowFilterName(any_=[RUNBOOK])),
+        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[incident_tag(key)])),
+        limit=PAGE,
+    )
+    answers = [a for r in runs for a in _responses(client, r.id)]
+    return checklist_from_inputs(answers)
+
+
+def incident_tag(key: IncidentKey) -> str:
+    """The tag a post-incident run carries, so retention and the CLI find its record."""
+    return f"incident:{key.label()}"[:250]
+
+
+# --- markdown and export ----------------------------------------------------------------
+
+
+def _fmt_s(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f} s" if value < 120 else f"{value:.0f} s ({timedelta(seconds=round(value))})"
+
+
+def _stamp(at: datetime | None) -> str:
+    return at.astimezone(UTC).isoformat(timespec="milliseconds") if at else "—"
+
+
+def record_markdown(record: PostIncidentRecord) -> str:
+    """The record as the markdown attached to a ticket (and the run's artifact)."""
+    m = record.metrics
+    # Plain text: table() escapes every cell (approver names are typed by humans).
+    recovery = f"{_fmt_s(m.recovery_s)} ({m.recovery_by})" if m.recovered else "NOT recovered"
+    approval = f"{_fmt_s(m.approval_s)} (by {m.approval_by})" if m.approval_at else "no approval"
+    lines = [
+        f"# Post-incident record: {md_escape(record.incident.label())}",
+        "",
+        f"_{record.mode} · generated {_stamp(record.generated_at)}_",
+        "",
+        "## Figures",
+        "",
+        table(
+            ["figure", "value"],
+            [
+                ["incident start (t0)", f"{_stamp(m.started_at)} ({m.started_by})"],
+                ["time to first action", f"{_fmt_s(m.first_action_s)}"],
+                ["time to approval", approval],
+                ["time to recovery", recovery],
+                ["notifications", m.notifications or "none"],
+            ],
+        ),
+        "",
+        "## Runs",
+        "",
+        table(
+            ["run", "flow", "state", "dry run", "start", "end", "duration"],
+            [
+                [
+                    r.name,
+                    r.flow,
+                    r.state,
+                    "—" if r.dry_run is None else r.dry_run,
+                    _stamp(r.start),
+                    _stamp(r.end),
+                    _fmt_s(r.duration_s),
+                ]
+                for r in record.runs
+            ],
+        ),
+        "",
+        "## Timeline",
+        "",
+        table(
+            ["t0 +", "at", "kind", "run", "step", "duration", "detail"],
+            [
+                [
+                    _fmt_s(e.offset_s),
+                    _stamp(e.at),
+                    e.kind,
+                    e.run,
+                    e.step,
+                    _fmt_s(e.duration_s),
+                    e.detail,
+                ]
+                for e in record.timeline
+            ],
+        ),
+        "",
+        "## Checklist",
+        "",
+        table(
+            ["item", "answer", "by", "when"],
+            [
+                [i.title, i.answer or "open", i.by or "—", _stamp(i.at)]
+                for i in record.checklist.items
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _file_stem(key: IncidentKey) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", key.label().lower()).strip("-")[:80]
+    return f"post-incident-{slug}"
+
+
+def export(record: PostIncidentRecord, out_dir: Path) -> tuple[Path, Path]:
+    """Write `<stem>.md` and `<stem>.json`; the JSON loads back into the same record."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _file_stem(record.incident)
+    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    md.write_text(record_markdown(record), encoding="utf-8")
+    js.write_text(record.model_dump_json(indent=2), encoding="utf-8")
+    return md, js
+
+
+def load(path: Path) -> PostIncidentRecord:
+    """A record exported by `export`."""
+    return PostIncidentRecord.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+# --- the flow ---------------------------------------------------------------------------
+
+
+def _tag_incident(key: IncidentKey) -> None:
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    current = set(ctx.flow_run.tags or [])
+    if incident_tag(key) not in current:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(ctx.flow_run.id, tags=sorted(current | {incident_tag(key)}))
+            ctx.flow_run.tags = sorted(current | {incident_tag(key)})
+
+
+def _own_answers() -> list[FlowRunInput]:
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return []
+    with get_client(sync_client=True) as client:
+        return _responses(client, ctx.flow_run.id)
+
+
+def _fill_checklist(params: PostIncidentParams, report: Report) -> Checklist:
+    """Pause for the checklist form until every item is answered, `done`, or no answer."""
+    logger = get_run_logger()
+    checklist = checklist_from_inputs(_own_answers())
+    for _ in range(params.max_rounds):
+        if checklist.complete:
+            break
+        open_items = [i.title for i in checklist.items if not i.done]
+        logger.warning("Post-incident checklist open: %s", "; ".join(open_items))
+        prefill = {i.item: i.answer for i in checklist.items}
+        try:
+            answer = pause_flow_run(
+                wait_for_input=ChecklistForm.with_initial_data(
+                    description=f"Post-incident checklist for {params.incident}: "
+                    + f"{len(open_items)} item(s) open",
+                    **prefill,
+                ),
+                timeout=params.form_timeout_s,
+                poll_interval=min(5, max(1, params.form_timeout_s // 4)),
+            )
+        except FlowPauseTimeout:
+            # No answer: the record is kept with its items open, the run ends normally.
+            _end_expired_pause()
+            report.add(
+                "Checklist form", f"no answer within {params.form_timeout_s} s: items stay open."
+            )
+            break
+        checklist = checklist_from_inputs(_own_answers())
+        if answer.done:
+            break
+    return checklist
+
+
+@flow(name=RUNBOOK, log_prints=False)
+def post_incident(params: PostIncidentParams) -> PostIncidentRecord:
+    """Build the incident's timeline and figures; fill the checklist form unless a draft."""
+    key = IncidentKey.parse(params.incident)
+    report = Report(RUNBOOK, f"Post-incident: {key.label()}")
+    done: list[PostIncidentRecord] = []
+
+    def summary() -> str:
+        if not done:
+            return f"{RUNBOOK} {key.label()}: stopped"
+        m = done[0].metrics
+        state = "recovered" if m.recovered else "not recovered"
+        items = sum(i.done for i in done[0].checklist.items)
+        return f"{RUNBOOK} {key.label()}: {done[0].mode}, {state}, checklist {items}/6"
+
+    with publish_on_exit(report, summary):
+        tag_run(RUNBOOK)
+        _tag_incident(key)
+        data = gather_incident(key)
+        checklist = Checklist() if params.draft else _fill_checklist(params, report)
+        record = build_record(
+            key, data, mode="draft" if params.draft else "final", checklist=checklist
+        )
+        # The artifact is the record itself (the Report's header + the record's sections).
+        report.add("Record", record_markdown(record).split("\n", 2)[2])
+        if params.export_dir:
+            md, js = export(record, Path(params.export_dir))
+            report.add("Export", f"`{md.name}` and `{js.name}` in the export folder.")
+        done.append(record)
+        return record
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m flows.post_incident --incident KEY --out DIR`: write the record, ask nothing."""
+    parser = argparse.ArgumentParser(prog="python -m flows.post_incident", description=main.__doc__)
+    parser.add_argument(
+        "--incident", required=True, help="alert:<fp>, tag:<tag> or <runbook>@<since>..<until>"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="folder for the .md and .json")
+    args = parser.parse_args(argv)
+    try:
+        key = IncidentKey.parse(args.incident)
+        with get_client(sync_client=True) as client:
+            data = collect(client, key)
+            checklist = recorded_checklist(client, key)
+        mode: Literal["draft", "final"] = "final" if checklist.complete else "draft"
+        record = build_record(key, data, mode=mode, checklist=checklist)
+    except (ValueError, PermanentError, TransientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    md, js = export(record, args.out)
+    print(md)
+    print(js)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""audit-retention against the real Prefect server, with runs backdated through the client.
+
+Prefect's API sets state timestamps itself, so a run is made old the way the client allows:
+created Scheduled for a time 120 days ago (its `expected_start_time`, the age the flow
+reads), then moved on through its states.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect import flow, task
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import ArtifactCreate
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.states import Cancelled, Completed, Failed, Paused, Pending, Running, Scheduled
+from pydantic import ValidationError
+
+from flows.audit_retention import RetentionParams, audit_retention
+from flows.post_incident import post_incident
+from tests.fixtures.prefect_runs import flow_run_artifacts
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+OLD = timedelta(days=120)
+
+
+@flow(name="retention-subject")
+def subject() -> None:
+    """Never run: its runs are made through the client."""
+
+
+@task(name="retention-step")
+def step() -> None:
+    """Never run: a task run record for the export."""
+
+
+@dataclass
+class World:
+    deletable: dict[str, UUID] = field(default_factory=dict)
+    kept: dict[str, UUID] = field(default_factory=dict)
+    artifact: UUID | None = None
+
+
+def _run(
+    client: SyncPrefectClient,
+    *,
+    tags: list[str] | None = None,
+    states: tuple[Any, ...] = (Pending, Running, Completed),
+    age: timedelta = OLD,
+    of: Any = subject,
+) -> UUID:
+    due = datetime.now(UTC) - age
+    run = client.create_flow_run(of, tags=tags or [], state=Scheduled(scheduled_time=due))
+    for state in states:
+        client.set_flow_run_state(run.id, state(), force=True)
+    return run.id
+
+
+@pytest.fixture(scope="module")
+def world(prefect_api: None) -> World:
+    w = World()
+    with get_client(sync_client=True) as c:
+        # Deletable: old, final, of no open incident.
+        w.deletable["plain"] = plain = _run(c)
+        c.create_task_run(step, flow_run_id=plain, dynamic_key="0", state=Completed())
+        w.artifact = c.create_artifact(
+            ArtifactCreate(
+                key="retention-subject", type="markdown", data="# report", flow_run_id=plain
+            )
+        ).id
+        w.deletable["failed"] = _run(c, states=(Pending, Running, Failed))
+        w.deletable["reviewed"] = _run(c, tags=["alert:fpreviewed", "source:alert"])
+        _run(c, tags=["incident:alert:fpreviewed"], of=post_incident, age=timedelta(0))
+        # Resolved before it started: no runbook ran, nothing to review.
+        w.deletable["never-ran"] = _run(c, tags=["alert:fpnever"], states=(Cancelled,))
+        # Kept: an incident still going (another run of the key is Running) ...
+        w.kept["open"] = _run(c, tags=["alert:fpopen"])
+        _run(c, tags=["alert:fpopen"], states=(Pending, Running), age=timedelta(0))
+        # ... a post-incident form still waiting for answers ...
+        w.kept["form-open"] = _run(c, tags=["alert:fpform"])
+        _run(
+            c,
+            tags=["incident:alert:fpform"],
+            of=post_incident,
+            states=(Pending, Running, Paused),
+            age=timedelta(0),
+        )
+        # ... no post-incident record yet (still firing, or not reviewed) ...
+        w.kept["unreviewed"] = _run(c, tags=["alert:fpunreviewed"])
+        # ... a paused run however old, and a young run.
+        w.kept["paused"] = _run(c, states=(Pending, Running, Paused))
+        w.kept["young"] = _run(c, age=timedelta(days=10))
+    return w
+
+
+def existing(ids: list[UUID]) -> set[UUID]:
+    with get_client(sync_client=True) as c:
+        runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    return {r.id for r in runs}
+
+
+def test_dry_run_counts_and_changes_nothing(world: World, tmp_path: Path) -> None:
+    out = audit_retention(RetentionParams(export_dir=str(tmp_path / "x")))
+    assert out.dry_run and out.deleted == 0
+    assert out.exported == len(world.deletable)  # "would export and delete"
+    assert out.kept == {"incident still open": 2, "no post-incident record yet": 1}
+    everything = [*world.deletable.values(), *world.kept.values()]
+    assert existing(everything) == set(everything)
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_parameters_are_refused_before_anything_runs(world: World, tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(ValidationError, match="not a folder"):
+        RetentionParams(dry_run=False, export_dir=str(a_file))
+    with pytest.raises(ValidationError, match="older_than_days"):
+        RetentionParams(dry_run=False, older_than_days=0.5)
+    assert existing(list(world.deletable.values())) == set(world.deletable.values())
+
+
+def _lines(folder: Path) -> list[dict[str, Any]]:
+    (path,) = folder.glob("flow-runs-*.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cap_then_export_and_delete_keeps_every_open_incident(world: World, tmp_path: Path) -> None:
+    # The cap: one run per flow run of retention.
+    first = audit_retention(
+        RetentionParams(dry_run=False, export_dir=str(tmp_path / "a"), max_runs=1)
+    )
+    assert (first.exported, first.deleted) == (1, 1)
+    (one,) = _lines(tmp_path / "a")
+    rest = audit_retention(RetentionParams(dry_run=False, export_dir=str(tmp_path / "b")))
+    assert rest.deleted == rest.exported == len(world.deletable) - 1
+    lines = [one, *_lines(tmp_path / "b")]
+    exported = {UUID(x["flow_run"]["id"]): x for x in lines}
+    # Exactly the deletable runs were exported, and are gone; every kept run is still there.
+    assert set(exported) == set(world.deletable.values())
+    assert existing(list(world.deletable.values())) == set()
+    assert existing(list(world.kept.values())) == set(world.kept.values())
+    # The export is the undo: the run, its task runs and its artifacts as the API had them.
+    plain = exported[world.deletable["plain"]]
+    assert plain["flow"] == "retention-subject"
+    assert plain["flow_run"]["state"]["type"] == "COMPLETED"
+    (task_run,) = plain["task_runs"]
+    assert task_run["flow_run_id"] == str(world.deletable["plain"])
+    assert [a["data"] for a in plain["artifacts"]] == ["# report"]
+    with get_client(sync_client=True) as c:
+        left = c.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[world.deletable["plain"]])
+            )
+        )
+    assert left == []
+    assert rest.artifacts_deleted + first.artifacts_deleted == 1
+    # Nothing left to do: a second pass deletes nothing.
+    again = audit_retention(RetentionParams(dry_run=False, export_dir=str(tmp_path / "c")))
+    assert again.deleted == 0
+    assert again.kept == {"incident still open": 2, "no post-incident record yet": 1}
+
+
+def test_the_report_is_published(world: World) -> None:
+    state = audit_retention(RetentionParams(), return_state=True)
+    run_id = state.state_details.flow_run_id
+    (md,) = flow_run_artifacts(run_id, "audit-retention")
+    assert "## Outcome" in md and "Dry run" in md and "kept because" in md
