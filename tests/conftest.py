@@ -25,6 +25,7 @@ pytest_plugins = [
     "tests.fixtures.sandbox",
     "tests.fixtures.prometheus",
     "tests.fixtures.pg_private",
+    "tests.fixtures.acme",
 ]
 
 
