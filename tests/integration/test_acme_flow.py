@@ -19,6 +19,7 @@ from prefect.flow_runs import resume_flow_run
 
 from flows.cert_renew import CertRenewParams, cert_renew
 from tasks.acme import Http01Responder, issue_certificate, last_issuances
+from tasks.tls import RevocationConfig, fetch_endpoint
 from tests.fixtures.acme import Pebble, SecretIngress
 from tests.fixtures.kube import KubeCluster, free_port
 from tests.fixtures.prefect_runs import wait_for_paused_run
@@ -136,6 +137,8 @@ def test_emergency_certificate_end_to_end(
     live, old = ingress
     ns = kube_namespace
     endpoint = f"{_hosts(ns)[0]}@127.0.0.1:{live.port}"
+    before = fetch_endpoint(endpoint, revocation=RevocationConfig.off())
+    assert before.certificates[0].serial == format(old.cert.serial_number, "x")
 
     dry = cert_renew(_params(ns, endpoints=[endpoint]), return_state=True)
     assert dry.result().outcome == "dry run"
@@ -173,7 +176,7 @@ def test_emergency_certificate_end_to_end(
     (check,) = out.live
     assert check.serving_new
     assert check.serial == new_serial
-    assert live.reloads == 2
+    assert live.reloads == 2  # the old pair, then the new one after the restart
 
     report = _artifact(run_id, "cert-renew")
     for expected in (new_serial, "alice", backups[0], "Live endpoints", "Issued and staged"):
