@@ -7,7 +7,7 @@ Encrypt, install it, restart the ingress" steps.
 
 What it may change: it orders a certificate from the ACME CA of `AcmeSettings` for the
 names the current certificate covers, stages the new pair as a TLS Secret
-`<secret>-acme-<UTC stamp>` in the same namespace, then runs `cert-replace`'s path
+`<secret>-acme` in the same namespace, then runs `cert-replace`'s path
 (`flows/cert_replace.py`): approval → backup Secret → replace the TLS Secret → rollout
 restart of the ingress → read back. Finally it checks that the live endpoints serve the
 new certificate.
@@ -27,7 +27,6 @@ Secret can be deleted once the incident is over.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -49,6 +48,7 @@ from tasks.acme import (
     issue_to_staged_secret,
     last_issuances,
     read_secret_owner,
+    secret_exists,
     wait_until_serving,
 )
 from tasks.errors import PermanentError, SafetyViolation
@@ -186,7 +186,14 @@ def _renew(params: CertRenewParams, report: Report, state: dict[str, str]) -> Ce
             f"emergency issuance refused: {', '.join(r.name for r in recent)} already issued "
             "within the last day (CA rate limits); install that one with cert-replace"
         )
-    staged_name = f"{params.secret}-acme-{datetime.now(UTC):%Y%m%d%H%M%S}"[:253]
+    # A fixed name, so RBAC can grant `get` on it by name (deployments/k8s/cert-renew.yaml).
+    staged_name = f"{params.secret}-acme"[:253]
+    if secret_exists(params.namespace, staged_name):
+        report.add("Outcome", "Refused: nothing changed.")
+        raise SafetyViolation(
+            f"staged Secret {params.namespace}/{staged_name} exists from an earlier run: "
+            "install it with cert-replace (new_secret) or delete it, then run again"
+        )
     plan = (
         f"Order a certificate for {', '.join(names)} over ACME (HTTP-01), stage it in Secret "
         f"{params.namespace}/{staged_name}, then (after approval) back up and replace {target}"

@@ -471,6 +471,23 @@ def read_secret_owner(
     return secret_owner(secret.metadata)
 
 
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="secret-exists-{namespace}/{name}")
+def secret_exists(namespace: str, name: str, settings: KubernetesSettings | None = None) -> bool:
+    """Whether a Secret of that name exists (the staged pair's name must be free)."""
+    try:
+        with kube_api_client(settings) as api:
+            k8s.CoreV1Api(api).read_namespaced_secret(
+                name, namespace, _request_timeout=kube_request_timeout(settings)
+            )
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise _kube_error(exc, f"secret {namespace}/{name}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise _kube_error(exc, f"secret {namespace}/{name}") from None
+    return True
+
+
 def create_staged_secret(
     namespace: str,
     name: str,

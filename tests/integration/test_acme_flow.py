@@ -152,7 +152,8 @@ def test_emergency_certificate_end_to_end(
         run_id = wait_for_paused_run("cert-renew")
         # Issued and staged before approval; the live Secret is untouched while we wait.
         assert _serial_in(core, ns, "app-tls") == format(old.cert.serial_number, "x")
-        (staged,) = [n for n in _secret_names(core, ns) if n.startswith("app-tls-acme-")]
+        staged = "app-tls-acme"
+        assert staged in _secret_names(core, ns)
         staged_obj: Any = core.read_namespaced_secret(staged, ns)
         assert staged_obj.metadata.labels["runbooks/runbook"] == "cert-renew"
         assert not [k for k in staged_obj.metadata.annotations if k.startswith("cert-manager")]
@@ -190,7 +191,7 @@ def test_emergency_certificate_end_to_end(
     again = cert_renew(_params(ns, endpoints=[endpoint], dry_run=False), return_state=True)
     assert again.is_failed()
     assert "already issued within the last day" in (again.message or "")
-    assert len([n for n in _secret_names(core, ns) if n.startswith("app-tls-acme-")]) == 1
+    assert len([n for n in _secret_names(core, ns) if n.startswith("app-tls-acme")]) == 1
     assert _serial_in(core, ns, "app-tls") == new_serial
     report = _artifact(again.state_details.flow_run_id, "cert-renew")
     assert "Once per name per day" in report
