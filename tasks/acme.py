@@ -530,7 +530,6 @@ def create_staged_secret(
         raise _kube_error(exc, what) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise _kube_error(exc, what) from None
-    get_run_logger().info("staged serial %s in %s", issued.serial, what)
     return str(created.metadata.resource_version) if created.metadata else ""
 
 
@@ -625,6 +624,7 @@ def issue_to_staged_secret(
     version = create_staged_secret(
         namespace, staged_secret, issued, key_pem, flow_run, kube_settings
     )
+    get_run_logger().info("staged serial %s in %s/%s", issued.serial, namespace, staged_secret)
     return Staged(
         issued=issued, namespace=namespace, secret=staged_secret, resource_version=version
     )
