@@ -378,7 +378,7 @@ def issue_certificate(
 # ------------------------------------------------------------------ once per name per day
 
 
-def _variable_name(name: str) -> str:
+def issuance_variable(name: str) -> str:
     # Variable names allow [a-z0-9_-]; a host name may not fit (dots, length): hash it.
     return ISSUED_VARIABLE_PREFIX + hashlib.sha256(name.lower().encode()).hexdigest()[:32]
 
@@ -398,7 +398,7 @@ def last_issuances(names: list[str]) -> list[LastIssued]:
     now = datetime.now(UTC)
     recent: list[LastIssued] = []
     for name in names:
-        raw = Variable.get(_variable_name(name), default=None)
+        raw = Variable.get(issuance_variable(name), default=None)
         if not isinstance(raw, dict):
             continue
         seen = LastIssued.model_validate(raw)
@@ -412,7 +412,7 @@ def record_issuance(names: list[str], serial: str, flow_run: str) -> None:
     at = datetime.now(UTC).isoformat()
     for name in names:
         value = {"name": name, "at": at, "serial": serial, "flow_run": flow_run}
-        Variable.set(_variable_name(name), value, overwrite=True)
+        Variable.set(issuance_variable(name), value, overwrite=True)
 
 
 # ------------------------------------------------------------------ Kubernetes

@@ -16,13 +16,14 @@ from cryptography import x509
 from kubernetes import client as k8s
 from prefect.blocks.system import Secret
 from prefect.flow_runs import resume_flow_run
+from prefect.variables import Variable
 
 from flows.cert_renew import CertRenewParams, cert_renew
-from tasks.acme import Http01Responder, issue_certificate, last_issuances
+from tasks.acme import Http01Responder, issuance_variable, issue_certificate, last_issuances
 from tasks.tls import RevocationConfig, fetch_endpoint
 from tests.fixtures.acme import Pebble, SecretIngress
 from tests.fixtures.kube import KubeCluster, free_port
-from tests.fixtures.prefect_runs import wait_for_paused_run
+from tests.fixtures.prefect_runs import flow_run_logs, wait_for_paused_run
 from tests.fixtures.tls import CertFactory, Issued
 from tests.integration.test_tls_kube import _artifact, _ingress, _serial_in
 
@@ -185,6 +186,9 @@ def test_emergency_certificate_end_to_end(
     key_line = base64.b64decode(staged_obj.data["tls.key"]).decode().splitlines()[1]
     assert key_line not in report
     assert key_line not in out.model_dump_json()
+    logs = flow_run_logs(run_id)
+    assert any(new_serial in line for line in logs)  # the logs were read, and hold no key
+    assert not [line for line in logs if key_line in line or "PRIVATE KEY" in line]
     print(f"\ncert-renew end to end (order → approval → replace → live): {elapsed:.1f} s")
 
     # Once per name per day: a second emergency run is refused before any order.
@@ -287,3 +291,38 @@ def test_a_cert_manager_secret_is_not_replaced(
     report = _artifact(state.state_details.flow_run_id, "cert-renew")
     assert "Managed by cert-manager" in report
     assert f"{ns}/app-cert" in report
+
+
+def test_a_refused_approval_keeps_the_staged_pair_and_changes_nothing_else(
+    pebble: Pebble,
+    monkeypatch: pytest.MonkeyPatch,
+    core: k8s.CoreV1Api,
+    kube_namespace: str,
+    ingress: tuple[SecretIngress, Issued],
+) -> None:
+    pebble.env(monkeypatch)
+    _, old = ingress
+    ns = kube_namespace
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(cert_renew, _params(ns, dry_run=False), return_state=True)
+        run_id = wait_for_paused_run("cert-renew")
+        resume_flow_run(run_id, run_input={"approved": False, "approver": "bob", "reason": "no"})
+        state = fut.result(timeout=180)
+    out = state.result()
+    assert out.outcome == "not approved"
+    assert out.issued is not None
+    assert _serial_in(core, ns, "app-tls") == format(old.cert.serial_number, "x")
+    assert _secret_names(core, ns) == ["app-tls", "app-tls-acme"]  # no backup
+    assert _serial_in(core, ns, "app-tls-acme") == out.issued.serial
+    report = _artifact(run_id, "cert-renew")
+    assert "refused by **bob**" in report
+    assert "Staged pair kept" in report
+
+    # The staged pair from that run blocks a new order (and the day's record would too).
+    monkeypatch.setenv("RUNBOOKS_ACME_DIRECTORY_URL", "https://127.0.0.1:1/never-contacted")
+    for name in _hosts(ns):
+        Variable.unset(issuance_variable(name))
+    again = cert_renew(_params(ns, dry_run=False), return_state=True)
+    assert again.is_failed()
+    assert f"staged Secret {ns}/app-tls-acme exists from an earlier run" in (again.message or "")
+    assert _serial_in(core, ns, "app-tls-acme") == out.issued.serial
