@@ -141,7 +141,10 @@ def _what_changed(report: Report, state: dict[str, str]) -> str:
             f"{md_code(state['staged'])}; the issuance is recorded for today."
         )
     if "ordering" in state:
-        return "Nothing was changed in the cluster; the CA may have seen an order."
+        return (
+            "Nothing was changed in the cluster. The CA may have seen an order; if it issued, "
+            "the issuance is recorded for today (see the task's log)."
+        )
     return "Nothing was changed."
 
 

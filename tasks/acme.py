@@ -379,6 +379,7 @@ def issue_certificate(
 
 
 def issuance_variable(name: str) -> str:
+    """The Prefect Variable that records the last emergency issuance of `name`."""
     # Variable names allow [a-z0-9_-]; a host name may not fit (dots, length): hash it.
     return ISSUED_VARIABLE_PREFIX + hashlib.sha256(name.lower().encode()).hexdigest()[:32]
 
