@@ -154,7 +154,14 @@ def _renew(params: CertRenewParams, report: Report, state: dict[str, str]) -> Ce
     target = f"{params.namespace}/{params.secret}"
     current = read_tls_secret(params.namespace, params.secret)
     leaf = current.certificates[0]
-    names = check_names(leaf.san_dns or [leaf.subject.removeprefix("CN=")], "http-01")
+    if leaf.san_ips:
+        # cert-replace requires the new certificate to cover every current name: an order
+        # without them would be refused after it cost the day's issuance.
+        raise PermanentError(
+            f"{target} also covers IP addresses ({', '.join(leaf.san_ips)}); order DNS names "
+            "only: replace it by hand"
+        )
+    names = check_names(leaf.san_dns, "http-01")
     report.add(
         "Current certificate",
         table(

@@ -16,7 +16,7 @@ from tasks.clients import kube_api_client
 from tasks.kubernetes import restart_rollout
 from tasks.tls import load_pair_from_secret, read_secret_certificates, write_tls_secret
 from tests.fixtures.tls import CertFactory
-from tests.fixtures.tls import Issued as TestCert
+from tests.fixtures.tls import Issued as PkiCert
 from tests.integration.kube_helpers import deployment_body
 from tests.integration.test_kubernetes_rbac import (
     Cluster,
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.kube
 __all__ = ["rbac_cluster"]  # the fixture, shared with the other RBAC tests
 
 
-def _issued(cert: TestCert) -> Issued:
+def _issued(cert: PkiCert) -> Issued:
     leaf = cert.cert
     return Issued(
         names=["akig.example"],
