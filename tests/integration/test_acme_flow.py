@@ -326,3 +326,34 @@ def test_a_refused_approval_keeps_the_staged_pair_and_changes_nothing_else(
     assert again.is_failed()
     assert f"staged Secret {ns}/app-tls-acme exists from an earlier run" in (again.message or "")
     assert _serial_in(core, ns, "app-tls-acme") == out.issued.serial
+
+
+def test_an_endpoint_that_keeps_the_old_certificate_fails_the_run_with_the_undo(
+    pebble: Pebble,
+    monkeypatch: pytest.MonkeyPatch,
+    core: k8s.CoreV1Api,
+    kube_namespace: str,
+    ingress: tuple[SecretIngress, Issued],
+) -> None:
+    # No restart: the stand-in ingress keeps serving the pair it loaded first.
+    pebble.env(monkeypatch)
+    live, old = ingress
+    ns = kube_namespace
+    endpoint = f"{_hosts(ns)[0]}@127.0.0.1:{live.port}"
+    assert fetch_endpoint(endpoint, revocation=RevocationConfig.off()).certificates
+    assert live.reloads == 1  # the old pair is loaded, and stays until a restart
+    params = _params(
+        ns, endpoints=[endpoint], dry_run=False, restart_ingress=False, verify_timeout_s=3
+    )
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(cert_renew, params, return_state=True)
+        run_id = wait_for_paused_run("cert-renew")
+        resume_flow_run(run_id, run_input={"approved": True, "approver": "alice"})
+        state = fut.result(timeout=180)
+    assert state.is_failed()
+    assert "still not serving serial" in (state.message or "")
+    assert _serial_in(core, ns, "app-tls") != format(old.cert.serial_number, "x")
+    report = _artifact(run_id, "cert-renew")
+    assert "The Secret may have been changed" in report
+    assert f"kubectl -n {ns} get secret app-tls-backup-" in report  # the undo
+    assert format(old.cert.serial_number, "x") in report
