@@ -143,6 +143,14 @@ RUNBOOKS: tuple[Runbook, ...] = (
         topic="security",
     ),
     Runbook(
+        name="cert-renew",
+        entrypoint="flows.cert_renew:cert_renew",
+        description="Emergency certificate over ACME, installed via cert-replace's path "
+        "(approval; dry run default; once per name per day).",
+        tags=("tls", "destructive", "acme"),
+        service_account="cert-renew",
+    ),
+    Runbook(
         name="high-latency",
         entrypoint="flows.high_latency:high_latency",
         description="High response time: the latency checklist, quick wins with evidence;"

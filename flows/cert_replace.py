@@ -56,6 +56,8 @@ from tasks.tls import (
 
 RUNBOOK = "cert-replace"
 _BEFORE = "Before the change (the undo)"
+#: The report section written just before the write: present means the Secret may have changed.
+BEFORE_HEADING = _BEFORE
 
 
 class CertReplaceParams(BaseModel):
@@ -183,6 +185,12 @@ def cert_replace(params: CertReplaceParams) -> CertReplaceResult:
             raise
         outcome = result.outcome
         return result
+
+
+def replace_pair(params: CertReplaceParams, report: Report) -> CertReplaceResult:
+    """cert-replace's read → validate → plan → approve → back up → write → restart → verify
+    path, for a flow that stages the new pair itself (`cert-renew`); writes into `report`."""
+    return _replace(params, report)
 
 
 def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real. Idempotent: does nothing when present.
 set -euo pipefail
-PACKAGES=(etcd-server prometheus-alertmanager chromium rsync pgbouncer prometheus)
+PACKAGES=(etcd-server prometheus-alertmanager chromium rsync pgbouncer prometheus pebble)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

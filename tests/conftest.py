@@ -26,6 +26,7 @@ pytest_plugins = [
     "tests.fixtures.prometheus",
     "tests.fixtures.pg_private",
     "tests.fixtures.sinks",
+    "tests.fixtures.acme",
 ]
 
 

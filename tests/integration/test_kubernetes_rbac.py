@@ -55,7 +55,14 @@ pytestmark = pytest.mark.kube
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deployments" / "k8s"
 PLATFORM, INGRESS = "default", "ingress-nginx"  # the namespaces the manifests are written for
-ROLES = {"incident-runbooks", "cert-expiry", "cert-replace", "cert-replace-ingress"}
+ROLES = {
+    "incident-runbooks",
+    "cert-expiry",
+    "cert-replace",
+    "cert-replace-ingress",
+    "cert-renew",  # tests/integration/test_acme_rbac.py
+    "cert-renew-ingress",
+}
 
 
 def load_manifests(namespaces: dict[str, str], suffix: str) -> list[dict[str, Any]]:
