@@ -149,6 +149,9 @@ RUNBOOKS: tuple[Runbook, ...] = (
         "(approval; dry run default; once per name per day).",
         tags=("tls", "destructive", "acme"),
         service_account="cert-renew",
+        # An emergency renewal that fails leaves an expiring certificate: page at once.
+        severity="critical",
+        topic="security",
     ),
     Runbook(
         name="high-latency",

@@ -175,8 +175,10 @@ def test_make_run_registers_escalate_and_one_pair_per_runbook_with_a_severity(
     paged = sorted(rb.name for rb in RUNBOOKS if rb.severity)
     assert paged == [
         "cert-expiry",
+        "cert-renew",
         "cert-replace",
         "db-pool-exhausted",
+        "high-error-rate",
         "high-latency",
         "pool-threshold",
     ]
