@@ -49,7 +49,7 @@ from flows.post_incident import (
 from tasks.clients import pg_target
 from tasks.settings import PostgresSettings
 from tests.fixtures.postgres import ADMIN_DSN, PgWorld, Sessions, alive, pid, wait_gone
-from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
+from tests.fixtures.prefect_runs import flow_run_artifacts, paused_runs, wait_for_paused_run
 from tests.fixtures.triggers import alert, bearer, payload, receiver_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -341,9 +341,11 @@ def test_checklist_form_records_who_and_when_and_the_export_round_trips(
     params = PostIncidentParams(
         incident=f"alert:{incident.fingerprint}", export_dir=str(tmp_path / "ui")
     )
+    # audit-retention's tests leave a Paused post-incident run on the shared server.
+    before = set(paused_runs("post-incident"))
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(post_incident, params)
-        run_id = wait_for_paused_run("post-incident")
+        run_id = wait_for_paused_run("post-incident", ignore=before)
         resume_flow_run(
             run_id,
             run_input={
