@@ -52,8 +52,6 @@ import httpx
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterFlowRunId,
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
@@ -65,11 +63,12 @@ from prefect.client.schemas.filters import (
     TaskRunFilter,
     TaskRunFilterId,
 )
-from prefect.client.schemas.objects import Artifact, FlowRun, StateType, TaskRun
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel, Field, model_validator
 
 from flows.common import Report, md_code, publish_on_exit, table, tag_run
+from flows.post_incident import artifacts_of, task_runs_of
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
 
@@ -234,32 +233,6 @@ def _parents_kept(client: SyncPrefectClient, runs: list[FlowRun], going: set[Any
     }
 
 
-def _all_task_runs(client: SyncPrefectClient, ids: list[Any]) -> list[TaskRun]:
-    out: list[TaskRun] = []
-    while True:
-        page = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)),
-            limit=PAGE,
-            offset=len(out),
-        )
-        out += page
-        if len(page) < PAGE:
-            return out
-
-
-def _all_artifacts(client: SyncPrefectClient, ids: list[Any]) -> list[Artifact]:
-    out: list[Artifact] = []
-    while True:
-        page = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)),
-            limit=PAGE,
-            offset=len(out),
-        )
-        out += page
-        if len(page) < PAGE:
-            return out
-
-
 def _line(run: FlowRun, flows: dict[Any, str], tasks: list[Any], artifacts: list[Any]) -> str:
     return json.dumps(
         {
@@ -353,8 +326,8 @@ def process_batch(
         batch.exported = len(going) if params.dry_run else 0
         return batch
     ids = [r.id for r in going]
-    task_runs = _all_task_runs(client, ids)
-    artifacts = _all_artifacts(client, ids)
+    task_runs = task_runs_of(client, ids)
+    artifacts = artifacts_of(client, ids)
     flows = {f: client.read_flow(f).name for f in {r.flow_id for r in going}}
     for run in going:
         out.write(

@@ -379,7 +379,7 @@ def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
     # no run adds a child.
     while todo:
         batch, todo = todo[:PAGE], todo[PAGE:]
-        tasks = _task_runs(client, batch)
+        tasks = task_runs_of(client, batch)
         for run_id in batch:
             task_runs[run_id] = [t for t in tasks if t.flow_run_id == run_id]
         if not tasks:
@@ -400,7 +400,7 @@ def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
     runs = [r for r in found.values() if names[r.flow_id] not in NOT_IN_TIMELINE]
     ids = [r.id for r in runs]
     artifacts: dict[UUID, list[Artifact]] = {i: [] for i in ids}
-    for art in _artifacts(client, ids):
+    for art in artifacts_of(client, ids):
         if art.flow_run_id in artifacts:
             artifacts[art.flow_run_id].append(art)
     return Gathered(
@@ -413,7 +413,8 @@ def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
     )
 
 
-def _artifacts(client: SyncPrefectClient, run_ids: list[UUID]) -> list[Artifact]:
+def artifacts_of(client: SyncPrefectClient, run_ids: list[UUID]) -> list[Artifact]:
+    """Every artifact of these flow runs, page by page."""
     out: list[Artifact] = []
     while run_ids:
         page = client.read_artifacts(
@@ -427,7 +428,8 @@ def _artifacts(client: SyncPrefectClient, run_ids: list[UUID]) -> list[Artifact]
     return out
 
 
-def _task_runs(client: SyncPrefectClient, run_ids: list[UUID]) -> list[TaskRun]:
+def task_runs_of(client: SyncPrefectClient, run_ids: list[UUID]) -> list[TaskRun]:
+    """Every task run of these flow runs, page by page."""
     out: list[TaskRun] = []
     while True:
         page = client.read_task_runs(
