@@ -1,4 +1,5 @@
-"""What every runbook shares: the approval gate, the audit tags and the report artifact."""
+"""What every runbook shares: the approval gate, the audit tags, the report artifact, and
+the last check before acting (is the alert that started the run still firing?)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from prefect.input import RunInput
 from prefect.states import Running
 from pydantic import Field
 
+from tasks.alerts import alert_status
 from tasks.errors import RunbookError
 
 
@@ -223,3 +225,39 @@ def collect(fut: PrefectFuture[_T]) -> _T | Unavailable:
     if isinstance(exc, BaseException):
         return Unavailable(failure_text(exc))
     return Unavailable(f"{state.name}: no result")
+
+
+def run_alert() -> tuple[str, str] | None:
+    """The alert that started this run, `(fingerprint, alertname)`, from its tags; or None."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return None
+    tags = ctx.flow_run.tags or []
+    if "source:alert" not in tags:
+        return None
+    found = dict(t.split(":", 1) for t in tags if t.startswith(("alert:", "alertname:")))
+    return (found["alert"], found.get("alertname", "")) if "alert" in found else None
+
+
+def alert_resolved(report: Report) -> str | None:
+    """Right before acting: None to go on, or why not (the run's alert has resolved).
+
+    Runs not started by an alert always go on. An alert whose state is unknown (no source
+    configured or reachable) does not stop the run: its own measurements still gate the
+    action. Either way the report says what was asked and what came back.
+    """
+    alert = run_alert()
+    if alert is None:
+        return None
+    fingerprint, alertname = alert
+    status = alert_status(fingerprint, alertname)
+    report.add(
+        "Alert still firing?",
+        f"Alert {md_code(fingerprint)} ({md_escape(alertname) or 'unnamed'}): "
+        f"**{status.state}** (source: {status.source}"
+        + (f"; {md_escape(status.detail)}" if status.detail else "")
+        + ")",
+    )
+    if status.state != "resolved":
+        return None
+    return f"the alert that started this run ({fingerprint}) has resolved: nothing changed"

@@ -17,9 +17,11 @@ Safety limits: dry-run by default (the plan is the artifact); floors and caps in
 parameter model (idle >= 1 min, `max_sessions` <= the settings cap); acts only while usage is
 at or above `act_above_percent`; at most `guard.max_sessions` terminations, in one statement
 that re-checks the guard, so a session that became active since the plan survives; one
-remediation per server at a time (advisory lock) and a cooldown between remediations;
-optional approval gate, after which usage, cooldown and plan are checked again in the lock
-and only sessions both approved and still matching are terminated.
+remediation per target at a time (`pg:<host:port>/<database>`, or `/*` for the whole
+server: a Prefect global concurrency limit, `tasks.locks`, plus an advisory lock) and a
+cooldown per target; optional approval gate, after which usage, cooldown and plan are
+checked again in the lock and only sessions both approved and still matching are
+terminated; a run started by an alert first checks that the alert still fires.
 
 Undo: a terminated session cannot be revived; its client reconnects (pools do so by
 themselves). A timeout change prints its exact undo statement in the artifact, built from
@@ -36,10 +38,19 @@ from prefect import flow, get_run_logger
 from prefect.variables import Variable
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from flows.common import Report, md_escape, publish_on_exit, request_approval, table, tag_run
+from flows.common import (
+    Report,
+    alert_resolved,
+    md_escape,
+    publish_on_exit,
+    request_approval,
+    table,
+    tag_run,
+)
 from flows.escalate import escalate_incident
 from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
+from tasks.locks import target_lock
 from tasks.postgres import (
     PgBouncerPool,
     PoolSnapshot,
@@ -109,7 +120,13 @@ class DbPoolParams(BaseModel):
         900, ge=10, le=86_400, description="Without an answer by then, nothing is done."
     )
     cooldown_minutes: float = Field(
-        5.0, ge=0, le=1440, description="Refuse to act again on the same server within this."
+        5.0, ge=0, le=1440, description="Refuse to act again on the same target within this."
+    )
+    lock_timeout_s: float = Field(
+        600.0,
+        ge=1,
+        le=3600,
+        description="Wait at most this long for another run acting on the same target.",
     )
     requested_by: str = Field(
         "", max_length=200, description="Who asked for this run (name, alert); for the audit."
@@ -175,6 +192,17 @@ class DbPoolOutcome(BaseModel):
 
 class PoolStillExhausted(Exception):
     """Verification failed: usage is still above the healthy mark after remediation."""
+
+
+def lock_targets(params: DbPoolParams, settings: PostgresSettings | None = None) -> tuple[str, str]:
+    """`(target, server)`: what this run would change, `pg:<host:port>/<database or *>`."""
+    server = "pg:" + pg_target(settings or PostgresSettings()).rsplit("/", 1)[0]
+    return f"{server}/{params.guard.database or '*'}", server
+
+
+def target_of(params: DbPoolParams) -> str:
+    """The target a run of these parameters acts on (alerts for one target coalesce)."""
+    return lock_targets(params)[0]
 
 
 def _cooldown_key(target: str) -> str:
@@ -354,10 +382,11 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
             f"usage {before.percent_used:.1f}% is below act_above_percent "
             f"{params.act_above_percent:g}%: nothing changed.",
         )
+    narrow, server = lock_targets(params)
     # Checked here so nobody is asked to approve a run that would refuse, and again in the lock.
-    wait = _cooldown_left(target, params.cooldown_minutes)
+    wait = _cooldown_left(narrow, params.cooldown_minutes)
     if wait is not None:
-        return finish("refused", _cooldown_note(target, wait))
+        return finish("refused", _cooldown_note(narrow, wait))
     if params.require_approval:
         timeout = params.idle_in_transaction_timeout_s
         decision = request_approval(
@@ -374,7 +403,11 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
             return finish("refused", "not approved: nothing changed.")
 
     try:
-        with remediation_lock(RUNBOOK):
+        with (
+            target_lock(narrow, within=server, timeout_s=params.lock_timeout_s) as waited,
+            remediation_lock(f"{RUNBOOK} {narrow}"),
+        ):
+            report.add("Target lock", f"Held {md_escape(narrow)} (waited {waited:.1f} s).")
             now = before
             acted_on = plan
             if params.require_approval:
@@ -384,16 +417,20 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
                 replan = plan_terminations(params.guard)
                 acted_on = approved_and_matching(plan, replan)
                 report.add("Plan after approval", _replan_md(plan, replan, acted_on))
-            wait = _cooldown_left(target, params.cooldown_minutes)
+            wait = _cooldown_left(narrow, params.cooldown_minutes)
             if wait is not None:
-                return finish("refused", _cooldown_note(target, wait) + " (re-checked in the lock)")
+                return finish("refused", _cooldown_note(narrow, wait) + " (re-checked in the lock)")
             if now.percent_used < params.act_above_percent:
                 return finish(
                     "skipped",
                     f"usage is now {now.percent_used:.1f}%, below act_above_percent "
                     f"{params.act_above_percent:g}%: nothing changed.",
                 )
-            Variable.set(_cooldown_key(target), datetime.now(UTC).isoformat(), overwrite=True)
+            # The run may have waited (approval, another run on the target): the last word.
+            stale = alert_resolved(report)
+            if stale is not None:
+                return finish("skipped", stale)
+            Variable.set(_cooldown_key(narrow), datetime.now(UTC).isoformat(), overwrite=True)
             result = terminate_sessions(acted_on)
             report.add("Done", _done_md(result))
             change: TimeoutChange | None = None

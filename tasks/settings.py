@@ -214,3 +214,28 @@ class PrometheusSettings(BaseSettings):
     )
     connect_timeout_s: float = Field(3.0, gt=0, description="TCP connect timeout, seconds.")
     timeout_s: float = Field(10.0, gt=0, description="Read timeout, seconds (also the query's).")
+
+
+class AlertSourceSettings(BaseSettings):
+    """Where a run asks whether the alert that started it is still firing (staleness check).
+
+    Alertmanager's API when `RUNBOOKS_ALERTS_ALERTMANAGER_URL` is set; otherwise the
+    receiver's record of resolved alerts (`RUNBOOKS_ALERTS_RECEIVER_URL`, set by `make run`,
+    authenticated with the receiver's own token); neither = "unknown", and the run says so.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_ALERTS_")
+
+    alertmanager_url: str | None = Field(
+        None, description="Alertmanager base URL, e.g. http://alertmanager:9093; unset = off."
+    )
+    alertmanager_token: SecretStr | None = Field(
+        None, description="Bearer token, when Alertmanager sits behind an auth proxy."
+    )
+    receiver_url: str | None = Field(
+        None, description="The alert receiver's base URL, e.g. http://127.0.0.1:9095."
+    )
+    receiver_token: SecretStr | None = Field(
+        None, description="The receiver's bearer token (RUNBOOKS_RECEIVER_TOKEN)."
+    )
+    timeout_s: float = Field(3.0, gt=0, le=30, description="Per request, seconds.")

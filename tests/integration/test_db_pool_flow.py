@@ -24,12 +24,11 @@ from flows.db_pool_exhausted import (
     PoolStillExhausted,
     _cooldown_key,
     db_pool_exhausted,
+    target_of,
 )
 from flows.pool_threshold import PoolThresholdExceeded, PoolThresholdParams, pool_threshold
-from tasks.clients import pg_target
 from tasks.errors import TransientError
 from tasks.postgres import TerminationGuard
-from tasks.settings import PostgresSettings
 from tests.fixtures.postgres import (
     PgWorld,
     Sessions,
@@ -122,7 +121,7 @@ def test_below_act_threshold_changes_nothing(pg_env: PgWorld, sessions: Sessions
 
 
 def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions) -> None:
-    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    Variable.unset(_cooldown_key(target_of(params(pg_env))))
     first = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
     assert first.action == "terminated"
     conn = sessions.open(pg_env.app_role, "idle")
@@ -131,7 +130,7 @@ def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions
     assert second.action == "refused"
     assert "cooldown" in second.note
     assert alive([pid(conn)]) == {pid(conn)}
-    Variable.unset(_cooldown_key(first.before.target))
+    Variable.unset(_cooldown_key(target_of(params(pg_env))))
 
 
 def test_unhealthy_after_acting_fails_the_run(pg_env: PgWorld) -> None:
@@ -185,7 +184,7 @@ def test_pool_threshold_passes_and_fails(pg_env: PgWorld) -> None:
 def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> None:
     from prefect.flow_runs import resume_flow_run
 
-    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    Variable.unset(_cooldown_key(target_of(params(pg_env))))
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     with ThreadPoolExecutor(1) as pool:
@@ -267,7 +266,7 @@ def _resume(run_id: UUID, approved: bool = True) -> None:
 def test_approved_run_acts_only_on_sessions_approved_and_still_matching(
     pg_env: PgWorld, sessions: Sessions
 ) -> None:
-    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    Variable.unset(_cooldown_key(target_of(params(pg_env))))
     v1, v2, v3 = (sessions.open(pg_env.app_role, "idle") for _ in range(3))
     time.sleep(1.2)
     with ThreadPoolExecutor(1) as pool:
@@ -306,7 +305,7 @@ def test_approved_run_acts_only_on_sessions_approved_and_still_matching(
 def test_approved_run_respects_a_cooldown_set_while_it_waited(
     pg_env: PgWorld, sessions: Sessions
 ) -> None:
-    key = _cooldown_key(pg_target(PostgresSettings()))
+    key = _cooldown_key(target_of(params(pg_env)))
     Variable.unset(key)
     _v1, v2 = (sessions.open(pg_env.app_role, "idle") for _ in range(2))
     time.sleep(1.2)
@@ -341,7 +340,7 @@ def test_approved_run_respects_a_cooldown_set_while_it_waited(
 def test_postgres_lost_after_approval_fails_the_run_and_still_publishes(
     pg_env: PgWorld, sessions: Sessions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    Variable.unset(_cooldown_key(target_of(params(pg_env))))
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     with ThreadPoolExecutor(1) as pool:
@@ -370,7 +369,7 @@ def test_logs_name_each_terminated_session_and_the_previous_setting(
 ) -> None:
     import psycopg
 
-    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    Variable.unset(_cooldown_key(target_of(params(pg_env))))
     role = pg_env.app_role
     with psycopg.connect(pg_env.admin_dsn, autocommit=True) as admin:
         admin.execute(f"ALTER ROLE \"{role}\" SET idle_in_transaction_session_timeout = '45s'")
@@ -420,8 +419,8 @@ def test_bad_parameters_change_nothing(
 ) -> None:
     from prefect.exceptions import ParameterTypeError
 
+    Variable.unset(_cooldown_key(target_of(params(pg_env))))
     monkeypatch.setenv("RUNBOOKS_PG_MIN_IDLE_MINUTES", "1")  # the production floor
-    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     raw: dict[str, object] = {

@@ -33,7 +33,7 @@ from deployments.receiver import create_app
 from deployments.routing import load_routing
 from deployments.serve import to_deployments
 from deployments.warm_pool import execute
-from flows.db_pool_exhausted import _cooldown_key, db_pool_exhausted
+from flows.db_pool_exhausted import DbPoolParams, _cooldown_key, db_pool_exhausted, target_of
 from flows.post_incident import (
     IncidentKey,
     PostIncidentParams,
@@ -46,8 +46,6 @@ from flows.post_incident import (
     post_incident,
     record_markdown,
 )
-from tasks.clients import pg_target
-from tasks.settings import PostgresSettings
 from tests.fixtures.postgres import ADMIN_DSN, PgWorld, Sessions, alive, pid, wait_gone
 from tests.fixtures.prefect_runs import flow_run_artifacts, paused_runs, wait_for_paused_run
 from tests.fixtures.triggers import alert, bearer, payload, receiver_settings
@@ -146,7 +144,11 @@ def _build_incident(world: PgWorld, sessions: Sessions) -> Incident:
     )
     victims = [sessions.open(world.app_role, "idle") for _ in range(2)]
     time.sleep(1.2)  # idle for longer than the guard's 1 s floor
-    Variable.unset(_cooldown_key(pg_target(PostgresSettings())))
+    Variable.unset(
+        _cooldown_key(
+            target_of(DbPoolParams.model_validate({"guard": {"database": world.database}}))
+        )
+    )
     with TestClient(receiver()) as client:
         r = client.post("/alerts", json=payload(firing), headers=bearer())
         assert r.status_code == 200, r.text
