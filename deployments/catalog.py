@@ -55,8 +55,14 @@ class Runbook:
     tags: tuple[str, ...] = ()
     interval_s: float | None = None
     cron: str | None = None
-    #: One remediation per target at a time: runs beyond the limit wait in the Prefect queue.
+    #: Runs of this deployment at once; beyond it, runs wait in Prefect's queue. `None` for
+    #: runbooks that lock their *target* while acting (`tasks.locks`): plan-only runs and
+    #: runs for other targets then never wait for each other.
     concurrency_limit: int | None = 1
+    #: `module:function` giving the target a run would change from its validated params
+    #: (e.g. `pg:db1:5432/app`): alerts for one target within the route's cooldown
+    #: coalesce into one run (deployments/journal.py). `None` = never coalesced.
+    target: str | None = None
     #: The parameter field (dotted for nested models) that makes a run plan-only; `None` =
     #: the runbook never changes anything.
     dry_run_field: str | None = "dry_run"
@@ -78,6 +84,13 @@ class Runbook:
         """Import the flow object (cached); raises if the module or function is missing."""
         return _load_flow(self.entrypoint)
 
+    def target_of(self, params: dict[str, Any]) -> str | None:
+        """The target a run with these (route-built) params would change; None = not known."""
+        if self.target is None:
+            return None
+        function = _load_attr(self.target)
+        return str(function(self.params_model().model_validate(params)))
+
     def params_model(self) -> type[BaseModel]:
         """The pydantic model of the flow's single `params` parameter."""
         from pydantic import BaseModel
@@ -87,6 +100,12 @@ class Runbook:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             raise TypeError(f"{self.entrypoint}: parameter `params` is not a pydantic model")
         return annotation
+
+
+@cache
+def _load_attr(ref: str) -> Any:
+    module_name, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 @cache
@@ -106,6 +125,10 @@ RUNBOOKS: tuple[Runbook, ...] = (
         entrypoint="flows.db_pool_exhausted:db_pool_exhausted",
         description="PostgreSQL connection pool exhausted: find and (guarded) end idle sessions.",
         tags=("postgres", "destructive"),
+        # Acting takes the target's lock (`pg:<server>/<database>`): databases in parallel,
+        # one remediation per database; plan-only runs never wait.
+        concurrency_limit=None,
+        target="flows.db_pool_exhausted:target_of",
         service_account=NO_KUBE_SERVICE_ACCOUNT,
         severity="critical",
         topic="database",
@@ -118,6 +141,9 @@ RUNBOOKS: tuple[Runbook, ...] = (
         interval_s=POOL_THRESHOLD_INTERVAL_S,
         # It only starts db-pool-exhausted; that run's own dry_run is what plans.
         dry_run_field="remediation.dry_run",
+        # It reads and starts db-pool-exhausted (whose acting step locks the target).
+        concurrency_limit=None,
+        target="flows.pool_threshold:target_of",
         service_account=NO_KUBE_SERVICE_ACCOUNT,
         severity="high",
         topic="database",

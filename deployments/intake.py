@@ -120,21 +120,33 @@ class PrefectRuns:
         tags: list[str],
         idempotency_key: str,
         grace_s: float,
+        covered_by: str | None = None,
     ) -> CreatedRun:
-        """Create (or find, by idempotency key) the run, Scheduled `grace_s` from now."""
+        """Create (or find, by idempotency key) the run, Scheduled `grace_s` from now.
+
+        With `covered_by` (another run's id) the run is created Completed, named after it:
+        it records the alert and never executes (the other run handles its target).
+        """
         dep_id = await self.deployment_id(deployment)
         when = datetime.now(UTC) + timedelta(seconds=grace_s)
+        state: dict[str, Any] = {
+            "type": "SCHEDULED",
+            "name": "Scheduled",
+            "message": "started by an Alertmanager webhook",
+            "state_details": {"scheduled_time": when.isoformat()},
+        }
+        if covered_by is not None:
+            state = {
+                "type": "COMPLETED",
+                "name": "Covered",
+                "message": f"covered by run {covered_by}, acting on the same target",
+            }
         body = {
             "name": name,
             "parameters": parameters,
             "tags": tags,
             "idempotency_key": idempotency_key,
-            "state": {
-                "type": "SCHEDULED",
-                "name": "Scheduled",
-                "message": "started by an Alertmanager webhook",
-                "state_details": {"scheduled_time": when.isoformat()},
-            },
+            "state": state,
         }
         response = await self._request("POST", f"deployments/{dep_id}/create_flow_run", json=body)
         if response.status_code == 404:
@@ -148,6 +160,50 @@ class PrefectRuns:
             raise PrefectUnavailable(f"creating a run of {deployment}: HTTP {response.status_code}")
         data = response.json()
         return CreatedRun(UUID(data["id"]), data["name"], response.status_code == 201)
+
+    async def runs_tagged(self, tag: str, page: int = 200) -> list[dict[str, Any]]:
+        """Every flow run carrying `tag`, oldest first (id, name, tags, created)."""
+        found: list[dict[str, Any]] = []
+        while True:
+            body = {
+                "flow_runs": {"tags": {"all_": [tag]}},
+                "sort": "EXPECTED_START_TIME_ASC",
+                "limit": page,
+                "offset": len(found),
+            }
+            response = await self._request("POST", "flow_runs/filter", json=body)
+            if response.is_error:
+                raise PrefectUnavailable(f"reading runs tagged {tag}: HTTP {response.status_code}")
+            batch = list(response.json())
+            found += batch
+            if len(batch) < page:
+                return found
+
+    async def put_markdown(
+        self, artifact_id: str | None, flow_run_id: str, key: str, markdown: str, description: str
+    ) -> str:
+        """Create a markdown artifact on a run, or update the one with `artifact_id`; its id."""
+        if artifact_id is not None:
+            response = await self._request(
+                "PATCH",
+                f"artifacts/{artifact_id}",
+                json={"data": markdown, "description": description},
+            )
+            if response.status_code != 404:
+                if response.is_error:
+                    raise PrefectUnavailable(f"updating artifact: HTTP {response.status_code}")
+                return artifact_id
+        body = {
+            "key": key,
+            "type": "markdown",
+            "data": markdown,
+            "description": description,
+            "flow_run_id": flow_run_id,
+        }
+        response = await self._request("POST", "artifacts/", json=body)
+        if response.is_error:
+            raise PrefectUnavailable(f"creating artifact: HTTP {response.status_code}")
+        return str(response.json()["id"])
 
     async def run_state(self, run_id: str) -> str | None:
         """The run's state type (`SCHEDULED`, `RUNNING`, ...), or None if it does not exist."""

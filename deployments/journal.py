@@ -19,6 +19,16 @@ Each entry has a status:
 The entries also carry what the per-route cooldown needs (fingerprint, deployment, accepted
 time), so a restart does not reset a cooldown. Finished entries are pruned after a retention
 period.
+
+Coalescing (alert storms): an entry names its runbook's *target* (what it would change, e.g.
+`pg:db1:5432/app`) and whether it may act. Within the route's cooldown after an entry that
+started a run for a target (its *handler*), an alert of another fingerprint for the same
+deployment and target is recorded as `covered_by` that handler, in the same transaction as
+the check: however many deliveries race, one run handles the target and the rest point at
+it. A plan-only handler never covers an alert that may act.
+
+Resolved notifications are recorded per fingerprint (`resolved`), so a run that waited can
+ask whether its alert still fires (`alert_state`).
 """
 
 from __future__ import annotations
@@ -56,11 +66,16 @@ _COLUMNS = {
     "reason": "TEXT",
     "accepted_ts": "REAL NOT NULL DEFAULT 0",
     "finished_ts": "REAL",
+    "target": "TEXT NOT NULL DEFAULT ''",
+    "acts": "INTEGER NOT NULL DEFAULT 0",
+    "covered_by": "TEXT",
 }
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS alert_runs_cooldown"
     " ON alert_runs (fingerprint, deployment, accepted_ts)",
     "CREATE INDEX IF NOT EXISTS alert_runs_status ON alert_runs (status, finished_ts)",
+    "CREATE INDEX IF NOT EXISTS alert_runs_target ON alert_runs (deployment, target, accepted_ts)",
+    "CREATE TABLE IF NOT EXISTS resolved (fingerprint TEXT PRIMARY KEY, resolved_ts REAL NOT NULL)",
 )
 
 
@@ -79,6 +94,12 @@ class Entry:
     cooldown_s: float = 0.0
     #: When it was journaled (epoch seconds); set when read back.
     accepted_ts: float = 0.0
+    #: What the run would change (`Runbook.target_of`); "" = never coalesced.
+    target: str = ""
+    #: The route lets the run act (`auto: true`), not only plan.
+    acts: bool = False
+    #: The handler's idempotency key when this alert is covered by its run.
+    covered_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,12 +107,13 @@ class Added:
     """What `add_many` did with one entry."""
 
     #: new: recorded, its run is to be created; exists: this key was recorded before;
-    #: cooldown: not recorded, the fingerprint started a run within the route's cooldown.
-    outcome: Literal["new", "exists", "cooldown"]
+    #: cooldown: not recorded, the fingerprint started a run within the route's cooldown;
+    #: covered: recorded as covered by the run of `earlier_key` (same target, in cooldown).
+    outcome: Literal["new", "exists", "cooldown", "covered"]
     flow_run_id: str | None = None
     status: Status | None = None
     reason: str | None = None
-    #: For `cooldown`: the key of the run that holds it, and when it was accepted.
+    #: For `cooldown` and `covered`: the key of the run that holds it, and when it was accepted.
     earlier_key: str | None = None
     earlier_ts: float | None = None
 
@@ -105,6 +127,7 @@ class Record:
     flow_run_id: str | None
     reason: str | None
     accepted_ts: float
+    covered_by: str | None = None
 
 
 class Journal:
@@ -204,10 +227,26 @@ class Journal:
                     earlier_key=earlier[0],
                     earlier_ts=earlier[2],
                 )
+        handler = None
+        if entry.cooldown_s > 0 and entry.target:
+            # Same deployment and target, within the cooldown, a run of its own (not itself
+            # covered), that may do at least what this alert may do.
+            handler = self._db.execute(
+                "SELECT idempotency_key, flow_run_id, accepted_ts FROM alert_runs"
+                " WHERE deployment = ? AND target = ? AND accepted_ts > ? AND covered_by IS NULL"
+                " AND acts >= ? AND status IN (?, ?) ORDER BY accepted_ts DESC LIMIT 1",
+                (
+                    entry.deployment,
+                    entry.target,
+                    at - entry.cooldown_s,
+                    int(entry.acts),
+                    *_COOLDOWN_STATUSES,
+                ),
+            ).fetchone()
         self._db.execute(
             "INSERT INTO alert_runs (idempotency_key, deployment, name, parameters, tags,"
-            " accepted_at, fingerprint, status, accepted_ts)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+            " accepted_at, fingerprint, status, accepted_ts, target, acts, covered_by)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
             (
                 entry.idempotency_key,
                 entry.deployment,
@@ -217,8 +256,19 @@ class Journal:
                 datetime.fromtimestamp(at, UTC).isoformat(),
                 entry.fingerprint,
                 at,
+                entry.target,
+                int(entry.acts),
+                handler[0] if handler else None,
             ),
         )
+        if handler is not None:
+            return Added(
+                "covered",
+                status="pending",
+                flow_run_id=handler[1],
+                earlier_key=handler[0],
+                earlier_ts=handler[2],
+            )
         return Added("new", status="pending")
 
     def created(self, key: str, flow_run_id: str, now: float | None = None) -> bool:
@@ -256,7 +306,8 @@ class Journal:
         """One entry's status, or None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT idempotency_key, status, flow_run_id, reason, accepted_ts FROM alert_runs"
+                "SELECT idempotency_key, status, flow_run_id, reason, accepted_ts, covered_by"
+                " FROM alert_runs"
                 " WHERE idempotency_key = ?",
                 (key,),
             ).fetchone()
@@ -266,7 +317,8 @@ class Journal:
         """The most recent pending or created entries of one alert (newest first)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT idempotency_key, status, flow_run_id, reason, accepted_ts FROM alert_runs"
+                "SELECT idempotency_key, status, flow_run_id, reason, accepted_ts, covered_by"
+                " FROM alert_runs"
                 " WHERE fingerprint = ? AND status IN ('pending', 'created')"
                 " ORDER BY accepted_ts DESC LIMIT ?",
                 (fingerprint, limit),
@@ -278,12 +330,67 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT idempotency_key, deployment, name, parameters, tags, fingerprint,"
-                " accepted_ts FROM alert_runs WHERE status = 'pending' ORDER BY accepted_ts"
+                " accepted_ts, target, acts, covered_by FROM alert_runs"
+                " WHERE status = 'pending' ORDER BY accepted_ts"
             ).fetchall()
         return [
-            Entry(k, d, n, json.loads(p), json.loads(t), fingerprint=f, accepted_ts=a)
-            for k, d, n, p, t, f, a in rows
+            Entry(
+                k,
+                d,
+                n,
+                json.loads(p),
+                json.loads(t),
+                fingerprint=f,
+                accepted_ts=a,
+                target=tg,
+                acts=bool(ac),
+                covered_by=cb,
+            )
+            for k, d, n, p, t, f, a, tg, ac, cb in rows
         ]
+
+    def uncover(self, key: str) -> None:
+        """The covering alert never got a run: this entry is handled on its own."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE alert_runs SET covered_by = NULL WHERE idempotency_key = ?", (key,)
+            )
+
+    def covered_by_key(self, handler_key: str) -> list[str]:
+        """Run ids of the alerts covered by one handler (created so far), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT flow_run_id FROM alert_runs WHERE covered_by = ?"
+                " AND flow_run_id IS NOT NULL ORDER BY accepted_ts",
+                (handler_key,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def resolved(self, fingerprint: str, now: float | None = None) -> None:
+        """Record that Alertmanager said this alert resolved (the latest word wins)."""
+        at = time.time() if now is None else now
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO resolved (fingerprint, resolved_ts) VALUES (?, ?)"
+                " ON CONFLICT (fingerprint) DO UPDATE SET resolved_ts = excluded.resolved_ts",
+                (fingerprint, at),
+            )
+
+    def alert_state(self, fingerprint: str) -> tuple[Literal["firing", "resolved", "unknown"], str]:
+        """Firing or resolved, by whichever notification came last; unknown if neither."""
+        with self._lock:
+            fired = self._db.execute(
+                "SELECT max(accepted_ts) FROM alert_runs WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()[0]
+            row = self._db.execute(
+                "SELECT resolved_ts FROM resolved WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()
+        resolved = row[0] if row else None
+        if resolved is not None and (fired is None or resolved >= fired):
+            return "resolved", f"resolved notification received at {_iso(resolved)}"
+        if fired is not None:
+            return "firing", f"firing notification received at {_iso(fired)}"
+        return "unknown", "the receiver has no record of this alert"
 
     def prune(self, retention_s: float, now: float | None = None) -> int:
         """Delete entries finished more than `retention_s` ago; pending ones are kept."""
@@ -293,6 +400,7 @@ class Journal:
                 "DELETE FROM alert_runs WHERE status != 'pending' AND finished_ts < ?",
                 (at - retention_s,),
             )
+            self._db.execute("DELETE FROM resolved WHERE resolved_ts < ?", (at - retention_s,))
             return cur.rowcount
 
 
@@ -300,3 +408,7 @@ def _epoch(iso: str | None) -> float:
     if not iso:
         return 0.0
     return datetime.fromisoformat(iso).timestamp()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")

@@ -11,7 +11,10 @@ Order of checks, each refusing before anything starts:
    is left alone, and if one of them ran, a `post-incident` draft run is started (once);
    no route -> recorded only; parameters that the route cannot build or the runbook's
    model rejects -> recorded, nothing started; started a run of the same route
-   within the route's cooldown (a flapping alert) -> recorded, nothing started.
+   within the route's cooldown (a flapping alert) -> recorded, nothing started;
+   another alert for the same deployment and *target* started a run within the route's
+   cooldown (an alert storm) -> covered: a run is recorded Completed ("covered by run X",
+   tag `covered-by:<X>`), never executed, and X's `covered-alerts` artifact lists it.
 
 Then every routed firing alert is written to the journal (`deployments/journal.py`, durable,
 unique per `idempotency_key = fingerprint:startsAt`) and created as a deployment flow run in
@@ -36,7 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -52,6 +55,7 @@ from deployments.journal import Added, Entry, Journal, Record
 from deployments.routing import MissingLabel, RoutingTable, build_params
 from deployments.settings import ReceiverSettings
 from deployments.warm_pool import WarmPool
+from flows.common import md_escape
 
 log = logging.getLogger("runbooks.receiver")
 
@@ -65,6 +69,7 @@ Outcome = Literal[
     "accepted",  # journaled, run being created
     "deduplicated",  # recorded earlier (same fingerprint + startsAt)
     "cooldown",  # this alert started a run of the route within its cooldown: nothing started
+    "covered",  # another alert's run handles the same target: recorded Completed, covered
     "resolved",  # resolved, no run of it waiting to start (a Running one is left alone)
     "cancelled",  # resolved while its run was Scheduled or Pending: that run was cancelled
     "unrouted",  # no route
@@ -262,6 +267,10 @@ class Intake:
     _slots: asyncio.Semaphore | None = None
     _journal_queue: list[tuple[Entry, asyncio.Future[Added]]] = field(default_factory=list)
     _journal_writer: asyncio.Task[None] | None = None
+    #: Handler runs whose `covered-alerts` artifact is to be (re)written, and its id.
+    _covered_dirty: set[str] = field(default_factory=set)
+    _covered_writers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _covered_artifacts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._index = by_deployment(self.runbooks)
@@ -336,6 +345,7 @@ class Intake:
         runbook = self._index[route.deployment]
         try:
             params = build_params(route, runbook, alert.labels)
+            target = runbook.target_of({**params}) or ""
         except (MissingLabel, ValidationError) as exc:
             detail = f"parameters rejected: {_short(exc)}"
             _record("rejected", alert, detail, route.deployment)
@@ -362,6 +372,8 @@ class Intake:
                 fingerprint=alert.fingerprint,
                 cooldown_s=route.cooldown.total_seconds(),
                 accepted_ts=time.time(),
+                target=target,
+                acts=route.auto,
             )
             try:
                 added = await self._journal_add(entry)
@@ -397,11 +409,13 @@ class Intake:
                 )
                 self._remember(key, result)
                 return result
+            if added.outcome == "covered":
+                entry = replace(entry, covered_by=added.earlier_key)
             # New, or accepted earlier and still being created (by a concurrent delivery
             # that got here first, or replayed at start): one creation task per key.
             existing = self._inflight.get(key)
             task = existing if existing is not None else self._spawn(entry)
-            first = added.outcome == "new"
+            first = added.outcome in ("new", "covered")
         else:
             first = False
         if not first:  # a repeat of an alert whose run is being created: answer at once
@@ -447,6 +461,7 @@ class Intake:
         try:
             # In a thread, like every journal call on a request's path: the loop never waits
             # for the journal's lock while another thread holds it for an fsync.
+            await asyncio.to_thread(self.journal.resolved, alert.fingerprint)
             records = await asyncio.to_thread(self.journal.for_fingerprint, alert.fingerprint)
         except sqlite3.Error:
             log.exception("alert %s resolved: journal unreadable", alert.fingerprint)
@@ -483,6 +498,10 @@ class Intake:
         notes: list[str] = []
         ran = False
         for record in records:
+            if record.covered_by is not None:
+                # A covered alert's run never executes; its incident is the handler's.
+                notes.append(f"covered by the run of {record.covered_by}")
+                continue
             if record.status == "pending" and await asyncio.to_thread(
                 self.journal.finish,
                 record.idempotency_key,
@@ -588,6 +607,19 @@ class Intake:
         task.add_done_callback(done)
         return task
 
+    async def _handler_run(self, entry: Entry) -> str | None:
+        """The run id of the alert covering `entry`, once created; None if it never will be."""
+        assert entry.covered_by is not None
+        while True:
+            record = await asyncio.to_thread(self.journal.get, entry.covered_by)
+            if record is None or record.status in ("failed", "expired", "cancelled"):
+                return None
+            if record.flow_run_id is not None:
+                return record.flow_run_id
+            if time.time() - entry.accepted_ts > self.max_age_s:
+                return None
+            await asyncio.sleep(0.1)
+
     async def _create(self, entry: Entry) -> AlertResult:
         """Create the run in Prefect, retrying what may succeed later, until max age."""
         base = _base(entry)
@@ -595,6 +627,14 @@ class Intake:
         delay = 0.5
         if self._slots is None:  # start() was not awaited (an app without its lifespan)
             self._slots = asyncio.Semaphore(self.max_parallel_creates)
+        handler: str | None = None
+        if entry.covered_by is not None:
+            handler = await self._handler_run(entry)
+            if handler is None:  # the covering alert never got a run: this one gets its own
+                log.warning("alert %s: its covering run never started; starting one", fingerprint)
+                await asyncio.to_thread(self.journal.uncover, entry.idempotency_key)
+                entry = replace(entry, covered_by=None)
+        tags = entry.tags if handler is None else [*entry.tags, f"covered-by:{handler}"]
         while True:
             if entry.idempotency_key in self._cancelled:  # resolved meanwhile
                 self._cancelled.discard(entry.idempotency_key)
@@ -613,9 +653,10 @@ class Intake:
                         entry.deployment,
                         name=entry.name,
                         parameters=entry.parameters,
-                        tags=entry.tags,
+                        tags=tags,
                         idempotency_key=entry.idempotency_key,
                         grace_s=self.grace_s if self.pool is not None else 0.0,
+                        covered_by=handler,
                     )
                 break
             except PrefectRefused as exc:
@@ -655,6 +696,22 @@ class Intake:
             return AlertResult(
                 **base, outcome="deduplicated", deployment=entry.deployment, flow_run_id=str(run.id)
             )
+        if handler is not None:
+            log.info("alert %s -> covered by run %s (run %s)", fingerprint, handler, run.id)
+            self._covered_dirty.add(handler)
+            if handler not in self._covered_writers:
+                writer = self._keep(
+                    asyncio.get_running_loop().create_task(self._write_covered(handler))
+                )
+                self._covered_writers[handler] = writer
+            await self._note_covered(str(run.id), handler)
+            return AlertResult(
+                **base,
+                outcome="covered",
+                deployment=entry.deployment,
+                flow_run_id=str(run.id),
+                detail=f"covered by run {handler} (same target: {entry.target})",
+            )
         warm = self.pool is not None and self.pool.try_submit(run.id, entry.deployment)
         log.info(
             "alert %s -> %s run %s [%s]",
@@ -671,12 +728,70 @@ class Intake:
             executor="warm" if warm else "runner",
         )
 
+    async def _note_covered(self, run_id: str, handler: str) -> None:
+        """The covered run's own artifact: which run handles its alert, with a link."""
+        text = (
+            f"# Covered by run [{handler}](/runs/flow-run/{handler})\n\n"
+            "Another alert for the same target started that run within the route's "
+            "cooldown: it handles this alert too (alert storm coalescing). This run never "
+            "executed; see that run's `covered-alerts` artifact and report."
+        )
+        try:
+            await self.runs.put_markdown(None, run_id, "covered-by", text, f"covered by {handler}")
+        except PrefectUnavailable as exc:  # the tag and the state message still say it
+            log.warning("covered run %s: artifact not written: %s", run_id, exc)
+
+    async def _write_covered(self, handler: str) -> None:
+        """Keep the handler's `covered-alerts` artifact equal to its `covered-by:` runs.
+
+        The list is read back from the tags each time (never accumulated here), and the
+        loop runs again whenever a covered run was created meanwhile, so the last write
+        always follows the last tag.
+        """
+        try:
+            while handler in self._covered_dirty:
+                self._covered_dirty.discard(handler)
+                try:
+                    runs = await self.runs.runs_tagged(f"covered-by:{handler}")
+                    text = _covered_markdown(handler, runs)
+                    self._covered_artifacts[handler] = await self.runs.put_markdown(
+                        self._covered_artifacts.get(handler),
+                        handler,
+                        "covered-alerts",
+                        text,
+                        f"{len(runs)} alert(s) covered by this run",
+                    )
+                except PrefectUnavailable as exc:
+                    log.warning("covered-alerts of run %s not written yet: %s", handler, exc)
+                    self._covered_dirty.add(handler)
+                    await asyncio.sleep(1.0)
+        finally:
+            self._covered_writers.pop(handler, None)
+
     def _remember(self, key: str, result: AlertResult) -> None:
         if self.cache_size <= 0:
             return
         self._recent[key] = result
         while len(self._recent) > self.cache_size:
             self._recent.popitem(last=False)
+
+
+def _covered_markdown(handler: str, runs: list[dict[str, Any]]) -> str:
+    """The handler's list of the alerts it covers, one row per covered run."""
+    rows = []
+    for run in runs:
+        tags = dict(t.split(":", 1) for t in run.get("tags", []) if ":" in t)
+        rows.append(
+            f"| [{run['name']}](/runs/flow-run/{run['id']}) | `{tags.get('alert', '')}` "
+            f"| {md_escape(tags.get('alertname', ''))} | {str(run.get('created', ''))[:19]} |"
+        )
+    return (
+        f"# Alerts covered by this run ({len(runs)})\n\n"
+        "Alerts of other fingerprints for the same target, received within the route's "
+        "cooldown: recorded as Completed runs tagged `covered-by:"
+        f"{handler}`, never executed.\n\n"
+        "| run | alert | alertname | received (UTC) |\n|---|---|---|---|\n" + "\n".join(rows)
+    )
 
 
 def _base(entry: Entry) -> dict[str, str]:
@@ -688,6 +803,7 @@ def _base(entry: Entry) -> dict[str, str]:
     }
 
 
+_FINGERPRINT = re.compile(r"^[0-9a-zA-Z]{1,64}$")
 _SLUG = re.compile(r"[^a-z0-9]+")
 
 
@@ -827,6 +943,18 @@ def create_app(
         if any(a.outcome == "failed" for a in result.alerts):
             response.status_code = 503
         return result
+
+    @app.get(
+        "/alerts/{fingerprint}",
+        dependencies=[Depends(require_credentials)],
+        responses={401: {"description": "missing or wrong credentials"}},
+    )
+    async def alert_state(fingerprint: str) -> dict[str, str]:
+        """Firing or resolved, by the last notification received (runs ask before acting)."""
+        if not _FINGERPRINT.match(fingerprint):
+            raise HTTPException(status_code=422, detail="not an alert fingerprint")
+        state, detail = await asyncio.to_thread(intake.journal.alert_state, fingerprint)
+        return {"fingerprint": fingerprint, "state": state, "detail": detail}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

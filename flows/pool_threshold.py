@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from flows.common import Report, publish_on_exit, table, tag_run
 from flows.db_pool_exhausted import RUNBOOK as REMEDIATION
 from flows.db_pool_exhausted import DbPoolParams
+from flows.db_pool_exhausted import target_of as remediation_target
 from tasks.postgres import PoolUsage, measure_pool_usage
 
 RUNBOOK = "pool-threshold"
@@ -41,6 +42,11 @@ class PoolThresholdParams(BaseModel):
         default_factory=DbPoolParams,
         description="Parameters for that runbook (dry run unless switched off there).",
     )
+
+
+def target_of(params: PoolThresholdParams) -> str:
+    """Its remediation's target: alerts about one database coalesce into one check."""
+    return remediation_target(params.remediation)
 
 
 class PoolThresholdExceeded(Exception):
