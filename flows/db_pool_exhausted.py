@@ -17,8 +17,8 @@ Safety limits: dry-run by default (the plan is the artifact); floors and caps in
 parameter model (idle >= 1 min, `max_sessions` <= the settings cap); acts only while usage is
 at or above `act_above_percent`; at most `guard.max_sessions` terminations, in one statement
 that re-checks the guard, so a session that became active since the plan survives; one
-remediation per target at a time (`pg:<host:port>/<database>`, or `/*` for the whole
-server: a Prefect global concurrency limit, `tasks.locks`, plus an advisory lock) and a
+remediation per target at a time (`pg:<host:port>/<database>`, or `pg:<host:port>` for the
+whole server: a Prefect global concurrency limit, `tasks.locks`, plus an advisory lock) and a
 cooldown per target; optional approval gate, after which usage, cooldown and plan are
 checked again in the lock and only sessions both approved and still matching are
 terminated; a run started by an alert first checks that the alert still fires.
@@ -195,9 +195,14 @@ class PoolStillExhausted(Exception):
 
 
 def lock_targets(params: DbPoolParams, settings: PostgresSettings | None = None) -> tuple[str, str]:
-    """`(target, server)`: what this run would change, `pg:<host:port>/<database or *>`."""
+    """`(target, server)`: `pg:<host:port>/<database>`, or the server itself without a filter.
+
+    A run filtered to one database changes that database's sessions only; an unfiltered run
+    may end sessions anywhere on the server, so its target is the whole server.
+    """
     server = "pg:" + pg_target(settings or PostgresSettings()).rsplit("/", 1)[0]
-    return f"{server}/{params.guard.database or '*'}", server
+    database = params.guard.database
+    return (f"{server}/{database}" if database else server), server
 
 
 def target_of(params: DbPoolParams) -> str:

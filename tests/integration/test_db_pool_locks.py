@@ -1,0 +1,160 @@
+"""One remediation per target on real PostgreSQL: databases in parallel, one database serialized,
+the whole server excluded by either, and a run whose alert resolved while it waited acts on nothing.
+
+"Another run acting" is the test holding the target's lock (`tasks.locks.target_lock`) exactly
+as a run does, so nothing here depends on two flows racing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from prefect import tags
+
+from deployments.receiver import create_app
+from deployments.serve import to_deployments
+from flows.db_pool_exhausted import DbPoolParams, db_pool_exhausted, lock_targets
+from tasks.locks import target_lock
+from tasks.postgres import TerminationGuard
+from tests.fixtures.postgres import ADMIN_DSN, PgWorld, Sessions, alive, pid, wait_gone
+from tests.fixtures.stub_runbooks import STUB_RUNBOOKS
+from tests.fixtures.triggers import TOKEN, alert, bearer, payload, receiver_settings, serve_app
+from tests.fixtures.triggers import stub_table as stub_routing
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.fixture
+def second_db(pg_env: PgWorld) -> Iterator[str]:
+    """Another database on the same server: another target."""
+    name = f"rb_lock_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def act(world: PgWorld, database: str | None, **kw: Any) -> DbPoolParams:
+    """Acting parameters, limited to the test's own role (never another test's sessions)."""
+    guard = TerminationGuard(
+        database=database,
+        username=world.app_role,
+        idle_minutes=1 / 60,
+        protected_roles=[world.protected_role],
+    )
+    base: dict[str, Any] = {
+        "dry_run": False,
+        "guard": guard,
+        "act_above_percent": 0,
+        "healthy_below_percent": 100,
+        "cooldown_minutes": 0,
+    }
+    return DbPoolParams.model_validate(base | kw)
+
+
+def test_two_databases_act_in_parallel_and_one_database_waits(
+    pg_env: PgWorld, sessions: Sessions, second_db: str
+) -> None:
+    mine = sessions.open(pg_env.app_role, "idle")
+    other = psycopg.connect(pg_env.dsn(pg_env.app_role, second_db), autocommit=True)
+    time.sleep(1.2)  # idle for longer than the guard's 1 s floor
+    target, server = lock_targets(act(pg_env, pg_env.database))
+    assert (target, server) == ("pg:127.0.0.1:5432/" + pg_env.database, "pg:127.0.0.1:5432")
+    pool = ThreadPoolExecutor(1)
+    with target_lock(target, within=server):  # another run acts on the test's database
+        parallel = db_pool_exhausted(act(pg_env, second_db, lock_timeout_s=5))
+        assert parallel.action == "terminated"
+        assert wait_gone([pid(other)]) == set()
+        same = db_pool_exhausted(act(pg_env, pg_env.database, lock_timeout_s=2))
+        whole = db_pool_exhausted(act(pg_env, None, lock_timeout_s=2))
+        assert (same.action, whole.action) == ("refused", "refused")
+        assert "being remediated by another run" in same.note
+        assert alive([pid(mine)]) == {pid(mine)}
+        waiting = pool.submit(db_pool_exhausted, act(pg_env, pg_env.database))
+        time.sleep(1.5)
+        assert not waiting.done()  # it waits for the target, it does not act beside it
+        assert alive([pid(mine)]) == {pid(mine)}
+    # The other run released the target: the waiting one acts now.
+    assert waiting.result(timeout=120).action == "terminated"
+    pool.shutdown()
+    assert wait_gone([pid(mine)]) == set()
+    other.close()
+
+
+def test_the_whole_server_waits_for_and_excludes_its_databases(
+    pg_env: PgWorld, sessions: Sessions
+) -> None:
+    mine = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    _, server = lock_targets(act(pg_env, None))
+    with target_lock(server, within=server):  # a server-wide remediation is acting
+        one_db = db_pool_exhausted(act(pg_env, pg_env.database, lock_timeout_s=2))
+    assert one_db.action == "refused"
+    assert alive([pid(mine)]) == {pid(mine)}
+
+
+@pytest.fixture(scope="module")
+def stub_deployments(prefect_api: None) -> None:
+    for deployment in to_deployments(STUB_RUNBOOKS):
+        deployment.apply()
+
+
+@pytest.mark.usefixtures("stub_deployments")
+@pytest.mark.parametrize("resolves", [True, False])
+def test_a_run_whose_alert_resolved_while_it_waited_acts_on_nothing(
+    pg_env: PgWorld, sessions: Sessions, monkeypatch: pytest.MonkeyPatch, resolves: bool
+) -> None:
+    firing = alert("StubStorm", namespace=f"stale-{uuid.uuid4().hex[:6]}")
+    fp = firing["fingerprint"]
+    app = create_app(
+        receiver_settings(sync_wait_s=10), stub_routing(), STUB_RUNBOOKS, api_url=_api()
+    )
+    victim = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    params = act(pg_env, pg_env.database)
+    target, server = lock_targets(params)
+    with serve_app(app) as receiver:
+        monkeypatch.setenv("RUNBOOKS_ALERTS_RECEIVER_URL", receiver.url)
+        monkeypatch.setenv("RUNBOOKS_ALERTS_RECEIVER_TOKEN", TOKEN)
+        send(receiver.url, firing)
+        with ThreadPoolExecutor(1) as pool:
+            with target_lock(target, within=server):  # the run waits behind another one
+                waiting = pool.submit(run_as_alert, params, fp)
+                time.sleep(1.0)
+                if resolves:
+                    send(receiver.url, {**firing, "status": "resolved"}, status="resolved")
+            outcome = waiting.result(timeout=120)
+    if resolves:
+        assert outcome.action == "skipped"
+        assert f"the alert that started this run ({fp}) has resolved" in outcome.note
+        assert alive([pid(victim)]) == {pid(victim)}
+    else:
+        assert outcome.action == "terminated"
+        assert wait_gone([pid(victim)]) == set()
+
+
+def _api() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+def send(url: str, one: dict[str, Any], status: str = "firing") -> None:
+    r = httpx.post(f"{url}/alerts", json=payload(one, status=status), headers=bearer(), timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def run_as_alert(params: DbPoolParams, fingerprint: str) -> Any:
+    """The flow as an alert-started run sees itself: `source:alert` and `alert:<fp>` tags."""
+    with tags("source:alert", f"alert:{fingerprint}", "alertname:StubStorm"):
+        return db_pool_exhausted(params)
