@@ -1,10 +1,21 @@
-"""Alert storm: 1,000 webhook deliveries of 50 distinct alerts within 10 s.
+"""Alert storms, measured until every run has finished.
 
+`--scenario intake` (the default): 1,000 webhook deliveries of 50 distinct alerts within 10 s.
 Alertmanager is at-least-once (HA peers each deliver, retries repeat): the receiver must turn
 this into exactly 50 flow runs, lose none, never answer 5xx, and answer fast (p99 < 100 ms),
 while the runs themselves execute on the same machine (warm pool + Runner, stand-in runbook).
 
-    .venv/bin/python bench/alert_storm.py [--deliveries 1000] [--alerts 50] [--seconds 10]
+`--scenario distinct`: 100 `DatabaseConnectionPoolExhausted` alerts for 100 databases (100
+targets), plan-only, with the real `db-pool-exhausted` runbook on the local PostgreSQL; target:
+every run finished within 60 s of the last delivery.
+
+`--scenario one-target`: 100 alerts (100 fingerprints) for one database, on an `auto: true`
+route; target: exactly one run acts, the other 99 are covered by it, all accounted for within
+30 s of the last delivery. (The acting run's guard names a role that does not exist: it acts,
+and ends no session.)
+
+    .venv/bin/python bench/alert_storm.py [--scenario intake|distinct|one-target]
+        [--deliveries 1000] [--alerts 50] [--seconds 10] [--wait-s 300]
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -96,8 +108,116 @@ def count_runs(stack: Stack, fingerprints: list[str]) -> dict[str, int]:
     return counts
 
 
+ROUTING = """
+routes:
+  - alertname: DatabaseConnectionPoolExhausted
+    match: {storm: act}
+    deployment: db-pool-exhausted/db-pool-exhausted
+    auto: true
+    cooldown: 10m
+    params:
+      guard: {database: "${datname}", username: "${usename}"}
+      act_above_percent: 0
+      healthy_below_percent: 100
+      requested_by: bench
+  - alertname: DatabaseConnectionPoolExhausted
+    deployment: db-pool-exhausted/db-pool-exhausted
+    auto: false
+    cooldown: 10m
+    params:
+      guard: {database: "${datname}"}
+      requested_by: bench
+"""
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def runs_of(stack: Stack, tag: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    while True:
+        body = {"flow_runs": {"tags": {"all_": [tag]}}, "limit": 200, "offset": len(found)}
+        batch = httpx.post(f"{stack.api_url}/flow_runs/filter", json=body, timeout=30).json()
+        found += batch
+        if len(batch) < 200:
+            return found
+
+
+def finish_times(
+    stack: Stack, tag: str, expected: int, since: float, wait_s: float
+) -> tuple[list[dict[str, Any]], float | None]:
+    """Poll until `expected` runs tagged `tag` are final; (runs, seconds after `since`)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = runs_of(stack, tag)
+        done = [r for r in runs if (r.get("state") or {}).get("type") in FINAL]
+        if len(runs) >= expected and len(done) == len(runs):
+            return runs, time.monotonic() - since
+        if time.monotonic() > deadline:
+            return runs, None
+        time.sleep(0.5)
+
+
+def storm_to_finish(scenario: str, alerts_n: int, seconds: float, wait_s: float) -> int:
+    """Deliver `alerts_n` alerts once each over `seconds`, then time until all runs end."""
+    prefix = uuid.uuid4().hex[:8]
+    tag = f"storm{prefix}"
+    if scenario == "distinct":
+        labels = [{"datname": f"storm_{prefix}_{i}"} for i in range(alerts_n)]
+    else:
+        labels = [{"datname": f"storm_{prefix}", "storm": "act", "usename": f"nobody_{prefix}"}]
+        labels *= alerts_n
+    alerts = [
+        alert("DatabaseConnectionPoolExhausted", fingerprint=f"{prefix}{i:04d}", stormtag=tag, **lb)
+        for i, lb in enumerate(labels)
+    ]
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-storm-") as tmp,
+    ):
+        routing = Path(tmp) / "routing.yaml"
+        routing.write_text(ROUTING)
+        with running_stack(Path(tmp) / "prefect", catalog=None, routing=routing) as stack:
+            _, _, statuses = storm(stack, alerts_n, alerts, seconds)
+            last = time.monotonic()
+            runs, took = finish_times(
+                stack, "alertname:DatabaseConnectionPoolExhausted", alerts_n, last, wait_s
+            )
+            states = Counter((r.get("state") or {}).get("name") for r in runs)
+            covered = [r for r in runs if any(t.startswith("covered-by:") for t in r["tags"])]
+            handlers = [r for r in runs if r not in covered]
+            acted = 0
+            if scenario == "one-target":
+                for r in handlers:
+                    body = {"artifacts": {"flow_run_id": {"any_": [r["id"]]}, "key": {
+                        "any_": ["db-pool-exhausted"]}}}  # fmt: skip
+                    arts = httpx.post(
+                        f"{stack.api_url}/artifacts/filter", json=body, timeout=30
+                    ).json()
+                    acted += sum("**terminated**" in str(a.get("data")) for a in arts)
+    print(f"scenario {scenario}: {alerts_n} alerts delivered over {seconds:g} s; "
+          f"status codes {dict(statuses)}")  # fmt: skip
+    print(f"runs: {len(runs)}; states: {dict(states)}; covered: {len(covered)}; "
+          f"handlers: {len(handlers)}")  # fmt: skip
+    if took is None:
+        done = sum(1 for r in runs if (r.get("state") or {}).get("type") in FINAL)
+        print(f"NOT all finished within {wait_s:.0f} s of the last delivery: {done} final")
+        return 1
+    print(f"every run final {took:.1f} s after the last delivery")
+    if scenario == "distinct":
+        ok = len(runs) == alerts_n and took <= 60
+        print("target (all", alerts_n, "finished within 60 s):", "MET" if ok else "NOT MET")
+    else:
+        print(f"runs that acted: {acted}")
+        ok = acted == 1 and len(covered) == alerts_n - 1 and took <= 30
+        print("target (1 act, the rest covered, within 30 s):", "MET" if ok else "NOT MET")
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--scenario", choices=["intake", "distinct", "one-target"], default="intake"
+    )
+    parser.add_argument("--wait-s", type=float, default=300.0)
     parser.add_argument("--deliveries", type=int, default=1000)
     parser.add_argument("--alerts", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -108,6 +228,9 @@ def main() -> int:
         "storm: measures the receiver without 50 runs competing for the CPU",
     )
     args = parser.parse_args()
+    if args.scenario != "intake":
+        n = args.alerts if args.alerts != 50 else 100
+        return storm_to_finish(args.scenario, n, args.seconds, args.wait_s)
     extra_env = {"RUNBOOKS_RECEIVER_GRACE_S": "300"} if args.intake_only else {}
     prefix = uuid.uuid4().hex[:8]
     fingerprints = [f"{prefix}{i:04d}" for i in range(args.alerts)]

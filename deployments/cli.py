@@ -310,6 +310,14 @@ def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int |
         env["RUNBOOKS_RECEIVER_CATALOG"] = stack.catalog
     if pool_size is not None:
         env["RUNBOOKS_RECEIVER_POOL_SIZE"] = str(pool_size)
+    # Runs ask the receiver whether their alert still fires before acting (tasks.alerts),
+    # unless the operator pointed them at Alertmanager or elsewhere.
+    rec_host = receiver.host
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(rec_host).is_unspecified:  # listening everywhere
+            rec_host = "127.0.0.1"
+    env.setdefault("RUNBOOKS_ALERTS_RECEIVER_URL", f"http://{rec_host}:{receiver.port}")
+    env.setdefault("RUNBOOKS_ALERTS_RECEIVER_TOKEN", env["RUNBOOKS_RECEIVER_TOKEN"])
     api_url = env["PREFECT_API_URL"]
     sup = Supervisor(stack, env)
 
@@ -352,10 +360,6 @@ def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int |
         assert rec.proc is not None and runner.proc is not None
         # Start-up: a part that dies now has a configuration problem (bad routing table,
         # port in use): say so and stop, rather than restart it in a loop.
-        rec_host = receiver.host
-        with contextlib.suppress(ValueError):
-            if ipaddress.ip_address(rec_host).is_unspecified:  # listening everywhere
-                rec_host = "127.0.0.1"
         if not wait_healthy(
             f"http://{rec_host}:{receiver.port}/healthz",
             {},
