@@ -157,7 +157,9 @@ def finish_times(
         time.sleep(0.5)
 
 
-def storm_to_finish(scenario: str, alerts_n: int, seconds: float, wait_s: float) -> int:
+def storm_to_finish(
+    scenario: str, alerts_n: int, seconds: float, wait_s: float, pool_size: int
+) -> int:
     """Deliver `alerts_n` alerts once each over `seconds`, then time until all runs end."""
     prefix = uuid.uuid4().hex[:8]
     tag = f"storm{prefix}"
@@ -175,7 +177,9 @@ def storm_to_finish(scenario: str, alerts_n: int, seconds: float, wait_s: float)
     ):
         routing = Path(tmp) / "routing.yaml"
         routing.write_text(ROUTING)
-        with running_stack(Path(tmp) / "prefect", catalog=None, routing=routing) as stack:
+        with running_stack(
+            Path(tmp) / "prefect", catalog=None, routing=routing, pool_size=pool_size
+        ) as stack:
             _, _, statuses = storm(stack, alerts_n, alerts, seconds)
             last = time.monotonic()
             runs, took = finish_times(
@@ -218,6 +222,7 @@ def main() -> int:
         "--scenario", choices=["intake", "distinct", "one-target"], default="intake"
     )
     parser.add_argument("--wait-s", type=float, default=300.0)
+    parser.add_argument("--pool-size", type=int, default=4, help="warm processes (storms)")
     parser.add_argument("--deliveries", type=int, default=1000)
     parser.add_argument("--alerts", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -230,7 +235,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.scenario != "intake":
         n = args.alerts if args.alerts != 50 else 100
-        return storm_to_finish(args.scenario, n, args.seconds, args.wait_s)
+        return storm_to_finish(args.scenario, n, args.seconds, args.wait_s, args.pool_size)
     extra_env = {"RUNBOOKS_RECEIVER_GRACE_S": "300"} if args.intake_only else {}
     prefix = uuid.uuid4().hex[:8]
     fingerprints = [f"{prefix}{i:04d}" for i in range(args.alerts)]

@@ -254,6 +254,8 @@ class Intake:
     cache_size: int
     journal: Journal = field(default_factory=lambda: Journal(None))
     sync_wait_s: float = 0.0
+    #: Grace of a run created while every warm process is busy (it waits in their queue).
+    queue_grace_s: float = 60.0
     max_parallel_creates: int = 4
     max_age_s: float = 3600.0
     retention_s: float = 7 * 24 * 3600.0
@@ -655,7 +657,7 @@ class Intake:
                         parameters=entry.parameters,
                         tags=tags,
                         idempotency_key=entry.idempotency_key,
-                        grace_s=self.grace_s if self.pool is not None else 0.0,
+                        grace_s=self._grace(),
                         covered_by=handler,
                     )
                 break
@@ -727,6 +729,14 @@ class Intake:
             flow_run_id=str(run.id),
             executor="warm" if warm else "runner",
         )
+
+    def _grace(self) -> float:
+        """How far ahead to schedule a new run: long enough for the warm pool's queue to
+        reach it while the pool is up (the Runner takes what is still waiting then); no
+        wait at all when there is no pool to take it."""
+        if self.pool is None or not self.pool.accepting():
+            return 0.0
+        return self.grace_s if self.pool.idle() > 0 else max(self.grace_s, self.queue_grace_s)
 
     async def _note_covered(self, run_id: str, handler: str) -> None:
         """The covered run's own artifact: which run handles its alert, with a link."""
@@ -881,6 +891,7 @@ def create_app(
         cache_size=settings.dedup_cache_size,
         journal=journal or Journal(settings.journal_path),
         sync_wait_s=settings.sync_wait_s,
+        queue_grace_s=settings.queue_grace_s,
         max_age_s=settings.max_age_s,
         retention_s=settings.retention_s,
         prune_interval_s=settings.prune_interval_s,

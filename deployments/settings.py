@@ -96,6 +96,14 @@ class ReceiverSettings(BaseSettings):
             "the Runner only if the pool did not (saturated or down)."
         ),
     )
+    queue_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "A run created while every warm process is busy waits in the pool's queue; it is "
+            "scheduled this far ahead, after which the Runner may take it instead."
+        ),
+    )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, gt=0, description="Larger webhook bodies are refused (413)."
     )

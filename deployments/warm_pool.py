@@ -8,9 +8,17 @@ executes it in-process with Prefect's own engine (`prefect.flow_engine.run_flow`
 `prefect flow-run execute` would. The run stays a deployment run: same UI page, logs, tags,
 artifacts, deployment concurrency limit (applied on the Pending transition).
 
-No alert is lost: if no process is idle, the pool is down, or the claim is refused (the
-Runner got it first, or the concurrency limit is full), the run simply stays Scheduled and
-the Runner starts it. Orchestration lets exactly one claimer move Scheduled -> Pending.
+No alert is lost: if the pool is down, or the claim is refused (the Runner got it first, or
+the concurrency limit is full), the run simply stays Scheduled and the Runner starts it.
+Orchestration lets exactly one claimer move Scheduled -> Pending.
+
+When every process is busy, a run waits in the pool's queue (up to `max_queue`) and goes to
+the next process that frees up. Why not hand it to the Runner at once: under an alert storm
+the Runner starts one fresh subprocess per run, each paying seconds of imports on the same
+cores, so 100 runs took minutes; warm processes reuse their imports and drain the queue in
+seconds. The Runner remains the fallback: a queued run still unclaimed when its scheduled
+time (the receiver's grace) has passed is the Runner's to take, and the atomic claim
+decides who runs it.
 
 A process executes one run at a time and is reused (importing Prefect and the runbooks costs
 several CPU-seconds, which a busy incident machine should not pay per alert); it is replaced
@@ -36,6 +44,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
@@ -105,16 +114,24 @@ class _Worker:
     run_id: UUID | None = None
     #: Set when the run was cancelled and the process terminated on purpose.
     finished: bool = False
+    #: Runs handed to it: it exits after `MAX_RUNS_PER_PROCESS`, so it gets no more.
+    runs: int = 0
 
 
 class WarmPool:
     """`size` warm processes; `try_submit` never blocks and says whether one took the run."""
 
     def __init__(
-        self, entrypoints: dict[str, str], size: int, env: dict[str, str] | None = None
+        self,
+        entrypoints: dict[str, str],
+        size: int,
+        env: dict[str, str] | None = None,
+        max_queue: int = 500,
     ) -> None:
         self._entrypoints = dict(entrypoints)  # deployment name -> flow entrypoint
         self._size = size
+        self._max_queue = max_queue
+        self._queue: deque[tuple[UUID, str]] = deque()
         self._env = dict(env or {})
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
@@ -176,27 +193,64 @@ class WarmPool:
     # -- dispatch --------------------------------------------------------------------
     def idle(self) -> int:
         with self._lock:
-            return sum(1 for w in self._workers if w.ready and w.run_id is None)
+            return sum(
+                1
+                for w in self._workers
+                if w.ready and w.run_id is None and w.runs < MAX_RUNS_PER_PROCESS
+            )
 
     def handles(self, deployment: str) -> bool:
         return deployment in self._entrypoints
 
+    def accepting(self) -> bool:
+        """Whether runs handed over now will be executed here (idle, or queued)."""
+        if self._closing.is_set():
+            return False
+        with self._lock:
+            alive = any(w.process.is_alive() for w in self._workers)
+            return alive and len(self._queue) < self._max_queue
+
     def try_submit(self, run_id: UUID, deployment: str) -> bool:
-        """Hand the run to an idle process; False = leave it to the Runner."""
+        """Hand the run to an idle process, or queue it; False = leave it to the Runner."""
         entrypoint = self._entrypoints.get(deployment)
         if entrypoint is None or self._closing.is_set():
             return False
         with self._lock:
-            for w in self._workers:
-                if w.ready and w.run_id is None and w.process.is_alive():
-                    try:
-                        w.conn.send((str(run_id), entrypoint))
-                    except OSError:
-                        w.ready = False
-                        continue
-                    w.run_id = run_id
-                    return True
+            if self._send_to_idle(run_id, entrypoint):
+                return True
+            alive = any(w.process.is_alive() for w in self._workers)
+            if not alive or len(self._queue) >= self._max_queue:
+                return False
+            self._queue.append((run_id, entrypoint))
+            return True
+
+    def _send_to_idle(self, run_id: UUID, entrypoint: str) -> bool:
+        """With the lock held: give the run to an idle process, if there is one."""
+        for w in self._workers:
+            if (
+                w.ready
+                and w.run_id is None
+                and w.runs < MAX_RUNS_PER_PROCESS
+                and w.process.is_alive()
+            ):
+                try:
+                    w.conn.send((str(run_id), entrypoint))
+                except OSError:
+                    w.ready = False
+                    continue
+                w.run_id = run_id
+                w.runs += 1
+                return True
         return False
+
+    def _dispatch(self) -> None:
+        """Queued runs to processes that are idle now (after a run ended, or a process is new)."""
+        with self._lock:
+            while self._queue and not self._closing.is_set():
+                run_id, entrypoint = self._queue[0]
+                if not self._send_to_idle(run_id, entrypoint):
+                    return
+                self._queue.popleft()
 
     # -- monitor ---------------------------------------------------------------------
     def _spawn(self) -> _Worker:
@@ -241,11 +295,13 @@ class WarmPool:
         if msg == "ready":
             with self._lock:
                 w.ready = True
+            self._dispatch()
         elif isinstance(msg, tuple) and msg[0] == "done":
             log.info("warm run %s finished: %s", msg[1], msg[2])
             with self._lock:
                 if not w.finished:  # not cancelled meanwhile: the process takes the next run
                     w.run_id = None
+            self._dispatch()
 
     def _reap(self, w: _Worker) -> None:
         with self._lock:
