@@ -187,6 +187,21 @@ def test_warm_pool_executes_the_alert_run_as_a_normal_deployment_run(
     assert warm_pool.wait_ready(90)
 
 
+def test_a_busy_pool_queues_runs_and_runs_each_once_in_turn(warm_pool: WarmPool) -> None:
+    # One process; three alerts at once: the first runs, two wait in the pool's queue (long
+    # grace, so the Runner, absent here anyway, would not take them) and follow in turn.
+    alerts = [alert(namespace=f"q{i}", fingerprint=f"queue{i}{time.time_ns()}") for i in range(3)]
+    with TestClient(live_app(warm_pool)) as client:
+        r = client.post("/alerts", json=payload(*alerts), headers=bearer())
+    results = r.json()["alerts"]
+    assert [x["executor"] for x in results] == ["warm"] * 3
+    for x in results:
+        run = wait_final(UUID(x["flow_run_id"]), timeout=120)
+        assert run.state is not None and run.state.is_completed(), run.state
+        assert run.run_count == 1
+    assert warm_pool.wait_ready(90)
+
+
 def test_a_run_claimed_elsewhere_is_not_run_twice(stub_deployments: None) -> None:
     with TestClient(live_app()) as client:
         r = client.post(
