@@ -6,7 +6,9 @@ Trigger: the receiver starts it as a **draft** when an alert resolves whose runb
 
 Incident key (`IncidentKey.parse`):
 
-- `alert:<fingerprint>` (or a bare fingerprint): the runs the receiver tagged `alert:<fp>`;
+- `alert:<fingerprint>` (or a bare fingerprint): the runs the receiver tagged `alert:<fp>`,
+  with the alerts coalesced with them in a storm (the run that covered it, the runs it
+  covered: `covered-by:<run>` tags);
 - `tag:<tag>`: every run carrying that tag;
 - `<runbook>@<since>..<until>`: the runs of that runbook expected to start in the range.
 
@@ -369,10 +371,31 @@ def _all_runs(
             return runs
 
 
+def _add_coalesced(client: SyncPrefectClient, found: dict[UUID, FlowRun]) -> None:
+    """Alerts coalesced in a storm are one incident: add the run that covered an alert of
+    the incident, and every alert covered by one of its runs (their `covered-by:` tags)."""
+    handlers = {
+        UUID(tag.split(":", 1)[1])
+        for run in found.values()
+        for tag in run.tags or []
+        if tag.startswith("covered-by:")
+    }
+    for handler in handlers - found.keys():
+        found[handler] = client.read_flow_run(handler)
+    tags = [f"covered-by:{run_id}" for run_id in found]
+    for start in range(0, len(tags), PAGE):
+        covered = _all_runs(
+            client, None, FlowRunFilter(tags=FlowRunFilterTags(any_=tags[start : start + PAGE]))
+        )
+        for run in covered:
+            found.setdefault(run.id, run)
+
+
 def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
     """Every run of the incident (subflows too) with its states, tasks, artifacts, inputs."""
     flow_filter, run_filter = key.run_filter()
     found: dict[UUID, FlowRun] = {r.id: r for r in _all_runs(client, flow_filter, run_filter)}
+    _add_coalesced(client, found)
     task_runs: dict[UUID, list[TaskRun]] = {}
     todo = list(found)
     # Subflows are found through their parent task run, whatever their tags: repeat until

@@ -173,3 +173,15 @@ def test_receiver_answers_whether_an_alert_still_fires() -> None:
         assert r.status_code == 200
         assert state() == "resolved"
     assert TOKEN not in url
+
+
+def test_the_post_incident_record_shows_a_storm_as_one_incident(client: TestClient) -> None:
+    from flows.post_incident import IncidentKey, collect
+
+    storm = [alert("StubStorm", namespace="storm-f") for _ in range(3)]
+    results = [post(client, a)[0] for a in storm]
+    ids = {r["flow_run_id"] for r in results}
+    for a in (storm[0], storm[2]):  # from the handler's alert, and from a covered one
+        with get_client(sync_client=True) as c:
+            gathered = collect(c, IncidentKey.parse(f"alert:{a['fingerprint']}"))
+        assert {str(r.id) for r in gathered.runs} == ids
