@@ -207,6 +207,9 @@ RUNBOOKS: tuple[Runbook, ...] = (
         description="High 5xx rate: evidence in parallel, scenario A-D with figures; rollout"
         " undo, restart or cache clear after approval, then verified by Prometheus.",
         tags=("errors", "kubernetes", "redis", "postgres", "prometheus", "destructive"),
+        # Acting takes the backend's target lock; plan-only runs never wait for each other.
+        concurrency_limit=None,
+        target="flows.high_error_rate:target_of",
         dry_run_field="dry_run",
         service_account="incident-runbooks",
         severity="critical",

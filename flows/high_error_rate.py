@@ -53,6 +53,7 @@ from flows.common import (
     Decision,
     Report,
     Unavailable,
+    alert_resolved,
     collect,
     failure_text,
     md_escape,
@@ -86,6 +87,7 @@ from tasks.kubernetes import (
     wait_for_rollout,
     wait_for_statefulset,
 )
+from tasks.locks import target_lock
 from tasks.postgres import (
     ActivityByDbUser,
     PoolUsage,
@@ -108,6 +110,8 @@ DNS_1123 = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 WINDOW = r"^[1-9][0-9]{0,3}[smh]$"
 #: The step of the 5xx history read to date the onset; a point every 5 s is plenty.
 ONSET_STEP_S = 5.0
+#: How long an approved run waits for another run acting on the backend before giving up.
+LOCK_TIMEOUT_S = 600.0
 #: Clock skew allowed between Prometheus and the API server when dating the onset.
 ONSET_TOLERANCE_S = 15.0
 
@@ -1020,7 +1024,7 @@ def _run(params: HighErrorRateParams, report: Report) -> HighErrorRateOutcome:
         report.add(
             "Approval", "not asked: `auto_approve` is set and no database restart is planned."
         )
-    with _remediation_lock(report):
+    with _remediation_lock(report, params):
         acting = doable
         if needs_human:
             # The run waited for a human: measure again, plan again, and act only on what
@@ -1040,6 +1044,10 @@ def _run(params: HighErrorRateParams, report: Report) -> HighErrorRateOutcome:
             )
             if not acting:
                 return finish("skipped", "nothing approved still holds: nothing changed.")
+        # The run may have waited (approval, another run on the target): the last word.
+        stale = alert_resolved(report)
+        if stale is not None:
+            return finish("skipped", stale)
         records = _act(params, acting, report)
     verify = verify_recovery(params, found.error_rate)
     report.add(
@@ -1057,22 +1065,32 @@ def _run(params: HighErrorRateParams, report: Report) -> HighErrorRateOutcome:
     return finish("acted", note, records=records, verify=verify)
 
 
-@contextmanager
-def _remediation_lock(report: Report) -> Iterator[None]:
-    """The remediation lock (a PostgreSQL advisory lock, as the other runbooks take it).
+def target_of(params: HighErrorRateParams) -> str:
+    """What the runbook changes: the backend Deployment, `k8s:<namespace>/<deployment>`."""
+    k8s = KubernetesSettings()
+    return f"k8s:{k8s.namespace}/{k8s.backend_deployment}"
 
-    When PostgreSQL itself is unreachable (scenario A) the lock cannot be taken: the run
-    says so and relies on the deployment's concurrency limit (1) instead, rather than never
-    being able to restart a dead database. Another run holding it refuses (SafetyViolation).
+
+@contextmanager
+def _remediation_lock(report: Report, params: HighErrorRateParams) -> Iterator[None]:
+    """The backend's target lock (`tasks.locks`, waits for another run acting on it), then
+    the PostgreSQL advisory lock the other runbooks take.
+
+    When PostgreSQL itself is unreachable (scenario A) the advisory lock cannot be taken:
+    the run says so and relies on the target lock alone, rather than never being able to
+    restart a dead database. Another run holding the advisory lock refuses (SafetyViolation).
     """
     with ExitStack() as stack:
+        target = target_of(params)
+        waited = stack.enter_context(target_lock(target, timeout_s=LOCK_TIMEOUT_S))
+        report.add("Target lock", f"Held {md_escape(target)} (waited {waited:.1f} s).")
         try:
             stack.enter_context(remediation_lock(RUNBOOK))
         except TransientError as exc:
             report.add(
                 "Remediation lock",
                 f"not taken, PostgreSQL unreachable ({failure_text(exc)}); relying on the "
-                "deployment's concurrency limit (1).",
+                "target lock.",
             )
         yield
 
