@@ -185,6 +185,9 @@ RUNBOOKS: tuple[Runbook, ...] = (
         description="High response time: the latency checklist, quick wins with evidence;"
         " a cache clear only after approval.",
         tags=("latency", "redis", "postgres", "prometheus"),
+        # The cache clear takes the cache's target lock; read-only runs never wait.
+        concurrency_limit=None,
+        target="flows.high_latency:target_of",
         dry_run_field="dry_run",
         service_account="incident-runbooks",
         severity="high",

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from flows.common import (
     Report,
     Unavailable,
+    alert_resolved,
     collect,
     failure_text,
     md_escape,
@@ -35,6 +36,7 @@ from flows.common import (
 from tasks.backend import CompressionResult, compression_check
 from tasks.clients import pg_target
 from tasks.kubernetes.metrics import PodMetrics, pod_metrics
+from tasks.locks import target_lock
 from tasks.network import ConnectTime, tcp_connect_times
 from tasks.postgres import (
     SeqScanReport,
@@ -55,6 +57,8 @@ from tasks.redis import CacheClearResult, RedisInfo, clear_cache, redis_info, re
 from tasks.settings import BackendSettings, PostgresSettings, PrometheusSettings, RedisSettings
 
 RUNBOOK = "high-latency"
+#: How long an approved clear waits for another run clearing the same cache.
+LOCK_TIMEOUT_S = 600.0
 
 Verdict = Literal["pass", "FAIL", "not available", "unavailable"]
 
@@ -93,6 +97,11 @@ class HighLatencyParams(BaseModel):
     )
     requested_by: str = Field("", max_length=200, description="Who asked (name, alert).")
     reason: str = Field("", max_length=2000, description="Why; recorded in the audit artifact.")
+
+
+def target_of(params: HighLatencyParams) -> str:
+    """What the runbook may change: the cache, `redis:<host:port>/<db>`."""
+    return "redis:" + redis_target(RedisSettings())
 
 
 class CheckRow(BaseModel):
@@ -610,19 +619,25 @@ def _run(params: HighLatencyParams, report: Report) -> HighLatencyOutcome:
     report.add("Approval", decision.line())
     if not decision.approved:
         return finish("refused", "not approved: nothing changed.", plan)
-    # The run waited for a human: measure again and act only if it still makes sense.
-    info_now = redis_info()
-    evidence_now = _cache_evidence(params, info_now)
-    fresh = clear_cache(dry_run=True)
-    report.add(
-        "Re-measured after approval",
-        f"{_clear_md(fresh)}\n\nEvidence now: {md_escape(evidence_now or 'none')}.",
-    )
-    if not evidence_now and not params.clear_cache:
-        return finish("skipped", "the evidence for a clear is gone: nothing changed.", fresh)
-    if fresh.matched == 0:
-        return finish("skipped", "no key matches the pattern any more: nothing changed.", fresh)
-    done = clear_cache(dry_run=False)
+    # One clear per cache at a time; the others wait, then find the keys gone and skip.
+    with target_lock(target_of(params), timeout_s=LOCK_TIMEOUT_S) as waited:
+        report.add("Target lock", f"Held {md_escape(target_of(params))} (waited {waited:.1f} s).")
+        # The run waited for a human: measure again and act only if it still makes sense.
+        info_now = redis_info()
+        evidence_now = _cache_evidence(params, info_now)
+        fresh = clear_cache(dry_run=True)
+        report.add(
+            "Re-measured after approval",
+            f"{_clear_md(fresh)}\n\nEvidence now: {md_escape(evidence_now or 'none')}.",
+        )
+        if not evidence_now and not params.clear_cache:
+            return finish("skipped", "the evidence for a clear is gone: nothing changed.", fresh)
+        if fresh.matched == 0:
+            return finish("skipped", "no key matches the pattern any more: nothing changed.", fresh)
+        stale = alert_resolved(report)
+        if stale is not None:
+            return finish("skipped", stale, fresh)
+        done = clear_cache(dry_run=False)
     report.add("Cache cleared", _clear_md(done))
     return finish(
         "cleared",
