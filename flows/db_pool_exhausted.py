@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.common import Report, md_escape, publish_on_exit, request_approval, table, tag_run
 from flows.escalate import escalate_incident
+from flows.pool_sizing import PoolSizeAction, SizingView, pool_sizing_report, raise_pool_size
 from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
 from tasks.postgres import (
@@ -111,6 +112,13 @@ class DbPoolParams(BaseModel):
     cooldown_minutes: float = Field(
         5.0, ge=0, le=1440, description="Refuse to act again on the same server within this."
     )
+    raise_pool_size_to: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Optional: set the backend's pool-size env var to this (at most the pool"
+        " sizing cap) and restart it; needs dry_run off and require_approval on.",
+    )
     requested_by: str = Field(
         "", max_length=200, description="Who asked for this run (name, alert); for the audit."
     )
@@ -171,6 +179,8 @@ class DbPoolOutcome(BaseModel):
     result: TerminationResult | None
     timeout_change: TimeoutChange | None
     healthy: bool | None = Field(description="Usage below the healthy mark after acting.")
+    pool_sizing: SizingView | None = Field(None, description="The pool sizing check.")
+    pool_size_action: PoolSizeAction | None = Field(None, description="The pool-size raise.")
 
 
 class PoolStillExhausted(Exception):
@@ -288,6 +298,14 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
     # The audit record is written on every path: done, refused, timed out or failed.
     with publish_on_exit(report, summary):
         result = _remediate(params, target, report)
+        if params.raise_pool_size_to is not None:
+            result.pool_size_action = raise_pool_size(
+                params.raise_pool_size_to,
+                dry_run=params.dry_run,
+                require_approval=params.require_approval,
+                approval_timeout_s=params.approval_timeout_s,
+                report=report,
+            )
         outcome.append(result)
         if result.healthy is False:
             assert result.after is not None and result.result is not None
@@ -316,6 +334,7 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
         pools_state.result() if pools_state.is_completed() else f"not read: {pools_state.message}"
     )
     report.add("Findings", _findings_md(snapshot, pools))
+    sizing = pool_sizing_report(report, snapshot.usage)
     plan = plan_terminations(params.guard)
     report.add("Plan", _plan_md(plan))
     before = snapshot.usage
@@ -344,6 +363,7 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
             result=result,
             timeout_change=change,
             healthy=healthy,
+            pool_sizing=sizing,
         )
 
     if params.dry_run:
