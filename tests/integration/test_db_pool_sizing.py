@@ -69,7 +69,7 @@ def max_connections(sessions: Sessions, world: PgWorld) -> int:
     conn = sessions.open(world.protected_role, "idle")
     row = conn.execute("SELECT current_setting('max_connections')::int").fetchone()
     assert row is not None
-    return int(row[0])
+    return int(str(row[0]))
 
 
 def test_oversubscribed_pool_is_flagged(
