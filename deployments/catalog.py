@@ -106,7 +106,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         entrypoint="flows.db_pool_exhausted:db_pool_exhausted",
         description="PostgreSQL connection pool exhausted: find and (guarded) end idle sessions.",
         tags=("postgres", "destructive"),
-        service_account=NO_KUBE_SERVICE_ACCOUNT,
+        # Reads the backend Deployment for pool sizing; patches only it (approved raise).
+        service_account="db-pool-exhausted",
         severity="critical",
         topic="database",
     ),
