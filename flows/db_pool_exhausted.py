@@ -12,6 +12,8 @@ run's own session, never superusers or protected roles, only the allowed idle st
 for longer than N minutes, optional database/role filter); optionally sets
 `idle_in_transaction_session_timeout` per role (ALTER ROLE, the default) or, with approval
 and at least 60 s, system-wide (ALTER SYSTEM + `pg_reload_conf()`).
+With `raise_pool_size_to`, dry_run off and approval: sets the backend's pool-size env var
+(at most the pool sizing cap, flows/pool_sizing.py) and restarts the backend.
 
 Safety limits: dry-run by default (the plan is the artifact); floors and caps in the
 parameter model (idle >= 1 min, `max_sessions` <= the settings cap); acts only while usage is
