@@ -28,7 +28,7 @@ from tasks.pool_sizing import (
     BackendPool,
     PoolSizing,
     PoolSizingSettings,
-    count_other_clients,
+    other_clients,
     read_backend_pool,
     size_pool,
 )
@@ -55,10 +55,15 @@ class PoolSizeAction(BaseModel):
     restart: RestartResult | None = None
 
 
-def measure_sizing(usage: PoolUsage) -> SizingView:
-    """Read the backend's pods and pool size and the other clients; compute the check."""
+def measure_sizing(usage: PoolUsage, *, retry: bool = True) -> SizingView:
+    """Read the backend's pods and pool size; count the other clients; compute the check.
+
+    `retry=False` (the report): one attempt, so an unreachable Kubernetes API costs the
+    incident one request timeout, not the retry policy's backoff.
+    """
     settings = PoolSizingSettings()
-    backend_state = read_backend_pool(sizing=settings, return_state=True)
+    read = read_backend_pool if retry else read_backend_pool.with_options(retries=0)
+    backend_state = read(sizing=settings, return_state=True)
     if not backend_state.is_completed():
         return SizingView(unavailable=f"not available: {backend_state.message}")
     backend: BackendPool = backend_state.result()
@@ -67,11 +72,7 @@ def measure_sizing(usage: PoolUsage) -> SizingView:
         # Without the backend's role, its own connections cannot be told from the others'.
         note = "other clients not measured: RUNBOOKS_BACKEND_POOL_DB_ROLE is not set"
     else:
-        counted = count_other_clients(settings.db_role, return_state=True)
-        if counted.is_completed():
-            other = counted.result().other
-        else:
-            note = f"other clients not measured: {counted.message}"
+        other = other_clients(usage, settings.db_role)
     sizing = size_pool(
         max_connections=usage.max_connections,
         reserved=usage.superuser_reserved + usage.reserved,
@@ -122,7 +123,7 @@ def sizing_md(view: SizingView) -> str:
 
 def pool_sizing_report(report: Report, usage: PoolUsage) -> SizingView:
     """Add the "Pool sizing" section (read only); never raises for Kubernetes trouble."""
-    view = measure_sizing(usage)
+    view = measure_sizing(usage, retry=False)
     report.add("Pool sizing", sizing_md(view))
     return view
 

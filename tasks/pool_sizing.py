@@ -8,10 +8,11 @@ The check, per run of db-pool-exhausted (docs/postgres.md, "Pool sizing"):
   `spec.replicas`, `status.replicas` and `status.updatedReplicas`;
 - pool size per pod: the backend container's env var (a literal, or `valueFrom.configMapKeyRef`
   read from that ConfigMap), else an explicitly configured ConfigMap key;
-- other clients: client connections whose role is not the backend's (pg_stat_activity);
+- other clients: client connections whose role is not the backend's (the run's
+  pg_stat_activity reading, by role);
 - reserved: `superuser_reserved_connections` + `reserved_connections` (PostgreSQL 16+).
 
-`size_pool` is the arithmetic, pure; the two reads are tasks (Kubernetes, PostgreSQL).
+`size_pool` and `other_clients` are pure; the Kubernetes read is a task.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tasks.clients import pg_connect
 from tasks.errors import PermanentError
 from tasks.kubernetes.api import call, get_deployment, kube_session, run_logger
 from tasks.kubernetes.semantics import meta
-from tasks.postgres import check_name
+from tasks.postgres import PoolUsage
 from tasks.retry import RETRY_READ
-from tasks.settings import KubernetesSettings, PostgresSettings
+from tasks.settings import KubernetesSettings
 
 
 class PoolSizingSettings(BaseSettings):
@@ -233,31 +233,10 @@ def read_backend_pool(
     return pool
 
 
-class OtherClients(BaseModel):
-    """Client connections on the server split into the backend's role and everyone else."""
+def other_clients(usage: PoolUsage, backend_role: str) -> int:
+    """Client connections of every role but the backend's, from a usage measurement.
 
-    backend_role: str | None
-    backend: int
-    other: int
-
-
-def count_other_clients_now(
-    role: str | None, settings: PostgresSettings | None = None
-) -> OtherClients:
-    """Client connections by the backend's role and by every other role (no task wrapper)."""
-    check_name(role)
-    with pg_connect(settings or PostgresSettings()) as conn:
-        row = conn.execute(
-            "SELECT count(*) FILTER (WHERE usename = %(role)s)::int AS backend,"
-            " count(*) FILTER (WHERE usename IS DISTINCT FROM %(role)s)::int AS other"
-            " FROM pg_stat_activity WHERE backend_type = 'client backend'",
-            {"role": role},
-        ).fetchone()
-    assert row is not None
-    return OtherClients(backend_role=role, backend=row["backend"], other=row["other"])
-
-
-@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="count-other-clients")
-def count_other_clients(role: str | None) -> OtherClients:
-    """Client connections NOT from the backend's role (the pool's neighbours)."""
-    return count_other_clients_now(role)
+    Taken from the run's own `pg_stat_activity` reading (by role): no extra connection
+    while the server is out of slots.
+    """
+    return sum(c.count for c in usage.by_user if c.key != backend_role)

@@ -16,7 +16,7 @@ from prefect.flow_runs import resume_flow_run
 
 from flows.db_pool_exhausted import RUNBOOK, db_pool_exhausted
 from tasks.kubernetes import RESTARTED_AT
-from tests.fixtures.kube import KubeCluster
+from tests.fixtures.kube import KubeCluster, free_port, write_kubeconfig
 from tests.fixtures.postgres import PgWorld, Sessions
 from tests.fixtures.prefect_runs import flow_run_artifacts, paused_runs, wait_for_paused_run
 from tests.integration.kube_helpers import deployment_body
@@ -106,14 +106,27 @@ def test_pool_size_from_a_configmap_that_fits(backend: Backend, pg_env: PgWorld)
     assert "ConfigMap backend-config key pool" in latest_artifact(RUNBOOK)
 
 
+@pytest.mark.parametrize("how", ["not configured", "unreachable"])
 def test_kubernetes_unavailable_is_reported_not_fatal(
-    pg_env: PgWorld, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+    pg_env: PgWorld,
+    kube_cluster: KubeCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    how: str,
 ) -> None:
-    monkeypatch.setenv("RUNBOOKS_K8S_KUBECONFIG", str(tmp_path / "missing.kubeconfig"))
+    config = tmp_path / "missing.kubeconfig"
+    if how == "unreachable":  # a closed port: refused at once, tried once (no retry backoff)
+        dead = f"https://127.0.0.1:{free_port()}"
+        config = write_kubeconfig(config, dead, kube_cluster.ca_pem, "t", "dead")
+    monkeypatch.setenv("RUNBOOKS_K8S_KUBECONFIG", str(config))
+    started = time.monotonic()
     out = db_pool_exhausted(params(pg_env))
     assert out.action == "planned"
     assert out.pool_sizing is not None and out.pool_sizing.unavailable
-    assert "not available" in latest_artifact(RUNBOOK)
+    md = latest_artifact(RUNBOOK)
+    assert "## Pool sizing\n\nnot available" in md
+    assert ("unreachable" if how == "unreachable" else "configuration unusable") in md
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.parametrize("approved", [True, False])

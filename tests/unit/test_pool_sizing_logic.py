@@ -6,7 +6,8 @@ import pytest
 
 from tasks.errors import PermanentError
 from tasks.kubernetes.env import EnvChange, describe_entry
-from tasks.pool_sizing import parse_pool_size, size_pool
+from tasks.pool_sizing import other_clients, parse_pool_size, size_pool
+from tasks.postgres import CountBy, PoolUsage
 
 
 def test_fitting_pool_is_not_flagged() -> None:
@@ -112,3 +113,27 @@ def test_a_configmap_reference_is_replaced_and_restored() -> None:
     (container,) = c.undo_patch["spec"]["template"]["spec"]["containers"]
     assert container["env"] == [{"name": "DB_POOL_SIZE", "valueFrom": ref, "value": None}]
     assert describe_entry(c.previous) == "from ConfigMap backend key pool"
+
+
+def test_other_clients_are_every_role_but_the_backends() -> None:
+    usage = PoolUsage.model_validate(
+        {
+            "taken_at": "2026-11-27T00:00:00Z",
+            "target": "db",
+            "max_connections": 100,
+            "superuser_reserved": 3,
+            "reserved": 0,
+            "client_connections": 60,
+            "percent_used": 60.0,
+            "free_for_applications": 37,
+            "by_state": [],
+            "by_database": [],
+            "by_user": [
+                CountBy(key="app", count=50),
+                CountBy(key="etl", count=7),
+                CountBy(key="(none)", count=3),
+            ],
+        }
+    )
+    assert other_clients(usage, "app") == 10
+    assert other_clients(usage, "nobody") == 60
