@@ -209,7 +209,17 @@ def raise_pool_size(
         return done(
             "refused", f"{exc}; nothing changed.", cap_before=cap, cap_after_approval=new_cap
         )
-    restart = restart_rollout(backend.deployment, backend.namespace)
+    try:
+        restart = restart_rollout(backend.deployment, backend.namespace)
+    except Exception:
+        # The env var is changed already: the audit must show it and its undo.
+        report.add(
+            "Pool size action",
+            f"**set, restart failed**: {md_escape(settings.env)} {md_escape(change.before)} ->"
+            f" {md_escape(change.after)}; the restart failed (see the run's error)."
+            f"\n\nUndo (the exact previous entry, then restart): {_undo_md(change)}",
+        )
+        raise
     return done(
         "set",
         f"{settings.env} {change.before} -> {change.after} (cap {new_cap}); {restart.message}.",

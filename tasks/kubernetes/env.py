@@ -140,6 +140,11 @@ def plan_env_value(
     settings = settings or KubernetesSettings()
     with kube_session(settings) as kube:
         dep = get_deployment(kube, deployment, namespace)
+    if dep.spec.paused:
+        # The new value would not roll out and the restart would be refused: change nothing.
+        raise SafetyViolation(
+            f"deployment {deployment} in namespace {namespace} is paused; resume it first"
+        )
     labels = dep.spec.template.metadata.labels if dep.spec.template.metadata else None
     if not labels_match(settings.label_selector, labels):
         raise SafetyViolation(

@@ -194,3 +194,48 @@ def test_above_the_cap_or_without_approval_changes_nothing(
     assert dry.pool_size_action is not None and dry.pool_size_action.action == "refused"
     assert backend.read().metadata.generation == generation
     assert {"name": "DB_POOL_SIZE", "value": "2"} in backend.env()
+
+
+def test_entry_changed_while_waiting_for_approval_is_left_alone(
+    backend: Backend, pg_env: PgWorld
+) -> None:
+    backend.create(1, {"name": "DB_POOL_SIZE", "value": "2"})
+    p = params(
+        pg_env, dry_run=False, require_approval=True, act_above_percent=100, raise_pool_size_to=3
+    )
+    ignore = frozenset(paused_runs(RUNBOOK))
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(db_pool_exhausted, p)
+        run_id = wait_for_paused_run(RUNBOOK, ignore=ignore)
+        # Someone else edits the pool size while the run waits.
+        env = [{"name": "DB_POOL_SIZE", "value": "4"}]
+        patch = {"spec": {"template": {"spec": {"containers": [{"name": "app", "env": env}]}}}}
+        backend.apps.patch_namespaced_deployment(BACKEND, backend.namespace, patch)
+        generation = backend.read().metadata.generation
+        resume_flow_run(run_id, run_input={"approved": True, "approver": "dave"})
+        out = fut.result(timeout=120)
+    assert out.pool_size_action is not None
+    assert out.pool_size_action.action == "refused"
+    assert "changed while waiting for approval" in out.pool_size_action.note
+    assert {"name": "DB_POOL_SIZE", "value": "4"} in backend.env()
+    assert backend.read().metadata.generation == generation
+    assert backend.restarted_at() is None
+
+
+def test_paused_backend_is_refused_before_approval(backend: Backend, pg_env: PgWorld) -> None:
+    backend.create(1, {"name": "DB_POOL_SIZE", "value": "2"})
+    backend.apps.patch_namespaced_deployment(BACKEND, backend.namespace, {"spec": {"paused": True}})
+    generation = backend.read().metadata.generation
+    out = db_pool_exhausted(
+        params(
+            pg_env,
+            dry_run=False,
+            require_approval=True,
+            act_above_percent=100,
+            raise_pool_size_to=3,
+        )
+    )
+    assert out.pool_size_action is not None
+    assert out.pool_size_action.action == "refused"
+    assert "paused" in out.pool_size_action.note
+    assert backend.read().metadata.generation == generation
