@@ -90,7 +90,8 @@ def sizing_md(view: SizingView) -> str:
         return md_escape(view.unavailable or "not available")
     b, s = view.backend, view.sizing
     verdict = {
-        True: "**OVER-SUBSCRIBED**: the backend's pools alone can exhaust the server",
+        True: "**OVER-SUBSCRIBED**: full pools on every pod would take more connections than"
+        " the server has left for them",
         False: "fits",
         None: "pool size unknown: cannot check",
     }[s.oversubscribed]
@@ -99,10 +100,10 @@ def sizing_md(view: SizingView) -> str:
         f" updated {b.updated_replicas})"
     )
     rows: list[list[object]] = [
-        ["pods of " + md_escape(f"{b.namespace}/{b.deployment}"), pods],
+        [f"pods of {b.namespace}/{b.deployment}", pods],
         [
             "pool size per pod",
-            f"{s.pool_size if s.pool_size is not None else '?'} ({md_escape(b.source)})",
+            f"{s.pool_size if s.pool_size is not None else '?'} ({b.source})",
         ],
         ["demand = pods x pool", s.demand if s.demand is not None else "?"],
         ["max_connections", s.max_connections],
