@@ -129,7 +129,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         # one remediation per database; plan-only runs never wait.
         concurrency_limit=None,
         target="flows.db_pool_exhausted:target_of",
-        service_account=NO_KUBE_SERVICE_ACCOUNT,
+        # Reads the backend Deployment for pool sizing; patches only it (approved raise).
+        service_account="db-pool-exhausted",
         severity="critical",
         topic="database",
     ),

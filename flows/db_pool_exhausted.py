@@ -12,6 +12,8 @@ run's own session, never superusers or protected roles, only the allowed idle st
 for longer than N minutes, optional database/role filter); optionally sets
 `idle_in_transaction_session_timeout` per role (ALTER ROLE, the default) or, with approval
 and at least 60 s, system-wide (ALTER SYSTEM + `pg_reload_conf()`).
+With `raise_pool_size_to`, dry_run off and approval: sets the backend's pool-size env var
+(at most the pool sizing cap, flows/pool_sizing.py) and restarts the backend.
 
 Safety limits: dry-run by default (the plan is the artifact); floors and caps in the
 parameter model (idle >= 1 min, `max_sessions` <= the settings cap); acts only while usage is
@@ -48,6 +50,7 @@ from flows.common import (
     tag_run,
 )
 from flows.escalate import escalate_incident
+from flows.pool_sizing import PoolSizeAction, SizingView, pool_sizing_report, raise_pool_size
 from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
 from tasks.locks import target_lock
@@ -128,6 +131,13 @@ class DbPoolParams(BaseModel):
         le=3600,
         description="Wait at most this long for another run acting on the same target.",
     )
+    raise_pool_size_to: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Optional: set the backend's pool-size env var to this (at most the pool"
+        " sizing cap) and restart it; needs dry_run off and require_approval on.",
+    )
     requested_by: str = Field(
         "", max_length=200, description="Who asked for this run (name, alert); for the audit."
     )
@@ -188,6 +198,8 @@ class DbPoolOutcome(BaseModel):
     result: TerminationResult | None
     timeout_change: TimeoutChange | None
     healthy: bool | None = Field(description="Usage below the healthy mark after acting.")
+    pool_sizing: SizingView | None = Field(None, description="The pool sizing check.")
+    pool_size_action: PoolSizeAction | None = Field(None, description="The pool-size raise.")
 
 
 class PoolStillExhausted(Exception):
@@ -321,6 +333,14 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
     # The audit record is written on every path: done, refused, timed out or failed.
     with publish_on_exit(report, summary):
         result = _remediate(params, target, report)
+        if params.raise_pool_size_to is not None:
+            result.pool_size_action = raise_pool_size(
+                params.raise_pool_size_to,
+                dry_run=params.dry_run,
+                require_approval=params.require_approval,
+                approval_timeout_s=params.approval_timeout_s,
+                report=report,
+            )
         outcome.append(result)
         if result.healthy is False:
             assert result.after is not None and result.result is not None
@@ -349,6 +369,7 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
         pools_state.result() if pools_state.is_completed() else f"not read: {pools_state.message}"
     )
     report.add("Findings", _findings_md(snapshot, pools))
+    sizing = pool_sizing_report(report, snapshot.usage)
     plan = plan_terminations(params.guard)
     report.add("Plan", _plan_md(plan))
     before = snapshot.usage
@@ -377,6 +398,7 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
             result=result,
             timeout_change=change,
             healthy=healthy,
+            pool_sizing=sizing,
         )
 
     if params.dry_run:

@@ -38,7 +38,9 @@ from tasks.kubernetes import (
     wait_for_rollout,
     wait_for_statefulset,
 )
+from tasks.kubernetes.env import apply_env_value, plan_env_value
 from tasks.kubernetes.metrics import pod_metrics
+from tasks.pool_sizing import PoolSizingSettings, read_backend_pool_now
 from tasks.settings import KubernetesSettings
 from tasks.tls import load_pair_from_secret, read_secret_certificates, write_tls_secret
 from tests.fixtures.kube import KubeCluster
@@ -62,6 +64,7 @@ ROLES = {
     "cert-replace-ingress",
     "cert-renew",  # tests/integration/test_acme_rbac.py
     "cert-renew-ingress",
+    "db-pool-exhausted",
 }
 
 
@@ -424,6 +427,80 @@ def test_cert_replace_roles(rbac_cluster: Cluster, pki: CertFactory):
             lambda: restart_rollout.fn(
                 "ingress-nginx-controller", ingress, dry_run=True, settings=sa
             )
+        ],
+    )
+
+
+def test_db_pool_exhausted_role(rbac_cluster: Cluster):
+    c, ns = rbac_cluster, rbac_cluster.platform
+    apps: Any = k8s.AppsV1Api(c.admin)
+    core: Any = k8s.CoreV1Api(c.admin)
+    for cm in ("akig-backend-config", "other-config"):
+        core.create_namespaced_config_map(
+            ns, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name=cm), data={"pool": "4"})
+        )
+    ref = {
+        "name": "DB_POOL_SIZE",
+        "valueFrom": {"configMapKeyRef": {"name": "akig-backend-config", "key": "pool"}},
+    }
+    for name in ("akig-backend", "akig-intruder"):
+        body = deployment_body(name, replicas=1)
+        body["spec"]["template"]["spec"]["containers"][0]["env"].append(ref)
+        apps.create_namespaced_deployment(ns, body)
+    sa = c.token_settings("db-pool-exhausted")
+    sizing = PoolSizingSettings(env="DB_POOL_SIZE")
+    from_cm = PoolSizingSettings(env="UNSET", configmap="akig-backend-config", configmap_key="pool")
+
+    # The runbook's reads and its write, with the Role alone.
+    assert read_backend_pool_now(sa, sizing).pool_size == 4
+    assert read_backend_pool_now(sa, from_cm).pool_size == 4
+    plan = plan_env_value.fn("akig-backend", ns, "app", "DB_POOL_SIZE", 5, 10, settings=sa)
+    assert apply_env_value.fn(plan, settings=sa).patched
+    assert restart_rollout.fn("akig-backend", ns, settings=sa).patched
+
+    # Around it, refused: another Deployment or ConfigMap, listing, Secrets, pods, deleting.
+    intruder = KubernetesSettings.model_validate(
+        sa.model_dump() | {"backend_deployment": "akig-intruder"}
+    )
+    with pytest.raises(PermanentError, match=r"forbidden: cannot get deployments"):
+        read_backend_pool_now(intruder, sizing)
+    with pytest.raises(PermanentError, match=r"forbidden: cannot get deployments"):
+        plan_env_value.fn("akig-intruder", ns, "app", "DB_POOL_SIZE", 5, 10, settings=sa)
+    other_cm = PoolSizingSettings(env="UNSET", configmap="other-config", configmap_key="pool")
+    with pytest.raises(PermanentError, match=r"forbidden: cannot get configmaps"):
+        read_backend_pool_now(sa, other_cm)
+    sa_api = kube_api_client(sa)
+    sa_apps: Any = k8s.AppsV1Api(sa_api)
+    sa_core: Any = k8s.CoreV1Api(sa_api)
+    assert forbidden(lambda: sa_apps.list_namespaced_deployment(ns))
+    assert forbidden(lambda: sa_apps.delete_namespaced_deployment("akig-backend", ns))
+    assert forbidden(
+        lambda: sa_apps.patch_namespaced_deployment_scale(
+            "akig-backend",
+            ns,
+            {"spec": {"replicas": 0}},
+            _content_type="application/merge-patch+json",
+        )
+    )
+    assert forbidden(lambda: sa_core.list_namespaced_config_map(ns))
+    assert forbidden(
+        lambda: sa_core.patch_namespaced_config_map(
+            "akig-backend-config", ns, {"data": {"pool": "99"}}
+        )
+    )
+    assert forbidden(lambda: sa_core.list_namespaced_secret(ns))
+    assert forbidden(lambda: list_pods.fn(None, ns, settings=sa))
+
+    # Every rule is needed.
+    again = plan_env_value.fn("akig-backend", ns, "app", "DB_POOL_SIZE", 6, 10, settings=sa)
+    without_each_rule_something_breaks(
+        c.admin,
+        role(c.docs, "db-pool-exhausted"),
+        [
+            lambda: read_backend_pool_now(sa, from_cm),
+            # a server dry run: authorized like the real write
+            lambda: apply_env_value.fn(again, dry_run=True, settings=sa),
+            lambda: read_backend_pool_now(sa, from_cm),
         ],
     )
 

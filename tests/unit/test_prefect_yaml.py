@@ -90,7 +90,7 @@ def test_each_deployment_matches_its_runbook(rb: Any) -> None:
 @pytest.mark.parametrize(
     ("name", "account"),
     [
-        ("db-pool-exhausted", "runbooks-no-kube"),
+        ("db-pool-exhausted", "db-pool-exhausted"),
         ("pool-threshold", "runbooks-no-kube"),
         ("cert-expiry", "cert-expiry"),
         ("cert-replace", "cert-replace"),

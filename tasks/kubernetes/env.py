@@ -1,0 +1,237 @@
+"""Set one container env var of a Deployment to a literal, capped, with its exact undo.
+
+Like the memory limit raise (`resources`), two steps so a retry never applies twice:
+
+- `plan_env_value` (read, retried): reads the entry as it is now and records it (the undo),
+  and checks the target against the cap decided by the caller (`EnvChange` refuses a
+  target above the cap or below 1);
+- `apply_env_value` (idempotent write, retried): re-reads; already the target literal ->
+  no-op (an earlier attempt's patch landed, its answer was lost); the entry moved since the
+  plan -> refused; otherwise one strategic-merge patch of that one entry (merge key `name`).
+
+The undo is a strategic-merge patch too: the previous entry as it was (literal or
+`valueFrom`), or `$patch: delete` when the variable was unset.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+from kubernetes import client as k8s
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from tasks.errors import PermanentError, SafetyViolation
+from tasks.kubernetes.api import (
+    STRATEGIC_MERGE_PATCH,
+    call,
+    get_deployment,
+    kube_session,
+    run_logger,
+)
+from tasks.kubernetes.semantics import labels_match, meta
+from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
+from tasks.settings import KubernetesSettings
+
+
+def _entry_of(dep: Any, container: str, env: str) -> dict[str, Any] | None:
+    """The container's env entry as plain JSON (None when unset); the last one wins."""
+    containers: list[k8s.V1Container] = dep.spec.template.spec.containers or []
+    found = next((c for c in containers if c.name == container), None)
+    if found is None:
+        raise PermanentError(
+            f"deployment {meta(dep).name} in namespace {meta(dep).namespace} has no container "
+            f"{container!r} (containers: {', '.join(c.name for c in containers)})"
+        )
+    entry = next((e for e in reversed(found.env or []) if e.name == env), None)
+    if entry is None:
+        return None
+    value: dict[str, Any] = k8s.ApiClient().sanitize_for_serialization(entry)
+    return value
+
+
+def env_patch(container: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A strategic-merge patch setting one env entry of one container (both matched by name)."""
+    return {"spec": {"template": {"spec": {"containers": [{"name": container, "env": [entry]}]}}}}
+
+
+def describe_entry(entry: dict[str, Any] | None) -> str:
+    """An env entry for the report: `10`, `unset`, or where its value comes from."""
+    if entry is None:
+        return "unset"
+    if "valueFrom" in entry:
+        ref = entry["valueFrom"].get("configMapKeyRef")
+        if ref:
+            return f"from ConfigMap {ref.get('name')} key {ref.get('key')}"
+        return "from " + ", ".join(sorted(entry["valueFrom"]))
+    return repr(str(entry.get("value", "")))
+
+
+class EnvChange(BaseModel):
+    """A planned env var write: target within [1, cap], and the entry it replaces (the undo)."""
+
+    deployment: str
+    namespace: str
+    container: str
+    env: str
+    previous: dict[str, Any] | None = Field(description="The entry before, as JSON; None = unset.")
+    target: int = Field(ge=1)
+    cap: int = Field(ge=1, description="The most the target may be (the sizing formula).")
+    generation: int | None
+
+    @model_validator(mode="after")
+    def _within_cap(self) -> Self:
+        if self.target > self.cap:
+            raise ValueError(
+                f"{self.env}={self.target} is above the cap of {self.cap} (the sizing formula)"
+            )
+        return self
+
+    @property
+    def target_entry(self) -> dict[str, Any]:
+        """The entry to write: a literal; `valueFrom: null` drops a reference if there was one."""
+        entry: dict[str, Any] = {"name": self.env, "value": str(self.target)}
+        if self.previous is not None and "valueFrom" in self.previous:
+            entry["valueFrom"] = None
+        return entry
+
+    @property
+    def undo_patch(self) -> dict[str, Any]:
+        """The strategic-merge patch that puts the previous entry back exactly."""
+        if self.previous is None:
+            return env_patch(self.container, {"name": self.env, "$patch": "delete"})
+        entry = dict(self.previous)
+        if "valueFrom" in entry:
+            entry["value"] = None
+        return env_patch(self.container, entry)
+
+
+class EnvChangeResult(BaseModel):
+    """What `apply_env_value` did."""
+
+    deployment: str
+    namespace: str
+    container: str
+    env: str
+    before: str
+    after: str
+    patched: bool
+    dry_run: bool
+    message: str
+    undo_patch: dict[str, Any]
+
+
+@task(
+    **RETRY_READ,
+    cache_policy=NO_CACHE,
+    task_run_name="plan-env-{namespace}/{deployment}-{env}",
+)
+def plan_env_value(
+    deployment: str,
+    namespace: str,
+    container: str,
+    env: str,
+    target: int,
+    cap: int,
+    settings: KubernetesSettings | None = None,
+) -> EnvChange:
+    """Read the env entry now (the undo) and check the target is within [1, cap] (read only)."""
+    settings = settings or KubernetesSettings()
+    with kube_session(settings) as kube:
+        dep = get_deployment(kube, deployment, namespace)
+    if dep.spec.paused:
+        # The new value would not roll out and the restart would be refused: change nothing.
+        raise SafetyViolation(
+            f"deployment {deployment} in namespace {namespace} is paused; resume it first"
+        )
+    labels = dep.spec.template.metadata.labels if dep.spec.template.metadata else None
+    if not labels_match(settings.label_selector, labels):
+        raise SafetyViolation(
+            f"refusing to change {env} of deployment {deployment} in namespace {namespace}: "
+            f"its pods do not match the platform selector {settings.label_selector!r}"
+        )
+    try:
+        return EnvChange(
+            deployment=deployment,
+            namespace=namespace,
+            container=container,
+            env=env,
+            previous=_entry_of(dep, container, env),
+            target=target,
+            cap=cap,
+            generation=meta(dep).generation,
+        )
+    except ValidationError as exc:
+        raise SafetyViolation(
+            f"deployment {deployment} {env}: " + "; ".join(e["msg"] for e in exc.errors())
+        ) from None
+
+
+@task(
+    **RETRY_IDEMPOTENT_WRITE,
+    cache_policy=NO_CACHE,
+    task_run_name="apply-env-{plan.namespace}/{plan.deployment}-{plan.env}",
+)
+def apply_env_value(
+    plan: EnvChange, dry_run: bool = False, settings: KubernetesSettings | None = None
+) -> EnvChangeResult:
+    """Write the planned env value; a no-op when the container already has it."""
+    # Re-validate: a plan built by hand (model_construct) must not skip the cap.
+    try:
+        plan = EnvChange.model_validate(plan.model_dump())
+    except ValidationError as exc:
+        raise SafetyViolation(
+            f"deployment {plan.deployment} {plan.env}: " + "; ".join(e["msg"] for e in exc.errors())
+        ) from None
+    log = run_logger()
+    name, namespace = plan.deployment, plan.namespace
+    before = describe_entry(plan.previous)
+
+    def result(patched: bool, message: str) -> EnvChangeResult:
+        log.info(message)
+        return EnvChangeResult(
+            deployment=name,
+            namespace=namespace,
+            container=plan.container,
+            env=plan.env,
+            before=before,
+            after=before if dry_run else repr(str(plan.target)),
+            patched=patched,
+            dry_run=dry_run,
+            message=message,
+            undo_patch=plan.undo_patch,
+        )
+
+    with kube_session(settings) as kube:
+        dep = get_deployment(kube, name, namespace)
+        now = _entry_of(dep, plan.container, plan.env)
+        if now == {"name": plan.env, "value": str(plan.target)}:
+            return result(
+                False,
+                f"deployment.apps/{name} {plan.env} is already {plan.target}; nothing patched",
+            )
+        if now != plan.previous:
+            raise SafetyViolation(
+                f"deployment {name} {plan.env} changed since the plan ({before} -> "
+                f"{describe_entry(now)}); nothing patched, plan again"
+            )
+        call(
+            kube,
+            kube.apps.patch_namespaced_deployment,
+            name,
+            namespace,
+            env_patch(plan.container, plan.target_entry),
+            dry_run="All" if dry_run else None,
+            _content_type=STRATEGIC_MERGE_PATCH,
+            verb="patch",
+            resource="deployments",
+            name=name,
+            namespace=namespace,
+        )
+    verb = "would set" if dry_run else "set"
+    return result(
+        True,
+        f"deployment.apps/{name} container {plan.container}: {verb} {plan.env} "
+        f"{before} -> {plan.target}" + (" (server dry run)" if dry_run else ""),
+    )
