@@ -27,6 +27,7 @@ pytest_plugins = [
     "tests.fixtures.pg_private",
     "tests.fixtures.sinks",
     "tests.fixtures.acme",
+    "tests.fixtures.worktree",
 ]
 
 
