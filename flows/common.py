@@ -139,12 +139,22 @@ class Report:
         return text
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~&])")
+#: What opens a block at the start of a line: a list item ("- x", "1. x", "2) x") or a rule
+#: ("---", "- - -"). Escaped there only: "-5", "0.54" or "v1.2" elsewhere read as written.
+_MD_BLOCK_START = re.compile(r"^(?:-(?=\s|$)|-(?=[- ]*$)|\d{1,9}(?=[.)](?:\s|$)))")
 
 
 def md_escape(value: object) -> str:
     """Text from outside (alert labels, role names, query text) as inert markdown, one line."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+    text = _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+    # The & too (above): "&amp;" must not render as "&".
+    return _MD_BLOCK_START.sub(_escape_block_start, text)
+
+
+def _escape_block_start(match: re.Match[str]) -> str:
+    """A leading `-` becomes `\\-`; the `1` of `1. x` becomes `1\\`, escaping the `.`."""
+    return "\\-" if match[0] == "-" else match[0] + "\\"
 
 
 def md_code(value: object) -> str:

@@ -15,6 +15,12 @@ os.environ.setdefault("RUNBOOKS_RETRY_JITTER_FACTOR", "0")
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis fails an example slower than 200 ms by default: a wall-clock assertion that a
+# loaded 2-core machine breaks. Examples are judged on what they return, never on time.
+settings.register_profile("runbooks", deadline=None)
+settings.load_profile("runbooks")
 
 pytest_plugins = [
     "tests.fixtures.postgres",
@@ -27,6 +33,7 @@ pytest_plugins = [
     "tests.fixtures.pg_private",
     "tests.fixtures.sinks",
     "tests.fixtures.acme",
+    "tests.fixtures.worktree",
 ]
 
 

@@ -301,7 +301,7 @@ def test_timeline_lists_every_step_in_order_with_the_apis_durations(incident: In
     assert approval.step == "approved" and "alice" in approval.detail
     assert approval.at == answer.created
     assert approval.duration_s == secs(paused, answer.created)
-    assert approval.duration_s >= 0.5
+    assert approval.duration_s > 0  # the API's own times; no wall-clock bound in a test
     # The figures, from the alert's startsAt.
     m = record.metrics
     real = facts["runs"][incident.real_run_id]

@@ -39,3 +39,18 @@ def test_every_markdown_file_named_exists_here(path: str) -> None:
         }
     )
     assert missing == []
+
+
+#: A path on somebody's machine (a home, a scratch checkout), not a file of this repository.
+#: `~/.cache/...` and `~/.kube/config` stay allowed: they are where the code reads or writes.
+_MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|home|root|Users)/")
+
+
+@pytest.mark.parametrize("path", TRACKED)
+def test_no_text_names_a_file_on_an_authors_machine(path: str) -> None:
+    text = (REPO / path).read_text(errors="replace")
+    found = [
+        f"line {text.count(chr(10), 0, m.start()) + 1}: {text[m.start() : m.start() + 60]!r}"
+        for m in _MACHINE_PATH.finditer(text)
+    ]
+    assert found == []
