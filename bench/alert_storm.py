@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -178,7 +179,11 @@ def storm_to_finish(
         routing = Path(tmp) / "routing.yaml"
         routing.write_text(ROUTING)
         with running_stack(
-            Path(tmp) / "prefect", catalog=None, routing=routing, pool_size=pool_size
+            Path(tmp) / "prefect",
+            catalog=None,
+            routing=routing,
+            pool_size=pool_size,
+            extra_env={k: v for k, v in os.environ.items() if k.startswith("RUNBOOKS_RECEIVER_")},
         ) as stack:
             _, _, statuses = storm(stack, alerts_n, alerts, seconds)
             last = time.monotonic()

@@ -255,7 +255,7 @@ class Intake:
     journal: Journal = field(default_factory=lambda: Journal(None))
     sync_wait_s: float = 0.0
     #: Grace of a run created while every warm process is busy (it waits in their queue).
-    queue_grace_s: float = 60.0
+    queue_grace_s: float = 120.0
     max_parallel_creates: int = 4
     max_age_s: float = 3600.0
     retention_s: float = 7 * 24 * 3600.0

@@ -97,7 +97,7 @@ class ReceiverSettings(BaseSettings):
         ),
     )
     queue_grace_s: float = Field(
-        60.0,
+        120.0,
         ge=0,
         description=(
             "A run created while every warm process is busy waits in the pool's queue; it is "

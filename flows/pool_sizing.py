@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from flows.common import Report, md_code, md_escape, request_approval, table
+from tasks.clients import kube_configured
 from tasks.errors import SafetyViolation
 from tasks.kubernetes import RestartResult, restart_rollout
 from tasks.kubernetes.env import (
@@ -62,6 +63,12 @@ def measure_sizing(usage: PoolUsage, *, retry: bool = True) -> SizingView:
     `retry=False` (the report): one attempt, so an unreachable Kubernetes API costs the
     incident one request timeout, not the retry policy's backoff.
     """
+    if not kube_configured():
+        # Not an error: many installations size the pool by hand. No task run, no traceback.
+        return SizingView(
+            unavailable="not available: no Kubernetes configuration (RUNBOOKS_K8S_KUBECONFIG,"
+            " in-cluster, $KUBECONFIG or ~/.kube/config)"
+        )
     settings = PoolSizingSettings()
     read = read_backend_pool if retry else read_backend_pool.with_options(retries=0)
     backend_state = read(sizing=settings, return_state=True)

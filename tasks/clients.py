@@ -6,9 +6,11 @@ timeout per attempt, not a hidden stack of them. Tests swap settings, not this c
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -171,6 +173,20 @@ def redis_client(settings: RedisSettings | None = None) -> redis.Redis:
         retry=Retry(NoBackoff(), 0),
         decode_responses=True,
     )
+
+
+def kube_configured(settings: KubernetesSettings | None = None) -> bool:
+    """Whether any Kubernetes configuration source exists (cheap: nothing is parsed).
+
+    The sources `kube_api_client` tries: the configured kubeconfig, in-cluster, then
+    `$KUBECONFIG` or ~/.kube/config. Runbooks whose Kubernetes step is optional skip it
+    without a failed task run when there is none at all.
+    """
+    settings = settings or KubernetesSettings()
+    if settings.kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return True
+    paths = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    return any(Path(p).expanduser().is_file() for p in paths.split(os.pathsep) if p)
 
 
 def kube_api_client(settings: KubernetesSettings | None = None) -> k8s.ApiClient:
