@@ -356,16 +356,6 @@ class Journal:
                 "UPDATE alert_runs SET covered_by = NULL WHERE idempotency_key = ?", (key,)
             )
 
-    def covered_by_key(self, handler_key: str) -> list[str]:
-        """Run ids of the alerts covered by one handler (created so far), oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT flow_run_id FROM alert_runs WHERE covered_by = ?"
-                " AND flow_run_id IS NOT NULL ORDER BY accepted_ts",
-                (handler_key,),
-            ).fetchall()
-        return [row[0] for row in rows]
-
     def resolved(self, fingerprint: str, now: float | None = None) -> None:
         """Record that Alertmanager said this alert resolved (the latest word wins)."""
         at = time.time() if now is None else now

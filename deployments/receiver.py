@@ -56,6 +56,7 @@ from deployments.routing import MissingLabel, RoutingTable, build_params
 from deployments.settings import ReceiverSettings
 from deployments.warm_pool import WarmPool
 from flows.common import md_escape
+from tasks.alerts import FINGERPRINT
 
 log = logging.getLogger("runbooks.receiver")
 
@@ -613,6 +614,9 @@ class Intake:
         """The run id of the alert covering `entry`, once created; None if it never will be."""
         assert entry.covered_by is not None
         while True:
+            creating = self._inflight.get(entry.covered_by)
+            if creating is not None:  # its run is being created here: wait for that, not a poll
+                await asyncio.wait([creating])
             record = await asyncio.to_thread(self.journal.get, entry.covered_by)
             if record is None or record.status in ("failed", "expired", "cancelled"):
                 return None
@@ -813,7 +817,6 @@ def _base(entry: Entry) -> dict[str, str]:
     }
 
 
-_FINGERPRINT = re.compile(r"^[0-9a-zA-Z]{1,64}$")
 _SLUG = re.compile(r"[^a-z0-9]+")
 
 
@@ -962,7 +965,7 @@ def create_app(
     )
     async def alert_state(fingerprint: str) -> dict[str, str]:
         """Firing or resolved, by the last notification received (runs ask before acting)."""
-        if not _FINGERPRINT.match(fingerprint):
+        if not FINGERPRINT.match(fingerprint):
             raise HTTPException(status_code=422, detail="not an alert fingerprint")
         state, detail = await asyncio.to_thread(intake.journal.alert_state, fingerprint)
         return {"fingerprint": fingerprint, "state": state, "detail": detail}

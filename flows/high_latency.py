@@ -620,8 +620,9 @@ def _run(params: HighLatencyParams, report: Report) -> HighLatencyOutcome:
     if not decision.approved:
         return finish("refused", "not approved: nothing changed.", plan)
     # One clear per cache at a time; the others wait, then find the keys gone and skip.
-    with target_lock(target_of(params), timeout_s=LOCK_TIMEOUT_S) as waited:
-        report.add("Target lock", f"Held {md_escape(target_of(params))} (waited {waited:.1f} s).")
+    cache = target_of(params)
+    with target_lock(cache, timeout_s=LOCK_TIMEOUT_S) as waited:
+        report.add("Target lock", f"Held {md_escape(cache)} (waited {waited:.1f} s).")
         # The run waited for a human: measure again and act only if it still makes sense.
         info_now = redis_info()
         evidence_now = _cache_evidence(params, info_now)

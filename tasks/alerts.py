@@ -25,7 +25,8 @@ from pydantic import BaseModel, SecretStr
 from tasks.settings import AlertSourceSettings
 
 AlertState = Literal["firing", "resolved", "unknown"]
-_FINGERPRINT = re.compile(r"^[0-9a-zA-Z]{1,64}$")
+#: What Alertmanager fingerprints look like (hex); anything else is never sent anywhere.
+FINGERPRINT = re.compile(r"^[0-9a-zA-Z]{1,64}$")
 _LABEL_VALUE_BAD = re.compile(r'["\\\n]')
 
 
@@ -78,7 +79,7 @@ def _from_receiver(fingerprint: str, s: AlertSourceSettings) -> AlertStatus:
 @task(task_run_name="alert-status-{fingerprint}")
 def alert_status(fingerprint: str, alertname: str = "") -> AlertStatus:
     """Whether an alert (by fingerprint) still fires; never raises, "unknown" when unsure."""
-    if not _FINGERPRINT.match(fingerprint) or _LABEL_VALUE_BAD.search(alertname):
+    if not FINGERPRINT.match(fingerprint) or _LABEL_VALUE_BAD.search(alertname):
         return AlertStatus(state="unknown", source="none", detail="not an alert fingerprint")
     settings = AlertSourceSettings()
     tried: list[str] = []

@@ -30,7 +30,8 @@ def test_the_first_alert_for_a_target_handles_it_and_the_next_ones_are_covered()
     assert (third.outcome, third.earlier_key) == ("covered", "a:2026-11-27T03:00:00Z")
     j.created("a:2026-11-27T03:00:00Z", "run-a", now=1001.0)
     j.created("b:2026-11-27T03:00:00Z", "run-b", now=1001.0)
-    assert j.covered_by_key("a:2026-11-27T03:00:00Z") == ["run-b"]
+    covered = j.get("b:2026-11-27T03:00:00Z")
+    assert covered is not None and covered.covered_by == "a:2026-11-27T03:00:00Z"
 
 
 def test_other_targets_deployments_and_expired_cooldowns_are_not_covered() -> None:
