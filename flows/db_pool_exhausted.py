@@ -66,16 +66,16 @@ from tasks.postgres import (
     approved_and_matching,
     check_name,
     guard_summary,
-    inspect_pool,
     measure_pool_usage,
     plan_terminations,
     read_idle_in_transaction_timeout,
     remediation_lock,
     set_idle_in_transaction_timeout,
     show_pgbouncer_pools,
+    survey_pool,
     terminate_sessions,
 )
-from tasks.settings import PostgresSettings
+from tasks.settings import PgBouncerSettings, PostgresSettings
 
 RUNBOOK = "db-pool-exhausted"
 # A system-wide idle_in_transaction_session_timeout hits every role, the runbook's own
@@ -248,6 +248,14 @@ def _usage_md(u: PoolUsage) -> str:
     )
 
 
+def _pgbouncer_pools() -> list[PgBouncerPool] | str:
+    """PgBouncer's SHOW POOLS, or why not; no task run at all when PgBouncer is not set up."""
+    if PgBouncerSettings().dsn is None:
+        return []
+    state = show_pgbouncer_pools(return_state=True)
+    return state.result() if state.is_completed() else f"not read: {state.message}"
+
+
 def _findings_md(snap: PoolSnapshot, pools: list[PgBouncerPool] | str) -> str:
     txn_rows = [
         [t.pid, t.usename, t.datname, t.state, age_text(t.xact_age_s), t.query]
@@ -363,14 +371,10 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
         + (f"\n\nReason: {md_escape(params.reason)}" if params.reason else ""),
     )
 
-    snapshot = inspect_pool()
-    pools_state = show_pgbouncer_pools(return_state=True)
-    pools: list[PgBouncerPool] | str = (
-        pools_state.result() if pools_state.is_completed() else f"not read: {pools_state.message}"
-    )
-    report.add("Findings", _findings_md(snapshot, pools))
+    survey = survey_pool(params.guard)
+    snapshot, plan = survey.snapshot, survey.plan
+    report.add("Findings", _findings_md(snapshot, _pgbouncer_pools()))
     sizing = pool_sizing_report(report, snapshot.usage)
-    plan = plan_terminations(params.guard)
     report.add("Plan", _plan_md(plan))
     before = snapshot.usage
     replan: TerminationPlan | None = None

@@ -388,25 +388,21 @@ def measure_pool_usage() -> PoolUsage:
     return usage
 
 
-@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="inspect-pool")
-def inspect_pool(limit: int = 10) -> PoolSnapshot:
-    """Measure usage and list the oldest open transactions and idle-in-transaction sessions."""
-    settings = PostgresSettings()
-    # One connection for the whole check: during an exhausted pool every slot counts.
-    with pg_connect(settings) as conn:
-        usage = _usage_on(conn, pg_target(settings))
-        rows = conn.execute(
-            """
-            SELECT pid, usename::text AS usename, datname::text AS datname, state,
-                   extract(epoch FROM now() - xact_start)::float8 AS xact_age_s,
-                   extract(epoch FROM now() - state_change)::float8 AS state_age_s,
-                   query
-              FROM pg_stat_activity
-             WHERE backend_type = 'client backend' AND xact_start IS NOT NULL
-               AND pid <> pg_backend_pid()
-             ORDER BY xact_start
-            """
-        ).fetchall()
+def _snapshot_on(conn: psycopg.Connection[DictRow], target: str, limit: int) -> PoolSnapshot:
+    """Usage, the oldest open transactions and the idle-in-transaction sessions, on `conn`."""
+    usage = _usage_on(conn, target)
+    rows = conn.execute(
+        """
+        SELECT pid, usename::text AS usename, datname::text AS datname, state,
+               extract(epoch FROM now() - xact_start)::float8 AS xact_age_s,
+               extract(epoch FROM now() - state_change)::float8 AS state_age_s,
+               query
+          FROM pg_stat_activity
+         WHERE backend_type = 'client backend' AND xact_start IS NOT NULL
+           AND pid <> pg_backend_pid()
+         ORDER BY xact_start
+        """
+    ).fetchall()
     txns = [LongTransaction(**{**r, "query": redact_query(r["query"])}) for r in rows]
     idle_tx = sorted(
         (t for t in txns if (t.state or "").startswith("idle in transaction")),
@@ -417,19 +413,17 @@ def inspect_pool(limit: int = 10) -> PoolSnapshot:
     )
 
 
-def select_sessions(
-    guard: TerminationGuard, settings: PostgresSettings | None = None
+def _plan_on(
+    conn: psycopg.Connection[DictRow], guard: TerminationGuard, settings: PostgresSettings
 ) -> TerminationPlan:
-    """Run the guard on live `pg_stat_activity` and return the plan (no side effects)."""
-    settings = settings or PostgresSettings()
+    """Run the guard on live `pg_stat_activity` over `conn` (no side effects)."""
     params = guard_params(guard, settings) | {"cap": guard.max_sessions + 1}
-    with pg_connect(settings) as conn:
-        now = conn.execute("SELECT now() AS now").fetchone()
-        rows = conn.execute(
-            f"SELECT s.* FROM ({SESSIONS_SQL}) s WHERE {GUARD_SQL}"  # noqa: S608 - constant SQL, values bound
-            " ORDER BY s.state_change, s.pid LIMIT %(cap)s",
-            params,
-        ).fetchall()
+    now = conn.execute("SELECT now() AS now").fetchone()
+    rows = conn.execute(
+        f"SELECT s.* FROM ({SESSIONS_SQL}) s WHERE {GUARD_SQL}"  # noqa: S608 - constant SQL, values bound
+        " ORDER BY s.state_change, s.pid LIMIT %(cap)s",
+        params,
+    ).fetchall()
     sessions = [Session.model_validate(r) for r in rows]
     return TerminationPlan(
         target=pg_target(settings),
@@ -440,16 +434,50 @@ def select_sessions(
     )
 
 
-@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="plan-terminations-{guard.database}")
-def plan_terminations(guard: TerminationGuard) -> TerminationPlan:
-    """List the sessions the guard allows to terminate, oldest idle first, capped."""
-    plan = select_sessions(guard)
+def select_sessions(
+    guard: TerminationGuard, settings: PostgresSettings | None = None
+) -> TerminationPlan:
+    """Run the guard on live `pg_stat_activity` and return the plan (no side effects)."""
+    settings = settings or PostgresSettings()
+    with pg_connect(settings) as conn:
+        return _plan_on(conn, guard, settings)
+
+
+class PoolSurvey(BaseModel):
+    """The pool check and the guard's plan, read together (`survey_pool`)."""
+
+    snapshot: PoolSnapshot
+    plan: TerminationPlan
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="survey-pool")
+def survey_pool(guard: TerminationGuard, limit: int = 10) -> PoolSurvey:
+    """Measure usage, list the oldest transactions and plan the guard's terminations."""
+    settings = PostgresSettings()
+    # One connection: during an exhausted pool every slot counts. One transaction: the
+    # findings and the plan describe the same moment (a backend reads pg_stat_activity once
+    # per transaction, and now() is fixed in it).
+    with pg_connect(settings) as conn, conn.transaction():
+        snapshot = _snapshot_on(conn, pg_target(settings), limit)
+        plan = _plan_on(conn, guard, settings)
+    _log_plan(plan)
+    return PoolSurvey(snapshot=snapshot, plan=plan)
+
+
+def _log_plan(plan: TerminationPlan) -> None:
     run_logger().info(
         "%s: %d session(s) match the guard%s",
         plan.target,
         len(plan.sessions),
         " (cap reached)" if plan.more_than_cap else "",
     )
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="plan-terminations-{guard.database}")
+def plan_terminations(guard: TerminationGuard) -> TerminationPlan:
+    """List the sessions the guard allows to terminate, oldest idle first, capped."""
+    plan = select_sessions(guard)
+    _log_plan(plan)
     return plan
 
 

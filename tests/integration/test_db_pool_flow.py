@@ -163,9 +163,9 @@ def test_unreachable_postgres_fails_clearly_after_retries(
         state.result()
     assert "127.0.0.1:1" in str(err.value)
     assert "hunter2" not in str(err.value)
-    # inspect-pool failed after its retries (1 attempt + RUNBOOKS_RETRY_ATTEMPTS=2); nothing
+    # survey-pool failed after its retries (1 attempt + RUNBOOKS_RETRY_ATTEMPTS=2); nothing
     # after it ran.
-    assert task_runs(state.state_details.flow_run_id) == {"inspect-pool": 3}
+    assert task_runs(state.state_details.flow_run_id) == {"survey-pool": 3}
     # ... and the audit record was still written, saying why the run stopped.
     (md,) = flow_run_artifacts(state.state_details.flow_run_id, RUNBOOK)
     assert "## Failed" in md

@@ -279,7 +279,7 @@ def test_timeline_lists_every_step_in_order_with_the_apis_durations(incident: In
         secs(t.start_time, t.end_time) for t in api_tasks
     ]
     steps = [e.step for e in task_events]
-    for prefix in ("inspect-pool", "plan-terminations", "terminate-sessions"):
+    for prefix in ("survey-pool", "plan-terminations", "terminate-sessions"):
         assert any(step.startswith(prefix) for step in steps), (prefix, steps)
     # Every state change of both runs, with the time spent in it.
     for run_id in runs:

@@ -11,6 +11,7 @@ from tasks.postgres import (
     kill_planned,
     read_pool_usage,
     select_sessions,
+    survey_pool,
 )
 from tests.fixtures.postgres import PgBouncer, PgWorld, Sessions, alive, pid, wait_gone
 
@@ -120,6 +121,23 @@ def test_usage_counts_the_sessions(pg_env: PgWorld, sessions: Sessions) -> None:
     assert after.free_for_applications == (
         after.max_connections - after.superuser_reserved - after.reserved - after.client_connections
     )
+
+
+def test_the_survey_reads_findings_and_plan_at_one_moment(
+    pg_env: PgWorld, sessions: Sessions
+) -> None:
+    """One transaction: the same now() and the same pg_stat_activity for both halves."""
+    w = pg_env
+    idle = sessions.open(w.app_role, "idle")
+    iit = sessions.open(w.app_role, "idle in transaction")
+    time.sleep(1.2)
+    survey = survey_pool.fn(guard(w))
+    assert survey.snapshot.usage.taken_at == survey.plan.planned_at
+    assert {s.pid for s in survey.plan.sessions} == {pid(idle), pid(iit)}
+    by_db = {c.key: c.count for c in survey.snapshot.usage.by_database}
+    assert by_db.get(w.database) == 2
+    assert [t.pid for t in survey.snapshot.idle_in_transaction] == [pid(iit)]
+    assert alive([pid(idle), pid(iit)]) == {pid(idle), pid(iit)}
 
 
 def test_pgbouncer_show_pools_read_only(

@@ -202,6 +202,38 @@ def test_a_busy_pool_queues_runs_and_runs_each_once_in_turn(warm_pool: WarmPool)
     assert warm_pool.wait_ready(90)
 
 
+def test_a_process_at_its_run_limit_is_recycled_and_no_run_is_lost(
+    stub_deployments: None,
+) -> None:
+    """Limit 2, one process, three alerts at once: the third run waits for the fresh
+    process (never handed to the one about to exit), and each run executes exactly once."""
+    pool = WarmPool(
+        {"stub-remediate/stub-remediate": "tests.fixtures.stub_runbooks:stub_remediate"},
+        size=1,
+        env={"PREFECT_API_URL": api_url()},
+        max_runs=2,
+    )
+    pool.start()
+    try:
+        assert pool.wait_ready(90), "warm process did not start"
+        first_pid = pool._workers[0].process.pid
+        alerts = [
+            alert(namespace=f"r{i}", fingerprint=f"recycle{i}{time.time_ns()}") for i in range(3)
+        ]
+        with TestClient(live_app(pool)) as client:
+            r = client.post("/alerts", json=payload(*alerts), headers=bearer())
+        results = r.json()["alerts"]
+        assert [x["executor"] for x in results] == ["warm"] * 3
+        for x in results:
+            run = wait_final(UUID(x["flow_run_id"]), timeout=180)
+            assert run.state is not None and run.state.is_completed(), run.state
+            assert run.run_count == 1
+        assert pool.wait_ready(90)
+        assert pool._workers[0].process.pid != first_pid  # recycled after its 2 runs
+    finally:
+        pool.close()
+
+
 def test_a_run_claimed_elsewhere_is_not_run_twice(stub_deployments: None) -> None:
     with TestClient(live_app()) as client:
         r = client.post(

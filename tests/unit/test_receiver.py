@@ -138,7 +138,9 @@ def test_firing_alert_becomes_one_run_with_tags_params_and_key(
     assert call["deployment"] == "stub-remediate/stub-remediate"
     assert call["parameters"] == {"params": {"namespace": "prod-eu", "dry_run": True}}
     assert call["idempotency_key"] == "abc1:2026-11-27T03:00:00.123456789Z"
-    assert {"source:alert", "alert:abc1", "alertname:StubPlan"} <= set(call["tags"])
+    assert {"source:alert", "runbook:stub-remediate", "alert:abc1", "alertname:StubPlan"} <= set(
+        call["tags"]
+    )
 
 
 def test_concurrent_identical_deliveries_share_one_create(
