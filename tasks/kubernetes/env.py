@@ -20,7 +20,7 @@ from typing import Any, Self
 from kubernetes import client as k8s
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.kubernetes.api import (
@@ -30,7 +30,7 @@ from tasks.kubernetes.api import (
     kube_session,
     run_logger,
 )
-from tasks.kubernetes.semantics import labels_match, meta
+from tasks.kubernetes.semantics import meta, require_platform_pods, validated_plan
 from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import KubernetesSettings
 
@@ -145,27 +145,19 @@ def plan_env_value(
         raise SafetyViolation(
             f"deployment {deployment} in namespace {namespace} is paused; resume it first"
         )
-    labels = dep.spec.template.metadata.labels if dep.spec.template.metadata else None
-    if not labels_match(settings.label_selector, labels):
-        raise SafetyViolation(
-            f"refusing to change {env} of deployment {deployment} in namespace {namespace}: "
-            f"its pods do not match the platform selector {settings.label_selector!r}"
-        )
-    try:
-        return EnvChange(
-            deployment=deployment,
-            namespace=namespace,
-            container=container,
-            env=env,
-            previous=_entry_of(dep, container, env),
-            target=target,
-            cap=cap,
-            generation=meta(dep).generation,
-        )
-    except ValidationError as exc:
-        raise SafetyViolation(
-            f"deployment {deployment} {env}: " + "; ".join(e["msg"] for e in exc.errors())
-        ) from None
+    doing = f"change {env} of deployment {deployment} in namespace {namespace}"
+    require_platform_pods(settings.label_selector, dep, doing)
+    planned = {
+        "deployment": deployment,
+        "namespace": namespace,
+        "container": container,
+        "env": env,
+        "previous": _entry_of(dep, container, env),
+        "target": target,
+        "cap": cap,
+        "generation": meta(dep).generation,
+    }
+    return validated_plan(EnvChange, planned, f"deployment {deployment} {env}")
 
 
 @task(
@@ -177,13 +169,7 @@ def apply_env_value(
     plan: EnvChange, dry_run: bool = False, settings: KubernetesSettings | None = None
 ) -> EnvChangeResult:
     """Write the planned env value; a no-op when the container already has it."""
-    # Re-validate: a plan built by hand (model_construct) must not skip the cap.
-    try:
-        plan = EnvChange.model_validate(plan.model_dump())
-    except ValidationError as exc:
-        raise SafetyViolation(
-            f"deployment {plan.deployment} {plan.env}: " + "; ".join(e["msg"] for e in exc.errors())
-        ) from None
+    plan = validated_plan(EnvChange, plan.model_dump(), f"deployment {plan.deployment} {plan.env}")
     log = run_logger()
     name, namespace = plan.deployment, plan.namespace
     before = describe_entry(plan.previous)

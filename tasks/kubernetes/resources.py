@@ -21,7 +21,6 @@ from kubernetes import client as k8s
 from kubernetes.utils import parse_quantity
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import ValidationError
 
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.kubernetes.api import (
@@ -33,7 +32,7 @@ from tasks.kubernetes.api import (
     run_logger,
 )
 from tasks.kubernetes.models import MemoryLimitChange, MemoryLimitResult
-from tasks.kubernetes.semantics import labels_match, meta
+from tasks.kubernetes.semantics import meta, require_platform_pods, validated_plan
 from tasks.kubernetes.statefulset import get_statefulset
 from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import KubernetesSettings
@@ -86,35 +85,29 @@ def plan_memory_limit(
     settings = settings or KubernetesSettings()
     with kube_session(settings) as kube:
         obj = _workload(kube, kind, name, namespace)
-    labels = obj.spec.template.metadata.labels if obj.spec.template.metadata else None
-    if not labels_match(settings.label_selector, labels):
-        # Like `scale`: a typo in the name must not resize someone else's workload.
-        raise SafetyViolation(
-            f"refusing to change the memory limit of {kind} {name} in namespace {namespace}: "
-            f"its pods do not match the platform selector {settings.label_selector!r}"
-        )
+    require_platform_pods(
+        settings.label_selector,
+        obj,
+        f"change the memory limit of {kind} {name} in namespace {namespace}",
+    )
     current = _limit_of(obj, kind, container)
     if current is None:
         raise SafetyViolation(
             f"{kind} {name} container {container} has no memory limit: there is nothing to "
             "raise, and setting one could OOM-kill it; refused"
         )
-    try:
-        return MemoryLimitChange(
-            kind=kind,
-            name=name,
-            namespace=namespace,
-            container=container,
-            current=current,
-            current_bytes=memory_bytes(current),
-            target=target,
-            target_bytes=target_bytes,
-            generation=meta(obj).generation,
-        )
-    except ValidationError as exc:
-        raise SafetyViolation(
-            f"{kind} {name} container {container}: " + "; ".join(e["msg"] for e in exc.errors())
-        ) from None
+    planned = {
+        "kind": kind,
+        "name": name,
+        "namespace": namespace,
+        "container": container,
+        "current": current,
+        "current_bytes": memory_bytes(current),
+        "target": target,
+        "target_bytes": target_bytes,
+        "generation": meta(obj).generation,
+    }
+    return validated_plan(MemoryLimitChange, planned, f"{kind} {name} container {container}")
 
 
 @task(
@@ -126,14 +119,9 @@ def apply_memory_limit(
     plan: MemoryLimitChange, dry_run: bool = False, settings: KubernetesSettings | None = None
 ) -> MemoryLimitResult:
     """Set the planned memory limit; a no-op when the container already has it."""
-    # Re-validate: a plan built by hand (model_construct) must not skip the cap.
-    try:
-        plan = MemoryLimitChange.model_validate(plan.model_dump())
-    except ValidationError as exc:
-        raise SafetyViolation(
-            f"{plan.kind} {plan.name} container {plan.container}: "
-            + "; ".join(e["msg"] for e in exc.errors())
-        ) from None
+    plan = validated_plan(
+        MemoryLimitChange, plan.model_dump(), f"{plan.kind} {plan.name} container {plan.container}"
+    )
     log = run_logger()
     kind, name, namespace = plan.kind, plan.name, plan.namespace
 

@@ -26,7 +26,7 @@ from tasks.kubernetes.api import (
     run_logger,
 )
 from tasks.kubernetes.models import ScaleResult
-from tasks.kubernetes.semantics import labels_match, meta
+from tasks.kubernetes.semantics import meta, require_platform_pods
 from tasks.retry import RETRY_IDEMPOTENT_WRITE
 from tasks.settings import KubernetesSettings
 
@@ -93,12 +93,9 @@ def scale(
         dep = get_deployment(kube, deployment, namespace)
         before = _replicas(dep)
         for _ in range(CONFLICT_ATTEMPTS):
-            labels = dep.spec.template.metadata.labels if dep.spec.template.metadata else None
-            if not labels_match(settings.label_selector, labels):
-                raise SafetyViolation(
-                    f"refusing to scale {deployment} in namespace {namespace}: its pods do not "
-                    f"match the platform selector {settings.label_selector!r}"
-                )
+            require_platform_pods(
+                settings.label_selector, dep, f"scale {deployment} in namespace {namespace}"
+            )
             current = _replicas(dep)
             if current == replicas:
                 message = (

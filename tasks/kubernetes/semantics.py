@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from kubernetes import client as k8s
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from tasks.errors import PermanentError
+from tasks.errors import PermanentError, SafetyViolation
 
 # kubectl's constants (k8s.io/api/apps/v1, deploymentutil, corev1).
 POD_TEMPLATE_HASH = "pod-template-hash"
@@ -200,6 +200,34 @@ _REQ = re.compile(
     )\s*(?:,|$)""",
     re.VERBOSE,
 )
+
+
+def require_platform_pods(selector: str, workload: Any, doing: str) -> None:
+    """Refuse `doing` unless the workload's pod template matches the platform selector.
+
+    A typo in a name must not change someone else's workload.
+    """
+    template = workload.spec.template
+    labels = template.metadata.labels if template.metadata else None
+    if not labels_match(selector, labels):
+        raise SafetyViolation(
+            f"refusing to {doing}: its pods do not match the platform selector {selector!r}"
+        )
+
+
+Planned = TypeVar("Planned", bound=BaseModel)
+
+
+def validated_plan(model: type[Planned], data: Any, what: str) -> Planned:
+    """`data` as a planned change, its caps and ranges checked; a `SafetyViolation` if not.
+
+    Used for the plan a read step builds and again by the write step: a plan built by hand
+    (`model_construct`) must not skip the cap.
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SafetyViolation(f"{what}: " + "; ".join(e["msg"] for e in exc.errors())) from None
 
 
 def labels_match(selector: str, labels: Mapping[str, str] | None) -> bool:
