@@ -393,7 +393,10 @@ def _mark_cancelled(run_id: UUID) -> None:
 
 # -- inside a warm process -----------------------------------------------------------
 def worker_main(
-    conn: Connection, entrypoints: list[str], env: dict[str, str], max_runs: int
+    conn: Connection,
+    entrypoints: list[str],
+    env: dict[str, str],
+    max_runs: int = MAX_RUNS_PER_PROCESS,
 ) -> None:
     """Import everything, say ready, then execute up to `max_runs` runs, one at a time."""
     os.environ.update(env)
