@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
@@ -151,17 +152,42 @@ def test_alert_for_a_deployment_not_served_yet_is_kept_until_it_is() -> None:
         assert len(journal.pending()) == 1  # retried in the background, not dropped
 
 
-@pytest.fixture
-def warm_pool(stub_deployments: None) -> Iterator[WarmPool]:
+@contextmanager
+def stub_pool(**kw: Any) -> Iterator[WarmPool]:
+    """One warm process for the stub runbook, ready."""
     pool = WarmPool(
         {"stub-remediate/stub-remediate": "tests.fixtures.stub_runbooks:stub_remediate"},
         size=1,
         env={"PREFECT_API_URL": api_url()},
+        **kw,
     )
     pool.start()
-    assert pool.wait_ready(90), "warm process did not start"
-    yield pool
-    pool.close()
+    try:
+        assert pool.wait_ready(90), "warm process did not start"
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def warm_pool(stub_deployments: None) -> Iterator[WarmPool]:
+    with stub_pool() as pool:
+        yield pool
+
+
+def three_alerts_run_once_each(pool: WarmPool, prefix: str, timeout: float) -> None:
+    """Three alerts at once, all to the pool; each run completes, executed exactly once."""
+    stamp = time.time_ns()
+    alerts = [alert(namespace=f"{prefix}{i}", fingerprint=f"{prefix}{i}{stamp}") for i in range(3)]
+    with TestClient(live_app(pool)) as client:
+        r = client.post("/alerts", json=payload(*alerts), headers=bearer())
+    results = r.json()["alerts"]
+    assert [x["executor"] for x in results] == ["warm"] * 3
+    for x in results:
+        run = wait_final(UUID(x["flow_run_id"]), timeout=timeout)
+        assert run.state is not None and run.state.is_completed(), run.state
+        assert run.run_count == 1
+    assert pool.wait_ready(90)
 
 
 def test_warm_pool_executes_the_alert_run_as_a_normal_deployment_run(
@@ -190,16 +216,7 @@ def test_warm_pool_executes_the_alert_run_as_a_normal_deployment_run(
 def test_a_busy_pool_queues_runs_and_runs_each_once_in_turn(warm_pool: WarmPool) -> None:
     # One process; three alerts at once: the first runs, two wait in the pool's queue (long
     # grace, so the Runner, absent here anyway, would not take them) and follow in turn.
-    alerts = [alert(namespace=f"q{i}", fingerprint=f"queue{i}{time.time_ns()}") for i in range(3)]
-    with TestClient(live_app(warm_pool)) as client:
-        r = client.post("/alerts", json=payload(*alerts), headers=bearer())
-    results = r.json()["alerts"]
-    assert [x["executor"] for x in results] == ["warm"] * 3
-    for x in results:
-        run = wait_final(UUID(x["flow_run_id"]), timeout=120)
-        assert run.state is not None and run.state.is_completed(), run.state
-        assert run.run_count == 1
-    assert warm_pool.wait_ready(90)
+    three_alerts_run_once_each(warm_pool, "queue", timeout=120)
 
 
 def test_a_process_at_its_run_limit_is_recycled_and_no_run_is_lost(
@@ -207,31 +224,10 @@ def test_a_process_at_its_run_limit_is_recycled_and_no_run_is_lost(
 ) -> None:
     """Limit 2, one process, three alerts at once: the third run waits for the fresh
     process (never handed to the one about to exit), and each run executes exactly once."""
-    pool = WarmPool(
-        {"stub-remediate/stub-remediate": "tests.fixtures.stub_runbooks:stub_remediate"},
-        size=1,
-        env={"PREFECT_API_URL": api_url()},
-        max_runs=2,
-    )
-    pool.start()
-    try:
-        assert pool.wait_ready(90), "warm process did not start"
+    with stub_pool(max_runs=2) as pool:
         first_pid = pool._workers[0].process.pid
-        alerts = [
-            alert(namespace=f"r{i}", fingerprint=f"recycle{i}{time.time_ns()}") for i in range(3)
-        ]
-        with TestClient(live_app(pool)) as client:
-            r = client.post("/alerts", json=payload(*alerts), headers=bearer())
-        results = r.json()["alerts"]
-        assert [x["executor"] for x in results] == ["warm"] * 3
-        for x in results:
-            run = wait_final(UUID(x["flow_run_id"]), timeout=180)
-            assert run.state is not None and run.state.is_completed(), run.state
-            assert run.run_count == 1
-        assert pool.wait_ready(90)
+        three_alerts_run_once_each(pool, "recycle", timeout=180)
         assert pool._workers[0].process.pid != first_pid  # recycled after its 2 runs
-    finally:
-        pool.close()
 
 
 def test_a_run_claimed_elsewhere_is_not_run_twice(stub_deployments: None) -> None:

@@ -49,17 +49,21 @@ class OneIdleProcess:
         return True
 
 
-def graces(idle: int, alerts: int, recording_runs: RecordingRuns) -> list[float]:
-    pool = OneIdleProcess(idle)
-    app = create_app(
+def app_with(pool: OneIdleProcess, runs: RecordingRuns) -> Any:
+    return create_app(
         receiver_settings(grace_s=2.0, queue_grace_s=120.0, sync_wait_s=5.0),
         stub_table(),
         STUB_RUNBOOKS,
         api_url=API,
         pool=cast(WarmPool, pool),
-        runs=recording_runs,
+        runs=runs,
         journal=Journal(None),
     )
+
+
+def graces(idle: int, alerts: int, recording_runs: RecordingRuns) -> list[float]:
+    pool = OneIdleProcess(idle)
+    app = app_with(pool, recording_runs)
     batch = [alert(namespace=f"ns{i}", fingerprint=f"grace{i}") for i in range(alerts)]
     with TestClient(app) as client:
         r = client.post("/alerts", json=payload(*batch), headers=bearer())
@@ -80,16 +84,7 @@ def test_each_idle_process_gets_one_short_grace(recording_runs: RecordingRuns) -
 
 def test_promises_are_released_once_handed_over(recording_runs: RecordingRuns) -> None:
     pool = OneIdleProcess(1)
-    app: Any = create_app(
-        receiver_settings(grace_s=2.0, queue_grace_s=120.0, sync_wait_s=5.0),
-        stub_table(),
-        STUB_RUNBOOKS,
-        api_url=API,
-        pool=cast(WarmPool, pool),
-        runs=recording_runs,
-        journal=Journal(None),
-    )
-    with TestClient(app) as client:
+    with TestClient(app_with(pool, recording_runs)) as client:
         for i in range(3):
             pool.free = 1  # the process finished the previous run
             client.post("/alerts", json=payload(alert(namespace=f"n{i}")), headers=bearer())
