@@ -155,14 +155,12 @@ class CpuMeter:
         self.root = stack.proc.pid
         self.first: dict[int, float] = {}
         self.last: dict[int, tuple[str, float]] = {}
-        self.started = False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def start(self) -> None:
         self.sample()
         self.first = {pid: seconds for pid, (_, seconds) in self.last.items()}
-        self.started = True
         self.thread.start()
 
     def _loop(self) -> None:
@@ -187,8 +185,7 @@ class CpuMeter:
             if ancestor == self.root:
                 role = next((name for part, name in ROLES if part in cmdline), "others")
                 self.last[pid] = (role, seconds)
-                if self.started:
-                    self.first.setdefault(pid, 0.0)
+                self.first.setdefault(pid, 0.0)  # born after `start` (start() resets `first`)
 
     def report(self, runs: int) -> str:
         self.stop.set()

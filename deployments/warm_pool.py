@@ -198,9 +198,11 @@ class WarmPool:
     # -- dispatch --------------------------------------------------------------------
     def idle(self) -> int:
         with self._lock:
-            return sum(
-                1 for w in self._workers if w.ready and w.run_id is None and w.runs < self._max_runs
-            )
+            return sum(1 for w in self._workers if self._free(w))
+
+    def _free(self, w: _Worker) -> bool:
+        """Ready, not running anything, and under its run limit (so it will take a run)."""
+        return w.ready and w.run_id is None and w.runs < self._max_runs
 
     def handles(self, deployment: str) -> bool:
         return deployment in self._entrypoints
@@ -230,7 +232,7 @@ class WarmPool:
     def _send_to_idle(self, run_id: UUID, entrypoint: str) -> bool:
         """With the lock held: give the run to an idle process, if there is one."""
         for w in self._workers:
-            if w.ready and w.run_id is None and w.runs < self._max_runs and w.process.is_alive():
+            if self._free(w) and w.process.is_alive():
                 try:
                     w.conn.send((str(run_id), entrypoint))
                 except OSError:
