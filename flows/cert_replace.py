@@ -197,6 +197,19 @@ def replace_pair(params: CertReplaceParams, report: Report) -> CertReplaceResult
     return _replace(params, report)
 
 
+def _check_new_pair(params: CertReplaceParams, current: SourceScan) -> ReplacementCheck:
+    """Load the new pair from its source and validate it against the current certificate."""
+    return check_tls_replacement(
+        params.namespace,
+        params.secret,
+        current.certificates,
+        new_secret=params.new_secret,
+        new_cert_file=Path(params.new_cert_file) if params.new_cert_file else None,
+        new_key_file=Path(params.new_key_file) if params.new_key_file else None,
+        extra_hosts=params.extra_hosts,
+    )
+
+
 def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
     """Read, validate, plan, (approve,) back up and replace, restart, verify."""
     logger = get_run_logger()
@@ -206,15 +219,7 @@ def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
         "Current certificate",
         f"resourceVersion {current.resource_version}\n\n" + _cert_table(current.certificates),
     )
-    check = check_tls_replacement(
-        params.namespace,
-        params.secret,
-        current.certificates,
-        new_secret=params.new_secret,
-        new_cert_file=Path(params.new_cert_file) if params.new_cert_file else None,
-        new_key_file=Path(params.new_key_file) if params.new_key_file else None,
-        extra_hosts=params.extra_hosts,
-    )
+    check = _check_new_pair(params, current)
     report.add("New certificate", _cert_table(check.new) if check.new else "_unreadable_")
     report.add(
         "Validation",
@@ -260,15 +265,7 @@ def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
     # The approver saw this pair; its source (a staged Secret, files) may have changed
     # while the run waited. Only the approved pair is installed.
     approved = [c.fingerprint_sha256 for c in check.new]
-    again = check_tls_replacement(
-        params.namespace,
-        params.secret,
-        current.certificates,
-        new_secret=params.new_secret,
-        new_cert_file=Path(params.new_cert_file) if params.new_cert_file else None,
-        new_key_file=Path(params.new_key_file) if params.new_key_file else None,
-        extra_hosts=params.extra_hosts,
-    )
+    again = _check_new_pair(params, current)
     changed = changed_since_approval(approved, [c.fingerprint_sha256 for c in again.new])
     if changed or not again.ok:
         why = changed or "; ".join(again.problems)
@@ -277,9 +274,7 @@ def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
             f"- REFUSED: {md_escape(why)}\n\n"
             + (_cert_table(again.new) if again.new else "_unreadable_"),
         )
-        report.add(
-            "Outcome", "Refused: the approved pair is not the one there now; nothing changed."
-        )
+        report.add("Outcome", "Refused after the approval: nothing changed.")
         raise SafetyViolation(f"new pair for {target} refused after the approval: {why}")
     report.add(
         "New pair after approval",
