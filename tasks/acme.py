@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import ipaddress
 import json
 import threading
 from collections.abc import Iterator, Sequence
@@ -320,12 +321,23 @@ def _fresh_key_pem() -> bytes:
     )
 
 
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def check_names(names: Sequence[str], challenge: str) -> list[str]:
     """The DNS names to order; refuse IP addresses and wildcards over HTTP-01 up front."""
     if not names:
         raise PermanentError("the certificate has no DNS names to order")
     out = []
     for name in names:
+        if _is_ip_address(name):
+            # An ACME CA refuses it as a DNS identifier: say so before any order.
+            raise PermanentError(f"{name}: an IP address, not a DNS name; order DNS names only")
         if name.startswith("*.") and challenge == "http-01":
             raise PermanentError(f"{name}: a wildcard needs the DNS-01 challenge")
         out.append(name.lower())

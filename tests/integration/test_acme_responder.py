@@ -36,6 +36,13 @@ def _assert_closed(port: int) -> None:
             "needs the DNS-01 challenge",
             id="bad-name",
         ),
+        pytest.param(
+            "a bad name",
+            ["app.example.test", "127.0.0.1"],
+            PermanentError,
+            "an IP address, not a DNS name",
+            id="ip-name",
+        ),
         # Refused by the CA at new-order (an illegal character in a DNS name).
         pytest.param(
             "the order refused",
