@@ -18,8 +18,8 @@ Certificate) is never replaced: the run names the Certificate to look at instead
 one emergency issuance per name per day (a Prefect Variable per name, see docs/acme.md).
 The ingress is checked (server-side dry run of the restart) before anything is ordered.
 The private key is generated inside the issuing task and goes only into the staged
-Secret. The replacement itself keeps every `cert-replace` guard (validation, approval, the
-resourceVersion precondition, the undo in the artifact).
+Secret. The replacement itself keeps every `cert-replace` guard (validation, approval, only
+the approved pair installed, the resourceVersion precondition, the undo in the artifact).
 
 Undo: as `cert-replace` (the backup Secret; the report prints the commands). The staged
 Secret can be deleted once the incident is over.

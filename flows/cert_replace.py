@@ -12,7 +12,10 @@ yes in the UI (timeout = refused). The new pair is refused unless the key matche
 the chain is in order and unexpired, the leaf is valid now, expires later than the current
 one and its SANs cover every host the current one covered. The write carries the Secret's
 resourceVersion from the plan: if cert-manager or a human changed it meanwhile (while the
-run waited for approval, say), nothing is written. The ingress is checked (server-side dry
+run waited for approval, say), nothing is written. After the approval the new pair is read
+again and installed only if it is the approved one (the SHA-256 fingerprint of each of its
+certificates): a staged Secret or files changed during the wait stop the run with nothing
+written. The ingress is checked (server-side dry
 run of the restart) before approval is asked, so a missing or paused Deployment stops the
 run before anything changes. Private keys never appear in parameters (the new pair comes
 from a staged Secret or from files on the worker), logs or artifacts. The audit artifact is
@@ -48,6 +51,7 @@ from tasks.tls import (
     SecretReplacement,
     SourceScan,
     backup_secret_name,
+    changed_since_approval,
     check_tls_replacement,
     read_tls_secret,
     replace_tls_secret,
@@ -193,6 +197,19 @@ def replace_pair(params: CertReplaceParams, report: Report) -> CertReplaceResult
     return _replace(params, report)
 
 
+def _check_new_pair(params: CertReplaceParams, current: SourceScan) -> ReplacementCheck:
+    """Load the new pair from its source and validate it against the current certificate."""
+    return check_tls_replacement(
+        params.namespace,
+        params.secret,
+        current.certificates,
+        new_secret=params.new_secret,
+        new_cert_file=Path(params.new_cert_file) if params.new_cert_file else None,
+        new_key_file=Path(params.new_key_file) if params.new_key_file else None,
+        extra_hosts=params.extra_hosts,
+    )
+
+
 def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
     """Read, validate, plan, (approve,) back up and replace, restart, verify."""
     logger = get_run_logger()
@@ -202,15 +219,7 @@ def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
         "Current certificate",
         f"resourceVersion {current.resource_version}\n\n" + _cert_table(current.certificates),
     )
-    check = check_tls_replacement(
-        params.namespace,
-        params.secret,
-        current.certificates,
-        new_secret=params.new_secret,
-        new_cert_file=Path(params.new_cert_file) if params.new_cert_file else None,
-        new_key_file=Path(params.new_key_file) if params.new_key_file else None,
-        extra_hosts=params.extra_hosts,
-    )
+    check = _check_new_pair(params, current)
     report.add("New certificate", _cert_table(check.new) if check.new else "_unreadable_")
     report.add(
         "Validation",
@@ -253,6 +262,25 @@ def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
         report.add("Outcome", "Not approved: nothing changed.")
         return CertReplaceResult(outcome="not approved", check=check, approver=decision.approver)
 
+    # The approver saw this pair; its source (a staged Secret, files) may have changed
+    # while the run waited. Only the approved pair is installed.
+    approved = [c.fingerprint_sha256 for c in check.new]
+    again = _check_new_pair(params, current)
+    changed = changed_since_approval(approved, [c.fingerprint_sha256 for c in again.new])
+    if changed or not again.ok:
+        why = changed or "; ".join(again.problems)
+        report.add(
+            "New pair after approval",
+            f"- REFUSED: {md_escape(why)}\n\n"
+            + (_cert_table(again.new) if again.new else "_unreadable_"),
+        )
+        report.add("Outcome", "Refused after the approval: nothing changed.")
+        raise SafetyViolation(f"new pair for {target} refused after the approval: {why}")
+    report.add(
+        "New pair after approval",
+        f"Read again: the approved pair (leaf SHA-256 {approved[0]}).",
+    )
+
     backup = backup_secret_name(params.secret, datetime.now(UTC))
     report.add(_BEFORE, _before(current, params, backup))
     done = replace_tls_secret(
@@ -263,6 +291,7 @@ def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
         new_cert_file=Path(params.new_cert_file) if params.new_cert_file else None,
         new_key_file=Path(params.new_key_file) if params.new_key_file else None,
         backup_name=backup,
+        approved_fingerprints=approved,
     )
     report.add(
         "Done",

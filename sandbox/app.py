@@ -112,17 +112,22 @@ class Pool:
 
 
 class AccessLog:
-    """One line per request on stdout (and in `log_file` when set), in the seed's shape."""
+    """One line per request, in the seed's shape, in `log_file` when set and on stdout
+    when `stdout` is (by default only when there is no file)."""
 
-    def __init__(self, log_file: Path | None) -> None:
+    def __init__(self, log_file: Path | None, stdout: bool | None = None) -> None:
         self._lock = threading.Lock()
         self._file = log_file.open("a", encoding="utf-8") if log_file else None
+        # In-process (tests, `make demo`) the terminal is the test runner's or the demo's:
+        # thousands of lines there drown what matters. The file keeps them all.
+        self._stdout = self._file is None if stdout is None else stdout
 
     def write(self, line: str) -> None:
         """Write one line."""
         with self._lock:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            if self._stdout:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
             if self._file is not None:
                 self._file.write(line + "\n")
                 self._file.flush()
@@ -193,7 +198,7 @@ class Backend:
         self.metrics = Metrics()
         self.faults = Faults(gzip=settings.gzip)
         self.release = release or release_source(settings)
-        self.log = AccessLog(settings.log_file)
+        self.log = AccessLog(settings.log_file, settings.log_stdout)
         self.app = self._build_app()
         self.asgi: ASGIApp = _Instrument(self, _SwitchableGZip(self.app, self.faults))
 

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     settings = SandboxSettings()
+    if settings.log_stdout is None:
+        # In the foreground, as in a container, stdout is the log (`kubectl logs`).
+        settings = settings.model_copy(update={"log_stdout": True})
     if args.setup_db:
         name = str(conninfo_to_dict(settings.database_dsn).get("dbname"))
         create_database(database_dsn(settings.database_dsn, "postgres"), name)

@@ -40,5 +40,10 @@ class SandboxSettings(BaseSettings):
     kube_poll_s: float = Field(1.0, gt=0, description="Release poll period, seconds.")
     gzip: bool = Field(True, description="GZip responses (switchable at runtime via /admin).")
     log_file: Path | None = Field(
-        None, description="Also append the access log lines here (stdout always gets them)."
+        None, description="Append the access log lines here (a kubelet serves this file)."
+    )
+    log_stdout: bool | None = Field(
+        None,
+        description="Access lines on stdout too; unset: only without `log_file` "
+        "(`python -m sandbox.backend` sets it: a container's log is its stdout).",
     )

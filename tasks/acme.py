@@ -7,8 +7,10 @@ The account key is a Prefect Secret block (`account_key_block`), created on firs
 Challenges:
 
 - HTTP-01: `Http01Responder`, a short-lived HTTP server on the worker that answers only
-  `/.well-known/acme-challenge/<token>` for the tokens of the running order, and is stopped as
-  soon as the order is validated (or has failed).
+  `/.well-known/acme-challenge/<token>` for the tokens of the running order. It is a context
+  manager, and `issue_certificate` withdraws its solver in a `finally`: the server stops as
+  soon as the order is validated, and on every other exit path too (a name refused before
+  the order, an order or account the CA refuses, the CA unreachable, any exception).
 - DNS-01: pluggable. Pass a `Dns01Provider` (two methods: publish and remove a TXT record);
   `Dns01Solver` wraps it. Nothing DNS-specific ships here.
 
@@ -20,7 +22,9 @@ See docs/acme.md.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import ipaddress
 import json
 import threading
 from collections.abc import Iterator, Sequence
@@ -61,6 +65,8 @@ CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 #: A Prefect Variable per name records its last emergency issuance (the once-a-day limit).
 ISSUED_VARIABLE_PREFIX = "acme-issued-"
 LIMIT = timedelta(days=1)
+#: The name of the HTTP-01 responder's server thread (what a test looks for after a run).
+RESPONDER_THREAD = "acme-http01-responder"
 
 
 class AcmeSettings(BaseSettings):
@@ -138,7 +144,8 @@ class Dns01Solver:
 
 
 class Http01Responder:
-    """A short-lived HTTP server answering only the current order's HTTP-01 tokens."""
+    """A short-lived HTTP server answering only the current order's HTTP-01 tokens; use it
+    as a context manager (`with Http01Responder(...) as solver:`) so every exit stops it."""
 
     kind = "http-01"
 
@@ -178,7 +185,16 @@ class Http01Responder:
                 f"({exc.strerror or type(exc).__name__})"
             ) from None
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=self._server.serve_forever, name=RESPONDER_THREAD, daemon=True
+        ).start()
+
+    def __enter__(self) -> Http01Responder:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
 
     def present(self, domain: str, challb: messages.ChallengeBody, key: JWK) -> None:
         chall = challb.chall
@@ -186,6 +202,7 @@ class Http01Responder:
         self._answers[chall.encode("token")] = chall.validation(key)
 
     def cleanup(self) -> None:
+        """Forget the tokens and stop listening (idempotent: called on every exit path)."""
         self._answers.clear()
         if self._server is not None:
             self._server.shutdown()
@@ -304,12 +321,23 @@ def _fresh_key_pem() -> bytes:
     )
 
 
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def check_names(names: Sequence[str], challenge: str) -> list[str]:
     """The DNS names to order; refuse IP addresses and wildcards over HTTP-01 up front."""
     if not names:
         raise PermanentError("the certificate has no DNS names to order")
     out = []
     for name in names:
+        if _is_ip_address(name):
+            # An ACME CA refuses it as a DNS identifier: say so before any order.
+            raise PermanentError(f"{name}: an IP address, not a DNS name; order DNS names only")
         if name.startswith("*.") and challenge == "http-01":
             raise PermanentError(f"{name}: a wildcard needs the DNS-01 challenge")
         out.append(name.lower())
@@ -325,18 +353,18 @@ def issue_certificate(
     import time
 
     settings = settings or AcmeSettings()
-    wanted = check_names(names, solver.kind)
-    what = f"ACME order for {', '.join(wanted)}"
-    started = time.monotonic()
-    key_pem = _fresh_key_pem()
-    csr = crypto_util.make_csr(key_pem, wanted)
-    # The acme library compares the deadline with naive local time.
-    deadline = datetime.now() + timedelta(seconds=settings.order_timeout_s)
     try:
-        key = account_key(settings.account_key_block)
-        with acme_client(settings, key) as acme:
-            order = acme.new_order(csr)
-            try:
+        wanted = check_names(names, solver.kind)
+        what = f"ACME order for {', '.join(wanted)}"
+        started = time.monotonic()
+        key_pem = _fresh_key_pem()
+        csr = crypto_util.make_csr(key_pem, wanted)
+        # The acme library compares the deadline with naive local time.
+        deadline = datetime.now() + timedelta(seconds=settings.order_timeout_s)
+        try:
+            key = account_key(settings.account_key_block)
+            with acme_client(settings, key) as acme:
+                order = acme.new_order(csr)
                 for authzr in order.authorizations:
                     if authzr.body.status == messages.STATUS_VALID:
                         continue
@@ -351,13 +379,17 @@ def issue_certificate(
                     solver.present(authzr.body.identifier.value, challb, key)
                     acme.answer_challenge(challb, challb.response(key))
                 order = acme.poll_authorizations(order, deadline)
-            finally:
+                # Validated: nothing more to answer, so stop serving before finalizing.
                 solver.cleanup()
-            order = acme.finalize_order(order, deadline)
-    except (errors.Error, messages.Error, requests.exceptions.RequestException) as exc:
-        raise _acme_error(exc, what) from None
-    except urllib3.exceptions.HTTPError as exc:
-        raise _acme_error(exc, what) from None
+                order = acme.finalize_order(order, deadline)
+        except (errors.Error, messages.Error, requests.exceptions.RequestException) as exc:
+            raise _acme_error(exc, what) from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise _acme_error(exc, what) from None
+    finally:
+        # Every other exit too: a name refused here, the account or the order refused by
+        # the CA, the CA unreachable, a failed validation, any exception.
+        solver.cleanup()
     chain = parse_certificates(order.fullchain_pem.encode(), f"{what}: fullchain")
     from cryptography.hazmat.primitives import hashes
 
@@ -609,11 +641,13 @@ def issue_to_staged_secret(
     No retries: each order counts against the CA's rate limits, and a half-known create is
     re-planned by a human, never repeated."""
     settings = settings or AcmeSettings()
-    if solver is None:
-        responder = Http01Responder(settings.http01_bind, settings.http01_port)
-        responder.start()  # stopped by issue_certificate's cleanup on every path
-        solver = responder
-    issued, key_pem = issue_certificate(names, solver, settings)
+    # The default solver listens only while this block runs, whatever ends it.
+    with contextlib.ExitStack() as stack:
+        if solver is None:
+            solver = stack.enter_context(
+                Http01Responder(settings.http01_bind, settings.http01_port)
+            )
+        issued, key_pem = issue_certificate(names, solver, settings)
     # Recorded before staging: the CA counted this issuance even if staging fails.
     record_issuance(issued.names, issued.serial, flow_run)
     get_run_logger().warning(

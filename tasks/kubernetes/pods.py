@@ -21,6 +21,7 @@ from tasks.kubernetes.models import (
     TailLogsResult,
 )
 from tasks.kubernetes.semantics import label_selector_string, meta
+from tasks.logs import scrub_secrets
 from tasks.retry import RETRY_READ
 from tasks.settings import KubernetesSettings
 
@@ -138,7 +139,7 @@ def tail_logs(
     namespace: str | None = None,
     settings: KubernetesSettings | None = None,
 ) -> TailLogsResult:
-    """The last `lines` log lines of every container of a Deployment's pods, optionally grepped."""
+    """The last `lines` log lines of each container of a Deployment's pods, secrets masked."""
     if not 1 <= lines <= 10_000:
         raise PermanentError(f"lines must be between 1 and 10000, not {lines}")
     try:
@@ -181,7 +182,9 @@ def tail_logs(
                         PodLogs(pod=name, container=container.name, lines=[], error=str(exc))
                     )
                     continue
-                got = str(text).splitlines()
+                # Credentials a container logged never leave this task: every reader
+                # (counts, samples in a report, the task's result) sees them masked.
+                got = [scrub_secrets(line) for line in str(text).splitlines()]
                 if pattern is not None:
                     got = [line for line in got if pattern.search(line)]
                 out.append(PodLogs(pod=name, container=container.name, lines=got))

@@ -50,7 +50,9 @@ from tasks.tls.replacement import (
     NewPair,
     ReplacementCheck,
     SecretReplacement,
+    changed_since_approval,
     load_pair_from_files,
+    pair_fingerprints,
     validate_replacement,
 )
 from tasks.tls.revocation import (
@@ -96,6 +98,7 @@ __all__ = [
     "certificate_matches",
     "chain_incomplete",
     "chain_problems",
+    "changed_since_approval",
     "check_certificate",
     "check_ocsp_response",
     "check_tls_replacement",
@@ -114,6 +117,7 @@ __all__ = [
     "load_new_pair",
     "load_pair_from_files",
     "load_pair_from_secret",
+    "pair_fingerprints",
     "parse_certificates",
     "probe_many",
     "probe_tls_endpoint",

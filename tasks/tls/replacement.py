@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from pydantic import BaseModel, SecretStr
 
 from tasks.errors import PermanentError
@@ -40,6 +40,29 @@ class ReplacementCheck(BaseModel):
     problems: list[str]
     new: list[CertificateInfo]
     hosts_required: list[str]
+
+
+def pair_fingerprints(pair: NewPair) -> list[str]:
+    """SHA-256 of each certificate of the pair's tls.crt, leaf first: what an approval
+    approves (the key is bound to the leaf, so the chain names the whole pair)."""
+    certs = parse_certificates(pair.cert_pem.encode(), "new tls.crt")
+    return [c.fingerprint(hashes.SHA256()).hex() for c in certs]
+
+
+def changed_since_approval(approved: Sequence[str], now: Sequence[str]) -> str | None:
+    """Why the pair read now is not the one approved (its fingerprints), or None."""
+    if list(approved) == list(now):
+        return None
+    if not approved or not now or approved[0] != now[0]:
+        was = approved[0] if approved else "none"
+        is_now = now[0] if now else "none"
+        return (
+            f"the new pair changed since it was approved: leaf SHA-256 fingerprint {was} → {is_now}"
+        )
+    return (
+        "the new pair changed since it was approved: same leaf (SHA-256 fingerprint "
+        f"{now[0]}), another chain ({len(approved)} → {len(now)} certificate(s))"
+    )
 
 
 def load_pair_from_files(cert_file: Path, key_file: Path) -> NewPair:

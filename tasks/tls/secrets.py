@@ -32,7 +32,9 @@ from tasks.tls.replacement import (
     NewPair,
     ReplacementCheck,
     SecretReplacement,
+    changed_since_approval,
     load_pair_from_files,
+    pair_fingerprints,
     validate_replacement,
 )
 
@@ -142,15 +144,22 @@ def write_tls_secret(
     settings: KubernetesSettings | None = None,
     now: datetime | None = None,
     backup_name: str | None = None,
+    approved_fingerprints: list[str] | None = None,
 ) -> SecretReplacement:
     """Back up the current Secret, then replace its tls.crt/tls.key with `pair`.
 
     The replace carries the resourceVersion read when the plan was made: if anything
     (cert-manager, a human) changed the Secret since, the API answers 409 and nothing is
-    written. Re-validates the pair against the Secret as it is now.
+    written. Re-validates the pair against the Secret as it is now. With
+    `approved_fingerprints` (the SHA-256 of each certificate of the pair an approver saw),
+    a pair that is not that one is refused before anything is written.
     """
     now = now or datetime.now(UTC)
     what = f"secret {namespace}/{name}"
+    if approved_fingerprints is not None:
+        changed = changed_since_approval(approved_fingerprints, pair_fingerprints(pair))
+        if changed:
+            raise SafetyViolation(f"{what}: {changed}; nothing written")
     secret = _read_secret(namespace, name, settings)
     if secret.metadata.resource_version != expected_resource_version:
         raise SafetyViolation(
@@ -270,12 +279,20 @@ def replace_tls_secret(
     new_key_file: Path | None = None,
     settings: KubernetesSettings | None = None,
     backup_name: str | None = None,
+    approved_fingerprints: list[str] | None = None,
 ) -> SecretReplacement:
-    """Back up and replace a Kubernetes TLS Secret with a validated new pair (no retries:
-    a half-known write is re-planned, not repeated)."""
+    """Back up and replace a Kubernetes TLS Secret with a validated new pair, only the one
+    approved (no retries: a half-known write is re-planned, not repeated)."""
+    # Read here, once more, and written as read: the pair compared is the pair installed.
     pair = load_new_pair(namespace, new_secret, new_cert_file, new_key_file, settings)
     done = write_tls_secret(
-        namespace, name, pair, expected_resource_version, settings, backup_name=backup_name
+        namespace,
+        name,
+        pair,
+        expected_resource_version,
+        settings,
+        backup_name=backup_name,
+        approved_fingerprints=approved_fingerprints,
     )
     get_run_logger().warning(
         "secret %s/%s replaced: serial %s → %s (backup %s)",

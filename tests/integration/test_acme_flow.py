@@ -357,3 +357,34 @@ def test_an_endpoint_that_keeps_the_old_certificate_fails_the_run_with_the_undo(
     assert "The Secret may have been changed" in report
     assert f"kubectl -n {ns} get secret app-tls-backup-" in report  # the undo
     assert format(old.cert.serial_number, "x") in report
+
+
+def test_a_staged_pair_swapped_while_waiting_for_approval_is_not_installed(
+    pebble: Pebble,
+    monkeypatch: pytest.MonkeyPatch,
+    core: k8s.CoreV1Api,
+    kube_namespace: str,
+    ingress: tuple[SecretIngress, Issued],
+    pki: CertFactory,
+) -> None:
+    pebble.env(monkeypatch)
+    _, old = ingress
+    ns = kube_namespace
+    # Valid for every name, later than the current one: only the approval tells it apart.
+    other = pki.leaf(days_left=60, hosts=_hosts(ns))
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(cert_renew, _params(ns, dry_run=False), return_state=True)
+        run_id = wait_for_paused_run("cert-renew")
+        core.delete_namespaced_secret("app-tls-acme", ns)
+        _manual_secret(core, ns, other, name="app-tls-acme")
+        resume_flow_run(run_id, run_input={"approved": True, "approver": "alice"})
+        state = fut.result(timeout=180)
+    assert state.is_failed()
+    assert "changed since it was approved" in (state.message or "")
+    assert _serial_in(core, ns, "app-tls") == format(old.cert.serial_number, "x")
+    assert _secret_names(core, ns) == ["app-tls", "app-tls-acme"]  # no backup
+    dep: Any = k8s.AppsV1Api(core.api_client).read_namespaced_deployment("ingress", ns)
+    assert "kubectl.kubernetes.io/restartedAt" not in (dep.spec.template.metadata.annotations or {})
+    report = _artifact(run_id, "cert-renew")
+    assert "changed since it was approved" in report
+    assert "## Before the change" not in report

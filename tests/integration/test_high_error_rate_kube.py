@@ -4,6 +4,7 @@ the fake kubelet), PostgreSQL, the private Redis and a real Prometheus. Nothing 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -15,6 +16,7 @@ from kubernetes import client as k8s
 from prefect.flow_runs import resume_flow_run
 from pydantic import SecretStr
 
+from flows.common import md_escape
 from flows.high_error_rate import RUNBOOK, HighErrorRateParams, high_error_rate
 from sandbox.server import free_port
 from tests.fixtures.kube import KubeCluster
@@ -177,6 +179,29 @@ def test_bad_rollout_and_full_redis_both_hold_and_a_dry_run_changes_nothing(
     assert p.deployment().metadata.generation == generation
     assert p.image() == f"{IMAGE}:v2"
     assert set(keys) <= set(cache_keys(p.scraped))
+
+
+def test_a_credential_in_a_pod_log_line_reaches_the_artifact_masked(
+    platform: Callable[..., Platform],
+) -> None:
+    p = platform()
+    password, token = "pw-" + uuid.uuid4().hex[:12], "tk" + uuid.uuid4().hex[:16]
+    # The backend logs a failure that quotes its DSN and a header: the pods' logs (the
+    # fake kubelet serves the backend's log file) carry the credentials.
+    p.sandbox.backend.log.write(
+        "2026-12-06T12:00:00.000Z level=error method=GET path=/api/products status=500 "
+        f'error="connect postgresql://akig:{password}@db.internal/akig; '
+        f'password={password}; Authorization: Bearer {token}"'
+    )
+    out = high_error_rate(HighErrorRateParams())  # a dry run
+    logs = row(out, "backend logs")
+    assert logs.verdict == "PROBLEM"
+    assert "postgresql://***@db.internal" in logs.detail
+    assert "password=***" in logs.detail and "Bearer ***" in logs.detail
+    md = latest_artifact()
+    assert md_escape("postgresql://***@db.internal/akig") in md  # the line is there, masked
+    assert password not in md and token not in md
+    assert password not in out.model_dump_json() and token not in out.model_dump_json()
 
 
 def test_oomkilled_pod_is_scenario_b_and_the_backend_is_restarted(

@@ -102,20 +102,59 @@ def test_metrics_use_route_templates_and_status(sandbox_backend):
     assert metric(text, "akig_release_info", release="v1") == 1
 
 
-def test_log_lines_in_the_seed_shape_on_stdout_and_file(sandbox_backend, capfd):
+def test_log_lines_in_the_seed_shape_go_to_the_file_not_the_terminal(sandbox_backend, capfd):
+    capfd.readouterr()
     sandbox_backend.traffic(1, "/api/users/3")
     sandbox_backend.faults(error_rate_pct=100)
     sandbox_backend.traffic(1, "/api/users/3")
+    sandbox_backend.faults(error_rate_pct=0)
+    sandbox_backend.traffic(50, "/api/products")
     lines = [line for line in sandbox_backend.log_lines() if "path=/api/users/3" in line]
     assert len(lines) == 2
     ok, failed = (LOG_LINE.match(line) for line in lines)
     assert ok and ok.group(3) == "/api/users/{user_id}" and ok.group(4) == "200"
     assert failed and failed.group(4) == "500" and failed.group(1) == "error"
     assert 'error="injected fault' in lines[1]
-    # `kubectl logs ... | grep "duration.*ms"` (the seed) finds them on stdout too.
-    out = capfd.readouterr().out
-    assert all(line in out for line in lines)
     assert all(re.search("duration.*ms", line) for line in lines)
+    assert sum("path=/api/products" in line for line in sandbox_backend.log_lines()) == 50
+    # The file (what the test kubelet serves as pod logs) has every line; the terminal of
+    # the test run or `make demo` has none of them.
+    captured = capfd.readouterr()
+    assert "duration=" not in captured.out + captured.err
+    assert "path=/api/" not in captured.out + captured.err
+
+
+_DEMO_PLATFORM = """
+import time
+from tests.fixtures.platform import running_platform
+
+with running_platform(kube=False) as platform:
+    log = platform.settings.log_file
+    assert log is not None
+    with platform.traffic():
+        deadline = time.monotonic() + 60
+        while len(log.read_text().splitlines()) < 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    print("LOGGED", len(log.read_text().splitlines()), flush=True)
+"""
+
+
+def test_the_demo_platform_keeps_its_access_lines_out_of_the_terminal():
+    """`make demo`'s platform (`running_platform`) under traffic: the lines go to the
+    backend's log file, the demo's terminal shows none of them."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DEMO_PLATFORM],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 0, terminal[-3000:]
+    logged = re.search(r"LOGGED (\d+)", done.stdout)
+    assert logged and int(logged.group(1)) >= 200
+    assert "duration=" not in terminal and "path=/api/" not in terminal, terminal[-3000:]
 
 
 def test_audit_logs_are_written(sandbox_backend, sandbox_db):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -378,6 +379,89 @@ def test_a_change_while_waiting_for_approval_stops_the_write(
     report = _artifact(run_id, "cert-replace")
     assert "changed since the plan" in report
     assert _fingerprint(old) in report
+
+
+@pytest.mark.parametrize("source", ["secret", "files"])
+def test_a_pair_swapped_while_waiting_for_approval_is_not_installed(
+    source: str,
+    core: k8s.CoreV1Api,
+    kube_namespace: str,
+    kube_cluster: KubeCluster,
+    pki: CertFactory,
+    tmp_path: Path,
+) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    approved = pki.leaf(days_left=90, hosts=HOSTS)
+    # Valid in every way the validation checks: only the approval tells them apart.
+    swapped = pki.leaf(days_left=60, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    _ingress(kube_namespace, kube_cluster)
+    cert_file, key_file = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    if source == "secret":
+        _tls_secret(core, kube_namespace, "akig-tls-new", approved)
+        params = _replace_params(kube_namespace, dry_run=False)
+    else:
+        cert_file.write_bytes(approved.chain_pem())
+        key_file.write_bytes(approved.key_pem)
+        params = _replace_params(
+            kube_namespace,
+            dry_run=False,
+            new_secret=None,
+            new_cert_file=str(cert_file),
+            new_key_file=str(key_file),
+        )
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(cert_replace, params, return_state=True)
+        run_id = wait_for_paused_run("cert-replace")
+        # Someone stages another pair while the approver reads the plan.
+        if source == "secret":
+            core.delete_namespaced_secret("akig-tls-new", kube_namespace)
+            _tls_secret(core, kube_namespace, "akig-tls-new", swapped)
+        else:
+            cert_file.write_bytes(swapped.chain_pem())
+            key_file.write_bytes(swapped.key_pem)
+        resume_flow_run(run_id, run_input={"approved": True, "approver": "alice"})
+        state = fut.result(timeout=180)
+    assert state.is_failed()
+    assert "changed since it was approved" in (state.message or "")
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+    assert _backups(core, kube_namespace) == []
+    dep: Any = k8s.AppsV1Api(kube_cluster.api()).read_namespaced_deployment(
+        "ingress", kube_namespace
+    )
+    assert "kubectl.kubernetes.io/restartedAt" not in (dep.spec.template.metadata.annotations or {})
+    report = _artifact(run_id, "cert-replace")
+    assert "changed since it was approved" in report
+    assert f"{_fingerprint(approved)} → {_fingerprint(swapped)}" in report
+    assert "## Before the change" not in report
+    assert "Nothing was changed." in report
+
+
+def test_write_installs_only_the_approved_pair(
+    core: k8s.CoreV1Api, kube_namespace: str, pki: CertFactory
+) -> None:
+    """The write itself compares: a swap after the flow's re-read is refused too."""
+    old = pki.leaf(days_left=0.5, hosts=HOSTS)
+    approved = pki.leaf(days_left=90, hosts=HOSTS)
+    swapped = pki.leaf(days_left=60, hosts=HOSTS)
+    _tls_secret(core, kube_namespace, "akig-tls", old)
+    version = read_secret_certificates(kube_namespace, "akig-tls").resource_version
+    assert version is not None
+    pair = NewPair(
+        cert_pem=swapped.chain_pem().decode(), key_pem=SecretStr(swapped.key_pem.decode())
+    )
+    with pytest.raises(SafetyViolation, match="changed since it was approved"):
+        write_tls_secret(
+            kube_namespace,
+            "akig-tls",
+            pair,
+            version,
+            approved_fingerprints=[_fingerprint(approved)],
+        )
+    assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
+    assert _backups(core, kube_namespace) == []
 
 
 def test_a_missing_ingress_stops_the_run_before_approval(

@@ -54,6 +54,9 @@ def test_names_are_checked_before_any_order() -> None:
     assert check_names(["*.a.example"], "dns-01") == ["*.a.example"]
     with pytest.raises(PermanentError, match="no DNS names"):
         check_names([], "http-01")
+    for ip in ("127.0.0.1", "::1"):
+        with pytest.raises(PermanentError, match="an IP address, not a DNS name"):
+            check_names(["a.example", ip], "http-01")
 
 
 def test_issuance_variable_names_are_valid_prefect_names() -> None:

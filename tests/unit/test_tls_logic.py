@@ -18,6 +18,7 @@ from tasks.tls import (
     certificate_matches,
     chain_incomplete,
     chain_problems,
+    changed_since_approval,
     crossed_threshold,
     describe_bundle,
     evaluate,
@@ -445,3 +446,12 @@ def test_cert_expiry_refuses_a_secret_ref_kubernetes_cannot_hold(namespace: str,
 
     with pytest.raises(ValidationError):
         SecretRef(namespace=namespace, name=name)
+
+
+def test_changed_since_approval_names_what_changed() -> None:
+    assert changed_since_approval(["aa", "bb"], ["aa", "bb"]) is None
+    leaf = changed_since_approval(["aa", "bb"], ["cc", "bb"])
+    assert leaf is not None and "aa → cc" in leaf
+    chain = changed_since_approval(["aa", "bb"], ["aa"])
+    assert chain is not None and "same leaf" in chain and "2 → 1" in chain
+    assert changed_since_approval(["aa"], []) is not None
