@@ -10,7 +10,10 @@ PostgreSQL activity and pool usage, Redis (memory vs maxmemory, evictions, hit r
 the rollout history (when the current revision rolled out, whether a previous one exists).
 
 Classify with evidence (more than one may hold): A database, B memory, C cache, D code
-(the 5xx began within `rollout_window_minutes` after the last rollout).
+(the 5xx began within `rollout_window_minutes` after the current revision became current,
+dated by `tasks.kubernetes.revisions.became_current`, not by its ReplicaSet's creation). D
+is never claimed, and no rollback planned, when the previous revision is the one the
+current revision rolled back from (an undo): that would roll forward onto it.
 
 May change, one action per scenario that holds:
 - D: `kubectl rollout undo` of the backend Deployment to the revision pinned when planned
@@ -39,9 +42,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -78,6 +81,7 @@ from tasks.kubernetes import (
     apply_restart,
     apply_rollback,
     apply_statefulset_restart,
+    current_and_previous,
     plan_restart,
     plan_rollback,
     plan_statefulset_restart,
@@ -112,8 +116,12 @@ WINDOW = r"^[1-9][0-9]{0,3}[smh]$"
 ONSET_STEP_S = 5.0
 #: How long an approved run waits for another run acting on the backend before giving up.
 LOCK_TIMEOUT_S = 600.0
-#: Clock skew allowed between Prometheus and the API server when dating the onset.
+#: Clock skew allowed between Prometheus and the API server when dating the onset; it also
+#: covers the 1 s resolution of the Kubernetes times a revision is dated by.
 ONSET_TOLERANCE_S = 15.0
+_TOLERANCE = timedelta(seconds=ONSET_TOLERANCE_S)
+#: Why a revision just rolled back from is never the target of a rollback.
+_NOT_BACK = "never a rollback target: it is the release just undone"
 
 Scenario = Literal["A", "B", "C", "D"]
 SCENARIO_NAMES: dict[str, str] = {
@@ -373,6 +381,8 @@ class Findings:
     scenarios: list[ScenarioVerdict]
     error_rate: float | None
     onset: datetime | None
+    #: Actions the evidence rules out, with why (shown in the plan as skipped).
+    withheld: list[PlannedAction] = field(default_factory=list)
 
 
 def classify(params: HighErrorRateParams, got: dict[str, Any], now: datetime) -> Findings:
@@ -477,13 +487,16 @@ def classify(params: HighErrorRateParams, got: dict[str, Any], now: datetime) ->
     # Redis ------------------------------------------------------------------------------
     _redis_evidence(params, got["redis"], rows, evidence["C"])
     # Rollout ----------------------------------------------------------------------------
-    _rollout_evidence(params, got["rollout"], onset, ratio, now, rows, evidence["D"])
+    withheld: list[PlannedAction] = []
+    _rollout_evidence(params, got["rollout"], onset, ratio, now, rows, evidence["D"], withheld)
     scenarios = [
         ScenarioVerdict(scenario=key, name=SCENARIO_NAMES[key], evidence=found)
         for key, found in evidence.items()
         if found
     ]
-    return Findings(checks=rows, scenarios=scenarios, error_rate=ratio, onset=onset)
+    return Findings(
+        checks=rows, scenarios=scenarios, error_rate=ratio, onset=onset, withheld=withheld
+    )
 
 
 def _pods_evidence(
@@ -624,6 +637,7 @@ def _rollout_evidence(
     now: datetime,
     rows: list[CheckRow],
     found: list[str],
+    withheld: list[PlannedAction],
 ) -> None:
     if isinstance(history, Unavailable):
         rows.append(
@@ -632,9 +646,7 @@ def _rollout_evidence(
             )
         )
         return
-    current = [r for r in history.revisions if r.current]
-    latest = max(current, key=lambda r: r.revision) if current else None
-    previous = [r for r in history.revisions if not r.current]
+    latest, prev = current_and_previous(history.revisions)
     if latest is None:
         rows.append(
             CheckRow(
@@ -645,37 +657,59 @@ def _rollout_evidence(
             )
         )
         return
-    rolled = latest.created
+    # Dated from when the revision became current, not from its ReplicaSet's creation: an
+    # undo re-uses the old ReplicaSet, whose creation time is the old release's.
+    since = latest.became_current
     figure = f"revision {latest.revision} ({', '.join(latest.images)})" + (
-        f" rolled out at {_ago(rolled, now)}" if rolled else ""
+        f" current since {_ago(since, now)}" if since else " (when it became current: unknown)"
     )
-    prev = max(previous, key=lambda r: r.revision) if previous else None
-    detail = (
-        f"previous: revision {prev.revision} ({', '.join(prev.images)})"
-        if prev
-        else "no previous revision"
-    )
+    if latest.earlier_revisions:
+        figure += f", an undo (it was revision {max(latest.earlier_revisions)} before)"
+    undone = history.undone
+    if undone is not None and (prev is None or undone.revision != prev.revision):
+        undone = None
+    # Table cells keep 200 characters: the reason first, the previous revision in it.
+    if undone is not None:
+        details = [f"{undone.describe()}; {_NOT_BACK}"]
+    elif prev is not None:
+        details = [f"previous: revision {prev.revision} ({', '.join(prev.images)})"]
+    else:
+        details = ["no previous revision"]
+    if onset is not None and since is not None and onset < since - _TOLERANCE:
+        details.append(f"5xx since {onset:%H:%M:%S} UTC, before revision {latest.revision}")
     began_after = (
         onset is not None
-        and rolled is not None
-        and onset >= rolled - timedelta(seconds=ONSET_TOLERANCE_S)
-        and onset - rolled <= timedelta(minutes=params.rollout_window_minutes)
+        and since is not None
+        and onset >= since - _TOLERANCE
+        and onset - since <= timedelta(minutes=params.rollout_window_minutes)
     )
-    holds = began_after and prev is not None and (ratio or 0) > params.error_rate_max
+    suspect = began_after and prev is not None and (ratio or 0) > params.error_rate_max
     rows.append(
         CheckRow(
             item="rollout history",
             figure=figure,
-            verdict="PROBLEM" if holds else "ok",
-            detail=detail,
+            verdict="PROBLEM" if suspect else "ok",
+            detail="; ".join(details),
         )
     )
-    if holds:
-        assert onset is not None and rolled is not None and prev is not None
+    if undone is not None and (ratio or 0) > params.error_rate_max:
+        # D is not claimed: its only action would go back to the release just undone.
+        withheld.append(
+            PlannedAction(
+                scenario="D",
+                kind="rollback",
+                target=f"deployment/{history.deployment} in {history.namespace}",
+                summary=f"not planned (D not claimed): {undone.describe()}; {_NOT_BACK}",
+                possible=False,
+            )
+        )
+        return
+    if suspect:
+        assert onset is not None and since is not None and prev is not None
         found.append(
             f"5xx at {_pct(ratio)} since {onset:%H:%M:%S} UTC, "
-            f"{(onset - rolled).total_seconds():.0f} s after revision {latest.revision} "
-            f"({', '.join(latest.images)}) rolled out at {rolled:%H:%M:%S} UTC "
+            f"{(onset - since).total_seconds():.0f} s after revision {latest.revision} "
+            f"({', '.join(latest.images)}) became current at {since:%H:%M:%S} UTC "
             f"(within {params.rollout_window_minutes:g} min); previous revision "
             f"{prev.revision} ({', '.join(prev.images)})"
         )
@@ -684,12 +718,19 @@ def _rollout_evidence(
 # ------------------------------------------------------------------------------ plan
 
 
-def make_plan(params: HighErrorRateParams, scenarios: list[ScenarioVerdict]) -> list[PlannedAction]:
-    """One planned action per scenario that holds; targets pinned by reads, nothing written."""
+def make_plan(
+    params: HighErrorRateParams,
+    scenarios: list[ScenarioVerdict],
+    withheld: Sequence[PlannedAction] = (),
+) -> list[PlannedAction]:
+    """One planned action per scenario that holds; targets pinned by reads, nothing written.
+
+    `withheld`: actions the evidence ruled out (`Findings.withheld`), listed as skipped.
+    """
     k8s = KubernetesSettings()
     dep, ns = k8s.backend_deployment, k8s.namespace
     held = {s.scenario for s in scenarios}
-    plan: list[PlannedAction] = []
+    plan: list[PlannedAction] = [a.model_copy() for a in withheld]
 
     def impossible(scenario: Scenario, kind: Any, target: str, exc: Exception) -> PlannedAction:
         return PlannedAction(
@@ -704,15 +745,22 @@ def make_plan(params: HighErrorRateParams, scenarios: list[ScenarioVerdict]) -> 
         target = f"deployment/{dep} in {ns}"
         try:
             rb = plan_rollback(dep, ns)
+            summary = (
+                f"roll back from revision {rb.from_revision} "
+                f"({', '.join(rb.images_before)}) to revision {rb.to_revision} "
+                f"({', '.join(rb.images_after)})"
+            )
+            if rb.target_undone is not None:
+                # The Deployment was undone after the evidence was read: the previous
+                # revision is now the one just left.
+                summary = f"not planned: {rb.target_undone.describe()}; {_NOT_BACK}"
             plan.append(
                 PlannedAction(
                     scenario="D",
                     kind="rollback",
                     target=target,
-                    summary=f"roll back from revision {rb.from_revision} "
-                    f"({', '.join(rb.images_before)}) to revision {rb.to_revision} "
-                    f"({', '.join(rb.images_after)})",
-                    possible=not rb.already_current,
+                    summary=summary,
+                    possible=not rb.already_current and rb.target_undone is None,
                     rollback=rb,
                 )
             )
@@ -976,7 +1024,7 @@ def _run(params: HighErrorRateParams, report: Report) -> HighErrorRateOutcome:
         _pct(found.error_rate),
         [s.scenario for s in found.scenarios] or "none",
     )
-    plan = make_plan(params, found.scenarios)
+    plan = make_plan(params, found.scenarios, found.withheld)
     if params.dry_run:
         server_dry_runs(plan)
     report.add("Plan", _plan_md(plan))
@@ -1030,7 +1078,7 @@ def _run(params: HighErrorRateParams, report: Report) -> HighErrorRateOutcome:
             # The run waited for a human: measure again, plan again, and act only on what
             # was approved and still holds (a rollback only to the approved revision).
             fresh_found = classify(params, gather(params), datetime.now(UTC))
-            fresh = make_plan(params, fresh_found.scenarios)
+            fresh = make_plan(params, fresh_found.scenarios, fresh_found.withheld)
             acting = still_valid(doable, fresh)
             report.add(
                 "Re-measured after approval",

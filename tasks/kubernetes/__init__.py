@@ -7,6 +7,8 @@ One module per concern, all re-exported here (`from tasks.kubernetes import undo
   builder), error classification (`classify_api_error`);
 - `models`: the pydantic results;
 - `rollout`: undo (plan + apply), restart (plan + apply), wait, history;
+- `revisions`: when a revision became current (not when its ReplicaSet was created), and
+  whether the previous revision was just rolled back from;
 - `scale`: replicas with a resourceVersion precondition;
 - `statefulset`: StatefulSet restart (plan + apply) and rollout status;
 - `resources`: a container's memory limit, raised at most 2x (plan + apply);
@@ -27,6 +29,7 @@ from tasks.kubernetes.models import (
     RestartPlan,
     RestartResult,
     RevisionInfo,
+    RevisionUndo,
     RollbackPlan,
     RollbackResult,
     RolloutHistory,
@@ -43,6 +46,13 @@ from tasks.kubernetes.resources import (
     memory_bytes,
     plan_memory_limit,
     raise_memory_limit,
+)
+from tasks.kubernetes.revisions import (
+    became_current,
+    current_and_previous,
+    earlier_revisions,
+    revision_written_at,
+    undone_previous,
 )
 from tasks.kubernetes.rollout import (
     apply_restart,
@@ -61,6 +71,7 @@ from tasks.kubernetes.semantics import (
     POD_TEMPLATE_HASH,
     RESTARTED_AT,
     REVISION,
+    REVISION_HISTORY,
     ROLLOUT_FIELD_MANAGER,
     TIMED_OUT_REASON,
     equal_ignore_hash,
@@ -92,6 +103,7 @@ __all__ = [
     "POD_TEMPLATE_HASH",
     "RESTARTED_AT",
     "REVISION",
+    "REVISION_HISTORY",
     "ROLLOUT_FIELD_MANAGER",
     "TIMED_OUT_REASON",
     "ContainerRestarts",
@@ -105,6 +117,7 @@ __all__ = [
     "RestartPlan",
     "RestartResult",
     "RevisionInfo",
+    "RevisionUndo",
     "RollbackPlan",
     "RollbackResult",
     "RolloutHistory",
@@ -118,7 +131,10 @@ __all__ = [
     "apply_restart",
     "apply_rollback",
     "apply_statefulset_restart",
+    "became_current",
     "classify_api_error",
+    "current_and_previous",
+    "earlier_revisions",
     "equal_ignore_hash",
     "images_of",
     "label_selector_string",
@@ -137,6 +153,7 @@ __all__ = [
     "raise_memory_limit",
     "restart_rollout",
     "restart_statefulset",
+    "revision_written_at",
     "rfc3339_now",
     "rollback_annotations",
     "rollback_patch",
@@ -148,6 +165,7 @@ __all__ = [
     "statefulset_status_message",
     "tail_logs",
     "undo_rollout",
+    "undone_previous",
     "wait_for_rollout",
     "wait_for_statefulset",
     "without_hash_label",

@@ -8,6 +8,26 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 
+class RevisionUndo(BaseModel):
+    """A revision that was current and then replaced by an older template (an undo)."""
+
+    revision: int = Field(description="The revision that was rolled back from.")
+    images: list[str]
+    by_revision: int = Field(description="The revision that replaced it (the current one).")
+    template_of: int | None = Field(
+        description="The earlier revision whose template came back, when known."
+    )
+    at: datetime | None = Field(description="When the undo took effect (became current).")
+
+    def describe(self) -> str:
+        """One short line for a report (a table cell): which revision was undone, when, by what."""
+        when = f" at {self.at:%H:%M:%S} UTC" if self.at else ""
+        return (
+            f"revision {self.revision} ({', '.join(self.images)}) was rolled back from{when} "
+            f"by revision {self.by_revision}"
+        )
+
+
 class RollbackPlan(BaseModel):
     """A rollback resolved once, by a read: the revision and the exact template to apply."""
 
@@ -24,6 +44,11 @@ class RollbackPlan(BaseModel):
     patch: list[dict[str, Any]] = Field(description="kubectl's JSON patch for that template.")
     images_before: list[str]
     images_after: list[str]
+    target_undone: RevisionUndo | None = Field(
+        None,
+        description="Set when the resolved revision is the one the current revision rolled "
+        "back from: restoring it would roll forward onto a release just undone.",
+    )
 
 
 class RollbackResult(BaseModel):
@@ -166,8 +191,21 @@ class RevisionInfo(BaseModel):
     change_cause: str | None
     replicas: int
     ready_replicas: int
-    created: datetime | None
+    created: datetime | None = Field(description="The ReplicaSet's creationTimestamp.")
     current: bool
+    earlier_revisions: list[int] = Field(
+        default_factory=list,
+        description="Revisions this ReplicaSet held before (`revision-history`): it was made "
+        "current again by an undo.",
+    )
+    became_current: datetime | None = Field(
+        None,
+        description="When this revision became the Deployment's (`revisions.became_current`); "
+        "None when it cannot be told.",
+    )
+    dated_by: Literal["created", "revision annotation", "unknown"] = Field(
+        "unknown", description="What `became_current` was read from."
+    )
 
 
 class RolloutHistory(BaseModel):
@@ -177,6 +215,11 @@ class RolloutHistory(BaseModel):
     namespace: str
     current_revision: int | None
     revisions: list[RevisionInfo]
+    undone: RevisionUndo | None = Field(
+        None,
+        description="The previous revision, when the current one is an undo of it: never a "
+        "rollback target.",
+    )
 
 
 class ContainerRestarts(BaseModel):

@@ -41,14 +41,13 @@ from tasks.kubernetes.api import (
 from tasks.kubernetes.models import (
     RestartPlan,
     RestartResult,
-    RevisionInfo,
     RollbackPlan,
     RollbackResult,
     RolloutHistory,
     RolloutStatus,
 )
+from tasks.kubernetes.revisions import revision_infos, undone_previous
 from tasks.kubernetes.semantics import (
-    CHANGE_CAUSE,
     RESTARTED_AT,
     REVISION,
     annotation,
@@ -108,6 +107,8 @@ def plan_rollback(
         raise SafetyViolation(PAUSED_ROLLBACK)
     template = rs_template(rs)
     annotations = rollback_annotations(meta(dep).annotations, meta(rs).annotations)
+    # kubectl would go there; the plan says when that means undoing an undo.
+    undone = undone_previous(revision_infos(owned, dep))
     return RollbackPlan(
         deployment=deployment,
         namespace=namespace,
@@ -120,6 +121,7 @@ def plan_rollback(
         patch=rollback_patch(template, annotations),
         images_before=images_of(dep.spec.template),
         images_after=images_of(template),
+        target_undone=undone if undone is not None and undone.revision == revision else None,
     )
 
 
@@ -475,30 +477,15 @@ def rollout_history(
     namespace: str,
     settings: KubernetesSettings | None = None,
 ) -> RolloutHistory:
-    """A Deployment's revisions (ReplicaSets it controls) with images and change-cause."""
+    """A Deployment's revisions with images, change-cause and when each became current."""
     with kube_session(settings) as kube:
         dep = get_deployment(kube, deployment, namespace)
         owned = owned_replica_sets(kube, dep)
-    current = parse_revision(annotation(dep, REVISION))
-    revisions = []
-    for rs in owned:
-        rev = parse_revision(annotation(rs, REVISION))
-        if rev is None:
-            continue
-        status = rs.status or k8s.V1ReplicaSetStatus(replicas=0)
-        revisions.append(
-            RevisionInfo(
-                revision=rev,
-                replica_set=meta(rs).name,
-                images=images_of(rs_template(rs)),
-                change_cause=annotation(rs, CHANGE_CAUSE),
-                replicas=status.replicas or 0,
-                ready_replicas=status.ready_replicas or 0,
-                created=meta(rs).creation_timestamp,
-                current=equal_ignore_hash(rs_template(rs), dep.spec.template),
-            )
-        )
-    revisions.sort(key=lambda r: r.revision)
+    revisions = revision_infos(owned, dep)
     return RolloutHistory(
-        deployment=deployment, namespace=namespace, current_revision=current, revisions=revisions
+        deployment=deployment,
+        namespace=namespace,
+        current_revision=parse_revision(annotation(dep, REVISION)),
+        revisions=revisions,
+        undone=undone_previous(revisions),
     )

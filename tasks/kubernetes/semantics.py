@@ -21,11 +21,13 @@ POD_TEMPLATE_HASH = "pod-template-hash"
 REVISION = "deployment.kubernetes.io/revision"
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 CHANGE_CAUSE = "kubernetes.io/change-cause"
+#: The revisions a re-used ReplicaSet held before (set by the controller on an undo).
+REVISION_HISTORY = "deployment.kubernetes.io/revision-history"
 ANNOTATIONS_TO_SKIP = frozenset(
     {
         "kubectl.kubernetes.io/last-applied-configuration",
         REVISION,
-        "deployment.kubernetes.io/revision-history",
+        REVISION_HISTORY,
         "deployment.kubernetes.io/desired-replicas",
         "deployment.kubernetes.io/max-replicas",
         "deprecated.deployment.rollback.to",

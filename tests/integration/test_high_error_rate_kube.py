@@ -17,7 +17,14 @@ from prefect.flow_runs import resume_flow_run
 from pydantic import SecretStr
 
 from flows.common import md_escape
-from flows.high_error_rate import RUNBOOK, HighErrorRateParams, high_error_rate
+from flows.high_error_rate import (
+    RUNBOOK,
+    ErrorRateNotRecovered,
+    HighErrorRateParams,
+    ScenarioVerdict,
+    high_error_rate,
+    make_plan,
+)
 from sandbox.server import free_port
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
@@ -38,6 +45,7 @@ from tests.integration.test_high_error_rate_flow import (
     row,
     wait_ratio,
 )
+from tests.integration.test_kubernetes_kubectl import Kubectl
 
 pytestmark = [pytest.mark.kube, pytest.mark.usefixtures("prefect_api")]
 IMAGE = "registry.local/akig-backend"
@@ -370,3 +378,66 @@ def test_poisoned_cache_is_scenario_c_and_its_clear_ends_the_errors(
     assert done.kind == "cache-clear"
     assert out.verify is not None and out.verify.recovered
     assert p.sandbox.traffic(5, "/api/users/3") == [200] * 5
+
+
+@pytest.mark.parametrize("undo_by", ["the runbook", "kubectl rollout undo"])
+def test_a_rerun_never_rolls_forward_onto_the_release_just_undone(
+    platform: Callable[..., Platform], kubectl: Any, world_env: Any, undo_by: str
+) -> None:
+    """v1, then v2 (bad): 5xx. v2 is undone (v1 is revision 3 on its old ReplicaSet, created
+    minutes before) while the 5xx go on for another reason. A re-run that may act on its own
+    must not plan "revision 3 (v1) -> revision 2 (v2)"."""
+    world_env()  # the first run's failed verification pages local sinks only
+    p = platform()
+    with p.sandbox.background_traffic(("/api/products", "/api/users/3")):
+        wait_ratio(p.scraped, lambda v: v < 0.01, "v1 traffic scraped")
+        p.roll_out_v2()
+        wait_ratio(p.scraped, lambda v: v > 0.1, "v2's 5xx in Prometheus")
+        p.sandbox.faults(error_rate_pct=30)  # the other reason: it outlives v2
+        if undo_by == "the runbook":
+            with pytest.raises(ErrorRateNotRecovered):
+                high_error_rate(
+                    HighErrorRateParams(
+                        dry_run=False,
+                        auto_approve=True,
+                        verify_window="10s",
+                        verify_timeout_s=5,
+                        rollout_timeout_s=60,
+                    )
+                )
+        else:
+            done = Kubectl(kubectl, p.cluster.kubeconfig, p.namespace)(
+                "rollout", "undo", f"deployment/{DEPLOYMENT}"
+            )
+            assert done.returncode == 0, done.stderr
+        wait_until(lambda: revision_of(p.apps, p.namespace, DEPLOYMENT) == 3, what="rev 3")
+        wait_until(lambda: p.sandbox.backend.release.current() == "v1", what="release v1")
+        rolled_out(p.cluster.settings(p.namespace), p.namespace, DEPLOYMENT)
+        wait_ratio(p.scraped, lambda v: v > 0.1, "the 5xx go on under v1")
+        out = high_error_rate(
+            HighErrorRateParams(
+                dry_run=False, auto_approve=True, verify_window="10s", verify_timeout_s=5
+            )
+        )
+    # Nothing rolled back: v1 stays, at revision 3.
+    assert p.image() == f"{IMAGE}:v1"
+    assert revision_of(p.apps, p.namespace, DEPLOYMENT) == 3
+    assert "D" not in held(out), out.scenarios
+    assert out.actions == [] and out.action == "none"
+    # The rollout-history row and the plan say why.
+    rollout = row(out, "rollout history")
+    assert f"revision 3 ({IMAGE}:v1) current since" in rollout.figure, rollout
+    assert "an undo (it was revision 1 before)" in rollout.figure
+    assert f"revision 2 ({IMAGE}:v2) was rolled back from" in rollout.detail
+    assert "never a rollback target: it is the release just undone" in rollout.detail
+    (rollback,) = [a for a in out.plan if a.kind == "rollback"]
+    assert not rollback.possible and "not planned (D not claimed)" in rollback.summary
+    # The artifact's cells (200 characters) keep the reason.
+    plan = latest_artifact().split("## Plan", 1)[1].split("## ", 1)[0]
+    assert "not planned \\(D not claimed\\)" in plan and "the release just undone" in plan
+    # Had D been claimed from older evidence (an undo between the evidence and the plan),
+    # the plan's own read refuses the same target.
+    d = ScenarioVerdict(scenario="D", name="code", evidence=["read before the undo"])
+    (late,) = make_plan(HighErrorRateParams(), [d])
+    assert late.rollback is not None and late.rollback.to_revision == 2
+    assert not late.possible and late.summary.startswith("not planned: revision 2")

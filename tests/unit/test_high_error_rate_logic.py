@@ -14,9 +14,16 @@ from flows.high_error_rate import (
     classify,
     count_log_errors,
     error_onset,
+    make_plan,
     still_valid,
 )
-from tasks.kubernetes import PodLogs, RevisionInfo, RollbackPlan, RolloutHistory, TailLogsResult
+from tasks.kubernetes import (
+    PodLogs,
+    RevisionInfo,
+    RollbackPlan,
+    RolloutHistory,
+    TailLogsResult,
+)
 from tasks.prometheus import RangeResult, RouteFigures, Series
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -73,6 +80,8 @@ def revision(rev: int, image: str, current: bool, created: datetime) -> Revision
         ready_replicas=1 if current else 0,
         created=created,
         current=current,
+        became_current=created,
+        dated_by="created",
     )
 
 
@@ -172,3 +181,73 @@ def test_a_rollback_acts_only_on_the_approved_revision() -> None:
     assert still_valid(approved, [plan(2, "img:v2")]) == []
     # A scenario that no longer holds is not in the fresh plan: nothing to act on.
     assert still_valid(approved, []) == []
+
+
+def after_an_undo(undone_s_ago: float, onset_s_ago: float) -> dict[str, Any]:
+    """v1 (its ReplicaSet made 10 min ago), v2 (5 min ago, bad), then an undo back to v1's
+    ReplicaSet: revision 3, current since the undo; the 5xx still above the threshold."""
+    undo = NOW - timedelta(seconds=undone_s_ago)
+    got = gathered(rolled=NOW, onset_s_ago=onset_s_ago, ratio=0.3)
+    v1 = revision(3, "img:v1", True, NOW - timedelta(minutes=10)).model_copy(
+        update={
+            "earlier_revisions": [1],
+            "became_current": undo,
+            "dated_by": "revision annotation",
+        }
+    )
+    v2 = revision(2, "img:v2", False, NOW - timedelta(minutes=5))
+    got["rollout"] = RolloutHistory(
+        deployment="akig-backend",
+        namespace="n",
+        current_revision=3,
+        revisions=[v2, v1],
+        undone={
+            "revision": 2,
+            "images": ["img:v2"],
+            "by_revision": 3,
+            "template_of": 1,
+            "at": undo,
+        },
+    )
+    return got
+
+
+@pytest.mark.parametrize(
+    ("undone_s_ago", "onset_s_ago"),
+    [(60, 200), (120, 30)],
+    ids=["the 5xx continued through the undo", "the 5xx began after the undo"],
+)
+def test_never_code_to_roll_forward_onto_the_release_just_undone(
+    undone_s_ago: float, onset_s_ago: float
+) -> None:
+    found = classify(HighErrorRateParams(), after_an_undo(undone_s_ago, onset_s_ago), NOW)
+    # v1's ReplicaSet is 10 min old, but revision 3 is current only since the undo, and
+    # revision 2 is the one it rolled back from: D is not claimed, whatever the timing.
+    assert found.scenarios == []
+    (rollout,) = [r for r in found.checks if r.item == "rollout history"]
+    assert "revision 3 (img:v1) current since" in rollout.figure and "an undo" in rollout.figure
+    assert "revision 2 (img:v2) was rolled back from" in rollout.detail
+    assert "never a rollback target: it is the release just undone" in rollout.detail
+    assert len(rollout.detail) <= 200  # what a table cell of the artifact keeps
+    if onset_s_ago > undone_s_ago:
+        assert "before revision 3" in rollout.detail
+        assert rollout.verdict == "ok"
+    else:
+        assert rollout.verdict == "PROBLEM"  # the timing points at revision 3, still no D
+    # The plan says why no rollback is planned.
+    (withheld,) = make_plan(HighErrorRateParams(), found.scenarios, found.withheld)
+    assert withheld.kind == "rollback" and not withheld.possible
+    assert withheld.summary.startswith("not planned (D not claimed): revision 2 (img:v2) was")
+    assert "release just undone" in withheld.summary
+
+
+def test_code_dates_the_rollout_from_when_it_became_current() -> None:
+    # A ReplicaSet created long ago, current only since 60 s (an undo to it, with nothing
+    # left to undo): errors that began before it became current are not its doing.
+    got = gathered(rolled=NOW - timedelta(minutes=10), onset_s_ago=200, ratio=0.3)
+    rollout = got["rollout"]
+    current = rollout.revisions[-1].model_copy(
+        update={"became_current": NOW - timedelta(seconds=60)}
+    )
+    got["rollout"] = rollout.model_copy(update={"revisions": [rollout.revisions[0], current]})
+    assert scenarios(got) == set()
