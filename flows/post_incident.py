@@ -432,7 +432,7 @@ def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
         states={r.id: client.read_flow_run_states(r.id) for r in runs},
         task_runs={i: task_runs.get(i, []) for i in ids},
         artifacts=artifacts,
-        inputs={i: _responses(client, i) for i in ids},
+        inputs={i: run_answers(client, i) for i in ids},
     )
 
 
@@ -465,8 +465,11 @@ def task_runs_of(client: SyncPrefectClient, run_ids: list[UUID]) -> list[TaskRun
             return out
 
 
-def _responses(client: SyncPrefectClient, run_id: UUID) -> list[FlowRunInput]:
-    """The answers given to the run's pauses (approval and checklist forms), oldest first."""
+def run_answers(client: SyncPrefectClient, run_id: UUID) -> list[FlowRunInput]:
+    """The answers given to the run's pauses (approval and checklist forms), oldest first.
+
+    Prefect stores a `pause_flow_run(wait_for_input=...)` answer as a flow run input keyed
+    `paused-<n>-response`; audit-retention exports them with the run."""
     inputs = client.filter_flow_run_input(
         flow_run_id=run_id, key_prefix="paused-", limit=100, exclude_keys=set()
     )
@@ -729,7 +732,7 @@ def recorded_checklist(client: SyncPrefectClient, key: IncidentKey) -> Checklist
         flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[incident_tag(key)])),
         limit=PAGE,
     )
-    answers = [a for r in runs for a in _responses(client, r.id)]
+    answers = [a for r in runs for a in run_answers(client, r.id)]
     return checklist_from_inputs(answers)
 
 
@@ -864,7 +867,7 @@ def _own_answers() -> list[FlowRunInput]:
     if ctx is None or ctx.flow_run is None:
         return []
     with get_client(sync_client=True) as client:
-        return _responses(client, ctx.flow_run.id)
+        return run_answers(client, ctx.flow_run.id)
 
 
 def _fill_checklist(params: PostIncidentParams, report: Report) -> Checklist:
