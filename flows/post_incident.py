@@ -68,6 +68,7 @@ from flows.common import (
 )
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
+from tasks.runbooks import dry_run_of
 
 RUNBOOK = "post-incident"
 #: Runs of this flow are notifications (the escalation helper's flow); "none" is fine.
@@ -513,10 +514,10 @@ def _fired_at(run: FlowRun) -> datetime | None:
     return when if when.tzinfo else None
 
 
-def _dry_run(run: FlowRun) -> bool | None:
+def _dry_run(run: FlowRun, flow_name: str) -> bool | None:
+    """The run's dry-run field as its runbook declares it (a flow is named as its runbook)."""
     params = run.parameters.get("params") if run.parameters else None
-    value = params.get("dry_run") if isinstance(params, dict) else None
-    return value if isinstance(value, bool) else None
+    return dry_run_of(flow_name, params) if isinstance(params, dict) else None
 
 
 def _decoded(value: FlowRunInput) -> dict[str, Any]:
@@ -576,7 +577,7 @@ def build_record(
                 start=run.start_time,
                 end=run.end_time,
                 duration_s=_secs(run.start_time, run.end_time),
-                dry_run=_dry_run(run),
+                dry_run=_dry_run(run, flow_name),
                 notification=notify,
             )
         )
