@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -18,6 +18,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.variables import Variable
 from pydantic import ValidationError
 
+from deployments.warm_pool import execute
 from flows.db_pool_exhausted import (
     RUNBOOK,
     DbPoolParams,
@@ -253,8 +254,46 @@ def test_pool_threshold_starts_the_remediation_deployment(pg_env: PgWorld) -> No
     run = runs[0]
     assert run.parameters["params"]["dry_run"] is True
     assert run.parameters["params"]["guard"]["database"] == pg_env.database
-    assert "source:schedule" in run.tags
+    # Started here, not by its schedule: the remediation says so.
+    assert "source:local" in run.tags and "source:schedule" not in run.tags
     assert str(run.id) in latest_artifact("pool-threshold")
+
+
+@pytest.mark.parametrize("source", ["ui", "alert"])
+def test_pool_threshold_tags_the_remediation_with_its_own_source(
+    pg_env: PgWorld, source: str
+) -> None:
+    """A pool-threshold run from the UI or an alert starts a remediation saying so."""
+    remediation: UUID = db_pool_exhausted.to_deployment(name="db-pool-exhausted").apply()  # type: ignore[union-attr,assignment]
+    check: UUID = pool_threshold.to_deployment(name="pool-threshold").apply()  # type: ignore[union-attr,assignment]
+    fingerprint = "pt" + uuid4().hex[:10]
+    # As the receiver tags an alert's run; a UI run carries no source tag of its own.
+    tags = ["source:alert", f"alert:{fingerprint}", "alertname:DatabaseConnectionPoolHigh"]
+    p = PoolThresholdParams(
+        threshold_percent=0.001, start_remediation=True, remediation=params(pg_env)
+    )
+
+    def remediations() -> dict[UUID, list[str]]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[remediation]))
+            )
+        return {r.id: r.tags for r in runs}
+
+    before = remediations()
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(
+            check,
+            parameters={"params": p.model_dump(mode="json")},
+            tags=tags if source == "alert" else [],
+        )
+    execute(run.id, pool_threshold)
+    started = {k: v for k, v in remediations().items() if k not in before}
+    ((_, child_tags),) = started.items()
+    assert f"source:{source}" in child_tags
+    assert "source:schedule" not in child_tags
+    if source == "alert":  # the remediation checks that alert still fires before acting
+        assert {f"alert:{fingerprint}", "alertname:DatabaseConnectionPoolHigh"} <= set(child_tags)
 
 
 def _resume(run_id: UUID, approved: bool = True) -> None:
