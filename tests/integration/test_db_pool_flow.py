@@ -10,6 +10,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
+    ArtifactFilterFlowRunId,
     ArtifactFilterKey,
     DeploymentFilter,
     DeploymentFilterId,
@@ -123,8 +124,12 @@ def test_below_act_threshold_changes_nothing(pg_env: PgWorld, sessions: Sessions
 
 def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions) -> None:
     Variable.unset(_cooldown_key(target_of(params(pg_env))))
+    # The first run must end a session: an empty plan does nothing, so sets no cooldown.
+    victim = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
     first = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
     assert first.action == "terminated"
+    assert wait_gone([pid(victim)]) == set()
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     second = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
@@ -132,6 +137,47 @@ def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions
     assert "cooldown" in second.note
     assert alive([pid(conn)]) == {pid(conn)}
     Variable.unset(_cooldown_key(target_of(params(pg_env))))
+
+
+@pytest.mark.parametrize("require_approval", [True, False])
+def test_an_empty_plan_asks_nobody_and_says_nothing_to_do(
+    pg_env: PgWorld, sessions: Sessions, require_approval: bool
+) -> None:
+    # An idle session that the guard spares (idle for a second, not an hour): none to end.
+    spared = sessions.open(pg_env.app_role, "idle")
+    p = params(
+        pg_env,
+        dry_run=False,
+        require_approval=require_approval,
+        approval_timeout_s=10,
+        guard=guard(pg_env, idle_minutes=60),
+    )
+    state = db_pool_exhausted(p, return_state=True)
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    out = state.result()
+    assert out.action == "none" and out.result is None
+    assert "nothing to do" in out.note
+    assert alive([pid(spared)]) == {pid(spared)}
+    with get_client(sync_client=True) as client:
+        history = [s.type for s in client.read_flow_run_states(run_id)]
+        (art,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    assert StateType.PAUSED not in history  # nobody was asked
+    assert art.description == f"{RUNBOOK} on {out.before.target}: nothing to do"
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "## Approval" not in md and "## Target lock" not in md
+    assert "**none**: nothing to do" in md
+    assert "terminated" not in md.split("## Outcome")[1]
+
+
+def test_an_empty_plan_on_an_exhausted_pool_fails_and_escalates(pg_env: PgWorld) -> None:
+    p = params(
+        pg_env, dry_run=False, healthy_below_percent=0.001, guard=guard(pg_env, idle_minutes=60)
+    )
+    with pytest.raises(PoolStillExhausted, match="no session the guard allows"):
+        db_pool_exhausted(p)
 
 
 def test_unhealthy_after_acting_fails_the_run(pg_env: PgWorld) -> None:
