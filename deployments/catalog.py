@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from tasks.runbooks import dry_run_field as declared_dry_run_field
+
 if TYPE_CHECKING:  # imported when a runbook is loaded: this module stays cheap to import
     from prefect import Flow
     from pydantic import BaseModel
@@ -43,6 +45,8 @@ POOL_THRESHOLD_INTERVAL_S = int(os.environ.get("RUNBOOKS_POOL_CHECK_INTERVAL_S",
 CERT_EXPIRY_CRON = "0 6 * * *"
 #: Daily at 03:30 UTC, when the run list is quietest.
 AUDIT_RETENTION_CRON = "30 3 * * *"
+#: `Runbook.dry_run_field` left out: the runbook's declaration in `tasks.runbooks`.
+_DECLARED = "<declared in tasks.runbooks>"
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,10 @@ class Runbook:
     #: coalesce into one run (deployments/journal.py). `None` = never coalesced.
     target: str | None = None
     #: The parameter field (dotted for nested models) that makes a run plan-only; `None` =
-    #: the runbook never changes anything.
-    dry_run_field: str | None = "dry_run"
+    #: the runbook never changes anything. Declared once per runbook in
+    #: `tasks.runbooks.DRY_RUN_FIELDS` (post-incident reads it there: a flow cannot import
+    #: this module) and taken from there; a stand-in catalog (tests) may set it here.
+    dry_run_field: str | None = _DECLARED
     #: Kubernetes ServiceAccount of its runs under a Kubernetes work pool (prefect.yaml).
     service_account: str = DEFAULT_SERVICE_ACCOUNT
     #: A run that ends Failed or Crashed, or waits for approval longer than this severity's
@@ -74,6 +80,10 @@ class Runbook:
     severity: str | None = None
     topic: str = "platform"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dry_run_field == _DECLARED:
+            object.__setattr__(self, "dry_run_field", declared_dry_run_field(self.name))
 
     @property
     def deployment(self) -> str:
@@ -140,8 +150,6 @@ RUNBOOKS: tuple[Runbook, ...] = (
         description="Every 5 min: PostgreSQL pool usage vs threshold; notify or start cleanup.",
         tags=("postgres", "scheduled"),
         interval_s=POOL_THRESHOLD_INTERVAL_S,
-        # It only starts db-pool-exhausted; that run's own dry_run is what plans.
-        dry_run_field="remediation.dry_run",
         # It reads and starts db-pool-exhausted (whose acting step locks the target).
         concurrency_limit=None,
         target="flows.pool_threshold:target_of",
@@ -155,7 +163,6 @@ RUNBOOKS: tuple[Runbook, ...] = (
         description="Daily: TLS certificates from files and live endpoints; warn and escalate.",
         tags=("tls", "scheduled"),
         cron=CERT_EXPIRY_CRON,
-        dry_run_field=None,
         service_account="cert-expiry",
         severity="high",
         topic="security",
@@ -189,7 +196,6 @@ RUNBOOKS: tuple[Runbook, ...] = (
         # The cache clear takes the cache's target lock; read-only runs never wait.
         concurrency_limit=None,
         target="flows.high_latency:target_of",
-        dry_run_field="dry_run",
         service_account="incident-runbooks",
         severity="high",
         topic="platform",
@@ -202,7 +208,6 @@ RUNBOOKS: tuple[Runbook, ...] = (
         tags=("escalation",),
         # Many incidents at once: no limit. It changes no system, so no dry run.
         concurrency_limit=None,
-        dry_run_field=None,
         service_account=NO_KUBE_SERVICE_ACCOUNT,
     ),
     Runbook(
@@ -214,7 +219,6 @@ RUNBOOKS: tuple[Runbook, ...] = (
         # Acting takes the backend's target lock; plan-only runs never wait for each other.
         concurrency_limit=None,
         target="flows.high_error_rate:target_of",
-        dry_run_field="dry_run",
         service_account="incident-runbooks",
         severity="critical",
         topic="platform",
@@ -227,7 +231,6 @@ RUNBOOKS: tuple[Runbook, ...] = (
         tags=("audit",),
         # One record per incident key, several incidents at once: no limit.
         concurrency_limit=None,
-        dry_run_field=None,
         service_account=NO_KUBE_SERVICE_ACCOUNT,
     ),
     Runbook(

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from deployments.catalog import Runbook, by_deployment
+from tasks.runbooks import value_at
 
 _TEMPLATE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _OPTIONAL = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\?\}")
@@ -181,15 +182,6 @@ def _has_path(model: type[BaseModel], dotted: str) -> bool:
     return leaf in model.model_fields
 
 
-def _get_path(params: dict[str, Any], dotted: str) -> Any:
-    node: Any = params
-    for name in dotted.split("."):
-        if not isinstance(node, dict) or name not in node:
-            return None
-        node = node[name]
-    return node
-
-
 def build_params(route: Route, runbook: Runbook, labels: Mapping[str, str]) -> dict[str, Any]:
     """The `params` value for the run: templated, dry run forced unless `auto`, validated.
 
@@ -229,7 +221,7 @@ def validate_routing(table: RoutingTable, runbooks: tuple[Runbook, ...], source:
             if not _has_path(runbook.params_model(), runbook.dry_run_field):
                 problems.append(f"{where}: runbook has no field {runbook.dry_run_field!r}")
                 continue
-            if _get_path(route.params, runbook.dry_run_field) is not None:
+            if value_at(route.params, runbook.dry_run_field) is not None:
                 problems.append(f"{where}: set `auto`, not params.{runbook.dry_run_field}")
                 continue
         optional = [p for p, v in _leaves(route.params) if _ANY_OPTIONAL.search(str(v))]

@@ -33,9 +33,11 @@ Never touched (an open incident, see docs/post-incident.md):
 
 Safety limits: dry run by default (counts only, nothing written or deleted); `older_than_days`
 at least 1; at most `max_runs` deleted per run; a batch (up to 200 runs, the API's page
-limit) is deleted only once its lines are on disk (fsync), 50 runs per delete call
-(Prefect's bulk-delete limit). Undo: the export file holds every deleted run, its task runs
-and artifacts as the API returned them.
+limit) is deleted only once its lines are on disk (fsync; the export file's name too: its
+folder is fsync'd when the file is created), 50 runs per delete call (Prefect's bulk-delete
+limit); the export file is created mode 0600 whatever the umask. Undo: the export file holds
+every deleted run, its task runs, artifacts and pause answers (approval, checklist) as the
+API returned them.
 """
 
 from __future__ import annotations
@@ -63,12 +65,12 @@ from prefect.client.schemas.filters import (
     TaskRunFilter,
     TaskRunFilterId,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, FlowRunInput, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel, Field, model_validator
 
 from flows.common import Report, md_code, publish_on_exit, table, tag_run
-from flows.post_incident import artifacts_of, task_runs_of
+from flows.post_incident import artifacts_of, run_answers, task_runs_of
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
 
@@ -233,13 +235,22 @@ def _parents_kept(client: SyncPrefectClient, runs: list[FlowRun], going: set[Any
     }
 
 
-def _line(run: FlowRun, flows: dict[Any, str], tasks: list[Any], artifacts: list[Any]) -> str:
+def _line(
+    run: FlowRun,
+    flows: dict[Any, str],
+    tasks: list[Any],
+    artifacts: list[Any],
+    answers: list[FlowRunInput],
+) -> str:
     return json.dumps(
         {
             "flow_run": run.model_dump(mode="json"),
             "flow": flows.get(run.flow_id),
             "task_runs": [t.model_dump(mode="json") for t in tasks],
             "artifacts": [a.model_dump(mode="json") for a in artifacts],
+            # Who approved and why, and the checklist answers: Prefect deletes a run's
+            # inputs with it, so the export is the only copy left.
+            "inputs": [a.model_dump(mode="json") for a in answers],
         },
         separators=(",", ":"),
     )
@@ -259,6 +270,38 @@ def _bulk_delete(client: SyncPrefectClient, ids: list[Any], cutoff: datetime) ->
     )
     response.raise_for_status()
     return [str(x) for x in response.json().get("deleted", [])]
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so the names created in it survive a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_export_file(folder: Path, name: str) -> Path:
+    """Create `folder/name` empty, mode 0600, its name (and any new folder's) on disk.
+
+    The file holds approvers' names, reasons and every deleted run: readable by its owner
+    only, whatever the umask (`os.open` applies the umask to its mode, `fchmod` does not).
+    The file's own fsync (per batch) does not make its directory entry durable: without
+    the folder's fsync a crash after the delete could leave runs deleted and no export.
+    """
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _sync_folder(folder)
+    for created in missing:  # a new folder's own name is an entry of its parent
+        _sync_folder(created.parent)
+    return path
 
 
 class Batch(BaseModel):
@@ -336,6 +379,7 @@ def process_batch(
                 flows,
                 [t for t in task_runs if t.flow_run_id == run.id],
                 [a for a in artifacts if a.flow_run_id == run.id],
+                run_answers(client, run.id),
             )
             + "\n"
         )
@@ -427,12 +471,10 @@ def audit_retention(params: RetentionParams = RetentionParams()) -> RetentionOut
         )
         path: Path | None = None
         if not params.dry_run:
-            folder = Path(params.export_dir).expanduser()
-            folder.mkdir(parents=True, exist_ok=True)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            path = folder / f"flow-runs-before-{cutoff:%Y%m%d}-{stamp}.jsonl"
+            name = f"flow-runs-before-{cutoff:%Y%m%d}-{stamp}.jsonl"
             # Writable before the first read, so a bad folder stops the run with nothing done.
-            path.touch(exist_ok=False)
+            path = create_export_file(Path(params.export_dir).expanduser(), name)
         protection = read_protection()
         report.add(
             "Open incidents",

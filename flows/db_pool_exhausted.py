@@ -184,7 +184,7 @@ class DbPoolParams(BaseModel):
 class DbPoolOutcome(BaseModel):
     """What the run found and did."""
 
-    action: Literal["planned", "terminated", "skipped", "refused"]
+    action: Literal["none", "planned", "terminated", "skipped", "refused"]
     note: str
     before: PoolUsage
     after: PoolUsage | None
@@ -325,7 +325,7 @@ def _replan_md(approved: TerminationPlan, fresh: TerminationPlan, both: Terminat
     )
 
 
-Action = Literal["planned", "terminated", "skipped", "refused"]
+Action = Literal["none", "planned", "terminated", "skipped", "refused"]
 
 
 @flow(name=RUNBOOK, log_prints=False)
@@ -336,7 +336,8 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
     outcome: list[DbPoolOutcome] = []
 
     def summary() -> str:
-        return f"{RUNBOOK} on {target}: {outcome[0].action if outcome else 'stopped'}"
+        action = outcome[0].action if outcome else "stopped"
+        return f"{RUNBOOK} on {target}: {'nothing to do' if action == 'none' else action}"
 
     # The audit record is written on every path: done, refused, timed out or failed.
     with publish_on_exit(report, summary):
@@ -351,10 +352,15 @@ def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  
             )
         outcome.append(result)
         if result.healthy is False:
-            assert result.after is not None and result.result is not None
+            usage = result.after or result.before
+            done = (
+                f"terminating {len(result.result.terminated)} session(s)"
+                if result.result is not None
+                else "finding no session the guard allows to terminate"
+            )
             message = (
-                f"{target}: usage still {result.after.percent_used:.1f}% after terminating "
-                f"{len(result.result.terminated)} session(s); escalated (see the run's artifact)"
+                f"{target}: usage still {usage.percent_used:.1f}% after {done};"
+                " escalated (see the run's artifact)"
             )
             escalate_incident("critical", "database", message)
             raise PoolStillExhausted(message)
@@ -412,6 +418,21 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
             "skipped",
             f"usage {before.percent_used:.1f}% is below act_above_percent "
             f"{params.act_above_percent:g}%: nothing changed.",
+        )
+    if not plan.sessions and not params.idle_in_transaction_timeout_s:
+        # An empty plan asks nobody and takes no lock. Usage is over act_above_percent, so
+        # it is judged as after acting: over the healthy mark fails the run (escalated), as
+        # a run that terminated sessions without effect does.
+        healthy = before.percent_used < params.healthy_below_percent
+        report.add(
+            "Verify",
+            f"Nothing done: usage **{before.percent_used:.1f}%** ({before.client_connections});"
+            f" healthy below {params.healthy_below_percent:g}%: **{'yes' if healthy else 'NO'}**.",
+        )
+        return finish(
+            "none",
+            "nothing to do: no session matches the guard, so nobody was asked and nothing changed.",
+            healthy=healthy,
         )
     narrow, server = lock_targets(params)
     # Checked here so nobody is asked to approve a run that would refuse, and again in the lock.

@@ -610,6 +610,11 @@ def _run(params: HighLatencyParams, report: Report) -> HighLatencyOutcome:
     except Exception as exc:  # noqa: BLE001 - a refused or failed plan is reported, not raised
         return finish("refused", f"cache clear not planned: {failure_text(exc)}. Nothing changed.")
     report.add("Cache clear plan", _clear_md(plan))
+    if plan.matched == 0:
+        # An empty plan asks nobody: there is nothing to approve.
+        return finish(
+            "none", "nothing to do: no key matches the cache pattern; nothing changed.", plan
+        )
     if params.dry_run:
         return finish("planned", "dry run: nothing changed. Re-run with dry_run off to act.", plan)
     decision = request_approval(

@@ -49,7 +49,7 @@ class SizingView(BaseModel):
 class PoolSizeAction(BaseModel):
     """What the pool-size action did."""
 
-    action: Literal["set", "refused"]
+    action: Literal["none", "set", "refused"]
     note: str
     cap_before: int | None = None
     cap_after_approval: int | None = None
@@ -159,7 +159,7 @@ def raise_pool_size(
 ) -> PoolSizeAction:
     """Set the backend's pool-size env var (<= the cap), after approval, then restart it."""
 
-    def done(action: Literal["set", "refused"], note: str, **kw: object) -> PoolSizeAction:
+    def done(action: Literal["none", "set", "refused"], note: str, **kw: object) -> PoolSizeAction:
         report.add("Pool size action", f"**{action}**: {md_escape(note)}" + str(kw.pop("md", "")))
         return PoolSizeAction.model_validate({"action": action, "note": note, **kw})
 
@@ -187,6 +187,13 @@ def raise_pool_size(
     except SafetyViolation as exc:
         return done("refused", f"{exc}; nothing changed.", cap_before=cap)
     before = describe_entry(plan.previous)
+    if plan.previous == plan.target_entry:
+        # An empty plan asks nobody: the value is already set, a restart would change nothing.
+        return done(
+            "none",
+            f"nothing to do: {settings.env} is already {target}; nothing changed.",
+            cap_before=cap,
+        )
     decision = request_approval(
         f"Set {settings.env} of {backend.namespace}/{backend.deployment} from {before} to "
         f"{target} (cap {cap}) and restart it",

@@ -6,7 +6,7 @@ record every run.
 
 May change: nothing by itself. When `start_remediation` is on and usage is over the
 threshold, it starts the `db-pool-exhausted` deployment (dry-run unless told otherwise),
-whose own guards apply.
+whose own guards apply, tagged with this run's own source (and, for an alert, its alert).
 
 Safety limits: read-only; the started run is a separate, audited deployment run.
 Undo: nothing to undo.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
 
@@ -49,6 +50,16 @@ def target_of(params: PoolThresholdParams) -> str:
     return remediation_target(params.remediation)
 
 
+def remediation_tags(source: str) -> list[str]:
+    """Tags of the db-pool-exhausted run it starts: this run's own source (schedule, ui,
+    alert, local) and, for an alert, the alert's tags, so that run checks the alert still
+    fires before acting and belongs to the same incident."""
+    ctx = FlowRunContext.get()
+    own = ctx.flow_run.tags or [] if ctx and ctx.flow_run else []
+    alert = [t for t in own if t.startswith(("alert:", "alertname:"))] if source == "alert" else []
+    return [f"source:{source}", f"runbook:{REMEDIATION}", *alert]
+
+
 class PoolThresholdExceeded(Exception):
     """The check failed: connection usage is at or above the threshold."""
 
@@ -66,7 +77,7 @@ class PoolCheck(BaseModel):
 def pool_threshold(params: PoolThresholdParams = PoolThresholdParams()) -> PoolCheck:  # noqa: B008
     """Fail (with an artifact) when connection usage reaches the threshold."""
     logger = get_run_logger()
-    tag_run(RUNBOOK)
+    source = tag_run(RUNBOOK)
     report = Report(RUNBOOK, "Connection usage")
     line: list[str] = []
     # Written however the run ends, a failed measurement included.
@@ -88,7 +99,7 @@ def pool_threshold(params: PoolThresholdParams = PoolThresholdParams()) -> PoolC
                 REMEDIATION_DEPLOYMENT,
                 parameters={"params": params.remediation.model_dump(mode="json")},
                 timeout=0,
-                tags=["source:schedule", f"runbook:{REMEDIATION}"],
+                tags=remediation_tags(source),
             )
             report.add(
                 "Remediation",

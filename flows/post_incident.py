@@ -68,6 +68,7 @@ from flows.common import (
 )
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
+from tasks.runbooks import dry_run_of
 
 RUNBOOK = "post-incident"
 #: Runs of this flow are notifications (the escalation helper's flow); "none" is fine.
@@ -432,7 +433,7 @@ def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
         states={r.id: client.read_flow_run_states(r.id) for r in runs},
         task_runs={i: task_runs.get(i, []) for i in ids},
         artifacts=artifacts,
-        inputs={i: _responses(client, i) for i in ids},
+        inputs={i: run_answers(client, i) for i in ids},
     )
 
 
@@ -465,8 +466,11 @@ def task_runs_of(client: SyncPrefectClient, run_ids: list[UUID]) -> list[TaskRun
             return out
 
 
-def _responses(client: SyncPrefectClient, run_id: UUID) -> list[FlowRunInput]:
-    """The answers given to the run's pauses (approval and checklist forms), oldest first."""
+def run_answers(client: SyncPrefectClient, run_id: UUID) -> list[FlowRunInput]:
+    """The answers given to the run's pauses (approval and checklist forms), oldest first.
+
+    Prefect stores a `pause_flow_run(wait_for_input=...)` answer as a flow run input keyed
+    `paused-<n>-response`; audit-retention exports them with the run."""
     inputs = client.filter_flow_run_input(
         flow_run_id=run_id, key_prefix="paused-", limit=100, exclude_keys=set()
     )
@@ -510,10 +514,10 @@ def _fired_at(run: FlowRun) -> datetime | None:
     return when if when.tzinfo else None
 
 
-def _dry_run(run: FlowRun) -> bool | None:
+def _dry_run(run: FlowRun, flow_name: str) -> bool | None:
+    """The run's dry-run field as its runbook declares it (a flow is named as its runbook)."""
     params = run.parameters.get("params") if run.parameters else None
-    value = params.get("dry_run") if isinstance(params, dict) else None
-    return value if isinstance(value, bool) else None
+    return dry_run_of(flow_name, params) if isinstance(params, dict) else None
 
 
 def _decoded(value: FlowRunInput) -> dict[str, Any]:
@@ -573,7 +577,7 @@ def build_record(
                 start=run.start_time,
                 end=run.end_time,
                 duration_s=_secs(run.start_time, run.end_time),
-                dry_run=_dry_run(run),
+                dry_run=_dry_run(run, flow_name),
                 notification=notify,
             )
         )
@@ -729,7 +733,7 @@ def recorded_checklist(client: SyncPrefectClient, key: IncidentKey) -> Checklist
         flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[incident_tag(key)])),
         limit=PAGE,
     )
-    answers = [a for r in runs for a in _responses(client, r.id)]
+    answers = [a for r in runs for a in run_answers(client, r.id)]
     return checklist_from_inputs(answers)
 
 
@@ -864,7 +868,7 @@ def _own_answers() -> list[FlowRunInput]:
     if ctx is None or ctx.flow_run is None:
         return []
     with get_client(sync_client=True) as client:
-        return _responses(client, ctx.flow_run.id)
+        return run_answers(client, ctx.flow_run.id)
 
 
 def _fill_checklist(params: PostIncidentParams, report: Report) -> Checklist:

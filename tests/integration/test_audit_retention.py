@@ -8,6 +8,8 @@ reads), then moved on through its states.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,8 +29,10 @@ from prefect.client.schemas.filters import (
 from prefect.states import Cancelled, Completed, Failed, Paused, Pending, Running, Scheduled
 from pydantic import ValidationError
 
+import flows.audit_retention as retention
 from flows.audit_retention import RetentionParams, audit_retention
-from flows.post_incident import post_incident
+from flows.common import Approval
+from flows.post_incident import ChecklistForm, post_incident
 from tests.fixtures.prefect_runs import flow_run_artifacts
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -176,3 +180,77 @@ def test_the_report_is_published(world: World) -> None:
     run_id = state.state_details.flow_run_id
     (md,) = flow_run_artifacts(run_id, "audit-retention")
     assert "## Outcome" in md and "Dry run" in md and "kept because" in md
+
+
+# The tests below make their own old run each, after the world's runs are gone.
+
+
+def test_the_export_carries_the_approval_and_checklist_answers(
+    world: World, tmp_path: Path
+) -> None:
+    with get_client(sync_client=True) as c:
+        run_id = _run(c)
+        # The keys Prefect gives the answers to a run's first and second pause.
+        c.create_flow_run_input(
+            run_id,
+            "paused-1-response",
+            Approval(approved=True, approver="alice", reason="INC-7 pool full").model_dump_json(),
+        )
+        c.create_flow_run_input(
+            run_id,
+            "paused-2-response",
+            ChecklistForm(filled_by="bob", root_cause="a leaking pool").model_dump_json(),
+        )
+    out = audit_retention(RetentionParams(dry_run=False, export_dir=str(tmp_path / "i")))
+    assert out.deleted >= 1
+    assert existing([run_id]) == set()
+    line = {UUID(x["flow_run"]["id"]): x for x in _lines(tmp_path / "i")}[run_id]
+    answers = {i["key"]: json.loads(i["value"]) for i in line["inputs"]}
+    assert answers["paused-1-response"] == {
+        "approved": True,
+        "approver": "alice",
+        "reason": "INC-7 pool full",
+    }
+    assert answers["paused-2-response"]["filled_by"] == "bob"
+    assert answers["paused-2-response"]["root_cause"] == "a leaking pool"
+
+
+def test_the_export_file_is_0600_whatever_the_umask(world: World, tmp_path: Path) -> None:
+    with get_client(sync_client=True) as c:
+        _run(c)
+    before = os.umask(0)  # the most permissive: a plain create would give 0666
+    try:
+        out = audit_retention(RetentionParams(dry_run=False, export_dir=str(tmp_path / "m")))
+    finally:
+        os.umask(before)
+    assert out.deleted >= 1 and out.export_file
+    assert stat.S_IMODE(os.stat(out.export_file).st_mode) == 0o600
+
+
+def test_the_export_name_is_synced_before_anything_is_deleted(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash cannot be simulated here: the test watches the calls that make it safe."""
+    with get_client(sync_client=True) as c:
+        _run(c)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_delete = os.fsync, retention._bulk_delete
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append(("folder synced", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def bulk_delete(*args: Any) -> list[str]:
+        events.append(("delete", ""))
+        return real_delete(*args)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(retention, "_bulk_delete", bulk_delete)
+    folder = tmp_path / "new" / "export"  # two folders the run creates
+    out = audit_retention(RetentionParams(dry_run=False, export_dir=str(folder)))
+    assert out.deleted >= 1
+    first_delete = events.index(("delete", ""))
+    synced = {path for kind, path in events[:first_delete] if kind == "folder synced"}
+    # The file's name is in `export`, `export`'s in `new`, `new`'s in tmp_path.
+    assert {str(folder), str(folder.parent), str(tmp_path)} <= synced

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
+    ArtifactFilterFlowRunId,
     ArtifactFilterKey,
     DeploymentFilter,
     DeploymentFilterId,
@@ -18,6 +19,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.variables import Variable
 from pydantic import ValidationError
 
+from deployments.warm_pool import execute
 from flows.db_pool_exhausted import (
     RUNBOOK,
     DbPoolParams,
@@ -122,8 +124,12 @@ def test_below_act_threshold_changes_nothing(pg_env: PgWorld, sessions: Sessions
 
 def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions) -> None:
     Variable.unset(_cooldown_key(target_of(params(pg_env))))
+    # The first run must end a session: an empty plan does nothing, so sets no cooldown.
+    victim = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
     first = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
     assert first.action == "terminated"
+    assert wait_gone([pid(victim)]) == set()
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     second = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
@@ -131,6 +137,47 @@ def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions
     assert "cooldown" in second.note
     assert alive([pid(conn)]) == {pid(conn)}
     Variable.unset(_cooldown_key(target_of(params(pg_env))))
+
+
+@pytest.mark.parametrize("require_approval", [True, False])
+def test_an_empty_plan_asks_nobody_and_says_nothing_to_do(
+    pg_env: PgWorld, sessions: Sessions, require_approval: bool
+) -> None:
+    # An idle session that the guard spares (idle for a second, not an hour): none to end.
+    spared = sessions.open(pg_env.app_role, "idle")
+    p = params(
+        pg_env,
+        dry_run=False,
+        require_approval=require_approval,
+        approval_timeout_s=10,
+        guard=guard(pg_env, idle_minutes=60),
+    )
+    state = db_pool_exhausted(p, return_state=True)
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    out = state.result()
+    assert out.action == "none" and out.result is None
+    assert "nothing to do" in out.note
+    assert alive([pid(spared)]) == {pid(spared)}
+    with get_client(sync_client=True) as client:
+        history = [s.type for s in client.read_flow_run_states(run_id)]
+        (art,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    assert StateType.PAUSED not in history  # nobody was asked
+    assert art.description == f"{RUNBOOK} on {out.before.target}: nothing to do"
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "## Approval" not in md and "## Target lock" not in md
+    assert "**none**: nothing to do" in md
+    assert "terminated" not in md.split("## Outcome")[1]
+
+
+def test_an_empty_plan_on_an_exhausted_pool_fails_and_escalates(pg_env: PgWorld) -> None:
+    p = params(
+        pg_env, dry_run=False, healthy_below_percent=0.001, guard=guard(pg_env, idle_minutes=60)
+    )
+    with pytest.raises(PoolStillExhausted, match="no session the guard allows"):
+        db_pool_exhausted(p)
 
 
 def test_unhealthy_after_acting_fails_the_run(pg_env: PgWorld) -> None:
@@ -253,8 +300,46 @@ def test_pool_threshold_starts_the_remediation_deployment(pg_env: PgWorld) -> No
     run = runs[0]
     assert run.parameters["params"]["dry_run"] is True
     assert run.parameters["params"]["guard"]["database"] == pg_env.database
-    assert "source:schedule" in run.tags
+    # Started here, not by its schedule: the remediation says so.
+    assert "source:local" in run.tags and "source:schedule" not in run.tags
     assert str(run.id) in latest_artifact("pool-threshold")
+
+
+@pytest.mark.parametrize("source", ["ui", "alert"])
+def test_pool_threshold_tags_the_remediation_with_its_own_source(
+    pg_env: PgWorld, source: str
+) -> None:
+    """A pool-threshold run from the UI or an alert starts a remediation saying so."""
+    remediation: UUID = db_pool_exhausted.to_deployment(name="db-pool-exhausted").apply()  # type: ignore[union-attr,assignment]
+    check: UUID = pool_threshold.to_deployment(name="pool-threshold").apply()  # type: ignore[union-attr,assignment]
+    fingerprint = "pt" + uuid4().hex[:10]
+    # As the receiver tags an alert's run; a UI run carries no source tag of its own.
+    tags = ["source:alert", f"alert:{fingerprint}", "alertname:DatabaseConnectionPoolHigh"]
+    p = PoolThresholdParams(
+        threshold_percent=0.001, start_remediation=True, remediation=params(pg_env)
+    )
+
+    def remediations() -> dict[UUID, list[str]]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[remediation]))
+            )
+        return {r.id: r.tags for r in runs}
+
+    before = remediations()
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(
+            check,
+            parameters={"params": p.model_dump(mode="json")},
+            tags=tags if source == "alert" else [],
+        )
+    execute(run.id, pool_threshold)
+    started = {k: v for k, v in remediations().items() if k not in before}
+    ((_, child_tags),) = started.items()
+    assert f"source:{source}" in child_tags
+    assert "source:schedule" not in child_tags
+    if source == "alert":  # the remediation checks that alert still fires before acting
+        assert {f"alert:{fingerprint}", "alertname:DatabaseConnectionPoolHigh"} <= set(child_tags)
 
 
 def _resume(run_id: UUID, approved: bool = True) -> None:

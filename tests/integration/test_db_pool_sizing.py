@@ -167,6 +167,28 @@ def test_raise_within_the_cap_only_after_approval(
     assert "Before: '2'; after: '3'" in md
 
 
+def test_a_raise_to_the_value_already_set_asks_nobody(backend: Backend, pg_env: PgWorld) -> None:
+    backend.create(1, {"name": "DB_POOL_SIZE", "value": "3"})
+    generation = backend.read().metadata.generation
+    p = params(
+        pg_env,
+        dry_run=False,
+        require_approval=True,
+        approval_timeout_s=10,
+        act_above_percent=100,
+        raise_pool_size_to=3,
+    )
+    state = db_pool_exhausted(p, return_state=True)
+    out = state.result()
+    action = out.pool_size_action
+    assert action is not None and action.action == "none", action
+    assert "nothing to do" in action.note
+    (md,) = flow_run_artifacts(state.state_details.flow_run_id, RUNBOOK)
+    assert "## Pool size approval" not in md  # nobody was asked
+    assert backend.read().metadata.generation == generation
+    assert backend.restarted_at() is None
+
+
 def test_above_the_cap_or_without_approval_changes_nothing(
     backend: Backend, pg_env: PgWorld
 ) -> None:

@@ -201,6 +201,38 @@ def test_cache_clear_needs_approval(env: ScrapedSandbox, approved: bool) -> None
         assert _cache_keys(env) == keys
 
 
+def test_an_empty_cache_clear_plan_asks_nobody(
+    env: ScrapedSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    env.sandbox.traffic(3, "/api/products")
+    keys = _cache_keys(env)
+    assert keys
+    # Redis answers, the clear is asked for, but no key matches the configured pattern.
+    monkeypatch.setenv(
+        "RUNBOOKS_REDIS_CACHE_KEY_PATTERN", f"{env.sandbox.settings.key_prefix}no-such-key:*"
+    )
+    state = high_latency(
+        HighLatencyParams(dry_run=False, clear_cache=True, approval_timeout_s=10),
+        return_state=True,
+    )
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    out = state.result()
+    assert out.cache_action == "none"
+    assert "nothing to do" in out.note
+    assert out.cache_plan is not None and out.cache_plan.matched == 0
+    assert out.cache_result is None
+    with get_client(sync_client=True) as client:
+        history = [s.type for s in client.read_flow_run_states(run_id)]
+    assert StateType.PAUSED not in history  # nobody was asked
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "## Approval" not in md and "nothing to do" in md
+    assert _cache_keys(env) == keys
+
+
 def test_down_redis_is_a_row_and_its_password_stays_out(
     env: ScrapedSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,7 +25,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowR
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL
-from prefect.states import Scheduled
+from prefect.states import Completed, Scheduled
 from prefect.variables import Variable
 
 from deployments.catalog import RUNBOOKS
@@ -34,6 +34,8 @@ from deployments.routing import load_routing
 from deployments.serve import to_deployments
 from deployments.warm_pool import execute
 from flows.db_pool_exhausted import DbPoolParams, _cooldown_key, db_pool_exhausted, target_of
+from flows.high_latency import high_latency
+from flows.pool_threshold import pool_threshold
 from flows.post_incident import (
     IncidentKey,
     PostIncidentParams,
@@ -465,3 +467,35 @@ def test_a_checklist_form_nobody_answers_leaves_the_items_open(incident: Inciden
     assert record.metrics.recovered  # the timeline is there all the same
     (md,) = flow_run_artifacts(state.state_details.flow_run_id, "post-incident")
     assert "no answer within 10 s" in md and md.count("| open |") == 6
+
+
+def test_each_runbook_is_dry_or_acting_by_its_own_dry_run_field(prefect_api: None) -> None:
+    """pool-threshold plans or acts through `remediation.dry_run`; it has no `dry_run`."""
+    tag = "pi-dry-" + uuid4().hex[:8]
+    runs: dict[str, tuple[Any, dict[str, Any]]] = {
+        "pool-threshold acting": (
+            pool_threshold,
+            {"start_remediation": True, "remediation": {"dry_run": False}},
+        ),
+        "pool-threshold planning": (
+            pool_threshold,
+            {"start_remediation": True, "remediation": {"dry_run": True}},
+        ),
+        "high-latency acting": (high_latency, {"dry_run": False}),
+        "high-latency planning": (high_latency, {"dry_run": True}),
+    }
+    ids: dict[str, UUID] = {}
+    with get_client(sync_client=True) as client:
+        for what, (flow, params) in runs.items():
+            run = client.create_flow_run(flow, parameters={"params": params}, tags=[tag])
+            client.set_flow_run_state(run.id, Completed(), force=True)
+            ids[what] = run.id
+        key = IncidentKey.parse(f"tag:{tag}")
+        record = build_record(key, collect(client, key), mode="draft")
+    dry = {r.id: r.dry_run for r in record.runs}
+    assert {what: dry[run_id] for what, run_id in ids.items()} == {
+        "pool-threshold acting": False,
+        "pool-threshold planning": True,
+        "high-latency acting": False,
+        "high-latency planning": True,
+    }

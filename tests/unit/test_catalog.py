@@ -63,3 +63,18 @@ def test_pool_check_interval_comes_from_the_environment(env: dict[str, str], exp
 def test_no_flow_module_declares_a_schedule(rb: object) -> None:
     module = sys.modules[rb.load().fn.__module__]  # type: ignore[attr-defined]
     assert not [name for name in vars(module) if name.startswith("SCHEDULE")]
+
+
+def test_every_runbook_declares_its_dry_run_field_once_where_post_incident_reads_it() -> None:
+    from deployments.routing import _has_path
+    from tasks.runbooks import DRY_RUN_FIELDS
+
+    assert {rb.name for rb in RUNBOOKS} == set(DRY_RUN_FIELDS)
+    for rb in RUNBOOKS:
+        assert rb.dry_run_field == DRY_RUN_FIELDS[rb.name], rb.name
+        if rb.dry_run_field is not None:
+            assert _has_path(rb.params_model(), rb.dry_run_field), rb.name
+    fields = {rb.name: rb.dry_run_field for rb in RUNBOOKS}
+    assert fields["pool-threshold"] == "remediation.dry_run"
+    assert fields["db-pool-exhausted"] == "dry_run"
+    assert fields["cert-expiry"] is None
