@@ -88,6 +88,11 @@ def run_source() -> str:
     tags = set(run.tags or [])
     if "source:alert" in tags:
         return "alert"
+    # A run another runbook started (pool-threshold's remediation) carries its trigger's
+    # source from creation: keep it rather than add a second `source:` tag.
+    declared = sorted(t.removeprefix("source:") for t in tags if t.startswith("source:"))
+    if declared:
+        return declared[0]
     if run.auto_scheduled:
         return "schedule"
     return "ui" if run.deployment_id else "local"

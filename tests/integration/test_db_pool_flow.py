@@ -342,6 +342,25 @@ def test_pool_threshold_tags_the_remediation_with_its_own_source(
         assert {f"alert:{fingerprint}", "alertname:DatabaseConnectionPoolHigh"} <= set(child_tags)
 
 
+@pytest.mark.parametrize("source", ["schedule", "alert"])
+def test_a_started_remediation_keeps_the_source_it_was_started_with(
+    pg_env: PgWorld, source: str
+) -> None:
+    """A remediation pool-threshold started from its schedule runs as `source:schedule`,
+    not also `source:ui` (it is a deployment run that no schedule of its own made)."""
+    remediation: UUID = db_pool_exhausted.to_deployment(name="db-pool-exhausted").apply()  # type: ignore[union-attr,assignment]
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(
+            remediation,
+            parameters={"params": params(pg_env).model_dump(mode="json")},
+            tags=[f"source:{source}", "runbook:db-pool-exhausted"],
+        )
+    execute(run.id, db_pool_exhausted)
+    with get_client(sync_client=True) as client:
+        tags = client.read_flow_run(run.id).tags
+    assert [t for t in tags if t.startswith("source:")] == [f"source:{source}"]
+
+
 def _resume(run_id: UUID, approved: bool = True) -> None:
     from prefect.flow_runs import resume_flow_run
 
