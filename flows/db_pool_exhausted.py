@@ -439,15 +439,16 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
             remediation_lock(f"{RUNBOOK} {narrow}"),
         ):
             report.add("Target lock", f"Held {md_escape(narrow)} (waited {waited:.1f} s).")
-            now = before
-            acted_on = plan
-            if params.require_approval:
-                # While the run waited, others may have acted and sessions come and gone:
-                # measure and plan again, and act only on what was approved AND still matches.
-                now = measure_pool_usage()
-                replan = plan_terminations(params.guard)
-                acted_on = approved_and_matching(plan, replan)
-                report.add("Plan after approval", _replan_md(plan, replan, acted_on))
+            # Whoever approved (a human or the route), the run may have waited for the approval
+            # or for another run on the target, while sessions came and went: measure and plan
+            # again, and act only on what was approved AND still matches.
+            now = measure_pool_usage()
+            replan = plan_terminations(params.guard)
+            acted_on = approved_and_matching(plan, replan)
+            report.add(
+                "Plan after approval" if params.require_approval else "Plan under the lock",
+                _replan_md(plan, replan, acted_on),
+            )
             wait = _cooldown_left(narrow, params.cooldown_minutes)
             if wait is not None:
                 return finish("refused", _cooldown_note(narrow, wait) + " (re-checked in the lock)")
@@ -456,6 +457,13 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
                     "skipped",
                     f"usage is now {now.percent_used:.1f}%, below act_above_percent "
                     f"{params.act_above_percent:g}%: nothing changed.",
+                )
+            if plan.sessions and not acted_on.sessions and not params.idle_in_transaction_timeout_s:
+                return finish(
+                    "skipped",
+                    f"none of the {len(plan.sessions)} planned session(s) still matches after "
+                    f"measuring again under the lock (waited {waited:.0f} s for it; another "
+                    "run or the sessions' own end): nothing changed.",
                 )
             # The run may have waited (approval, another run on the target): the last word.
             stale = alert_resolved(report)
