@@ -21,9 +21,10 @@ at or above `act_above_percent`; at most `guard.max_sessions` terminations, in o
 that re-checks the guard, so a session that became active since the plan survives; one
 remediation per target at a time (`pg:<host:port>/<database>`, or `pg:<host:port>` for the
 whole server: a Prefect global concurrency limit, `tasks.locks`, plus an advisory lock) and a
-cooldown per target; optional approval gate, after which usage, cooldown and plan are
+cooldown per target; optional approval gate. Approved or not, usage, cooldown and plan are
 checked again in the lock and only sessions both approved and still matching are
-terminated; a run started by an alert first checks that the alert still fires.
+terminated (none left: skipped, it says why); a run started by an alert first checks that
+the alert still fires.
 
 Undo: a terminated session cannot be revived; its client reconnects (pools do so by
 themselves). A timeout change prints its exact undo statement in the artifact, built from

@@ -22,10 +22,12 @@ May change, one action per scenario that holds:
 
 Safety limits: dry run by default (every action is planned, Kubernetes writes are sent as
 server-side dry runs, nothing changes); otherwise an approval in the UI, which
-`auto_approve` skips for B, C and D but never for A. After an approval the evidence is
+`auto_approve` skips for B, C and D but never for A. Whoever approved, the evidence is
 measured again and the plan made again under the remediation lock; only actions both
-approved and still justified are taken, and a rollback only to the approved revision.
-The cooldown between runs is the alert route's.
+approved and still justified are taken (none when the 5xx ratio fell below the threshold
+while the run waited), and a rollback only to the approved revision. The target lock is
+held through the verification. A database restart (A) ends the advisory lock's session:
+expected, released quietly, then verified. The cooldown between runs is the alert route's.
 
 Verify: after any action, Prometheus' 5xx ratio must fall below `error_rate_max` within
 `verify_timeout_s` (`verify_recovery`); otherwise the run fails and says to escalate.

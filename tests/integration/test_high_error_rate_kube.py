@@ -37,6 +37,7 @@ from tests.integration.test_high_error_rate_flow import (
     latest_artifact,
     point_runbook_at,
     row,
+    run_two_at_once,
     wait_ratio,
 )
 
@@ -412,3 +413,31 @@ def test_poisoned_cache_is_scenario_c_and_its_clear_ends_the_errors(
     assert done.kind == "cache-clear"
     assert out.verify is not None and out.verify.recovered
     assert p.sandbox.traffic(5, "/api/users/3") == [200] * 5
+
+
+def test_two_runs_on_a_poisoned_cache_the_second_finds_the_errors_ended(
+    platform: Callable[..., Platform],
+) -> None:
+    """Two `auto_approve` runs started together on a poisoned cache: both plan the clear. The
+    first to get the target lock clears and verifies before letting go; the second, whose
+    evidence (the log tail) still names the cache, measures the 5xx ratio again under the
+    lock, finds the errors over and clears nothing."""
+    p = platform()
+    with p.sandbox.background_traffic(("/api/products", "/api/users/3")):
+        wait_ratio(p.scraped, lambda v: v < 0.01, "healthy traffic scraped")
+        p.sandbox.admin("POST", "/admin/cache-poison", params={"users": 20})
+        wait_ratio(p.scraped, lambda v: v > 0.5, "5xx from the poisoned entries")
+        params = HighErrorRateParams(
+            dry_run=False, auto_approve=True, verify_window="10s", verify_timeout_s=120
+        )
+        runs = run_two_at_once(params, planned="redis-cache-clear-True")
+    acted = [(rid, o) for rid, o in runs if o.action == "acted"]
+    others = [(rid, o) for rid, o in runs if o.action != "acted"]
+    assert len(acted) == 1, [(o.action, o.note) for _, o in runs]
+    ((_, first),), ((second_id, second),) = acted, others
+    assert [a.kind for a in first.actions] == ["cache-clear"]
+    assert first.verify is not None and first.verify.recovered
+    assert held(second) == {"C"} and second.actions == [] and second.action == "skipped"
+    assert "the errors ended while this run waited" in second.note, second.note
+    (md,) = flow_run_artifacts(second_id, RUNBOOK)
+    assert "Re-measured under the lock" in md and "errors ended while this run waited" in md
