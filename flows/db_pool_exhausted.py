@@ -21,9 +21,10 @@ at or above `act_above_percent`; at most `guard.max_sessions` terminations, in o
 that re-checks the guard, so a session that became active since the plan survives; one
 remediation per target at a time (`pg:<host:port>/<database>`, or `pg:<host:port>` for the
 whole server: a Prefect global concurrency limit, `tasks.locks`, plus an advisory lock) and a
-cooldown per target; optional approval gate, after which usage, cooldown and plan are
+cooldown per target; optional approval gate. Approved or not, usage, cooldown and plan are
 checked again in the lock and only sessions both approved and still matching are
-terminated; a run started by an alert first checks that the alert still fires.
+terminated (none left: skipped, it says why); a run started by an alert first checks that
+the alert still fires.
 
 Undo: a terminated session cannot be revived; its client reconnects (pools do so by
 themselves). A timeout change prints its exact undo statement in the artifact, built from
@@ -460,15 +461,16 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
             remediation_lock(f"{RUNBOOK} {narrow}"),
         ):
             report.add("Target lock", f"Held {md_escape(narrow)} (waited {waited:.1f} s).")
-            now = before
-            acted_on = plan
-            if params.require_approval:
-                # While the run waited, others may have acted and sessions come and gone:
-                # measure and plan again, and act only on what was approved AND still matches.
-                now = measure_pool_usage()
-                replan = plan_terminations(params.guard)
-                acted_on = approved_and_matching(plan, replan)
-                report.add("Plan after approval", _replan_md(plan, replan, acted_on))
+            # Whoever approved (a human or the route), the run may have waited for the approval
+            # or for another run on the target, while sessions came and went: measure and plan
+            # again, and act only on what was approved AND still matches.
+            now = measure_pool_usage()
+            replan = plan_terminations(params.guard)
+            acted_on = approved_and_matching(plan, replan)
+            report.add(
+                "Plan after approval" if params.require_approval else "Plan under the lock",
+                _replan_md(plan, replan, acted_on),
+            )
             wait = _cooldown_left(narrow, params.cooldown_minutes)
             if wait is not None:
                 return finish("refused", _cooldown_note(narrow, wait) + " (re-checked in the lock)")
@@ -477,6 +479,13 @@ def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutco
                     "skipped",
                     f"usage is now {now.percent_used:.1f}%, below act_above_percent "
                     f"{params.act_above_percent:g}%: nothing changed.",
+                )
+            if plan.sessions and not acted_on.sessions and not params.idle_in_transaction_timeout_s:
+                return finish(
+                    "skipped",
+                    f"none of the {len(plan.sessions)} planned session(s) still matches after "
+                    f"measuring again under the lock (waited {waited:.0f} s for it; another "
+                    "run or the sessions' own end): nothing changed.",
                 )
             # The run may have waited (approval, another run on the target): the last word.
             stale = alert_resolved(report)

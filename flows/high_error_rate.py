@@ -25,10 +25,12 @@ May change, one action per scenario that holds:
 
 Safety limits: dry run by default (every action is planned, Kubernetes writes are sent as
 server-side dry runs, nothing changes); otherwise an approval in the UI, which
-`auto_approve` skips for B, C and D but never for A. After an approval the evidence is
+`auto_approve` skips for B, C and D but never for A. Whoever approved, the evidence is
 measured again and the plan made again under the remediation lock; only actions both
-approved and still justified are taken, and a rollback only to the approved revision.
-The cooldown between runs is the alert route's.
+approved and still justified are taken (none when the 5xx ratio fell below the threshold
+while the run waited), and a rollback only to the approved revision. The target lock is
+held through the verification. A database restart (A) ends the advisory lock's session:
+expected, released quietly, then verified. The cooldown between runs is the alert route's.
 
 Verify: after any action, Prometheus' 5xx ratio must fall below `error_rate_max` within
 `verify_timeout_s` (`verify_recovery`); otherwise the run fails and says to escalate.
@@ -94,6 +96,7 @@ from tasks.kubernetes import (
 from tasks.locks import target_lock
 from tasks.postgres import (
     ActivityByDbUser,
+    AdvisoryLock,
     PoolUsage,
     activity_by_db_user,
     measure_pool_usage,
@@ -871,6 +874,23 @@ def still_valid(approved: list[PlannedAction], fresh: list[PlannedAction]) -> li
 # ------------------------------------------------------------------------------ verify
 
 
+def errors_ended(params: HighErrorRateParams, before: float | None) -> float | None:
+    """The recent 5xx ratio (`verify_window`) when the errors the plan was made for ended.
+
+    None unless the ratio was above the threshold when planned and is measured below it now:
+    what another run's remediation (or the incident's own end) looks like to a run that
+    waited. Not measurable (no Prometheus, no traffic) is not "ended": the evidence decides.
+    """
+    if before is None or before <= params.error_rate_max:
+        return None
+    try:
+        figures = error_rate_by_route(params.verify_window)
+    except RunbookError:
+        return None
+    now = figures.overall if figures.configured else None
+    return now if now is not None and now < params.error_rate_max else None
+
+
 def verify_recovery(
     params: HighErrorRateParams,
     before: float | None,
@@ -1072,32 +1092,50 @@ def _run(params: HighErrorRateParams, report: Report) -> HighErrorRateOutcome:
         report.add(
             "Approval", "not asked: `auto_approve` is set and no database restart is planned."
         )
-    with _remediation_lock(report, params):
-        acting = doable
-        if needs_human:
-            # The run waited for a human: measure again, plan again, and act only on what
-            # was approved and still holds (a rollback only to the approved revision).
-            fresh_found = classify(params, gather(params), datetime.now(UTC))
-            fresh = make_plan(params, fresh_found.scenarios, fresh_found.withheld)
-            acting = still_valid(doable, fresh)
-            report.add(
-                "Re-measured after approval",
-                _checks_md(fresh_found.checks)
-                + "\n\n"
-                + _scenarios_md(fresh_found.scenarios)
-                + "\n\n"
-                + _plan_md(fresh)
-                + f"\n\nApproved and still holding: "
-                f"{', '.join(f'{a.scenario} {a.kind}' for a in acting) or 'none'}.",
+    with _remediation_lock(report, params) as held:
+        # Whoever approved (a human, the route or `auto_approve`), the run may have waited:
+        # for the approval, or for another run acting on the backend. Measure again, plan
+        # again, and act only on what was approved and still holds (a rollback only to the
+        # approved revision).
+        fresh_found = classify(params, gather(params), datetime.now(UTC))
+        fresh = make_plan(params, fresh_found.scenarios, fresh_found.withheld)
+        recent = errors_ended(params, found.error_rate)
+        acting = [] if recent is not None else still_valid(doable, fresh)
+        report.add(
+            "Re-measured after approval" if needs_human else "Re-measured under the lock",
+            _checks_md(fresh_found.checks)
+            + "\n\n"
+            + _scenarios_md(fresh_found.scenarios)
+            + "\n\n"
+            + _plan_md(fresh)
+            + f"\n\nApproved and still holding: "
+            f"{', '.join(f'{a.scenario} {a.kind}' for a in acting) or 'none'}.",
+        )
+        if recent is not None:
+            return finish(
+                "skipped",
+                f"the 5xx ratio is now {_pct(recent)} over {params.verify_window} (it was "
+                f"{_pct(found.error_rate)} when planned), under {params.error_rate_max:.0%}: "
+                f"the errors ended while this run waited ({held.waited_s:.0f} s for the "
+                "target lock), another run's remediation or their own end; nothing changed.",
             )
-            if not acting:
-                return finish("skipped", "nothing approved still holds: nothing changed.")
+        if not acting:
+            return finish(
+                "skipped",
+                "nothing approved still holds after measuring again under the lock "
+                f"(waited {held.waited_s:.0f} s for it): nothing changed.",
+            )
         # The run may have waited (approval, another run on the target): the last word.
         stale = alert_resolved(report)
         if stale is not None:
             return finish("skipped", stale)
-        records = _act(params, acting, report)
-    verify = verify_recovery(params, found.error_rate)
+        records = _act(params, acting, report, held)
+        ended = held.release_database()
+        if ended:
+            report.add("Remediation lock", md_escape(ended))
+        # Verified with the target lock still held: a run waiting for it measures the world
+        # after this remediation has shown its effect, not halfway through it.
+        verify = verify_recovery(params, found.error_rate)
     report.add(
         "Verify",
         f"5xx ratio before **{_pct(found.error_rate)}** -> after **{_pct(verify.after)}** "
@@ -1119,8 +1157,23 @@ def target_of(params: HighErrorRateParams) -> str:
     return f"k8s:{k8s.namespace}/{k8s.backend_deployment}"
 
 
+@dataclass
+class HeldLocks:
+    """The locks a remediation holds: how long it waited, and the PostgreSQL advisory lock."""
+
+    waited_s: float
+    database: AdvisoryLock | None
+
+    def release_database(self) -> str:
+        """Release the advisory lock now; a note when its session had ended on purpose."""
+        if self.database is None:
+            return ""
+        done = self.database.release()
+        return "" if done == "released" else done
+
+
 @contextmanager
-def _remediation_lock(report: Report, params: HighErrorRateParams) -> Iterator[None]:
+def _remediation_lock(report: Report, params: HighErrorRateParams) -> Iterator[HeldLocks]:
     """The backend's target lock (`tasks.locks`, waits for another run acting on it), then
     the PostgreSQL advisory lock the other runbooks take.
 
@@ -1132,19 +1185,20 @@ def _remediation_lock(report: Report, params: HighErrorRateParams) -> Iterator[N
         target = target_of(params)
         waited = stack.enter_context(target_lock(target, timeout_s=LOCK_TIMEOUT_S))
         report.add("Target lock", f"Held {md_escape(target)} (waited {waited:.1f} s).")
+        database: AdvisoryLock | None = None
         try:
-            stack.enter_context(remediation_lock(RUNBOOK))
+            database = stack.enter_context(remediation_lock(RUNBOOK))
         except TransientError as exc:
             report.add(
                 "Remediation lock",
                 f"not taken, PostgreSQL unreachable ({failure_text(exc)}); relying on the "
                 "target lock.",
             )
-        yield
+        yield HeldLocks(waited_s=waited, database=database)
 
 
 def _act(
-    params: HighErrorRateParams, acting: list[PlannedAction], report: Report
+    params: HighErrorRateParams, acting: list[PlannedAction], report: Report, held: HeldLocks
 ) -> list[ActionRecord]:
     records: list[ActionRecord] = []
     for action in acting:
@@ -1200,6 +1254,9 @@ def _act(
                 f"{md_escape(action.target)}: restartedAt was "
                 f"{md_escape(sp.previous_restarted_at or 'never set')}.",
             )
+            if held.database is not None:
+                # The advisory lock's session lives on this database: the restart ends it.
+                held.database.expect_loss(f"this run's restart of statefulset/{sp.statefulset}")
             sdone: StatefulSetRestartResult = apply_statefulset_restart(sp)
             sstatus = wait_for_statefulset(
                 sp.statefulset, sp.namespace, timeout_s=params.rollout_timeout_s

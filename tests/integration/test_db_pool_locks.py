@@ -103,6 +103,32 @@ def test_the_whole_server_waits_for_and_excludes_its_databases(
     assert alive([pid(mine)]) == {pid(mine)}
 
 
+def test_two_runs_at_once_the_second_re_measures_under_the_lock_and_changes_nothing(
+    pg_env: PgWorld, sessions: Sessions
+) -> None:
+    """Two runs on one database, both planned while the target was busy: the first to get it
+    terminates the idle session; the second measures again under the lock, finds it gone and
+    terminates nothing."""
+    victim = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    params = act(pg_env, pg_env.database)
+    target, server = lock_targets(params)
+    with ThreadPoolExecutor(2) as pool:
+        with target_lock(target, within=server):  # busy until both runs have planned
+            runs = [pool.submit(db_pool_exhausted, params) for _ in range(2)]
+            time.sleep(3.0)
+            assert not any(r.done() for r in runs)
+            assert alive([pid(victim)]) == {pid(victim)}
+        outcomes = [r.result(timeout=120) for r in runs]
+    assert sorted(o.action for o in outcomes) == ["skipped", "terminated"], outcomes
+    first, second = sorted(outcomes, key=lambda o: o.action != "terminated")
+    assert first.result is not None and [s.pid for s in first.result.terminated] == [pid(victim)]
+    # The second planned the same session before it waited, then touched nothing, and says why.
+    assert [s.pid for s in second.plan.sessions] == [pid(victim)]
+    assert second.result is None and second.replan is not None and not second.replan.sessions
+    assert "none of the 1 planned session(s) still matches" in second.note, second.note
+
+
 @pytest.fixture(scope="module")
 def stub_deployments(prefect_api: None) -> None:
     for deployment in to_deployments(STUB_RUNBOOKS):

@@ -5,12 +5,14 @@ sandbox's admin endpoint or a dead dependency; nothing is mocked. The Kubernetes
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import redis
+from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 
 from flows.high_error_rate import (
@@ -19,9 +21,16 @@ from flows.high_error_rate import (
     HighErrorRateOutcome,
     HighErrorRateParams,
     high_error_rate,
+    target_of,
 )
 from sandbox.server import free_port
-from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
+from tasks.locks import target_lock
+from tests.fixtures.prefect_runs import (
+    flow_run_artifacts,
+    runs_in_state,
+    task_runs,
+    wait_for_paused_run,
+)
 from tests.fixtures.prometheus import ScrapedSandbox
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -251,3 +260,49 @@ def test_cache_that_always_misses_is_scenario_c(env: ScrapedSandbox, traffic: No
     (c,) = [s for s in out.scenarios if s.scenario == "C"]
     assert any(e.startswith("hit rate 0.0%") for e in c.evidence), c.evidence
     assert out.action == "planned"
+
+
+def run_two_at_once(
+    params: HighErrorRateParams, planned: str
+) -> list[tuple[Any, HighErrorRateOutcome]]:
+    """Start two runs together; (flow run id, outcome) of each. The backend's target is held
+    until both ran the task run `planned` (both planned before either may act)."""
+    with ThreadPoolExecutor(2) as pool:
+        with target_lock(target_of(params)):
+            others = set(runs_in_state(RUNBOOK, StateType.RUNNING))  # another test's leftovers
+            futures = [pool.submit(high_error_rate, params, return_state=True) for _ in range(2)]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                running = set(runs_in_state(RUNBOOK, StateType.RUNNING)) - others
+                if sum(1 for r in running if planned in task_runs(r)) == 2:
+                    break
+                assert not any(f.done() for f in futures), [f.result() for f in futures]
+                time.sleep(0.5)
+            else:
+                raise AssertionError("the two runs never both planned")
+        states = [f.result(timeout=300) for f in futures]
+    return [(s.state_details.flow_run_id, s.result()) for s in states]
+
+
+def test_two_runs_at_once_the_second_re_measures_under_the_lock_and_changes_nothing(
+    env: ScrapedSandbox, traffic: None, filled: int
+) -> None:
+    """Two `auto_approve` runs on one full Redis, started together: both plan the clear; the
+    first to get the target lock clears; the second waited for the lock, measures again,
+    finds Redis no longer full and clears nothing."""
+    params = HighErrorRateParams(
+        dry_run=False, auto_approve=True, verify_window="10s", verify_timeout_s=60
+    )
+    runs = run_two_at_once(params, planned="redis-cache-clear-True")
+    acted = [(rid, o) for rid, o in runs if o.action == "acted"]
+    others = [(rid, o) for rid, o in runs if o.action != "acted"]
+    assert len(acted) == 1, [(o.action, o.note) for _, o in runs]
+    ((_, first),), ((second_id, second),) = acted, others
+    assert [a.kind for a in first.actions] == ["cache-clear"]
+    assert len(cache_keys(env)) < filled / 10
+    # The second planned the same clear before it waited, then did nothing, and says why.
+    assert "C" in held(second) and any(a.kind == "cache-clear" for a in second.plan)
+    assert second.action == "skipped" and second.actions == [] and second.verify is None
+    assert "nothing approved still holds after measuring again" in second.note, second.note
+    (md,) = flow_run_artifacts(second_id, RUNBOOK)
+    assert "Re-measured under the lock" in md and "Approved and still holding: none" in md

@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import pytest
 from kubernetes import client as k8s
 from prefect.flow_runs import resume_flow_run
@@ -25,8 +26,10 @@ from flows.high_error_rate import (
     high_error_rate,
     make_plan,
 )
+from sandbox.db import create_database
 from sandbox.server import free_port
 from tests.fixtures.kube import KubeCluster
+from tests.fixtures.pg_private import private_cluster
 from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
 from tests.fixtures.prometheus import ScrapedSandbox
 from tests.integration.kube_helpers import (
@@ -43,6 +46,7 @@ from tests.integration.test_high_error_rate_flow import (
     latest_artifact,
     point_runbook_at,
     row,
+    run_two_at_once,
     wait_ratio,
 )
 from tests.integration.test_kubernetes_kubectl import Kubectl
@@ -284,6 +288,70 @@ def test_database_restart_waits_for_approval_even_with_auto_approve(
     assert "carol" in md and "database-restart" in md
 
 
+def test_database_restart_under_the_runs_own_lock_ends_by_its_verification(
+    platform: Callable[..., Platform], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario A on a private PostgreSQL cluster that the StatefulSet's pod *is*: deleting the
+    pod restarts the cluster (the fake kubelet stops the container), so the restart kills the
+    run's advisory-lock session. That death was the run's own doing: released quietly, then
+    the 5xx ratio decides, not the dead lock."""
+    with ExitStack() as stack:
+        cluster = stack.enter_context(private_cluster())
+        dsn = create_database(cluster.admin_dsn, "akig", users=50, products=20, orders=200)
+        # A stuck session holds the users table: every request for a user waits, the backend's
+        # two pooled connections are soon all busy and the rest answer 503 PoolExhausted.
+        hog = psycopg.connect(dsn, autocommit=True)
+        stack.callback(hog.close)  # closed, not committed: its session dies in the restart
+        hog.execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        p = platform(database_dsn=dsn, db_pool_size=2, db_pool_wait_s=0.3)
+        monkeypatch.setenv("RUNBOOKS_PG_DSN", dsn)  # the runbook measures (and locks) it too
+        p.apps.create_namespaced_stateful_set(
+            p.namespace,
+            statefulset_body("akig-postgres", image="registry.local/postgres:16", replicas=1),
+        )
+        kubelet = p.cluster.kubelet
+        assert kubelet is not None
+        stack.enter_context(
+            kubelet.on_pod_stop(p.namespace, "component=akig-postgres", cluster.restart)
+        )
+        started = server_start(cluster.admin_dsn)
+        stack.enter_context(p.sandbox.background_traffic(("/api/users/5",), workers=4))
+        wait_ratio(p.scraped, lambda v: v > 0.5, "5xx from the stuck database")
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(
+                high_error_rate,
+                HighErrorRateParams(
+                    dry_run=False,
+                    auto_approve=True,
+                    verify_window="10s",
+                    verify_timeout_s=120,
+                    rollout_timeout_s=60,
+                ),
+            )
+            run_id = wait_for_paused_run(RUNBOOK)
+            assert server_start(cluster.admin_dsn) == started  # nothing before the approval
+            resume_flow_run(run_id, run_input={"approved": True, "approver": "erin"})
+            out = fut.result(timeout=300)
+        # The StatefulSet's restart really restarted the server (and ended the stuck session).
+        assert server_start(cluster.admin_dsn) > started
+    assert "A" in held(out)
+    assert out.action == "acted", out.note
+    (done,) = out.actions
+    assert done.kind == "database-restart"
+    assert out.verify is not None and out.verify.recovered, out.verify
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "its session ended with this run's restart of statefulset/akig-postgres" in md
+    assert "recovered" in md and "erin" in md
+
+
+def server_start(admin_dsn: str) -> Any:
+    """When the PostgreSQL server last started."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+    assert row is not None
+    return row[0]
+
+
 @pytest.mark.parametrize("meanwhile", ["nothing", "v3 rolled out"])
 def test_rollback_after_approval_goes_only_to_the_approved_revision(
     platform: Callable[..., Platform], meanwhile: str
@@ -441,3 +509,31 @@ def test_a_rerun_never_rolls_forward_onto_the_release_just_undone(
     (late,) = make_plan(HighErrorRateParams(), [d])
     assert late.rollback is not None and late.rollback.to_revision == 2
     assert not late.possible and late.summary.startswith("not planned: revision 2")
+
+
+def test_two_runs_on_a_poisoned_cache_the_second_finds_the_errors_ended(
+    platform: Callable[..., Platform],
+) -> None:
+    """Two `auto_approve` runs started together on a poisoned cache: both plan the clear. The
+    first to get the target lock clears and verifies before letting go; the second, whose
+    evidence (the log tail) still names the cache, measures the 5xx ratio again under the
+    lock, finds the errors over and clears nothing."""
+    p = platform()
+    with p.sandbox.background_traffic(("/api/products", "/api/users/3")):
+        wait_ratio(p.scraped, lambda v: v < 0.01, "healthy traffic scraped")
+        p.sandbox.admin("POST", "/admin/cache-poison", params={"users": 20})
+        wait_ratio(p.scraped, lambda v: v > 0.5, "5xx from the poisoned entries")
+        params = HighErrorRateParams(
+            dry_run=False, auto_approve=True, verify_window="10s", verify_timeout_s=120
+        )
+        runs = run_two_at_once(params, planned="redis-cache-clear-True")
+    acted = [(rid, o) for rid, o in runs if o.action == "acted"]
+    others = [(rid, o) for rid, o in runs if o.action != "acted"]
+    assert len(acted) == 1, [(o.action, o.note) for _, o in runs]
+    ((_, first),), ((second_id, second),) = acted, others
+    assert [a.kind for a in first.actions] == ["cache-clear"]
+    assert first.verify is not None and first.verify.recovered
+    assert held(second) == {"C"} and second.actions == [] and second.action == "skipped"
+    assert "the errors ended while this run waited" in second.note, second.note
+    (md,) = flow_run_artifacts(second_id, RUNBOOK)
+    assert "Re-measured under the lock" in md and "errors ended while this run waited" in md
