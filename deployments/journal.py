@@ -89,8 +89,6 @@ _INDEXES = (
     " ON alert_runs (fingerprint, deployment, accepted_ts)",
     "CREATE INDEX IF NOT EXISTS alert_runs_status ON alert_runs (status, finished_ts)",
     "CREATE INDEX IF NOT EXISTS alert_runs_target ON alert_runs (deployment, target, accepted_ts)",
-    "CREATE INDEX IF NOT EXISTS occurrences_latest ON occurrences (fingerprint, starts_ts)",
-    "CREATE INDEX IF NOT EXISTS occurrences_seen ON occurrences (seen_ts)",
 )
 #: One row per alert occurrence: what Alertmanager said about it, and when we heard it.
 _OCCURRENCES = """
@@ -103,8 +101,11 @@ CREATE TABLE occurrences (
     ends_at     TEXT,           -- the resolved notification's endsAt
     seen_ts     REAL NOT NULL,  -- last change (pruning)
     PRIMARY KEY (fingerprint, starts_at)
-)
+) WITHOUT ROWID
 """
+#: No secondary index: `alert_state` reads one alert's few occurrences by the key's prefix,
+#: and pruning scans the bounded table every few minutes; each index would cost every new
+#: occurrence another b-tree write on the delivery's path.
 _DATETIME = TypeAdapter(datetime)
 
 
