@@ -23,7 +23,14 @@ from deployments.receiver import create_app
 from deployments.serve import to_deployments
 from deployments.warm_pool import WarmPool, execute
 from tests.fixtures.stub_runbooks import STUB_RUNBOOKS, stub_remediate
-from tests.fixtures.triggers import alert, bearer, payload, receiver_settings, stub_table
+from tests.fixtures.triggers import (
+    alert,
+    bearer,
+    no_cooldown_table,
+    payload,
+    receiver_settings,
+    stub_table,
+)
 
 
 @pytest.fixture(scope="session")
@@ -339,23 +346,10 @@ def test_a_late_resolve_of_an_earlier_occurrence_leaves_the_newer_run_alone() ->
     """Issue 18, item 5: the alert fired (occurrence 1), fired again with a new startsAt
     (occurrence 2, its own run: no cooldown on this route), then occurrence 1's resolve came
     late. It cancels occurrence 1's run only; occurrence 2's run stays Scheduled."""
-    from deployments.routing import RoutingTable
-
-    table = RoutingTable.model_validate(
-        {
-            "routes": [
-                {
-                    "alertname": "StubAuto",
-                    "deployment": "stub-remediate/stub-remediate",
-                    "cooldown": "0",
-                    "params": {"namespace": "${namespace}"},
-                }
-            ]
-        }
-    )
     one = alert(namespace="r", fingerprint="lateresolve", starts_at="2026-11-27T03:00:00Z")
     two = {**one, "startsAt": "2026-11-27T03:20:00Z"}
-    app = create_app(receiver_settings(sync_wait_s=10), table, STUB_RUNBOOKS, api_url=api_url())
+    settings = receiver_settings(sync_wait_s=10)
+    app = create_app(settings, no_cooldown_table(), STUB_RUNBOOKS, api_url=api_url())
     with TestClient(app) as client:
         run_one, run_two = (
             client.post("/alerts", json=payload(a), headers=bearer()).json()["alerts"][0][

@@ -2,8 +2,9 @@
 
 Issue 18, item 5: a re-fire inside the route cooldown starts no run but is firing for
 `GET /alerts/{fingerprint}`; a resolve cancels only the runs of its own occurrence. Prefect
-is the recording stand-in here (the receiver's own decisions); the same paths run against a
-real Prefect server in tests/integration/test_alert_storms.py.
+is the recording stand-in here (the receiver's own decisions); against a real Prefect server:
+tests/integration/test_triggers_prefect.py (the late resolve) and
+tests/integration/test_db_pool_locks.py (the approved run acts after a re-fire).
 """
 
 from __future__ import annotations
@@ -14,49 +15,11 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from deployments.journal import Journal
-from deployments.receiver import create_app
-from deployments.routing import RoutingTable
-from tests.fixtures.stub_runbooks import STUB_RUNBOOKS
-from tests.fixtures.triggers import (
-    RecordingRuns,
-    alert,
-    bearer,
-    payload,
-    receiver_settings,
-    stub_table,
-)
+from tests.fixtures.triggers import RecordingRuns, alert, bearer, no_cooldown_table, payload
+from tests.unit.test_receiver_edges import app_with
 
 T1 = "2026-11-27T03:00:00Z"
 T2 = "2026-11-27T03:04:00Z"
-
-
-def no_cooldown() -> RoutingTable:
-    """The stand-in's route without a cooldown: every occurrence starts its own run."""
-    return RoutingTable.model_validate(
-        {
-            "routes": [
-                {
-                    "alertname": "StubAuto",
-                    "deployment": "stub-remediate/stub-remediate",
-                    "cooldown": "0",
-                    "params": {"namespace": "${namespace}"},
-                }
-            ]
-        }
-    )
-
-
-def app(
-    runs: RecordingRuns, table: RoutingTable | None = None, journal: Journal | None = None
-) -> Any:
-    return create_app(
-        receiver_settings(),
-        table or stub_table(),
-        STUB_RUNBOOKS,
-        api_url="http://127.0.0.1:9/api",
-        runs=runs,
-        journal=journal or Journal(None),
-    )
 
 
 def send(client: TestClient, one: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +42,7 @@ def test_a_refire_within_the_cooldown_is_firing_and_starts_nothing(
     recording_runs: RecordingRuns,
 ) -> None:
     first = alert(namespace="o", fingerprint="occ1", starts_at=T1)
-    with TestClient(app(recording_runs)) as client:
+    with TestClient(app_with(recording_runs)) as client:
         assert send(client, first)["outcome"] == "started"
         send(client, resolved(first))
         assert state(client, "occ1") == "resolved"
@@ -92,11 +55,11 @@ def test_a_refire_within_the_cooldown_is_firing_and_starts_nothing(
 def test_the_refire_survives_a_restart(tmp_path: Path, recording_runs: RecordingRuns) -> None:
     path = tmp_path / "journal.sqlite3"
     first = alert(namespace="o", fingerprint="occ2", starts_at=T1)
-    with TestClient(app(recording_runs, journal=Journal(path))) as client:
+    with TestClient(app_with(recording_runs, Journal(path))) as client:
         send(client, first)
         send(client, resolved(first))
         send(client, alert(namespace="o", fingerprint="occ2", starts_at=T2))
-    with TestClient(app(recording_runs, journal=Journal(path))) as client:
+    with TestClient(app_with(recording_runs, Journal(path))) as client:
         assert state(client, "occ2") == "firing"
 
 
@@ -105,7 +68,7 @@ def test_a_late_resolve_of_an_earlier_occurrence_leaves_the_newer_run_alone(
 ) -> None:
     one = alert(namespace="o", fingerprint="occ3", starts_at=T1)
     two = alert(namespace="o", fingerprint="occ3", starts_at=T2)
-    with TestClient(app(recording_runs, no_cooldown())) as client:
+    with TestClient(app_with(recording_runs, table=no_cooldown_table())) as client:
         run_one = send(client, one)["flow_run_id"]
         run_two = send(client, two)["flow_run_id"]
         assert run_one != run_two
@@ -122,7 +85,7 @@ def test_a_resolve_of_a_cooled_down_occurrence_cancels_nothing(
 ) -> None:
     one = alert(namespace="o", fingerprint="occ4", starts_at=T1)
     two = alert(namespace="o", fingerprint="occ4", starts_at=T2)
-    with TestClient(app(recording_runs)) as client:
+    with TestClient(app_with(recording_runs)) as client:
         send(client, one)
         assert send(client, two)["outcome"] == "cooldown"
         answer = send(client, resolved(two))
