@@ -27,8 +27,19 @@ deployment and target is recorded as `covered_by` that handler, in the same tran
 the check: however many deliveries race, one run handles the target and the rest point at
 it. A plan-only handler never covers an alert that may act.
 
-Resolved notifications are recorded per fingerprint (`resolved`), so a run that waited can
-ask whether its alert still fires (`alert_state`).
+Alert state (`occurrences`): every firing and resolved notification of a routed alert is
+recorded per *occurrence* (fingerprint + startsAt, the idempotency key), in the same
+transaction as the entry (a firing one) or alone (a resolved one), also when it starts
+nothing (within the cooldown, covered, expired). Alertmanager semantics decide the answer:
+- one fingerprint is one label set, and Prometheus keeps at most one active alert per label
+  set: a re-fire after a resolve carries a new startsAt, so the occurrence with the latest
+  startsAt is the alert's current state, whatever order the notifications arrived in (a late
+  resolve of an earlier occurrence never turns a newer one resolved);
+- a resolved notification carries its occurrence's startsAt (and an endsAt) and ends that
+  occurrence for good: a firing notification of it that arrives afterwards is a late
+  re-delivery (HA peers and retries are at-least-once and unordered) and changes nothing.
+A run that waited asks `alert_state` whether its alert still fires; a resolve cancels only
+the runs of its own occurrence (`resolved` returns them).
 """
 
 from __future__ import annotations
@@ -42,7 +53,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
+
 Status = Literal["pending", "created", "failed", "expired", "cancelled"]
+AlertState = Literal["firing", "resolved", "unknown"]
 #: Statuses that count for a cooldown: a run was (or is being) created. A run cancelled
 #: before it started, refused or expired never acted, so it does not hold the next one back.
 _COOLDOWN_STATUSES = ("pending", "created")
@@ -75,8 +89,24 @@ _INDEXES = (
     " ON alert_runs (fingerprint, deployment, accepted_ts)",
     "CREATE INDEX IF NOT EXISTS alert_runs_status ON alert_runs (status, finished_ts)",
     "CREATE INDEX IF NOT EXISTS alert_runs_target ON alert_runs (deployment, target, accepted_ts)",
-    "CREATE TABLE IF NOT EXISTS resolved (fingerprint TEXT PRIMARY KEY, resolved_ts REAL NOT NULL)",
 )
+#: One row per alert occurrence: what Alertmanager said about it, and when we heard it.
+_OCCURRENCES = """
+CREATE TABLE occurrences (
+    fingerprint TEXT NOT NULL,
+    starts_at   TEXT NOT NULL,  -- Alertmanager's text, as in the idempotency key
+    starts_ts   REAL NOT NULL,  -- the same instant, for ordering occurrences
+    fired_ts    REAL,           -- first firing notification received
+    resolved_ts REAL,           -- first resolved notification received: the end, for good
+    ends_at     TEXT,           -- the resolved notification's endsAt
+    seen_ts     REAL NOT NULL,  -- last change (pruning)
+    PRIMARY KEY (fingerprint, starts_at)
+) WITHOUT ROWID
+"""
+#: No secondary index: `alert_state` reads one alert's few occurrences by the key's prefix,
+#: and pruning scans the bounded table every few minutes; each index would cost every new
+#: occurrence another b-tree write on the delivery's path.
+_DATETIME = TypeAdapter(datetime)
 
 
 @dataclass(frozen=True)
@@ -100,6 +130,15 @@ class Entry:
     acts: bool = False
     #: The handler's idempotency key when this alert is covered by its run.
     covered_by: str | None = None
+    #: The occurrence's startsAt (Alertmanager's text); "" = the key's part after the
+    #: fingerprint (`fingerprint:startsAt`).
+    starts_at: str = ""
+
+    @property
+    def occurrence(self) -> tuple[str, str]:
+        """(fingerprint, startsAt) of the alert occurrence this entry was accepted for."""
+        fingerprint, _, tail = self.idempotency_key.partition(":")
+        return self.fingerprint or fingerprint, self.starts_at or tail
 
 
 @dataclass(frozen=True)
@@ -176,8 +215,54 @@ class Journal:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        self._upgrade_occurrences()
         for statement in _INDEXES:
             self._db.execute(statement)
+
+    def _upgrade_occurrences(self) -> None:
+        """Create the per-occurrence record; from an older journal, fill it from its entries.
+
+        An older receiver kept one firing time per entry and one resolve time per
+        fingerprint: each entry becomes a firing occurrence, resolved if that fingerprint's
+        resolve came after it; a resolve with no entry left becomes a resolved occurrence
+        of unknown startsAt (older than any real one).
+        """
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        if "occurrences" in tables:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(_OCCURRENCES)
+            rows = self._db.execute(
+                "SELECT idempotency_key, fingerprint, accepted_ts FROM alert_runs"
+            ).fetchall()
+            for key, fingerprint, accepted in rows:
+                fp, _, starts_at = key.partition(":")
+                self._db.execute(
+                    "INSERT OR IGNORE INTO occurrences (fingerprint, starts_at, starts_ts,"
+                    " fired_ts, seen_ts) VALUES (?, ?, ?, ?, ?)",
+                    (fingerprint or fp, starts_at, _starts_ts(starts_at), accepted, accepted),
+                )
+            if "resolved" in tables:
+                for fingerprint, resolved in self._db.execute(
+                    "SELECT fingerprint, resolved_ts FROM resolved"
+                ).fetchall():
+                    self._db.execute(
+                        "UPDATE occurrences SET resolved_ts = ?, seen_ts = max(seen_ts, ?)"
+                        " WHERE fingerprint = ? AND fired_ts <= ?",
+                        (resolved, resolved, fingerprint, resolved),
+                    )
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO occurrences (fingerprint, starts_at, starts_ts,"
+                        " resolved_ts, seen_ts) SELECT ?, '', 0, ?, ? WHERE NOT EXISTS"
+                        " (SELECT 1 FROM occurrences WHERE fingerprint = ?)",
+                        (fingerprint, resolved, resolved, fingerprint),
+                    )
+                self._db.execute("DROP TABLE resolved")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -207,6 +292,16 @@ class Journal:
         return out
 
     def _add_one(self, entry: Entry, at: float) -> Added:
+        # Whatever happens to the run request below (new, repeat, cooldown, covered), the
+        # source said "firing" for this occurrence. A repeat changes no row: no extra write.
+        fingerprint, starts_at = entry.occurrence
+        self._db.execute(
+            "INSERT INTO occurrences (fingerprint, starts_at, starts_ts, fired_ts, seen_ts)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (fingerprint, starts_at) DO UPDATE SET"
+            " fired_ts = excluded.fired_ts, seen_ts = max(seen_ts, excluded.seen_ts)"
+            " WHERE fired_ts IS NULL",
+            (fingerprint, starts_at, _starts_ts(starts_at), at, at),
+        )
         row = self._db.execute(
             "SELECT flow_run_id, status, reason FROM alert_runs WHERE idempotency_key = ?",
             (entry.idempotency_key,),
@@ -313,18 +408,6 @@ class Journal:
             ).fetchone()
         return Record(*row) if row else None
 
-    def for_fingerprint(self, fingerprint: str, limit: int = 5) -> list[Record]:
-        """The most recent pending or created entries of one alert (newest first)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT idempotency_key, status, flow_run_id, reason, accepted_ts, covered_by"
-                " FROM alert_runs"
-                " WHERE fingerprint = ? AND status IN ('pending', 'created')"
-                " ORDER BY accepted_ts DESC LIMIT ?",
-                (fingerprint, limit),
-            ).fetchall()
-        return [Record(*row) for row in rows]
-
     def pending(self) -> list[Entry]:
         """Accepted but not yet created in Prefect (oldest first)."""
         with self._lock:
@@ -356,42 +439,85 @@ class Journal:
                 "UPDATE alert_runs SET covered_by = NULL WHERE idempotency_key = ?", (key,)
             )
 
-    def resolved(self, fingerprint: str, now: float | None = None) -> None:
-        """Record that Alertmanager said this alert resolved (the latest word wins)."""
+    def resolved(
+        self, fingerprint: str, starts_at: str, ends_at: str | None = None, now: float | None = None
+    ) -> list[Record]:
+        """Record a resolved notification of one occurrence; the runs it may still cancel.
+
+        The first resolve ends the occurrence (a later one changes no row: no extra write).
+        Only this occurrence's pending or created entry is returned: a late resolve of an
+        earlier occurrence never reaches a newer occurrence's run.
+        """
         at = time.time() if now is None else now
         with self._lock:
             self._db.execute(
-                "INSERT INTO resolved (fingerprint, resolved_ts) VALUES (?, ?)"
-                " ON CONFLICT (fingerprint) DO UPDATE SET resolved_ts = excluded.resolved_ts",
-                (fingerprint, at),
+                "INSERT INTO occurrences (fingerprint, starts_at, starts_ts, resolved_ts,"
+                " ends_at, seen_ts) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (fingerprint, starts_at) DO UPDATE SET"
+                " resolved_ts = excluded.resolved_ts, ends_at = excluded.ends_at,"
+                " seen_ts = max(seen_ts, excluded.seen_ts) WHERE resolved_ts IS NULL",
+                (fingerprint, starts_at, _starts_ts(starts_at), at, ends_at, at),
             )
+            rows = self._db.execute(
+                "SELECT idempotency_key, status, flow_run_id, reason, accepted_ts, covered_by"
+                " FROM alert_runs WHERE idempotency_key = ? AND status IN ('pending', 'created')",
+                (f"{fingerprint}:{starts_at}",),
+            ).fetchall()
+        return [Record(*row) for row in rows]
 
-    def alert_state(self, fingerprint: str) -> tuple[Literal["firing", "resolved", "unknown"], str]:
-        """Firing or resolved, by whichever notification came last; unknown if neither."""
+    def alert_state(self, fingerprint: str) -> tuple[AlertState, str]:
+        """Firing or resolved: the state of the alert's latest occurrence (by startsAt).
+
+        Unknown when no notification of it was recorded (or all were pruned).
+        """
         with self._lock:
-            fired = self._db.execute(
-                "SELECT max(accepted_ts) FROM alert_runs WHERE fingerprint = ?", (fingerprint,)
-            ).fetchone()[0]
             row = self._db.execute(
-                "SELECT resolved_ts FROM resolved WHERE fingerprint = ?", (fingerprint,)
+                "SELECT starts_at, fired_ts, resolved_ts FROM occurrences WHERE fingerprint = ?"
+                " ORDER BY starts_ts DESC, seen_ts DESC LIMIT 1",
+                (fingerprint,),
             ).fetchone()
-        resolved = row[0] if row else None
-        if resolved is not None and (fired is None or resolved >= fired):
-            return "resolved", f"resolved notification received at {_iso(resolved)}"
-        if fired is not None:
-            return "firing", f"firing notification received at {_iso(fired)}"
-        return "unknown", "the receiver has no record of this alert"
+        if row is None:
+            return "unknown", "the receiver has no record of this alert"
+        starts_at, fired, resolved = row
+        occurrence = f"occurrence startsAt {starts_at}" if starts_at else "occurrence"
+        if resolved is not None:
+            return "resolved", f"{occurrence}: resolved notification received at {_iso(resolved)}"
+        return "firing", f"{occurrence}: firing notification received at {_iso(fired)}"
 
     def prune(self, retention_s: float, now: float | None = None) -> int:
-        """Delete entries finished more than `retention_s` ago; pending ones are kept."""
+        """Delete entries finished more than `retention_s` ago; pending ones are kept.
+
+        Occurrences unchanged for that long go too, but never the latest of an alert whose
+        other occurrences are still recent: what is left always gives the same answer.
+        """
         at = time.time() if now is None else now
+        cutoff = at - retention_s
         with self._lock:
             cur = self._db.execute(
-                "DELETE FROM alert_runs WHERE status != 'pending' AND finished_ts < ?",
-                (at - retention_s,),
+                "DELETE FROM alert_runs WHERE status != 'pending' AND finished_ts < ?", (cutoff,)
             )
-            self._db.execute("DELETE FROM resolved WHERE resolved_ts < ?", (at - retention_s,))
+            # Alerts quiet for the whole retention: forgotten ("unknown").
+            self._db.execute(
+                "DELETE FROM occurrences WHERE fingerprint IN (SELECT fingerprint FROM"
+                " occurrences GROUP BY fingerprint HAVING max(seen_ts) < ?)",
+                (cutoff,),
+            )
+            # Old occurrences superseded by a later one never decide the answer again.
+            self._db.execute(
+                "DELETE FROM occurrences AS o WHERE seen_ts < ? AND EXISTS (SELECT 1 FROM"
+                " occurrences AS n WHERE n.fingerprint = o.fingerprint"
+                " AND n.starts_ts > o.starts_ts)",
+                (cutoff,),
+            )
             return cur.rowcount
+
+
+def _starts_ts(starts_at: str) -> float:
+    """startsAt as epoch seconds, for ordering; 0 (older than any) if it is not a timestamp."""
+    try:
+        return _DATETIME.validate_python(starts_at).timestamp()
+    except (ValidationError, ValueError, OverflowError):
+        return 0.0
 
 
 def _epoch(iso: str | None) -> float:

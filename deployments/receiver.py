@@ -7,8 +7,10 @@ Order of checks, each refusing before anything starts:
    (so it holds under a `root_path`, mounted in another app, or without the middleware): 401;
 2. body size, counted while the body is read whatever its framing (chunked too): 413;
    JSON and the version-4 payload model: 422;
-3. per alert: resolved -> its runs still Scheduled or Pending are cancelled, a Running one
-   is left alone, and if one of them ran, a `post-incident` draft run is started (once);
+3. per alert: resolved -> recorded for its occurrence (fingerprint + startsAt); the runs of
+   that occurrence still Scheduled or Pending are cancelled (never another occurrence's), a
+   Running one is left alone, and if one of them ran, a `post-incident` draft run is
+   started (once);
    no route -> recorded only; parameters that the route cannot build or the runbook's
    model rejects -> recorded, nothing started; started a run of the same route
    within the route's cooldown (a flapping alert) -> recorded, nothing started;
@@ -243,8 +245,10 @@ class Intake:
     that retries until Prefect takes it, refuses it for good (a final 4xx: recorded as
     failed) or the entry is older than `max_age_s` (recorded as expired). The request waits
     for that at most `sync_wait_s`: normally the answer carries the run id ("started"); under
-    a burst it says "accepted" and the run follows. A resolved alert cancels its runs that
-    have not started yet (Scheduled or Pending), never a Running one.
+    a burst it says "accepted" and the run follows. Every firing and resolved notification
+    of a routed alert is recorded per occurrence (`GET /alerts/{fingerprint}` reads it). A
+    resolved alert cancels the runs of its own occurrence that have not started yet
+    (Scheduled or Pending), never a Running one.
     """
 
     table: RoutingTable
@@ -378,6 +382,7 @@ class Intake:
                     "auto" if route.auto else "plan-only",
                 ],
                 fingerprint=alert.fingerprint,
+                starts_at=alert.startsAt,
                 cooldown_s=route.cooldown.total_seconds(),
                 accepted_ts=time.time(),
                 target=target,
@@ -464,13 +469,15 @@ class Intake:
             return None
 
     async def _resolved(self, alert: Alert) -> AlertResult:
-        """Cancel this alert's runs that have not started; a Running run is left alone."""
+        """Cancel the runs of this occurrence that have not started; a Running run is left
+        alone, and so is any run of another occurrence (a newer one may be firing)."""
         base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}
         try:
             # In a thread, like every journal call on a request's path: the loop never waits
             # for the journal's lock while another thread holds it for an fsync.
-            await asyncio.to_thread(self.journal.resolved, alert.fingerprint)
-            records = await asyncio.to_thread(self.journal.for_fingerprint, alert.fingerprint)
+            records = await asyncio.to_thread(
+                self.journal.resolved, alert.fingerprint, alert.startsAt, alert.endsAt
+            )
         except sqlite3.Error:
             log.exception("alert %s resolved: journal unreadable", alert.fingerprint)
             records = []
@@ -1004,7 +1011,7 @@ def create_app(
         responses={401: {"description": "missing or wrong credentials"}},
     )
     async def alert_state(fingerprint: str) -> dict[str, str]:
-        """Firing or resolved, by the last notification received (runs ask before acting)."""
+        """Firing or resolved: the alert's latest occurrence (runs ask before acting)."""
         if not FINGERPRINT.match(fingerprint):
             raise HTTPException(status_code=422, detail="not an alert fingerprint")
         state, detail = await asyncio.to_thread(intake.journal.alert_state, fingerprint)

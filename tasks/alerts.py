@@ -6,8 +6,11 @@ alert can only make things worse. Two sources, in order:
 
 1. Alertmanager's API, `GET /api/v2/alerts?filter=alertname="…"`: it lists the alerts that
    have not resolved (active, silenced or inhibited alike); ours is found by fingerprint.
-2. Otherwise the receiver's record (`GET /alerts/{fingerprint}`): a resolved notification
-   received after the firing one means resolved.
+2. Otherwise the receiver's record (`GET /alerts/{fingerprint}`): the state of the alert's
+   latest occurrence (greatest startsAt), which the receiver records for every firing and
+   resolved notification, also those that started no run (a re-fire within the cooldown).
+   A run started by an earlier occurrence therefore goes on while the alert fires again,
+   and a late resolve of an earlier occurrence does not stop it.
 
 Neither configured or reachable: "unknown", which the runbook records and does not treat as
 "resolved" (its own measurements still gate the action).

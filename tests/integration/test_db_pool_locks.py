@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from uuid import UUID
 
 import httpx
 import psycopg
@@ -169,15 +170,82 @@ def test_a_run_whose_alert_resolved_while_it_waited_acts_on_nothing(
         assert wait_gone([pid(victim)]) == set()
 
 
+@pytest.mark.usefixtures("stub_deployments")
+def test_an_approved_run_acts_when_its_alert_fired_again_within_the_cooldown(
+    pg_env: PgWorld, sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18, item 5: fire -> the run waits for approval -> resolve -> re-fire (a new
+    startsAt, inside the route's cooldown: no new run). The alert fires: once approved, the
+    run of the first occurrence acts (it used to read "resolved" and skip)."""
+    from prefect.flow_runs import resume_flow_run
+
+    from tests.fixtures.prefect_runs import paused_runs, wait_for_paused_run
+
+    first = alert(
+        "StubStorm", namespace=f"refire-{uuid.uuid4().hex[:6]}", starts_at="2026-11-27T03:00:00Z"
+    )
+    fp = first["fingerprint"]
+    app = create_app(
+        receiver_settings(sync_wait_s=10), stub_routing(), STUB_RUNBOOKS, api_url=_api()
+    )
+    victim = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    params = act(pg_env, pg_env.database, require_approval=True)
+    before = set(paused_runs("db-pool-exhausted"))
+    monkeypatch.delenv("RUNBOOKS_ALERTS_ALERTMANAGER_URL", raising=False)
+    with serve_app(app) as receiver:
+        monkeypatch.setenv("RUNBOOKS_ALERTS_RECEIVER_URL", receiver.url)
+        monkeypatch.setenv("RUNBOOKS_ALERTS_RECEIVER_TOKEN", TOKEN)
+        started = send(receiver.url, first)
+        # The receiver's run of occurrence 1 has started (here: the run below stands for
+        # it), so the resolve leaves it alone and it holds the route's cooldown.
+        executing(UUID(started["flow_run_id"]))
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(run_as_alert, params, fp)
+            run_id = wait_for_paused_run("db-pool-exhausted", ignore=before)
+            send(receiver.url, {**first, "status": "resolved"}, status="resolved")
+            refire = send(receiver.url, {**first, "startsAt": "2026-11-27T03:07:00Z"})
+            resume_flow_run(
+                run_id, run_input={"approved": True, "approver": "alice", "reason": "INC-5"}
+            )
+            outcome = waiting.result(timeout=120)
+        finished(UUID(started["flow_run_id"]))
+    assert refire["outcome"] == "cooldown"  # no second run ...
+    assert outcome.action == "terminated", outcome.note  # ... but the alert fires again
+    assert wait_gone([pid(victim)]) == set()
+
+
+def executing(run_id: UUID) -> None:
+    """Move a run to Running as a worker and the engine would."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending, Running
+
+    states: list[Any] = [Pending(), Running()]
+    with get_client(sync_client=True) as client:
+        for state in states:
+            assert client.set_flow_run_state(run_id, state).status.value == "ACCEPT"
+
+
+def finished(run_id: UUID) -> None:
+    """End a run that `executing` started (nothing else would)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Completed())
+
+
 def _api() -> str:
     from prefect.settings import PREFECT_API_URL
 
     return str(PREFECT_API_URL.value())
 
 
-def send(url: str, one: dict[str, Any], status: str = "firing") -> None:
+def send(url: str, one: dict[str, Any], status: str = "firing") -> dict[str, Any]:
+    """POST one alert to the receiver; its answer for that alert."""
     r = httpx.post(f"{url}/alerts", json=payload(one, status=status), headers=bearer(), timeout=30)
     assert r.status_code == 200, r.text
+    return dict(r.json()["alerts"][0])
 
 
 def run_as_alert(params: DbPoolParams, fingerprint: str) -> Any:

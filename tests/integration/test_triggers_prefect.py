@@ -23,7 +23,14 @@ from deployments.receiver import create_app
 from deployments.serve import to_deployments
 from deployments.warm_pool import WarmPool, execute
 from tests.fixtures.stub_runbooks import STUB_RUNBOOKS, stub_remediate
-from tests.fixtures.triggers import alert, bearer, payload, receiver_settings, stub_table
+from tests.fixtures.triggers import (
+    alert,
+    bearer,
+    no_cooldown_table,
+    payload,
+    receiver_settings,
+    stub_table,
+)
 
 
 @pytest.fixture(scope="session")
@@ -332,6 +339,31 @@ def test_a_resolved_alert_never_cancels_a_running_run() -> None:
     assert state_after_resolve == "RUNNING"
     assert answer["outcome"] == "resolved"
     assert "RUNNING: left alone" in answer["detail"]
+
+
+@pytest.mark.usefixtures("stub_deployments")
+def test_a_late_resolve_of_an_earlier_occurrence_leaves_the_newer_run_alone() -> None:
+    """Issue 18, item 5: the alert fired (occurrence 1), fired again with a new startsAt
+    (occurrence 2, its own run: no cooldown on this route), then occurrence 1's resolve came
+    late. It cancels occurrence 1's run only; occurrence 2's run stays Scheduled."""
+    one = alert(namespace="r", fingerprint="lateresolve", starts_at="2026-11-27T03:00:00Z")
+    two = {**one, "startsAt": "2026-11-27T03:20:00Z"}
+    settings = receiver_settings(sync_wait_s=10)
+    app = create_app(settings, no_cooldown_table(), STUB_RUNBOOKS, api_url=api_url())
+    with TestClient(app) as client:
+        run_one, run_two = (
+            client.post("/alerts", json=payload(a), headers=bearer()).json()["alerts"][0][
+                "flow_run_id"
+            ]
+            for a in (one, two)
+        )
+        late = {**one, "status": "resolved", "endsAt": "2026-11-27T03:10:00Z"}
+        answer = client.post("/alerts", json=payload(late, status="resolved"), headers=bearer())
+        alert_state = client.get("/alerts/lateresolve", headers=bearer()).json()["state"]
+    assert answer.json()["alerts"][0]["outcome"] == "cancelled"
+    assert read_state(run_one) == "CANCELLED"
+    assert read_state(run_two) == "SCHEDULED"
+    assert alert_state == "firing"
 
 
 class CountingRuns(PrefectRuns):

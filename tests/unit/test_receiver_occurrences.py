@@ -1,0 +1,95 @@
+"""The receiver records every notification per occurrence (fingerprint + startsAt).
+
+Issue 18, item 5: a re-fire inside the route cooldown starts no run but is firing for
+`GET /alerts/{fingerprint}`; a resolve cancels only the runs of its own occurrence. Prefect
+is the recording stand-in here (the receiver's own decisions); against a real Prefect server:
+tests/integration/test_triggers_prefect.py (the late resolve) and
+tests/integration/test_db_pool_locks.py (the approved run acts after a re-fire).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from deployments.journal import Journal
+from tests.fixtures.triggers import RecordingRuns, alert, bearer, no_cooldown_table, payload
+from tests.unit.test_receiver_edges import app_with
+
+T1 = "2026-11-27T03:00:00Z"
+T2 = "2026-11-27T03:04:00Z"
+
+
+def send(client: TestClient, one: dict[str, Any]) -> dict[str, Any]:
+    r = client.post("/alerts", json=payload(one, status=one["status"]), headers=bearer())
+    assert r.status_code == 200, r.text
+    return dict(r.json()["alerts"][0])
+
+
+def state(client: TestClient, fingerprint: str) -> str:
+    r = client.get(f"/alerts/{fingerprint}", headers=bearer())
+    assert r.status_code == 200, r.text
+    return str(r.json()["state"])
+
+
+def resolved(one: dict[str, Any]) -> dict[str, Any]:
+    return {**one, "status": "resolved", "endsAt": "2026-11-27T03:02:00Z"}
+
+
+def test_a_refire_within_the_cooldown_is_firing_and_starts_nothing(
+    recording_runs: RecordingRuns,
+) -> None:
+    first = alert(namespace="o", fingerprint="occ1", starts_at=T1)
+    with TestClient(app_with(recording_runs)) as client:
+        assert send(client, first)["outcome"] == "started"
+        send(client, resolved(first))
+        assert state(client, "occ1") == "resolved"
+        refire = send(client, alert(namespace="o", fingerprint="occ1", starts_at=T2))
+        assert refire["outcome"] == "cooldown"
+        assert state(client, "occ1") == "firing"
+    assert len(recording_runs.calls) == 1  # the cooldown still holds the run back
+
+
+def test_the_refire_survives_a_restart(tmp_path: Path, recording_runs: RecordingRuns) -> None:
+    path = tmp_path / "journal.sqlite3"
+    first = alert(namespace="o", fingerprint="occ2", starts_at=T1)
+    with TestClient(app_with(recording_runs, Journal(path))) as client:
+        send(client, first)
+        send(client, resolved(first))
+        send(client, alert(namespace="o", fingerprint="occ2", starts_at=T2))
+    with TestClient(app_with(recording_runs, Journal(path))) as client:
+        assert state(client, "occ2") == "firing"
+
+
+def test_a_late_resolve_of_an_earlier_occurrence_leaves_the_newer_run_alone(
+    recording_runs: RecordingRuns,
+) -> None:
+    one = alert(namespace="o", fingerprint="occ3", starts_at=T1)
+    two = alert(namespace="o", fingerprint="occ3", starts_at=T2)
+    with TestClient(app_with(recording_runs, table=no_cooldown_table())) as client:
+        run_one = send(client, one)["flow_run_id"]
+        run_two = send(client, two)["flow_run_id"]
+        assert run_one != run_two
+        send(client, resolved(one))  # delivered after occurrence 2 fired
+        assert state(client, "occ3") == "firing"
+        assert recording_runs.cancel_requests == [run_one]
+        send(client, resolved(two))
+        assert state(client, "occ3") == "resolved"
+    assert recording_runs.cancel_requests == [run_one, run_two]
+
+
+def test_a_resolve_of_a_cooled_down_occurrence_cancels_nothing(
+    recording_runs: RecordingRuns,
+) -> None:
+    one = alert(namespace="o", fingerprint="occ4", starts_at=T1)
+    two = alert(namespace="o", fingerprint="occ4", starts_at=T2)
+    with TestClient(app_with(recording_runs)) as client:
+        send(client, one)
+        assert send(client, two)["outcome"] == "cooldown"
+        answer = send(client, resolved(two))
+        assert answer["outcome"] == "resolved"
+        # Occurrence 1 never resolved, but occurrence 2 (later) did: the alert is over.
+        assert state(client, "occ4") == "resolved"
+    assert recording_runs.cancel_requests == []
