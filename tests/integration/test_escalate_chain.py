@@ -174,9 +174,10 @@ def test_approval_reminders_go_to_the_on_call_chain_never_to_leadership(
 ) -> None:
     world = world_env()
     monkeypatch.setenv("RUNBOOKS_ESCALATION_APPROVAL_REPAGE_S", "1")
-    reminded = outcome(run("critical", str(paused_runbook_run()), reason="approval"))
-    assert (reminded.ended, reminded.levels_paged) == ("unacknowledged", 2)
+    state = run("critical", str(paused_runbook_run()), reason="approval")
     assert world.pages() == {"on-call": 1, "on-call-secondary": 1}
+    reminded = outcome(state)
+    assert (reminded.ended, reminded.levels_paged) == ("unacknowledged", 2)
     assert "APPROVAL" in world.sink["on-call"].delivered[0]["payload"]["summary"]
 
 

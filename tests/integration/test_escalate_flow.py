@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
@@ -280,3 +282,28 @@ def test_an_ack_at_the_second_level_stops_before_the_third(
         2,
     )
     assert "team-lead" not in world.counts()
+
+
+def test_a_prefect_api_error_loading_the_block_is_retried_and_pages_once(
+    world_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's answer to the block read is lost: nothing was sent, so it is sent now."""
+    world = world_env()
+
+    class FlakyApi:
+        calls = 0
+
+        @staticmethod
+        def load(ref: str) -> Any:
+            FlakyApi.calls += 1
+            if FlakyApi.calls == 1:
+                raise httpx.ReadTimeout("timed out reading from the Prefect API")
+            return Block.load(ref)
+
+    monkeypatch.setattr("tasks.notify.Block", FlakyApi)
+    state = run("critical", "database", key())
+    assert state.is_completed(), state.message
+    assert world.pages() == {"on-call": 1, "leadership": 1, "db-team": 1}
+    assert "on-call-slack" not in world.counts()  # PagerDuty itself got it: no fallback
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["notify-on-call-via-custom-webhook/test-on-call"] == 2
