@@ -1,24 +1,30 @@
-"""Flow `escalate`: notify the contacts a severity and topic call for, once per incident.
+"""Flow `escalate`: one incident, one chain of pages.
 
-Trigger: a subflow of any runbook (`escalate_incident(...)`), the Prefect UI, or the two
+Trigger: a subflow of any runbook (`escalate_incident(...)`), the Prefect UI, or the
 automations of `deployments/automations.py` (a runbook run Failed or Crashed; a run paused
-for approval longer than its severity's deadline).
+for approval longer than the reminder interval, `reason: approval`).
 
 What it may change: nothing in any system; it sends notifications through Prefect
 notification blocks (`tasks/notify.py`), each target (contact, block) at most once per
-incident key, whatever the retries and reruns. A contact's channels are tried in order: the
-next one when a block is down or did not confirm.
+incident key and stage (severity and level), whatever the retries and reruns. A contact's
+channels are tried in order: the next one when a block is down or did not confirm.
 
-Acknowledgement: for a severity with `ack_required` (critical), the run waits for an
-`Acknowledgement` input (the UI's Resume form, or `resume_flow_run(id, run_input=...)`) up
-to the severity's deadline; without one it pages the next level and waits again, until the
-levels run out. A subflow call from a runbook does not wait (`wait_for_ack=False`): the
-runbook's own run ends, and the automation's `escalate` run with the same incident key
-(the runbook run's id) waits for the acknowledgement and pages nobody twice.
+One chain (`tasks/incidents.py`): every run of an incident key pages at the highest severity
+any run of it raised; one run waits for the acknowledgement (others end `joined`); a higher
+severity pages its first level and takes the wait over; an ack is passed to the incident's
+other paused runs, and no run re-pages after it. Approval reminders page the on-call chain
+only, and stop when the runbook run stops waiting.
+
+Acknowledgement: for a severity with `ack_required` (critical), the waiting run pauses for
+an `Acknowledgement` input (the UI's Resume form, or `resume_flow_run(id, run_input=...)`)
+up to the severity's deadline; without one it pages the next level and waits again, until
+the levels run out. A subflow call from a runbook does not wait (`wait_for_ack=False`): the
+failure automation's run with the same incident key (the runbook run's id) waits.
 
 Audit: one artifact per run (every exit path): who was notified, through which block,
-when, and the answer; the acknowledgement or the re-escalation. Undo: none (a page cannot
-be unsent); PagerDuty incidents are resolved in PagerDuty.
+when, and the answer; the severity; the acknowledgement, the re-escalation, what stopped
+it. Undo: none (a page cannot be unsent); PagerDuty alerts are resolved in PagerDuty (one
+per incident and service: `dedup_key` = the incident key).
 """
 
 from __future__ import annotations
