@@ -18,8 +18,9 @@ only, and stop when the runbook run stops waiting.
 Acknowledgement: for a severity with `ack_required` (critical), the waiting run pauses for
 an `Acknowledgement` input (the UI's Resume form, or `resume_flow_run(id, run_input=...)`)
 up to the severity's deadline; without one it pages the next level and waits again, until
-the levels run out. A subflow call from a runbook does not wait (`wait_for_ack=False`): the
-failure automation's run with the same incident key (the runbook run's id) waits.
+the levels run out. A subflow call from a runbook does not wait (`wait_for_ack=False`): it
+starts a deployed `escalate` run with the same incident key (the runbook run's id) that
+waits, or the failure automation's run does.
 
 Audit: one artifact per run (every exit path): who was notified, through which block,
 when, and the answer; the severity; the acknowledgement, the re-escalation, what stopped
@@ -511,8 +512,10 @@ def escalate_incident(
     """Escalate from inside a runbook, as a subflow that never waits and never raises.
 
     The incident key defaults to the calling run's id: the Failed/Crashed automation uses the
-    same key, so its own `escalate` run (which waits for the acknowledgement) pages nobody
-    twice. A failure to notify is logged and in the subflow's artifact; the runbook goes on.
+    same key, so its own `escalate` run pages nobody twice. Where the severity needs an ack,
+    a deployed `escalate` run is started to wait for it (`_start_ack_waiter`), whoever ends
+    the runbook how. A failure to notify is logged and in the subflow's artifact; the
+    runbook goes on.
     """
     ctx = FlowRunContext.get()
     key = incident_key or (str(ctx.flow_run.id) if ctx and ctx.flow_run else None)
@@ -526,9 +529,44 @@ def escalate_incident(
         wait_for_ack=False,
     )
     state = escalate(params, return_state=True)
+    _start_ack_waiter(params)
     if state.is_completed():
         result = state.result()
         assert isinstance(result, EscalationOutcome)
         return result
     get_run_logger().error("escalation %s/%s: %s", params.severity.value, topic, state.message)
     return None
+
+
+def _start_ack_waiter(params: EscalateParams) -> str | None:
+    """For a severity that needs an ack, start a deployed `escalate` run that waits for it.
+
+    The runbook's own call never waits; this run (same incident key, `wait_for_ack`) pages
+    nobody twice and re-pages per the policy, even when the runbook then ends Completed. If
+    the failure automation's run came first, one of the two ends `joined`. Not deployed
+    (tests, a script): the failure automation's run waits instead. Its id, or None.
+    """
+    logger = get_run_logger()
+    try:
+        if not load_config().severities[params.severity].ack_required:
+            return None
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(f"{RUNBOOK}/{RUNBOOK}")
+            waiter_run = client.create_flow_run_from_deployment(
+                deployment.id,
+                parameters={
+                    "params": params.model_copy(update={"wait_for_ack": True}).model_dump(
+                        mode="json"
+                    )
+                },
+                # A retried or rerun runbook starts one waiter per incident and severity.
+                idempotency_key=f"escalate-waiter:{params.incident_key}:{params.severity.value}",
+            )
+    except ObjectNotFound:
+        logger.info("escalate is not deployed: the failure automation's run waits for the ack")
+        return None
+    except Exception as exc:  # noqa: BLE001 - never fail the runbook for its escalation
+        logger.error("could not start the ack waiter (%s)", type(exc).__name__)
+        return None
+    logger.info("escalation ack waiter: run %s", waiter_run.id)
+    return str(waiter_run.id)

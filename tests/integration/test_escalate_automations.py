@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun, State
@@ -34,7 +36,7 @@ from deployments.automations import (
 )
 from deployments.catalog import RUNBOOKS, Runbook
 from deployments.serve import to_deployments
-from flows.escalate import EscalateParams
+from flows.escalate import EscalateParams, escalate_incident
 from tasks.contacts import Severity
 from tests.fixtures.sinks import Sinks
 from tests.fixtures.stack import prefect_server
@@ -222,6 +224,32 @@ def test_make_run_registers_escalate_and_one_pair_per_runbook_with_a_severity(
     assert action.parameters["params"]["severity"] == "critical"
 
 
+@flow(name="stub-critical-pager")
+def pages_critical(incident: str) -> None:
+    """A runbook that pages critical from inside, then completes (no failure automation)."""
+    escalate_incident("critical", "database", "certificate expires in 12 h", incident_key=incident)
+
+
+def test_a_critical_page_from_a_completed_runbook_still_gets_one_ack_waiter(
+    escalate_id: UUID,
+) -> None:
+    incident = f"inc-{uuid.uuid4().hex[:12]}"
+    assert pages_critical(incident, return_state=True).is_completed()
+    assert pages_critical(incident, return_state=True).is_completed()  # a rerun: still one
+    waiters = [p for p in escalation_runs(escalate_id) if p.incident_key == incident]
+    assert [(p.severity, p.wait_for_ack, p.reason) for p in waiters] == [
+        (Severity.CRITICAL, True, "incident")
+    ]
+    high = f"inc-{uuid.uuid4().hex[:12]}"  # no ack needed for high: no waiter
+
+    @flow(name="stub-high-pager")
+    def pages_high() -> None:
+        escalate_incident("high", "database", "certificate expires in 3 days", incident_key=high)
+
+    pages_high()
+    assert not [p for p in escalation_runs(escalate_id) if p.incident_key == high]
+
+
 def test_a_failed_or_crashed_escalation_pages_the_last_resort_block(
     escalate_id: UUID, sinks: Sinks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -249,9 +277,11 @@ def test_a_failed_or_crashed_escalation_pages_the_last_resort_block(
 
     until("two last-resort pages", lambda: len(last_resort.delivered) >= 2)
     time.sleep(2)  # reactive triggers act in event order: the completed run's came first
-    texts = sorted(p["text"] for p in last_resort.delivered)
+    texts = [p["text"] for p in last_resort.delivered]
     assert len(texts) == 2
-    assert "ended Crashed" in texts[0] and "inc-c" in texts[0] and "No heartbeat" in texts[0]
-    assert "ended Failed" in texts[1] and "inc-f" in texts[1] and "cannot read" in texts[1]
+    (crash,) = [t for t in texts if "inc-c" in t]
+    (fail,) = [t for t in texts if "inc-f" in t]
+    assert "ended Crashed" in crash and "No heartbeat" in crash
+    assert "ended Failed" in fail and "cannot read" in fail
     assert all("ESCALATION FAILED" in t for t in texts)
     assert last_resort.secret not in "".join(texts)
