@@ -10,11 +10,18 @@ state within `within_s`, else sets the run Crashed (Prefect's "detect zombie flo
 `escalate-failed-<runbook>`: a run of a runbook with a `severity` in the catalog that ends
 Failed or Crashed starts the `escalate` deployment with that severity and topic; the
 incident key is the run's id, the key `escalate_incident` uses inside the runbook, so a page
-the runbook already sent is not sent twice, and the escalate run waits for the ack.
+the runbook already sent is not sent twice, a higher severity the runbook raised is kept,
+and one escalate run of the incident waits for the ack.
 
 `escalate-paused-<runbook>`: a run of such a runbook that stays Paused (waiting for an
-approval) longer than its severity's deadline re-pages: the escalate deployment runs with the
-incident key `approval-wait:<run id>`.
+approval) longer than the approval re-page interval (`approval.repage_after_s`, 300 s)
+reminds the on-call chain: the escalate deployment runs with the same incident key (the
+run's id) and `reason: approval`; it stops at an ack or when the run stops waiting.
+
+`escalate-watch`: an `escalate` run that fails or crashes (its config did not load, no
+contact confirmed, killed during its ack wait) pages the last-resort block
+(`RUNBOOKS_ESCALATION_LAST_RESORT_BLOCK`) with Prefect's own send-notification action, so
+no escalation ends silently. Skipped, loudly, while that block is not saved.
 
     python -m deployments.automations     # create or update them (PREFECT_API_URL)
 """
@@ -29,12 +36,12 @@ from uuid import UUID
 
 from prefect.automations import Automation
 from prefect.client.schemas.objects import StateType
-from prefect.events.actions import ChangeFlowRunState, RunDeployment
+from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 
 from deployments.catalog import Runbook
-from tasks.contacts import Severity, load_config
+from tasks.contacts import EscalationSettings, load_config
 
 log = logging.getLogger("runbooks.automations")
 
@@ -77,6 +84,7 @@ def zombie_runs(within_s: int) -> Automation:
 
 ESCALATE_FAILED = "escalate-failed-"
 ESCALATE_PAUSED = "escalate-paused-"
+ESCALATE_WATCH = "escalate-watch"
 #: Prefect's minimum window for a proactive trigger.
 MIN_WITHIN_S = 10
 _RUN = ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]})
@@ -96,7 +104,14 @@ def _flow(rb: Runbook) -> ResourceSpecification:
     )
 
 
-def _escalate(rb: Runbook, deployment_id: UUID, key: str, summary: str) -> RunDeployment:
+#: One runbook run = one incident: every automation names it by the run's id.
+#: `string`: a lone expression is rendered through JSON, which has no UUID.
+RUN_KEY = "{{ flow_run.id | string }}"
+
+
+def _escalate(
+    rb: Runbook, deployment_id: UUID, summary: str, reason: str = "incident"
+) -> RunDeployment:
     # Jinja in the parameters is rendered by the server from the triggering event's run.
     return RunDeployment(
         source="selected",
@@ -105,9 +120,10 @@ def _escalate(rb: Runbook, deployment_id: UUID, key: str, summary: str) -> RunDe
             "params": {
                 "severity": rb.severity,
                 "topic": rb.topic,
-                "incident_key": key,
+                "incident_key": RUN_KEY,
                 "summary": summary,
                 "wait_for_ack": True,
+                "reason": reason,
             }
         },
     )
@@ -130,8 +146,6 @@ def escalate_failed(rb: Runbook, deployment_id: UUID) -> Automation:
             _escalate(
                 rb,
                 deployment_id,
-                # `string`: a lone expression is rendered through JSON, which has no UUID.
-                "{{ flow_run.id | string }}",
                 f"{rb.name} run {{{{ flow_run.name }}}} ended {{{{ flow_run.state.name }}}}: "
                 "{{ (flow_run.state.message or '') | truncate(1500) }}",
             )
@@ -139,13 +153,13 @@ def escalate_failed(rb: Runbook, deployment_id: UUID) -> Automation:
     )
 
 
-def escalate_paused(rb: Runbook, deployment_id: UUID, deadline_s: int) -> Automation:
-    """A run of `rb` paused (for approval) longer than `deadline_s` re-pages."""
-    within = max(deadline_s, MIN_WITHIN_S)
+def escalate_paused(rb: Runbook, deployment_id: UUID, repage_after_s: int) -> Automation:
+    """A run of `rb` paused (for approval) longer than `repage_after_s` reminds the on-call."""
+    within = max(repage_after_s, MIN_WITHIN_S)
     return Automation(
         name=ESCALATE_PAUSED + rb.name,
-        description=f"A {rb.name} run waiting for approval longer than {within} s re-pages "
-        f"({rb.severity}, {rb.topic}). Declared in deployments/automations.py.",
+        description=f"A {rb.name} run waiting for approval longer than {within} s reminds "
+        f"the on-call chain ({rb.topic}). Declared in deployments/automations.py.",
         trigger=EventTrigger(
             after={"prefect.flow-run.Paused"},
             expect=_FINAL_OR_RUNNING,
@@ -160,23 +174,79 @@ def escalate_paused(rb: Runbook, deployment_id: UUID, deadline_s: int) -> Automa
             _escalate(
                 rb,
                 deployment_id,
-                "approval-wait:{{ flow_run.id }}",
                 f"{rb.name} run {{{{ flow_run.name }}}} has waited for approval longer than "
                 f"{within} s",
+                reason="approval",
             )
         ],
     )
 
 
+def escalation_watch(block_document_id: UUID, block_ref: str) -> Automation:
+    """An `escalate` run that fails or crashes pages the last-resort block (Prefect's action)."""
+    return Automation(
+        name=ESCALATE_WATCH,
+        description=f"An escalate run that fails or crashes pages {block_ref}: no escalation "
+        "ends silently. Declared in deployments/automations.py.",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            match=_RUN,
+            match_related=ResourceSpecification(
+                {"prefect.resource.role": "flow", "prefect.resource.name": "escalate"}
+            ),
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[
+            SendNotification(
+                block_document_id=block_document_id,
+                subject="ESCALATION FAILED: {{ flow_run.name }} {{ flow_run.state.name }}",
+                body=(
+                    "An escalation run ended {{ flow_run.state.name }}: its pages may not have"
+                    " reached anyone. Incident: {{ flow_run.parameters.params.incident_key }}"
+                    " ({{ flow_run.parameters.params.severity }},"
+                    " {{ flow_run.parameters.params.topic }}). Run {{ flow_run.id }}:"
+                    " {{ (flow_run.state.message or '') | truncate(500) }}"
+                ),
+            )
+        ],
+    )
+
+
+def last_resort_block_id(block_ref: str) -> UUID | None:
+    """The id of the saved last-resort block, None when it is not saved."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    slug, name = block_ref.split("/", 1)
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_block_document_by_name(name, slug, include_secrets=False).id
+        except ObjectNotFound:
+            return None
+
+
 def escalations(runbooks: Sequence[Runbook], deployment_id: UUID) -> list[Automation]:
-    """The two escalation automations of every runbook that has a severity."""
-    config = load_config()
+    """The two escalation automations of every runbook that has a severity, and the watch."""
+    settings = EscalationSettings()
+    config = load_config(settings)
     out: list[Automation] = []
     for rb in runbooks:
         if rb.severity is None:
             continue
-        deadline = config.severities[Severity(rb.severity)].deadline_s
-        out += [escalate_failed(rb, deployment_id), escalate_paused(rb, deployment_id, deadline)]
+        out += [
+            escalate_failed(rb, deployment_id),
+            escalate_paused(rb, deployment_id, config.approval.repage_after_s),
+        ]
+    block_id = last_resort_block_id(settings.last_resort_block)
+    if block_id is None:
+        log.warning(
+            "last-resort block %s is not saved: a failed escalation pages nobody"
+            " (python -m deployments.blocks --help)",
+            settings.last_resort_block,
+        )
+    else:
+        out.append(escalation_watch(block_id, settings.last_resort_block))
     return out
 
 
@@ -237,7 +307,7 @@ def apply(automations: list[Automation], prune_prefixes: tuple[str, ...] = ()) -
 
 #: What `make run` prunes once escalate is deployed: a runbook that lost its severity (or
 #: left the catalog) stops escalating.
-ESCALATION_PREFIXES = (ESCALATE_FAILED, ESCALATE_PAUSED)
+ESCALATION_PREFIXES = (ESCALATE_FAILED, ESCALATE_PAUSED, ESCALATE_WATCH)
 
 
 async def _escalate_deployment_id() -> UUID | None:

@@ -15,6 +15,10 @@
    it also creates or updates the project's automations (`deployments/automations.py`);
 3. the receiver (uvicorn) with its warm pool.
 
+Once all three answer, `python -m deployments.blocks check` compares the escalation config's
+contacts with the notification blocks saved in the server: it logs the contacts nobody can
+reach and leaves the `escalation-contacts` artifact (UI: Artifacts). Never fatal.
+
 Supervision: a part that dies during start-up stops everything (a configuration problem
 should not loop). After start-up, a part that exits is logged and restarted alone, after a
 backoff that doubles per crash (1 s, 2 s, 4 s, ... capped at 60 s) and starts over once a
@@ -296,6 +300,26 @@ class Supervisor:
 SERVER, RUNNER, RECEIVER = "prefect server", "runner", "receiver"
 
 
+def report_contacts(env: Mapping[str, str], timeout_s: float = 120.0) -> int | None:
+    """Start-up check: which escalation contacts have no saved block (log + artifact).
+
+    Its exit code (1: some contact cannot be reached), None when it could not run. A fresh
+    install has no block: better said now than found out during an incident.
+    """
+    cmd = [sys.executable, "-m", "deployments.blocks", "check"]
+    try:
+        done = subprocess.run(cmd, env=dict(env), timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("escalation contact check did not run (%s)", type(exc).__name__)
+        return None
+    if done.returncode:
+        log.warning(
+            "some escalation contacts cannot be reached: see the escalation-contacts artifact"
+            " and `python -m deployments.blocks --help`"
+        )
+    return done.returncode
+
+
 def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None) -> int:
     """Start server, Runner and receiver; restart a crashed one; stop all on a signal."""
     try:
@@ -377,6 +401,7 @@ def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int |
             receiver.port,
             stack.home / "receiver-token",
         )
+        report_contacts(env)
         sup.watch()
         return 0
     except RuntimeError as exc:

@@ -80,7 +80,7 @@ class CertRenewParams(BaseModel):
     restart_ingress: bool = Field(True, description="Restart the ingress after replacing.")
     dry_run: bool = Field(True, description="Plan only: no order, no change.")
     approval_timeout_s: int = Field(
-        900, ge=10, le=86_400, description="How long to wait for an approver; then refuse."
+        1200, ge=10, le=86_400, description="How long to wait for an approver; then refuse."
     )
     verify_timeout_s: float = Field(
         120.0, gt=0, le=1800, description="How long the endpoints may take to serve it."

@@ -94,7 +94,7 @@ class CertReplaceParams(BaseModel):
     restart_ingress: bool = Field(True, description="Restart the ingress after replacing.")
     dry_run: bool = Field(True, description="Plan and validate only; change nothing.")
     approval_timeout_s: int = Field(
-        900, ge=10, le=86_400, description="How long to wait for an approver; then refuse."
+        1200, ge=10, le=86_400, description="How long to wait for an approver; then refuse."
     )
     reason: str = Field("", description="Why (incident id, alert); recorded in the audit.")
 

@@ -121,7 +121,7 @@ class DbPoolParams(BaseModel):
         False, description="Pause for a human approval in the UI before acting."
     )
     approval_timeout_s: int = Field(
-        900, ge=10, le=86_400, description="Without an answer by then, nothing is done."
+        1200, ge=10, le=86_400, description="Without an answer by then, nothing is done."
     )
     cooldown_minutes: float = Field(
         5.0, ge=0, le=1440, description="Refuse to act again on the same target within this."

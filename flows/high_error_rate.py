@@ -195,7 +195,7 @@ class HighErrorRateParams(BaseModel):
         300, ge=5, le=3600, description="How long to wait for a rollout to finish."
     )
     approval_timeout_s: int = Field(
-        900, ge=10, le=86_400, description="Without an answer by then, nothing is done."
+        1200, ge=10, le=86_400, description="Without an answer by then, nothing is done."
     )
     requested_by: str = Field("", max_length=200, description="Who asked (name, alert).")
     reason: str = Field("", max_length=2000, description="Why; recorded in the audit artifact.")

@@ -93,7 +93,7 @@ class HighLatencyParams(BaseModel):
         False, description="Propose the cache clear even when hit rate and memory look fine."
     )
     approval_timeout_s: int = Field(
-        900, ge=10, le=86_400, description="Without an answer by then, nothing is done."
+        1200, ge=10, le=86_400, description="Without an answer by then, nothing is done."
     )
     requested_by: str = Field("", max_length=200, description="Who asked (name, alert).")
     reason: str = Field("", max_length=2000, description="Why; recorded in the audit artifact.")

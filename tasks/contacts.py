@@ -76,6 +76,28 @@ class SeverityPolicy(BaseModel):
     )
 
 
+class ApprovalPolicy(BaseModel):
+    """Re-paging while a runbook run waits for an approval: the on-call chain, never leadership.
+
+    The first page goes out `repage_after_s` after the run paused, each next level one more
+    `repage_after_s` later, until someone acknowledges or the run stops waiting (approved,
+    refused, timed out, ended). The default (300 s, then on-call-secondary at 600 s) ends
+    before the runbooks' approval timeout (900 s) and is not the critical deadline: an
+    approval wait is a question for the on-call, not an incident for executives.
+    """
+
+    repage_after_s: int = Field(
+        300, ge=1, description="Seconds paused before the first page, then between levels."
+    )
+    notify: list[str] = Field(
+        default_factory=lambda: ["on-call"], description="Contacts paged first (on-call)."
+    )
+    next_levels: list[str] = Field(
+        default_factory=lambda: ["on-call-secondary"],
+        description="Contacts paged one by one while nobody acknowledges.",
+    )
+
+
 def _default_contacts() -> dict[str, Contact]:
     return {
         "on-call": Contact(
@@ -155,6 +177,9 @@ class EscalationConfig(BaseModel):
         "incidents", description="The contact of a topic not in `topics`."
     )
     severities: dict[Severity, SeverityPolicy] = Field(default_factory=_default_severities)
+    approval: ApprovalPolicy = Field(
+        default_factory=ApprovalPolicy, description="Re-paging for a long approval wait."
+    )
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Self:
@@ -164,6 +189,7 @@ class EscalationConfig(BaseModel):
         used = set(self.topics.values()) | {self.default_topic_contact}
         for policy in self.severities.values():
             used |= {n for n in policy.notify if n != TOPIC} | set(policy.next_levels)
+        used |= set(self.approval.notify) | set(self.approval.next_levels)
         missing = sorted(used - set(self.contacts))
         if missing:
             raise ValueError(f"contacts used but not defined: {missing}")
@@ -197,6 +223,14 @@ class EscalationSettings(BaseSettings):
     poll_interval_s: int = Field(
         5, ge=1, le=60, description="How often a wait for an acknowledgement checks for it."
     )
+    approval_repage_s: int | None = Field(
+        None, ge=1, description="Override the approval re-page interval (seconds)."
+    )
+    last_resort_block: str = Field(
+        "custom-webhook/last-resort",
+        pattern=r"^[a-z0-9-]+/[a-z0-9-]+$",
+        description="The block paged when an escalate run itself fails or crashes.",
+    )
 
 
 def load_config(settings: EscalationSettings | None = None) -> EscalationConfig:
@@ -216,4 +250,15 @@ def load_config(settings: EscalationSettings | None = None) -> EscalationConfig:
         if seconds < 1:
             raise PermanentError(f"RUNBOOKS_ESCALATION_DEADLINES_S: {severity} must be >= 1")
         config.severities[severity].deadline_s = seconds
+    if settings.approval_repage_s is not None:
+        config.approval.repage_after_s = settings.approval_repage_s
     return config
+
+
+#: Most urgent first: a higher rank is a lower index.
+_RANK = {s: i for i, s in enumerate(Severity)}
+
+
+def highest(*severities: Severity) -> Severity:
+    """The most urgent of `severities` (an incident's severity is the highest raised)."""
+    return min(severities, key=_RANK.__getitem__)

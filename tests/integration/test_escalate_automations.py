@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun, State
-from prefect.events.actions import RunDeployment
+from prefect.events.actions import RunDeployment, SendNotification
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.states import Completed, Failed, Paused, Running, Scheduled
+from prefect.states import Completed, Crashed, Failed, Paused, Running, Scheduled
 
 from deployments.automations import (
     ESCALATE_FAILED,
     ESCALATE_PAUSED,
+    ESCALATE_WATCH,
     ESCALATION_PREFIXES,
     ZOMBIE_AUTOMATION,
     apply,
@@ -33,8 +36,9 @@ from deployments.automations import (
 )
 from deployments.catalog import RUNBOOKS, Runbook
 from deployments.serve import to_deployments
-from flows.escalate import EscalateParams
+from flows.escalate import EscalateParams, escalate_incident
 from tasks.contacts import Severity
+from tests.fixtures.sinks import Sinks
 from tests.fixtures.stack import prefect_server
 from tests.fixtures.stub_runbooks import STUB_RUNBOOKS, stub_readonly, stub_remediate
 
@@ -69,6 +73,7 @@ def escalate_id(server: str) -> UUID:
 @pytest.fixture
 def applied(escalate_id: UUID, monkeypatch: pytest.MonkeyPatch) -> UUID:
     monkeypatch.setenv("RUNBOOKS_ESCALATION_DEADLINES_S", f'{{"critical": {WITHIN_S}}}')
+    monkeypatch.setenv("RUNBOOKS_ESCALATION_APPROVAL_REPAGE_S", str(WITHIN_S))
     apply(declared(60, escalate_id, (CRITICAL_STUB, STUB_RUNBOOKS[1])))
     return escalate_id
 
@@ -80,6 +85,15 @@ def until(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
             pytest.fail(f"{what}: not after {timeout:.0f} s")
         time.sleep(0.25)
     return value
+
+
+def escalation_runs(deployment_id: UUID) -> list[EscalateParams]:
+    """The parameters of every escalate run the server created."""
+    with get_client(sync_client=True) as client:
+        runs: list[FlowRun] = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+    return [EscalateParams.model_validate(run.parameters["params"]) for run in runs]
 
 
 def escalations(deployment_id: UUID) -> dict[str, EscalateParams]:
@@ -149,17 +163,32 @@ def test_a_failed_runbook_run_starts_escalate_with_its_severity(applied: UUID) -
     assert str(completed) not in keys and str(other) not in keys
 
 
-def test_a_run_paused_past_its_deadline_re_pages(applied: UUID) -> None:
+def test_a_run_paused_past_its_deadline_reminds_under_its_own_incident_key(
+    applied: UUID,
+) -> None:
     waiting, answered = stub_run(), stub_run()
     move(waiting, Running(), Paused(timeout_seconds=600, pause_key="1"))
     move(answered, Running(), Paused(timeout_seconds=600, pause_key="1"))
     move(answered, Running())  # approved in time
 
-    key = f"approval-wait:{waiting}"
-    found = until("re-page for the long pause", lambda: escalations(applied).get(key))
-    assert (found.severity, found.topic) == (Severity.CRITICAL, "database")
+    found = until("reminder for the long pause", lambda: escalations(applied).get(str(waiting)))
+    assert (found.reason, found.severity, found.topic) == (
+        "approval",
+        Severity.CRITICAL,
+        "database",
+    )
     assert f"longer than {WITHIN_S} s" in found.summary
-    assert f"approval-wait:{answered}" not in escalations(applied)
+    assert str(answered) not in escalations(applied)
+
+    # The same run then fails: the failure escalates under the same key, one incident.
+    move(waiting, Running(), Failed(message="refused"))
+
+    def both() -> list[EscalateParams]:
+        mine = [p for p in escalation_runs(applied) if p.incident_key == str(waiting)]
+        return mine if len(mine) == 2 else []
+
+    reasons = sorted(p.reason for p in until("failure escalation of the same run", both))
+    assert reasons == ["approval", "incident"]
 
 
 def test_make_run_registers_escalate_and_one_pair_per_runbook_with_a_severity(
@@ -193,3 +222,66 @@ def test_make_run_registers_escalate_and_one_pair_per_runbook_with_a_severity(
     assert isinstance(action, RunDeployment) and action.parameters is not None
     assert action.deployment_id == deployment.id
     assert action.parameters["params"]["severity"] == "critical"
+
+
+@flow(name="stub-critical-pager")
+def pages_critical(incident: str) -> None:
+    """A runbook that pages critical from inside, then completes (no failure automation)."""
+    escalate_incident("critical", "database", "certificate expires in 12 h", incident_key=incident)
+
+
+def test_a_critical_page_from_a_completed_runbook_still_gets_one_ack_waiter(
+    escalate_id: UUID,
+) -> None:
+    incident = f"inc-{uuid.uuid4().hex[:12]}"
+    assert pages_critical(incident, return_state=True).is_completed()
+    assert pages_critical(incident, return_state=True).is_completed()  # a rerun: still one
+    waiters = [p for p in escalation_runs(escalate_id) if p.incident_key == incident]
+    assert [(p.severity, p.wait_for_ack, p.reason) for p in waiters] == [
+        (Severity.CRITICAL, True, "incident")
+    ]
+    high = f"inc-{uuid.uuid4().hex[:12]}"  # no ack needed for high: no waiter
+
+    @flow(name="stub-high-pager")
+    def pages_high() -> None:
+        escalate_incident("high", "database", "certificate expires in 3 days", incident_key=high)
+
+    pages_high()
+    assert not [p for p in escalation_runs(escalate_id) if p.incident_key == high]
+
+
+def test_a_failed_or_crashed_escalation_pages_the_last_resort_block(
+    escalate_id: UUID, sinks: Sinks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    last_resort = sinks.slack()
+    ref = last_resort.save_block("test-last-resort")
+    monkeypatch.setenv("RUNBOOKS_ESCALATION_LAST_RESORT_BLOCK", ref)
+    applied = apply(declared(60, escalate_id, (CRITICAL_STUB,)), ESCALATION_PREFIXES)
+    assert [a.name for a in applied][-1] == ESCALATE_WATCH
+    (action,) = applied[-1].actions
+    assert isinstance(action, SendNotification)  # Prefect's own action, run by the server
+
+    def escalate_run(incident: str) -> UUID:
+        params = {"severity": "critical", "topic": "database", "incident_key": incident}
+        with get_client(sync_client=True) as client:
+            made = client.create_flow_run_from_deployment(
+                escalate_id, parameters={"params": params}
+            )
+        return made.id
+
+    fine, crashed, failed = escalate_run("inc-ok"), escalate_run("inc-c"), escalate_run("inc-f")
+    move(fine, Running(), Completed())
+    move(crashed, Running(), Paused(timeout_seconds=600, pause_key="ack"))
+    move(crashed, Crashed(message="No heartbeat for 90 s: the process running it died."))
+    move(failed, Running(), Failed(message="escalation config: cannot read it (OSError)"))
+
+    until("two last-resort pages", lambda: len(last_resort.delivered) >= 2)
+    time.sleep(2)  # reactive triggers act in event order: the completed run's came first
+    texts = [p["text"] for p in last_resort.delivered]
+    assert len(texts) == 2
+    (crash,) = [t for t in texts if "inc-c" in t]
+    (fail,) = [t for t in texts if "inc-f" in t]
+    assert "ended Crashed" in crash and "No heartbeat" in crash
+    assert "ended Failed" in fail and "cannot read" in fail
+    assert all("ESCALATION FAILED" in t for t in texts)
+    assert last_resort.secret not in "".join(texts)

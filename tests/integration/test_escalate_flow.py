@@ -6,9 +6,13 @@ import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
+from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
@@ -103,18 +107,41 @@ def test_a_failed_first_attempt_is_retried_and_delivered_once(world_env: Any) ->
     assert runs["notify-db-team-via-custom-webhook/test-db-team"] == 2
 
 
-def test_a_lost_answer_is_never_resent_and_the_next_channel_is_used(world_env: Any) -> None:
+def test_a_lost_answer_on_slack_is_never_resent_and_the_next_channel_is_used(
+    world_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = world_env(db_team={"drop_first": 1})
+    # db-team with a second channel (the ticket queue), so the fallback is visible.
+    config = yaml.safe_load(world.file.read_text())
+    config["contacts"]["db-team"]["channels"].append("custom-webhook/test-tickets")
+    (tmp_path / "esc.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("RUNBOOKS_ESCALATION_CONFIG_FILE", str(tmp_path / "esc.yaml"))
+    state = run("high", "database", key())
+    assert state.is_completed(), state.message
+    slack = world.sink["db-team"]
+    assert len(slack.requests) == 1 and len(slack.delivered) == 1  # arrived; not sent again
+    assert len(world.sink["tickets"].delivered) == 1  # the fallback got the page
+    rows = {(d.contact, d.block): d for d in state.result().deliveries}
+    assert rows[("db-team", "custom-webhook/test-db-team")].status == "unconfirmed"
+    assert rows[("db-team", "custom-webhook/test-tickets")].status == "sent"
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["notify-db-team-via-custom-webhook/test-db-team"] == 1
+
+
+def test_a_lost_pagerduty_answer_is_retried_under_the_incident_dedup_key(
+    world_env: Any,
+) -> None:
     world = world_env(on_call={"drop_first": 1})
-    state = run("critical", "database", key())
+    incident = key()
+    state = run("critical", "database", incident)
     assert state.is_completed(), state.message
     pd = world.sink["on-call"]
-    assert len(pd.requests) == 1 and len(pd.delivered) == 1  # arrived; not sent a second time
-    assert len(world.sink["on-call-slack"].delivered) == 1  # the fallback got the page
-    rows = {(d.contact, d.block): d for d in state.result().deliveries}
-    assert rows[("on-call", "custom-webhook/test-on-call")].status == "unconfirmed"
-    assert rows[("on-call", "custom-webhook/test-on-call-slack")].status == "sent"
+    # Sent twice (the first answer was lost), one page: PagerDuty merges by dedup_key.
+    assert [p["dedup_key"] for p in pd.delivered] == [incident, incident]
+    assert world.pages() == {"on-call": 1, "leadership": 1, "db-team": 1}
+    assert "on-call-slack" not in world.counts()  # confirmed on PagerDuty: no fallback
     runs = task_runs(state.state_details.flow_run_id)
-    assert runs["notify-on-call-via-custom-webhook/test-on-call"] == 1
+    assert runs["notify-on-call-via-custom-webhook/test-on-call"] == 2
 
 
 def test_a_sink_that_is_down_is_reported_and_the_next_channel_pages(world_env: Any) -> None:
@@ -140,8 +167,15 @@ def test_a_contact_nobody_can_reach_fails_the_run_with_its_report(world_env: Any
 
 
 def _variables(incident: str) -> list[str]:
-    names = [record_name(incident, c, f"custom-webhook/test-{c}") for c in CONTACTS]
-    names.append(record_name(incident, "on-call", "custom-webhook/test-on-call-slack"))
+    names = [
+        record_name(incident, c, f"custom-webhook/test-{c}", stage)
+        for c in CONTACTS
+        for stage in ("critical", "high")
+    ]
+    names += [
+        record_name(incident, "on-call", "custom-webhook/test-on-call-slack", stage)
+        for stage in ("critical", "high")
+    ]
     with get_client(sync_client=True) as client:
         found = [v for v in client.read_variables() if v.name in names]
     assert found
@@ -248,3 +282,28 @@ def test_an_ack_at_the_second_level_stops_before_the_third(
         2,
     )
     assert "team-lead" not in world.counts()
+
+
+def test_a_prefect_api_error_loading_the_block_is_retried_and_pages_once(
+    world_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's answer to the block read is lost: nothing was sent, so it is sent now."""
+    world = world_env()
+
+    class FlakyApi:
+        calls = 0
+
+        @staticmethod
+        def load(ref: str) -> Any:
+            FlakyApi.calls += 1
+            if FlakyApi.calls == 1:
+                raise httpx.ReadTimeout("timed out reading from the Prefect API")
+            return Block.load(ref)
+
+    monkeypatch.setattr("tasks.notify.Block", FlakyApi)
+    state = run("critical", "database", key())
+    assert state.is_completed(), state.message
+    assert world.pages() == {"on-call": 1, "leadership": 1, "db-team": 1}
+    assert "on-call-slack" not in world.counts()  # PagerDuty itself got it: no fallback
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["notify-on-call-via-custom-webhook/test-on-call"] == 2

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import uuid
 from pathlib import Path
 
 import pytest
+from prefect.events.actions import RunDeployment
 from pydantic import ValidationError
 
-from tasks.contacts import EscalationConfig, EscalationSettings, Severity, load_config
+from deployments.automations import RUN_KEY, escalate_failed, escalate_paused
+from deployments.catalog import RUNBOOKS
+from tasks.contacts import EscalationConfig, EscalationSettings, Severity, highest, load_config
 from tasks.errors import PermanentError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deployments" / "escalation.example.yaml"
@@ -49,3 +54,58 @@ def test_deadline_overrides_and_unreadable_files(tmp_path: Path) -> None:
     assert config.severities[Severity.CRITICAL].deadline_s == 5
     with pytest.raises(PermanentError, match="cannot read"):
         load_config(EscalationSettings(config_file=tmp_path / "missing.yaml"))
+
+
+APPROVAL_MODELS = (
+    "flows.cert_renew:CertRenewParams",
+    "flows.cert_replace:CertReplaceParams",
+    "flows.db_pool_exhausted:DbPoolParams",
+    "flows.high_error_rate:HighErrorRateParams",
+    "flows.high_latency:HighLatencyParams",
+)
+
+
+def _approval_timeout(ref: str) -> int:
+    module, name = ref.split(":")
+    field = getattr(importlib.import_module(module), name).model_fields["approval_timeout_s"]
+    return int(field.default)
+
+
+@pytest.mark.parametrize("model", APPROVAL_MODELS)
+def test_approval_timeouts_and_reminders_do_not_collide_with_the_critical_deadline(
+    model: str,
+) -> None:
+    config = EscalationConfig()
+    critical = config.severities[Severity.CRITICAL].deadline_s
+    timeout = _approval_timeout(model)
+    assert timeout != critical
+    approval = config.approval
+    assert approval.repage_after_s != critical
+    # Every reminder goes out, and its receiver has one more interval, before it expires.
+    last_page = approval.repage_after_s * (1 + len(approval.next_levels))
+    assert last_page + approval.repage_after_s <= timeout
+
+
+def test_approval_reminders_page_the_on_call_chain_not_leadership() -> None:
+    approval = EscalationConfig().approval
+    assert (approval.notify, approval.next_levels) == (["on-call"], ["on-call-secondary"])
+    assert load_config(EscalationSettings(approval_repage_s=7)).approval.repage_after_s == 7
+
+
+def test_the_incident_severity_is_the_highest_raised() -> None:
+    assert highest(Severity.HIGH, Severity.CRITICAL, Severity.LOW) == Severity.CRITICAL
+    assert highest(Severity.MEDIUM, Severity.LOW) == Severity.MEDIUM
+
+
+def test_every_automation_of_one_run_uses_the_run_id_as_the_incident_key() -> None:
+    rb = next(r for r in RUNBOOKS if r.name == "db-pool-exhausted")
+    deployment = uuid.uuid4()
+    failed = escalate_failed(rb, deployment).actions[0]
+    paused = escalate_paused(rb, deployment, 300)
+    assert isinstance(failed, RunDeployment) and failed.parameters is not None
+    (action,) = paused.actions
+    assert isinstance(action, RunDeployment) and action.parameters is not None
+    assert failed.parameters["params"]["incident_key"] == RUN_KEY
+    assert action.parameters["params"]["incident_key"] == RUN_KEY
+    assert action.parameters["params"]["reason"] == "approval"
+    assert paused.trigger.within.total_seconds() == 300  # type: ignore[union-attr]
