@@ -70,7 +70,7 @@ def main() -> None:
             close_all(conns)
             assert len(result.terminated) == n, (len(result.terminated), n)
 
-            # Baseline: what the seed does by hand, one pg_terminate_backend per pid.
+            # Baseline: what the on-call runbook does by hand, one pg_terminate_backend per pid.
             conns = open_idle(app, n)
             with psycopg.connect(admin, autocommit=True) as conn:
                 pids = [c.info.backend_pid for c in conns]

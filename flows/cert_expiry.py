@@ -184,7 +184,7 @@ def _rows(findings: list[Finding], infos: dict[tuple[str, int], CertificateInfo]
 def emergency_checklist(
     critical: list[Finding], infos: dict[tuple[str, int], CertificateInfo]
 ) -> str:
-    """The seed's emergency steps, filled in with the sources found critical."""
+    """The on-call runbook's emergency steps, filled in with the sources found critical."""
     lines = [
         "Severity **critical**: page on-call now (< 15 min), per the escalation path.",
         "",

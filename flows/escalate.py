@@ -84,7 +84,9 @@ class Acknowledgement(RunInput):
 class EscalateParams(BaseModel):
     """Parameters of the escalate flow (the UI's Run form; automations fill them in)."""
 
-    severity: Severity = Field(description="critical, high, medium or low (the seed's table).")
+    severity: Severity = Field(
+        description="critical, high, medium or low (the on-call runbook's table)."
+    )
     topic: str = Field(
         "platform",
         min_length=1,

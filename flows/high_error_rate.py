@@ -1,4 +1,4 @@
-"""Runbook `high-error-rate`: the seed's "High Error Rate" (5xx) runbook.
+"""Runbook `high-error-rate`: the on-call runbook's "High Error Rate" (5xx) runbook.
 
 Trigger: alert `HighErrorRate` (> 5 % of /api answered 5xx over 1 min; route `auto: false`,
 so an alert-started run only plans), or by hand from the Prefect UI.
@@ -136,7 +136,8 @@ SCENARIO_NAMES: dict[str, str] = {
 Verdict = Literal["ok", "PROBLEM", "not available", "unavailable"]
 Action = Literal["none", "planned", "refused", "acted", "skipped"]
 
-# What the sandbox's (and the seed's) log lines look like: `... status=503 ... error="..."`.
+# What the sandbox's (and the on-call runbook's) log lines look like:
+# `... status=503 ... error="..."`.
 _ERROR_LINE = re.compile(r"\bstatus=5\d\d\b|\blevel=error\b", re.IGNORECASE)
 _DB_WORDS = re.compile(
     r"psycopg|postgres|database|PoolExhausted|OperationalError|too many connections",

@@ -1,4 +1,4 @@
-"""Runbook `high-latency`: the seed's "High Response Time" checklist, and its quick wins.
+"""Runbook `high-latency`: the on-call runbook's "High Response Time" checklist, and its quick wins.
 
 What it may change: nothing, apart from one action: clearing the Redis cache keys matching
 the configured pattern (`RUNBOOKS_REDIS_CACHE_KEY_PATTERN`, SCAN + UNLINK, never FLUSHALL).

@@ -1,8 +1,8 @@
 """Scheduled check `pool-threshold`: PostgreSQL connection usage against a warning threshold.
 
 Trigger: every 5 minutes (the schedule is in `deployments/catalog.py`), or by hand. The
-seed's prevention item "Add monitoring alert at 70% threshold", as a check that leaves a
-record every run.
+on-call runbook's prevention item "Add monitoring alert at 70% threshold", as a check that
+leaves a record every run.
 
 May change: nothing by itself. When `start_remediation` is on and usage is over the
 threshold, it starts the `db-pool-exhausted` deployment (dry-run unless told otherwise),

@@ -14,7 +14,7 @@ Incident key (`IncidentKey.parse`):
 
 Gathers, through the Prefect API: every flow run (with its subflows), task run, state change,
 artifact, approval input and notification (runs of the `escalate` flow) → one ordered
-timeline with durations, the times to first action, approval and recovery, and the seed's
+timeline with durations, the times to first action, approval and recovery, and the on-call runbook's
 post-incident checklist, filled in a Prefect form (`ChecklistForm`), each item with who and
 when. The same record is published as a markdown artifact and can be exported as markdown
 and JSON (the JSON loads back into the same `PostIncidentRecord`).
@@ -239,7 +239,7 @@ class Metrics(BaseModel):
 
 
 class ChecklistItem(BaseModel):
-    """One item of the seed's post-incident checklist."""
+    """One item of the on-call runbook's post-incident checklist."""
 
     item: ChecklistName
     title: str
@@ -253,7 +253,7 @@ class ChecklistItem(BaseModel):
 
 
 class Checklist(BaseModel):
-    """The seed's six items, open until someone answers them in the form."""
+    """The on-call runbook's six items, open until someone answers them in the form."""
 
     items: list[ChecklistItem] = Field(
         default_factory=lambda: [
@@ -282,7 +282,7 @@ class PostIncidentRecord(BaseModel):
 
 
 class ChecklistForm(RunInput):
-    """The seed's post-incident checklist, filled by the on-call in the Prefect UI."""
+    """The on-call runbook's post-incident checklist, filled by the on-call in the Prefect UI."""
 
     filled_by: str = Field(..., min_length=1, max_length=200, description="Your name.")
     root_cause: str = Field(

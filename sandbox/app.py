@@ -112,7 +112,7 @@ class Pool:
 
 
 class AccessLog:
-    """One line per request, in the seed's shape, in `log_file` when set and on stdout
+    """One line per request, in the on-call runbook's shape, in `log_file` when set and on stdout
     when `stdout` is (by default only when there is no file)."""
 
     def __init__(self, log_file: Path | None, stdout: bool | None = None) -> None:

@@ -1,8 +1,8 @@
 """The escalation path as typed config: severities, their deadlines, contacts and topics.
 
-Defaults are the seed's table (critical < 15 min: page on-call and notify executives; high
-< 1 h: team lead and the incident channel; medium < 4 h: a ticket; low < 1 day: the
-backlog). A contact is a list of Prefect notification blocks, tried in order until one
+Defaults are the on-call runbook's table (critical < 15 min: page on-call and notify
+executives; high < 1 h: team lead and the incident channel; medium < 4 h: a ticket; low
+< 1 day: the backlog). A contact is a list of Prefect notification blocks, tried in order until one
 answers; a block is named `<block-type-slug>/<block-name>` (e.g. `slack-webhook/db-team`,
 `custom-webhook/on-call-pagerduty`) and saved in the Prefect server, never here: the webhook
 URLs and routing keys stay in the blocks.
@@ -30,7 +30,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 class Severity(StrEnum):
-    """The seed's four severities, most urgent first."""
+    """The on-call runbook's four severities, most urgent first."""
 
     CRITICAL = "critical"
     HIGH = "high"
@@ -63,7 +63,7 @@ class SeverityPolicy(BaseModel):
     """What one severity does: whom to notify, how fast, and who is next without an ack."""
 
     deadline_s: int = Field(ge=1, description="Acknowledge (or act) within this many seconds.")
-    action: str = Field(description="The seed's action, for the report.")
+    action: str = Field(description="The on-call runbook's action, for the report.")
     notify: list[str] = Field(
         description=f"Contact names, or {TOPIC!r} for the contact of the incident's topic."
     )

@@ -685,7 +685,8 @@ def set_idle_in_transaction_timeout(seconds: int, reading: TimeoutReading) -> Ti
                         sql.Identifier(TIMEOUT_GUC), sql.Literal(value)
                     )
                 )
-            # The seed's `pg_ctl_reload()` does not exist: the SQL function is pg_reload_conf().
+            # The on-call runbook's `pg_ctl_reload()` does not exist: the SQL function is
+            # pg_reload_conf().
             # Reloading again is harmless, and needed when the lost reply was the reload's.
             conn.execute("SELECT pg_reload_conf()")
         else:
@@ -879,7 +880,7 @@ class ActivityGroup(BaseModel):
 
 
 class ActivityByDbUser(BaseModel):
-    """The seed's `GROUP BY datname, usename` over client connections, largest group first."""
+    """The on-call runbook's `GROUP BY datname, usename` over client connections, largest first."""
 
     target: str
     taken_at: datetime
@@ -921,7 +922,7 @@ def read_activity_by_db_user(settings: PostgresSettings | None = None) -> Activi
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="activity-by-db-user")
 def activity_by_db_user() -> ActivityByDbUser:
-    """Count client connections grouped by database and role together (the seed's query)."""
+    """Count client connections by database and role together (the on-call runbook's query)."""
     result = read_activity_by_db_user()
     top = result.groups[0] if result.groups else None
     run_logger().info(

@@ -1,6 +1,6 @@
 """Typed settings, one class per system, read from `RUNBOOKS_<SYSTEM>_*` variables.
 
-Defaults fit the seed platform (deployment `akig-backend`, label `app=akig`, backend
+Defaults fit the akig platform (deployment `akig-backend`, label `app=akig`, backend
 `http://backend:4000`); every one can be overridden by the environment. Secrets are
 `SecretStr`, so they print as `**********` in logs, reprs and artifacts. A secret may
 also come from a Prefect `Secret` block: set the matching `*_secret_block` field.

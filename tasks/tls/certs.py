@@ -54,7 +54,8 @@ from tasks.settings import TlsSettings
 
 
 class Severity(StrEnum):
-    """The seed's escalation levels (critical < 15 min, high < 1 h, medium < 4 h, low < 1 d)."""
+    """The on-call runbook's escalation levels (critical < 15 min, high < 1 h, medium < 4 h,
+    low < 1 d)."""
 
     OK = "ok"
     LOW = "low"

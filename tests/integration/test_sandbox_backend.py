@@ -102,7 +102,7 @@ def test_metrics_use_route_templates_and_status(sandbox_backend):
     assert metric(text, "akig_release_info", release="v1") == 1
 
 
-def test_log_lines_in_the_seed_shape_go_to_the_file_not_the_terminal(sandbox_backend, capfd):
+def test_log_lines_in_the_runbook_shape_go_to_the_file_not_the_terminal(sandbox_backend, capfd):
     capfd.readouterr()
     sandbox_backend.traffic(1, "/api/users/3")
     sandbox_backend.faults(error_rate_pct=100)

@@ -1,4 +1,4 @@
-"""The typed escalation config: the seed's table, name checks, the committed example."""
+"""The typed escalation config: the on-call runbook's table, name checks, the committed example."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tasks.errors import PermanentError
 EXAMPLE = Path(__file__).resolve().parents[2] / "deployments" / "escalation.example.yaml"
 
 
-def test_defaults_follow_the_seed_table() -> None:
+def test_defaults_follow_the_oncall_runbook_table() -> None:
     config = EscalationConfig()
     deadlines = {s: config.severities[s].deadline_s for s in Severity}
     assert deadlines == {
