@@ -18,7 +18,7 @@ ReplicaSet's `creationTimestamp` stays the old release's. So a revision is dated
 
 `undone_previous` tells whether the previous revision (the one `rollout undo` would go back
 to) was itself rolled back from: the current revision returned to an older template. Nothing
-here talks to the API server (unit-tested in tests/unit/test_kubernetes_revisions.py).
+here talks to the API server (unit-tested in tests/unit/test_kubernetes_revisions_logic.py).
 """
 
 from __future__ import annotations
