@@ -284,6 +284,18 @@ def run_two_at_once(
     return [(s.state_details.flow_run_id, s.result()) for s in states]
 
 
+def one_cleared_one_not(
+    runs: list[tuple[Any, HighErrorRateOutcome]],
+) -> tuple[HighErrorRateOutcome, Any, HighErrorRateOutcome]:
+    """Of two runs, exactly one acted, by clearing the cache: (it, the other's id, the other)."""
+    acted = [(rid, o) for rid, o in runs if o.action == "acted"]
+    others = [(rid, o) for rid, o in runs if o.action != "acted"]
+    assert len(acted) == 1, [(o.action, o.note) for _, o in runs]
+    ((_, first),), ((second_id, second),) = acted, others
+    assert [a.kind for a in first.actions] == ["cache-clear"]
+    return first, second_id, second
+
+
 def test_two_runs_at_once_the_second_re_measures_under_the_lock_and_changes_nothing(
     env: ScrapedSandbox, traffic: None, filled: int
 ) -> None:
@@ -294,11 +306,7 @@ def test_two_runs_at_once_the_second_re_measures_under_the_lock_and_changes_noth
         dry_run=False, auto_approve=True, verify_window="10s", verify_timeout_s=60
     )
     runs = run_two_at_once(params, planned="redis-cache-clear-True")
-    acted = [(rid, o) for rid, o in runs if o.action == "acted"]
-    others = [(rid, o) for rid, o in runs if o.action != "acted"]
-    assert len(acted) == 1, [(o.action, o.note) for _, o in runs]
-    ((_, first),), ((second_id, second),) = acted, others
-    assert [a.kind for a in first.actions] == ["cache-clear"]
+    _, second_id, second = one_cleared_one_not(runs)
     assert len(cache_keys(env)) < filled / 10
     # The second planned the same clear before it waited, then did nothing, and says why.
     assert "C" in held(second) and any(a.kind == "cache-clear" for a in second.plan)

@@ -44,6 +44,7 @@ from tests.integration.test_high_error_rate_flow import (
     cache_keys,
     held,
     latest_artifact,
+    one_cleared_one_not,
     point_runbook_at,
     row,
     run_two_at_once,
@@ -527,11 +528,7 @@ def test_two_runs_on_a_poisoned_cache_the_second_finds_the_errors_ended(
             dry_run=False, auto_approve=True, verify_window="10s", verify_timeout_s=120
         )
         runs = run_two_at_once(params, planned="redis-cache-clear-True")
-    acted = [(rid, o) for rid, o in runs if o.action == "acted"]
-    others = [(rid, o) for rid, o in runs if o.action != "acted"]
-    assert len(acted) == 1, [(o.action, o.note) for _, o in runs]
-    ((_, first),), ((second_id, second),) = acted, others
-    assert [a.kind for a in first.actions] == ["cache-clear"]
+    first, second_id, second = one_cleared_one_not(runs)
     assert first.verify is not None and first.verify.recovered
     assert held(second) == {"C"} and second.actions == [] and second.action == "skipped"
     assert "the errors ended while this run waited" in second.note, second.note
