@@ -669,9 +669,7 @@ def _rollout_evidence(
     )
     if latest.earlier_revisions:
         figure += f", an undo (it was revision {max(latest.earlier_revisions)} before)"
-    undone = history.undone
-    if undone is not None and (prev is None or undone.revision != prev.revision):
-        undone = None
+    undone = history.undone  # computed from the same revisions: its revision is `prev`'s
     # Table cells keep 200 characters: the reason first, the previous revision in it.
     if undone is not None:
         details = [f"{undone.describe()}; {_NOT_BACK}"]
