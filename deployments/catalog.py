@@ -23,15 +23,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from dataclasses import dataclass, field
-from functools import cache
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any
-
-from tasks.runbooks import dry_run_field as declared_dry_run_field
 
 if TYPE_CHECKING:  # imported when a runbook is loaded: this module stays cheap to import
     from prefect import Flow
     from pydantic import BaseModel
+
+    from flows.spec import RunbookSpec
 
 #: The ServiceAccount of the rollout runbooks: the platform's named Deployments only
 #: (deployments/k8s/). Runbooks that never call Kubernetes use `NO_KUBE_SERVICE_ACCOUNT`
@@ -45,15 +46,16 @@ POOL_THRESHOLD_INTERVAL_S = int(os.environ.get("RUNBOOKS_POOL_CHECK_INTERVAL_S",
 CERT_EXPIRY_CRON = "0 6 * * *"
 #: Daily at 03:30 UTC, when the run list is quietest.
 AUDIT_RETENTION_CRON = "30 3 * * *"
-#: `Runbook.dry_run_field` left out: the runbook's declaration in `tasks.runbooks`.
-_DECLARED = "<declared in tasks.runbooks>"
 
 
 @dataclass(frozen=True)
 class Runbook:
-    """One runbook served as a deployment; `name` is the flow's name."""
+    """One runbook served as a deployment: where its flow is, and how it is deployed.
 
-    name: str
+    Its identity (name, severity, topic, dry-run field, lock target) is the flow's
+    `RunbookSpec` (`flows/spec.py`), read when first needed: this entry never copies it.
+    """
+
     entrypoint: str
     description: str
     tags: tuple[str, ...] = ()
@@ -63,43 +65,58 @@ class Runbook:
     #: runbooks that lock their *target* while acting (`tasks.locks`): plan-only runs and
     #: runs for other targets then never wait for each other.
     concurrency_limit: int | None = 1
-    #: `module:function` giving the target a run would change from its validated params
-    #: (e.g. `pg:db1:5432/app`): alerts for one target within the route's cooldown
-    #: coalesce into one run (deployments/journal.py). `None` = never coalesced.
-    target: str | None = None
-    #: The parameter field (dotted for nested models) that makes a run plan-only; `None` =
-    #: the runbook never changes anything. Declared once per runbook in
-    #: `tasks.runbooks.DRY_RUN_FIELDS` (post-incident reads it there: a flow cannot import
-    #: this module) and taken from there; a stand-in catalog (tests) may set it here.
-    dry_run_field: str | None = _DECLARED
     #: Kubernetes ServiceAccount of its runs under a Kubernetes work pool (prefect.yaml).
     service_account: str = DEFAULT_SERVICE_ACCOUNT
-    #: A run that ends Failed or Crashed, or waits for approval longer than this severity's
-    #: deadline, starts `escalate` with it and `topic` (deployments/automations.py); `None` =
-    #: never (the escalate flow itself).
-    severity: str | None = None
-    topic: str = "platform"
+    #: Stand-in catalogs (tests) only: spec fields replaced, e.g. `{"name": "other"}`.
+    overrides: Mapping[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.dry_run_field == _DECLARED:
-            object.__setattr__(self, "dry_run_field", declared_dry_run_field(self.name))
+    @cached_property
+    def spec(self) -> RunbookSpec[Any]:
+        """The flow's spec (imports the flow module once)."""
+        from flows.spec import spec_of_flow
+
+        found = spec_of_flow(self.load())
+        return replace(found, **self.overrides) if self.overrides else found
+
+    @property
+    def name(self) -> str:
+        """The flow's name, which is also the deployment's."""
+        return self.spec.name
+
+    @property
+    def severity(self) -> str | None:
+        """A run that ends Failed or Crashed, or waits for approval too long, is escalated
+        with this severity and `topic` (deployments/automations.py); None = never."""
+        return self.spec.severity
+
+    @property
+    def topic(self) -> str:
+        """The escalation topic (which contacts are paged)."""
+        return self.spec.topic
+
+    @property
+    def dry_run_field(self) -> str | None:
+        """The parameter field that makes a run plan-only; None = the runbook changes nothing."""
+        return self.spec.dry_run_field
 
     @property
     def deployment(self) -> str:
         """The deployment's full name, `<flow-name>/<deployment-name>`."""
-        return f"{self.name}/{self.name}"
+        return self.spec.deployment
 
     def load(self) -> Flow[..., Any]:
         """Import the flow object (cached); raises if the module or function is missing."""
         return _load_flow(self.entrypoint)
 
     def target_of(self, params: dict[str, Any]) -> str | None:
-        """The target a run with these (route-built) params would change; None = not known."""
-        if self.target is None:
+        """The target a run with these (route-built) params would change; None = not known.
+
+        Alerts for one target within the route's cooldown coalesce into one run
+        (deployments/journal.py)."""
+        if self.spec.lock is None:
             return None
-        function = _load_attr(self.target)
-        return str(function(self.params_model().model_validate(params)))
+        return self.spec.target_of(self.params_model().model_validate(params))
 
     def params_model(self) -> type[BaseModel]:
         """The pydantic model of the flow's single `params` parameter."""
@@ -131,77 +148,55 @@ def _load_flow(entrypoint: str) -> Flow[..., Any]:
 
 RUNBOOKS: tuple[Runbook, ...] = (
     Runbook(
-        name="db-pool-exhausted",
         entrypoint="flows.db_pool_exhausted:db_pool_exhausted",
         description="PostgreSQL connection pool exhausted: find and (guarded) end idle sessions.",
         tags=("postgres", "destructive"),
         # Acting takes the target's lock (`pg:<server>/<database>`): databases in parallel,
         # one remediation per database; plan-only runs never wait.
         concurrency_limit=None,
-        target="flows.db_pool_exhausted:target_of",
         # Reads the backend Deployment for pool sizing; patches only it (approved raise).
         service_account="db-pool-exhausted",
-        severity="critical",
-        topic="database",
     ),
     Runbook(
-        name="pool-threshold",
         entrypoint="flows.pool_threshold:pool_threshold",
         description="Every 5 min: PostgreSQL pool usage vs threshold; notify or start cleanup.",
         tags=("postgres", "scheduled"),
         interval_s=POOL_THRESHOLD_INTERVAL_S,
         # It reads and starts db-pool-exhausted (whose acting step locks the target).
         concurrency_limit=None,
-        target="flows.pool_threshold:target_of",
         service_account=NO_KUBE_SERVICE_ACCOUNT,
-        severity="high",
-        topic="database",
     ),
     Runbook(
-        name="cert-expiry",
         entrypoint="flows.cert_expiry:cert_expiry",
         description="Daily: TLS certificates from files and live endpoints; warn and escalate.",
         tags=("tls", "scheduled"),
         cron=CERT_EXPIRY_CRON,
         service_account="cert-expiry",
-        severity="high",
-        topic="security",
     ),
     Runbook(
-        name="cert-replace",
         entrypoint="flows.cert_replace:cert_replace",
         description="Replace a TLS Secret and restart the ingress (approval; dry run default).",
         tags=("tls", "destructive"),
         service_account="cert-replace",
-        severity="critical",
-        topic="security",
     ),
     Runbook(
-        name="cert-renew",
         entrypoint="flows.cert_renew:cert_renew",
         description="Emergency certificate over ACME, installed via cert-replace's path "
         "(approval; dry run default; once per name per day).",
         tags=("tls", "destructive", "acme"),
         service_account="cert-renew",
         # An emergency renewal that fails leaves an expiring certificate: page at once.
-        severity="critical",
-        topic="security",
     ),
     Runbook(
-        name="high-latency",
         entrypoint="flows.high_latency:high_latency",
         description="High response time: the latency checklist, quick wins with evidence;"
         " a cache clear only after approval.",
         tags=("latency", "redis", "postgres", "prometheus"),
         # The cache clear takes the cache's target lock; read-only runs never wait.
         concurrency_limit=None,
-        target="flows.high_latency:target_of",
         service_account="incident-runbooks",
-        severity="high",
-        topic="platform",
     ),
     Runbook(
-        name="escalate",
         entrypoint="flows.escalate:escalate",
         description="Notify the contacts of a severity and topic once per incident;"
         " re-page the next level without an acknowledgement.",
@@ -211,20 +206,15 @@ RUNBOOKS: tuple[Runbook, ...] = (
         service_account=NO_KUBE_SERVICE_ACCOUNT,
     ),
     Runbook(
-        name="high-error-rate",
         entrypoint="flows.high_error_rate:high_error_rate",
         description="High 5xx rate: evidence in parallel, scenario A-D with figures; rollout"
         " undo, restart or cache clear after approval, then verified by Prometheus.",
         tags=("errors", "kubernetes", "redis", "postgres", "prometheus", "destructive"),
         # Acting takes the backend's target lock; plan-only runs never wait for each other.
         concurrency_limit=None,
-        target="flows.high_error_rate:target_of",
         service_account="incident-runbooks",
-        severity="critical",
-        topic="platform",
     ),
     Runbook(
-        name="post-incident",
         entrypoint="flows.post_incident:post_incident",
         description="The incident's timeline, figures and checklist form; exported as"
         " markdown and JSON. Started as a draft when an alert whose runbook ran resolves.",
@@ -234,7 +224,6 @@ RUNBOOKS: tuple[Runbook, ...] = (
         service_account=NO_KUBE_SERVICE_ACCOUNT,
     ),
     Runbook(
-        name="audit-retention",
         entrypoint="flows.audit_retention:audit_retention",
         description="Daily: export runs older than N days (JSON lines, with artifacts), then"
         " delete them; never a run of an open incident. Dry run by default.",

@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from deployments.catalog import Runbook, by_deployment
-from tasks.runbooks import value_at
+from flows.spec import value_at
 
 _TEMPLATE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _OPTIONAL = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\?\}")

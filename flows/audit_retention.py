@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import httpx
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     FlowFilter,
@@ -71,6 +71,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from flows.common import Report, md_code, publish_on_exit, table, tag_run
 from flows.post_incident import artifacts_of, run_answers, task_runs_of
+from flows.spec import RunbookSpec, runbook_flow
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
 
@@ -448,7 +449,14 @@ def export_and_delete(
     return outcome
 
 
-@flow(name=RUNBOOK, log_prints=False)
+SPEC: RunbookSpec[Any] = RunbookSpec(
+    name=RUNBOOK,
+    title="Audit retention",
+    severity=None,
+)
+
+
+@runbook_flow(SPEC)
 def audit_retention(params: RetentionParams = RetentionParams()) -> RetentionOutcome:  # noqa: B008
     """Export, then delete, flow runs older than N days that no open incident needs."""
     report = Report(RUNBOOK, f"Audit retention: runs older than {params.older_than_days:g} days")

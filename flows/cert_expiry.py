@@ -23,7 +23,7 @@ from pathlib import Path
 from shlex import quote
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 
 from flows.common import Report, md_code, md_escape, publish_on_exit, table, tag_run
 from flows.escalate import escalate_incident
+from flows.spec import RunbookSpec, runbook_flow
 from tasks.errors import RunbookError, TransientError
 from tasks.settings import TlsSettings
 from tasks.tls import (
@@ -236,11 +237,16 @@ def emergency_checklist(
 _RUNNER: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=TlsSettings().max_workers)
 
 
-@flow(
+SPEC: RunbookSpec[Any] = RunbookSpec(
     name=RUNBOOK,
-    task_runner=_RUNNER,  # type: ignore[arg-type]  # TaskRunner is invariant in Prefect 3.9 stubs
-    log_prints=False,
+    title="TLS certificate expiry",
+    severity="high",
+    topic="security",
+    dry_run_field=None,
 )
+
+
+@runbook_flow(SPEC, task_runner=_RUNNER)
 def cert_expiry(params: CertExpiryParams = CertExpiryParams()) -> CertExpiryResult:  # noqa: B008
     """Check certificates in files, on live endpoints and in Kubernetes TLS Secrets."""
     tag_run(RUNBOOK)

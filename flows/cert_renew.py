@@ -27,9 +27,9 @@ Secret can be deleted once the incident is over.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 
@@ -40,6 +40,7 @@ from flows.cert_replace import (
     replace_pair,
 )
 from flows.common import Report, md_code, md_escape, publish_on_exit, table, tag_run
+from flows.spec import RunbookSpec, runbook_flow
 from tasks.acme import (
     Issued,
     LastIssued,
@@ -106,7 +107,15 @@ def _flow_run_name() -> str:
     return str(ctx.flow_run.name) if ctx and ctx.flow_run else "local"
 
 
-@flow(name=RUNBOOK, log_prints=False)
+SPEC: RunbookSpec[Any] = RunbookSpec(
+    name=RUNBOOK,
+    title="Emergency certificate renewal (ACME)",
+    severity="critical",
+    topic="security",
+)
+
+
+@runbook_flow(SPEC)
 def cert_renew(params: CertRenewParams) -> CertRenewResult:
     """Order a certificate over ACME, stage it, replace the TLS Secret behind approval."""
     tag_run(RUNBOOK)

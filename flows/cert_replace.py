@@ -34,12 +34,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from pydantic import BaseModel, Field
 
 from flows.common import Report, md_escape, publish_on_exit, request_approval, table, tag_run
+from flows.spec import RunbookSpec, runbook_flow
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.kubernetes import restart_rollout, wait_for_rollout
 from tasks.settings import KubernetesSettings
@@ -157,7 +158,15 @@ def _before(current: SourceScan, params: CertReplaceParams, backup: str) -> str:
     return table(["what", "value"], rows) + "\n\nUndo:\n\n" + _undo(params, backup)
 
 
-@flow(name=RUNBOOK, log_prints=False)
+SPEC: RunbookSpec[Any] = RunbookSpec(
+    name=RUNBOOK,
+    title="TLS certificate replacement",
+    severity="critical",
+    topic="security",
+)
+
+
+@runbook_flow(SPEC)
 def cert_replace(params: CertReplaceParams) -> CertReplaceResult:
     """Replace a Kubernetes TLS Secret with a validated new pair and restart the ingress."""
     tag_run(RUNBOOK)

@@ -98,6 +98,14 @@ def run_source() -> str:
     return "ui" if run.deployment_id else "local"
 
 
+def run_link(run_id: object) -> str:
+    """The run's page in the Prefect UI (absolute when the UI's address is known)."""
+    from prefect.settings import get_current_settings
+
+    base = get_current_settings().ui_url
+    return f"{str(base).rstrip('/') if base else ''}/runs/flow-run/{run_id}"
+
+
 def tag_run(runbook: str) -> str:
     """Add `runbook:<name>` and `source:<how>` tags to the current run; returns the source."""
     source = run_source()

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime, timedelta
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.variables import Variable
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -52,6 +52,7 @@ from flows.common import (
 )
 from flows.escalate import escalate_incident
 from flows.pool_sizing import PoolSizeAction, SizingView, pool_sizing_report, raise_pool_size
+from flows.spec import LockTarget, RunbookSpec, runbook_flow
 from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
 from tasks.locks import target_lock
@@ -329,7 +330,16 @@ def _replan_md(approved: TerminationPlan, fresh: TerminationPlan, both: Terminat
 Action = Literal["none", "planned", "terminated", "skipped", "refused"]
 
 
-@flow(name=RUNBOOK, log_prints=False)
+SPEC: RunbookSpec[Any] = RunbookSpec(
+    name=RUNBOOK,
+    title="PostgreSQL connection pool",
+    severity="critical",
+    topic="database",
+    lock=lambda p: LockTarget(*lock_targets(p)),
+)
+
+
+@runbook_flow(SPEC)
 def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  # noqa: B008
     """Check the PostgreSQL pool, plan guarded terminations, act when allowed, verify."""
     target = pg_target(PostgresSettings())

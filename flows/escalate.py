@@ -32,10 +32,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -58,6 +58,7 @@ from flows.common import (
     table,
     tag_run,
 )
+from flows.spec import RunbookSpec, runbook_flow
 from tasks.contacts import EscalationConfig, EscalationSettings, Severity, load_config
 from tasks.errors import RunbookError
 from tasks.incidents import (
@@ -455,7 +456,15 @@ def _approval(chain: _Chain) -> Ended:
     return chain.wait("approval", policy.next_levels, policy.repage_after_s, body, stop, subject)
 
 
-@flow(name=RUNBOOK, log_prints=False)
+SPEC: RunbookSpec[Any] = RunbookSpec(
+    name=RUNBOOK,
+    title="Escalation",
+    severity=None,
+    dry_run_field=None,
+)
+
+
+@runbook_flow(SPEC)
 def escalate(params: EscalateParams) -> EscalationOutcome:
     """Notify the contacts of an incident's severity once; re-page until acknowledged."""
     tag_run(RUNBOOK)

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from prefect import Task, flow, get_run_logger
+from prefect import Task, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, Field
 
@@ -68,6 +68,7 @@ from flows.common import (
     tag_run,
 )
 from flows.escalate import escalate_incident
+from flows.spec import LockTarget, RunbookSpec, runbook_flow
 from tasks.backend import HealthResult, backend_health
 from tasks.errors import RunbookError, TransientError
 from tasks.kubernetes import (
@@ -990,7 +991,16 @@ def _actions_md(records: list[ActionRecord]) -> str:
 # ------------------------------------------------------------------------------ the flow
 
 
-@flow(name=RUNBOOK, log_prints=False)
+SPEC: RunbookSpec[Any] = RunbookSpec(
+    name=RUNBOOK,
+    title="High error rate (5xx)",
+    severity="critical",
+    topic="platform",
+    lock=lambda p: LockTarget(target_of(p)),
+)
+
+
+@runbook_flow(SPEC)
 def high_error_rate(params: HighErrorRateParams = HighErrorRateParams()) -> HighErrorRateOutcome:  # noqa: B008
     """Gather evidence, classify the 5xx (A-D), plan, approve, remediate and verify."""
     report = Report(RUNBOOK, "High error rate (5xx)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, Field
 
@@ -33,6 +33,7 @@ from flows.common import (
     table,
     tag_run,
 )
+from flows.spec import LockTarget, RunbookSpec, runbook_flow
 from tasks.backend import CompressionResult, compression_check
 from tasks.clients import pg_target
 from tasks.kubernetes.metrics import PodMetrics, pod_metrics
@@ -518,7 +519,16 @@ def _clear_md(result: CacheClearResult) -> str:
     )
 
 
-@flow(name=RUNBOOK, log_prints=False)
+SPEC: RunbookSpec[Any] = RunbookSpec(
+    name=RUNBOOK,
+    title="High latency",
+    severity="high",
+    topic="platform",
+    lock=lambda p: LockTarget(target_of(p)),
+)
+
+
+@runbook_flow(SPEC)
 def high_latency(params: HighLatencyParams = HighLatencyParams()) -> HighLatencyOutcome:  # noqa: B008
     """Run the latency checklist, list quick wins with evidence, clear the cache if approved."""
     report = Report(RUNBOOK, "High response time")

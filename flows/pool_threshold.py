@@ -14,7 +14,9 @@ Undo: nothing to undo.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from typing import Any
+
+from prefect import get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
@@ -24,6 +26,7 @@ from flows.common import Report, publish_on_exit, table, tag_run
 from flows.db_pool_exhausted import RUNBOOK as REMEDIATION
 from flows.db_pool_exhausted import DbPoolParams
 from flows.db_pool_exhausted import target_of as remediation_target
+from flows.spec import LockTarget, RunbookSpec, runbook_flow
 from tasks.postgres import PoolUsage, measure_pool_usage
 
 RUNBOOK = "pool-threshold"
@@ -73,7 +76,17 @@ class PoolCheck(BaseModel):
     remediation_run: str | None = Field(description="Id of the started db-pool-exhausted run.")
 
 
-@flow(name=RUNBOOK)
+SPEC: RunbookSpec[Any] = RunbookSpec(
+    name=RUNBOOK,
+    title="PostgreSQL pool threshold",
+    severity="high",
+    topic="database",
+    dry_run_field="remediation.dry_run",
+    lock=lambda p: LockTarget(target_of(p)),
+)
+
+
+@runbook_flow(SPEC, log_prints=None)
 def pool_threshold(params: PoolThresholdParams = PoolThresholdParams()) -> PoolCheck:  # noqa: B008
     """Fail (with an artifact) when connection usage reaches the threshold."""
     logger = get_run_logger()

@@ -37,7 +37,7 @@ from typing import Any, Literal, Self
 from uuid import UUID
 
 import httpx
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -66,9 +66,9 @@ from flows.common import (
     table,
     tag_run,
 )
+from flows.spec import RunbookSpec, dry_run_of, runbook_flow, spec_of
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
-from tasks.runbooks import dry_run_of
 
 RUNBOOK = "post-incident"
 #: Runs of this flow are notifications (the escalation helper's flow); "none" is fine.
@@ -517,7 +517,7 @@ def _fired_at(run: FlowRun) -> datetime | None:
 def _dry_run(run: FlowRun, flow_name: str) -> bool | None:
     """The run's dry-run field as its runbook declares it (a flow is named as its runbook)."""
     params = run.parameters.get("params") if run.parameters else None
-    return dry_run_of(flow_name, params) if isinstance(params, dict) else None
+    return dry_run_of(spec_of(flow_name), params) if isinstance(params, dict) else None
 
 
 def _decoded(value: FlowRunInput) -> dict[str, Any]:
@@ -904,7 +904,15 @@ def _fill_checklist(params: PostIncidentParams, report: Report) -> Checklist:
     return checklist
 
 
-@flow(name=RUNBOOK, log_prints=False)
+SPEC: RunbookSpec[Any] = RunbookSpec(
+    name=RUNBOOK,
+    title="Post-incident record",
+    severity=None,
+    dry_run_field=None,
+)
+
+
+@runbook_flow(SPEC)
 def post_incident(params: PostIncidentParams) -> PostIncidentRecord:
     """Build the incident's timeline and figures; fill the checklist form unless a draft."""
     key = IncidentKey.parse(params.incident)

@@ -44,12 +44,10 @@ from tests.fixtures.stub_runbooks import STUB_RUNBOOKS, stub_readonly, stub_reme
 
 WITHIN_S = 10
 CRITICAL_STUB = Runbook(
-    name="stub-remediate",
     entrypoint="tests.fixtures.stub_runbooks:stub_remediate",
     description="stand-in",
     concurrency_limit=None,
-    severity="critical",
-    topic="database",
+    overrides={"severity": "critical", "topic": "database"},
 )
 
 
@@ -138,7 +136,7 @@ def test_applying_twice_keeps_one_of_each(escalate_id: UUID) -> None:
     assert declared(60, None, runbooks) == declared(60)  # escalate not deployed: zombie only
 
     # The runbook loses its severity: `make run` prunes its escalations, keeps the rest.
-    quiet = dataclasses.replace(CRITICAL_STUB, severity=None)
+    quiet = dataclasses.replace(CRITICAL_STUB, overrides={"severity": None})
     apply(declared(60, escalate_id, (quiet,)), ESCALATION_PREFIXES)
     with get_client(sync_client=True) as client:
         assert [len(client.read_automations_by_name(n)) for n in names] == [1, 0, 0]

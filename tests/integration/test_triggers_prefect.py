@@ -144,9 +144,9 @@ def test_alert_for_a_deployment_not_served_yet_is_kept_until_it_is() -> None:
     runbooks = (
         *STUB_RUNBOOKS,
         Runbook(
-            name="never-served",
             entrypoint="tests.fixtures.stub_runbooks:stub_remediate",
             description="",
+            overrides={"name": "never-served"},
         ),
     )
     journal = Journal(None)
@@ -418,7 +418,6 @@ def test_a_run_prefect_refuses_is_journaled_failed_and_asked_once() -> None:
     )
     loose = (
         Runbook(
-            name="stub-remediate",
             entrypoint="tests.fixtures.triggers:loose_stub_remediate",
             description="",
         ),

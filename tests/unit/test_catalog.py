@@ -36,7 +36,7 @@ def test_importing_the_catalog_imports_no_flow_and_loading_imports_one() -> None
         "flows = lambda: sorted(m for m in sys.modules if m == 'flows' or m.startswith('flows.'))\n"
         "from deployments.catalog import by_deployment, RUNBOOKS\n"
         "before = flows()\n"
-        "by_deployment(RUNBOOKS)['cert-replace/cert-replace'].load()\n"
+        "[rb for rb in RUNBOOKS if rb.entrypoint.startswith('flows.cert_replace:')][0].load()\n"
         "print(json.dumps([before, flows()]))"
     )
     before, after = json.loads(out)
@@ -65,13 +65,13 @@ def test_no_flow_module_declares_a_schedule(rb: object) -> None:
     assert not [name for name in vars(module) if name.startswith("SCHEDULE")]
 
 
-def test_every_runbook_declares_its_dry_run_field_once_where_post_incident_reads_it() -> None:
+def test_every_runbook_declares_its_spec_once_where_post_incident_reads_it() -> None:
     from deployments.routing import _has_path
-    from tasks.runbooks import DRY_RUN_FIELDS
+    from flows.spec import spec_of
 
-    assert {rb.name for rb in RUNBOOKS} == set(DRY_RUN_FIELDS)
     for rb in RUNBOOKS:
-        assert rb.dry_run_field == DRY_RUN_FIELDS[rb.name], rb.name
+        # The catalog's entry and post-incident's lookup by name find the same object.
+        assert spec_of(rb.name) is rb.spec, rb.name
         if rb.dry_run_field is not None:
             assert _has_path(rb.params_model(), rb.dry_run_field), rb.name
     fields = {rb.name: rb.dry_run_field for rb in RUNBOOKS}
