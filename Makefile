@@ -2,19 +2,37 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# uv resolves and installs from uv.lock; pinned, because it is also what writes uv.lock.
+UV_VERSION := 0.13.9
+UV := UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)) $(VENV)/bin/uv
+# A new stamp (so a re-install) whenever the ranges, the pins or uv itself change.
+STAMP := $(VENV)/.installed-$(shell { echo $(UV_VERSION); cat pyproject.toml uv.lock; } | sha1sum | cut -c1-12)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps kube lint test test-fast run bench demo clean prefect-yaml screenshots
+.PHONY: setup lock system-deps kube lint test test-fast run bench demo clean prefect-yaml screenshots
 
-$(STAMP): pyproject.toml
+define uv_bootstrap
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]'
+	$(VENV)/bin/pip install -q --upgrade pip uv==$(UV_VERSION)
+endef
+
+# Exactly the versions of uv.lock (the project itself editable, with the dev extra); packages
+# not in the lock are removed. A uv.lock older than pyproject.toml stops here: `make lock`.
+$(STAMP): pyproject.toml uv.lock
+	$(uv_bootstrap)
+	@$(UV) lock --check -q || { echo "uv.lock does not match pyproject.toml:" \
+	  "run 'make lock' and commit uv.lock (README: Updating dependencies)" >&2; exit 1; }
+	$(UV) sync -q --frozen --extra dev
 	@rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
+
+# Re-pin after editing pyproject.toml (pins still in range stay); to move pins forward:
+# make lock LOCK_ARGS='--upgrade-package prefect'  (or LOCK_ARGS=--upgrade for all of them).
+lock:
+	$(uv_bootstrap)
+	$(UV) lock $(LOCK_ARGS)
 
 # apt packages the tests drive for real (etcd, Alertmanager, Chromium, ...); idempotent.
 system-deps:
