@@ -40,6 +40,8 @@ from flows.spec import (
     Check,
     Outcome,
     P,
+    RequestParams,
+    RunbookParams,
     RunbookSpec,
 )
 from tasks.errors import RunbookError, SafetyViolation
@@ -228,7 +230,8 @@ def _sequence(runbook: Runbook[P, F], params: P, report: Report) -> RunResult[F]
     findings = runbook.check(params, report)
     plan = runbook.plan(params, findings)
     doable = [a for a in plan if a.possible]
-    if params.dry_run:
+    dry_run = is_dry_run(params)
+    if dry_run:
         for action in doable:
             action.dry_run_result = _dry_run(action)
     report.add("Plan", plan_md(plan) if plan else "_Nothing to do._")
@@ -238,13 +241,13 @@ def _sequence(runbook: Runbook[P, F], params: P, report: Report) -> RunResult[F]
         return RunResult(outcome, note, findings, plan, **kw)
 
     if not doable:
-        verification = None if params.dry_run else runbook.verify(params, findings, [], report)
+        verification = None if dry_run else runbook.verify(params, findings, [], report)
         return finish(
             "nothing to do",
             "the plan is empty: nobody was asked and nothing changed.",
             verification=verification,
         )
-    if params.dry_run:
+    if dry_run:
         return finish("planned", "dry run: nothing changed. Re-run with dry_run off to act.")
     stop = runbook.refuse(params, findings)
     if stop is not None:
@@ -302,11 +305,20 @@ def _under_lock(
     return finish("acted", note, acted_on=acting, records=records, verification=verification)
 
 
-def _request(report: Report, params: Any, source: str) -> None:
+def is_dry_run(params: RequestParams) -> bool:
+    """Plan only? A read-only runbook's params (no `dry_run`) never are: it changes nothing."""
+    return isinstance(params, RunbookParams) and params.dry_run
+
+
+def _request(report: Report, params: RequestParams, source: str) -> None:
+    mode = (
+        f"; dry run: **{params.dry_run}**; auto approve: **{params.auto_approve}**"
+        if isinstance(params, RunbookParams)
+        else ""
+    )
     report.add(
         "Request",
-        f"Requested by **{md_escape(params.requested_by or source)}** (source: {source}); "
-        f"dry run: **{params.dry_run}**; auto approve: **{params.auto_approve}**."
+        f"Requested by **{md_escape(params.requested_by or source)}** (source: {source}){mode}."
         + (f"\n\nReason: {md_escape(params.reason)}" if params.reason else ""),
     )
 
@@ -329,13 +341,15 @@ def needs_approval(actions: Sequence[Action], auto_approve: bool) -> bool:
 def _approve(
     runbook: Runbook[P, F], params: P, doable: list[Action], report: Report
 ) -> Decision | None:
-    if not needs_approval(doable, params.auto_approve):
+    auto = isinstance(params, RunbookParams) and params.auto_approve
+    if not needs_approval(doable, auto):
         report.add("Approval", "not asked: every planned action may run unattended here.")
         return None
     text = "; ".join(a.describe() for a in doable)
     summary = f"{runbook.spec.name}: {text}"[:2000]
     _page_for_approval(runbook, summary)
-    decision = request_approval(summary, params.approval_timeout_s)
+    timeout = params.approval_timeout_s if isinstance(params, RunbookParams) else 1200
+    decision = request_approval(summary, timeout)
     report.add("Approval", decision.line())
     return decision
 

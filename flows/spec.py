@@ -65,8 +65,17 @@ class Check(BaseModel):
     detail: str = ""
 
 
-class RunbookParams(BaseModel):
-    """The fields every runbook's parameters start with (the top of the UI's Run form)."""
+class RequestParams(BaseModel):
+    """Who asked and why: the fields every runbook's parameters have (read-only ones too)."""
+
+    requested_by: str = Field(
+        "", max_length=200, description="Who asked for this run (name, alert); for the audit."
+    )
+    reason: str = Field("", max_length=2000, description="Why; recorded in the audit artifact.")
+
+
+class RunbookParams(RequestParams):
+    """The fields every acting runbook's parameters start with (the top of the Run form)."""
 
     dry_run: bool = Field(
         True, description="Only check and plan; change nothing (the plan is the artifact)."
@@ -79,10 +88,6 @@ class RunbookParams(BaseModel):
     approval_timeout_s: int = Field(
         1200, ge=10, le=86_400, description="Without an answer by then, nothing is done."
     )
-    requested_by: str = Field(
-        "", max_length=200, description="Who asked for this run (name, alert); for the audit."
-    )
-    reason: str = Field("", max_length=2000, description="Why; recorded in the audit artifact.")
 
 
 class ActionRecord(BaseModel):
@@ -133,7 +138,7 @@ class Action(BaseModel):
         raise NotImplementedError(f"{type(self).__name__} cannot be applied")
 
 
-P = TypeVar("P", bound=RunbookParams)
+P = TypeVar("P", bound=RequestParams)
 
 
 @dataclass(frozen=True)
