@@ -53,7 +53,7 @@ from types import FrameType
 import httpx
 from pydantic import SecretStr
 
-from deployments.intake import api_headers
+from deployments.prefect_runs import api_headers
 from deployments.settings import ROOT, ReceiverSettings, StackSettings
 
 log = logging.getLogger("runbooks.cli")
