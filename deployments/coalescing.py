@@ -1,7 +1,7 @@
-"""Alert-storm coalescing, the artifacts side: which run covers which alerts.
+"""Alert-storm coalescing in the receiver: which run covers which alerts.
 
-A covered run (another alert's run handles the same target) gets a `covered-by` artifact
-naming its handler; the handler gets a `covered-alerts` artifact listing every run tagged
+A covered alert's run waits for its handler's run (`handler_run`), then gets a `covered-by`
+artifact naming it; the handler gets a `covered-alerts` artifact listing every run tagged
 `covered-by:<handler>`, rewritten whenever one more is created.
 """
 
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.journal import Entry, Journal
 from deployments.prefect_runs import PrefectRuns, PrefectUnavailable
 from flows.common import md_escape
+from tasks.run_tags import covered_by_tag, parse_run_tags
 
 log = logging.getLogger("runbooks.receiver")
 
@@ -64,7 +67,7 @@ class CoveredArtifacts:
             while handler in self._covered_dirty:
                 self._covered_dirty.discard(handler)
                 try:
-                    runs = await self.runs.runs_tagged(f"covered-by:{handler}")
+                    runs = await self.runs.runs_tagged(covered_by_tag(handler))
                     text = covered_markdown(handler, runs)
                     self._covered_artifacts[handler] = await self.runs.put_markdown(
                         self._covered_artifacts.get(handler),
@@ -85,15 +88,37 @@ def covered_markdown(handler: str, runs: list[dict[str, Any]]) -> str:
     """The handler's list of the alerts it covers, one row per covered run."""
     rows = []
     for run in runs:
-        tags = dict(t.split(":", 1) for t in run.get("tags", []) if ":" in t)
+        tags = parse_run_tags(run.get("tags", []))
         rows.append(
-            f"| [{run['name']}](/runs/flow-run/{run['id']}) | `{tags.get('alert', '')}` "
-            f"| {md_escape(tags.get('alertname', ''))} | {str(run.get('created', ''))[:19]} |"
+            f"| [{run['name']}](/runs/flow-run/{run['id']}) | `{tags.alert or ''}` "
+            f"| {md_escape(tags.alertname or '')} | {str(run.get('created', ''))[:19]} |"
         )
     return (
         f"# Alerts covered by this run ({len(runs)})\n\n"
         "Alerts of other fingerprints for the same target, received within the route's "
-        "cooldown: recorded as Completed runs tagged `covered-by:"
-        f"{handler}`, never executed.\n\n"
+        "cooldown: recorded as Completed runs tagged "
+        f"`{covered_by_tag(handler)}`, never executed.\n\n"
         "| run | alert | alertname | received (UTC) |\n|---|---|---|---|\n" + "\n".join(rows)
     )
+
+
+async def handler_run(
+    entry: Entry,
+    inflight: Mapping[str, asyncio.Task[Any]],
+    journal: Journal,
+    max_age_s: float,
+) -> str | None:
+    """The run id of the alert covering `entry`, once created; None if it never will be."""
+    assert entry.covered_by is not None
+    while True:
+        creating = inflight.get(entry.covered_by)
+        if creating is not None:  # its run is being created here: wait for that, not a poll
+            await asyncio.wait([creating])
+        record = await asyncio.to_thread(journal.get, entry.covered_by)
+        if record is None or record.status in ("failed", "expired", "cancelled"):
+            return None
+        if record.flow_run_id is not None:
+            return record.flow_run_id
+        if time.time() - entry.accepted_ts > max_age_s:
+            return None
+        await asyncio.sleep(0.1)

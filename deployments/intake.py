@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from deployments.alertmanager import Alert, WebhookPayload
 from deployments.catalog import Runbook, by_deployment
-from deployments.coalescing import CoveredArtifacts
+from deployments.coalescing import CoveredArtifacts, handler_run
 from deployments.group_commit import GroupCommit
 from deployments.intake_results import (
     AlertResult,
@@ -30,7 +30,6 @@ from deployments.intake_results import (
     record_decision,
     run_name,
     short_error,
-    tag_value,
 )
 from deployments.journal import Entry, Journal
 from deployments.prefect_runs import (
@@ -43,6 +42,7 @@ from deployments.prefect_runs import (
 from deployments.resolution import POST_INCIDENT, Resolutions
 from deployments.routing import MissingLabel, Route, RoutingTable, build_params
 from deployments.warm_pool import WarmPool
+from tasks.run_tags import ALERT_SOURCE, alert_tags, covered_by_tag, runbook_tag
 
 log = logging.getLogger("runbooks.receiver")
 
@@ -221,12 +221,11 @@ class Intake:
             name=run_name(alert.alertname, alert.fingerprint),
             parameters={"params": params},
             tags=[
-                "source:alert",
+                ALERT_SOURCE,
                 # The tag the run would add itself (flows.common.tag_run): set here, it
                 # saves every alert run an update of its own tags.
-                f"runbook:{runbook.name}",
-                f"alert:{alert.fingerprint}",
-                f"alertname:{tag_value(alert.alertname)}",
+                runbook_tag(runbook.name),
+                *alert_tags(alert.fingerprint, alert.alertname),
                 "auto" if route.auto else "plan-only",
             ],
             fingerprint=alert.fingerprint,
@@ -318,22 +317,6 @@ class Intake:
         task.add_done_callback(done)
         return task
 
-    async def _handler_run(self, entry: Entry) -> str | None:
-        """The run id of the alert covering `entry`, once created; None if it never will be."""
-        assert entry.covered_by is not None
-        while True:
-            creating = self._inflight.get(entry.covered_by)
-            if creating is not None:  # its run is being created here: wait for that, not a poll
-                await asyncio.wait([creating])
-            record = await asyncio.to_thread(self.journal.get, entry.covered_by)
-            if record is None or record.status in ("failed", "expired", "cancelled"):
-                return None
-            if record.flow_run_id is not None:
-                return record.flow_run_id
-            if time.time() - entry.accepted_ts > self.max_age_s:
-                return None
-            await asyncio.sleep(0.1)
-
     async def _create(self, entry: Entry) -> AlertResult:
         """Create the run in Prefect, retrying what may succeed later, until max age."""
         fingerprint = entry_base(entry)["fingerprint"]
@@ -341,12 +324,12 @@ class Intake:
             self._slots = asyncio.Semaphore(self.max_parallel_creates)
         handler: str | None = None
         if entry.covered_by is not None:
-            handler = await self._handler_run(entry)
+            handler = await handler_run(entry, self._inflight, self.journal, self.max_age_s)
             if handler is None:  # the covering alert never got a run: this one gets its own
                 log.warning("alert %s: its covering run never started; starting one", fingerprint)
                 await asyncio.to_thread(self.journal.uncover, entry.idempotency_key)
                 entry = replace(entry, covered_by=None)
-        tags = entry.tags if handler is None else [*entry.tags, f"covered-by:{handler}"]
+        tags = entry.tags if handler is None else [*entry.tags, covered_by_tag(handler)]
         promise = _Promise()
         try:
             return await self._create_run(entry, handler, tags, promise)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from deployments.alertmanager import Alert
 from deployments.journal import Entry
+from tasks.run_tags import parse_run_tags
 
 log = logging.getLogger("runbooks.receiver")
 
@@ -49,10 +50,10 @@ class IntakeResult(BaseModel):
 
 def entry_base(entry: Entry) -> dict[str, str]:
     """fingerprint and alertname of a journal entry (from its tags, set by `_one`)."""
-    tags = dict(t.split(":", 1) for t in entry.tags if ":" in t)
+    tags = parse_run_tags(entry.tags)
     return {
-        "fingerprint": entry.fingerprint or tags.get("alert", ""),
-        "alertname": tags.get("alertname", ""),
+        "fingerprint": entry.fingerprint or tags.alert or "",
+        "alertname": tags.alertname or "",
     }
 
 
@@ -63,11 +64,6 @@ def run_name(alertname: str, fingerprint: str) -> str:
     """`<alertname>-<fingerprint[:12]>`, reduced to [a-z0-9-]: a label is never markup here."""
     slug = _SLUG.sub("-", alertname.lower()).strip("-")[:60] or "alert"
     return f"{slug}-{fingerprint[:12].lower()}"
-
-
-def tag_value(value: str) -> str:
-    """A label value in a tag: one line, bounded (tags are filters, not text to render)."""
-    return " ".join(value.split())[:100]
 
 
 def short_error(exc: Exception) -> str:

@@ -23,6 +23,7 @@ from deployments.prefect_runs import (
     PrefectUnavailable,
 )
 from deployments.warm_pool import WarmPool
+from tasks.run_tags import ALERT_SOURCE, alert_tag, incident_tag
 
 log = logging.getLogger("runbooks.receiver")
 
@@ -149,11 +150,11 @@ class Resolutions:
             run = await self.runs.create_run(
                 POST_INCIDENT,
                 name=run_name("post-incident", fp),
-                parameters={"params": {"incident": f"alert:{fp}", "draft": True}},
+                parameters={"params": {"incident": alert_tag(fp), "draft": True}},
                 # `incident:<key>` is the tag flows.post_incident.incident_tag gives its runs:
                 # retention and the CLI find the record by it. Not `alert:<fp>`: the record
                 # is about the incident's runs, not one of them.
-                tags=["source:alert", f"incident:alert:{fp}"],
+                tags=[ALERT_SOURCE, incident_tag(alert_tag(fp))],
                 # One draft per alert occurrence, however often Alertmanager re-sends it.
                 idempotency_key=f"post-incident:{alert.idempotency_key}",
                 grace_s=0.0,
