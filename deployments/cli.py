@@ -53,7 +53,7 @@ from types import FrameType
 import httpx
 from pydantic import SecretStr
 
-from deployments.intake import api_headers
+from deployments.prefect_runs import api_headers
 from deployments.settings import ROOT, ReceiverSettings, StackSettings
 
 log = logging.getLogger("runbooks.cli")
@@ -320,14 +320,10 @@ def report_contacts(env: Mapping[str, str], timeout_s: float = 120.0) -> int | N
     return done.returncode
 
 
-def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None) -> int:
-    """Start server, Runner and receiver; restart a crashed one; stop all on a signal."""
-    try:
-        check_exposure(stack.host, os.environ)
-    except ExposureRefused as exc:
-        log.error("%s", exc)
-        return 2
-    stack.home.mkdir(parents=True, exist_ok=True)
+def _stack_env(
+    stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None
+) -> tuple[dict[str, str], str]:
+    """The environment of the stack's processes, and the host runs reach the receiver at."""
     env = base_env(stack)
     env["RUNBOOKS_RECEIVER_TOKEN"] = receiver_token(stack.home)
     if stack.catalog:
@@ -342,6 +338,30 @@ def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int |
             rec_host = "127.0.0.1"
     env.setdefault("RUNBOOKS_ALERTS_RECEIVER_URL", f"http://{rec_host}:{receiver.port}")
     env.setdefault("RUNBOOKS_ALERTS_RECEIVER_TOKEN", env["RUNBOOKS_RECEIVER_TOKEN"])
+    return env, rec_host
+
+
+def _serve_cmd(
+    stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None
+) -> list[str]:
+    """The Runner's command: every deployment served; no prefetch while a warm pool runs."""
+    serve_cmd = [sys.executable, "-m", "deployments.serve", "--limit", str(stack.runner_limit)]
+    if stack.catalog:
+        serve_cmd += ["--catalog", stack.catalog]
+    if (pool_size if pool_size is not None else receiver.pool_size) > 0:
+        serve_cmd += ["--prefetch-s", "0"]
+    return serve_cmd
+
+
+def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None) -> int:
+    """Start server, Runner and receiver; restart a crashed one; stop all on a signal."""
+    try:
+        check_exposure(stack.host, os.environ)
+    except ExposureRefused as exc:
+        log.error("%s", exc)
+        return 2
+    stack.home.mkdir(parents=True, exist_ok=True)
+    env, rec_host = _stack_env(stack, receiver, pool_size)
     api_url = env["PREFECT_API_URL"]
     sup = Supervisor(stack, env)
 
@@ -372,11 +392,7 @@ def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int |
         ):
             return 0
         log.info("Prefect UI: http://%s:%d", stack.host, stack.prefect_port)
-        serve_cmd = [sys.executable, "-m", "deployments.serve", "--limit", str(stack.runner_limit)]
-        if stack.catalog:
-            serve_cmd += ["--catalog", stack.catalog]
-        if (pool_size if pool_size is not None else receiver.pool_size) > 0:
-            serve_cmd += ["--prefetch-s", "0"]
+        serve_cmd = _serve_cmd(stack, receiver, pool_size)
         # The receiver must answer Alertmanager within its timeout even while a burst of runs
         # imports and executes: the Runner and its run subprocesses yield the CPU to it.
         runner = sup.add(RUNNER, ["nice", "-n", str(stack.runner_nice), *serve_cmd])

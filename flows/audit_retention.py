@@ -66,14 +66,22 @@ from prefect.client.schemas.filters import (
     TaskRunFilterId,
 )
 from prefect.client.schemas.objects import FlowRun, FlowRunInput, StateType
-from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel, Field, model_validator
 
 from flows.common import Report, md_code, publish_on_exit, table, tag_run
-from flows.post_incident import artifacts_of, run_answers, task_runs_of
 from flows.spec import RunbookSpec, runbook_flow
-from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
+from tasks.run_history import (
+    PAGE,
+    artifacts_of,
+    classified,
+    every_run,
+    incident_keys,
+    page_of_runs,
+    run_answers,
+    task_runs_of,
+)
+from tasks.run_tags import alert_tag, parse_run_tags
 
 RUNBOOK = "audit-retention"
 POST_INCIDENT = "post-incident"
@@ -87,7 +95,6 @@ NOT_FINAL = [
 ]
 #: Prefect's `POST /flow_runs/bulk_delete` takes at most 50 runs per call.
 BULK_LIMIT = 50
-PAGE = 200
 
 
 class RetentionParams(BaseModel):
@@ -142,49 +149,10 @@ class Protection(BaseModel):
     recorded: set[str] = Field(default_factory=set)
 
 
-def incident_keys(tags: list[str] | None) -> set[str]:
-    """The incident keys (`alert:<fp>`) a run belongs to, from its tags."""
-    keys = set()
-    for tag in tags or []:
-        if tag.startswith("alert:"):
-            keys.add(tag)
-        elif tag.startswith("incident:alert:"):
-            keys.add(tag.removeprefix("incident:"))
-    return keys
-
-
-def _page(
-    client: SyncPrefectClient,
-    run_filter: FlowRunFilter,
-    *,
-    limit: int,
-    offset: int,
-    flow_filter: FlowFilter | None = None,
-) -> list[FlowRun]:
-    return client.read_flow_runs(
-        flow_filter=flow_filter,
-        flow_run_filter=run_filter,
-        sort=FlowRunSort.ID_DESC,
-        limit=limit,
-        offset=offset,
-    )
-
-
-def _every(
-    client: SyncPrefectClient, run_filter: FlowRunFilter, flow_filter: FlowFilter | None = None
-) -> list[FlowRun]:
-    out: list[FlowRun] = []
-    while True:
-        page = _page(client, run_filter, limit=PAGE, offset=len(out), flow_filter=flow_filter)
-        out += page
-        if len(page) < PAGE:
-            return out
-
-
 def open_keys(client: SyncPrefectClient) -> set[str]:
     """Incident keys carried by a run that is not final: the incident is still going."""
     not_final = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=NOT_FINAL)))
-    return {k for run in _every(client, not_final) for k in incident_keys(run.tags)}
+    return {k for run in every_run(client, not_final) for k in incident_keys(run.tags)}
 
 
 def recorded_keys(client: SyncPrefectClient) -> set[str]:
@@ -193,10 +161,8 @@ def recorded_keys(client: SyncPrefectClient) -> set[str]:
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])),
         tags=FlowRunFilterTags(is_null_=False),
     )
-    runs = _every(client, done, FlowFilter(name=FlowFilterName(any_=[POST_INCIDENT])))
-    return {
-        t.removeprefix("incident:") for r in runs for t in r.tags or [] if t.startswith("incident:")
-    }
+    runs = every_run(client, done, FlowFilter(name=FlowFilterName(any_=[POST_INCIDENT])))
+    return {key for r in runs for key in parse_run_tags(r.tags).incidents}
 
 
 def keep_reason(run: FlowRun, protection: Protection) -> str | None:
@@ -204,7 +170,7 @@ def keep_reason(run: FlowRun, protection: Protection) -> str | None:
     keys = incident_keys(run.tags)
     if keys & protection.open_keys:
         return "incident still open"
-    alert_keys = {k for k in run.tags or [] if k.startswith("alert:")}
+    alert_keys = {alert_tag(fp) for fp in parse_run_tags(run.tags).alerts}
     # run_count counts Running transitions: 0 for a run cancelled before it started (Prefect
     # sets start_time on that run too, so start_time cannot tell).
     if run.run_count > 0 and alert_keys - protection.recorded:
@@ -322,18 +288,7 @@ def read_protection() -> Protection:
         with get_client(sync_client=True) as client:
             return Protection(open_keys=open_keys(client), recorded=recorded_keys(client))
     except httpx.HTTPError as exc:
-        raise _classified(exc, "reading open incidents") from None
-
-
-def _classified(exc: Exception, what: str) -> Exception:
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    # The path names the call; the query and body are left out (they never hold secrets
-    # here, but a URL may carry credentials in other setups).
-    request = getattr(exc, "_request", None)
-    where = f" {request.method} {request.url.path}" if isinstance(request, httpx.Request) else ""
-    if status is None or status >= 500 or status == 429:
-        return TransientError(f"Prefect API{where}: {what}: {type(exc).__name__} {status or ''}")
-    return PermanentError(f"Prefect API{where}: {what}: HTTP {status}")
+        raise classified(exc, "reading open incidents") from None
 
 
 def process_batch(
@@ -346,7 +301,7 @@ def process_batch(
     out: Any,
 ) -> Batch:
     """Read one page of candidates; unless a dry run, export then delete the deletable ones."""
-    page = _page(client, _candidates(cutoff), limit=limit, offset=offset)
+    page = page_of_runs(client, _candidates(cutoff), limit=limit, offset=offset)
     batch = Batch(seen=len(page))
     if not page:
         return batch

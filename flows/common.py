@@ -23,6 +23,7 @@ from pydantic import Field
 
 from tasks.alerts import alert_status
 from tasks.errors import RunbookError
+from tasks.run_tags import parse_run_tags, runbook_tag, source_tag
 
 
 class Approval(RunInput):
@@ -85,12 +86,12 @@ def run_source() -> str:
     if ctx is None or ctx.flow_run is None:
         return "local"
     run = ctx.flow_run
-    tags = set(run.tags or [])
-    if "source:alert" in tags:
+    tags = parse_run_tags(set(run.tags or []))
+    if tags.from_alert:
         return "alert"
     # A run another runbook started (pool-threshold's remediation) carries its trigger's
     # source from creation: keep it rather than add a second `source:` tag.
-    declared = sorted(t.removeprefix("source:") for t in tags if t.startswith("source:"))
+    declared = sorted(tags.sources)
     if declared:
         return declared[0]
     if run.auto_scheduled:
@@ -112,7 +113,7 @@ def tag_run(runbook: str) -> str:
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         return source
-    wanted = {f"runbook:{runbook}", f"source:{source}"}
+    wanted = {runbook_tag(runbook), source_tag(source)}
     current = set(ctx.flow_run.tags or [])
     if not wanted <= current:
         with get_client(sync_client=True) as client:
@@ -255,11 +256,10 @@ def run_alert() -> tuple[str, str] | None:
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         return None
-    tags = ctx.flow_run.tags or []
-    if "source:alert" not in tags:
+    tags = parse_run_tags(ctx.flow_run.tags)
+    if not tags.from_alert:
         return None
-    found = dict(t.split(":", 1) for t in tags if t.startswith(("alert:", "alertname:")))
-    return (found["alert"], found.get("alertname", "")) if "alert" in found else None
+    return (tags.alert, tags.alertname or "") if tags.alert is not None else None
 
 
 def alert_resolved(report: Report) -> str | None:

@@ -70,6 +70,7 @@ from tasks.incidents import (
     record_ack,
 )
 from tasks.notify import Delivery, send_notification
+from tasks.run_tags import incident_tag, runbook_tag
 
 RUNBOOK = "escalate"
 
@@ -224,7 +225,7 @@ def _tag_incident(incident_key: str) -> None:
         return
     with get_client(sync_client=True) as client:
         current = client.read_flow_run(ctx.flow_run.id).tags or []
-        client.update_flow_run(ctx.flow_run.id, tags=sorted({*current, f"incident:{incident_key}"}))
+        client.update_flow_run(ctx.flow_run.id, tags=sorted({*current, incident_tag(incident_key)}))
 
 
 def _deliveries_md(rows: list[Delivery]) -> str:
@@ -256,7 +257,7 @@ def _propagate_ack(incident_key: str, ack: Acknowledgement) -> list[str]:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[f"incident:{incident_key}", f"runbook:{RUNBOOK}"]),
+                tags=FlowRunFilterTags(all_=[incident_tag(incident_key), runbook_tag(RUNBOOK)]),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
             )
         )

@@ -28,6 +28,7 @@ from flows.db_pool_exhausted import DbPoolParams
 from flows.db_pool_exhausted import target_of as remediation_target
 from flows.spec import LockTarget, RunbookSpec, runbook_flow
 from tasks.postgres import PoolUsage, measure_pool_usage
+from tasks.run_tags import is_alert_identity, runbook_tag, source_tag
 
 RUNBOOK = "pool-threshold"
 REMEDIATION_DEPLOYMENT = f"{REMEDIATION}/{REMEDIATION}"
@@ -59,8 +60,8 @@ def remediation_tags(source: str) -> list[str]:
     fires before acting and belongs to the same incident."""
     ctx = FlowRunContext.get()
     own = ctx.flow_run.tags or [] if ctx and ctx.flow_run else []
-    alert = [t for t in own if t.startswith(("alert:", "alertname:"))] if source == "alert" else []
-    return [f"source:{source}", f"runbook:{REMEDIATION}", *alert]
+    alert = [t for t in own if is_alert_identity(t)] if source == "alert" else []
+    return [source_tag(source), runbook_tag(REMEDIATION), *alert]
 
 
 class PoolThresholdExceeded(Exception):

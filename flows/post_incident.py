@@ -31,6 +31,7 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -40,18 +41,12 @@ import httpx
 from prefect import get_run_logger, task
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterFlowRunId,
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
-    FlowRunFilterExpectedStartTime,
-    FlowRunFilterId,
-    FlowRunFilterParentTaskRunId,
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import Artifact, FlowRun, FlowRunInput, TaskRun
-from prefect.client.schemas.sorting import FlowRunSort
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -69,16 +64,21 @@ from flows.common import (
 from flows.spec import RunbookSpec, dry_run_of, runbook_flow, spec_of
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
+from tasks.run_history import (
+    PAGE,
+    Gathered,
+    IncidentKey,
+    classified,
+    collect,
+    created_at,
+    run_answers,
+)
+from tasks.run_tags import incident_tag as incident_tag_of
+from tasks.run_tags import parse_run_tags
 
 RUNBOOK = "post-incident"
 #: Runs of this flow are notifications (the escalation helper's flow); "none" is fine.
 NOTIFY_FLOW = "escalate"
-#: Flows that describe incidents rather than act in them: never part of a timeline.
-NOT_IN_TIMELINE = frozenset({RUNBOOK, "audit-retention"})
-PAGE = 200
-#: More runs than this under one key is not an incident but a mistyped key (a tag on
-#: everything): refused, rather than read for minutes.
-MAX_RUNS = 500
 
 #: How each runbook says "recovered" when it has no `verify*` task: a Completed run whose
 #: report (artifact description, `<runbook> on <target>: <action>`) ends with this action.
@@ -110,82 +110,6 @@ CHECKLIST_TITLES: dict[ChecklistName, str] = {
     "alert_thresholds": "Alert thresholds reviewed",
     "customer_communication": "Customer communication sent (if needed)",
 }
-
-_RANGE = re.compile(r"^(?P<runbook>[a-z0-9][a-z0-9-]*)@(?P<since>[^.]+)\.\.(?P<until>.+)$")
-
-
-class IncidentKey(BaseModel):
-    """Which runs make one incident: an alert fingerprint, a tag, or a runbook + time range."""
-
-    fingerprint: str | None = None
-    tag: str | None = None
-    runbook: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> Self:
-        ranged = (self.runbook, self.since, self.until)
-        kinds = [
-            self.fingerprint is not None,
-            self.tag is not None,
-            any(x is not None for x in ranged),
-        ]
-        if sum(kinds) != 1:
-            raise ValueError("an incident key is a fingerprint, a tag, or a runbook + time range")
-        if kinds[2]:
-            if self.runbook is None or self.since is None or self.until is None:
-                raise ValueError("a time-range key needs the runbook, since and until")
-            if self.since.tzinfo is None or self.until.tzinfo is None:
-                raise ValueError("since and until need a time zone (e.g. ...Z)")
-            if self.until <= self.since:
-                raise ValueError("until must be after since")
-        for text in (self.fingerprint, self.tag):
-            if text is not None and (not 0 < len(text) <= 200 or text != text.strip()):
-                raise ValueError("the fingerprint or tag must be 1-200 characters, no padding")
-        return self
-
-    @classmethod
-    def parse(cls, text: str) -> IncidentKey:
-        """`alert:<fp>`, a bare fingerprint, `tag:<tag>` or `<runbook>@<since>..<until>`."""
-        text = text.strip()
-        if text.startswith("alert:"):
-            return cls(fingerprint=text.removeprefix("alert:"))
-        if text.startswith("tag:"):
-            return cls(tag=text.removeprefix("tag:"))
-        found = _RANGE.match(text)
-        if found:
-            return cls(
-                runbook=found["runbook"],
-                since=datetime.fromisoformat(found["since"]),
-                until=datetime.fromisoformat(found["until"]),
-            )
-        if re.fullmatch(r"[A-Za-z0-9_-]{1,200}", text):
-            return cls(fingerprint=text)
-        raise ValueError(
-            "incident key: alert:<fingerprint>, tag:<tag> or <runbook>@<since>..<until>"
-        )
-
-    def label(self) -> str:
-        """The key as text; `parse(label())` gives the same key."""
-        if self.fingerprint is not None:
-            return f"alert:{self.fingerprint}"
-        if self.tag is not None:
-            return f"tag:{self.tag}"
-        assert self.since is not None and self.until is not None
-        return f"{self.runbook}@{self.since.isoformat()}..{self.until.isoformat()}"
-
-    def run_filter(self) -> tuple[FlowFilter | None, FlowRunFilter]:
-        """The API filter for the incident's top-level runs."""
-        if self.fingerprint is not None:
-            return None, FlowRunFilter(tags=FlowRunFilterTags(all_=[f"alert:{self.fingerprint}"]))
-        if self.tag is not None:
-            return None, FlowRunFilter(tags=FlowRunFilterTags(all_=[self.tag]))
-        return FlowFilter(name=FlowFilterName(any_=[self.runbook or ""])), FlowRunFilter(
-            expected_start_time=FlowRunFilterExpectedStartTime(
-                after_=self.since, before_=self.until
-            )
-        )
 
 
 class RunSummary(BaseModel):
@@ -327,162 +251,6 @@ class PostIncidentParams(BaseModel):
 # --- gathering --------------------------------------------------------------------------
 
 
-class Gathered(BaseModel):
-    """What the API holds about the incident, before it becomes a timeline."""
-
-    runs: list[FlowRun]
-    flows: dict[UUID, str]
-    states: dict[UUID, list[Any]]
-    task_runs: dict[UUID, list[TaskRun]]
-    artifacts: dict[UUID, list[Artifact]]
-    inputs: dict[UUID, list[FlowRunInput]]
-
-
-def _classified(exc: Exception, what: str) -> Exception:
-    """A Prefect API error as a runbook error: 5xx/transport transient, the rest permanent."""
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    # The path names the call; the query and body are left out (they never hold secrets
-    # here, but a URL may carry credentials in other setups).
-    request = getattr(exc, "_request", None)
-    where = f" {request.method} {request.url.path}" if isinstance(request, httpx.Request) else ""
-    if status is None or status >= 500 or status == 429:
-        return TransientError(f"Prefect API{where}: {what}: {type(exc).__name__} {status or ''}")
-    return PermanentError(f"Prefect API{where}: {what}: HTTP {status}")
-
-
-def _all_runs(
-    client: SyncPrefectClient, flow_filter: FlowFilter | None, run_filter: FlowRunFilter
-) -> list[FlowRun]:
-    runs: list[FlowRun] = []
-    while True:
-        page = client.read_flow_runs(
-            flow_filter=flow_filter,
-            flow_run_filter=run_filter,
-            sort=FlowRunSort.ID_DESC,
-            limit=PAGE,
-            offset=len(runs),
-        )
-        runs += page
-        if len(runs) > MAX_RUNS:
-            raise PermanentError(
-                f"more than {MAX_RUNS} runs under this incident key: too wide (is it a tag on"
-                " everything?)"
-            )
-        if len(page) < PAGE:
-            return runs
-
-
-def _add_coalesced(client: SyncPrefectClient, found: dict[UUID, FlowRun]) -> None:
-    """Alerts coalesced in a storm are one incident: add the run that covered an alert of
-    the incident, and every alert covered by one of its runs (their `covered-by:` tags)."""
-    handlers = {
-        UUID(tag.split(":", 1)[1])
-        for run in found.values()
-        for tag in run.tags or []
-        if tag.startswith("covered-by:")
-    }
-    for handler in handlers - found.keys():
-        found[handler] = client.read_flow_run(handler)
-    tags = [f"covered-by:{run_id}" for run_id in found]
-    for start in range(0, len(tags), PAGE):
-        covered = _all_runs(
-            client, None, FlowRunFilter(tags=FlowRunFilterTags(any_=tags[start : start + PAGE]))
-        )
-        for run in covered:
-            found.setdefault(run.id, run)
-
-
-def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
-    """Every run of the incident (subflows too) with its states, tasks, artifacts, inputs."""
-    flow_filter, run_filter = key.run_filter()
-    found: dict[UUID, FlowRun] = {r.id: r for r in _all_runs(client, flow_filter, run_filter)}
-    _add_coalesced(client, found)
-    task_runs: dict[UUID, list[TaskRun]] = {}
-    todo = list(found)
-    # Subflows are found through their parent task run, whatever their tags: repeat until
-    # no run adds a child.
-    while todo:
-        batch, todo = todo[:PAGE], todo[PAGE:]
-        tasks = task_runs_of(client, batch)
-        for run_id in batch:
-            task_runs[run_id] = [t for t in tasks if t.flow_run_id == run_id]
-        if not tasks:
-            continue
-        children = _all_runs(
-            client,
-            None,
-            FlowRunFilter(
-                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in tasks])
-            ),
-        )
-        for child in children:
-            if child.id not in found:
-                found[child.id] = child
-                todo.append(child.id)
-    flow_ids = list({r.flow_id for r in found.values()})
-    names = {flow_id: client.read_flow(flow_id).name for flow_id in flow_ids}
-    runs = [r for r in found.values() if names[r.flow_id] not in NOT_IN_TIMELINE]
-    ids = [r.id for r in runs]
-    artifacts: dict[UUID, list[Artifact]] = {i: [] for i in ids}
-    for art in artifacts_of(client, ids):
-        if art.flow_run_id in artifacts:
-            artifacts[art.flow_run_id].append(art)
-    return Gathered(
-        runs=runs,
-        flows=names,
-        states={r.id: client.read_flow_run_states(r.id) for r in runs},
-        task_runs={i: task_runs.get(i, []) for i in ids},
-        artifacts=artifacts,
-        inputs={i: run_answers(client, i) for i in ids},
-    )
-
-
-def artifacts_of(client: SyncPrefectClient, run_ids: list[UUID]) -> list[Artifact]:
-    """Every artifact of these flow runs, page by page."""
-    out: list[Artifact] = []
-    while run_ids:
-        page = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=run_ids)),
-            limit=PAGE,
-            offset=len(out),
-        )
-        out += page
-        if len(page) < PAGE:
-            break
-    return out
-
-
-def task_runs_of(client: SyncPrefectClient, run_ids: list[UUID]) -> list[TaskRun]:
-    """Every task run of these flow runs, page by page."""
-    out: list[TaskRun] = []
-    while True:
-        page = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)),
-            limit=PAGE,
-            offset=len(out),
-        )
-        out += page
-        if len(page) < PAGE:
-            return out
-
-
-def run_answers(client: SyncPrefectClient, run_id: UUID) -> list[FlowRunInput]:
-    """The answers given to the run's pauses (approval and checklist forms), oldest first.
-
-    Prefect stores a `pause_flow_run(wait_for_input=...)` answer as a flow run input keyed
-    `paused-<n>-response`; audit-retention exports them with the run."""
-    inputs = client.filter_flow_run_input(
-        flow_run_id=run_id, key_prefix="paused-", limit=100, exclude_keys=set()
-    )
-    return sorted((i for i in inputs if i.key.endswith("-response")), key=_created)
-
-
-def _created(obj: Any) -> datetime:
-    value = obj.created
-    assert isinstance(value, datetime)
-    return value
-
-
 @task(**RETRY_READ, task_run_name="gather-incident")
 def gather_incident(key: IncidentKey) -> Gathered:
     """Read every run, state, task run, artifact and form answer of the incident."""
@@ -490,7 +258,7 @@ def gather_incident(key: IncidentKey) -> Gathered:
         with get_client(sync_client=True) as client:
             return collect(client, key)
     except httpx.HTTPError as exc:  # PrefectHTTPStatusError included
-        raise _classified(exc, f"reading incident {key.label()}") from None
+        raise classified(exc, f"reading incident {key.label()}") from None
 
 
 # --- the timeline -----------------------------------------------------------------------
@@ -502,7 +270,7 @@ def _secs(a: datetime | None, b: datetime | None) -> float | None:
 
 def _fired_at(run: FlowRun) -> datetime | None:
     """The alert's startsAt, from the receiver's idempotency key `<fp>:<startsAt>`."""
-    if "source:alert" not in (run.tags or []) or not run.idempotency_key:
+    if not parse_run_tags(run.tags).from_alert or not run.idempotency_key:
         return None
     _, _, stamp = run.idempotency_key.partition(":")
     # Alertmanager sends nanoseconds; Python parses microseconds.
@@ -528,6 +296,22 @@ def _decoded(value: FlowRunInput) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+@dataclass
+class _Timeline:
+    """The events of `build_record` as they are found, and the moments the figures need."""
+
+    raw: list[tuple[datetime, int, dict[str, Any]]] = field(default_factory=list)
+    first_action: tuple[datetime, str] | None = None
+    approval: tuple[datetime, str, str] | None = None
+    recovery: tuple[datetime, str] | None = None
+    notifications: int = 0
+
+    def add(self, at: datetime | None, **fields: Any) -> None:
+        """An event; the sequence number keeps events of the same instant in found order."""
+        if at is not None:
+            self.raw.append((at, len(self.raw), fields))
+
+
 def build_record(
     key: IncidentKey,
     data: Gathered,
@@ -542,166 +326,189 @@ def build_record(
         key=lambda r: r.created or r.expected_start_time or datetime.max.replace(tzinfo=UTC),
     )
     fired = [t for t in (_fired_at(r) for r in runs) if t is not None]
-    raw: list[tuple[datetime, int, dict[str, Any]]] = []
-    seq = 0
-
-    def add(at: datetime | None, **fields: Any) -> None:
-        nonlocal seq
-        if at is not None:
-            raw.append((at, seq, fields))
-            seq += 1
-
+    tl = _Timeline()
     summaries: list[RunSummary] = []
-    first_action: tuple[datetime, str] | None = None
-    approval: tuple[datetime, str, str] | None = None
-    recovery: tuple[datetime, str] | None = None
-    notifications = 0
     owner = {t.id: run_id for run_id, ts in data.task_runs.items() for t in ts}
     if fired:
-        add(min(fired), kind="alert", run="", flow="", step="alert fired", detail="startsAt")
+        tl.add(min(fired), kind="alert", run="", flow="", step="alert fired", detail="startsAt")
     for run in runs:
         flow_name = data.flows.get(run.flow_id, "?")
         notify = flow_name == NOTIFY_FLOW
-        notifications += notify
+        tl.notifications += notify
         states = sorted(data.states.get(run.id, []), key=lambda s: s.timestamp)
-        final = run.state.name if run.state else "unknown"
-        summaries.append(
-            RunSummary(
-                id=run.id,
-                name=run.name,
-                flow=flow_name,
-                parent_run_id=owner.get(run.parent_task_run_id) if run.parent_task_run_id else None,
-                tags=sorted(run.tags or []),
-                state=final,
-                created=run.created,
-                start=run.start_time,
-                end=run.end_time,
-                duration_s=_secs(run.start_time, run.end_time),
-                dry_run=_dry_run(run, flow_name),
-                notification=notify,
-            )
-        )
+        summaries.append(_summary(run, flow_name, notify, owner))
         base = {"run": run.name, "flow": flow_name}
-        for i, state in enumerate(states):
-            after = states[i + 1].timestamp if i + 1 < len(states) else None
-            add(
-                state.timestamp,
-                kind="notification" if notify and state.is_final() else "state",
-                step=state.name or state.type.value,
-                detail=(state.message or "")[:300],
-                duration_s=_secs(state.timestamp, after),
-                **base,
-            )
-        for t in sorted(
-            data.task_runs.get(run.id, []),
-            key=lambda t: (
-                t.start_time
-                or t.expected_start_time
-                or run.created
-                or datetime.max.replace(tzinfo=UTC)
-            ),
-        ):
-            at = t.start_time or t.expected_start_time
-            tstate = t.state.name if t.state else "unknown"
-            attempts = f"; {t.run_count} attempts" if t.run_count > 1 else ""
-            add(
-                at,
-                kind="task",
-                step=t.name,
-                detail=f"{tstate}{attempts}",
-                duration_s=_secs(t.start_time, t.end_time),
-                **base,
-            )
-            if (
-                t.start_time is not None
-                and not notify
-                and (first_action is None or t.start_time < first_action[0])
-            ):
-                first_action = (t.start_time, f"{run.name} / {t.name}")
-            if (
-                t.name.startswith("verify")
-                and t.state is not None
-                and t.state.is_completed()
-                and t.end_time is not None
-                and (recovery is None or t.end_time < recovery[0])
-            ):
-                recovery = (t.end_time, f"{run.name} / {t.name}")
-        for art in data.artifacts.get(run.id, []):
-            add(
-                art.created,
-                kind="artifact",
-                step=art.key or art.type or "artifact",
-                detail=(art.description or "")[:300],
-                **base,
-            )
-            marker = RECOVERED_WHEN.get(flow_name)
-            if (
-                marker
-                and run.state is not None
-                and run.state.is_completed()
-                and (art.description or "").endswith(marker)
-                and run.end_time is not None
-                and (recovery is None or run.end_time < recovery[0])
-            ):
-                recovery = (run.end_time, f"{run.name} (Completed, {marker.strip(': ')})")
-        paused = [s for s in states if s.is_paused()]
-        for answer in data.inputs.get(run.id, []):
-            value = _decoded(answer)
-            if "approved" not in value:
-                continue
-            asked = max(
-                (s.timestamp for s in paused if s.timestamp <= answer.created), default=None
-            )
-            verdict = "approved" if value.get("approved") else "refused"
-            who = str(value.get("approver", ""))[:200]
-            add(
-                answer.created,
-                kind="approval",
-                step=verdict,
-                detail=f"{verdict} by {who}"
-                + (f": {value.get('reason')}" if value.get("reason") else ""),
-                duration_s=_secs(asked, answer.created),
-                **base,
-            )
-            if (
-                value.get("approved")
-                and answer.created
-                and (approval is None or answer.created < approval[0])
-            ):
-                approval = (answer.created, who, run.name)
+        _add_states(tl, states, notify, base)
+        _add_tasks(tl, run, data.task_runs.get(run.id, []), notify, base)
+        _add_artifacts(tl, run, flow_name, data.artifacts.get(run.id, []), base)
+        _add_approvals(tl, run, states, data.inputs.get(run.id, []), base)
     if not runs:
         raise PermanentError(f"no runs found for incident {key.label()}")
+    raw = tl.raw
     raw.sort(key=lambda x: (x[0], x[1]))
     t0 = min(fired) if fired else (raw[0][0] if raw else None)
     timeline = [
         TimelineEvent(at=at, offset_s=_secs(t0, at) or 0.0, **fields) for at, _, fields in raw
     ]
-    metrics = Metrics(
-        started_at=t0,
-        started_by="alert startsAt" if fired else "first recorded event",
-        notifications=notifications,
-    )
-    if first_action:
-        metrics.first_action_at, metrics.first_action_s = (
-            first_action[0],
-            _secs(t0, first_action[0]),
-        )
-    if approval:
-        metrics.approval_at, metrics.approval_by = approval[0], approval[1]
-        metrics.approval_s = _secs(t0, approval[0])
-    if recovery:
-        metrics.recovered = True
-        metrics.recovery_at, metrics.recovery_s = recovery[0], _secs(t0, recovery[0])
-        metrics.recovery_by = recovery[1]
     return PostIncidentRecord(
         incident=key,
         mode=mode,
         generated_at=now or datetime.now(UTC),
         runs=summaries,
         timeline=timeline,
-        metrics=metrics,
+        metrics=_metrics(tl, t0, bool(fired)),
         checklist=checklist or Checklist(),
     )
+
+
+def _summary(run: FlowRun, flow_name: str, notify: bool, owner: dict[UUID, UUID]) -> RunSummary:
+    """One run of the incident, as the record lists it."""
+    final = run.state.name if run.state else "unknown"
+    return RunSummary(
+        id=run.id,
+        name=run.name,
+        flow=flow_name,
+        parent_run_id=owner.get(run.parent_task_run_id) if run.parent_task_run_id else None,
+        tags=sorted(run.tags or []),
+        state=final,
+        created=run.created,
+        start=run.start_time,
+        end=run.end_time,
+        duration_s=_secs(run.start_time, run.end_time),
+        dry_run=_dry_run(run, flow_name),
+        notification=notify,
+    )
+
+
+def _add_states(tl: _Timeline, states: list[Any], notify: bool, base: dict[str, str]) -> None:
+    """Each state change of the run, lasting until the next one."""
+    for i, state in enumerate(states):
+        after = states[i + 1].timestamp if i + 1 < len(states) else None
+        tl.add(
+            state.timestamp,
+            kind="notification" if notify and state.is_final() else "state",
+            step=state.name or state.type.value,
+            detail=(state.message or "")[:300],
+            duration_s=_secs(state.timestamp, after),
+            **base,
+        )
+
+
+def _add_tasks(
+    tl: _Timeline, run: FlowRun, task_runs: list[TaskRun], notify: bool, base: dict[str, str]
+) -> None:
+    """Each task run; the first action (a task of a non-notification run) and a passed
+    `verify*` task (recovery)."""
+    for t in sorted(
+        task_runs,
+        key=lambda t: (
+            t.start_time or t.expected_start_time or run.created or datetime.max.replace(tzinfo=UTC)
+        ),
+    ):
+        at = t.start_time or t.expected_start_time
+        tstate = t.state.name if t.state else "unknown"
+        attempts = f"; {t.run_count} attempts" if t.run_count > 1 else ""
+        tl.add(
+            at,
+            kind="task",
+            step=t.name,
+            detail=f"{tstate}{attempts}",
+            duration_s=_secs(t.start_time, t.end_time),
+            **base,
+        )
+        if (
+            t.start_time is not None
+            and not notify
+            and (tl.first_action is None or t.start_time < tl.first_action[0])
+        ):
+            tl.first_action = (t.start_time, f"{run.name} / {t.name}")
+        if (
+            t.name.startswith("verify")
+            and t.state is not None
+            and t.state.is_completed()
+            and t.end_time is not None
+            and (tl.recovery is None or t.end_time < tl.recovery[0])
+        ):
+            tl.recovery = (t.end_time, f"{run.name} / {t.name}")
+
+
+def _add_artifacts(
+    tl: _Timeline, run: FlowRun, flow_name: str, artifacts: list[Artifact], base: dict[str, str]
+) -> None:
+    """Each artifact; a Completed run whose report says it recovered (`RECOVERED_WHEN`)."""
+    for art in artifacts:
+        tl.add(
+            art.created,
+            kind="artifact",
+            step=art.key or art.type or "artifact",
+            detail=(art.description or "")[:300],
+            **base,
+        )
+        marker = RECOVERED_WHEN.get(flow_name)
+        if (
+            marker
+            and run.state is not None
+            and run.state.is_completed()
+            and (art.description or "").endswith(marker)
+            and run.end_time is not None
+            and (tl.recovery is None or run.end_time < tl.recovery[0])
+        ):
+            tl.recovery = (run.end_time, f"{run.name} (Completed, {marker.strip(': ')})")
+
+
+def _add_approvals(
+    tl: _Timeline,
+    run: FlowRun,
+    states: list[Any],
+    answers: list[FlowRunInput],
+    base: dict[str, str],
+) -> None:
+    """Each approval answer, timed from the pause it answered; the first approval."""
+    paused = [s for s in states if s.is_paused()]
+    for answer in answers:
+        value = _decoded(answer)
+        if "approved" not in value:
+            continue
+        asked = max((s.timestamp for s in paused if s.timestamp <= answer.created), default=None)
+        verdict = "approved" if value.get("approved") else "refused"
+        who = str(value.get("approver", ""))[:200]
+        tl.add(
+            answer.created,
+            kind="approval",
+            step=verdict,
+            detail=f"{verdict} by {who}"
+            + (f": {value.get('reason')}" if value.get("reason") else ""),
+            duration_s=_secs(asked, answer.created),
+            **base,
+        )
+        if (
+            value.get("approved")
+            and answer.created
+            and (tl.approval is None or answer.created < tl.approval[0])
+        ):
+            tl.approval = (answer.created, who, run.name)
+
+
+def _metrics(tl: _Timeline, t0: datetime | None, fired: bool) -> Metrics:
+    """Times to first action, approval and recovery, from the incident's start `t0`."""
+    metrics = Metrics(
+        started_at=t0,
+        started_by="alert startsAt" if fired else "first recorded event",
+        notifications=tl.notifications,
+    )
+    if tl.first_action:
+        metrics.first_action_at, metrics.first_action_s = (
+            tl.first_action[0],
+            _secs(t0, tl.first_action[0]),
+        )
+    if tl.approval:
+        metrics.approval_at, metrics.approval_by = tl.approval[0], tl.approval[1]
+        metrics.approval_s = _secs(t0, tl.approval[0])
+    if tl.recovery:
+        metrics.recovered = True
+        metrics.recovery_at, metrics.recovery_s = tl.recovery[0], _secs(t0, tl.recovery[0])
+        metrics.recovery_by = tl.recovery[1]
+    return metrics
 
 
 # --- the checklist ----------------------------------------------------------------------
@@ -711,7 +518,7 @@ def checklist_from_inputs(answers: Iterable[FlowRunInput]) -> Checklist:
     """The checklist from the form answers, oldest first: an item's who/when is the answer
     that last changed its text (a form re-sent with the same text keeps the first author)."""
     checklist = Checklist()
-    for answer in sorted(answers, key=_created):
+    for answer in sorted(answers, key=created_at):
         value = _decoded(answer)
         if "filled_by" not in value:
             continue  # an approval answer, not a checklist
@@ -739,7 +546,7 @@ def recorded_checklist(client: SyncPrefectClient, key: IncidentKey) -> Checklist
 
 def incident_tag(key: IncidentKey) -> str:
     """The tag a post-incident run carries, so retention and the CLI find its record."""
-    return f"incident:{key.label()}"[:250]
+    return incident_tag_of(key.label())[:250]
 
 
 # --- markdown and export ----------------------------------------------------------------

@@ -176,7 +176,7 @@ def test_receiver_answers_whether_an_alert_still_fires() -> None:
 
 
 def test_the_post_incident_record_shows_a_storm_as_one_incident(client: TestClient) -> None:
-    from flows.post_incident import IncidentKey, collect
+    from tasks.run_history import IncidentKey, collect
 
     storm = [alert("StubStorm", namespace="storm-f") for _ in range(3)]
     results = [post(client, a)[0] for a in storm]

@@ -37,17 +37,16 @@ from flows.db_pool_exhausted import DbPoolParams, _cooldown_key, db_pool_exhaust
 from flows.high_latency import high_latency
 from flows.pool_threshold import pool_threshold
 from flows.post_incident import (
-    IncidentKey,
     PostIncidentParams,
     PostIncidentRecord,
     build_record,
-    collect,
     export,
     load,
     main,
     post_incident,
     record_markdown,
 )
+from tasks.run_history import IncidentKey, collect
 from tests.fixtures.postgres import ADMIN_DSN, PgWorld, Sessions, alive, pid, wait_gone
 from tests.fixtures.prefect_runs import flow_run_artifacts, paused_runs, wait_for_paused_run
 from tests.fixtures.triggers import alert, bearer, payload, receiver_settings

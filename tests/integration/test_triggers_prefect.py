@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL
 
-from deployments.intake import CreatedRun, PrefectRefused, PrefectRuns
+from deployments.prefect_runs import CreatedRun, PrefectRefused, PrefectRuns
 from deployments.receiver import create_app
 from deployments.serve import to_deployments
 from deployments.warm_pool import WarmPool, execute

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.intake import PrefectRuns, PrefectUnavailable
 from deployments.journal import Journal
+from deployments.prefect_runs import PrefectRuns, PrefectUnavailable
 from deployments.receiver import create_app
 from tests.fixtures.stub_runbooks import STUB_RUNBOOKS
 from tests.fixtures.triggers import alert, bearer, payload, receiver_settings, stub_table

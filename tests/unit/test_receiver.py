@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployments.receiver import Credentials
+from deployments.receiver_auth import Credentials
 from tests.fixtures.triggers import BASIC, TOKEN, RecordingRuns, alert, bearer, payload
 
 

@@ -24,8 +24,8 @@ from fastapi.testclient import TestClient
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from deployments.intake import PrefectRuns
 from deployments.journal import Entry, Journal
+from deployments.prefect_runs import PrefectRuns
 from deployments.receiver import create_app
 from deployments.routing import RoutingTable
 from tests.fixtures.stub_runbooks import STUB_RUNBOOKS
