@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell { echo $(UV_VERSION); cat pyproject.toml uv.
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup lock system-deps kube lint test test-fast run bench demo clean prefect-yaml screenshots
+.PHONY: setup lock system-deps kube lint test test-fast run bench demo clean prefect-yaml docs-tables screenshots
 
 define uv_bootstrap
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -62,6 +62,11 @@ run: setup
 # tests/unit/test_prefect_yaml.py fails while the committed file is stale.
 prefect-yaml: setup
 	env -u RUNBOOKS_POOL_CHECK_INTERVAL_S $(PY) -m deployments.prefect_yaml
+
+# The runbook tables in README.md and docs/escalation.md from the specs and the catalog;
+# tests/unit/test_docs_tables.py fails while they are stale.
+docs-tables: setup
+	env -u RUNBOOKS_POOL_CHECK_INTERVAL_S $(PY) -m deployments.docs_tables
 
 # Refresh the Prefect UI screenshots in docs/ (`make test` writes them to a temporary folder).
 screenshots: setup system-deps
