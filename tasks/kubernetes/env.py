@@ -7,7 +7,8 @@ Like the memory limit raise (`resources`), two steps so a retry never applies tw
   target above the cap or below 1);
 - `apply_env_value` (idempotent write, retried): re-reads; already the target literal ->
   no-op (an earlier attempt's patch landed, its answer was lost); the entry moved since the
-  plan -> refused; otherwise one strategic-merge patch of that one entry (merge key `name`).
+  plan -> refused; otherwise one strategic-merge patch of that one entry (merge key `name`),
+  pinned to the resourceVersion just read (`workload.apply_container_field`).
 
 The undo is a strategic-merge patch too: the previous entry as it was (literal or
 `valueFrom`), or `$patch: delete` when the variable was unset.

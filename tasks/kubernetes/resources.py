@@ -9,7 +9,8 @@ only refuses what is unsafe, in two places:
   like `scale`, refuses a workload whose pods do not match `RUNBOOKS_K8S_LABEL_SELECTOR`);
   `apply_memory_limit` (idempotent write, retried) re-reads: already at the target -> no-op
   (a retried write whose answer was lost); the limit moved since the plan -> refused;
-  otherwise one strategic-merge patch on the container, matched by name.
+  otherwise one strategic-merge patch on the container, matched by name, pinned to the
+  resourceVersion just read (`workload.apply_container_field`).
 """
 
 from __future__ import annotations

@@ -24,11 +24,19 @@ from dataclasses import dataclass, field
 from functools import update_wrapper
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
+import urllib3
 from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
 from prefect import Task
 
 from tasks.errors import PermanentError, SafetyViolation, TransientError
-from tasks.kubernetes.api import STRATEGIC_MERGE_PATCH, Kube, call, patch_restarted_at
+from tasks.kubernetes.api import (
+    STRATEGIC_MERGE_PATCH,
+    Kube,
+    call,
+    classify_api_error,
+    patch_restarted_at,
+)
 from tasks.kubernetes.semantics import RESTARTED_AT, meta, rfc3339_now
 from tasks.settings import KubernetesSettings
 
@@ -41,6 +49,9 @@ P = ParamSpec("P")
 PlanT = TypeVar("PlanT")
 ResultT = TypeVar("ResultT")
 V = TypeVar("V")
+
+#: Container-field writes tried with a fresh resourceVersion after a 409 Conflict.
+CONFLICT_ATTEMPTS = 3
 
 # AppsV1Api method suffixes per kind: read_namespaced_<x>, patch_namespaced_<x>.
 _API_NAME: dict[Kind, str] = {
@@ -105,7 +116,7 @@ def workload_write(
     return wrap
 
 
-# ---------------------------------------------------------------------- GET and PATCH
+# ----------------------------------------------------------------------- GET, PATCH
 
 
 def get_workload(kube: Kube, kind: Kind, name: str, namespace: str) -> Any:
@@ -122,23 +133,33 @@ def get_workload(kube: Kube, kind: Kind, name: str, namespace: str) -> Any:
     )
 
 
-def patch_workload(
-    kube: Kube, kind: Kind, name: str, namespace: str, body: Any, *, dry_run: bool
-) -> Any:
-    """One strategic-merge PATCH of a workload (server-side dry run when asked)."""
-    return call(
-        kube,
-        getattr(kube.apps, f"patch_namespaced_{_API_NAME[kind]}"),
-        name,
-        namespace,
-        body,
-        dry_run="All" if dry_run else None,
-        _content_type=STRATEGIC_MERGE_PATCH,
-        verb="patch",
-        resource=f"{kind}s",
-        name=name,
-        namespace=namespace,
-    )
+def _patch_pinned(
+    kube: Kube,
+    kind: Kind,
+    name: str,
+    namespace: str,
+    body: dict[str, Any],
+    version: str,
+    dry_run: bool,
+) -> bool:
+    """One strategic-merge PATCH pinned to `version`; True if written, False on 409 Conflict."""
+    pinned = {"metadata": {"resourceVersion": version}, **body}
+    try:
+        getattr(kube.apps, f"patch_namespaced_{_API_NAME[kind]}")(
+            name,
+            namespace,
+            pinned,
+            dry_run="All" if dry_run else None,
+            _content_type=STRATEGIC_MERGE_PATCH,
+            _request_timeout=kube.timeout,
+        )
+    except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        if isinstance(exc, ApiException) and exc.status == 409:
+            return False
+        raise classify_api_error(
+            exc, verb="patch", resource=f"{kind}s", name=name, namespace=namespace, host=kube.host
+        ) from None
+    return True
 
 
 def template_annotations(obj: Any) -> dict[str, str]:
@@ -248,14 +269,23 @@ def apply_container_field(
 ) -> tuple[bool, V]:
     """Re-read the field: at target -> (False, it); moved -> SafetyViolation; else patch it.
 
-    Returns whether this call sent the patch, and the value read before it.
+    The patch carries the resourceVersion just read, so a write in between (409) changes
+    nothing; then read again and decide again, a bounded number of times (the controller's
+    status updates bump the resourceVersion too). Returns whether this call sent the patch,
+    and the value read before it.
     """
-    obj = get_workload(kube, write.kind, write.name, write.namespace)
-    now = write.read(container_named(obj, write.kind, write.container))
-    if write.at_target(now):
-        return False, now
-    if not write.as_planned(now):
-        raise SafetyViolation(write.moved(now))
-    body = container_patch(write.container, write.fields)
-    patch_workload(kube, write.kind, write.name, write.namespace, body, dry_run=dry_run)
-    return True, now
+    for _ in range(CONFLICT_ATTEMPTS):
+        obj = get_workload(kube, write.kind, write.name, write.namespace)
+        now = write.read(container_named(obj, write.kind, write.container))
+        if write.at_target(now):
+            return False, now
+        if not write.as_planned(now):
+            raise SafetyViolation(write.moved(now))
+        body = container_patch(write.container, write.fields)
+        version = str(meta(obj).resource_version)
+        if _patch_pinned(kube, write.kind, write.name, write.namespace, body, version, dry_run):
+            return True, now
+    raise TransientError(
+        f"{write.kind} {write.name} in namespace {write.namespace} kept changing "
+        f"({CONFLICT_ATTEMPTS} conflicts in a row); nothing patched"
+    )
