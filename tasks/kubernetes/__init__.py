@@ -6,12 +6,14 @@ One module per concern, all re-exported here (`from tasks.kubernetes import undo
 - `api`: one API session per task (client from `tasks.clients.kube_api_client`, the one
   builder), error classification (`classify_api_error`);
 - `models`: the pydantic results;
+- `workload`: the one plan -> apply mechanism every workload write uses (`WorkloadWrite`);
 - `rollout`: undo (plan + apply), restart (plan + apply), wait, history;
 - `revisions`: when a revision became current (not when its ReplicaSet was created), and
   whether the previous revision was just rolled back from;
 - `scale`: replicas with a resourceVersion precondition;
 - `statefulset`: StatefulSet restart (plan + apply) and rollout status;
 - `resources`: a container's memory limit, raised at most 2x (plan + apply);
+- `env`: one container env var set to a capped literal, with its undo (plan + apply);
 - `pods`: pods, restarts and OOMKilled reasons, logs, events, Nodes (read only).
 """
 

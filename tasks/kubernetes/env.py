@@ -7,7 +7,8 @@ Like the memory limit raise (`resources`), two steps so a retry never applies tw
   target above the cap or below 1);
 - `apply_env_value` (idempotent write, retried): re-reads; already the target literal ->
   no-op (an earlier attempt's patch landed, its answer was lost); the entry moved since the
-  plan -> refused; otherwise one strategic-merge patch of that one entry (merge key `name`).
+  plan -> refused; otherwise one strategic-merge patch of that one entry (merge key `name`),
+  pinned to the resourceVersion just read (`workload.apply_container_field`).
 
 The undo is a strategic-merge patch too: the previous entry as it was (literal or
 `valueFrom`), or `$patch: delete` when the variable was unset.
@@ -22,29 +23,26 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.errors import PermanentError, SafetyViolation
+from tasks.errors import SafetyViolation
 from tasks.kubernetes.api import (
-    STRATEGIC_MERGE_PATCH,
-    call,
     get_deployment,
     kube_session,
     run_logger,
 )
 from tasks.kubernetes.semantics import meta, require_platform_pods, validated_plan
+from tasks.kubernetes.workload import (
+    ContainerFieldWrite,
+    apply_container_field,
+    container_named,
+    container_patch,
+)
 from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import KubernetesSettings
 
 
-def _entry_of(dep: Any, container: str, env: str) -> dict[str, Any] | None:
+def _entry_of(container: k8s.V1Container, env: str) -> dict[str, Any] | None:
     """The container's env entry as plain JSON (None when unset); the last one wins."""
-    containers: list[k8s.V1Container] = dep.spec.template.spec.containers or []
-    found = next((c for c in containers if c.name == container), None)
-    if found is None:
-        raise PermanentError(
-            f"deployment {meta(dep).name} in namespace {meta(dep).namespace} has no container "
-            f"{container!r} (containers: {', '.join(c.name for c in containers)})"
-        )
-    entry = next((e for e in reversed(found.env or []) if e.name == env), None)
+    entry = next((e for e in reversed(container.env or []) if e.name == env), None)
     if entry is None:
         return None
     value: dict[str, Any] = k8s.ApiClient().sanitize_for_serialization(entry)
@@ -53,7 +51,7 @@ def _entry_of(dep: Any, container: str, env: str) -> dict[str, Any] | None:
 
 def env_patch(container: str, entry: dict[str, Any]) -> dict[str, Any]:
     """A strategic-merge patch setting one env entry of one container (both matched by name)."""
-    return {"spec": {"template": {"spec": {"containers": [{"name": container, "env": [entry]}]}}}}
+    return container_patch(container, {"env": [entry]})
 
 
 def describe_entry(entry: dict[str, Any] | None) -> str:
@@ -152,7 +150,7 @@ def plan_env_value(
         "namespace": namespace,
         "container": container,
         "env": env,
-        "previous": _entry_of(dep, container, env),
+        "previous": _entry_of(container_named(dep, "deployment", container), env),
         "target": target,
         "cap": cap,
         "generation": meta(dep).generation,
@@ -189,31 +187,25 @@ def apply_env_value(
             undo_patch=plan.undo_patch,
         )
 
+    write = ContainerFieldWrite(
+        kind="deployment",
+        name=name,
+        namespace=namespace,
+        container=plan.container,
+        read=lambda container: _entry_of(container, plan.env),
+        at_target=lambda now: now == {"name": plan.env, "value": str(plan.target)},
+        as_planned=lambda now: now == plan.previous,
+        moved=lambda now: (
+            f"deployment {name} {plan.env} changed since the plan ({before} -> "
+            f"{describe_entry(now)}); nothing patched, plan again"
+        ),
+        fields={"env": [plan.target_entry]},
+    )
     with kube_session(settings) as kube:
-        dep = get_deployment(kube, name, namespace)
-        now = _entry_of(dep, plan.container, plan.env)
-        if now == {"name": plan.env, "value": str(plan.target)}:
-            return result(
-                False,
-                f"deployment.apps/{name} {plan.env} is already {plan.target}; nothing patched",
-            )
-        if now != plan.previous:
-            raise SafetyViolation(
-                f"deployment {name} {plan.env} changed since the plan ({before} -> "
-                f"{describe_entry(now)}); nothing patched, plan again"
-            )
-        call(
-            kube,
-            kube.apps.patch_namespaced_deployment,
-            name,
-            namespace,
-            env_patch(plan.container, plan.target_entry),
-            dry_run="All" if dry_run else None,
-            _content_type=STRATEGIC_MERGE_PATCH,
-            verb="patch",
-            resource="deployments",
-            name=name,
-            namespace=namespace,
+        patched, _ = apply_container_field(kube, write, dry_run)
+    if not patched:
+        return result(
+            False, f"deployment.apps/{name} {plan.env} is already {plan.target}; nothing patched"
         )
     verb = "would set" if dry_run else "set"
     return result(

@@ -9,13 +9,14 @@ only refuses what is unsafe, in two places:
   like `scale`, refuses a workload whose pods do not match `RUNBOOKS_K8S_LABEL_SELECTOR`);
   `apply_memory_limit` (idempotent write, retried) re-reads: already at the target -> no-op
   (a retried write whose answer was lost); the limit moved since the plan -> refused;
-  otherwise one strategic-merge patch on the container, matched by name.
+  otherwise one strategic-merge patch on the container, matched by name, pinned to the
+  resourceVersion just read (`workload.apply_container_field`).
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Literal
 
 from kubernetes import client as k8s
 from kubernetes.utils import parse_quantity
@@ -24,16 +25,19 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.kubernetes.api import (
-    STRATEGIC_MERGE_PATCH,
-    Kube,
-    call,
-    get_deployment,
     kube_session,
     run_logger,
 )
 from tasks.kubernetes.models import MemoryLimitChange, MemoryLimitResult
 from tasks.kubernetes.semantics import meta, require_platform_pods, validated_plan
-from tasks.kubernetes.statefulset import get_statefulset
+from tasks.kubernetes.workload import (
+    ContainerFieldWrite,
+    WriteCall,
+    apply_container_field,
+    container_named,
+    get_workload,
+    workload_write,
+)
 from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import KubernetesSettings
 
@@ -49,22 +53,10 @@ def memory_bytes(quantity: str) -> int:
     return int(value.to_integral_value(rounding="ROUND_CEILING"))
 
 
-def _workload(kube: Kube, kind: Kind, name: str, namespace: str) -> Any:
-    if kind == "deployment":
-        return get_deployment(kube, name, namespace)
-    return get_statefulset(kube, name, namespace)
-
-
-def _limit_of(obj: Any, kind: Kind, container: str) -> str | None:
-    containers: list[k8s.V1Container] = obj.spec.template.spec.containers or []
-    found = next((c for c in containers if c.name == container), None)
-    if found is None:
-        raise PermanentError(
-            f"{kind} {meta(obj).name} in namespace {meta(obj).namespace} has no container "
-            f"{container!r} (containers: {', '.join(c.name for c in containers)})"
-        )
-    limits = (found.resources.limits if found.resources else None) or {}
-    return limits.get("memory")
+def _limit_of(container: k8s.V1Container) -> str | None:
+    limits = (container.resources.limits if container.resources else None) or {}
+    memory: str | None = limits.get("memory")
+    return memory
 
 
 @task(
@@ -84,13 +76,13 @@ def plan_memory_limit(
     target_bytes = memory_bytes(target)
     settings = settings or KubernetesSettings()
     with kube_session(settings) as kube:
-        obj = _workload(kube, kind, name, namespace)
+        obj = get_workload(kube, kind, name, namespace)
     require_platform_pods(
         settings.label_selector,
         obj,
         f"change the memory limit of {kind} {name} in namespace {namespace}",
     )
-    current = _limit_of(obj, kind, container)
+    current = _limit_of(container_named(obj, kind, container))
     if current is None:
         raise SafetyViolation(
             f"{kind} {name} container {container} has no memory limit: there is nothing to "
@@ -142,52 +134,28 @@ def apply_memory_limit(
             message=message,
         )
 
+    write = ContainerFieldWrite(
+        kind=kind,
+        name=name,
+        namespace=namespace,
+        container=plan.container,
+        read=_limit_of,
+        at_target=lambda now: now is not None and memory_bytes(now) == plan.target_bytes,
+        as_planned=lambda now: now is not None and memory_bytes(now) == plan.current_bytes,
+        moved=lambda now: (
+            f"{kind} {name} container {plan.container}: memory limit changed since the "
+            f"plan ({plan.current} -> {now}); nothing patched, plan again"
+        ),
+        fields={"resources": {"limits": {"memory": plan.target}}},
+    )
     with kube_session(settings) as kube:
-        obj = _workload(kube, kind, name, namespace)
-        now = _limit_of(obj, kind, plan.container)
-        if now is not None and memory_bytes(now) == plan.target_bytes:
-            return result(
-                False,
-                now,
-                f"{kind}.apps/{name} container {plan.container} already has memory limit "
-                f"{now}; nothing patched",
-            )
-        if now is None or memory_bytes(now) != plan.current_bytes:
-            raise SafetyViolation(
-                f"{kind} {name} container {plan.container}: memory limit changed since the "
-                f"plan ({plan.current} -> {now}); nothing patched, plan again"
-            )
-        body = {
-            "spec": {
-                "template": {
-                    "spec": {
-                        "containers": [
-                            {
-                                "name": plan.container,
-                                "resources": {"limits": {"memory": plan.target}},
-                            }
-                        ]
-                    }
-                }
-            }
-        }
-        patch = (
-            kube.apps.patch_namespaced_deployment
-            if kind == "deployment"
-            else kube.apps.patch_namespaced_stateful_set
-        )
-        call(
-            kube,
-            patch,
-            name,
-            namespace,
-            body,
-            dry_run="All" if dry_run else None,
-            _content_type=STRATEGIC_MERGE_PATCH,
-            verb="patch",
-            resource=f"{kind}s",
-            name=name,
-            namespace=namespace,
+        patched, now = apply_container_field(kube, write, dry_run)
+    if not patched:
+        return result(
+            False,
+            str(now),
+            f"{kind}.apps/{name} container {plan.container} already has memory limit "
+            f"{now}; nothing patched",
         )
     verb = "would raise" if dry_run else "raised"
     return result(
@@ -198,39 +166,25 @@ def apply_memory_limit(
     )
 
 
-class RaiseMemoryLimit:
+@workload_write(plan_memory_limit, apply_memory_limit)
+def raise_memory_limit(
+    kind: Kind,
+    name: str,
+    namespace: str,
+    container: str,
+    target: str,
+    dry_run: bool = False,
+    settings: KubernetesSettings | None = None,
+) -> WriteCall:
     """Raise a container's memory limit (<= 2x): plan (read) then apply (idempotent write).
 
     The new value comes from the flow, after approval; this refuses anything above 2x.
     """
-
-    def __call__(
-        self,
-        kind: Kind,
-        name: str,
-        namespace: str,
-        container: str,
-        target: str,
-        dry_run: bool = False,
-        settings: KubernetesSettings | None = None,
-    ) -> MemoryLimitResult:
-        """Raise the limit as two Prefect tasks."""
-        plan = plan_memory_limit(kind, name, namespace, container, target, settings=settings)
-        return apply_memory_limit(plan, dry_run=dry_run, settings=settings)
-
-    def fn(
-        self,
-        kind: Kind,
-        name: str,
-        namespace: str,
-        container: str,
-        target: str,
-        dry_run: bool = False,
-        settings: KubernetesSettings | None = None,
-    ) -> MemoryLimitResult:
-        """The same two steps as plain functions (no Prefect run, no retries)."""
-        plan = plan_memory_limit.fn(kind, name, namespace, container, target, settings=settings)
-        return apply_memory_limit.fn(plan, dry_run=dry_run, settings=settings)
-
-
-raise_memory_limit = RaiseMemoryLimit()
+    planned = {
+        "kind": kind,
+        "name": name,
+        "namespace": namespace,
+        "container": container,
+        "target": target,
+    }
+    return WriteCall(planned, dry_run, settings)

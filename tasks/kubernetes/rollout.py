@@ -35,7 +35,6 @@ from tasks.kubernetes.api import (
     get_deployment,
     kube_session,
     owned_replica_sets,
-    patch_restarted_at,
     run_logger,
 )
 from tasks.kubernetes.models import (
@@ -48,7 +47,6 @@ from tasks.kubernetes.models import (
 )
 from tasks.kubernetes.revisions import revision_infos, undone_previous
 from tasks.kubernetes.semantics import (
-    RESTARTED_AT,
     REVISION,
     annotation,
     equal_ignore_hash,
@@ -56,12 +54,17 @@ from tasks.kubernetes.semantics import (
     meta,
     order_like_kubectl,
     parse_revision,
-    rfc3339_now,
     rollback_annotations,
     rollback_patch,
     rollout_status_message,
     rs_template,
     select_rollback_revision,
+)
+from tasks.kubernetes.workload import (
+    WriteCall,
+    apply_restart_value,
+    plan_restart_value,
+    workload_write,
 )
 from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import KubernetesSettings
@@ -72,12 +75,6 @@ PAUSED_ROLLBACK = (
     "'kubectl rollout resume' and try again"
 )
 Outcome = Literal["rolled back", "skipped rollback", "already rolled back", "dry run"]
-PAUSED_RESTART = "can't restart paused deployment (run rollout resume first)"
-
-
-def _template_annotations(dep: k8s.V1Deployment) -> dict[str, str]:
-    template_meta = dep.spec.template.metadata if dep.spec and dep.spec.template else None
-    return dict((template_meta.annotations if template_meta else None) or {})
 
 
 # ------------------------------------------------------------------------------ undo
@@ -249,39 +246,17 @@ def _patch_rollback(
     return True
 
 
-class UndoRollout:
-    """`kubectl rollout undo`: `plan_rollback` (read) then `apply_rollback` (idempotent write).
-
-    Call it in a flow like a task (two task runs, each with its retry policy); `.fn(...)`
-    runs the same two steps without Prefect.
-    """
-
-    def __call__(
-        self,
-        deployment: str,
-        namespace: str,
-        to_revision: int = 0,
-        dry_run: bool = False,
-        settings: KubernetesSettings | None = None,
-    ) -> RollbackResult:
-        """Roll a Deployment back like `kubectl rollout undo`, as two Prefect tasks."""
-        plan = plan_rollback(deployment, namespace, to_revision, settings=settings)
-        return apply_rollback(plan, dry_run=dry_run, settings=settings)
-
-    def fn(
-        self,
-        deployment: str,
-        namespace: str,
-        to_revision: int = 0,
-        dry_run: bool = False,
-        settings: KubernetesSettings | None = None,
-    ) -> RollbackResult:
-        """The same two steps as plain functions (no Prefect run, no retries)."""
-        plan = plan_rollback.fn(deployment, namespace, to_revision, settings=settings)
-        return apply_rollback.fn(plan, dry_run=dry_run, settings=settings)
-
-
-undo_rollout = UndoRollout()
+@workload_write(plan_rollback, apply_rollback)
+def undo_rollout(
+    deployment: str,
+    namespace: str,
+    to_revision: int = 0,
+    dry_run: bool = False,
+    settings: KubernetesSettings | None = None,
+) -> WriteCall:
+    """`kubectl rollout undo`: `plan_rollback` (read) then `apply_rollback` (idempotent write)."""
+    planned = {"deployment": deployment, "namespace": namespace, "to_revision": to_revision}
+    return WriteCall(planned, dry_run, settings)
 
 
 # --------------------------------------------------------------------------- restart
@@ -301,17 +276,7 @@ def plan_restart(
     """Check a restart is allowed and pick its `restartedAt` value, once (read only)."""
     with kube_session(settings) as kube:
         dep = get_deployment(kube, deployment, namespace)
-    if dep.spec.paused:
-        raise SafetyViolation(PAUSED_RESTART)
-    value = restarted_at or rfc3339_now()
-    previous = _template_annotations(dep).get(RESTARTED_AT)
-    if previous == value:
-        # kubectl's patch would be empty: nothing would restart. A read, so retrying it
-        # (a second later, a new timestamp) is safe.
-        raise TransientError(
-            f"failed to create patch for {deployment}: if restart has already been "
-            "triggered within the past second, please wait before attempting to trigger another"
-        )
+    value, previous = plan_restart_value("deployment", dep, restarted_at)
     return RestartPlan(
         deployment=deployment,
         namespace=namespace,
@@ -330,82 +295,33 @@ def apply_restart(
     plan: RestartPlan, dry_run: bool = False, settings: KubernetesSettings | None = None
 ) -> RestartResult:
     """Set the planned `restartedAt`; a no-op when that exact value is already set."""
-    log = run_logger()
-    name, namespace = plan.deployment, plan.namespace
     with kube_session(settings) as kube:
-        dep = get_deployment(kube, name, namespace)
-        if dep.spec.paused:
-            raise SafetyViolation(PAUSED_RESTART)
-        if _template_annotations(dep).get(RESTARTED_AT) == plan.restarted_at:
-            message = (
-                f"deployment.apps/{name} already restarted at {plan.restarted_at} "
-                "(an earlier attempt's patch landed, its answer was lost); nothing patched"
-            )
-            log.info(message)
-            return RestartResult(
-                deployment=name,
-                namespace=namespace,
-                restarted_at=plan.restarted_at,
-                generation=meta(dep).generation,
-                dry_run=dry_run,
-                patched=False,
-                message=message,
-            )
-        patched = patch_restarted_at(
-            kube,
-            kube.apps.patch_namespaced_deployment,
-            resource="deployments",
-            name=name,
-            namespace=namespace,
-            restarted_at=plan.restarted_at,
-            dry_run=dry_run,
+        done = apply_restart_value(
+            kube, "deployment", plan.deployment, plan.namespace, plan.restarted_at, dry_run
         )
-    message = f"deployment.apps/{name} restarted" + (" (server dry run)" if dry_run else "")
-    log.info(message)
+    run_logger().info(done.message)
     return RestartResult(
-        deployment=name,
-        namespace=namespace,
+        deployment=plan.deployment,
+        namespace=plan.namespace,
         restarted_at=plan.restarted_at,
-        generation=meta(patched).generation,
+        generation=done.generation,
         dry_run=dry_run,
-        patched=True,
-        message=message,
+        patched=done.patched,
+        message=done.message,
     )
 
 
-class RestartRollout:
-    """`kubectl rollout restart`: `plan_restart` (read) then `apply_restart` (idempotent write).
-
-    Call it in a flow like a task (two task runs, each with its retry policy); `.fn(...)`
-    runs the same two steps without Prefect.
-    """
-
-    def __call__(
-        self,
-        deployment: str,
-        namespace: str,
-        dry_run: bool = False,
-        settings: KubernetesSettings | None = None,
-        restarted_at: str | None = None,
-    ) -> RestartResult:
-        """Restart a Deployment's pods like `kubectl rollout restart`, as two Prefect tasks."""
-        plan = plan_restart(deployment, namespace, restarted_at, settings=settings)
-        return apply_restart(plan, dry_run=dry_run, settings=settings)
-
-    def fn(
-        self,
-        deployment: str,
-        namespace: str,
-        dry_run: bool = False,
-        settings: KubernetesSettings | None = None,
-        restarted_at: str | None = None,
-    ) -> RestartResult:
-        """The same two steps as plain functions (no Prefect run, no retries)."""
-        plan = plan_restart.fn(deployment, namespace, restarted_at, settings=settings)
-        return apply_restart.fn(plan, dry_run=dry_run, settings=settings)
-
-
-restart_rollout = RestartRollout()
+@workload_write(plan_restart, apply_restart)
+def restart_rollout(
+    deployment: str,
+    namespace: str,
+    dry_run: bool = False,
+    settings: KubernetesSettings | None = None,
+    restarted_at: str | None = None,
+) -> WriteCall:
+    """`kubectl rollout restart`: `plan_restart` (read) then `apply_restart` (idempotent write)."""
+    planned = {"deployment": deployment, "namespace": namespace, "restarted_at": restarted_at}
+    return WriteCall(planned, dry_run, settings)
 
 
 # ------------------------------------------------------------------- status, history

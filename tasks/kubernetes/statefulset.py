@@ -22,12 +22,10 @@ from kubernetes import client as k8s
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import PermanentError, TransientError
+from tasks.errors import PermanentError
 from tasks.kubernetes.api import (
     Kube,
-    call,
     kube_session,
-    patch_restarted_at,
     run_logger,
 )
 from tasks.kubernetes.models import (
@@ -36,10 +34,15 @@ from tasks.kubernetes.models import (
     StatefulSetRolloutStatus,
 )
 from tasks.kubernetes.semantics import (
-    RESTARTED_AT,
     meta,
-    rfc3339_now,
     statefulset_status_message,
+)
+from tasks.kubernetes.workload import (
+    WriteCall,
+    apply_restart_value,
+    get_workload,
+    plan_restart_value,
+    workload_write,
 )
 from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
 from tasks.settings import KubernetesSettings
@@ -47,21 +50,8 @@ from tasks.settings import KubernetesSettings
 
 def get_statefulset(kube: Kube, name: str, namespace: str) -> k8s.V1StatefulSet:
     """GET one StatefulSet (404 -> PermanentError naming it)."""
-    return call(
-        kube,
-        kube.apps.read_namespaced_stateful_set,
-        name,
-        namespace,
-        verb="get",
-        resource="statefulsets",
-        name=name,
-        namespace=namespace,
-    )
-
-
-def _restarted_at(sts: k8s.V1StatefulSet) -> str | None:
-    template_meta = sts.spec.template.metadata if sts.spec and sts.spec.template else None
-    return ((template_meta.annotations if template_meta else None) or {}).get(RESTARTED_AT)
+    sts: k8s.V1StatefulSet = get_workload(kube, "statefulset", name, namespace)
+    return sts
 
 
 @task(
@@ -78,14 +68,7 @@ def plan_statefulset_restart(
     """Pick the `restartedAt` value of a StatefulSet restart, once (read only)."""
     with kube_session(settings) as kube:
         sts = get_statefulset(kube, statefulset, namespace)
-    value = restarted_at or rfc3339_now()
-    previous = _restarted_at(sts)
-    if previous == value:
-        # kubectl's patch would be empty; a read, so retrying it (a new second) is safe.
-        raise TransientError(
-            f"failed to create patch for {statefulset}: if restart has already been "
-            "triggered within the past second, please wait before attempting to trigger another"
-        )
+    value, previous = plan_restart_value("statefulset", sts, restarted_at)
     strategy = sts.spec.update_strategy.type if sts.spec.update_strategy else "RollingUpdate"
     return StatefulSetRestartPlan(
         statefulset=statefulset,
@@ -106,83 +89,37 @@ def apply_statefulset_restart(
     plan: StatefulSetRestartPlan, dry_run: bool = False, settings: KubernetesSettings | None = None
 ) -> StatefulSetRestartResult:
     """Set the planned `restartedAt` on a StatefulSet; a no-op when already set."""
-    log = run_logger()
-    name, namespace = plan.statefulset, plan.namespace
     with kube_session(settings) as kube:
-        sts = get_statefulset(kube, name, namespace)
-        if _restarted_at(sts) == plan.restarted_at:
-            message = (
-                f"statefulset.apps/{name} already restarted at {plan.restarted_at} "
-                "(an earlier attempt's patch landed, its answer was lost); nothing patched"
-            )
-            log.info(message)
-            return StatefulSetRestartResult(
-                statefulset=name,
-                namespace=namespace,
-                restarted_at=plan.restarted_at,
-                generation=meta(sts).generation,
-                dry_run=dry_run,
-                patched=False,
-                message=message,
-            )
-        patched = patch_restarted_at(
-            kube,
-            kube.apps.patch_namespaced_stateful_set,
-            resource="statefulsets",
-            name=name,
-            namespace=namespace,
-            restarted_at=plan.restarted_at,
-            dry_run=dry_run,
+        done = apply_restart_value(
+            kube, "statefulset", plan.statefulset, plan.namespace, plan.restarted_at, dry_run
         )
-    message = f"statefulset.apps/{name} restarted" + (" (server dry run)" if dry_run else "")
-    if plan.update_strategy != "RollingUpdate":
+    message = done.message
+    if done.patched and plan.update_strategy != "RollingUpdate":
         # kubectl patches it all the same; the controller then waits for someone to delete pods.
         message += f" (updateStrategy {plan.update_strategy}: pods restart only when deleted)"
-    log.info(message)
+    run_logger().info(message)
     return StatefulSetRestartResult(
-        statefulset=name,
-        namespace=namespace,
+        statefulset=plan.statefulset,
+        namespace=plan.namespace,
         restarted_at=plan.restarted_at,
-        generation=meta(patched).generation,
+        generation=done.generation,
         dry_run=dry_run,
-        patched=True,
+        patched=done.patched,
         message=message,
     )
 
 
-class RestartStatefulSet:
-    """`kubectl rollout restart statefulset/x`: plan (read) then apply (idempotent write).
-
-    Call it in a flow like a task (two task runs); `.fn(...)` runs the same two steps
-    without Prefect.
-    """
-
-    def __call__(
-        self,
-        statefulset: str,
-        namespace: str,
-        dry_run: bool = False,
-        settings: KubernetesSettings | None = None,
-        restarted_at: str | None = None,
-    ) -> StatefulSetRestartResult:
-        """Restart a StatefulSet's pods like `kubectl rollout restart`, as two Prefect tasks."""
-        plan = plan_statefulset_restart(statefulset, namespace, restarted_at, settings=settings)
-        return apply_statefulset_restart(plan, dry_run=dry_run, settings=settings)
-
-    def fn(
-        self,
-        statefulset: str,
-        namespace: str,
-        dry_run: bool = False,
-        settings: KubernetesSettings | None = None,
-        restarted_at: str | None = None,
-    ) -> StatefulSetRestartResult:
-        """The same two steps as plain functions (no Prefect run, no retries)."""
-        plan = plan_statefulset_restart.fn(statefulset, namespace, restarted_at, settings=settings)
-        return apply_statefulset_restart.fn(plan, dry_run=dry_run, settings=settings)
-
-
-restart_statefulset = RestartStatefulSet()
+@workload_write(plan_statefulset_restart, apply_statefulset_restart)
+def restart_statefulset(
+    statefulset: str,
+    namespace: str,
+    dry_run: bool = False,
+    settings: KubernetesSettings | None = None,
+    restarted_at: str | None = None,
+) -> WriteCall:
+    """`kubectl rollout restart statefulset/x`: plan (read) then apply (idempotent write)."""
+    planned = {"statefulset": statefulset, "namespace": namespace, "restarted_at": restarted_at}
+    return WriteCall(planned, dry_run, settings)
 
 
 def _status_model(

@@ -10,7 +10,9 @@ from kubernetes import client as k8s
 from prefect import flow
 
 from tasks.errors import SafetyViolation
+from tasks.kubernetes.api import kube_session
 from tasks.kubernetes.env import EnvChangeResult, apply_env_value, plan_env_value
+from tasks.kubernetes.workload import ContainerFieldWrite, apply_container_field
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.prefect_runs import task_runs
 from tests.integration.kube_helpers import deployment_body, through_proxy
@@ -119,3 +121,56 @@ def test_undo_puts_back_exactly_the_previous_entry(
         name, ns, plan.undo_patch, _content_type="application/strategic-merge-patch+json"
     )
     assert env_of(apps, ns, name) == original
+
+
+def _raced_write(
+    apps: Any, ns: str, name: str, other: dict[str, Any]
+) -> ContainerFieldWrite[dict[str, Any] | None]:
+    """An env write (4 -> 6) whose first read is followed by another writer's `other` patch."""
+    raced: list[bool] = []
+
+    def read(container: k8s.V1Container) -> dict[str, Any] | None:
+        entry = next((e for e in container.env or [] if e.name == ENV), None)
+        if not raced:
+            raced.append(True)
+            apps.patch_namespaced_deployment(name, ns, other)  # between our GET and PATCH
+        return None if entry is None else {"name": ENV, "value": entry.value}
+
+    return ContainerFieldWrite(
+        kind="deployment",
+        name=name,
+        namespace=ns,
+        container="app",
+        read=read,
+        at_target=lambda now: now == {"name": ENV, "value": "6"},
+        as_planned=lambda now: now == {"name": ENV, "value": "4"},
+        moved=lambda now: f"{ENV} changed since the plan (4 -> {now}); nothing patched",
+        fields={"env": [{"name": ENV, "value": "6"}]},
+    )
+
+
+def test_a_write_between_read_and_patch_is_a_conflict_then_decided_again(
+    kube_cluster, kube_namespace, apps
+):
+    ns = kube_namespace
+    with kube_session(kube_cluster.settings(ns)) as kube:
+        # Another writer touched something else: the pinned patch gets 409, the re-read
+        # finds the entry still as planned, the second patch lands and keeps their change.
+        create(apps, ns, "raced-other", {"name": ENV, "value": "4"})
+        other = {"metadata": {"annotations": {"someone": "else"}}}
+        patched, before = apply_container_field(
+            kube, _raced_write(apps, ns, "raced-other", other), dry_run=False
+        )
+        assert (patched, before) == (True, {"name": ENV, "value": "4"})
+        dep = apps.read_namespaced_deployment("raced-other", ns)
+        assert dep.metadata.annotations["someone"] == "else"
+        assert {"name": ENV, "value": "6"} in env_of(apps, ns, "raced-other")
+
+        # Another writer changed the entry itself: the pinned patch gets 409, the re-read
+        # finds it moved, nothing is written over their value.
+        create(apps, ns, "raced-entry", {"name": ENV, "value": "4"})
+        entry = {"name": "app", "env": [{"name": ENV, "value": "5"}]}
+        theirs = {"spec": {"template": {"spec": {"containers": [entry]}}}}
+        with pytest.raises(SafetyViolation, match="changed since the plan"):
+            apply_container_field(kube, _raced_write(apps, ns, "raced-entry", theirs), False)
+        assert {"name": ENV, "value": "5"} in env_of(apps, ns, "raced-entry")

@@ -27,6 +27,8 @@ from tasks.kubernetes import (
     tail_logs,
     wait_for_statefulset,
 )
+from tasks.kubernetes.api import kube_session
+from tasks.kubernetes.workload import apply_restart_value, get_workload, plan_restart_value
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.prefect_runs import task_runs
 from tests.integration.kube_helpers import (
@@ -390,3 +392,28 @@ def test_retried_memory_limit_raise_writes_once(
     )
     assert _limit(apps, ns, name, "statefulset") == "1536Mi"
     assert apps.read_namespaced_stateful_set(name, ns).metadata.generation == generation + 1
+
+
+# ---------------------------------------------------------------- DaemonSet restart
+
+
+def test_daemonset_restart_is_the_same_restarted_at_write(kube_cluster, kube_namespace, apps):
+    """The mechanism restarts any workload kind: a DaemonSet gets the same annotation."""
+    ns, name = kube_namespace, "agent"
+    body = deployment_body(name, replicas=1)
+    body["kind"] = "DaemonSet"
+    for key in ("replicas", "strategy"):
+        del body["spec"][key]
+    apps.create_namespaced_daemon_set(ns, body)
+    with kube_session(kube_cluster.settings(ns)) as kube:
+        ds = get_workload(kube, "daemonset", name, ns)
+        value, previous = plan_restart_value("daemonset", ds, "2026-01-02T03:04:05Z")
+        assert previous is None
+        done = apply_restart_value(kube, "daemonset", name, ns, value, dry_run=False)
+        assert done.patched and done.message == f"daemonset.apps/{name} restarted"
+        again = apply_restart_value(kube, "daemonset", name, ns, value, dry_run=False)
+    assert not again.patched and "nothing patched" in again.message
+    ds = apps.read_namespaced_daemon_set(name, ns)
+    assert ds.spec.template.metadata.annotations[RESTARTED_AT] == value
+    assert ds.metadata.generation == done.generation == again.generation == 2
+    assert ROLLOUT_FIELD_MANAGER in {m.manager for m in ds.metadata.managed_fields or []}

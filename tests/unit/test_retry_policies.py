@@ -52,6 +52,7 @@ IDEMPOTENT_WRITES = [
     "tasks.kubernetes.scale.scale",
     "tasks.kubernetes.statefulset.apply_statefulset_restart",
     "tasks.kubernetes.resources.apply_memory_limit",
+    "tasks.kubernetes.env.apply_env_value",
     "tasks.redis.clear_cache",
     "tasks.notify.send_notification",
 ]
