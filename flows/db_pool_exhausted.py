@@ -52,6 +52,7 @@ from flows.common import (
 )
 from flows.escalate import escalate_incident
 from flows.pool_sizing import PoolSizeAction, SizingView, pool_sizing_report, raise_pool_size
+from flows.report_text import age_text, guard_summary
 from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
 from tasks.locks import target_lock
@@ -63,10 +64,8 @@ from tasks.postgres import (
     TerminationPlan,
     TerminationResult,
     TimeoutChange,
-    age_text,
     approved_and_matching,
     check_name,
-    guard_summary,
     measure_pool_usage,
     plan_terminations,
     read_idle_in_transaction_timeout,
