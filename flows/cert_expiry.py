@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 
 from flows.common import Report, md_code, md_escape, publish_on_exit, table, tag_run
 from flows.escalate import escalate_incident
+from flows.report_text import short_days
 from tasks.errors import RunbookError, TransientError
 from tasks.settings import TlsSettings
 from tasks.tls import (
@@ -48,7 +49,6 @@ from tasks.tls import (
     probe_tls_endpoints,
     read_cert_file,
     read_tls_secret,
-    short_days,
     worst,
 )
 

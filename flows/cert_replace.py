@@ -40,6 +40,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
 from flows.common import Report, md_escape, publish_on_exit, request_approval, table, tag_run
+from flows.report_text import short_days
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.kubernetes import restart_rollout, wait_for_rollout
 from tasks.settings import KubernetesSettings
@@ -55,7 +56,6 @@ from tasks.tls import (
     check_tls_replacement,
     read_tls_secret,
     replace_tls_secret,
-    short_days,
 )
 
 RUNBOOK = "cert-replace"

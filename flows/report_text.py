@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-from tasks.postgres import TerminationGuard
+if TYPE_CHECKING:  # the cert runbooks use this module too: no PostgreSQL driver for them
+    from tasks.postgres import TerminationGuard
 
 
 def guard_summary(guard: TerminationGuard) -> str:
@@ -24,6 +26,11 @@ def guard_summary(guard: TerminationGuard) -> str:
     if guard.protected_roles:
         parts.append(f"also protected: {', '.join(guard.protected_roles)}")
     return "; ".join(parts)
+
+
+def short_days(days: float) -> str:
+    """Days as a table cell: two decimals under two days, else one."""
+    return f"{days:.2f}" if abs(days) < 2 else f"{days:.1f}"
 
 
 def age_text(seconds: float | None) -> str:
