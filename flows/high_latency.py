@@ -36,7 +36,7 @@ from flows.common import (
 from tasks.backend import CompressionResult, compression_check
 from tasks.clients import pg_target
 from tasks.kubernetes.metrics import PodMetrics, pod_metrics
-from tasks.locks import target_lock
+from tasks.locks import LOCK_TIMEOUT_S, redis_lock_target, target_lock
 from tasks.network import ConnectTime, tcp_connect_times
 from tasks.postgres import (
     SeqScanReport,
@@ -57,8 +57,6 @@ from tasks.redis import CacheClearResult, RedisInfo, clear_cache, redis_info, re
 from tasks.settings import BackendSettings, PostgresSettings, PrometheusSettings, RedisSettings
 
 RUNBOOK = "high-latency"
-#: How long an approved clear waits for another run clearing the same cache.
-LOCK_TIMEOUT_S = 600.0
 
 Verdict = Literal["pass", "FAIL", "not available", "unavailable"]
 
@@ -101,7 +99,7 @@ class HighLatencyParams(BaseModel):
 
 def target_of(params: HighLatencyParams) -> str:
     """What the runbook may change: the cache, `redis:<host:port>/<db>`."""
-    return "redis:" + redis_target(RedisSettings())
+    return redis_lock_target(RedisSettings()).key
 
 
 class CheckRow(BaseModel):
