@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 
 from flows.common import Report, md_code, md_escape, publish_on_exit, table, tag_run
 from flows.escalate import escalate_incident
+from flows.report_text import short_days
 from flows.spec import RunbookSpec, runbook_flow
 from tasks.errors import RunbookError, TransientError
 from tasks.settings import TlsSettings
@@ -49,7 +50,6 @@ from tasks.tls import (
     probe_tls_endpoints,
     read_cert_file,
     read_tls_secret,
-    short_days,
     worst,
 )
 

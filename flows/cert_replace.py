@@ -40,6 +40,7 @@ from prefect import get_run_logger
 from pydantic import BaseModel, Field
 
 from flows.common import Report, md_escape, publish_on_exit, request_approval, table, tag_run
+from flows.report_text import short_days
 from flows.spec import RunbookSpec, runbook_flow
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.kubernetes import restart_rollout, wait_for_rollout
@@ -56,7 +57,6 @@ from tasks.tls import (
     check_tls_replacement,
     read_tls_secret,
     replace_tls_secret,
-    short_days,
 )
 
 RUNBOOK = "cert-replace"

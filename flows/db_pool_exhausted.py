@@ -52,10 +52,11 @@ from flows.common import (
 )
 from flows.escalate import escalate_incident
 from flows.pool_sizing import PoolSizeAction, SizingView, pool_sizing_report, raise_pool_size
+from flows.report_text import age_text, guard_summary
 from flows.spec import LockTarget, RunbookSpec, runbook_flow
 from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
-from tasks.locks import target_lock
+from tasks.locks import LOCK_TIMEOUT_S, pg_lock_target, target_lock
 from tasks.postgres import (
     PgBouncerPool,
     PoolSnapshot,
@@ -64,10 +65,8 @@ from tasks.postgres import (
     TerminationPlan,
     TerminationResult,
     TimeoutChange,
-    age_text,
     approved_and_matching,
     check_name,
-    guard_summary,
     measure_pool_usage,
     plan_terminations,
     read_idle_in_transaction_timeout,
@@ -128,7 +127,7 @@ class DbPoolParams(BaseModel):
         5.0, ge=0, le=1440, description="Refuse to act again on the same target within this."
     )
     lock_timeout_s: float = Field(
-        600.0,
+        LOCK_TIMEOUT_S,
         ge=1,
         le=3600,
         description="Wait at most this long for another run acting on the same target.",
@@ -209,14 +208,11 @@ class PoolStillExhausted(Exception):
 
 
 def lock_targets(params: DbPoolParams, settings: PostgresSettings | None = None) -> tuple[str, str]:
-    """`(target, server)`: `pg:<host:port>/<database>`, or the server itself without a filter.
-
-    A run filtered to one database changes that database's sessions only; an unfiltered run
-    may end sessions anywhere on the server, so its target is the whole server.
-    """
-    server = "pg:" + pg_target(settings or PostgresSettings()).rsplit("/", 1)[0]
-    database = params.guard.database
-    return (f"{server}/{database}" if database else server), server
+    """`(target, server)`: `pg:<host:port>/<database>`, or the server itself without a filter
+    (`tasks.locks.pg_lock_target`)."""
+    lock = pg_lock_target(settings or PostgresSettings(), params.guard.database)
+    assert lock.within is not None  # a PostgreSQL target always sits within its server
+    return lock.key, lock.within
 
 
 def target_of(params: DbPoolParams) -> str:

@@ -94,7 +94,7 @@ from tasks.kubernetes import (
     wait_for_rollout,
     wait_for_statefulset,
 )
-from tasks.locks import target_lock
+from tasks.locks import LOCK_TIMEOUT_S, kube_lock_target, target_lock
 from tasks.postgres import (
     ActivityByDbUser,
     AdvisoryLock,
@@ -118,8 +118,6 @@ DNS_1123 = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 WINDOW = r"^[1-9][0-9]{0,3}[smh]$"
 #: The step of the 5xx history read to date the onset; a point every 5 s is plenty.
 ONSET_STEP_S = 5.0
-#: How long an approved run waits for another run acting on the backend before giving up.
-LOCK_TIMEOUT_S = 600.0
 #: Clock skew allowed between Prometheus and the API server when dating the onset; it also
 #: covers the 1 s resolution of the Kubernetes times a revision is dated by.
 ONSET_TOLERANCE_S = 15.0
@@ -1163,7 +1161,7 @@ def _run(params: HighErrorRateParams, report: Report) -> HighErrorRateOutcome:
 def target_of(params: HighErrorRateParams) -> str:
     """What the runbook changes: the backend Deployment, `k8s:<namespace>/<deployment>`."""
     k8s = KubernetesSettings()
-    return f"k8s:{k8s.namespace}/{k8s.backend_deployment}"
+    return kube_lock_target(k8s.namespace, k8s.backend_deployment).key
 
 
 @dataclass

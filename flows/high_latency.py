@@ -15,7 +15,6 @@ crash of the run. The artifact holds the checklist, the quick wins and what was 
 from __future__ import annotations
 
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
@@ -35,10 +34,9 @@ from flows.common import (
 )
 from flows.spec import LockTarget, RunbookSpec, runbook_flow
 from tasks.backend import CompressionResult, compression_check
-from tasks.clients import pg_target
 from tasks.kubernetes.metrics import PodMetrics, pod_metrics
-from tasks.locks import target_lock
-from tasks.network import ConnectTime, tcp_connect_times
+from tasks.locks import LOCK_TIMEOUT_S, redis_lock_target, target_lock
+from tasks.network import ConnectTime, dependency_addresses, tcp_connect_times
 from tasks.postgres import (
     SeqScanReport,
     StatementStat,
@@ -51,15 +49,16 @@ from tasks.prometheus import (
     QueryResult,
     RouteFigures,
     latency_quantile_by_route,
+    pod_cpu_query,
+    pod_memory_query,
     query_instant,
     request_rate,
+    requests_total_query,
 )
 from tasks.redis import CacheClearResult, RedisInfo, clear_cache, redis_info, redis_target
-from tasks.settings import BackendSettings, PostgresSettings, PrometheusSettings, RedisSettings
+from tasks.settings import PrometheusSettings, RedisSettings
 
 RUNBOOK = "high-latency"
-#: How long an approved clear waits for another run clearing the same cache.
-LOCK_TIMEOUT_S = 600.0
 
 Verdict = Literal["pass", "FAIL", "not available", "unavailable"]
 
@@ -102,7 +101,7 @@ class HighLatencyParams(BaseModel):
 
 def target_of(params: HighLatencyParams) -> str:
     """What the runbook may change: the cache, `redis:<host:port>/<db>`."""
-    return "redis:" + redis_target(RedisSettings())
+    return redis_lock_target(RedisSettings()).key
 
 
 class CheckRow(BaseModel):
@@ -132,27 +131,6 @@ class HighLatencyOutcome(BaseModel):
     note: str
     cache_plan: CacheClearResult | None = None
     cache_result: CacheClearResult | None = None
-
-
-def _targets() -> dict[str, tuple[str, int]]:
-    """host:port of backend, PostgreSQL and Redis, from parsed fields (never a URL)."""
-    out: dict[str, tuple[str, int]] = {}
-    backend = urlsplit(BackendSettings().url)
-    if backend.hostname:
-        default = 443 if backend.scheme == "https" else 80
-        out["backend"] = (backend.hostname, backend.port or default)
-    host, _, rest = pg_target(PostgresSettings()).rpartition(":")
-    port = rest.split("/", 1)[0]
-    if host and port.isdigit() and not host.startswith("/"):
-        out["postgres"] = (host.strip("[]"), int(port))
-    try:
-        host, _, rest = redis_target(RedisSettings()).rpartition(":")
-    except Exception:  # noqa: BLE001 - a malformed URL: the Redis rows say so instead
-        return out
-    port = rest.split("/", 1)[0]
-    if host and host != "?" and port.isdigit():
-        out["redis"] = (host, int(port))
-    return out
 
 
 def _fmt(value: float | None, unit: str, digits: int = 3) -> str:
@@ -552,26 +530,19 @@ def _run(params: HighLatencyParams, report: Report) -> HighLatencyOutcome:
         f"dry run: **{params.dry_run}**."
         + (f"\n\nReason: {md_escape(params.reason)}" if params.reason else ""),
     )
-    prom = PrometheusSettings()
-    sel = "{" + ",".join(m for m in (prom.selector, 'route=~"/api/.*"') if m) + "}"
-    targets = _targets()
+    targets = dependency_addresses()
     # Every check at once: the slowest source sets the time, and one down is one row.
     futures: dict[str, PrefectFuture[Any]] = {
         "rate": request_rate.submit(params.window),
         "p95": latency_quantile_by_route.submit(0.95, params.window),
-        "total": query_instant.submit(f"sum(http_requests_total{sel})"),
+        "total": query_instant.submit(requests_total_query(PrometheusSettings())),
         "stats": top_statements.submit(20),
         "seq": seq_scan_tables.submit(),
         "info": redis_info.submit(),
         "net": tcp_connect_times.submit(targets),
         "pods": pod_metrics.submit(),
-        "cpu": query_instant.submit(
-            "sum by (pod) (rate(container_cpu_usage_seconds_total"
-            '{container!="",pod=~"akig.*"}[5m]))'
-        ),
-        "mem": query_instant.submit(
-            'sum by (pod) (container_memory_working_set_bytes{container!="",pod=~"akig.*"})'
-        ),
+        "cpu": query_instant.submit(pod_cpu_query()),
+        "mem": query_instant.submit(pod_memory_query()),
         "gzip": compression_check.submit(),
     }
     got: dict[str, Any] = {name: collect(fut) for name, fut in futures.items()}

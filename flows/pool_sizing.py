@@ -25,7 +25,7 @@ from tasks.kubernetes.env import (
     describe_entry,
     plan_env_value,
 )
-from tasks.locks import target_lock
+from tasks.locks import LOCK_TIMEOUT_S, kube_lock_target, target_lock
 from tasks.pool_sizing import (
     BackendPool,
     PoolSizing,
@@ -145,10 +145,6 @@ def _undo_md(change: EnvChange | EnvChangeResult) -> str:
     )
 
 
-#: How long an approved raise waits for another run changing the backend.
-LOCK_TIMEOUT_S = 600.0
-
-
 def raise_pool_size(
     target: int,
     *,
@@ -203,7 +199,7 @@ def raise_pool_size(
     if not decision.approved:
         return done("refused", "not approved: nothing changed.", cap_before=cap)
     # One change to the backend at a time (high-error-rate's rollbacks take the same lock).
-    workload = f"k8s:{backend.namespace}/{backend.deployment}"
+    workload = kube_lock_target(backend.namespace, backend.deployment).key
     with target_lock(workload, timeout_s=LOCK_TIMEOUT_S) as waited:
         report.add("Pool size lock", f"Held {md_escape(workload)} (waited {waited:.1f} s).")
         # The wait may have been long: replicas, pool and other clients are read again.

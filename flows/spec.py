@@ -28,6 +28,10 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar
 from prefect import Flow, flow
 from pydantic import BaseModel, Field
 
+# LockTarget re-exported: a spec's `lock` returns one (tasks/locks.py has the builders).
+from tasks.locks import LOCK_TIMEOUT_S
+from tasks.locks import LockTarget as LockTarget
+
 #: What a run came to. `nothing to do`: the plan was empty (nobody was asked); `planned`: a
 #: dry run; `refused`: a human, a timeout or a guard said no before anything changed;
 #: `skipped`: re-measured under the lock, nothing approved still held (or the alert resolved);
@@ -140,13 +144,9 @@ class Action(BaseModel):
 
 P = TypeVar("P", bound=RequestParams)
 
-
-@dataclass(frozen=True)
-class LockTarget:
-    """What an acting run locks (`tasks.locks.target_lock`): a key, and the wider one it is in."""
-
-    key: str
-    within: str | None = None
+__all__ = [
+    "LockTarget"
+]  # re-exported: a spec's `lock` builds one (tasks/locks.py has the builders)
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class RunbookSpec(Generic[P]):
     dry_run_field: str | None = "dry_run"
     #: The target an acting run locks (and alerts coalesce on); None = no target lock.
     lock: Callable[[P], LockTarget] | None = None
-    lock_timeout_s: float = 600.0
+    lock_timeout_s: float = LOCK_TIMEOUT_S
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

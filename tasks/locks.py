@@ -29,16 +29,22 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
+from tasks.clients import pg_target
 from tasks.errors import SafetyViolation
+from tasks.redis import redis_target
+from tasks.settings import PostgresSettings, RedisSettings
 
 #: Slots of a wide target (a server) that narrow runs (its databases) share.
 SHARED_SLOTS = 64
+#: How long an approved run waits for another run acting on the same target.
+LOCK_TIMEOUT_S = 600.0
 _BANNED = re.compile(r"[/%&<>\s]")  # Prefect's banned name characters, and blanks
 
 
@@ -48,6 +54,34 @@ def lock_name(target: str) -> str:
         raise ValueError("a lock target is 1-400 characters")
     digest = hashlib.sha256(target.encode()).hexdigest()[:10]
     return f"target:{_BANNED.sub('_', target)}:{digest}"
+
+
+@dataclass(frozen=True)
+class LockTarget:
+    """A lock target's key and the wider target it sits `within` (None = none)."""
+
+    key: str
+    within: str | None = None
+
+
+def pg_lock_target(settings: PostgresSettings, database: str | None) -> LockTarget:
+    """`pg:<host:port>/<database>` within its server, or the server itself (no database).
+
+    A run filtered to one database changes that database's sessions only; an unfiltered run
+    may end sessions anywhere on the server, so its target is the whole server.
+    """
+    server = "pg:" + pg_target(settings).rsplit("/", 1)[0]
+    return LockTarget(f"{server}/{database}" if database else server, within=server)
+
+
+def redis_lock_target(settings: RedisSettings) -> LockTarget:
+    """The cache: `redis:<host:port>/<db>`."""
+    return LockTarget("redis:" + redis_target(settings))
+
+
+def kube_lock_target(namespace: str, deployment: str) -> LockTarget:
+    """A workload: `k8s:<namespace>/<deployment>`."""
+    return LockTarget(f"k8s:{namespace}/{deployment}")
 
 
 def _ensure(name: str, limit: int) -> int:
@@ -64,7 +98,7 @@ def _ensure(name: str, limit: int) -> int:
 
 @contextmanager
 def target_lock(
-    target: str, *, within: str | None = None, timeout_s: float = 600.0
+    target: str, *, within: str | None = None, timeout_s: float = LOCK_TIMEOUT_S
 ) -> Iterator[float]:
     """Hold `target` (and a shared slot of `within`); yields the seconds spent waiting.
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import socket
 import time
+from urllib.parse import urlsplit
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from tasks.clients import pg_target
 from tasks.errors import PermanentError
+from tasks.redis import redis_target
 from tasks.retry import RETRY_READ
+from tasks.settings import BackendSettings, PostgresSettings, RedisSettings
 
 
 class ConnectTime(BaseModel):
@@ -71,3 +75,27 @@ def tcp_connect_times(
         connect_time(name, host, port, attempts, timeout_s)
         for name, (host, port) in sorted(targets.items())
     ]
+
+
+def dependency_addresses() -> dict[str, tuple[str, int]]:
+    """host:port of backend, PostgreSQL and Redis, from parsed fields (never a URL).
+
+    A dependency whose address cannot be read is left out; the caller reports it.
+    """
+    out: dict[str, tuple[str, int]] = {}
+    backend = urlsplit(BackendSettings().url)
+    if backend.hostname:
+        default = 443 if backend.scheme == "https" else 80
+        out["backend"] = (backend.hostname, backend.port or default)
+    host, _, rest = pg_target(PostgresSettings()).rpartition(":")
+    port = rest.split("/", 1)[0]
+    if host and port.isdigit() and not host.startswith("/"):
+        out["postgres"] = (host.strip("[]"), int(port))
+    try:
+        host, _, rest = redis_target(RedisSettings()).rpartition(":")
+    except Exception:  # noqa: BLE001 - a malformed URL: the Redis rows say so instead
+        return out
+    port = rest.split("/", 1)[0]
+    if host and host != "?" and port.isdigit():
+        out["redis"] = (host, int(port))
+    return out

@@ -221,6 +221,26 @@ def error_rate_queries(settings: PrometheusSettings, window: str = "1m") -> tupl
     return ratio(" by (route)"), ratio("")
 
 
+#: The backend's containers in cAdvisor's series (its pods are named `akig-...`).
+_BACKEND_CONTAINERS = '{container!="",pod=~"akig.*"}'
+
+
+def requests_total_query(settings: PrometheusSettings) -> str:
+    """PromQL: /api requests the backend has counted since its start (a cumulative total)."""
+    sel = _selector(settings, 'route=~"/api/.*"')
+    return f"sum(http_requests_total{sel})"
+
+
+def pod_cpu_query() -> str:
+    """PromQL: CPU cores each backend pod uses (cAdvisor, over 5 minutes)."""
+    return f"sum by (pod) (rate(container_cpu_usage_seconds_total{_BACKEND_CONTAINERS}[5m]))"
+
+
+def pod_memory_query() -> str:
+    """PromQL: working-set bytes of each backend pod (cAdvisor)."""
+    return f"sum by (pod) (container_memory_working_set_bytes{_BACKEND_CONTAINERS})"
+
+
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="prometheus-5xx-by-route")
 def error_rate_by_route(
     window: str = "1m", settings: PrometheusSettings | None = None

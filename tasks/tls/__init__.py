@@ -34,7 +34,6 @@ from tasks.tls.certs import (
     lifetime_fraction_left,
     parse_certificates,
     severity_for_days,
-    short_days,
     worst,
 )
 from tasks.tls.files import expand_cert_paths, read_cert_file, read_pem_file
@@ -128,7 +127,6 @@ __all__ = [
     "read_tls_secret",
     "replace_tls_secret",
     "severity_for_days",
-    "short_days",
     "validate_replacement",
     "worst",
     "write_tls_secret",

@@ -450,11 +450,6 @@ def evaluate(info: CertificateInfo, th: Thresholds) -> Finding:
     )
 
 
-def short_days(days: float) -> str:
-    """Days as a table cell: two decimals under two days, else one."""
-    return f"{days:.2f}" if abs(days) < 2 else f"{days:.1f}"
-
-
 def human_days(days: float) -> str:
     if days < 2:
         return f"{days * 24:.1f} h"

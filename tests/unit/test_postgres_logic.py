@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
 from flows.db_pool_exhausted import DbPoolParams
+from flows.report_text import guard_summary
 from tasks.clients import classify_pg_error, pg_connect, pg_target
 from tasks.errors import PermanentError
-from tasks.postgres import TerminationGuard, guard_summary, redact_query
+from tasks.postgres import TerminationGuard, redact_query
 from tasks.settings import PostgresSettings
 
 

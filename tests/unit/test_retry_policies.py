@@ -37,7 +37,7 @@ TASKS = _all_tasks()
 
 #: Writes that are not idempotent by construction: never retried automatically.
 NEVER_RETRIED = [
-    "tasks.postgres.terminate_sessions",
+    "tasks.postgres.terminations.terminate_sessions",
     "tasks.tls.secrets.replace_tls_secret",
     "tasks.acme.issue_to_staged_secret",
     "flows.audit_retention.export_and_delete",
@@ -46,7 +46,7 @@ NEVER_RETRIED = [
 #: Writes whose target was decided in an earlier read step (the revision, the timestamp, the
 #: previous value, the idempotency key): a retry finds the change made and does nothing.
 IDEMPOTENT_WRITES = [
-    "tasks.postgres.set_idle_in_transaction_timeout",
+    "tasks.postgres.timeouts.set_idle_in_transaction_timeout",
     "tasks.kubernetes.rollout.apply_rollback",
     "tasks.kubernetes.rollout.apply_restart",
     "tasks.kubernetes.scale.scale",
