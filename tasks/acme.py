@@ -25,7 +25,6 @@ import base64
 import contextlib
 import hashlib
 import ipaddress
-import json
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -609,11 +608,6 @@ def wait_until_serving(
                 endpoint=endpoint, serving_new=False, serial=serial, attempts=attempts, error=error
             )
         time.sleep(interval_s)
-
-
-def issued_json(issued: Issued) -> str:
-    """The public facts of an issuance as JSON (for the artifact's details)."""
-    return json.dumps(issued.model_dump(mode="json", exclude={"fullchain_pem"}), sort_keys=True)
 
 
 class Staged(BaseModel):

@@ -187,19 +187,6 @@ class TlsSettings(BaseSettings):
     )
 
 
-class NotifySettings(BaseSettings):
-    """Where notifications go (Slack / PagerDuty style webhooks)."""
-
-    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_NOTIFY_")
-
-    slack_webhook_url: SecretStr | None = Field(None, description="Slack incoming webhook.")
-    pagerduty_url: str = Field(
-        "https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events v2 URL."
-    )
-    pagerduty_routing_key: SecretStr | None = Field(None, description="PagerDuty routing key.")
-    timeout_s: float = Field(5.0, gt=0, description="Request timeout, seconds.")
-
-
 class PrometheusSettings(BaseSettings):
     """The Prometheus HTTP API the runbooks query; unset URL = "not configured", not an error."""
 
