@@ -228,7 +228,14 @@ def _sequence(runbook: Runbook[P, F], params: P, report: Report) -> RunResult[F]
     source = tag_run(runbook.spec.name)
     _request(report, params, source)
     findings = runbook.check(params, report)
-    plan = runbook.plan(params, findings)
+    try:
+        plan = runbook.plan(params, findings)
+    except SafetyViolation as exc:
+        # A plan a guard will not even let us make (e.g. no cache key pattern configured)
+        # is a refusal, dry run or not: there is nothing to approve.
+        note = f"{exc}. Nothing changed."
+        _outcome(report, "refused", note)
+        return RunResult("refused", note, findings, [])
     doable = [a for a in plan if a.possible]
     dry_run = is_dry_run(params)
     if dry_run:

@@ -4,6 +4,7 @@ admin endpoint; nothing is mocked."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -12,13 +13,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from uuid import UUID
 
 import httpx
 import psycopg
 import pytest
 import redis
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
 
-from flows.high_latency import RUNBOOK, HighLatencyParams, high_latency
+from flows.driver import NotFixed
+from flows.high_latency import RUNBOOK, HighLatencyOutcome, HighLatencyParams, high_latency
+from flows.spec import Verdict
 from sandbox.db import create_database, drop_database
 from sandbox.server import free_port
 from tasks.postgres import read_seq_scan_tables
@@ -58,7 +64,7 @@ def env(
     monkeypatch.setenv("RUNBOOKS_REDIS_CACHE_KEY_PATTERN", f"{sb.settings.key_prefix}*")
     monkeypatch.setenv("RUNBOOKS_PROMETHEUS_URL", scraped.prometheus.url)
     monkeypatch.setenv("RUNBOOKS_PROMETHEUS_SELECTOR", f'job="{scraped.job}"')
-    # No cluster to ask for pod metrics here: the row must say "not available", honestly.
+    # No cluster to ask for pod metrics here: the row must say "unavailable", honestly.
     monkeypatch.setenv("RUNBOOKS_K8S_KUBECONFIG", "/nonexistent/kubeconfig")
     with psycopg.connect(latency_db, autocommit=True) as conn:
         conn.execute("SELECT pg_stat_statements_reset()")
@@ -113,10 +119,10 @@ def test_checklist_finds_n_plus_one_and_missing_index(env: ScrapedSandbox) -> No
     assert _row(out, "network latency: postgres").verdict == "pass"
     assert _row(out, "network latency: redis").verdict == "pass"
     pods = _row(out, "pod CPU/memory")
-    assert pods.verdict == "not available"
+    assert pods.verdict == "unavailable"
     assert "metrics.k8s.io" in pods.detail and "Prometheus" in pods.detail
     # Dry run (the default): at most a planned cache clear, never an action.
-    assert out.cache_action in ("none", "planned")
+    assert out.outcome in ("nothing to do", "planned")
     assert out.cache_result is None
     md = flow_run_artifacts_latest()
     assert "Checklist" in md and "Quick wins" in md and "n\\+1" in md
@@ -166,7 +172,7 @@ def test_dry_run_changes_nothing(env: ScrapedSandbox) -> None:
     keys = _cache_keys(env)
     assert keys
     out = high_latency(HighLatencyParams(clear_cache=True))
-    assert out.cache_action == "planned"
+    assert out.outcome == "planned"
     assert out.cache_plan is not None and out.cache_plan.matched == len(keys)
     assert _cache_keys(env) == keys
 
@@ -192,12 +198,15 @@ def test_cache_clear_needs_approval(env: ScrapedSandbox, approved: bool) -> None
     assert "alice" in md
     assert "INC" in md
     if approved:
-        assert out.cache_action == "cleared"
+        assert out.outcome == "acted"
         assert out.cache_result is not None and out.cache_result.deleted >= len(keys)
         assert _cache_keys(env) == []
         assert "Re-measured after approval" in md
+        # Verified (p95 again): a fast backend is within 1 s, or was never measurable at all.
+        assert out.verification is not None and out.verification.healthy, out.verification
+        assert "## Verify" in md
     else:
-        assert out.cache_action == "refused"
+        assert out.outcome == "refused"
         assert _cache_keys(env) == keys
 
 
@@ -221,8 +230,8 @@ def test_an_empty_cache_clear_plan_asks_nobody(
     run_id = state.state_details.flow_run_id
     assert run_id is not None
     out = state.result()
-    assert out.cache_action == "none"
-    assert "nothing to do" in out.note
+    assert out.outcome == "nothing to do"
+    assert "nobody was asked" in out.note
     assert out.cache_plan is not None and out.cache_plan.matched == 0
     assert out.cache_result is None
     with get_client(sync_client=True) as client:
@@ -231,6 +240,135 @@ def test_an_empty_cache_clear_plan_asks_nobody(
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "## Approval" not in md and "nothing to do" in md
     assert _cache_keys(env) == keys
+
+
+def test_no_cache_pattern_configured_is_a_refusal_even_in_a_dry_run(
+    env: ScrapedSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.sandbox.traffic(3, "/api/products")
+    keys = _cache_keys(env)
+    monkeypatch.delenv("RUNBOOKS_REDIS_CACHE_KEY_PATTERN")
+    out = high_latency(HighLatencyParams(clear_cache=True))
+    assert out.outcome == "refused"
+    assert "cache clear not planned" in out.note and "SafetyViolation" in out.note
+    assert out.cache_plan is None and out.cache_result is None
+    assert _cache_keys(env) == keys
+
+
+def _p95_now(env: ScrapedSandbox) -> float | None:
+    """This backend's p95 over 5m, as Prometheus has it now (None: not measurable yet)."""
+    rate = f'rate(http_request_duration_seconds_bucket{{job="{env.job}",route=~"/api/.*"}}[5m])'
+    value = env.prometheus.value(f"histogram_quantile(0.95, sum by (le) ({rate}))")
+    return None if value is None or math.isnan(value) else value
+
+
+def _measured_p95(env: ScrapedSandbox, done: Callable[[float], bool], what: str) -> float:
+    """Traffic across several scrapes until p95 is measurable and `done` with it."""
+    with env.sandbox.background_traffic(("/api/products", "/api/users/4"), workers=2):
+        p95 = env.prometheus.wait_for(
+            lambda: (v := _p95_now(env)) is not None and done(v) and v, timeout=60, what=what
+        )
+    assert isinstance(p95, float)
+    return p95
+
+
+def _run_approved(
+    params: HighLatencyParams, before_resume: Callable[[], None] = lambda: None
+) -> tuple[UUID, HighLatencyOutcome | BaseException]:
+    """The run, paused for its cache clear, approved by alice; its outcome or its failure."""
+    from prefect.flow_runs import resume_flow_run
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(high_latency, params)
+        run_id = wait_for_paused_run(RUNBOOK)
+        before_resume()
+        resume_flow_run(run_id, run_input={"approved": True, "approver": "alice", "reason": "x"})
+        try:
+            return run_id, fut.result(timeout=180)
+        except Exception as exc:  # the test looks at it
+            return run_id, exc
+
+
+def _run_type(run_id: UUID) -> StateType:
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state is not None
+    return state.type
+
+
+def test_a_clear_is_verified_by_p95_before_and_after(env: ScrapedSandbox, world_env: Any) -> None:
+    world = world_env()
+    assert _measured_p95(env, lambda v: v < 1.0, "a p95 below 1 s") < 1.0
+    run_id, out = _run_approved(HighLatencyParams(dry_run=False, clear_cache=True))
+    assert isinstance(out, HighLatencyOutcome), out
+    assert out.outcome == "acted"
+    assert out.cache_result is not None and out.cache_result.deleted >= 1
+    v = out.verification
+    assert v is not None and v.healthy, v
+    assert (v.before.verdict, v.after.verdict) == (Verdict.PASS, Verdict.PASS)
+    assert v.after.observed.startswith("overall ") and "s" in v.after.observed
+    assert "p95 within the threshold after the cache clear" in out.note
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "## Verify" in md and "before the clear" in md and "after the clear" in md
+    assert "## Escalation" not in md
+    assert world.counts() == {}
+    assert _run_type(run_id) == StateType.COMPLETED
+
+
+def test_p95_still_above_the_threshold_after_the_clear_escalates_and_fails(
+    env: ScrapedSandbox, world_env: Any
+) -> None:
+    world = world_env()
+    # Every /api request takes 400 ms whatever the cache holds: a clear cannot fix it.
+    env.sandbox.faults(latency_ms=400)
+    _measured_p95(env, lambda v: v > 0.3, "a p95 above 0.3 s")
+    params = HighLatencyParams(dry_run=False, clear_cache=True, p95_max_s=0.3)
+    run_id, out = _run_approved(params)
+    assert isinstance(out, NotFixed), out
+    assert "p95 still above the threshold after the cache clear" in str(out)
+    assert _cache_keys(env) == []  # it did clear, then measured
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "## Verify" in md and "**failed**" in md
+    assert "## Escalation" in md and "**high** (topic platform)" in md
+    # High, topic platform: the team lead and the incidents channel, once each.
+    assert world.counts() == {"team-lead": 1, "incidents": 1}
+    assert _run_type(run_id) == StateType.FAILED
+
+
+def test_p95_measured_before_but_not_after_the_clear_is_not_called_fixed(
+    env: ScrapedSandbox, world_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = world_env()
+    _measured_p95(env, lambda v: v < 1.0, "a p95 below 1 s")
+
+    def prometheus_goes_away() -> None:
+        monkeypatch.setenv("RUNBOOKS_PROMETHEUS_URL", f"http://127.0.0.1:{free_port()}")
+
+    params = HighLatencyParams(dry_run=False, clear_cache=True)
+    run_id, out = _run_approved(params, before_resume=prometheus_goes_away)
+    assert isinstance(out, NotFixed), out
+    assert "not measurable after the cache clear" in str(out)
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "## Escalation" in md
+    assert world.counts() == {"team-lead": 1, "incidents": 1}
+
+
+def test_p95_never_measurable_says_so_and_does_not_escalate(
+    env: ScrapedSandbox, world_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = world_env()
+    monkeypatch.delenv("RUNBOOKS_PROMETHEUS_URL")
+    env.sandbox.traffic(3, "/api/products")
+    run_id, out = _run_approved(HighLatencyParams(dry_run=False, clear_cache=True))
+    assert isinstance(out, HighLatencyOutcome), out
+    assert out.outcome == "acted" and _cache_keys(env) == []
+    v = out.verification
+    assert v is not None and v.healthy
+    assert v.after.verdict == Verdict.NOT_CONFIGURED
+    assert "not measurable, before" in v.summary and "could not be verified" in v.summary
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "could not be verified" in md and "## Escalation" not in md
+    assert world.counts() == {}
 
 
 def test_down_redis_is_a_row_and_its_password_stays_out(
@@ -243,7 +381,7 @@ def test_down_redis_is_a_row_and_its_password_stays_out(
     assert _row(out, "Redis memory").verdict == "unavailable"
     assert _row(out, "network latency: redis").verdict == "unavailable"
     # No cache evidence could be read: nothing is proposed, nobody is asked, nothing changes.
-    assert out.cache_action == "none"
+    assert out.outcome == "nothing to do"
     md = flow_run_artifacts_latest()
     assert "cache: not judged" in md
     assert secret not in md
@@ -308,10 +446,10 @@ def test_pod_cpu_and_memory_row_from_real_container_metrics(
             assert row.verdict == "pass", row
             assert "Prometheus container metrics" in row.detail
             assert "metrics.k8s.io" in row.detail  # why the first source was not used
-            assert f"({pod})" in row.figure
-            mib = float(row.figure.split("max memory ")[1].split(" MiB")[0])
+            assert f"({pod})" in row.observed
+            mib = float(row.observed.split("max memory ")[1].split(" MiB")[0])
             rss_mib = resident_bytes(pid) / 2**20
-            assert abs(mib - rss_mib) <= max(5.0, 0.2 * rss_mib), (row.figure, rss_mib)
+            assert abs(mib - rss_mib) <= max(5.0, 0.2 * rss_mib), (row.observed, rss_mib)
             # The same measured CPU against a threshold it exceeds: the row fails.
             strict = high_latency(HighLatencyParams(pod_cpu_max_cores=1e-6))
             assert _row(strict, "pod CPU/memory").verdict == "FAIL"
