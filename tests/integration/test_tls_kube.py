@@ -274,6 +274,9 @@ def test_replace_after_approval_restarts_ingress_and_audits(
     report = _artifact(run_id, "cert-replace")
     for expected in ("alice", "INC-7", _serial(old), _serial(new), out.replacement.backup_secret):
         assert expected in report
+    # Acted under the Secret's lock, after reading the Secret and the pair again.
+    assert f"Held k8s:{kube_namespace}/secret/akig-tls" in report
+    assert report.index("## Measured again") < report.index("## Undo record")
     key_line = new.key_pem.decode().splitlines()[1]
     assert key_line not in report
 
