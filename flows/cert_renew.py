@@ -180,7 +180,11 @@ class CertRenew(Runbook[CertRenewParams, Renewal]):
     def check(self, params: CertRenewParams, report: Report) -> Renewal:
         found = self._read(params, report)
         self.first = found
-        if params.dry_run or self.refuse(params, found) is not None:
+        stop = self.refuse(params, found)
+        if stop is not None and params.dry_run:
+            # The driver stops a dry run before its refusals: say what a real run would do.
+            report.add("A real run would be refused", md_escape(stop.note))
+        if params.dry_run or stop is not None:
             return found  # a dry run contacts no CA; a refused run orders nothing
         if params.restart_ingress:
             # Before the order: a missing or paused ingress must not cost a day's issuance.

@@ -325,6 +325,10 @@ def test_a_refused_approval_keeps_the_staged_pair_and_changes_nothing_else(
     monkeypatch.setenv("RUNBOOKS_ACME_DIRECTORY_URL", "https://127.0.0.1:1/never-contacted")
     for name in _hosts(ns):
         Variable.unset(issuance_variable(name))
+    dry = cert_renew(_params(ns), return_state=True)
+    assert dry.result().outcome == "planned"
+    report = _artifact(dry.state_details.flow_run_id, "cert-renew")
+    assert "## A real run would be refused" in report
     again = cert_renew(_params(ns, dry_run=False), return_state=True)
     assert again.result().outcome == "refused"
     report = _artifact(again.state_details.flow_run_id, "cert-renew")
