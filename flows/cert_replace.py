@@ -5,22 +5,24 @@ Trigger: by hand only (the UI), from step 3 of the emergency checklist that `cer
 
 What it may change: one Kubernetes TLS Secret (tls.crt + tls.key), after copying it to a
 backup Secret `<name>-backup-<UTC timestamp>`; then a rollout restart of the ingress
-Deployment so it serves the new pair.
+Deployment so it serves the new pair. On the driver (`flows/driver.py`) that is one
+`InstallCertificate` action with approval `always`, the one `cert-renew` installs through.
 
 Safety limits: a dry run unless `dry_run` is false, and it acts only after an approver says
 yes in the UI (timeout = refused). The new pair is refused unless the key matches the leaf,
 the chain is in order and unexpired, the leaf is valid now, expires later than the current
-one and its SANs cover every host the current one covered. The write carries the Secret's
-resourceVersion from the plan: if cert-manager or a human changed it meanwhile (while the
-run waited for approval, say), nothing is written. After the approval the new pair is read
-again and installed only if it is the approved one (the SHA-256 fingerprint of each of its
-certificates): a staged Secret or files changed during the wait stop the run with nothing
-written. The ingress is checked (server-side dry
-run of the restart) before approval is asked, so a missing or paused Deployment stops the
-run before anything changes. Private keys never appear in parameters (the new pair comes
-from a staged Secret or from files on the worker), logs or artifacts. The audit artifact is
-published on every exit path and, before the write, already names the backup Secret and the
-current certificate's serial and SHA-256 fingerprint: the undo.
+one and its SANs cover every host the current one covered. The ingress is checked
+(server-side dry run of the restart) before approval is asked, so a missing or paused
+Deployment stops the run before anything changes. After the approval the run holds the
+target lock `k8s:<namespace>/secret/<name>` (shared with `cert-renew`) and reads the Secret
+and the new pair again: it installs only if the Secret's resourceVersion and the new pair's
+SHA-256 fingerprints are the approved ones (else: skipped, nothing written); the write
+itself carries both as preconditions. Private keys never appear in parameters (the new pair
+comes from a staged Secret or from files on the worker), logs or artifacts. The audit
+artifact is published on every exit path and, before the write, already names the backup
+Secret and the current certificate's serial and SHA-256 fingerprint (the undo record).
+Afterwards the Secret is read back: not holding the new certificate escalates (critical,
+security) and fails the run.
 
 Undo: the backup Secret holds the previous pair. Put it back with
 `kubectl -n NS get secret NAME-backup-TS -o json | jq '.metadata.name="NAME" |
@@ -32,17 +34,27 @@ of each run prints these commands with its own names filled in.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from prefect import get_run_logger
 from pydantic import BaseModel, Field
 
-from flows.common import Report, md_escape, publish_on_exit, request_approval, table, tag_run
+from flows.common import Report, md_escape, table
+from flows.driver import Runbook, RunResult, Stop, Verification, drive
 from flows.report_text import short_days
-from flows.spec import RunbookSpec, runbook_flow
-from tasks.errors import PermanentError, SafetyViolation
+from flows.spec import (
+    Action,
+    ActionRecord,
+    ApprovalPolicy,
+    LockTarget,
+    Outcome,
+    RunbookParams,
+    RunbookSpec,
+    runbook_flow,
+)
+from tasks.errors import SafetyViolation
 from tasks.kubernetes import restart_rollout, wait_for_rollout
 from tasks.settings import KubernetesSettings
 from tasks.tls import (
@@ -60,12 +72,12 @@ from tasks.tls import (
 )
 
 RUNBOOK = "cert-replace"
-_BEFORE = "Before the change (the undo)"
-#: The report section written just before the write: present means the Secret may have changed.
-BEFORE_HEADING = _BEFORE
+#: The report section the driver writes just before the write: present = the Secret may
+#: have been changed.
+UNDO_HEADING = "Undo record"
 
 
-class CertReplaceParams(BaseModel):
+class CertReplaceParams(RunbookParams):
     """Replace one Kubernetes TLS Secret with a new pair, then restart the ingress."""
 
     namespace: Namespace = Field(
@@ -93,23 +105,43 @@ class CertReplaceParams(BaseModel):
     )
     ingress_namespace: Namespace = Field("ingress-nginx", description="Its namespace.")
     restart_ingress: bool = Field(True, description="Restart the ingress after replacing.")
-    dry_run: bool = Field(True, description="Plan and validate only; change nothing.")
-    approval_timeout_s: int = Field(
-        1200, ge=10, le=86_400, description="How long to wait for an approver; then refuse."
-    )
-    reason: str = Field("", description="Why (incident id, alert); recorded in the audit.")
 
 
 class CertReplaceResult(BaseModel):
     """The outcome of one `cert-replace` run."""
 
-    outcome: Literal["refused", "dry run", "not approved", "replaced"]
+    outcome: Outcome
     check: ReplacementCheck
     replacement: SecretReplacement | None = None
     approver: str | None = None
 
 
-def _cert_table(certs: list[CertificateInfo]) -> str:
+class Measured(BaseModel):
+    """The Secret as read and the new pair's validation against it."""
+
+    current: SourceScan
+    check: ReplacementCheck
+
+
+def secret_lock(namespace: str, secret: str) -> LockTarget:
+    """The Secret a run replaces: one install per Secret at a time (cert-renew too)."""
+    return LockTarget(f"k8s:{namespace}/secret/{secret}")
+
+
+SPEC: RunbookSpec[CertReplaceParams] = RunbookSpec(
+    name=RUNBOOK,
+    title="TLS certificate replacement",
+    severity="critical",
+    topic="security",
+    lock=lambda p: secret_lock(p.namespace, p.secret),
+)
+
+
+# ------------------------------------------------------------------------------ report text
+
+
+def cert_table(certs: list[CertificateInfo]) -> str:
+    """The certificates of a pair, leaf first: serials and fingerprints, no key material."""
     return table(
         ["#", "subject", "serial", "SHA-256", "not after (UTC)", "days left", "SANs", "issuer"],
         [
@@ -128,87 +160,166 @@ def _cert_table(certs: list[CertificateInfo]) -> str:
     )
 
 
-def _undo(params: CertReplaceParams, backup: str) -> str:
-    """The kubectl commands that put the backup back (names are DNS-1123: nothing to quote)."""
-    fields = ".metadata.uid,.metadata.resourceVersion,.metadata.creationTimestamp,.metadata.labels"
-    lines = [
-        f"kubectl -n {params.namespace} get secret {backup} -o json \\",
-        f"  | jq '.metadata.name=\"{params.secret}\" | del({fields})' \\",
-        "  | kubectl replace -f -",
-    ]
-    if params.restart_ingress:
-        lines.append(
-            f"kubectl -n {params.ingress_namespace} rollout restart "
-            f"deployment/{params.ingress_deployment}"
-        )
-    return "```bash\n" + "\n".join(lines) + "\n```"
-
-
-def _before(current: SourceScan, params: CertReplaceParams, backup: str) -> str:
-    """Every value the write replaces, and where the copy goes: written before the write."""
-    leaf = current.certificates[0]
-    rows = [
-        ["Secret", f"{params.namespace}/{params.secret}"],
-        ["resourceVersion", current.resource_version or ""],
-        ["leaf serial", leaf.serial],
-        ["leaf SHA-256", leaf.fingerprint_sha256],
-        ["leaf not after (UTC)", leaf.not_after.strftime("%Y-%m-%d %H:%M")],
-        ["backup Secret (copy of the current pair)", f"{params.namespace}/{backup}"],
-    ]
-    return table(["what", "value"], rows) + "\n\nUndo:\n\n" + _undo(params, backup)
-
-
-SPEC: RunbookSpec[Any] = RunbookSpec(
-    name=RUNBOOK,
-    title="TLS certificate replacement",
-    severity="critical",
-    topic="security",
-)
-
-
-@runbook_flow(SPEC)
-def cert_replace(params: CertReplaceParams) -> CertReplaceResult:
-    """Replace a Kubernetes TLS Secret with a validated new pair and restart the ingress."""
-    tag_run(RUNBOOK)
-    target = f"{params.namespace}/{params.secret}"
-    report = Report(RUNBOOK, f"Replace TLS Secret {target}")
-    report.add(
-        "Request",
-        f"- why: {md_escape(params.reason) or '_not given_'}\n- dry run: {params.dry_run}\n"
-        "- new pair from: "
-        + (
-            f"Secret {params.namespace}/{params.new_secret}"
-            if params.new_secret
-            else f"file {md_escape(params.new_cert_file)} + a key file"
-        ),
+def validation_md(check: ReplacementCheck) -> str:
+    """The validation's verdict: each problem, or what was checked."""
+    return "\n".join(f"- REFUSED: {md_escape(p)}" for p in check.problems) or (
+        "- key matches the leaf\n- chain in order, nothing expired or not yet valid\n"
+        "- expires later than the current one\n- covers: "
+        + md_escape(", ".join(check.hosts_required))
     )
-    outcome = "stopped"
-    # Every exit path leaves its record: refusal, timeout, an exception in any step.
-    with publish_on_exit(report, lambda: f"{RUNBOOK} {target}: {outcome}"):
-        try:
-            result = _replace(params, report)
-        except Exception:
-            written = any(s.startswith(f"## {_BEFORE}") for s in report.sections)
-            report.add(
-                "Stopped",
-                f"The Secret may have been changed: **{_BEFORE}** names the backup and the undo."
-                if written
-                else "Nothing was changed.",
+
+
+# ------------------------------------------------------------------------------ the action
+
+
+class InstallRecord(ActionRecord):
+    """What the install did: the replacement's serials, fingerprints and backup."""
+
+    replacement: SecretReplacement
+
+
+class InstallCertificate(Action):
+    """Back up the TLS Secret, replace it with the approved pair, restart the ingress.
+
+    Pinned by the Secret's resourceVersion and the new pair's fingerprints as planned: the
+    write (`tasks.tls.replace_tls_secret`) refuses anything else and writes nothing.
+    """
+
+    kind: str = "install-certificate"
+    approval: ApprovalPolicy = "always"
+    namespace: str
+    secret: str
+    resource_version: str
+    new_secret: str | None = None
+    new_cert_file: str | None = None
+    new_key_file: str | None = None
+    #: SHA-256 of each certificate of the new pair, leaf first; empty = not issued yet.
+    fingerprints: list[str] = Field(default_factory=list)
+    old_serial: str
+    old_fingerprint: str
+    old_not_after: datetime
+    backup: str
+    #: None: the ingress is not restarted.
+    ingress_deployment: str | None = None
+    ingress_namespace: str = ""
+
+    def same_as(self, approved: Action) -> bool:
+        """The same Secret version and the same new pair as approved."""
+        return (
+            isinstance(approved, InstallCertificate)
+            and super().same_as(approved)
+            and (self.resource_version, self.fingerprints)
+            == (approved.resource_version, approved.fingerprints)
+        )
+
+    def try_dry_run(self) -> str:
+        """The ingress restart as a server-side dry run (the Deployment exists, not paused)."""
+        if self.ingress_deployment is None:
+            return "no ingress restart asked"
+        probe = restart_rollout(self.ingress_deployment, self.ingress_namespace, dry_run=True)
+        return probe.message
+
+    def undo(self) -> str:
+        """Every value the write replaces, where the copy goes, and the commands to undo."""
+        rows = [
+            ["Secret", self.target],
+            ["resourceVersion", self.resource_version],
+            ["leaf serial", self.old_serial],
+            ["leaf SHA-256", self.old_fingerprint],
+            ["leaf not after (UTC)", self.old_not_after.strftime("%Y-%m-%d %H:%M")],
+            ["backup Secret (copy of the current pair)", f"{self.namespace}/{self.backup}"],
+        ]
+        return table(["what", "value"], rows) + "\n\nUndo:\n\n" + self._undo_commands()
+
+    def _undo_commands(self) -> str:
+        """The kubectl commands that put the backup back (names are DNS-1123: no quoting)."""
+        fields = (
+            ".metadata.uid,.metadata.resourceVersion,.metadata.creationTimestamp,.metadata.labels"
+        )
+        lines = [
+            f"kubectl -n {self.namespace} get secret {self.backup} -o json \\",
+            f"  | jq '.metadata.name=\"{self.secret}\" | del({fields})' \\",
+            "  | kubectl replace -f -",
+        ]
+        if self.ingress_deployment:
+            lines.append(
+                f"kubectl -n {self.ingress_namespace} rollout restart "
+                f"deployment/{self.ingress_deployment}"
             )
-            raise
-        outcome = result.outcome
-        return result
+        return "```bash\n" + "\n".join(lines) + "\n```"
+
+    def apply(self) -> InstallRecord:
+        """Back up and replace (only the approved pair, only the planned version), restart."""
+        if not self.fingerprints:
+            raise SafetyViolation(f"no approved pair to install in {self.target}")
+        done = replace_tls_secret(
+            self.namespace,
+            self.secret,
+            self.resource_version,
+            new_secret=self.new_secret,
+            new_cert_file=Path(self.new_cert_file) if self.new_cert_file else None,
+            new_key_file=Path(self.new_key_file) if self.new_key_file else None,
+            backup_name=self.backup,
+            approved_fingerprints=self.fingerprints,
+        )
+        message = f"backup in {self.namespace}/{done.backup_secret}"
+        if self.ingress_deployment:
+            restarted = restart_rollout(self.ingress_deployment, self.ingress_namespace)
+            status = wait_for_rollout(self.ingress_deployment, self.ingress_namespace)
+            message += f"; {restarted.message}; {status.message}"
+        return InstallRecord(
+            kind=self.kind,
+            target=self.target,
+            before=f"serial {done.old_serial} (not after {done.old_not_after:%Y-%m-%d %H:%M})",
+            after=f"serial {done.new_serial} (not after {done.new_not_after:%Y-%m-%d %H:%M})",
+            message=message,
+            replacement=done,
+        )
 
 
-def replace_pair(params: CertReplaceParams, report: Report) -> CertReplaceResult:
-    """cert-replace's read → validate → plan → approve → back up → write → restart → verify
-    path, for a flow that stages the new pair itself (`cert-renew`); writes into `report`."""
-    return _replace(params, report)
+def install_action(
+    params: CertReplaceParams, current: SourceScan, new: Sequence[CertificateInfo], plan: str
+) -> InstallCertificate:
+    """The install of `params`' new pair (as validated: `new`) over `current`; `plan` is
+    what it does before the install (cert-renew's order), or empty."""
+    old, target = current.certificates[0], f"{params.namespace}/{params.secret}"
+    if new:
+        plan += (
+            f"replace TLS Secret {target}: serial {old.serial} (expires "
+            f"{old.not_after:%Y-%m-%d %H:%M}Z) → serial {new[0].serial} (expires "
+            f"{new[0].not_after:%Y-%m-%d %H:%M}Z); the current pair is copied to a backup "
+            "Secret first"
+        )
+    else:
+        plan += f"back up and replace TLS Secret {target}"
+    ingress = f"{params.ingress_namespace}/{params.ingress_deployment}"
+    plan += f"; then rollout restart deployment {ingress}" if params.restart_ingress else ""
+    return InstallCertificate(
+        target=target,
+        summary=plan + ".",
+        namespace=params.namespace,
+        secret=params.secret,
+        resource_version=current.resource_version or "",
+        new_secret=params.new_secret,
+        new_cert_file=params.new_cert_file,
+        new_key_file=params.new_key_file,
+        fingerprints=[c.fingerprint_sha256 for c in new],
+        old_serial=old.serial,
+        old_fingerprint=old.fingerprint_sha256,
+        old_not_after=old.not_after,
+        backup=backup_secret_name(params.secret, datetime.now(UTC)),
+        ingress_deployment=params.ingress_deployment if params.restart_ingress else None,
+        ingress_namespace=params.ingress_namespace,
+    )
 
 
-def _check_new_pair(params: CertReplaceParams, current: SourceScan) -> ReplacementCheck:
-    """Load the new pair from its source and validate it against the current certificate."""
-    return check_tls_replacement(
+# ------------------------------------------------------------------------------ shared steps
+
+
+def measure(params: CertReplaceParams, current: SourceScan | None = None) -> Measured:
+    """Read the Secret (unless given) and validate the new pair from its source against it."""
+    current = current or read_tls_secret(params.namespace, params.secret)
+    check = check_tls_replacement(
         params.namespace,
         params.secret,
         current.certificates,
@@ -217,119 +328,174 @@ def _check_new_pair(params: CertReplaceParams, current: SourceScan) -> Replaceme
         new_key_file=Path(params.new_key_file) if params.new_key_file else None,
         extra_hosts=params.extra_hosts,
     )
+    return Measured(current=current, check=check)
 
 
-def _replace(params: CertReplaceParams, report: Report) -> CertReplaceResult:
-    """Read, validate, plan, (approve,) back up and replace, restart, verify."""
-    logger = get_run_logger()
-    target = f"{params.namespace}/{params.secret}"
-    current = read_tls_secret(params.namespace, params.secret)
+def measure_again(params: CertReplaceParams, report: Report) -> Measured:
+    """Under the lock: the Secret and the new pair read again, in one report section."""
+    now = measure(params)
+    leaf = now.check.new[0].fingerprint_sha256 if now.check.new else "unreadable"
     report.add(
-        "Current certificate",
-        f"resourceVersion {current.resource_version}\n\n" + _cert_table(current.certificates),
-    )
-    check = _check_new_pair(params, current)
-    report.add("New certificate", _cert_table(check.new) if check.new else "_unreadable_")
-    report.add(
-        "Validation",
-        "\n".join(f"- REFUSED: {md_escape(p)}" for p in check.problems)
-        or "- key matches the leaf\n- chain in order, nothing expired or not yet valid\n"
-        "- expires later than the current one\n- covers: "
-        + md_escape(", ".join(check.hosts_required)),
-    )
-    if not check.ok:
-        report.add("Outcome", "Refused: nothing changed.")
-        raise SafetyViolation(f"new pair for {target} refused: " + "; ".join(check.problems))
-
-    old, new = current.certificates[0], check.new[0]
-    plan = (
-        f"Replace TLS Secret {target}: serial {old.serial} (expires "
-        f"{old.not_after:%Y-%m-%d %H:%M}Z) → serial {new.serial} (expires "
-        f"{new.not_after:%Y-%m-%d %H:%M}Z); the current pair is copied to a backup Secret "
-        "first"
-        + (
-            f"; then rollout restart deployment "
-            f"{params.ingress_namespace}/{params.ingress_deployment}"
-            if params.restart_ingress
-            else ""
-        )
-        + "."
-    )
-    report.add("Plan", plan)
-    if params.restart_ingress:
-        # Server-side dry run: the Deployment exists and is not paused, before anyone is
-        # asked to approve and before the Secret is touched.
-        probe = restart_rollout(params.ingress_deployment, params.ingress_namespace, dry_run=True)
-        report.add("Ingress pre-check", md_escape(probe.message))
-    if params.dry_run:
-        report.add("Outcome", "Dry run: nothing changed. Run again with dry_run off.")
-        return CertReplaceResult(outcome="dry run", check=check)
-
-    decision = request_approval(plan, params.approval_timeout_s)
-    report.add("Approval", decision.line())
-    if not decision.approved:
-        report.add("Outcome", "Not approved: nothing changed.")
-        return CertReplaceResult(outcome="not approved", check=check, approver=decision.approver)
-
-    # The approver saw this pair; its source (a staged Secret, files) may have changed
-    # while the run waited. Only the approved pair is installed.
-    approved = [c.fingerprint_sha256 for c in check.new]
-    again = _check_new_pair(params, current)
-    changed = changed_since_approval(approved, [c.fingerprint_sha256 for c in again.new])
-    if changed or not again.ok:
-        why = changed or "; ".join(again.problems)
-        report.add(
-            "New pair after approval",
-            f"- REFUSED: {md_escape(why)}\n\n"
-            + (_cert_table(again.new) if again.new else "_unreadable_"),
-        )
-        report.add("Outcome", "Refused after the approval: nothing changed.")
-        raise SafetyViolation(f"new pair for {target} refused after the approval: {why}")
-    report.add(
-        "New pair after approval",
-        f"Read again: the approved pair (leaf SHA-256 {approved[0]}).",
-    )
-
-    backup = backup_secret_name(params.secret, datetime.now(UTC))
-    report.add(_BEFORE, _before(current, params, backup))
-    done = replace_tls_secret(
-        params.namespace,
-        params.secret,
-        current.resource_version or "",
-        new_secret=params.new_secret,
-        new_cert_file=Path(params.new_cert_file) if params.new_cert_file else None,
-        new_key_file=Path(params.new_key_file) if params.new_key_file else None,
-        backup_name=backup,
-        approved_fingerprints=approved,
-    )
-    report.add(
-        "Done",
+        "Measured again",
         table(
-            ["what", "before", "after"],
+            ["what", "now"],
             [
-                ["serial", done.old_serial, done.new_serial],
-                ["SHA-256", done.old_fingerprint_sha256, done.new_fingerprint_sha256],
-                ["not after (UTC)", done.old_not_after, done.new_not_after],
-                ["backup Secret", "", f"{params.namespace}/{done.backup_secret}"],
+                ["Secret resourceVersion", now.current.resource_version or ""],
+                ["current leaf SHA-256", now.current.certificates[0].fingerprint_sha256],
+                ["new leaf SHA-256", leaf],
+                ["new pair valid", "yes" if now.check.ok else "; ".join(now.check.problems)],
             ],
         ),
     )
-    if params.restart_ingress:
-        restarted = restart_rollout(params.ingress_deployment, params.ingress_namespace)
-        status = wait_for_rollout(params.ingress_deployment, params.ingress_namespace)
-        report.add("Ingress", md_escape(f"{restarted.message}; {status.message}"))
-    after = read_tls_secret(params.namespace, params.secret)
-    if after.certificates[0].serial != done.new_serial:
-        raise PermanentError(
-            f"{target} serves serial {after.certificates[0].serial} after the replace, "
-            f"expected {done.new_serial}"
+    return now
+
+
+def still_approved(
+    approved: Sequence[Action], fresh: Sequence[Action], valid: ReplacementCheck
+) -> list[Action] | Stop:
+    """The fresh install when it is the approved one (same Secret version, same pair, still
+    valid), or why not: the Secret and the pair may have changed while the run waited."""
+    was = next(a for a in approved if isinstance(a, InstallCertificate))
+    now = next((a for a in fresh if isinstance(a, InstallCertificate)), None)
+    nothing = " Nothing was changed."
+    if now is None:
+        return Stop("skipped", "nothing to install after measuring again." + nothing)
+    changed = changed_since_approval(was.fingerprints, now.fingerprints)
+    if changed:
+        return Stop("skipped", f"{changed}; nothing written." + nothing)
+    if not valid.ok:
+        why = "; ".join(valid.problems)
+        return Stop("skipped", f"the new pair is refused now: {why}; nothing written." + nothing)
+    if now.resource_version != was.resource_version:
+        return Stop(
+            "skipped",
+            f"secret {was.target} changed since the plan (resourceVersion "
+            f"{was.resource_version} → {now.resource_version}); nothing written." + nothing,
         )
+    return [now]
+
+
+def verify_secret(
+    namespace: str, secret: str, records: Sequence[ActionRecord], report: Report
+) -> Verification:
+    """Read the Secret back: it holds the serial the install wrote."""
+    installed = [r.replacement for r in records if isinstance(r, InstallRecord)]
+    if not installed:
+        return Verification(healthy=False, summary="nothing was installed")
+    expected = installed[0].new_serial
+    serial = read_tls_secret(namespace, secret).certificates[0].serial
+    healthy = serial == expected
     report.add(
         "Verify",
-        f"Secret now holds serial {done.new_serial}. Re-run `cert-expiry` for the endpoints.",
+        f"Secret {md_escape(f'{namespace}/{secret}')} holds serial {md_escape(serial)}"
+        + ("." if healthy else f", not the installed {md_escape(expected)}: changed since?"),
     )
-    report.add("Outcome", f"Replaced; the previous pair is in {params.namespace}/{backup}.")
-    logger.warning("replaced %s, approved by %s", target, decision.approver)
+    return Verification(
+        healthy=healthy,
+        summary=f"{namespace}/{secret} holds serial {serial}"
+        + ("" if healthy else f", expected {expected}"),
+    )
+
+
+def changed_note(report: Report) -> str:
+    """For a run stopped by an exception: may the Secret have been changed?"""
+    if any(s.startswith(f"## {UNDO_HEADING}") for s in report.sections):
+        return (
+            f"The Secret may have been changed: the **{UNDO_HEADING}** names the backup and "
+            "the undo."
+        )
+    return "Nothing was changed."
+
+
+def installed(records: Sequence[ActionRecord]) -> SecretReplacement | None:
+    """The replacement the install made, if it ran."""
+    return next((r.replacement for r in records if isinstance(r, InstallRecord)), None)
+
+
+def approver(result: RunResult[Any]) -> str | None:
+    """Who answered the approval (None: nobody was asked)."""
+    return result.approval.approver if result.approval else None
+
+
+# ------------------------------------------------------------------------------ the runbook
+
+
+class CertReplace(Runbook[CertReplaceParams, Measured]):
+    """Validate the new pair, install it behind approval, read the Secret back."""
+
+    spec = SPEC
+
+    def title(self, params: CertReplaceParams) -> str:
+        return f"Replace TLS Secret {params.namespace}/{params.secret}"
+
+    def check(self, params: CertReplaceParams, report: Report) -> Measured:
+        source = (
+            f"Secret {params.namespace}/{params.new_secret}"
+            if params.new_secret
+            else f"file {params.new_cert_file} + a key file"
+        )
+        found = measure(params)
+        report.add(
+            "Current certificate",
+            f"resourceVersion {found.current.resource_version}; the new pair from: "
+            f"{md_escape(source)}\n\n" + cert_table(found.current.certificates),
+        )
+        check = found.check
+        report.add("New certificate", cert_table(check.new) if check.new else "_unreadable_")
+        report.add("Validation", validation_md(check))
+        if not check.ok:
+            raise SafetyViolation(
+                f"new pair for {params.namespace}/{params.secret} refused: "
+                + "; ".join(check.problems)
+            )
+        if params.restart_ingress and not params.dry_run:
+            # Server-side dry run: the Deployment exists and is not paused, before anyone is
+            # asked to approve (a dry run gets it as the action's dry run).
+            probe = restart_rollout(
+                params.ingress_deployment, params.ingress_namespace, dry_run=True
+            )
+            report.add("Ingress pre-check", md_escape(probe.message))
+        return found
+
+    def plan(self, params: CertReplaceParams, findings: Measured) -> list[Action]:
+        return [install_action(params, findings.current, findings.check.new, "")]
+
+    def remeasure(self, params: CertReplaceParams, report: Report) -> Measured:
+        return measure_again(params, report)
+
+    def still_valid(
+        self,
+        params: CertReplaceParams,
+        approved: list[Action],
+        fresh: list[Action],
+        findings: Measured,
+        now: Measured,
+    ) -> list[Action] | Stop:
+        return still_approved(approved, fresh, now.check)
+
+    def verify(
+        self,
+        params: CertReplaceParams,
+        findings: Measured,
+        records: list[ActionRecord],
+        report: Report,
+    ) -> Verification | None:
+        verified = verify_secret(params.namespace, params.secret, records, report)
+        if verified.healthy:
+            report.add("Endpoints", "Re-run `cert-expiry` for the endpoints.")
+        return verified
+
+    def stopped(self, params: CertReplaceParams, report: Report) -> str | None:
+        return changed_note(report)
+
+
+@runbook_flow(SPEC)
+def cert_replace(params: CertReplaceParams) -> CertReplaceResult:
+    """Replace a Kubernetes TLS Secret with a validated new pair and restart the ingress."""
+    result = drive(CertReplace(), params)
     return CertReplaceResult(
-        outcome="replaced", check=check, replacement=done, approver=decision.approver
+        outcome=result.outcome,
+        check=result.findings.check,
+        replacement=installed(result.records),
+        approver=approver(result),
     )

@@ -166,6 +166,13 @@ class Runbook(Generic[P, F]):
         """The page's summary when verification fails."""
         return f"{self.spec.name}: not fixed: {verification.summary}"
 
+    def concluded(self, params: P, result: RunResult[F], report: Report) -> None:
+        """The sequence ended with an outcome: last words for the report (what stays staged)."""
+
+    def stopped(self, params: P, report: Report) -> str | None:
+        """An exception stopped the run: what it may have left behind (None: say nothing)."""
+        return None
+
 
 # ------------------------------------------------------------------------------ report text
 
@@ -214,7 +221,14 @@ def drive(runbook: Runbook[P, F], params: P) -> RunResult[F]:
         return f"{spec.name}: {done[0].outcome}" if done else f"{spec.name}: stopped"
 
     with publish_on_exit(report, summary):
-        result = _sequence(runbook, params, report)
+        try:
+            result = _sequence(runbook, params, report)
+        except Exception:
+            left = runbook.stopped(params, report)
+            if left:
+                report.add("Stopped", left)
+            raise
+        runbook.concluded(params, result, report)
         done.append(result)
         if result.verification is not None and not result.verification.healthy:
             _escalate(runbook, params, result.verification, report)

@@ -19,6 +19,7 @@ from prefect.flow_runs import resume_flow_run
 from prefect.variables import Variable
 
 from flows.cert_renew import CertRenewParams, cert_renew
+from flows.common import md_escape
 from tasks.acme import Http01Responder, issuance_variable, issue_certificate, last_issuances
 from tasks.tls import RevocationConfig, fetch_endpoint
 from tests.fixtures.acme import Pebble, SecretIngress
@@ -142,7 +143,7 @@ def test_emergency_certificate_end_to_end(
     assert before.certificates[0].serial == format(old.cert.serial_number, "x")
 
     dry = cert_renew(_params(ns, endpoints=[endpoint]), return_state=True)
-    assert dry.result().outcome == "dry run"
+    assert dry.result().outcome == "planned"
     _unchanged(core, ns, old)  # the dry run ordered nothing
 
     started = time.monotonic()
@@ -163,7 +164,7 @@ def test_emergency_certificate_end_to_end(
     elapsed = time.monotonic() - started
     assert state.is_completed(), state.message
     out = state.result()
-    assert out.outcome == "replaced"
+    assert out.outcome == "acted"
     assert out.issued is not None
     new_serial = out.issued.serial
     assert _serial_in(core, ns, "app-tls") == new_serial
@@ -193,12 +194,13 @@ def test_emergency_certificate_end_to_end(
 
     # Once per name per day: a second emergency run is refused before any order.
     again = cert_renew(_params(ns, endpoints=[endpoint], dry_run=False), return_state=True)
-    assert again.is_failed()
-    assert "already issued within the last day" in (again.message or "")
+    assert again.is_completed(), again.message
+    assert again.result().outcome == "refused"
     assert len([n for n in _secret_names(core, ns) if n.startswith("app-tls-acme")]) == 1
     assert _serial_in(core, ns, "app-tls") == new_serial
     report = _artifact(again.state_details.flow_run_id, "cert-renew")
     assert "Once per name per day" in report
+    assert "already issued within the last day" in report
     assert "Nothing was changed." in report
 
 
@@ -285,10 +287,11 @@ def test_a_cert_manager_secret_is_not_replaced(
     _manual_secret(core, ns, old, **meta)
     _ingress(ns, kube_cluster)
     state = cert_renew(_params(ns, dry_run=False), return_state=True)
-    assert state.is_failed()
-    assert f"see Certificate {ns}/app-cert" in (state.message or "")
+    assert state.is_completed(), state.message
+    assert state.result().outcome == "refused"
     _unchanged(core, ns, old)
     report = _artifact(state.state_details.flow_run_id, "cert-renew")
+    assert md_escape(f"see Certificate {ns}/app-cert") in report
     assert "Managed by cert-manager" in report
     assert f"{ns}/app-cert" in report
 
@@ -309,7 +312,7 @@ def test_a_refused_approval_keeps_the_staged_pair_and_changes_nothing_else(
         resume_flow_run(run_id, run_input={"approved": False, "approver": "bob", "reason": "no"})
         state = fut.result(timeout=180)
     out = state.result()
-    assert out.outcome == "not approved"
+    assert out.outcome == "refused"
     assert out.issued is not None
     assert _serial_in(core, ns, "app-tls") == format(old.cert.serial_number, "x")
     assert _secret_names(core, ns) == ["app-tls", "app-tls-acme"]  # no backup
@@ -322,9 +325,14 @@ def test_a_refused_approval_keeps_the_staged_pair_and_changes_nothing_else(
     monkeypatch.setenv("RUNBOOKS_ACME_DIRECTORY_URL", "https://127.0.0.1:1/never-contacted")
     for name in _hosts(ns):
         Variable.unset(issuance_variable(name))
+    dry = cert_renew(_params(ns), return_state=True)
+    assert dry.result().outcome == "planned"
+    report = _artifact(dry.state_details.flow_run_id, "cert-renew")
+    assert "## A real run would be refused" in report
     again = cert_renew(_params(ns, dry_run=False), return_state=True)
-    assert again.is_failed()
-    assert f"staged Secret {ns}/app-tls-acme exists from an earlier run" in (again.message or "")
+    assert again.result().outcome == "refused"
+    report = _artifact(again.state_details.flow_run_id, "cert-renew")
+    assert md_escape(f"staged Secret {ns}/app-tls-acme exists from an earlier run") in report
     assert _serial_in(core, ns, "app-tls-acme") == out.issued.serial
 
 
@@ -354,7 +362,8 @@ def test_an_endpoint_that_keeps_the_old_certificate_fails_the_run_with_the_undo(
     assert "still not serving serial" in (state.message or "")
     assert _serial_in(core, ns, "app-tls") != format(old.cert.serial_number, "x")
     report = _artifact(run_id, "cert-renew")
-    assert "The Secret may have been changed" in report
+    assert "## Escalation" in report  # critical, security: not fixed
+    assert "**failed**" in report
     assert f"kubectl -n {ns} get secret app-tls-backup-" in report  # the undo
     assert format(old.cert.serial_number, "x") in report
 
@@ -379,12 +388,13 @@ def test_a_staged_pair_swapped_while_waiting_for_approval_is_not_installed(
         _manual_secret(core, ns, other, name="app-tls-acme")
         resume_flow_run(run_id, run_input={"approved": True, "approver": "alice"})
         state = fut.result(timeout=180)
-    assert state.is_failed()
-    assert "changed since it was approved" in (state.message or "")
+    # Measured again under the lock: not the approved pair, nothing written.
+    assert state.is_completed(), state.message
+    assert state.result().outcome == "skipped"
     assert _serial_in(core, ns, "app-tls") == format(old.cert.serial_number, "x")
     assert _secret_names(core, ns) == ["app-tls", "app-tls-acme"]  # no backup
     dep: Any = k8s.AppsV1Api(core.api_client).read_namespaced_deployment("ingress", ns)
     assert "kubectl.kubernetes.io/restartedAt" not in (dep.spec.template.metadata.annotations or {})
     report = _artifact(run_id, "cert-renew")
     assert "changed since it was approved" in report
-    assert "## Before the change" not in report
+    assert "## Undo record" not in report

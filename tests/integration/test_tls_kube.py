@@ -221,7 +221,7 @@ def test_replace_dry_run_and_refusal_change_nothing(
     reason = "INC-7 <img src=x onerror=alert(1)> **now** | `x`"
     dry = cert_replace(_replace_params(kube_namespace, reason=reason), return_state=True)
     out = dry.result()
-    assert out.outcome == "dry run"
+    assert out.outcome == "planned"
     assert out.check.ok
     assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
     dry_report = _artifact(dry.state_details.flow_run_id, "cert-replace")
@@ -263,7 +263,7 @@ def test_replace_after_approval_restarts_ingress_and_audits(
         state = fut.result(timeout=180)
     assert state.is_completed(), state.message
     out = state.result()
-    assert out.outcome == "replaced"
+    assert out.outcome == "acted"
     assert out.approver == "alice"
     assert _serial_in(core, kube_namespace, "akig-tls") == _serial(new)
     apps = k8s.AppsV1Api(kube_cluster.api())
@@ -274,6 +274,9 @@ def test_replace_after_approval_restarts_ingress_and_audits(
     report = _artifact(run_id, "cert-replace")
     for expected in ("alice", "INC-7", _serial(old), _serial(new), out.replacement.backup_secret):
         assert expected in report
+    # Acted under the Secret's lock, after reading the Secret and the pair again.
+    assert f"Held k8s:{kube_namespace}/secret/akig-tls" in report
+    assert report.index("## Measured again") < report.index("## Undo record")
     key_line = new.key_pem.decode().splitlines()[1]
     assert key_line not in report
 
@@ -294,7 +297,7 @@ def test_refused_approval_changes_nothing(
             run_id, run_input={"approved": False, "approver": "bob", "reason": "wrong CA"}
         )
         out = fut.result(timeout=180)
-    assert out.outcome == "not approved"
+    assert out.outcome == "refused"
     assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
     secrets: Any = core.list_namespaced_secret(kube_namespace)
     names = [str(s.metadata.name) for s in secrets.items]
@@ -305,7 +308,7 @@ def test_refused_approval_changes_nothing(
     assert "kubectl.kubernetes.io/restartedAt" not in (dep.spec.template.metadata.annotations or {})
     report = _artifact(run_id, "cert-replace")
     assert "refused by **bob**: wrong CA" in report
-    assert "Not approved: nothing changed." in report
+    assert "not approved: nothing changed." in report
 
 
 def _fingerprint(issued: Issued) -> str:
@@ -372,8 +375,9 @@ def test_a_change_while_waiting_for_approval_stops_the_write(
         )
         resume_flow_run(run_id, run_input={"approved": True, "approver": "alice"})
         state = fut.result(timeout=180)
-    assert state.is_failed()
-    assert "changed since the plan" in (state.message or "")
+    # Measured again under the lock: the approved version no longer holds, nothing written.
+    assert state.is_completed(), state.message
+    assert state.result().outcome == "skipped"
     assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
     assert _backups(core, kube_namespace) == []
     report = _artifact(run_id, "cert-replace")
@@ -424,8 +428,8 @@ def test_a_pair_swapped_while_waiting_for_approval_is_not_installed(
             key_file.write_bytes(swapped.key_pem)
         resume_flow_run(run_id, run_input={"approved": True, "approver": "alice"})
         state = fut.result(timeout=180)
-    assert state.is_failed()
-    assert "changed since it was approved" in (state.message or "")
+    assert state.is_completed(), state.message
+    assert state.result().outcome == "skipped"
     assert _serial_in(core, kube_namespace, "akig-tls") == _serial(old)
     assert _backups(core, kube_namespace) == []
     dep: Any = k8s.AppsV1Api(kube_cluster.api()).read_namespaced_deployment(
@@ -435,7 +439,7 @@ def test_a_pair_swapped_while_waiting_for_approval_is_not_installed(
     report = _artifact(run_id, "cert-replace")
     assert "changed since it was approved" in report
     assert f"{_fingerprint(approved)} → {_fingerprint(swapped)}" in report
-    assert "## Before the change" not in report
+    assert "## Undo record" not in report
     assert "Nothing was changed." in report
 
 
@@ -497,5 +501,5 @@ def test_an_approval_timeout_changes_nothing_and_is_recorded(
     assert _backups(core, kube_namespace) == []
     report = _artifact(state.state_details.flow_run_id, "cert-replace")
     assert "no answer within 10 s" in report
-    assert "Not approved: nothing changed." in report
+    assert "not approved: nothing changed." in report
     assert _fingerprint(old) in report
