@@ -2,7 +2,8 @@
 
 The behaviour (a failing step, a refusal, a timeout still leave the artifact) is tested per
 runbook against real systems; this check makes the next runbook start from the same shape:
-its flow function runs inside `with publish_on_exit(...)`, which publishes in `finally`.
+its flow function runs inside `with publish_on_exit(...)`, which publishes in `finally`, or
+hands its run to the driver (`drive`), which does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ def _publishes_on_exit(source: str) -> bool:
     return False
 
 
+def _drives(source: str) -> bool:
+    """The flow hands its run to the driver (`flows.driver.drive`), which publishes on exit."""
+    return any(
+        isinstance(node, ast.Call) and getattr(node.func, "id", None) == "drive"
+        for node in ast.walk(ast.parse(textwrap.dedent(source)))
+    )
+
+
 @pytest.mark.parametrize("rb", RUNBOOKS, ids=lambda rb: rb.name)
 def test_the_flow_runs_inside_publish_on_exit(rb: Runbook) -> None:
-    assert _publishes_on_exit(inspect.getsource(rb.load().fn))
+    source = inspect.getsource(rb.load().fn)
+    assert _publishes_on_exit(source) or _drives(source)
+
+
+def test_the_driver_publishes_on_exit() -> None:
+    from flows.driver import drive
+
+    assert _publishes_on_exit(inspect.getsource(drive))
