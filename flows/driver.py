@@ -101,6 +101,8 @@ class Runbook(Generic[P, F]):
     """One runbook: its spec and the steps only it knows. The driver (`drive`) runs them."""
 
     spec: ClassVar[RunbookSpec[Any]]
+    #: What the run fails with when verification says not fixed (a runbook may subclass it).
+    not_fixed: ClassVar[type[NotFixed]] = NotFixed
 
     def title(self, params: P) -> str:
         """The artifact's title."""
@@ -234,7 +236,7 @@ def drive(runbook: Runbook[P, F], params: P) -> RunResult[F]:
             _escalate(runbook, params, result.verification, report)
             result.outcome = "failed"
             _outcome(report, result.outcome, result.note)
-            raise NotFixed(runbook.not_fixed_message(params, result.verification))
+            raise runbook.not_fixed(runbook.not_fixed_message(params, result.verification))
         return result
 
 
@@ -298,8 +300,6 @@ def _under_lock(
         # only on what was approved and still holds.
         fresh = runbook.remeasure(params, report)
         replan = runbook.plan(params, fresh)
-        heading = "Re-planned after approval" if decision else "Re-planned under the lock"
-        report.add(heading, plan_md(replan) if replan else "_Nothing to do now._")
 
         def finish(outcome: Outcome, note: str, **kw: Any) -> RunResult[F]:
             _outcome(report, outcome, note)
@@ -307,6 +307,14 @@ def _under_lock(
 
         stop = runbook.refuse(params, fresh)
         acting = runbook.still_valid(params, doable, replan, findings, fresh)
+        going = ""
+        if isinstance(acting, list) and stop is None:
+            going = ", ".join(a.kind for a in acting)
+        report.add(
+            "Re-planned after approval" if decision else "Re-planned under the lock",
+            (plan_md(replan) if replan else "_Nothing to do now._")
+            + f"\n\nApproved and still holding: {md_escape(going or 'none')}.",
+        )
         if stop is None and isinstance(acting, Stop):
             stop = acting
         if stop is not None:

@@ -81,7 +81,7 @@ def main() -> int:
                 failed = False
                 try:
                     out = high_error_rate(params)
-                    print(f"demo: run ended: {out.action}: {out.note}")
+                    print(f"demo: run ended: {out.outcome}: {out.note}")
                 except ErrorRateNotRecovered as exc:
                     failed = True
                     print(f"demo: run FAILED: {exc}")

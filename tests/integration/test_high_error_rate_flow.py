@@ -17,6 +17,7 @@ from prefect.flow_runs import resume_flow_run
 
 from flows.high_error_rate import (
     RUNBOOK,
+    CacheClearAction,
     ErrorRateNotRecovered,
     HighErrorRateOutcome,
     HighErrorRateParams,
@@ -140,15 +141,15 @@ def test_database_down_is_scenario_a(
     assert "A" in held(out) and not held(out) & {"B", "D"}, out.scenarios
     (a,) = [s for s in out.scenarios if s.scenario == "A"]
     assert any("health says the database check fails" in e for e in a.evidence), a.evidence
-    assert row(out, "backend health").verdict == "PROBLEM"
-    assert row(out, "5xx ratio").verdict == "PROBLEM"
+    assert row(out, "backend health").verdict == "FAIL"
+    assert row(out, "5xx ratio").verdict == "FAIL"
     assert out.error_rate_before is not None and out.error_rate_before > 0.5
     # No cluster: its rows say so, and the database restart cannot even be planned.
     for prefix in ("backend logs", "pods", "rollout history"):
         assert row(out, prefix).verdict == "unavailable"
     (restart,) = [p for p in out.plan if p.scenario == "A"]
     assert not restart.possible and "Kubernetes configuration unusable" in restart.summary
-    assert out.action == "none"
+    assert out.outcome == "nothing to do"
     md = latest_artifact()
     assert "Scenarios" in md and "database" in md and "Evidence" in md
 
@@ -161,14 +162,14 @@ def test_redis_full_is_scenario_c_and_a_dry_run_changes_nothing(
     assert "C" in held(out) and "A" not in held(out) and "D" not in held(out)
     (c,) = [s for s in out.scenarios if s.scenario == "C"]
     assert any("of maxmemory" in e for e in c.evidence), c.evidence
-    assert out.action == "planned"
+    assert out.outcome == "planned"
     (plan,) = out.plan
-    assert plan.kind == "cache-clear" and plan.cache is not None
+    assert plan.kind == "cache-clear" and isinstance(plan, CacheClearAction)
     assert plan.cache.matched >= filled and plan.cache.deleted == 0
     # A dry run changes nothing: every key is still there.
     assert set(keys) <= set(cache_keys(env))
-    assert row(out, "Redis").verdict == "PROBLEM"
-    assert row(out, "5xx ratio").verdict == "ok"
+    assert row(out, "Redis").verdict == "FAIL"
+    assert row(out, "5xx ratio").verdict == "pass"
 
 
 def test_down_redis_and_prometheus_are_rows_not_a_crash(
@@ -187,9 +188,9 @@ def test_down_redis_and_prometheus_are_rows_not_a_crash(
     # nothing is done even though the run may act.
     assert held(out) == {"C"}
     assert [p.possible for p in out.plan] == [False]
-    assert out.action == "none" and out.actions == []
-    assert row(out, "PostgreSQL connections").verdict == "ok"
-    assert row(out, "backend health").verdict == "ok"
+    assert out.outcome == "nothing to do" and out.actions == []
+    assert row(out, "PostgreSQL connections").verdict == "pass"
+    assert row(out, "backend health").verdict == "pass"
     md = latest_artifact()
     assert secret not in md and secret not in out.model_dump_json()
 
@@ -215,15 +216,15 @@ def test_cache_clear_waits_for_approval(
         out = fut.result(timeout=180)
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     if answer == "approved":
-        assert out.action == "acted"
+        assert out.outcome == "acted"
         (done,) = out.actions
         assert done.kind == "cache-clear" and done.before.endswith("matched when planned")
         assert len(cache_keys(env)) < filled / 10
-        assert "Re-measured after approval" in md and "bob" in md
+        assert "Re-planned after approval" in md and "bob" in md
         assert out.verify is not None and out.verify.recovered
         assert "recovered" in md
     else:
-        assert out.action == "refused" and out.actions == []
+        assert out.outcome == "refused" and out.actions == []
         assert set(keys) <= set(cache_keys(env))
         assert ("nobody" if answer == "timeout" else "bob") in md
         assert "refused" in md
@@ -259,7 +260,7 @@ def test_cache_that_always_misses_is_scenario_c(env: ScrapedSandbox, traffic: No
     assert "C" in held(out), out.checks
     (c,) = [s for s in out.scenarios if s.scenario == "C"]
     assert any(e.startswith("hit rate 0.0%") for e in c.evidence), c.evidence
-    assert out.action == "planned"
+    assert out.outcome == "planned"
 
 
 def run_two_at_once(
@@ -288,9 +289,9 @@ def one_cleared_one_not(
     runs: list[tuple[Any, HighErrorRateOutcome]],
 ) -> tuple[HighErrorRateOutcome, Any, HighErrorRateOutcome]:
     """Of two runs, exactly one acted, by clearing the cache: (it, the other's id, the other)."""
-    acted = [(rid, o) for rid, o in runs if o.action == "acted"]
-    others = [(rid, o) for rid, o in runs if o.action != "acted"]
-    assert len(acted) == 1, [(o.action, o.note) for _, o in runs]
+    acted = [(rid, o) for rid, o in runs if o.outcome == "acted"]
+    others = [(rid, o) for rid, o in runs if o.outcome != "acted"]
+    assert len(acted) == 1, [(o.outcome, o.note) for _, o in runs]
     ((_, first),), ((second_id, second),) = acted, others
     assert [a.kind for a in first.actions] == ["cache-clear"]
     return first, second_id, second
@@ -310,7 +311,7 @@ def test_two_runs_at_once_the_second_re_measures_under_the_lock_and_changes_noth
     assert len(cache_keys(env)) < filled / 10
     # The second planned the same clear before it waited, then did nothing, and says why.
     assert "C" in held(second) and any(a.kind == "cache-clear" for a in second.plan)
-    assert second.action == "skipped" and second.actions == [] and second.verify is None
+    assert second.outcome == "skipped" and second.actions == [] and second.verify is None
     assert "nothing approved still holds after measuring again" in second.note, second.note
     (md,) = flow_run_artifacts(second_id, RUNBOOK)
-    assert "Re-measured under the lock" in md and "Approved and still holding: none" in md
+    assert "Re-planned under the lock" in md and "Approved and still holding: none" in md

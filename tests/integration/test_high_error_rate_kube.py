@@ -22,6 +22,7 @@ from flows.high_error_rate import (
     RUNBOOK,
     ErrorRateNotRecovered,
     HighErrorRateParams,
+    RollbackAction,
     ScenarioVerdict,
     high_error_rate,
     make_plan,
@@ -150,8 +151,8 @@ def test_bad_v2_rollout_is_undone_and_prometheus_shows_the_recovery(
     (d,) = out.scenarios
     assert any("after revision 2" in e and ":v2" in e and ":v1" in e for e in d.evidence)
     logs = row(out, "backend logs")
-    assert logs.verdict == "PROBLEM" and "release v2 bug" in logs.detail
-    assert out.action == "acted"
+    assert logs.verdict == "FAIL" and "release v2 bug" in logs.detail
+    assert out.outcome == "acted"
     (done,) = out.actions
     assert done.kind == "rollback"
     assert "revision 2" in done.before and f"{IMAGE}:v2" in done.before
@@ -165,7 +166,7 @@ def test_bad_v2_rollout_is_undone_and_prometheus_shows_the_recovery(
     assert out.verify is not None and out.verify.recovered
     assert out.error_rate_after is not None and out.error_rate_after < 0.05
     md = latest_artifact()
-    assert "Undo record (D)" in md and "revision **2**" in md
+    assert "Undo record (rollback)" in md and "revision **2**" in md
     assert "recovered" in md
 
 
@@ -182,11 +183,11 @@ def test_bad_rollout_and_full_redis_both_hold_and_a_dry_run_changes_nothing(
         keys = cache_keys(p.scraped)
         out = high_error_rate(HighErrorRateParams())
     assert held(out) == {"C", "D"}, out.scenarios
-    assert out.action == "planned"
+    assert out.outcome == "planned"
     kinds = {a.kind: a for a in out.plan}
     assert set(kinds) == {"rollback", "cache-clear"}
     rollback = kinds["rollback"]
-    assert rollback.rollback is not None and rollback.rollback.to_revision == 1
+    assert isinstance(rollback, RollbackAction) and rollback.rollback.to_revision == 1
     # The planned patch went to the API server as a dry run: validated, not stored.
     assert "would roll back to revision 1" in rollback.dry_run_result
     assert p.deployment().metadata.generation == generation
@@ -208,7 +209,7 @@ def test_a_credential_in_a_pod_log_line_reaches_the_artifact_masked(
     )
     out = high_error_rate(HighErrorRateParams())  # a dry run
     logs = row(out, "backend logs")
-    assert logs.verdict == "PROBLEM"
+    assert logs.verdict == "FAIL"
     assert "postgresql://***@db.internal" in logs.detail
     assert "password=***" in logs.detail and "Bearer ***" in logs.detail
     md = latest_artifact()
@@ -282,7 +283,7 @@ def test_database_restart_waits_for_approval_even_with_auto_approve(
     (a,) = [s for s in out.scenarios if s.scenario == "A"]
     assert any("name the database" in e for e in a.evidence), a.evidence
     assert any(x.kind == "database-restart" and x.possible for x in out.plan)
-    assert out.action == "refused" and out.actions == []
+    assert out.outcome == "refused" and out.actions == []
     sts = p.apps.read_namespaced_stateful_set("akig-postgres", p.namespace)
     assert sts.metadata.generation == sts_generation
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
@@ -336,7 +337,7 @@ def test_database_restart_under_the_runs_own_lock_ends_by_its_verification(
         # The StatefulSet's restart really restarted the server (and ended the stuck session).
         assert server_start(cluster.admin_dsn) > started
     assert "A" in held(out)
-    assert out.action == "acted", out.note
+    assert out.outcome == "acted", out.note
     (done,) = out.actions
     assert done.kind == "database-restart"
     assert out.verify is not None and out.verify.recovered, out.verify
@@ -376,15 +377,15 @@ def test_rollback_after_approval_goes_only_to_the_approved_revision(
             resume_flow_run(run_id, run_input={"approved": True, "approver": "dave"})
             out = fut.result(timeout=240)
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
-    assert "Re-measured after approval" in md and "dave" in md
+    assert "Re-planned after approval" in md and "dave" in md
     (approved,) = [a for a in out.plan if a.kind == "rollback"]
-    assert approved.rollback is not None and approved.rollback.to_revision == 1
+    assert isinstance(approved, RollbackAction) and approved.rollback.to_revision == 1
     if meanwhile == "nothing":
-        assert out.action == "acted"
+        assert out.outcome == "acted"
         assert p.image() == f"{IMAGE}:v1"
         assert out.verify is not None and out.verify.recovered
     else:
-        assert out.action == "skipped" and out.actions == []
+        assert out.outcome == "skipped" and out.actions == []
         assert p.image() == f"{IMAGE}:v3"
         assert revision_of(p.apps, p.namespace, DEPLOYMENT) == 3
 
@@ -420,7 +421,7 @@ def test_its_service_account_is_enough(
         core.delete_namespace(ingress)
     for prefix in ("backend logs", "pods", "rollout history"):
         assert row(out, prefix).verdict != "unavailable", row(out, prefix)
-    assert held(out) == {"D"} and out.action == "acted"
+    assert held(out) == {"D"} and out.outcome == "acted"
     assert out.verify is not None and out.verify.recovered
     assert p.image() == f"{IMAGE}:v1"
 
@@ -492,11 +493,11 @@ def test_a_rerun_never_rolls_forward_onto_the_release_just_undone(
     assert p.image() == f"{IMAGE}:v1"
     assert revision_of(p.apps, p.namespace, DEPLOYMENT) == 3
     assert "D" not in held(out), out.scenarios
-    assert out.actions == [] and out.action == "none"
+    assert out.actions == [] and out.outcome == "nothing to do"
     # The rollout-history row and the plan say why.
     rollout = row(out, "rollout history")
-    assert f"revision 3 ({IMAGE}:v1) current since" in rollout.figure, rollout
-    assert "an undo (it was revision 1 before)" in rollout.figure
+    assert f"revision 3 ({IMAGE}:v1) current since" in rollout.observed, rollout
+    assert "an undo (it was revision 1 before)" in rollout.observed
     assert f"revision 2 ({IMAGE}:v2) was rolled back from" in rollout.detail
     assert "never a rollback target: it is the release just undone" in rollout.detail
     (rollback,) = [a for a in out.plan if a.kind == "rollback"]
@@ -508,7 +509,7 @@ def test_a_rerun_never_rolls_forward_onto_the_release_just_undone(
     # the plan's own read refuses the same target.
     d = ScenarioVerdict(scenario="D", name="code", evidence=["read before the undo"])
     (late,) = make_plan(HighErrorRateParams(), [d])
-    assert late.rollback is not None and late.rollback.to_revision == 2
+    assert isinstance(late, RollbackAction) and late.rollback.to_revision == 2
     assert not late.possible and late.summary.startswith("not planned: revision 2")
 
 
@@ -530,7 +531,7 @@ def test_two_runs_on_a_poisoned_cache_the_second_finds_the_errors_ended(
         runs = run_two_at_once(params, planned="redis-cache-clear-True")
     first, second_id, second = one_cleared_one_not(runs)
     assert first.verify is not None and first.verify.recovered
-    assert held(second) == {"C"} and second.actions == [] and second.action == "skipped"
+    assert held(second) == {"C"} and second.actions == [] and second.outcome == "skipped"
     assert "the errors ended while this run waited" in second.note, second.note
     (md,) = flow_run_artifacts(second_id, RUNBOOK)
-    assert "Re-measured under the lock" in md and "errors ended while this run waited" in md
+    assert "Re-planned under the lock" in md and "errors ended while this run waited" in md

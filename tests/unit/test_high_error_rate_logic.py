@@ -8,20 +8,27 @@ from typing import Any
 import pytest
 
 from flows.common import Unavailable
+from flows.driver import Stop, needs_approval
 from flows.high_error_rate import (
+    DatabaseRestartAction,
+    Findings,
+    HighErrorRate,
     HighErrorRateParams,
-    PlannedAction,
+    RestartAction,
+    RollbackAction,
     classify,
     count_log_errors,
     error_onset,
     make_plan,
-    still_valid,
 )
+from flows.spec import Action
 from tasks.kubernetes import (
     PodLogs,
+    RestartPlan,
     RevisionInfo,
     RollbackPlan,
     RolloutHistory,
+    StatefulSetRestartPlan,
     TailLogsResult,
 )
 from tasks.prometheus import RangeResult, RouteFigures, Series
@@ -157,7 +164,7 @@ def test_unreachable_sources_are_rows_and_only_transient_ones_are_evidence() -> 
     )
 
 
-def plan(to_revision: int, image: str) -> PlannedAction:
+def plan(to_revision: int, image: str) -> RollbackAction:
     rb = RollbackPlan(
         deployment="akig-backend",
         namespace="n",
@@ -171,16 +178,41 @@ def plan(to_revision: int, image: str) -> PlannedAction:
         images_before=["img:v3"],
         images_after=[image],
     )
-    return PlannedAction(scenario="D", kind="rollback", target="t", summary="s", rollback=rb)
+    return RollbackAction(scenario="D", target="t", summary="s", rollback=rb, rollout_timeout_s=5)
+
+
+def still_valid(approved: list[Action], fresh: list[Action]) -> list[Action] | Stop:
+    """The runbook's own re-plan check; no 5xx ratio when planned, so no Prometheus read."""
+    found = Findings(checks=[], scenarios=[], error_rate=None, onset=None)
+    return HighErrorRate().still_valid(HighErrorRateParams(), approved, fresh, found, found)
 
 
 def test_a_rollback_acts_only_on_the_approved_revision() -> None:
-    approved = [plan(1, "img:v1")]
+    approved: list[Action] = [plan(1, "img:v1")]
     assert still_valid(approved, [plan(1, "img:v1")]) == [plan(1, "img:v1")]
     # Someone rolled out meanwhile: "previous" now means another revision. Not approved.
-    assert still_valid(approved, [plan(2, "img:v2")]) == []
+    skipped = still_valid(approved, [plan(2, "img:v2")])
+    assert isinstance(skipped, Stop) and skipped.outcome == "skipped"
     # A scenario that no longer holds is not in the fresh plan: nothing to act on.
-    assert still_valid(approved, []) == []
+    assert isinstance(still_valid(approved, []), Stop)
+    # Not a rollback (a restart of the same Deployment) is not the approved rollback either.
+    restart = RestartAction(
+        scenario="B",
+        target="t",
+        summary="s",
+        restart=RestartPlan(
+            deployment="akig-backend",
+            namespace="n",
+            restarted_at="2026-11-27T12:00:00Z",
+            previous_restarted_at=None,
+            generation=3,
+        ),
+        rollout_timeout_s=5,
+    )
+    assert isinstance(still_valid(approved, [restart]), Stop)
+    # Nor one the fresh plan marks impossible.
+    impossible = plan(1, "img:v1").model_copy(update={"possible": False})
+    assert isinstance(still_valid(approved, [impossible]), Stop)
 
 
 def after_an_undo(undone_s_ago: float, onset_s_ago: float) -> dict[str, Any]:
@@ -225,15 +257,15 @@ def test_never_code_to_roll_forward_onto_the_release_just_undone(
     # revision 2 is the one it rolled back from: D is not claimed, whatever the timing.
     assert found.scenarios == []
     (rollout,) = [r for r in found.checks if r.item == "rollout history"]
-    assert "revision 3 (img:v1) current since" in rollout.figure and "an undo" in rollout.figure
+    assert "revision 3 (img:v1) current since" in rollout.observed and "an undo" in rollout.observed
     assert "revision 2 (img:v2) was rolled back from" in rollout.detail
     assert "never a rollback target: it is the release just undone" in rollout.detail
     assert len(rollout.detail) <= 200  # what a table cell of the artifact keeps
     if onset_s_ago > undone_s_ago:
         assert "before revision 3" in rollout.detail
-        assert rollout.verdict == "ok"
+        assert rollout.verdict == "pass"
     else:
-        assert rollout.verdict == "PROBLEM"  # the timing points at revision 3, still no D
+        assert rollout.verdict == "FAIL"  # the timing points at revision 3, still no D
     # The plan says why no rollback is planned.
     (withheld,) = make_plan(HighErrorRateParams(), found.scenarios, found.withheld)
     assert withheld.kind == "rollback" and not withheld.possible
@@ -251,3 +283,41 @@ def test_code_dates_the_rollout_from_when_it_became_current() -> None:
     )
     got["rollout"] = rollout.model_copy(update={"revisions": [rollout.revisions[0], current]})
     assert scenarios(got) == set()
+
+
+def test_never_a_rollback_onto_a_revision_just_undone_even_if_approved() -> None:
+    approved: list[Action] = [plan(1, "img:v1")]
+    undone = plan(1, "img:v1")
+    undone.rollback = undone.rollback.model_copy(
+        update={
+            "target_undone": {
+                "revision": 1,
+                "images": ["img:v1"],
+                "by_revision": 3,
+                "template_of": 2,
+                "at": NOW,
+            }
+        }
+    )
+    assert isinstance(still_valid(approved, [undone]), Stop)
+
+
+def test_only_the_database_restart_always_asks() -> None:
+    db = DatabaseRestartAction(
+        scenario="A",
+        target="statefulset/akig-postgres in n",
+        summary="s",
+        database=StatefulSetRestartPlan(
+            statefulset="akig-postgres",
+            namespace="n",
+            restarted_at="2026-11-27T12:00:00Z",
+            previous_restarted_at=None,
+            generation=1,
+            update_strategy="RollingUpdate",
+        ),
+        rollout_timeout_s=5,
+    )
+    assert (db.approval, plan(1, "img:v1").approval) == ("always", "unless-auto")
+    assert not needs_approval([plan(1, "img:v1")], auto_approve=True)
+    assert needs_approval([plan(1, "img:v1"), db], auto_approve=True)
+    assert db.describe().startswith("A: database-restart statefulset/akig-postgres")
