@@ -45,7 +45,8 @@ from typing import Literal, Self
 from prefect.variables import Variable
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from flows.common import Report, md_escape, table
+from flows.common import Report, md_escape
+from flows.db_pool_report import findings_md, replan_md, sessions_md, terminated_md
 from flows.driver import (
     Held,
     NotFixed,
@@ -80,7 +81,6 @@ from tasks.clients import kube_configured, pg_target
 from tasks.locks import target_lock
 from tasks.postgres import (
     PgBouncerPool,
-    PoolSnapshot,
     PoolUsage,
     TerminationGuard,
     TerminationPlan,
@@ -360,13 +360,13 @@ class DbPoolRunbook(Runbook[DbPoolParams, PoolFindings]):
 
     def check(self, params: DbPoolParams, report: Report) -> PoolFindings:
         survey = survey_pool(params.guard)
-        report.add("Findings", _findings_md(survey.snapshot, _pgbouncer_pools()))
+        report.add("Findings", findings_md(survey.snapshot, _pgbouncer_pools()))
         # The report's read is tried once (an unreachable API costs one timeout); a raise
         # that depends on it uses the retry policy.
         wanted = params.raise_pool_size_to
         view = measure_sizing(survey.snapshot.usage, retry=wanted is not None)
         report.add("Pool sizing", sizing_md(view))
-        report.add("Sessions to terminate", _plan_md(survey.plan))
+        report.add("Sessions to terminate", sessions_md(survey.plan))
         findings = PoolFindings(
             usage=survey.snapshot.usage,
             sessions=survey.plan,
@@ -434,11 +434,12 @@ class DbPoolRunbook(Runbook[DbPoolParams, PoolFindings]):
             fresh.sizing = measure_sizing(usage)
             fresh.pool_raise = plan_raise(params.raise_pool_size_to, fresh.sizing)
         first = self.first.sessions if self.first else fresh.sessions
-        asked = needs_approval(self.plan(params, self.first or fresh), params.auto_approve)
+        doable = [a for a in self.plan(params, self.first or fresh) if a.possible]
+        asked = needs_approval(doable, params.auto_approve)
         report.add(
             "Plan after approval" if asked else "Plan under the lock",
             f"Usage is now **{usage.percent_used:.1f}%** ({usage.client_connections}).\n\n"
-            + _replan_md(first, fresh.sessions, approved_and_matching(first, fresh.sessions)),
+            + replan_md(first, fresh.sessions, approved_and_matching(first, fresh.sessions)),
         )
         return fresh
 
@@ -498,7 +499,7 @@ class DbPoolRunbook(Runbook[DbPoolParams, PoolFindings]):
         records = super().act(params, actions, report, held)
         for action in actions:
             if isinstance(action, TerminateSessions) and action.result is not None:
-                report.add("Terminated", _done_md(action.result))
+                report.add("Terminated", terminated_md(action.result))
             elif isinstance(action, SetIdleTimeout) and action.change is not None:
                 c = action.change
                 report.add(
@@ -664,7 +665,7 @@ def _raise_outcome(params: DbPoolParams, result: RunResult[PoolFindings]) -> Poo
     return PoolSizeAction(outcome=outcome, note=result.note, cap_before=cap)
 
 
-# ------------------------------------------------------------------------------ report text
+# ------------------------------------------------------------------------------ cooldown
 
 
 def _cooldown_key(target: str) -> str:
@@ -677,99 +678,3 @@ def _cooldown_left(target: str, minutes: float) -> timedelta | None:
         return None
     left = datetime.fromisoformat(str(last)) + timedelta(minutes=minutes) - datetime.now(UTC)
     return left if left > timedelta(0) else None
-
-
-def _usage_md(u: PoolUsage) -> str:
-    return (
-        f"**{u.client_connections} / {u.max_connections}** client connections "
-        f"(**{u.percent_used:.1f}%**), {u.superuser_reserved} reserved for superusers"
-        + (f" + {u.reserved} reserved" if u.reserved else "")
-        + f", {u.free_for_applications} free for applications.\n\n"
-        + table(["state", "n"], [[c.key, c.count] for c in u.by_state])
-        + "\n\n"
-        + table(["database", "n"], [[c.key, c.count] for c in u.by_database])
-        + "\n\n"
-        + table(["role", "n"], [[c.key, c.count] for c in u.by_user])
-    )
-
-
-def _findings_md(snap: PoolSnapshot, pools: list[PgBouncerPool] | str) -> str:
-    txn_rows = [
-        [t.pid, t.usename, t.datname, t.state, age_text(t.xact_age_s), t.query]
-        for t in snap.long_transactions
-    ]
-    iit_rows = [
-        [t.pid, t.usename, t.datname, age_text(t.state_age_s)] for t in snap.idle_in_transaction
-    ]
-    out = [
-        _usage_md(snap.usage),
-        "### Oldest open transactions",
-        table(["pid", "role", "database", "state", "age", "query"], txn_rows),
-        "### Idle in transaction",
-        table(["pid", "role", "database", "idle for"], iit_rows),
-    ]
-    if isinstance(pools, str):
-        out += ["### PgBouncer", pools]
-    elif pools:
-        rows = [
-            [p.database, p.user, p.cl_active, p.cl_waiting, p.sv_active, p.sv_idle, p.maxwait_s]
-            for p in pools
-        ]
-        out += [
-            "### PgBouncer SHOW POOLS",
-            table(
-                ["db", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "maxwait"], rows
-            ),
-        ]
-    return "\n\n".join(out)
-
-
-def _plan_md(plan: TerminationPlan, lead: str = "would be terminated") -> str:
-    rows = [
-        [
-            s.pid,
-            s.usename,
-            s.datname,
-            s.state,
-            age_text(s.idle_s(plan.planned_at)),
-            s.application_name,
-            s.client_addr or "local",
-        ]
-        for s in plan.sessions
-    ]
-    cap = f"\n\n_More sessions matched than the cap of {plan.guard.max_sessions}._" * (
-        plan.more_than_cap
-    )
-    return (
-        f"Guard: {guard_summary(plan.guard)}.\n\n"
-        f"**{len(plan.sessions)}** session(s) {lead}:\n\n"
-        + table(["pid", "role", "database", "state", "idle for", "application", "client"], rows)
-        + cap
-    )
-
-
-def _replan_md(approved: TerminationPlan, fresh: TerminationPlan, both: TerminationPlan) -> str:
-    keys = {(x.pid, x.backend_start) for x in both.sessions}
-    fresh_keys = {(x.pid, x.backend_start) for x in fresh.sessions}
-    gone = [x.pid for x in approved.sessions if (x.pid, x.backend_start) not in fresh_keys]
-    new = [x.pid for x in fresh.sessions if (x.pid, x.backend_start) not in keys]
-    return (
-        _plan_md(fresh, "match the guard now")
-        + f"\n\nApproved and still matching: **{len(both.sessions)}** session(s)"
-        + (f"; approved but no longer matching (left alone): {gone}" if gone else "")
-        + (f"; matching now but never approved (left alone): {new}" if new else "")
-        + "."
-    )
-
-
-def _done_md(result: TerminationResult) -> str:
-    done = table(
-        ["pid", "role", "database", "state"],
-        [[x.pid, x.usename, x.datname, x.state] for x in result.terminated],
-    )
-    spared = f"\n\nSpared (no longer matching the guard): {result.spared_pids}" * bool(
-        result.spared_pids
-    )
-    return (
-        f"Terminated **{len(result.terminated)}** in {result.elapsed_s:.3f} s:\n\n" + done + spared
-    )
