@@ -5,66 +5,88 @@ hand from the Prefect UI.
 
 Check: client connections by state, database and role against `max_connections` (reserved
 superuser slots accounted), oldest transactions, idle-in-transaction sessions and their age,
-PgBouncer `SHOW POOLS` when configured (read-only).
+PgBouncer `SHOW POOLS` when configured (read-only), the backend's pool sizing.
 
-May change: terminates idle sessions that pass every guard (client backends only, never this
-run's own session, never superusers or protected roles, only the allowed idle states, idle
-for longer than N minutes, optional database/role filter); optionally sets
-`idle_in_transaction_session_timeout` per role (ALTER ROLE, the default) or, with approval
-and at least 60 s, system-wide (ALTER SYSTEM + `pg_reload_conf()`).
-With `raise_pool_size_to`, dry_run off and approval: sets the backend's pool-size env var
-(at most the pool sizing cap, flows/pool_sizing.py) and restarts the backend.
+May change (one plan, asked once, on the driver `flows/driver.py`): terminates idle sessions
+that pass every guard (client backends only, never this run's own session, never superusers
+or protected roles, only the allowed idle states, idle for longer than N minutes, optional
+database/role filter; approval unless `auto_approve`); optionally sets
+`idle_in_transaction_session_timeout` per role (ALTER ROLE, the default; approval unless
+`auto_approve`) or system-wide (ALTER SYSTEM + `pg_reload_conf()`, at least 60 s, always
+approved by a human). With `raise_pool_size_to`: sets the backend's pool-size env var (at
+most the pool sizing cap, flows/pool_sizing.py) and restarts the backend (always approved).
 
 Safety limits: dry-run by default (the plan is the artifact); floors and caps in the
 parameter model (idle >= 1 min, `max_sessions` <= the settings cap); acts only while usage is
-at or above `act_above_percent`; at most `guard.max_sessions` terminations, in one statement
-that re-checks the guard, so a session that became active since the plan survives; one
-remediation per target at a time (`pg:<host:port>/<database>`, or `pg:<host:port>` for the
-whole server: a Prefect global concurrency limit, `tasks.locks`, plus an advisory lock) and a
-cooldown per target; optional approval gate. Approved or not, usage, cooldown and plan are
-checked again in the lock and only sessions both approved and still matching are
-terminated (none left: skipped, it says why); a run started by an alert first checks that
-the alert still fires.
+at or above `act_above_percent` and outside the cooldown per target (both checked before
+asking and again under the lock); at most `guard.max_sessions` terminations, in one
+statement that re-checks the guard, so a session that became active since the plan
+survives; one remediation per target at a time (`pg:<host:port>/<database>`, or
+`pg:<host:port>` for the whole server: a Prefect global concurrency limit, `tasks.locks`,
+plus an advisory lock; the backend Deployment's lock for a raise). Approved or not, usage,
+cooldown and plan are checked again in the lock and only sessions both approved and still
+matching are terminated (none left: skipped, it says why); a run started by an alert first
+checks that the alert still fires.
 
 Undo: a terminated session cannot be revived; its client reconnects (pools do so by
-themselves). A timeout change prints its exact undo statement in the artifact, built from
-the value read once before the write. The artifact is published on every exit path.
+themselves). A timeout change records its exact undo statement in the artifact, built from
+the value read once before the write; a raise records the exact previous env entry. The
+artifact is published on every exit path.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
-from prefect import get_run_logger
 from prefect.variables import Variable
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from flows.common import (
-    Report,
-    alert_resolved,
-    md_escape,
-    publish_on_exit,
-    request_approval,
-    table,
-    tag_run,
+from flows.common import Report, md_escape
+from flows.db_pool_report import findings_md, replan_md, sessions_md, terminated_md
+from flows.driver import (
+    Held,
+    NotFixed,
+    Runbook,
+    RunResult,
+    Stop,
+    Verification,
+    drive,
+    needs_approval,
 )
-from flows.escalate import escalate_incident
-from flows.pool_sizing import PoolSizeAction, SizingView, pool_sizing_report, raise_pool_size
+from flows.pool_sizing import (
+    PoolSizeAction,
+    RaisePoolSize,
+    SizingView,
+    backend_workload,
+    measure_sizing,
+    plan_raise,
+    raise_md,
+    sizing_md,
+)
 from flows.report_text import age_text, guard_summary
-from flows.spec import LockTarget, RunbookSpec, runbook_flow
-from tasks.clients import pg_target
-from tasks.errors import SafetyViolation
+from flows.spec import (
+    Action,
+    ActionRecord,
+    LockTarget,
+    Outcome,
+    RunbookParams,
+    RunbookSpec,
+    runbook_flow,
+)
+from tasks.clients import kube_configured, pg_target
 from tasks.locks import LOCK_TIMEOUT_S, pg_lock_target, target_lock
 from tasks.postgres import (
     PgBouncerPool,
-    PoolSnapshot,
     PoolUsage,
     TerminationGuard,
     TerminationPlan,
     TerminationResult,
     TimeoutChange,
+    TimeoutReading,
     approved_and_matching,
     check_name,
     measure_pool_usage,
@@ -80,16 +102,13 @@ from tasks.settings import PgBouncerSettings, PostgresSettings
 
 RUNBOOK = "db-pool-exhausted"
 # A system-wide idle_in_transaction_session_timeout hits every role, the runbook's own
-# maintenance jobs included: never below a minute, and only with a human's approval.
+# maintenance jobs included: never below a minute, and always with a human's approval.
 MIN_SYSTEM_TIMEOUT_S = 60
 
 
-class DbPoolParams(BaseModel):
+class DbPoolParams(RunbookParams):
     """Parameters of the db-pool-exhausted runbook (the form in the UI's Run dialog)."""
 
-    dry_run: bool = Field(
-        True, description="Only plan: report what would be terminated and change nothing."
-    )
     guard: TerminationGuard = Field(
         default_factory=TerminationGuard,
         description="Which sessions may be terminated; all conditions must hold.",
@@ -112,22 +131,16 @@ class DbPoolParams(BaseModel):
     timeout_scope: Literal["role", "system"] = Field(
         "role",
         description="`role` (default): ALTER ROLE `timeout_role` SET …; `system`: ALTER SYSTEM"
-        f" (needs require_approval and at least {MIN_SYSTEM_TIMEOUT_S} s).",
+        f" (at least {MIN_SYSTEM_TIMEOUT_S} s; always asks a human, auto_approve or not).",
     )
     timeout_role: str | None = Field(
         None, description="The role whose sessions get that timeout (timeout_scope `role`)."
-    )
-    require_approval: bool = Field(
-        False, description="Pause for a human approval in the UI before acting."
-    )
-    approval_timeout_s: int = Field(
-        1200, ge=10, le=86_400, description="Without an answer by then, nothing is done."
     )
     cooldown_minutes: float = Field(
         5.0, ge=0, le=1440, description="Refuse to act again on the same target within this."
     )
     lock_timeout_s: float = Field(
-        LOCK_TIMEOUT_S,
+        600.0,
         ge=1,
         le=3600,
         description="Wait at most this long for another run acting on the same target.",
@@ -137,12 +150,8 @@ class DbPoolParams(BaseModel):
         ge=1,
         le=10_000,
         description="Optional: set the backend's pool-size env var to this (at most the pool"
-        " sizing cap) and restart it; needs dry_run off and require_approval on.",
+        " sizing cap) and restart it; always asks a human, in the run's one approval.",
     )
-    requested_by: str = Field(
-        "", max_length=200, description="Who asked for this run (name, alert); for the audit."
-    )
-    reason: str = Field("", max_length=2000, description="Why; recorded in the audit artifact.")
 
     @field_validator("timeout_role")
     @classmethod
@@ -175,8 +184,7 @@ class DbPoolParams(BaseModel):
         else:
             if self.timeout_role:
                 raise ValueError("timeout_role must be unset with timeout_scope 'system'")
-            if not self.require_approval:
-                raise ValueError("a system-wide timeout (timeout_scope 'system') needs approval")
+            # No approval flag to check: the system-wide change is an `always` action.
             if seconds < MIN_SYSTEM_TIMEOUT_S:
                 raise ValueError(f"a system-wide timeout must be at least {MIN_SYSTEM_TIMEOUT_S} s")
         return self
@@ -185,13 +193,13 @@ class DbPoolParams(BaseModel):
 class DbPoolOutcome(BaseModel):
     """What the run found and did."""
 
-    action: Literal["none", "planned", "terminated", "skipped", "refused"]
+    outcome: Outcome
     note: str
     before: PoolUsage
     after: PoolUsage | None
     plan: TerminationPlan = Field(description="The first plan (the one shown for approval).")
     replan: TerminationPlan | None = Field(
-        None, description="After an approval: the plan again, on what is live now."
+        None, description="Under the lock: the plan again, on what is live now."
     )
     acted_on: TerminationPlan | None = Field(
         None, description="The sessions handed to the kill: approved and still matching."
@@ -203,7 +211,7 @@ class DbPoolOutcome(BaseModel):
     pool_size_action: PoolSizeAction | None = Field(None, description="The pool-size raise.")
 
 
-class PoolStillExhausted(Exception):
+class PoolStillExhausted(NotFixed):
     """Verification failed: usage is still above the healthy mark after remediation."""
 
 
@@ -220,30 +228,94 @@ def target_of(params: DbPoolParams) -> str:
     return lock_targets(params)[0]
 
 
-def _cooldown_key(target: str) -> str:
-    return "cooldown_db_pool_" + hashlib.sha256(target.encode()).hexdigest()[:16]
+SPEC: RunbookSpec[DbPoolParams] = RunbookSpec(
+    name=RUNBOOK,
+    title="PostgreSQL connection pool",
+    severity="critical",
+    topic="database",
+    lock=lambda p: LockTarget(*lock_targets(p)),
+)
 
 
-def _cooldown_left(target: str, minutes: float) -> timedelta | None:
-    last = Variable.get(_cooldown_key(target), default=None)
-    if not last or minutes <= 0:
-        return None
-    left = datetime.fromisoformat(str(last)) + timedelta(minutes=minutes) - datetime.now(UTC)
-    return left if left > timedelta(0) else None
+# ------------------------------------------------------------------------------ actions
+
+TERMINATE = "terminate-sessions"
+SET_TIMEOUT = "set-idle-in-transaction-timeout"
 
 
-def _usage_md(u: PoolUsage) -> str:
-    return (
-        f"**{u.client_connections} / {u.max_connections}** client connections "
-        f"(**{u.percent_used:.1f}%**), {u.superuser_reserved} reserved for superusers"
-        + (f" + {u.reserved} reserved" if u.reserved else "")
-        + f", {u.free_for_applications} free for applications.\n\n"
-        + table(["state", "n"], [[c.key, c.count] for c in u.by_state])
-        + "\n\n"
-        + table(["database", "n"], [[c.key, c.count] for c in u.by_database])
-        + "\n\n"
-        + table(["role", "n"], [[c.key, c.count] for c in u.by_user])
-    )
+class TerminateSessions(Action):
+    """End the planned sessions that still match the guard, in one statement (never retried)."""
+
+    kind: str = TERMINATE
+    plan: TerminationPlan
+    #: Filled by `apply`.
+    result: TerminationResult | None = None
+
+    def undo(self) -> str:
+        return "none: a terminated session cannot be revived; its client reconnects."
+
+    def apply(self) -> ActionRecord:
+        self.result = terminate_sessions(self.plan)
+        return ActionRecord(
+            kind=self.kind,
+            target=self.target,
+            before=f"{len(self.plan.sessions)} session(s) planned",
+            after=f"{len(self.result.terminated)} terminated",
+            message=f"spared {len(self.result.spared_pids)} no longer matching the guard",
+        )
+
+
+class SetIdleTimeout(Action):
+    """Set `idle_in_transaction_session_timeout` for a role or system-wide."""
+
+    kind: str = SET_TIMEOUT
+    seconds: int
+    role: str | None
+    #: The value read once before the write (by `undo`, right before `apply`), and the write.
+    reading: TimeoutReading | None = None
+    change: TimeoutChange | None = None
+
+    def _read(self) -> TimeoutReading:
+        if self.reading is None:
+            self.reading = read_idle_in_transaction_timeout(self.role)
+        return self.reading
+
+    def undo(self) -> str:
+        # The previous value is read once, here; the write only gets it passed in, so a
+        # retried write still records what was there before the first attempt.
+        r = self._read()
+        return (
+            f"idle_in_transaction_session_timeout ({md_escape(r.scope)}) was"
+            f" {md_escape(r.previous or 'not set')} (in effect: {md_escape(r.effective)})."
+            f"\n\nUndo: `{r.undo_sql}`"
+        )
+
+    def apply(self) -> ActionRecord:
+        self.change = change = set_idle_in_transaction_timeout(self.seconds, self._read())
+        return ActionRecord(
+            kind=self.kind,
+            target=self.target,
+            before=change.previous or "not set",
+            after=change.new,
+            message="already in place" if change.already_set else "set",
+            undo=change.undo_sql,
+        )
+
+
+# ------------------------------------------------------------------------------ findings
+
+
+class PoolFindings(BaseModel):
+    """What one measurement saw: usage, the guard's plan, the sizing and the raise."""
+
+    usage: PoolUsage
+    sessions: TerminationPlan
+    sizing: SizingView | None = None
+    pool_raise: RaisePoolSize | None = None
+    #: Measured under the lock (after an approval or a wait), not at the start.
+    remeasured: bool = False
+    #: Under the lock: why an approved action did not go on, by kind.
+    dropped: dict[str, str] = Field(default_factory=dict)
 
 
 def _pgbouncer_pools() -> list[PgBouncerPool] | str:
@@ -254,290 +326,9 @@ def _pgbouncer_pools() -> list[PgBouncerPool] | str:
     return state.result() if state.is_completed() else f"not read: {state.message}"
 
 
-def _findings_md(snap: PoolSnapshot, pools: list[PgBouncerPool] | str) -> str:
-    txn_rows = [
-        [t.pid, t.usename, t.datname, t.state, age_text(t.xact_age_s), t.query]
-        for t in snap.long_transactions
-    ]
-    iit_rows = [
-        [t.pid, t.usename, t.datname, age_text(t.state_age_s)] for t in snap.idle_in_transaction
-    ]
-    out = [
-        _usage_md(snap.usage),
-        "### Oldest open transactions",
-        table(["pid", "role", "database", "state", "age", "query"], txn_rows),
-        "### Idle in transaction",
-        table(["pid", "role", "database", "idle for"], iit_rows),
-    ]
-    if isinstance(pools, str):
-        out += ["### PgBouncer", pools]
-    elif pools:
-        rows = [
-            [p.database, p.user, p.cl_active, p.cl_waiting, p.sv_active, p.sv_idle, p.maxwait_s]
-            for p in pools
-        ]
-        out += [
-            "### PgBouncer SHOW POOLS",
-            table(
-                ["db", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "maxwait"], rows
-            ),
-        ]
-    return "\n\n".join(out)
-
-
-def _plan_md(plan: TerminationPlan, lead: str = "would be terminated") -> str:
-    rows = [
-        [
-            s.pid,
-            s.usename,
-            s.datname,
-            s.state,
-            age_text(s.idle_s(plan.planned_at)),
-            s.application_name,
-            s.client_addr or "local",
-        ]
-        for s in plan.sessions
-    ]
-    cap = f"\n\n_More sessions matched than the cap of {plan.guard.max_sessions}._" * (
-        plan.more_than_cap
-    )
-    return (
-        f"Guard: {guard_summary(plan.guard)}.\n\n"
-        f"**{len(plan.sessions)}** session(s) {lead}:\n\n"
-        + table(["pid", "role", "database", "state", "idle for", "application", "client"], rows)
-        + cap
-    )
-
-
-def _replan_md(approved: TerminationPlan, fresh: TerminationPlan, both: TerminationPlan) -> str:
-    keys = {(x.pid, x.backend_start) for x in both.sessions}
-    fresh_keys = {(x.pid, x.backend_start) for x in fresh.sessions}
-    gone = [x.pid for x in approved.sessions if (x.pid, x.backend_start) not in fresh_keys]
-    new = [x.pid for x in fresh.sessions if (x.pid, x.backend_start) not in keys]
-    return (
-        _plan_md(fresh, "match the guard now")
-        + f"\n\nApproved and still matching: **{len(both.sessions)}** session(s)"
-        + (f"; approved but no longer matching (left alone): {gone}" if gone else "")
-        + (f"; matching now but never approved (left alone): {new}" if new else "")
-        + "."
-    )
-
-
-Action = Literal["none", "planned", "terminated", "skipped", "refused"]
-
-
-SPEC: RunbookSpec[Any] = RunbookSpec(
-    name=RUNBOOK,
-    title="PostgreSQL connection pool",
-    severity="critical",
-    topic="database",
-    lock=lambda p: LockTarget(*lock_targets(p)),
-)
-
-
-@runbook_flow(SPEC)
-def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  # noqa: B008
-    """Check the PostgreSQL pool, plan guarded terminations, act when allowed, verify."""
-    target = pg_target(PostgresSettings())
-    report = Report(RUNBOOK, f"PostgreSQL pool on {target}")
-    outcome: list[DbPoolOutcome] = []
-
-    def summary() -> str:
-        action = outcome[0].action if outcome else "stopped"
-        return f"{RUNBOOK} on {target}: {'nothing to do' if action == 'none' else action}"
-
-    # The audit record is written on every path: done, refused, timed out or failed.
-    with publish_on_exit(report, summary):
-        result = _remediate(params, target, report)
-        if params.raise_pool_size_to is not None:
-            result.pool_size_action = raise_pool_size(
-                params.raise_pool_size_to,
-                dry_run=params.dry_run,
-                require_approval=params.require_approval,
-                approval_timeout_s=params.approval_timeout_s,
-                report=report,
-            )
-        outcome.append(result)
-        if result.healthy is False:
-            usage = result.after or result.before
-            done = (
-                f"terminating {len(result.result.terminated)} session(s)"
-                if result.result is not None
-                else "finding no session the guard allows to terminate"
-            )
-            message = (
-                f"{target}: usage still {usage.percent_used:.1f}% after {done};"
-                " escalated (see the run's artifact)"
-            )
-            escalate_incident("critical", "database", message)
-            raise PoolStillExhausted(message)
-        return result
-
-
-def _remediate(params: DbPoolParams, target: str, report: Report) -> DbPoolOutcome:
-    logger = get_run_logger()
-    source = tag_run(RUNBOOK)
-    who = params.requested_by or source
-    report.add(
-        "Request",
-        f"Requested by **{md_escape(who)}** (source: {source}); dry run: **{params.dry_run}**."
-        + (f"\n\nReason: {md_escape(params.reason)}" if params.reason else ""),
-    )
-
-    survey = survey_pool(params.guard)
-    snapshot, plan = survey.snapshot, survey.plan
-    report.add("Findings", _findings_md(snapshot, _pgbouncer_pools()))
-    sizing = pool_sizing_report(report, snapshot.usage)
-    report.add("Plan", _plan_md(plan))
-    before = snapshot.usage
-    replan: TerminationPlan | None = None
-
-    def finish(
-        action: Action,
-        note: str,
-        *,
-        after: PoolUsage | None = None,
-        acted_on: TerminationPlan | None = None,
-        result: TerminationResult | None = None,
-        change: TimeoutChange | None = None,
-        healthy: bool | None = None,
-    ) -> DbPoolOutcome:
-        report.add("Outcome", f"**{action}**: {note}")
-        logger.info("%s: %s (%s)", target, action, note)
-        return DbPoolOutcome(
-            action=action,
-            note=note,
-            before=before,
-            after=after,
-            plan=plan,
-            replan=replan,
-            acted_on=acted_on,
-            result=result,
-            timeout_change=change,
-            healthy=healthy,
-            pool_sizing=sizing,
-        )
-
-    if params.dry_run:
-        return finish("planned", "dry run: nothing changed. Re-run with dry_run off to act.")
-    if before.percent_used < params.act_above_percent:
-        return finish(
-            "skipped",
-            f"usage {before.percent_used:.1f}% is below act_above_percent "
-            f"{params.act_above_percent:g}%: nothing changed.",
-        )
-    if not plan.sessions and not params.idle_in_transaction_timeout_s:
-        # An empty plan asks nobody and takes no lock. Usage is over act_above_percent, so
-        # it is judged as after acting: over the healthy mark fails the run (escalated), as
-        # a run that terminated sessions without effect does.
-        healthy = before.percent_used < params.healthy_below_percent
-        report.add(
-            "Verify",
-            f"Nothing done: usage **{before.percent_used:.1f}%** ({before.client_connections});"
-            f" healthy below {params.healthy_below_percent:g}%: **{'yes' if healthy else 'NO'}**.",
-        )
-        return finish(
-            "none",
-            "nothing to do: no session matches the guard, so nobody was asked and nothing changed.",
-            healthy=healthy,
-        )
-    narrow, server = lock_targets(params)
-    # Checked here so nobody is asked to approve a run that would refuse, and again in the lock.
-    wait = _cooldown_left(narrow, params.cooldown_minutes)
-    if wait is not None:
-        return finish("refused", _cooldown_note(narrow, wait))
-    if params.require_approval:
-        timeout = params.idle_in_transaction_timeout_s
-        decision = request_approval(
-            f"Terminate {len(plan.sessions)} idle session(s) on {target}"
-            + (
-                f" and set idle_in_transaction_session_timeout={timeout}s ({_scope(params)})"
-                if timeout
-                else ""
-            ),
-            params.approval_timeout_s,
-        )
-        report.add("Approval", decision.line())
-        if not decision.approved:
-            return finish("refused", "not approved: nothing changed.")
-
-    try:
-        with (
-            target_lock(narrow, within=server, timeout_s=params.lock_timeout_s) as waited,
-            remediation_lock(f"{RUNBOOK} {narrow}"),
-        ):
-            report.add("Target lock", f"Held {md_escape(narrow)} (waited {waited:.1f} s).")
-            # Whoever approved (a human or the route), the run may have waited for the approval
-            # or for another run on the target, while sessions came and went: measure and plan
-            # again, and act only on what was approved AND still matches.
-            now = measure_pool_usage()
-            replan = plan_terminations(params.guard)
-            acted_on = approved_and_matching(plan, replan)
-            report.add(
-                "Plan after approval" if params.require_approval else "Plan under the lock",
-                _replan_md(plan, replan, acted_on),
-            )
-            wait = _cooldown_left(narrow, params.cooldown_minutes)
-            if wait is not None:
-                return finish("refused", _cooldown_note(narrow, wait) + " (re-checked in the lock)")
-            if now.percent_used < params.act_above_percent:
-                return finish(
-                    "skipped",
-                    f"usage is now {now.percent_used:.1f}%, below act_above_percent "
-                    f"{params.act_above_percent:g}%: nothing changed.",
-                )
-            if plan.sessions and not acted_on.sessions and not params.idle_in_transaction_timeout_s:
-                return finish(
-                    "skipped",
-                    f"none of the {len(plan.sessions)} planned session(s) still matches after "
-                    f"measuring again under the lock (waited {waited:.0f} s for it; another "
-                    "run or the sessions' own end): nothing changed.",
-                )
-            # The run may have waited (approval, another run on the target): the last word.
-            stale = alert_resolved(report)
-            if stale is not None:
-                return finish("skipped", stale)
-            Variable.set(_cooldown_key(narrow), datetime.now(UTC).isoformat(), overwrite=True)
-            result = terminate_sessions(acted_on)
-            report.add("Done", _done_md(result))
-            change: TimeoutChange | None = None
-            if params.idle_in_transaction_timeout_s:
-                role = params.timeout_role if params.timeout_scope == "role" else None
-                # The previous value is read once, here; the write only gets it passed in.
-                reading = read_idle_in_transaction_timeout(role)
-                change = set_idle_in_transaction_timeout(
-                    params.idle_in_transaction_timeout_s, reading
-                )
-                report.add(
-                    "Prevention",
-                    f"idle_in_transaction_session_timeout = {change.new} ({change.scope}); "
-                    f"was {change.previous or 'not set'} (in effect: {reading.effective})."
-                    f"\n\nUndo: `{change.undo_sql}`",
-                )
-    except SafetyViolation as exc:
-        return finish("refused", f"{exc}. Nothing changed.", acted_on=None)
-
-    after = measure_pool_usage()
-    healthy = after.percent_used < params.healthy_below_percent
-    report.add(
-        "Verify",
-        f"Before **{before.percent_used:.1f}%** ({before.client_connections}) → after "
-        f"**{after.percent_used:.1f}%** ({after.client_connections}); healthy below "
-        f"{params.healthy_below_percent:g}%: **{'yes' if healthy else 'NO'}**.",
-    )
-    return finish(
-        "terminated",
-        f"{len(result.terminated)} session(s) terminated; usage {after.percent_used:.1f}%.",
-        after=after,
-        acted_on=acted_on,
-        result=result,
-        change=change,
-        healthy=healthy,
-    )
-
-
-def _scope(params: DbPoolParams) -> str:
-    return f"role {params.timeout_role}" if params.timeout_scope == "role" else "SYSTEM-WIDE"
+def _db_actions(params: DbPoolParams, findings: PoolFindings) -> bool:
+    """Whether these findings call for a database change (terminations or a timeout)."""
+    return bool(findings.sessions.sessions) or bool(params.idle_in_transaction_timeout_s)
 
 
 def _cooldown_note(target: str, wait: timedelta) -> str:
@@ -547,14 +338,338 @@ def _cooldown_note(target: str, wait: timedelta) -> str:
     )
 
 
-def _done_md(result: TerminationResult) -> str:
-    done = table(
-        ["pid", "role", "database", "state"],
-        [[x.pid, x.usename, x.datname, x.state] for x in result.terminated],
+# ------------------------------------------------------------------------------ the runbook
+
+
+class DbPoolRunbook(Runbook[DbPoolParams, PoolFindings]):
+    """Check the pool, plan guarded terminations (and the timeout, the raise), verify usage."""
+
+    spec = SPEC
+
+    def __init__(self) -> None:
+        #: The first findings: the plan the approval (or the route) agreed to.
+        self.first: PoolFindings | None = None
+
+    def title(self, params: DbPoolParams) -> str:
+        return f"PostgreSQL pool on {pg_target(PostgresSettings())}"
+
+    def check(self, params: DbPoolParams, report: Report) -> PoolFindings:
+        survey = survey_pool(params.guard)
+        report.add("Findings", findings_md(survey.snapshot, _pgbouncer_pools()))
+        # The report's read is tried once (an unreachable API costs one timeout); a raise
+        # that depends on it uses the retry policy.
+        wanted = params.raise_pool_size_to
+        view = measure_sizing(survey.snapshot.usage, retry=wanted is not None)
+        report.add("Pool sizing", sizing_md(view))
+        report.add("Sessions to terminate", sessions_md(survey.plan))
+        findings = PoolFindings(
+            usage=survey.snapshot.usage,
+            sessions=survey.plan,
+            sizing=view,
+            pool_raise=None if wanted is None else plan_raise(wanted, view),
+        )
+        self.first = findings
+        return findings
+
+    def plan(self, params: DbPoolParams, findings: PoolFindings) -> list[Action]:
+        narrow, server = lock_targets(params)
+        actions: list[Action] = []
+        if findings.sessions.sessions:
+            actions.append(
+                TerminateSessions(
+                    target=narrow,
+                    summary=f"{len(findings.sessions.sessions)} idle session(s) matching the"
+                    f" guard ({guard_summary(params.guard)})",
+                    plan=findings.sessions,
+                )
+            )
+        seconds = params.idle_in_transaction_timeout_s
+        if seconds:
+            role = params.timeout_role if params.timeout_scope == "role" else None
+            actions.append(
+                SetIdleTimeout(
+                    target=f"{server} role {role}" if role else f"{server} SYSTEM-WIDE",
+                    summary=f"set idle_in_transaction_session_timeout={seconds}s",
+                    # One role's sessions: the route or auto_approve may say yes; every role
+                    # (the runbook's own jobs included): a human, always.
+                    approval="unless-auto" if role else "always",
+                    seconds=seconds,
+                    role=role,
+                )
+            )
+        if findings.pool_raise is not None and not findings.pool_raise.already_set:
+            actions.append(findings.pool_raise)
+        return actions
+
+    def refuse(self, params: DbPoolParams, findings: PoolFindings) -> Stop | None:
+        # Cooldown and act_above_percent are about the database changes: a run whose only
+        # action is the pool-size raise is not held back by them (its own checks apply).
+        if not _db_actions(params, findings) and params.raise_pool_size_to is not None:
+            return None
+        narrow = lock_targets(params)[0]
+        again = " (re-checked in the lock)" if findings.remeasured else ""
+        wait = _cooldown_left(narrow, params.cooldown_minutes)
+        if wait is not None:
+            return Stop("refused", _cooldown_note(narrow, wait) + again)
+        usage = findings.usage.percent_used
+        if usage < params.act_above_percent:
+            return Stop(
+                "skipped",
+                f"usage {'is now ' if findings.remeasured else ''}{usage:.1f}%, below"
+                f" act_above_percent {params.act_above_percent:g}%: nothing changed.",
+            )
+        return None
+
+    def remeasure(self, params: DbPoolParams, report: Report) -> PoolFindings:
+        # Whoever approved, the run may have waited, while sessions came and went: usage and
+        # the guard's plan again (and the sizing, for a raise), not the whole survey.
+        usage = measure_pool_usage()
+        fresh = PoolFindings(usage=usage, sessions=plan_terminations(params.guard), remeasured=True)
+        if params.raise_pool_size_to is not None:
+            fresh.sizing = measure_sizing(usage)
+            fresh.pool_raise = plan_raise(params.raise_pool_size_to, fresh.sizing)
+        first = self.first.sessions if self.first else fresh.sessions
+        doable = [a for a in self.plan(params, self.first or fresh) if a.possible]
+        asked = needs_approval(doable, params.auto_approve)
+        report.add(
+            "Plan after approval" if asked else "Plan under the lock",
+            f"Usage is now **{usage.percent_used:.1f}%** ({usage.client_connections}).\n\n"
+            + replan_md(first, fresh.sessions, approved_and_matching(first, fresh.sessions)),
+        )
+        return fresh
+
+    def still_valid(
+        self,
+        params: DbPoolParams,
+        approved: list[Action],
+        fresh: list[Action],
+        findings: PoolFindings,
+        now: PoolFindings,
+    ) -> list[Action] | Stop:
+        acting: list[Action] = []
+        for old in approved:
+            new = next((a for a in fresh if a.possible and a.same_as(old)), None)
+            if isinstance(old, TerminateSessions):
+                both = approved_and_matching(old.plan, now.sessions)
+                if both.sessions:
+                    acting.append(old.model_copy(update={"plan": both}))
+                else:
+                    now.dropped[old.kind] = (
+                        f"none of the {len(old.plan.sessions)} planned session(s) still matches"
+                        " after measuring again under the lock (another run or the sessions'"
+                        " own end)"
+                    )
+            elif new is not None:
+                acting.append(new)
+            else:
+                now.dropped[old.kind] = _why_dropped(old, now)
+        if acting:
+            return acting
+        return Stop("skipped", "; ".join(now.dropped.values()) + ": nothing changed.")
+
+    @contextmanager
+    def hold(self, params: DbPoolParams, report: Report) -> Iterator[Held]:
+        narrow, server = lock_targets(params)
+        with ExitStack() as stack:
+            waited = stack.enter_context(
+                target_lock(narrow, within=server, timeout_s=params.lock_timeout_s)
+            )
+            # For runs of another Prefect installation: they refuse.
+            stack.enter_context(remediation_lock(f"{RUNBOOK} {narrow}"))
+            report.add("Target lock", f"Held {md_escape(narrow)} (waited {waited:.1f} s).")
+            if params.raise_pool_size_to is not None and kube_configured():
+                # One change to the backend at a time (high-error-rate's rollbacks too).
+                workload = backend_workload()
+                more = stack.enter_context(target_lock(workload, timeout_s=LOCK_TIMEOUT_S))
+                report.add("Pool size lock", f"Held {md_escape(workload)} (waited {more:.1f} s).")
+                waited += more
+            yield Held(waited_s=waited)
+
+    def act(
+        self, params: DbPoolParams, actions: list[Action], report: Report, held: Held
+    ) -> list[ActionRecord]:
+        if any(a.kind in (TERMINATE, SET_TIMEOUT) for a in actions):
+            key = _cooldown_key(lock_targets(params)[0])
+            Variable.set(key, datetime.now(UTC).isoformat(), overwrite=True)
+        records = super().act(params, actions, report, held)
+        for action in actions:
+            if isinstance(action, TerminateSessions) and action.result is not None:
+                report.add("Terminated", terminated_md(action.result))
+            elif isinstance(action, SetIdleTimeout) and action.change is not None:
+                c = action.change
+                report.add(
+                    "Prevention",
+                    f"idle_in_transaction_session_timeout = {c.new} ({md_escape(c.scope)}); was"
+                    f" {md_escape(c.previous or 'not set')}.\n\nUndo: `{c.undo_sql}`",
+                )
+            elif isinstance(action, RaisePoolSize):
+                report.add("Pool size action", raise_md(action))
+        return records
+
+    def verify(
+        self,
+        params: DbPoolParams,
+        findings: PoolFindings,
+        records: list[ActionRecord],
+        report: Report,
+    ) -> Verification | None:
+        return _verify(params, findings, records, report)
+
+    def not_fixed_message(self, params: DbPoolParams, verification: Verification) -> str:
+        target = pg_target(PostgresSettings())
+        return f"{target}: {verification.summary}; escalated (see the run's artifact)"
+
+
+class PoolVerification(Verification):
+    """The verification with the usage measured after acting (None: judged on the first)."""
+
+    after: PoolUsage | None = None
+
+
+def _verify(
+    params: DbPoolParams, findings: PoolFindings, records: list[ActionRecord], report: Report
+) -> PoolVerification | None:
+    """Usage against the healthy mark: after acting, or (nothing done) as first measured."""
+    healthy_below = params.healthy_below_percent
+    if not records:
+        before = findings.usage
+        if before.percent_used < params.act_above_percent:
+            report.add(
+                "Verify",
+                f"Nothing done: usage **{before.percent_used:.1f}%** is below act_above_percent"
+                f" {params.act_above_percent:g}%.",
+            )
+            return None
+        # Usage is over act_above_percent, so it is judged as after acting: over the healthy
+        # mark fails the run (escalated), as a run that terminated sessions without effect does.
+        healthy = before.percent_used < healthy_below
+        report.add(
+            "Verify",
+            f"Nothing done: usage **{before.percent_used:.1f}%** ({before.client_connections});"
+            f" healthy below {healthy_below:g}%: **{'yes' if healthy else 'NO'}**.",
+        )
+        done = "finding no session the guard allows to terminate"
+        return PoolVerification(
+            healthy=healthy, summary=f"usage still {before.percent_used:.1f}% after {done}"
+        )
+    before, after = findings.usage, measure_pool_usage()
+    healthy = after.percent_used < healthy_below
+    report.add(
+        "Verify",
+        f"Before **{before.percent_used:.1f}%** ({before.client_connections}) → after "
+        f"**{after.percent_used:.1f}%** ({after.client_connections}); healthy below "
+        f"{healthy_below:g}%: **{'yes' if healthy else 'NO'}**.",
     )
-    spared = f"\n\nSpared (no longer matching the guard): {result.spared_pids}" * bool(
-        result.spared_pids
+    ended = sum(int(r.after.split()[0]) for r in records if r.kind == TERMINATE)
+    return PoolVerification(
+        healthy=healthy,
+        summary=f"usage {'' if healthy else 'still '}{after.percent_used:.1f}% after"
+        f" terminating {ended} session(s)",
+        after=after,
     )
-    return (
-        f"Terminated **{len(result.terminated)}** in {result.elapsed_s:.3f} s:\n\n" + done + spared
+
+
+def _why_dropped(old: Action, now: PoolFindings) -> str:
+    """Why an approved action (not the terminations) no longer holds under the lock."""
+    fresh = now.pool_raise
+    if isinstance(old, RaisePoolSize) and fresh is not None:
+        if not fresh.possible:
+            return f"the pool-size raise, planned again under the lock: {fresh.summary}"
+        return (
+            f"the pool-size raise: the entry changed while waiting for approval"
+            f" ({old.change.previous if old.change else None} -> "
+            f"{fresh.change.previous if fresh.change else None})"
+        )
+    return f"{old.describe()}: no longer planned"
+
+
+# ------------------------------------------------------------------------------ the flow
+
+
+@runbook_flow(SPEC)
+def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  # noqa: B008
+    """Check the PostgreSQL pool, plan guarded terminations, act when allowed, verify."""
+    try:
+        # The driver publishes the report on every path and escalates when not fixed.
+        result = drive(DbPoolRunbook(), params)
+    except NotFixed as exc:
+        raise PoolStillExhausted(str(exc)) from None
+    return _outcome(params, result)
+
+
+def _outcome(params: DbPoolParams, result: RunResult[PoolFindings]) -> DbPoolOutcome:
+    """The flow's return value from what the driver saw and did."""
+    term = next((a for a in result.acted_on if isinstance(a, TerminateSessions)), None)
+    timeout = next((a for a in result.acted_on if isinstance(a, SetIdleTimeout)), None)
+    verification = result.verification
+    return DbPoolOutcome(
+        outcome=result.outcome,
+        note=result.note,
+        before=result.findings.usage,
+        after=verification.after if isinstance(verification, PoolVerification) else None,
+        plan=result.findings.sessions,
+        replan=result.fresh.sessions if result.fresh else None,
+        acted_on=term.plan if term else None,
+        result=term.result if term else None,
+        timeout_change=timeout.change if timeout else None,
+        healthy=verification.healthy if verification else None,
+        pool_sizing=result.findings.sizing,
+        pool_size_action=_raise_outcome(params, result),
     )
+
+
+def _raise_outcome(params: DbPoolParams, result: RunResult[PoolFindings]) -> PoolSizeAction | None:
+    """What became of the pool-size raise, in the run's words."""
+    first = result.findings.pool_raise
+    if params.raise_pool_size_to is None or first is None:
+        return None
+    cap = first.cap
+    if first.already_set:
+        return PoolSizeAction(
+            outcome="nothing to do", note=f"nothing to do: {first.summary}.", cap_before=cap
+        )
+    if not first.possible:
+        return PoolSizeAction(
+            outcome="refused", note=f"{first.summary}; nothing changed.", cap_before=cap
+        )
+    done = next((a for a in result.acted_on if isinstance(a, RaisePoolSize)), None)
+    if done is not None and done.result is not None:
+        return PoolSizeAction(
+            outcome="acted",
+            note=f"{done.result.env} {done.result.before} -> {done.result.after} (cap"
+            f" {done.cap}); {done.restart.message if done.restart else 'not restarted'}.",
+            cap_before=cap,
+            cap_after_approval=done.cap,
+            change=done.result,
+            restart=done.restart,
+        )
+    fresh = result.fresh
+    dropped = fresh.dropped.get(first.kind) if fresh else None
+    if dropped is not None:
+        again = fresh.pool_raise.cap if fresh and fresh.pool_raise else None
+        return PoolSizeAction(
+            outcome="skipped",
+            note=f"{dropped}; nothing changed.",
+            cap_before=cap,
+            cap_after_approval=again,
+        )
+    if result.outcome == "planned":
+        note = f"dry run: would {first.summary} (server dry run: {first.dry_run_result or '-'})"
+        return PoolSizeAction(outcome="planned", note=note, cap_before=cap)
+    outcome = "skipped" if result.outcome == "acted" else result.outcome
+    return PoolSizeAction(outcome=outcome, note=result.note, cap_before=cap)
+
+
+# ------------------------------------------------------------------------------ cooldown
+
+
+def _cooldown_key(target: str) -> str:
+    return "cooldown_db_pool_" + hashlib.sha256(target.encode()).hexdigest()[:16]
+
+
+def _cooldown_left(target: str, minutes: float) -> timedelta | None:
+    last = Variable.get(_cooldown_key(target), default=None)
+    if not last or minutes <= 0:
+        return None
+    left = datetime.fromisoformat(str(last)) + timedelta(minutes=minutes) - datetime.now(UTC)
+    return left if left > timedelta(0) else None

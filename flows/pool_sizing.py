@@ -1,20 +1,21 @@
-"""db-pool-exhausted's "Pool sizing" section and its optional, approved pool-size raise.
+"""db-pool-exhausted's "Pool sizing" section and its optional pool-size raise.
 
 The section is computed in every run (read only); Kubernetes unreachable or not configured
-makes it say "not available: why", never fails the run. The action (`raise_pool_size`) sets
-the backend's pool-size env var to a value at most the formula's cap, only with dry_run off
-and approval required, re-checks everything after the approval, records the exact previous
-value (the undo) and restarts the backend like `kubectl rollout restart`.
+makes it say "not available: why", never fails the run. The raise (`RaisePoolSize`, planned
+by `plan_raise`) is one action of the runbook's plan, approval `always`: it sets the
+backend's pool-size env var to a value at most the formula's cap, is planned again under the
+lock (cap and entry read again), records the exact previous entry (the undo) and restarts
+the backend like `kubectl rollout restart`.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 from pydantic import BaseModel
 
-from flows.common import Report, md_code, md_escape, request_approval, table
+from flows.common import Report, md_code, md_escape, table
+from flows.spec import Action, ActionRecord, ApprovalPolicy, Outcome
 from tasks.clients import kube_configured
 from tasks.errors import SafetyViolation
 from tasks.kubernetes import RestartResult, restart_rollout
@@ -25,7 +26,7 @@ from tasks.kubernetes.env import (
     describe_entry,
     plan_env_value,
 )
-from tasks.locks import LOCK_TIMEOUT_S, kube_lock_target, target_lock
+from tasks.locks import kube_lock_target
 from tasks.pool_sizing import (
     BackendPool,
     PoolSizing,
@@ -34,7 +35,8 @@ from tasks.pool_sizing import (
     read_backend_pool,
     size_pool,
 )
-from tasks.postgres import PoolUsage, measure_pool_usage
+from tasks.postgres import PoolUsage
+from tasks.settings import KubernetesSettings
 
 
 class SizingView(BaseModel):
@@ -47,9 +49,9 @@ class SizingView(BaseModel):
 
 
 class PoolSizeAction(BaseModel):
-    """What the pool-size action did."""
+    """What became of the pool-size raise (the run's words: acted, refused, skipped, ...)."""
 
-    action: Literal["none", "set", "refused"]
+    outcome: Outcome
     note: str
     cap_before: int | None = None
     cap_after_approval: int | None = None
@@ -145,115 +147,118 @@ def _undo_md(change: EnvChange | EnvChangeResult) -> str:
     )
 
 
-def raise_pool_size(
-    target: int,
-    *,
-    dry_run: bool,
-    require_approval: bool,
-    approval_timeout_s: int,
-    report: Report,
-) -> PoolSizeAction:
-    """Set the backend's pool-size env var (<= the cap), after approval, then restart it."""
+def backend_workload() -> str:
+    """The lock target of the backend Deployment (high-error-rate's rollbacks take it too)."""
+    settings = KubernetesSettings()
+    return kube_lock_target(settings.namespace, settings.backend_deployment).key
 
-    def done(action: Literal["none", "set", "refused"], note: str, **kw: object) -> PoolSizeAction:
-        report.add("Pool size action", f"**{action}**: {md_escape(note)}" + str(kw.pop("md", "")))
-        return PoolSizeAction.model_validate({"action": action, "note": note, **kw})
 
-    if dry_run or not require_approval:
-        return done(
-            "refused",
-            f"raising the pool size to {target} needs dry_run off and require_approval on;"
-            " nothing changed.",
+class RaisePoolSize(Action):
+    """Set the backend's pool-size env var (at most the sizing cap) and restart the backend.
+
+    `possible` False: listed with the reason (above the cap, sizing not available, a paused
+    Deployment); `already_set`: the entry is the literal value already (no action planned).
+    """
+
+    kind: str = "raise-pool-size"
+    approval: ApprovalPolicy = "always"
+    value: int
+    cap: int | None = None
+    change: EnvChange | None = None
+    already_set: bool = False
+    #: Filled by `apply`.
+    result: EnvChangeResult | None = None
+    restart: RestartResult | None = None
+
+    def _planned(self) -> EnvChange:
+        if self.change is None:
+            raise SafetyViolation(f"the pool-size raise is not possible: {self.summary}")
+        return self.change
+
+    def try_dry_run(self) -> str:
+        return apply_env_value(self._planned(), dry_run=True).message
+
+    def undo(self) -> str:
+        change = self._planned()
+        return (
+            f"{md_escape(change.env)} was {md_escape(describe_entry(change.previous))}. Undo"
+            f" (the exact previous entry, then restart again): {_undo_md(change)}"
         )
-    view = measure_sizing(measure_pool_usage())
+
+    def same_as(self, approved: Action) -> bool:
+        """The same write: same Deployment, same value, and the entry it replaces unchanged."""
+        return (
+            isinstance(approved, RaisePoolSize)
+            and super().same_as(approved)
+            and self.value == approved.value
+            and self.change is not None
+            and approved.change is not None
+            and self.change.previous == approved.change.previous
+        )
+
+    def apply(self) -> ActionRecord:
+        change = apply_env_value(self._planned())
+        self.result = change
+        # The env var is changed already when a restart fails: the undo is in the report
+        # (recorded before the write), the run fails with the restart's error.
+        self.restart = restart_rollout(change.deployment, change.namespace)
+        return ActionRecord(
+            kind=self.kind,
+            target=self.target,
+            before=change.before,
+            after=change.after,
+            message=f"{change.env} {change.before} -> {change.after} (cap {self.cap});"
+            f" {self.restart.message}",
+        )
+
+
+def raise_md(action: RaisePoolSize) -> str:
+    """The "Pool size action" section after the write: before, after and the undo."""
+    change = action.result
+    if change is None:
+        return "not applied"
+    return (
+        f"**set**: {md_escape(change.env)} {md_escape(change.before)} ->"
+        f" {md_escape(change.after)} (cap {action.cap})"
+        + (f"; {md_escape(action.restart.message)}" if action.restart else "")
+        + f".\n\nBefore: {md_escape(change.before)}; after: {md_escape(change.after)}."
+        f"\n\nUndo (the exact previous entry, then restart again): {_undo_md(change)}"
+    )
+
+
+def plan_raise(value: int, view: SizingView) -> RaisePoolSize:
+    """The raise as an action pinned by a read of the entry it replaces, or why it cannot run."""
+    settings = PoolSizingSettings()
+
+    def impossible(reason: str, target: str = "k8s:backend", **kw: object) -> RaisePoolSize:
+        return RaisePoolSize.model_validate(
+            {"target": target, "summary": reason, "possible": False, "value": value, **kw}
+        )
+
     if view.sizing is None or view.backend is None:
-        return done("refused", f"pool sizing {view.unavailable}; nothing changed.")
-    cap = view.sizing.recommended
-    if target > cap:
-        return done(
-            "refused",
-            f"{target} is above the cap of {cap} (pool sizing formula); nothing changed.",
-            cap_before=cap,
+        return impossible(f"pool sizing {view.unavailable}")
+    backend, cap = view.backend, view.sizing.recommended
+    workload = kube_lock_target(backend.namespace, backend.deployment).key
+    if value > cap:
+        return impossible(
+            f"{value} is above the cap of {cap} (pool sizing formula)", workload, cap=cap
         )
-    backend, settings = view.backend, PoolSizingSettings()
     try:
         plan = plan_env_value(
-            backend.deployment, backend.namespace, backend.container, settings.env, target, cap
+            backend.deployment, backend.namespace, backend.container, settings.env, value, cap
         )
     except SafetyViolation as exc:
-        return done("refused", f"{exc}; nothing changed.", cap_before=cap)
+        return impossible(str(exc), workload, cap=cap)
     before = describe_entry(plan.previous)
     if plan.previous == plan.target_entry:
         # An empty plan asks nobody: the value is already set, a restart would change nothing.
-        return done(
-            "none",
-            f"nothing to do: {settings.env} is already {target}; nothing changed.",
-            cap_before=cap,
+        return impossible(
+            f"{settings.env} is already {value}", workload, cap=cap, change=plan, already_set=True
         )
-    decision = request_approval(
-        f"Set {settings.env} of {backend.namespace}/{backend.deployment} from {before} to "
-        f"{target} (cap {cap}) and restart it",
-        approval_timeout_s,
+    return RaisePoolSize(
+        target=workload,
+        summary=f"set {settings.env} from {before} to {value} (cap {cap}) and restart it",
+        value=value,
+        cap=cap,
+        change=plan,
     )
-    report.add("Pool size approval", decision.line())
-    if not decision.approved:
-        return done("refused", "not approved: nothing changed.", cap_before=cap)
-    # One change to the backend at a time (high-error-rate's rollbacks take the same lock).
-    workload = kube_lock_target(backend.namespace, backend.deployment).key
-    with target_lock(workload, timeout_s=LOCK_TIMEOUT_S) as waited:
-        report.add("Pool size lock", f"Held {md_escape(workload)} (waited {waited:.1f} s).")
-        # The wait may have been long: replicas, pool and other clients are read again.
-        again = measure_sizing(measure_pool_usage())
-        if again.sizing is None or again.backend is None:
-            return done(
-                "refused", f"after approval, pool sizing {again.unavailable}; nothing changed."
-            )
-        new_cap = again.sizing.recommended
-        if target > new_cap:
-            return done(
-                "refused",
-                f"after approval the cap is {new_cap} (was {cap}): {target} is above it;"
-                " nothing changed.",
-                cap_before=cap,
-                cap_after_approval=new_cap,
-            )
-        try:
-            fresh = plan_env_value(
-                backend.deployment,
-                backend.namespace,
-                backend.container,
-                settings.env,
-                target,
-                new_cap,
-            )
-            if fresh.previous != plan.previous:
-                raise SafetyViolation(
-                    f"{settings.env} changed while waiting for approval ({before} -> "
-                    f"{describe_entry(fresh.previous)})"
-                )
-            change = apply_env_value(fresh)
-        except SafetyViolation as exc:
-            return done(
-                "refused", f"{exc}; nothing changed.", cap_before=cap, cap_after_approval=new_cap
-            )
-        try:
-            restart = restart_rollout(backend.deployment, backend.namespace)
-        except Exception:
-            # The env var is changed already: the audit must show it and its undo.
-            report.add(
-                "Pool size action",
-                f"**set, restart failed**: {md_escape(settings.env)} {md_escape(change.before)} ->"
-                f" {md_escape(change.after)}; the restart failed (see the run's error)."
-                f"\n\nUndo (the exact previous entry, then restart): {_undo_md(change)}",
-            )
-            raise
-        return done(
-            "set",
-            f"{settings.env} {change.before} -> {change.after} (cap {new_cap}); {restart.message}.",
-            cap_before=cap,
-            cap_after_approval=new_cap,
-            change=change,
-            restart=restart,
-            md=f"\n\nBefore: {md_escape(change.before)}; after: {md_escape(change.after)}."
-            f"\n\nUndo (the exact previous entry, then restart again): {_undo_md(change)}",
-        )

@@ -5,8 +5,9 @@ on-call runbook's prevention item "Add monitoring alert at 70% threshold", as a 
 leaves a record every run.
 
 May change: nothing by itself. When `start_remediation` is on and usage is over the
-threshold, it starts the `db-pool-exhausted` deployment (dry-run unless told otherwise),
-whose own guards apply, tagged with this run's own source (and, for an alert, its alert).
+threshold, it starts the `db-pool-exhausted` deployment (dry-run unless told otherwise;
+acting, it asks for approval unless `remediation.auto_approve`), whose own guards apply,
+tagged with this run's own source (and, for an alert, its alert).
 
 Safety limits: read-only; the started run is a separate, audited deployment run.
 Undo: nothing to undo.
@@ -45,7 +46,8 @@ class PoolThresholdParams(BaseModel):
     )
     remediation: DbPoolParams = Field(
         default_factory=DbPoolParams,
-        description="Parameters for that runbook (dry run unless switched off there).",
+        description="Parameters for that runbook (dry run unless switched off there; an"
+        " acting run asks for approval unless `auto_approve` is set there).",
     )
 
 

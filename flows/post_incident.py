@@ -81,10 +81,10 @@ RUNBOOK = "post-incident"
 NOTIFY_FLOW = "escalate"
 
 #: How each runbook says "recovered" when it has no `verify*` task: a Completed run whose
-#: report (artifact description, `<runbook> on <target>: <action>`) ends with this action.
+#: report (artifact description, `<runbook>: <outcome>`) ends with this outcome.
 #: db-pool-exhausted fails its run (PoolStillExhausted) when usage stays above the healthy
-#: mark after terminating, so a Completed "terminated" run is a passed verification.
-RECOVERED_WHEN = {"db-pool-exhausted": ": terminated"}
+#: mark after acting, so a Completed "acted" run is a passed verification.
+RECOVERED_WHEN = {"db-pool-exhausted": ": acted"}
 
 ChecklistName = Literal[
     "root_cause",

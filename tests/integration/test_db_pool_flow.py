@@ -67,6 +67,7 @@ def params(world: PgWorld, **kw: object) -> DbPoolParams:
         "act_above_percent": 0,
         "healthy_below_percent": 100,
         "cooldown_minutes": 0,
+        "auto_approve": True,
         "requested_by": "pytest",
     }
     return DbPoolParams.model_validate(base | kw)
@@ -87,7 +88,7 @@ def test_dry_run_plans_and_kills_nothing(pg_env: PgWorld, sessions: Sessions) ->
     conns = [sessions.open(pg_env.app_role, "idle") for _ in range(2)]
     time.sleep(1.2)
     out = db_pool_exhausted(DbPoolParams(guard=params(pg_env).guard))
-    assert out.action == "planned"
+    assert out.outcome == "planned"
     assert out.result is None
     assert {s.pid for s in out.plan.sessions} == {pid(c) for c in conns}
     assert alive([pid(c) for c in conns]) == {pid(c) for c in conns}
@@ -102,7 +103,7 @@ def test_act_terminates_verifies_and_reports(pg_env: PgWorld, sessions: Sessions
     keeper = sessions.open(pg_env.super_role, "idle in transaction")
     time.sleep(1.2)
     out = db_pool_exhausted(params(pg_env, dry_run=False))
-    assert out.action == "terminated"
+    assert out.outcome == "acted"
     assert out.healthy is True
     assert out.result is not None
     assert {s.pid for s in out.result.terminated} == {pid(c) for c in victims}
@@ -118,7 +119,7 @@ def test_below_act_threshold_changes_nothing(pg_env: PgWorld, sessions: Sessions
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     out = db_pool_exhausted(params(pg_env, dry_run=False, act_above_percent=100))
-    assert out.action == "skipped"
+    assert out.outcome == "skipped"
     assert alive([pid(conn)]) == {pid(conn)}
 
 
@@ -128,27 +129,27 @@ def test_cooldown_refuses_second_remediation(pg_env: PgWorld, sessions: Sessions
     victim = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     first = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
-    assert first.action == "terminated"
+    assert first.outcome == "acted"
     assert wait_gone([pid(victim)]) == set()
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     second = db_pool_exhausted(params(pg_env, dry_run=False, cooldown_minutes=30))
-    assert second.action == "refused"
+    assert second.outcome == "refused"
     assert "cooldown" in second.note
     assert alive([pid(conn)]) == {pid(conn)}
     Variable.unset(_cooldown_key(target_of(params(pg_env))))
 
 
-@pytest.mark.parametrize("require_approval", [True, False])
+@pytest.mark.parametrize("auto_approve", [True, False])
 def test_an_empty_plan_asks_nobody_and_says_nothing_to_do(
-    pg_env: PgWorld, sessions: Sessions, require_approval: bool
+    pg_env: PgWorld, sessions: Sessions, auto_approve: bool
 ) -> None:
     # An idle session that the guard spares (idle for a second, not an hour): none to end.
     spared = sessions.open(pg_env.app_role, "idle")
     p = params(
         pg_env,
         dry_run=False,
-        require_approval=require_approval,
+        auto_approve=auto_approve,
         approval_timeout_s=10,
         guard=guard(pg_env, idle_minutes=60),
     )
@@ -156,8 +157,8 @@ def test_an_empty_plan_asks_nobody_and_says_nothing_to_do(
     run_id = state.state_details.flow_run_id
     assert run_id is not None
     out = state.result()
-    assert out.action == "none" and out.result is None
-    assert "nothing to do" in out.note
+    assert out.outcome == "nothing to do" and out.result is None
+    assert "nobody was asked" in out.note
     assert alive([pid(spared)]) == {pid(spared)}
     with get_client(sync_client=True) as client:
         history = [s.type for s in client.read_flow_run_states(run_id)]
@@ -165,10 +166,10 @@ def test_an_empty_plan_asks_nobody_and_says_nothing_to_do(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
     assert StateType.PAUSED not in history  # nobody was asked
-    assert art.description == f"{RUNBOOK} on {out.before.target}: nothing to do"
+    assert art.description == f"{RUNBOOK}: nothing to do"
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "## Approval" not in md and "## Target lock" not in md
-    assert "**none**: nothing to do" in md
+    assert "**nothing to do**: the plan is empty" in md
     assert "terminated" not in md.split("## Outcome")[1]
 
 
@@ -235,7 +236,7 @@ def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> N
     conn = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(db_pool_exhausted, params(pg_env, dry_run=False, require_approval=True))
+        fut = pool.submit(db_pool_exhausted, params(pg_env, dry_run=False, auto_approve=False))
         run_id = wait_for_paused_run("db-pool-exhausted")
         # Nothing happens while the run waits for a human.
         assert alive([pid(conn)]) == {pid(conn)}
@@ -247,10 +248,10 @@ def test_approval_gate(pg_env: PgWorld, sessions: Sessions, approved: bool) -> N
     assert "alice" in md
     assert "INC-42" in md
     if approved:
-        assert out.action == "terminated"
+        assert out.outcome == "acted"
         assert wait_gone([pid(conn)]) == set()
     else:
-        assert out.action == "refused"
+        assert out.outcome == "refused"
         assert alive([pid(conn)]) == {pid(conn)}
 
 
@@ -260,11 +261,11 @@ def test_approval_timeout_does_nothing(pg_env: PgWorld, sessions: Sessions) -> N
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(
             db_pool_exhausted,
-            params(pg_env, dry_run=False, require_approval=True, approval_timeout_s=10),
+            params(pg_env, dry_run=False, auto_approve=False, approval_timeout_s=10),
         )
         run_id = wait_for_paused_run("db-pool-exhausted")
         out = fut.result(timeout=120)
-    assert out.action == "refused"
+    assert out.outcome == "refused"
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "no answer within 10 s" in md
     assert alive([pid(conn)]) == {pid(conn)}
@@ -376,7 +377,7 @@ def test_approved_run_acts_only_on_sessions_approved_and_still_matching(
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(
             db_pool_exhausted,
-            params(pg_env, dry_run=False, require_approval=True),
+            params(pg_env, dry_run=False, auto_approve=False),
             return_state=True,
         )
         run_id = wait_for_paused_run("db-pool-exhausted")
@@ -417,7 +418,7 @@ def test_approved_run_respects_a_cooldown_set_while_it_waited(
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(
                 db_pool_exhausted,
-                params(pg_env, dry_run=False, require_approval=True, cooldown_minutes=30),
+                params(pg_env, dry_run=False, auto_approve=False, cooldown_minutes=30),
             )
             run_id = wait_for_paused_run("db-pool-exhausted")
             second = db_pool_exhausted(
@@ -432,8 +433,8 @@ def test_approved_run_respects_a_cooldown_set_while_it_waited(
             out = first.result(timeout=120)
     finally:
         Variable.unset(key)
-    assert second.action == "terminated"
-    assert out.action == "refused"
+    assert second.outcome == "acted"
+    assert out.outcome == "refused"
     assert "cooldown" in out.note
     assert out.result is None
     assert alive([pid(v2)]) == {pid(v2)}
@@ -450,7 +451,7 @@ def test_postgres_lost_after_approval_fails_the_run_and_still_publishes(
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(
             db_pool_exhausted,
-            params(pg_env, dry_run=False, require_approval=True),
+            params(pg_env, dry_run=False, auto_approve=False),
             return_state=True,
         )
         run_id = wait_for_paused_run("db-pool-exhausted")
@@ -499,12 +500,10 @@ def test_logs_name_each_terminated_session_and_the_previous_setting(
     [
         ({"timeout_role": 'app"; DROP ROLE postgres; --'}, "not a valid PostgreSQL name"),
         ({"timeout_role": None}, "timeout_role is required"),
-        ({"timeout_role": None, "timeout_scope": "system"}, "needs approval"),
         (
             {
                 "timeout_role": None,
                 "timeout_scope": "system",
-                "require_approval": True,
                 "idle_in_transaction_timeout_s": 30,
             },
             "at least 60 s",

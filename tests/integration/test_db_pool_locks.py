@@ -59,6 +59,7 @@ def act(world: PgWorld, database: str | None, **kw: Any) -> DbPoolParams:
         "act_above_percent": 0,
         "healthy_below_percent": 100,
         "cooldown_minutes": 0,
+        "auto_approve": True,
     }
     return DbPoolParams.model_validate(base | kw)
 
@@ -74,11 +75,11 @@ def test_two_databases_act_in_parallel_and_one_database_waits(
     pool = ThreadPoolExecutor(1)
     with target_lock(target, within=server):  # another run acts on the test's database
         parallel = db_pool_exhausted(act(pg_env, second_db, lock_timeout_s=5))
-        assert parallel.action == "terminated"
+        assert parallel.outcome == "acted"
         assert wait_gone([pid(other)]) == set()
         same = db_pool_exhausted(act(pg_env, pg_env.database, lock_timeout_s=2))
         whole = db_pool_exhausted(act(pg_env, None, lock_timeout_s=2))
-        assert (same.action, whole.action) == ("refused", "refused")
+        assert (same.outcome, whole.outcome) == ("refused", "refused")
         assert "being remediated by another run" in same.note
         assert alive([pid(mine)]) == {pid(mine)}
         waiting = pool.submit(db_pool_exhausted, act(pg_env, pg_env.database))
@@ -86,7 +87,7 @@ def test_two_databases_act_in_parallel_and_one_database_waits(
         assert not waiting.done()  # it waits for the target, it does not act beside it
         assert alive([pid(mine)]) == {pid(mine)}
     # The other run released the target: the waiting one acts now.
-    assert waiting.result(timeout=120).action == "terminated"
+    assert waiting.result(timeout=120).outcome == "acted"
     pool.shutdown()
     assert wait_gone([pid(mine)]) == set()
     other.close()
@@ -100,7 +101,7 @@ def test_the_whole_server_waits_for_and_excludes_its_databases(
     _, server = lock_targets(act(pg_env, None))
     with target_lock(server, within=server):  # a server-wide remediation is acting
         one_db = db_pool_exhausted(act(pg_env, pg_env.database, lock_timeout_s=2))
-    assert one_db.action == "refused"
+    assert one_db.outcome == "refused"
     assert alive([pid(mine)]) == {pid(mine)}
 
 
@@ -121,8 +122,8 @@ def test_two_runs_at_once_the_second_re_measures_under_the_lock_and_changes_noth
             assert not any(r.done() for r in runs)
             assert alive([pid(victim)]) == {pid(victim)}
         outcomes = [r.result(timeout=120) for r in runs]
-    assert sorted(o.action for o in outcomes) == ["skipped", "terminated"], outcomes
-    first, second = sorted(outcomes, key=lambda o: o.action != "terminated")
+    assert sorted(o.outcome for o in outcomes) == ["acted", "skipped"], outcomes
+    first, second = sorted(outcomes, key=lambda o: o.outcome != "acted")
     assert first.result is not None and [s.pid for s in first.result.terminated] == [pid(victim)]
     # The second planned the same session before it waited, then touched nothing, and says why.
     assert [s.pid for s in second.plan.sessions] == [pid(victim)]
@@ -162,11 +163,11 @@ def test_a_run_whose_alert_resolved_while_it_waited_acts_on_nothing(
                     send(receiver.url, {**firing, "status": "resolved"}, status="resolved")
             outcome = waiting.result(timeout=120)
     if resolves:
-        assert outcome.action == "skipped"
+        assert outcome.outcome == "skipped"
         assert f"the alert that started this run ({fp}) has resolved" in outcome.note
         assert alive([pid(victim)]) == {pid(victim)}
     else:
-        assert outcome.action == "terminated"
+        assert outcome.outcome == "acted"
         assert wait_gone([pid(victim)]) == set()
 
 
@@ -190,7 +191,7 @@ def test_an_approved_run_acts_when_its_alert_fired_again_within_the_cooldown(
     )
     victim = sessions.open(pg_env.app_role, "idle")
     time.sleep(1.2)
-    params = act(pg_env, pg_env.database, require_approval=True)
+    params = act(pg_env, pg_env.database, auto_approve=False)
     before = set(paused_runs("db-pool-exhausted"))
     monkeypatch.delenv("RUNBOOKS_ALERTS_ALERTMANAGER_URL", raising=False)
     with serve_app(app) as receiver:
@@ -211,7 +212,7 @@ def test_an_approved_run_acts_when_its_alert_fired_again_within_the_cooldown(
             outcome = waiting.result(timeout=120)
         finished(UUID(started["flow_run_id"]))
     assert refire["outcome"] == "cooldown"  # no second run ...
-    assert outcome.action == "terminated", outcome.note  # ... but the alert fires again
+    assert outcome.outcome == "acted", outcome.note  # ... but the alert fires again
     assert wait_gone([pid(victim)]) == set()
 
 

@@ -51,7 +51,6 @@ def test_an_approval_after_the_pool_recovered_changes_nothing(
         time.sleep(1.2)  # idle longer than the guard's 1 s test floor
         params = DbPoolParams(
             dry_run=False,
-            require_approval=True,
             act_above_percent=40,
             cooldown_minutes=0,
             guard=TerminationGuard(database="postgres", idle_minutes=1 / 60),
@@ -67,7 +66,7 @@ def test_an_approval_after_the_pool_recovered_changes_nothing(
             )
             state = fut.result(timeout=120)
         out = state.result()
-        assert out.action == "skipped"
+        assert out.outcome == "skipped"
         assert "below act_above_percent" in out.note
         assert out.result is None
         assert out.before.percent_used >= 60

@@ -20,7 +20,7 @@ from tests.fixtures.kube import KubeCluster, free_port, write_kubeconfig
 from tests.fixtures.postgres import PgWorld, Sessions
 from tests.fixtures.prefect_runs import flow_run_artifacts, paused_runs, wait_for_paused_run
 from tests.integration.kube_helpers import deployment_body
-from tests.integration.test_db_pool_flow import latest_artifact, params
+from tests.integration.test_db_pool_flow import guard, latest_artifact, params
 
 pytestmark = [pytest.mark.kube, pytest.mark.usefixtures("prefect_api")]
 BACKEND = "akig-backend"
@@ -120,8 +120,9 @@ def test_kubernetes_unavailable_is_reported_not_fatal(
         config = write_kubeconfig(config, dead, kube_cluster.ca_pem, "t", "dead")
     monkeypatch.setenv("RUNBOOKS_K8S_KUBECONFIG", str(config))
     started = time.monotonic()
-    out = db_pool_exhausted(params(pg_env))
-    assert out.action == "planned"
+    # A plan-only run; the guard matches nothing (the test opens no session to end).
+    out = db_pool_exhausted(params(pg_env, dry_run=True, guard=guard(pg_env, idle_minutes=60)))
+    assert out.outcome == "nothing to do"
     assert out.pool_sizing is not None and out.pool_sizing.unavailable
     md = latest_artifact(RUNBOOK)
     assert "## Pool sizing\n\nnot available" in md
@@ -135,9 +136,8 @@ def test_raise_within_the_cap_only_after_approval(
 ) -> None:
     backend.create(1, {"name": "DB_POOL_SIZE", "value": "2"})
     before = backend.env()
-    p = params(
-        pg_env, dry_run=False, require_approval=True, act_above_percent=100, raise_pool_size_to=3
-    )
+    # auto_approve (the helper's default) covers terminations, never a raise: it asks.
+    p = params(pg_env, dry_run=False, act_above_percent=100, raise_pool_size_to=3)
     ignore = frozenset(paused_runs(RUNBOOK))
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(db_pool_exhausted, p)
@@ -151,13 +151,13 @@ def test_raise_within_the_cap_only_after_approval(
     action = out.pool_size_action
     assert action is not None
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
-    assert "## Pool size approval" in md
+    assert "## Approval" in md
     if not approved:
-        assert action.action == "refused"
+        assert action.outcome == "refused"
         assert backend.env() == before
         assert backend.restarted_at() is None
         return
-    assert action.action == "set", action.note
+    assert action.outcome == "acted", action.note
     assert action.cap_after_approval is not None and action.cap_after_approval >= 3
     assert {"name": "DB_POOL_SIZE", "value": "3"} in backend.env()
     assert {"name": "MODE", "value": "prod"} in backend.env()  # the other entries untouched
@@ -173,7 +173,6 @@ def test_a_raise_to_the_value_already_set_asks_nobody(backend: Backend, pg_env: 
     p = params(
         pg_env,
         dry_run=False,
-        require_approval=True,
         approval_timeout_s=10,
         act_above_percent=100,
         raise_pool_size_to=3,
@@ -181,10 +180,10 @@ def test_a_raise_to_the_value_already_set_asks_nobody(backend: Backend, pg_env: 
     state = db_pool_exhausted(p, return_state=True)
     out = state.result()
     action = out.pool_size_action
-    assert action is not None and action.action == "none", action
+    assert action is not None and action.outcome == "nothing to do", action
     assert "nothing to do" in action.note
     (md,) = flow_run_artifacts(state.state_details.flow_run_id, RUNBOOK)
-    assert "## Pool size approval" not in md  # nobody was asked
+    assert "## Approval" not in md  # nobody was asked
     assert backend.read().metadata.generation == generation
     assert backend.restarted_at() is None
 
@@ -195,25 +194,29 @@ def test_above_the_cap_or_without_approval_changes_nothing(
     backend.create(1, {"name": "DB_POOL_SIZE", "value": "2"})
     generation = backend.read().metadata.generation
     above = db_pool_exhausted(
+        params(pg_env, dry_run=False, act_above_percent=100, raise_pool_size_to=10_000)
+    )
+    assert above.pool_size_action is not None
+    assert above.pool_size_action.outcome == "refused"
+    assert "above the cap" in above.pool_size_action.note
+    # auto_approve on (the helper's default): the raise is an `always` action, it still
+    # asks, and no answer is a refusal.
+    no_answer = db_pool_exhausted(
         params(
             pg_env,
             dry_run=False,
-            require_approval=True,
             act_above_percent=100,
-            raise_pool_size_to=10_000,
+            raise_pool_size_to=3,
+            approval_timeout_s=10,
         )
     )
-    assert above.pool_size_action is not None
-    assert above.pool_size_action.action == "refused"
-    assert "above the cap" in above.pool_size_action.note
-    no_gate = db_pool_exhausted(
-        params(pg_env, dry_run=False, act_above_percent=100, raise_pool_size_to=3)
-    )
-    assert no_gate.pool_size_action is not None
-    assert no_gate.pool_size_action.action == "refused"
-    assert "require_approval" in no_gate.pool_size_action.note
-    dry = db_pool_exhausted(params(pg_env, require_approval=True, raise_pool_size_to=3))
-    assert dry.pool_size_action is not None and dry.pool_size_action.action == "refused"
+    assert no_answer.outcome == "refused"
+    assert no_answer.pool_size_action is not None
+    assert no_answer.pool_size_action.outcome == "refused"
+    assert "not approved" in no_answer.pool_size_action.note
+    dry = db_pool_exhausted(params(pg_env, raise_pool_size_to=3))
+    assert dry.pool_size_action is not None and dry.pool_size_action.outcome == "planned"
+    assert "server dry run" in dry.pool_size_action.note
     assert backend.read().metadata.generation == generation
     assert {"name": "DB_POOL_SIZE", "value": "2"} in backend.env()
 
@@ -222,9 +225,7 @@ def test_entry_changed_while_waiting_for_approval_is_left_alone(
     backend: Backend, pg_env: PgWorld
 ) -> None:
     backend.create(1, {"name": "DB_POOL_SIZE", "value": "2"})
-    p = params(
-        pg_env, dry_run=False, require_approval=True, act_above_percent=100, raise_pool_size_to=3
-    )
+    p = params(pg_env, dry_run=False, act_above_percent=100, raise_pool_size_to=3)
     ignore = frozenset(paused_runs(RUNBOOK))
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(db_pool_exhausted, p)
@@ -237,7 +238,7 @@ def test_entry_changed_while_waiting_for_approval_is_left_alone(
         resume_flow_run(run_id, run_input={"approved": True, "approver": "dave"})
         out = fut.result(timeout=120)
     assert out.pool_size_action is not None
-    assert out.pool_size_action.action == "refused"
+    assert (out.outcome, out.pool_size_action.outcome) == ("skipped", "skipped")
     assert "changed while waiting for approval" in out.pool_size_action.note
     assert {"name": "DB_POOL_SIZE", "value": "4"} in backend.env()
     assert backend.read().metadata.generation == generation
@@ -249,15 +250,43 @@ def test_paused_backend_is_refused_before_approval(backend: Backend, pg_env: PgW
     backend.apps.patch_namespaced_deployment(BACKEND, backend.namespace, {"spec": {"paused": True}})
     generation = backend.read().metadata.generation
     out = db_pool_exhausted(
-        params(
-            pg_env,
-            dry_run=False,
-            require_approval=True,
-            act_above_percent=100,
-            raise_pool_size_to=3,
-        )
+        params(pg_env, dry_run=False, act_above_percent=100, raise_pool_size_to=3)
     )
     assert out.pool_size_action is not None
-    assert out.pool_size_action.action == "refused"
+    assert out.pool_size_action.outcome == "refused"
     assert "paused" in out.pool_size_action.note
     assert backend.read().metadata.generation == generation
+
+
+def test_terminations_and_a_raise_are_asked_once(
+    backend: Backend, pg_env: PgWorld, sessions: Sessions
+) -> None:
+    """Issue 19: terminations and a pool-size raise are one plan, so the
+    run pauses once for all of them (it used to pause a second time for the raise)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    from tests.fixtures.postgres import pid, wait_gone
+
+    backend.create(1, {"name": "DB_POOL_SIZE", "value": "2"})
+    victim = sessions.open(pg_env.app_role, "idle")
+    time.sleep(1.2)
+    p = params(pg_env, dry_run=False, auto_approve=False, raise_pool_size_to=3)
+    ignore = frozenset(paused_runs(RUNBOOK))
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(db_pool_exhausted, p, return_state=True)
+        run_id = wait_for_paused_run(RUNBOOK, ignore=ignore)
+        resume_flow_run(run_id, run_input={"approved": True, "approver": "erin"})
+        state = fut.result(timeout=120)
+    out = state.result()
+    assert out.outcome == "acted", out.note
+    assert out.result is not None and [s.pid for s in out.result.terminated] == [pid(victim)]
+    assert out.pool_size_action is not None and out.pool_size_action.outcome == "acted"
+    assert wait_gone([pid(victim)]) == set()
+    assert {"name": "DB_POOL_SIZE", "value": "3"} in backend.env()
+    assert backend.restarted_at() is not None
+    with get_client(sync_client=True) as client:
+        history = [s.type for s in client.read_flow_run_states(run_id)]
+    assert history.count(StateType.PAUSED) == 1, history
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert md.count("## Approval") == 1

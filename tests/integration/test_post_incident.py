@@ -167,7 +167,6 @@ def _build_incident(world: PgWorld, sessions: Sessions) -> Incident:
                 parameters={
                     "params": {
                         "dry_run": False,
-                        "require_approval": True,
                         "approval_timeout_s": 120,
                         "act_above_percent": 0,
                         "healthy_below_percent": 100,

@@ -134,6 +134,7 @@ def test_retry_after_a_lost_reply_keeps_the_original_undo_in_the_flow(
             "cooldown_minutes": 0,
             "idle_in_transaction_timeout_s": 90,
             "timeout_role": world.app_role,
+            "auto_approve": True,
         }
     )
     state = db_pool_exhausted(params, return_state=True)

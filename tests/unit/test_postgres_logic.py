@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
-from flows.db_pool_exhausted import DbPoolParams
+from flows.db_pool_exhausted import DbPoolParams, DbPoolRunbook, PoolFindings
+from flows.driver import needs_approval
 from flows.report_text import guard_summary
 from tasks.clients import classify_pg_error, pg_connect, pg_target
 from tasks.errors import PermanentError
-from tasks.postgres import TerminationGuard, redact_query
+from tasks.postgres import (
+    PoolUsage,
+    TerminationGuard,
+    TerminationPlan,
+    redact_query,
+)
 from tasks.settings import PostgresSettings
 
 
@@ -165,15 +172,7 @@ def _params(**kw: object) -> dict[str, object]:
         ({"timeout_role": "x';--"}, "not a valid PostgreSQL name"),
         ({"idle_in_transaction_timeout_s": 300}, "timeout_role is required"),
         (
-            {"idle_in_transaction_timeout_s": 300, "timeout_scope": "system"},
-            "needs approval",
-        ),
-        (
-            {
-                "idle_in_transaction_timeout_s": 59,
-                "timeout_scope": "system",
-                "require_approval": True,
-            },
+            {"idle_in_transaction_timeout_s": 59, "timeout_scope": "system"},
             "at least 60 s",
         ),
         (
@@ -181,7 +180,6 @@ def _params(**kw: object) -> dict[str, object]:
                 "idle_in_transaction_timeout_s": 300,
                 "timeout_scope": "system",
                 "timeout_role": "app",
-                "require_approval": True,
             },
             "timeout_role must be unset",
         ),
@@ -198,7 +196,7 @@ def test_blast_radius_floors(bad: dict[str, object], message: str) -> None:
         {"guard": {"idle_minutes": 1}},
         {"guard": {"max_sessions": 100}},
         {"idle_in_transaction_timeout_s": 5, "timeout_role": "app"},
-        {"idle_in_transaction_timeout_s": 60, "timeout_scope": "system", "require_approval": True},
+        {"idle_in_transaction_timeout_s": 60, "timeout_scope": "system"},
     ],
 )
 def test_values_on_the_floor_are_accepted(good: dict[str, object]) -> None:
@@ -221,3 +219,47 @@ def test_defaults_stay_inside_a_stricter_floor_and_cap(monkeypatch: pytest.Monke
     monkeypatch.setenv("RUNBOOKS_PG_MIN_IDLE_MINUTES", "30")
     guard = DbPoolParams().guard
     assert (guard.max_sessions, guard.idle_minutes) == (20, 30.0)
+
+
+def _findings() -> PoolFindings:
+    usage = PoolUsage.model_validate(
+        {
+            "taken_at": datetime.now(UTC),
+            "target": "db:5432/x",
+            "max_connections": 100,
+            "reserved": 0,
+            "superuser_reserved": 3,
+            "client_connections": 90,
+            "percent_used": 90.0,
+            "free_for_applications": 7,
+            "by_state": [],
+            "by_database": [],
+            "by_user": [],
+        }
+    )
+    plan = TerminationPlan(
+        target="db:5432/x",
+        guard=TerminationGuard(),
+        planned_at=datetime.now(UTC),
+        sessions=[],
+        more_than_cap=False,
+    )
+    return PoolFindings(usage=usage, sessions=plan)
+
+
+@pytest.mark.parametrize(
+    ("scope", "asks_with_auto_approve"),
+    [({"timeout_role": "app"}, False), ({"timeout_scope": "system"}, True)],
+)
+def test_a_system_wide_timeout_always_asks_a_human(
+    scope: dict[str, object], asks_with_auto_approve: bool
+) -> None:
+    """Without `require_approval` any more, the system-wide change is an `always` action:
+    `auto_approve` covers a per-role timeout, never ALTER SYSTEM."""
+    params = DbPoolParams.model_validate(
+        _params(idle_in_transaction_timeout_s=60, auto_approve=True, **scope)
+    )
+    (action,) = DbPoolRunbook().plan(params, _findings())
+    assert action.kind == "set-idle-in-transaction-timeout"
+    assert needs_approval([action], auto_approve=True) is asks_with_auto_approve
+    assert needs_approval([action], auto_approve=False) is True

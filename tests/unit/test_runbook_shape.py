@@ -27,6 +27,8 @@ def _calls(source: str, name: str) -> bool:
 
 def _publishes_on_exit(source: str) -> bool:
     for node in ast.walk(ast.parse(textwrap.dedent(source))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "drive":
+            return True
         if isinstance(node, ast.With):
             for item in node.items:
                 call = item.context_expr
