@@ -43,6 +43,7 @@ from flows.spec import (
     RequestParams,
     RunbookParams,
     RunbookSpec,
+    Severity,
 )
 from tasks.errors import RunbookError, SafetyViolation
 from tasks.locks import target_lock
@@ -101,6 +102,8 @@ class Runbook(Generic[P, F]):
     """One runbook: its spec and the steps only it knows. The driver (`drive`) runs them."""
 
     spec: ClassVar[RunbookSpec[Any]]
+    #: The exception a run that is not fixed fails with (a runbook may name its own).
+    not_fixed_error: ClassVar[type[NotFixed]] = NotFixed
 
     def title(self, params: P) -> str:
         """The artifact's title."""
@@ -166,6 +169,10 @@ class Runbook(Generic[P, F]):
         """The page's summary when verification fails."""
         return f"{self.spec.name}: not fixed: {verification.summary}"
 
+    def escalation_severity(self, params: P, verification: Verification) -> Severity | None:
+        """The severity a failed verification pages with; None = fail without paging."""
+        return self.spec.severity
+
 
 # ------------------------------------------------------------------------------ report text
 
@@ -220,7 +227,7 @@ def drive(runbook: Runbook[P, F], params: P) -> RunResult[F]:
             _escalate(runbook, params, result.verification, report)
             result.outcome = "failed"
             _outcome(report, result.outcome, result.note)
-            raise NotFixed(runbook.not_fixed_message(params, result.verification))
+            raise runbook.not_fixed_error(runbook.not_fixed_message(params, result.verification))
         return result
 
 
@@ -372,15 +379,14 @@ def _escalate(
     runbook: Runbook[P, F], params: P, verification: Verification, report: Report
 ) -> None:
     spec = runbook.spec
-    if spec.severity is None:
+    severity = runbook.escalation_severity(params, verification)
+    if severity is None:
         return
-    paged = escalate_incident(
-        spec.severity, spec.topic, runbook.not_fixed_message(params, verification)
-    )
+    paged = escalate_incident(severity, spec.topic, runbook.not_fixed_message(params, verification))
     sent = sorted({d.contact for d in paged.deliveries if d.status == "sent"}) if paged else []
     report.add(
         "Escalation",
-        f"**{spec.severity}** (topic {md_escape(spec.topic)}): "
+        f"**{severity}** (topic {md_escape(spec.topic)}): "
         + (f"notified {md_escape(', '.join(sent))}" if sent else "nobody reached")
         + " (see the escalate subflow's artifact).",
     )
