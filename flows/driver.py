@@ -223,11 +223,13 @@ def drive(runbook: Runbook[P, F], params: P) -> RunResult[F]:
     with publish_on_exit(report, summary):
         result = _sequence(runbook, params, report)
         done.append(result)
-        if result.verification is not None and not result.verification.healthy:
-            _escalate(runbook, params, result.verification, report)
-            result.outcome = "failed"
+        verification = result.verification
+        if verification is not None and not verification.healthy:
+            _escalate(runbook, params, verification, report)
+            message = runbook.not_fixed_message(params, verification)
+            result.outcome, result.note = "failed", message
             _outcome(report, result.outcome, result.note)
-            raise runbook.not_fixed_error(runbook.not_fixed_message(params, result.verification))
+            raise runbook.not_fixed_error(message)
         return result
 
 
@@ -244,7 +246,8 @@ def _sequence(runbook: Runbook[P, F], params: P, report: Report) -> RunResult[F]
     report.add("Plan", plan_md(plan) if plan else "_Nothing to do._")
 
     def finish(outcome: Outcome, note: str, **kw: Any) -> RunResult[F]:
-        _outcome(report, outcome, note)
+        if not _failing(kw.get("verification")):  # else `drive` writes the one outcome: failed
+            _outcome(report, outcome, note)
         return RunResult(outcome, note, findings, plan, **kw)
 
     if not doable:
@@ -288,7 +291,8 @@ def _under_lock(
         report.add(heading, plan_md(replan) if replan else "_Nothing to do now._")
 
         def finish(outcome: Outcome, note: str, **kw: Any) -> RunResult[F]:
-            _outcome(report, outcome, note)
+            if not _failing(kw.get("verification")):
+                _outcome(report, outcome, note)
             return RunResult(outcome, note, findings, plan, fresh=fresh, approval=decision, **kw)
 
         stop = runbook.refuse(params, fresh)
@@ -390,6 +394,11 @@ def _escalate(
         + (f"notified {md_escape(', '.join(sent))}" if sent else "nobody reached")
         + " (see the escalate subflow's artifact).",
     )
+
+
+def _failing(verification: Verification | None) -> bool:
+    """Verified and not healthy: the run escalates and fails."""
+    return verification is not None and not verification.healthy
 
 
 def _outcome(report: Report, outcome: Outcome, note: str) -> None:
