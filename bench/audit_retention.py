@@ -206,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 real = audit_retention(
                     RetentionParams(
-                        dry_run=False, max_runs=1_000_000, export_dir=str(Path(tmp) / "export")
+                        dry_run=False,
+                        auto_approve=True,
+                        max_runs=1_000_000,
+                        export_dir=str(Path(tmp) / "export"),
                     )
                 )
                 real_s = time.perf_counter() - t

@@ -31,6 +31,15 @@ Never touched (an open incident, see docs/post-incident.md):
 4. a subflow whose parent run is still there and not deleted in the same batch (it goes
    with or after its parent).
 
+On the driver (`flows/driver.py`): the check reads the open incidents and walks the
+candidates without writing anything (what would go, what is kept and why); the plan is one
+action, `delete-old-runs`, when any run can go; a dry run ends `planned`. The delete asks for
+an approval in the run's own pause (Prefect UI) unless `auto_approve` is set: a scheduled run
+deletes unattended only when the deployment's parameters say both `dry_run: false` and
+`auto_approve: true` (without it, it waits `approval_timeout_s` and deletes nothing). Once
+approved it counts again, then exports and deletes (outcome `acted`); nothing deletable is
+`nothing to do`.
+
 Safety limits: dry run by default (counts only, nothing written or deleted); `older_than_days`
 at least 1; at most `max_runs` deleted per run; a batch (up to 200 runs, the API's page
 limit) is deleted only once its lines are on disk (fsync; the export file's name too: its
@@ -68,8 +77,10 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, FlowRunInput, StateType
 from pydantic import BaseModel, Field, model_validator
 
-from flows.common import Report, md_code, publish_on_exit, table, tag_run
-from flows.spec import RunbookSpec, runbook_flow
+from flows.common import Report, md_code, table
+from flows.driver import Held, Runbook, drive
+from flows.spec import Action, ActionRecord, Outcome, RunbookParams, RunbookSpec, runbook_flow
+from tasks.errors import PermanentError
 from tasks.retry import RETRY_READ
 from tasks.run_history import (
     PAGE,
@@ -97,10 +108,9 @@ NOT_FINAL = [
 BULK_LIMIT = 50
 
 
-class RetentionParams(BaseModel):
+class RetentionParams(RunbookParams):
     """Parameters of the audit-retention flow (the form in the UI's Run dialog)."""
 
-    dry_run: bool = Field(True, description="Only count: export nothing, delete nothing.")
     older_than_days: float = Field(
         90, ge=1, le=36_500, description="Final runs due to start more than this many days ago."
     )
@@ -131,6 +141,7 @@ class RetentionParams(BaseModel):
 class RetentionOutcome(BaseModel):
     """What the run found and did."""
 
+    outcome: Outcome = "nothing to do"
     dry_run: bool
     cutoff: datetime
     candidates: int = Field(description="Final runs due before the cutoff, seen.")
@@ -404,40 +415,76 @@ def export_and_delete(
     return outcome
 
 
-SPEC: RunbookSpec[Any] = RunbookSpec(
+SPEC: RunbookSpec[RetentionParams] = RunbookSpec(
     name=RUNBOOK,
     title="Audit retention",
     severity=None,
 )
 
 
-@runbook_flow(SPEC)
-def audit_retention(params: RetentionParams = RetentionParams()) -> RetentionOutcome:  # noqa: B008
-    """Export, then delete, flow runs older than N days that no open incident needs."""
-    report = Report(RUNBOOK, f"Audit retention: runs older than {params.older_than_days:g} days")
-    done: list[RetentionOutcome] = []
+class Found(BaseModel):
+    """The check: the cutoff, the open incidents, and the old runs counted against them."""
 
-    def summary() -> str:
-        if not done:
-            return f"{RUNBOOK}: stopped"
-        o = done[0]
-        verb = "would delete" if o.dry_run else "deleted"
-        return f"{RUNBOOK}: {verb} {o.exported if o.dry_run else o.deleted} run(s)"
+    cutoff: datetime
+    protection: Protection
+    counted: RetentionOutcome = Field(description="A dry pass: candidates, deletable, kept.")
 
-    with publish_on_exit(report, summary):
-        source = tag_run(RUNBOOK)
-        cutoff = datetime.now(UTC) - timedelta(days=params.older_than_days)
-        report.add(
-            "Request",
-            f"Source: {source}; dry run: **{params.dry_run}**; cutoff {cutoff.isoformat()}"
-            f" (due to start before); at most {params.max_runs} run(s).",
+
+class RetentionRecord(ActionRecord):
+    """What the export and delete did, in full."""
+
+    done: RetentionOutcome
+
+
+class DeleteOldRuns(Action):
+    """Export the deletable old runs batch by batch, each batch synced, then delete them."""
+
+    params: RetentionParams
+    cutoff: datetime
+    protection: Protection
+    file_name: str
+
+    def _folder(self) -> Path:
+        return Path(self.params.export_dir).expanduser()
+
+    def try_dry_run(self) -> str:
+        folder = self._folder()
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermanentError(f"export folder {folder}: {existing} is not writable")
+        return "export folder writable" if existing == folder else "export folder can be created"
+
+    def undo(self) -> str:
+        return (
+            f"Each batch is written to {md_code(self._folder() / self.file_name)} (mode 0600)"
+            " and synced before it is deleted: every deleted run, its task runs, artifacts"
+            " and pause answers, as the API returned them."
         )
-        path: Path | None = None
-        if not params.dry_run:
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            name = f"flow-runs-before-{cutoff:%Y%m%d}-{stamp}.jsonl"
-            # Writable before the first read, so a bad folder stops the run with nothing done.
-            path = create_export_file(Path(params.export_dir).expanduser(), name)
+
+    def apply(self) -> ActionRecord:
+        path = create_export_file(self._folder(), self.file_name)
+        done = export_and_delete(self.params, self.cutoff, self.protection, path)
+        return RetentionRecord(
+            kind=self.kind,
+            target=self.target,
+            before=f"{done.candidates} candidate(s)",
+            after=f"{done.deleted} deleted",
+            message=f"exported {done.exported} run(s) to {path}, deleted {done.deleted} run(s)"
+            f" and {done.artifacts_deleted} artifact(s) in {done.elapsed_s:.1f} s",
+            done=done,
+        )
+
+
+class AuditRetention(Runbook[RetentionParams, Found]):
+    """Count the old runs no open incident needs; export, then delete them once approved."""
+
+    spec = SPEC
+
+    def title(self, params: RetentionParams) -> str:
+        return f"Audit retention: runs older than {params.older_than_days:g} days"
+
+    def check(self, params: RetentionParams, report: Report) -> Found:
+        cutoff = datetime.now(UTC) - timedelta(days=params.older_than_days)
         protection = read_protection()
         report.add(
             "Open incidents",
@@ -445,19 +492,63 @@ def audit_retention(params: RetentionParams = RetentionParams()) -> RetentionOut
             f"{len(protection.recorded)} with a post-incident record.\n\n"
             + table(["open incident key"], [[k] for k in sorted(protection.open_keys)[:50]]),
         )
-        outcome = export_and_delete(params, cutoff, protection, path)
-        done.append(outcome)
-        kept = table(["kept because", "runs"], sorted(outcome.kept.items()))
-        if outcome.dry_run:
-            body = (
-                f"Dry run: **{outcome.exported}** run(s) would be exported and deleted; "
-                "nothing written, nothing deleted."
+        # The same pass as the delete's, writing and deleting nothing.
+        count = export_and_delete.with_options(task_run_name="count-old-runs")
+        counted = count(params.model_copy(update={"dry_run": True}), cutoff, protection, None)
+        report.add(
+            "Old runs",
+            f"Cutoff {cutoff.isoformat()} (due to start before); at most {params.max_runs}"
+            f" run(s). {counted.candidates} candidate(s) seen: **{counted.exported}** can be"
+            " exported and deleted."
+            + (" Dry run: nothing written, nothing deleted." if params.dry_run else "")
+            + "\n\n"
+            + table(["kept because", "runs"], sorted(counted.kept.items())),
+        )
+        return Found(cutoff=cutoff, protection=protection, counted=counted)
+
+    def plan(self, params: RetentionParams, findings: Found) -> list[Action]:
+        n = findings.counted.exported
+        if not n:
+            return []
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        return [
+            DeleteOldRuns(
+                kind="delete-old-runs",
+                target=f"final runs older than {params.older_than_days:g} days",
+                summary=f"export then delete {n} run(s) due before"
+                f" {findings.cutoff:%Y-%m-%d %H:%M} UTC into {params.export_dir}",
+                approval="unless-auto",
+                params=params,
+                cutoff=findings.cutoff,
+                protection=findings.protection,
+                file_name=f"flow-runs-before-{findings.cutoff:%Y%m%d}-{stamp}.jsonl",
             )
-        else:
-            body = (
-                f"Exported **{outcome.exported}** run(s) to {md_code(path)}, deleted "
-                f"**{outcome.deleted}** run(s) and {outcome.artifacts_deleted} artifact(s) "
-                f"in {outcome.elapsed_s:.1f} s."
-            )
-        report.add("Outcome", body + f"\n\n{outcome.candidates} candidate(s) seen.\n\n" + kept)
-        return outcome
+        ]
+
+    def act(
+        self, params: RetentionParams, actions: list[Action], report: Report, held: Held
+    ) -> list[ActionRecord]:
+        records = super().act(params, actions, report, held)
+        for record in records:
+            if isinstance(record, RetentionRecord):
+                kept = sorted(record.done.kept.items())
+                report.add("Kept", table(["kept because", "runs"], kept))
+        return records
+
+
+@runbook_flow(SPEC)
+def audit_retention(params: RetentionParams = RetentionParams()) -> RetentionOutcome:  # noqa: B008
+    """Export, then delete, flow runs older than N days that no open incident needs."""
+    result = drive(AuditRetention(), params)
+    for record in result.records:
+        if isinstance(record, RetentionRecord):
+            return record.done.model_copy(update={"outcome": result.outcome})
+    counted = (result.fresh or result.findings).counted
+    # Nothing deleted: a dry run says what would go; any other run exported nothing.
+    return counted.model_copy(
+        update={
+            "outcome": result.outcome,
+            "dry_run": params.dry_run,
+            "exported": counted.exported if params.dry_run else 0,
+        }
+    )

@@ -10,6 +10,13 @@ sending any request) and Kubernetes TLS Secrets (`tls.crt` only), and asks the O
 responders and CRL distribution points the served certificates name (each switchable off:
 `RUNBOOKS_TLS_OCSP`, `_CRL`, `_OCSP_STAPLING`).
 
+On the driver (`flows/driver.py`): the scan is the check (one evidence row per kind of
+source), the plan is always empty, and the verification is the verdict. A certificate past
+a threshold, or a source that could not be checked, fails the run
+(`CertificatesNeedAttention`, outcome `failed`) after paging at the worst level found:
+critical (< 1 day, expired, revoked, wrong host) or high (<= 7 days); medium and low fail
+without a page from inside the run. Otherwise the outcome is `nothing to do`.
+
 Safety limits: read-only; one failing source never hides the others (each failure is a
 row of the report). The report artifact is published on every exit path, including an
 exception in any step.
@@ -30,10 +37,20 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 from pydantic import BaseModel, Field
 
-from flows.common import Report, md_code, md_escape, publish_on_exit, table, tag_run
-from flows.escalate import escalate_incident
+from flows.common import Report, md_code, md_escape, table
+from flows.driver import NotFixed, Runbook, Verification, checks_md, drive
 from flows.report_text import short_days
-from flows.spec import RunbookSpec, runbook_flow
+from flows.spec import (
+    Action,
+    ActionRecord,
+    Check,
+    Outcome,
+    RequestParams,
+    RunbookSpec,
+    Verdict,
+    runbook_flow,
+)
+from flows.spec import Severity as PageSeverity
 from tasks.errors import RunbookError, TransientError
 from tasks.settings import TlsSettings
 from tasks.tls import (
@@ -68,7 +85,7 @@ def _tls() -> TlsSettings:
     return TlsSettings()
 
 
-class CertExpiryParams(BaseModel):
+class CertExpiryParams(RequestParams):
     """What to scan and when to alert; defaults come from `RUNBOOKS_TLS_*`."""
 
     files: list[str] = Field(
@@ -107,6 +124,9 @@ class ScanError(BaseModel):
 class CertExpiryResult(BaseModel):
     """The outcome of one `cert-expiry` run."""
 
+    outcome: Outcome = Field(
+        "nothing to do", description="A read-only check: nothing to do, or failed (raised)."
+    )
     findings: list[Finding] = Field(description="Every certificate seen, by days left.")
     errors: list[ScanError]
     worst: Severity
@@ -117,7 +137,7 @@ class CertExpiryResult(BaseModel):
         return [f for f in self.findings if f.severity is not Severity.OK]
 
 
-class CertificatesNeedAttention(Exception):
+class CertificatesNeedAttention(NotFixed):
     """The check found certificates past a threshold, or sources it could not check."""
 
 
@@ -237,7 +257,7 @@ def emergency_checklist(
 _RUNNER: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=TlsSettings().max_workers)
 
 
-SPEC: RunbookSpec[Any] = RunbookSpec(
+SPEC: RunbookSpec[CertExpiryParams] = RunbookSpec(
     name=RUNBOOK,
     title="TLS certificate expiry",
     severity="high",
@@ -245,22 +265,60 @@ SPEC: RunbookSpec[Any] = RunbookSpec(
     dry_run_field=None,
 )
 
+#: How loud a failed check pages: < 1 day (or expired, wrong host) critical, <= 7 days high;
+#: medium and low fail the run without paging from inside it.
+_PAGED: dict[Severity, PageSeverity] = {Severity.CRITICAL: "critical", Severity.HIGH: "high"}
+
+
+class CertVerification(Verification):
+    """The verdict, with the worst severity seen (it sets how loud the page is)."""
+
+    worst: Severity
+
+
+class CertExpiry(Runbook[CertExpiryParams, CertExpiryResult]):
+    """Read-only: the scan is the check, the plan is always empty, the verdict is the verify."""
+
+    spec = SPEC
+    not_fixed = CertificatesNeedAttention
+
+    def title(self, params: CertExpiryParams) -> str:
+        return "Certificate expiry check"
+
+    def check(self, params: CertExpiryParams, report: Report) -> CertExpiryResult:
+        scans, errors, sources = _scan(params)
+        return _report(params, scans, errors, sources, report)
+
+    def plan(self, params: CertExpiryParams, findings: CertExpiryResult) -> list[Action]:
+        # Nothing to change here: the emergency checklist (and `cert-replace`) is for humans.
+        return []
+
+    def verify(
+        self,
+        params: CertExpiryParams,
+        findings: CertExpiryResult,
+        records: list[ActionRecord],
+        report: Report,
+    ) -> CertVerification:
+        return _verdict(findings)
+
+    def not_fixed_message(self, params: CertExpiryParams, verification: Verification) -> str:
+        return verification.summary
+
+    def escalation_severity(
+        self, params: CertExpiryParams, verification: Verification
+    ) -> PageSeverity | None:
+        # One page per run, at the worst level found.
+        if isinstance(verification, CertVerification):
+            return _PAGED.get(verification.worst)
+        return self.spec.severity
+
 
 @runbook_flow(SPEC, task_runner=_RUNNER)
 def cert_expiry(params: CertExpiryParams = CertExpiryParams()) -> CertExpiryResult:  # noqa: B008
     """Check certificates in files, on live endpoints and in Kubernetes TLS Secrets."""
-    tag_run(RUNBOOK)
-    report = Report(RUNBOOK, "Certificate expiry check")
-    summary = "stopped before the scan finished"
-    # Every exit path leaves its record, whatever step raised.
-    with publish_on_exit(report, lambda: summary):
-        scans, errors, sources = _scan(params)
-        result, summary = _report(params, scans, errors, sources, report)
-    # < 1 day (or expired, wrong host) is critical, <= 7 days high: one page, the worst level.
-    if result.worst in (Severity.CRITICAL, Severity.HIGH):
-        escalate_incident(result.worst.value, "security", summary)
-    _verdict(result, summary)
-    return result
+    result = drive(CertExpiry(), params)
+    return result.findings.model_copy(update={"outcome": result.outcome})
 
 
 def _scan(params: CertExpiryParams) -> tuple[list[SourceScan], list[ScanError], int]:
@@ -327,7 +385,7 @@ def _report(
     errors: list[ScanError],
     sources: int,
     report: Report,
-) -> tuple[CertExpiryResult, str]:
+) -> CertExpiryResult:
     """Grade every certificate, publish the table and the checklist, fill in the report."""
     infos = {(c.source, c.position): c for s in scans for c in s.certificates}
     findings = sorted(
@@ -341,12 +399,8 @@ def _report(
         sources_scanned=sources,
     )
     alerts = result.alerts
-    summary = (
-        f"{sources} source(s), {len(findings)} certificate(s): "
-        f"{len(alerts)} past a threshold (worst: {result.worst.value}), "
-        f"{len(errors)} source(s) not checked."
-    )
-    report.add("Summary", summary)
+    report.add("Summary", summary_line(result))
+    report.add("Evidence", checks_md(source_checks(params, scans, result)))
     report.add(
         "Certificates (soonest expiry first)",
         table(
@@ -396,7 +450,49 @@ def _report(
             markdown="# Certificate emergency\n\n" + checklist,
             description="Guided steps for critical certificates (expired, < 24 h, wrong host)",
         )
-    return result, summary
+    return result
+
+
+def summary_line(result: CertExpiryResult) -> str:
+    """Sources, certificates, how many past a threshold and how many not checked."""
+    return (
+        f"{result.sources_scanned} source(s), {len(result.findings)} certificate(s): "
+        f"{len(result.alerts)} past a threshold (worst: {result.worst.value}), "
+        f"{len(result.errors)} source(s) not checked."
+    )
+
+
+def source_checks(
+    params: CertExpiryParams, scans: list[SourceScan], result: CertExpiryResult
+) -> list[Check]:
+    """One evidence row per kind of source: certificates past a threshold fail it, a
+    source that could not be read makes it unavailable, none configured says so."""
+    configured = {"file": params.files, "endpoint": params.endpoints, "secret": params.secrets}
+    names = {"file": "files", "endpoint": "endpoints", "secret": "Kubernetes TLS Secrets"}
+    warn = params.thresholds.warn_days
+    threshold = "every certificate ok" + (f" (warns from {max(warn)} days)" if warn else "")
+    rows = []
+    for kind, name in names.items():
+        sources = sum(s.kind == kind for s in scans) + sum(e.kind == kind for e in result.errors)
+        certs = sum(f.kind == kind for f in result.findings)
+        alerts = sum(f.kind == kind for f in result.alerts)
+        errors = sum(e.kind == kind for e in result.errors)
+        if alerts:
+            verdict = Verdict.FAIL
+        elif errors:
+            verdict = Verdict.UNAVAILABLE
+        else:
+            verdict = Verdict.PASS if configured[kind] else Verdict.NOT_CONFIGURED
+        rows.append(
+            Check(
+                item=name,
+                threshold=threshold,
+                observed=f"{sources} source(s), {certs} certificate(s), {alerts} past a threshold",
+                verdict=verdict,
+                detail=f"{errors} source(s) not checked" if errors else "",
+            )
+        )
+    return rows
 
 
 def _yes_no(value: bool | None) -> str:
@@ -427,8 +523,8 @@ def _chains(endpoints: list[SourceScan]) -> str:
     )
 
 
-def _verdict(result: CertExpiryResult, summary: str) -> None:
-    """Log what needs attention; fail the run when anything does."""
+def _verdict(result: CertExpiryResult) -> CertVerification:
+    """Log what needs attention; healthy only when nothing does."""
     logger = get_run_logger()
     for e in result.errors:
         logger.warning("not checked: %s (%s)", e.source, e.message)
@@ -437,12 +533,15 @@ def _verdict(result: CertExpiryResult, summary: str) -> None:
         logger.warning(
             "%s %s #%d: %s", f.severity.value, f.source, f.position, "; ".join(f.reasons)
         )
-    if alerts or result.errors:
-        loudest = sorted(alerts, key=lambda f: (-f.severity.rank, f.days_left))[:3]
-        top = "; ".join(f"{f.source}: {f.reasons[0]}" for f in loudest)
-        raise CertificatesNeedAttention(
-            f"{len(alerts)} certificate(s) past a threshold (worst {result.worst.value})"
-            + (f": {top}" if top else "")
-            + (f"; {len(result.errors)} source(s) could not be checked" if result.errors else "")
-        )
-    logger.info(summary)
+    if not alerts and not result.errors:
+        logger.info(summary_line(result))
+        return CertVerification(healthy=True, summary=summary_line(result), worst=result.worst)
+    loudest = sorted(alerts, key=lambda f: (-f.severity.rank, f.days_left))[:3]
+    top = "; ".join(f"{f.source}: {f.reasons[0]}" for f in loudest)
+    return CertVerification(
+        healthy=False,
+        summary=f"{len(alerts)} certificate(s) past a threshold (worst {result.worst.value})"
+        + (f": {top}" if top else "")
+        + (f"; {len(result.errors)} source(s) could not be checked" if result.errors else ""),
+        worst=result.worst,
+    )

@@ -345,6 +345,7 @@ class DbPoolRunbook(Runbook[DbPoolParams, PoolFindings]):
     """Check the pool, plan guarded terminations (and the timeout, the raise), verify usage."""
 
     spec = SPEC
+    not_fixed = PoolStillExhausted
 
     def __init__(self) -> None:
         #: The first findings: the plan the approval (or the route) agreed to.
@@ -589,12 +590,8 @@ def _why_dropped(old: Action, now: PoolFindings) -> str:
 @runbook_flow(SPEC)
 def db_pool_exhausted(params: DbPoolParams = DbPoolParams()) -> DbPoolOutcome:  # noqa: B008
     """Check the PostgreSQL pool, plan guarded terminations, act when allowed, verify."""
-    try:
-        # The driver publishes the report on every path and escalates when not fixed.
-        result = drive(DbPoolRunbook(), params)
-    except NotFixed as exc:
-        raise PoolStillExhausted(str(exc)) from None
-    return _outcome(params, result)
+    # The driver publishes the report on every path, escalates and fails when not fixed.
+    return _outcome(params, drive(DbPoolRunbook(), params))
 
 
 def _outcome(params: DbPoolParams, result: RunResult[PoolFindings]) -> DbPoolOutcome:

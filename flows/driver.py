@@ -43,6 +43,7 @@ from flows.spec import (
     RequestParams,
     RunbookParams,
     RunbookSpec,
+    Severity,
 )
 from tasks.errors import RunbookError, SafetyViolation
 from tasks.locks import target_lock
@@ -175,6 +176,10 @@ class Runbook(Generic[P, F]):
         """An exception stopped the run: what it may have left behind (None: say nothing)."""
         return None
 
+    def escalation_severity(self, params: P, verification: Verification) -> Severity | None:
+        """The severity a failed verification pages with; None = fail without paging."""
+        return self.spec.severity
+
 
 # ------------------------------------------------------------------------------ report text
 
@@ -232,11 +237,13 @@ def drive(runbook: Runbook[P, F], params: P) -> RunResult[F]:
             raise
         runbook.concluded(params, result, report)
         done.append(result)
-        if result.verification is not None and not result.verification.healthy:
-            _escalate(runbook, params, result.verification, report)
-            result.outcome = "failed"
+        verification = result.verification
+        if verification is not None and not verification.healthy:
+            _escalate(runbook, params, verification, report)
+            message = runbook.not_fixed_message(params, verification)
+            result.outcome, result.note = "failed", message
             _outcome(report, result.outcome, result.note)
-            raise runbook.not_fixed(runbook.not_fixed_message(params, result.verification))
+            raise runbook.not_fixed(message)
         return result
 
 
@@ -260,7 +267,8 @@ def _sequence(runbook: Runbook[P, F], params: P, report: Report) -> RunResult[F]
     report.add("Plan", plan_md(plan) if plan else "_Nothing to do._")
 
     def finish(outcome: Outcome, note: str, **kw: Any) -> RunResult[F]:
-        _outcome(report, outcome, note)
+        if not _failing(kw.get("verification")):  # else `drive` writes the one outcome: failed
+            _outcome(report, outcome, note)
         return RunResult(outcome, note, findings, plan, **kw)
 
     if not doable:
@@ -302,7 +310,8 @@ def _under_lock(
         replan = runbook.plan(params, fresh)
 
         def finish(outcome: Outcome, note: str, **kw: Any) -> RunResult[F]:
-            _outcome(report, outcome, note)
+            if not _failing(kw.get("verification")):
+                _outcome(report, outcome, note)
             return RunResult(outcome, note, findings, plan, fresh=fresh, approval=decision, **kw)
 
         stop = runbook.refuse(params, fresh)
@@ -401,18 +410,22 @@ def _escalate(
     runbook: Runbook[P, F], params: P, verification: Verification, report: Report
 ) -> None:
     spec = runbook.spec
-    if spec.severity is None:
+    severity = runbook.escalation_severity(params, verification)
+    if severity is None:
         return
-    paged = escalate_incident(
-        spec.severity, spec.topic, runbook.not_fixed_message(params, verification)
-    )
+    paged = escalate_incident(severity, spec.topic, runbook.not_fixed_message(params, verification))
     sent = sorted({d.contact for d in paged.deliveries if d.status == "sent"}) if paged else []
     report.add(
         "Escalation",
-        f"**{spec.severity}** (topic {md_escape(spec.topic)}): "
+        f"**{severity}** (topic {md_escape(spec.topic)}): "
         + (f"notified {md_escape(', '.join(sent))}" if sent else "nobody reached")
         + " (see the escalate subflow's artifact).",
     )
+
+
+def _failing(verification: Verification | None) -> bool:
+    """Verified and not healthy: the run escalates and fails."""
+    return verification is not None and not verification.healthy
 
 
 def _outcome(report: Report, outcome: Outcome, note: str) -> None:

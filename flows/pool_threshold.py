@@ -9,12 +9,23 @@ threshold, it starts the `db-pool-exhausted` deployment (dry-run unless told oth
 acting, it asks for approval unless `remediation.auto_approve`), whose own guards apply,
 tagged with this run's own source (and, for an alert, its alert).
 
+On the driver (`flows/driver.py`): the check is usage against the threshold; the plan is
+one action, `start-run` (approval `never`: the run it starts plans, or asks for its own
+approval, by itself), when usage is over the threshold and `start_remediation` is on; before
+starting it the run measures again (nothing over the threshold any more: `skipped`) and, when
+an alert started it, checks the alert still fires. The verification is the same verdict:
+over the threshold the run fails (`PoolThresholdExceeded`, outcome `failed`), whether or not
+it started a remediation; it pages nobody from inside the run (the failed-run automation
+escalates, high/database). Under the threshold: `nothing to do`.
+
 Safety limits: read-only; the started run is a separate, audited deployment run.
 Undo: nothing to undo.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import get_run_logger
@@ -23,11 +34,23 @@ from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
 
-from flows.common import Report, publish_on_exit, table, tag_run
+from flows.common import Report, run_source, table
 from flows.db_pool_exhausted import RUNBOOK as REMEDIATION
 from flows.db_pool_exhausted import DbPoolParams
 from flows.db_pool_exhausted import target_of as remediation_target
-from flows.spec import LockTarget, RunbookSpec, runbook_flow
+from flows.driver import Held, NotFixed, Runbook, Verification, checks_md, drive
+from flows.spec import (
+    Action,
+    ActionRecord,
+    Check,
+    LockTarget,
+    Outcome,
+    RequestParams,
+    RunbookSpec,
+    Severity,
+    Verdict,
+    runbook_flow,
+)
 from tasks.postgres import PoolUsage, measure_pool_usage
 from tasks.run_tags import is_alert_identity, runbook_tag, source_tag
 
@@ -35,7 +58,7 @@ RUNBOOK = "pool-threshold"
 REMEDIATION_DEPLOYMENT = f"{REMEDIATION}/{REMEDIATION}"
 
 
-class PoolThresholdParams(BaseModel):
+class PoolThresholdParams(RequestParams):
     """Parameters of the scheduled pool-usage check."""
 
     threshold_percent: float = Field(
@@ -66,20 +89,28 @@ def remediation_tags(source: str) -> list[str]:
     return [source_tag(source), runbook_tag(REMEDIATION), *alert]
 
 
-class PoolThresholdExceeded(Exception):
+class PoolThresholdExceeded(NotFixed):
     """The check failed: connection usage is at or above the threshold."""
 
 
 class PoolCheck(BaseModel):
     """The check's measurement and whether it passed."""
 
+    outcome: Outcome = Field(description="nothing to do, acted (a remediation started), ...")
     usage: PoolUsage
     threshold_percent: float
     passed: bool
     remediation_run: str | None = Field(description="Id of the started db-pool-exhausted run.")
 
 
-SPEC: RunbookSpec[Any] = RunbookSpec(
+class Measured(BaseModel):
+    """One measurement against the threshold."""
+
+    usage: PoolUsage
+    passed: bool
+
+
+SPEC: RunbookSpec[PoolThresholdParams] = RunbookSpec(
     name=RUNBOOK,
     title="PostgreSQL pool threshold",
     severity="high",
@@ -89,48 +120,118 @@ SPEC: RunbookSpec[Any] = RunbookSpec(
 )
 
 
-@runbook_flow(SPEC, log_prints=None)
-def pool_threshold(params: PoolThresholdParams = PoolThresholdParams()) -> PoolCheck:  # noqa: B008
-    """Fail (with an artifact) when connection usage reaches the threshold."""
-    logger = get_run_logger()
-    source = tag_run(RUNBOOK)
-    report = Report(RUNBOOK, "Connection usage")
-    line: list[str] = []
-    # Written however the run ends, a failed measurement included.
-    with publish_on_exit(report, lambda: line[0] if line else f"{RUNBOOK}: no measurement"):
+class StartRemediation(Action):
+    """Start a `db-pool-exhausted` deployment run; it plans, or asks, by its own guards."""
+
+    parameters: dict[str, Any]
+    dry_run: bool
+
+    def apply(self) -> ActionRecord:
+        run: FlowRun = run_deployment(  # type: ignore[assignment]
+            REMEDIATION_DEPLOYMENT,
+            parameters={"params": self.parameters},
+            timeout=0,
+            tags=remediation_tags(run_source()),
+        )
+        return ActionRecord(
+            kind=self.kind,
+            target=self.target,
+            before="-",
+            after=str(run.id),
+            message=f"started run {run.name}, dry run: {self.dry_run}",
+        )
+
+
+class PoolThreshold(Runbook[PoolThresholdParams, Measured]):
+    """Measure usage; over the threshold, maybe start the remediation; the verdict fails it."""
+
+    spec = SPEC
+    not_fixed = PoolThresholdExceeded
+
+    def title(self, params: PoolThresholdParams) -> str:
+        return "Connection usage"
+
+    def check(self, params: PoolThresholdParams, report: Report) -> Measured:
         usage = measure_pool_usage()
         report.title = f"Connection usage on {usage.target}"
         passed = usage.percent_used < params.threshold_percent
-        line.append(f"pool usage {usage.percent_used:.1f}% on {usage.target}")
+        row = Check(
+            item=f"connection usage on {usage.target}",
+            threshold=f"< {params.threshold_percent:g}%",
+            observed=f"{usage.percent_used:.1f}% "
+            f"({usage.client_connections}/{usage.max_connections})",
+            verdict=Verdict.PASS if passed else Verdict.FAIL,
+        )
         report.add(
             "Usage",
             f"**{usage.percent_used:.1f}%** ({usage.client_connections}/{usage.max_connections}),"
             f" threshold {params.threshold_percent:g}%: **{'OK' if passed else 'OVER'}**.\n\n"
+            + checks_md([row])
+            + "\n\n"
             + table(["database", "n"], [[c.key, c.count] for c in usage.by_database])
             + "\n\n"
             + table(["role", "n"], [[c.key, c.count] for c in usage.by_user]),
         )
-        if not passed and params.start_remediation:
-            run: FlowRun = run_deployment(  # type: ignore[assignment]
-                REMEDIATION_DEPLOYMENT,
-                parameters={"params": params.remediation.model_dump(mode="json")},
-                timeout=0,
-                tags=remediation_tags(source),
+        return Measured(usage=usage, passed=passed)
+
+    def plan(self, params: PoolThresholdParams, findings: Measured) -> list[Action]:
+        if findings.passed or not params.start_remediation:
+            return []
+        dry_run = params.remediation.dry_run
+        return [
+            StartRemediation(
+                kind="start-run",
+                target=REMEDIATION_DEPLOYMENT,
+                summary=f"start a {REMEDIATION} run (dry run: {dry_run}); its own guards apply",
+                # The run it starts plans, or asks for its own approval, by itself.
+                approval="never",
+                parameters=params.remediation.model_dump(mode="json"),
+                dry_run=dry_run,
             )
-            report.add(
-                "Remediation",
-                f"Started `{REMEDIATION_DEPLOYMENT}` run `{run.name}` ({run.id}), "
-                f"dry run: {params.remediation.dry_run}.",
-            )
-        if not passed:
-            logger.error("%s: usage %.1f%% over threshold", usage.target, usage.percent_used)
-            raise PoolThresholdExceeded(
-                f"{usage.target}: {usage.percent_used:.1f}% of max_connections in use "
-                f"(threshold {params.threshold_percent:g}%)"
-            )
-        return PoolCheck(
-            usage=usage,
-            threshold_percent=params.threshold_percent,
-            passed=True,
-            remediation_run=None,
+        ]
+
+    @contextmanager
+    def hold(self, params: PoolThresholdParams, report: Report) -> Iterator[Held]:
+        # No lock: starting a run changes nothing here; the started run takes the target
+        # lock itself (the spec's lock makes alerts about one database coalesce).
+        yield Held()
+
+    def verify(
+        self,
+        params: PoolThresholdParams,
+        findings: Measured,
+        records: list[ActionRecord],
+        report: Report,
+    ) -> Verification:
+        usage = findings.usage
+        if findings.passed:
+            return Verification(healthy=True, summary=f"pool usage {usage.percent_used:.1f}%")
+        get_run_logger().error("%s: usage %.1f%% over threshold", usage.target, usage.percent_used)
+        return Verification(
+            healthy=False,
+            summary=f"{usage.target}: {usage.percent_used:.1f}% of max_connections in use "
+            f"(threshold {params.threshold_percent:g}%)",
         )
+
+    def not_fixed_message(self, params: PoolThresholdParams, verification: Verification) -> str:
+        return verification.summary
+
+    def escalation_severity(
+        self, params: PoolThresholdParams, verification: Verification
+    ) -> Severity | None:
+        # A check over its threshold fails; the failed-run automation pages (high, database).
+        return None
+
+
+@runbook_flow(SPEC, log_prints=None)
+def pool_threshold(params: PoolThresholdParams = PoolThresholdParams()) -> PoolCheck:  # noqa: B008
+    """Fail (with an artifact) when connection usage reaches the threshold."""
+    result = drive(PoolThreshold(), params)
+    measured = result.fresh or result.findings
+    return PoolCheck(
+        outcome=result.outcome,
+        usage=measured.usage,
+        threshold_percent=params.threshold_percent,
+        passed=measured.passed,
+        remediation_run=result.records[0].after if result.records else None,
+    )

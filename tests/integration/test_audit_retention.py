@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
+from prefect.flow_runs import resume_flow_run
 from prefect.states import Cancelled, Completed, Failed, Paused, Pending, Running, Scheduled
 from pydantic import ValidationError
 
@@ -33,7 +35,7 @@ import flows.audit_retention as retention
 from flows.audit_retention import RetentionParams, audit_retention
 from flows.common import Approval
 from flows.post_incident import ChecklistForm, post_incident
-from tests.fixtures.prefect_runs import flow_run_artifacts
+from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 OLD = timedelta(days=120)
@@ -116,7 +118,7 @@ def existing(ids: list[UUID]) -> set[UUID]:
 
 def test_dry_run_counts_and_changes_nothing(world: World, tmp_path: Path) -> None:
     out = audit_retention(RetentionParams(export_dir=str(tmp_path / "x")))
-    assert out.dry_run and out.deleted == 0
+    assert out.dry_run and out.deleted == 0 and out.outcome == "planned"
     assert out.exported == len(world.deletable)  # "would export and delete"
     assert out.kept == {"incident still open": 2, "no post-incident record yet": 1}
     everything = [*world.deletable.values(), *world.kept.values()]
@@ -142,11 +144,15 @@ def _lines(folder: Path) -> list[dict[str, Any]]:
 def test_cap_then_export_and_delete_keeps_every_open_incident(world: World, tmp_path: Path) -> None:
     # The cap: one run per flow run of retention.
     first = audit_retention(
-        RetentionParams(dry_run=False, export_dir=str(tmp_path / "a"), max_runs=1)
+        RetentionParams(
+            dry_run=False, auto_approve=True, export_dir=str(tmp_path / "a"), max_runs=1
+        )
     )
     assert (first.exported, first.deleted) == (1, 1)
     (one,) = _lines(tmp_path / "a")
-    rest = audit_retention(RetentionParams(dry_run=False, export_dir=str(tmp_path / "b")))
+    rest = audit_retention(
+        RetentionParams(dry_run=False, auto_approve=True, export_dir=str(tmp_path / "b"))
+    )
     assert rest.deleted == rest.exported == len(world.deletable) - 1
     lines = [one, *_lines(tmp_path / "b")]
     exported = {UUID(x["flow_run"]["id"]): x for x in lines}
@@ -170,8 +176,10 @@ def test_cap_then_export_and_delete_keeps_every_open_incident(world: World, tmp_
     assert left == []
     assert rest.artifacts_deleted + first.artifacts_deleted == 1
     # Nothing left to do: a second pass deletes nothing.
-    again = audit_retention(RetentionParams(dry_run=False, export_dir=str(tmp_path / "c")))
-    assert again.deleted == 0
+    again = audit_retention(
+        RetentionParams(dry_run=False, auto_approve=True, export_dir=str(tmp_path / "c"))
+    )
+    assert again.deleted == 0 and again.outcome == "nothing to do"
     assert again.kept == {"incident still open": 2, "no post-incident record yet": 1}
 
 
@@ -183,6 +191,34 @@ def test_the_report_is_published(world: World) -> None:
 
 
 # The tests below make their own old run each, after the world's runs are gone.
+
+
+@pytest.mark.parametrize("approved", [False, True])
+def test_without_auto_approve_the_delete_waits_for_an_approval(
+    world: World, tmp_path: Path, approved: bool
+) -> None:
+    with get_client(sync_client=True) as c:
+        run_id = _run(c)
+    folder = tmp_path / "ask"
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(audit_retention, RetentionParams(dry_run=False, export_dir=str(folder)))
+        paused = wait_for_paused_run("audit-retention")
+        # Nothing is written or deleted while the run waits for a human.
+        assert existing([run_id]) == {run_id}
+        assert not folder.exists()
+        resume_flow_run(
+            paused, run_input={"approved": approved, "approver": "alice", "reason": "INC-9"}
+        )
+        out = fut.result(timeout=120)
+    (md,) = flow_run_artifacts(paused, "audit-retention")
+    assert "alice" in md and "INC-9" in md
+    if approved:
+        assert out.outcome == "acted" and out.deleted >= 1
+        assert existing([run_id]) == set()
+    else:
+        assert (out.outcome, out.deleted, out.exported) == ("refused", 0, 0)
+        assert existing([run_id]) == {run_id}
+        assert not folder.exists()
 
 
 def test_the_export_carries_the_approval_and_checklist_answers(
@@ -201,7 +237,9 @@ def test_the_export_carries_the_approval_and_checklist_answers(
             "paused-2-response",
             ChecklistForm(filled_by="bob", root_cause="a leaking pool").model_dump_json(),
         )
-    out = audit_retention(RetentionParams(dry_run=False, export_dir=str(tmp_path / "i")))
+    out = audit_retention(
+        RetentionParams(dry_run=False, auto_approve=True, export_dir=str(tmp_path / "i"))
+    )
     assert out.deleted >= 1
     assert existing([run_id]) == set()
     line = {UUID(x["flow_run"]["id"]): x for x in _lines(tmp_path / "i")}[run_id]
@@ -220,7 +258,9 @@ def test_the_export_file_is_0600_whatever_the_umask(world: World, tmp_path: Path
         _run(c)
     before = os.umask(0)  # the most permissive: a plain create would give 0666
     try:
-        out = audit_retention(RetentionParams(dry_run=False, export_dir=str(tmp_path / "m")))
+        out = audit_retention(
+            RetentionParams(dry_run=False, auto_approve=True, export_dir=str(tmp_path / "m"))
+        )
     finally:
         os.umask(before)
     assert out.deleted >= 1 and out.export_file
@@ -248,7 +288,7 @@ def test_the_export_name_is_synced_before_anything_is_deleted(
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(retention, "_bulk_delete", bulk_delete)
     folder = tmp_path / "new" / "export"  # two folders the run creates
-    out = audit_retention(RetentionParams(dry_run=False, export_dir=str(folder)))
+    out = audit_retention(RetentionParams(dry_run=False, auto_approve=True, export_dir=str(folder)))
     assert out.deleted >= 1
     first_delete = events.index(("delete", ""))
     synced = {path for kind, path in events[:first_delete] if kind == "folder synced"}

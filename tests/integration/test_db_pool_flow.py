@@ -222,7 +222,7 @@ def test_unreachable_postgres_fails_clearly_after_retries(
 
 def test_pool_threshold_passes_and_fails(pg_env: PgWorld) -> None:
     ok = pool_threshold(PoolThresholdParams(threshold_percent=100))
-    assert ok.passed
+    assert ok.passed and ok.outcome == "nothing to do"
     with pytest.raises(PoolThresholdExceeded, match="threshold"):
         pool_threshold(PoolThresholdParams(threshold_percent=0.001))
     assert "OVER" in latest_artifact("pool-threshold")

@@ -20,7 +20,12 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import TaskRun
 
-from flows.cert_expiry import CertExpiryParams, CertExpiryResult, cert_expiry
+from flows.cert_expiry import (
+    CertExpiryParams,
+    CertExpiryResult,
+    CertificatesNeedAttention,
+    cert_expiry,
+)
 from flows.common import md_escape
 from tasks.tls import Severity
 from tests.fixtures.tls import HOST, CertFactory, TlsServer
@@ -66,6 +71,8 @@ def test_crossed_thresholds_fail_the_check_and_the_scan_goes_on(
     assert state.is_failed()
     assert "2 certificate(s) past a threshold (worst critical)" in (state.message or "")
     assert "2 source(s) could not be checked" in (state.message or "")
+    with pytest.raises(CertificatesNeedAttention):  # the driver's NotFixed: outcome failed
+        state.result()
 
     artifacts = _artifacts(state.state_details.flow_run_id)
     rows = _rows(artifacts["cert-expiry-certificates"])
@@ -139,6 +146,7 @@ def test_all_good_completes_without_emergency(
     result = state.result()
     assert isinstance(result, CertExpiryResult)
     assert result.worst is Severity.OK
+    assert result.outcome == "nothing to do"  # read-only: the plan is always empty
     assert result.sources_scanned == 21
     assert len(result.findings) == 42
     assert not result.errors
