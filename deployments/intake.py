@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from deployments.alertmanager import Alert, WebhookPayload
-from deployments.catalog import Runbook, by_name
+from deployments.catalog import Runbook, by_deployment, by_name
 from deployments.coalescing import CoveredArtifacts, handler_run
 from deployments.group_commit import GroupCommit
 from deployments.intake_results import (
@@ -86,6 +86,7 @@ class Intake:
     prune_interval_s: float = 600.0
     #: Who asked, in the runs' parameters (`requested_by`) unless a route says otherwise.
     requested_by: str = DEFAULT_REQUESTED_BY
+    #: The catalog by runbook name, as routes name them.
     _index: dict[str, Runbook] = field(default_factory=dict)
     _recent: OrderedDict[str, AlertResult] = field(default_factory=OrderedDict)
     _inflight: dict[str, asyncio.Task[AlertResult]] = field(default_factory=dict)
@@ -107,7 +108,7 @@ class Intake:
             journal=self.journal,
             runs=self.runs,
             pool=self.pool,
-            post_incident=POST_INCIDENT in self._index,
+            post_incident=POST_INCIDENT in by_deployment(self.runbooks),
             cancelled=self._cancelled,
             keep=self._keep,
             wait=self._wait,
