@@ -8,7 +8,8 @@ executed the way the warm pool executes alert runs (`deployments.warm_pool.execu
 checks, plans and pauses -> `POST /flow_runs/{id}/resume` with the approval form's
 `run_input` (the UI's Resume button) -> that same run measures again under the lock, asks the
 receiver whether its alert still fires, and sets the key back. Resolved while it waits: the
-same run, approved, changes nothing.
+same run, approved, changes nothing. A runbook with a severity (`paged-flag`) pages the
+on-call as its run pauses, with the link to that run in the UI.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from deployments.receiver import create_app
 from deployments.routing import RoutingTable, validate_routing
 from deployments.serve import to_deployments
 from deployments.warm_pool import execute
+from flows.common import run_link
+from tests.fixtures.paged_flag import paged_flag
 from tests.fixtures.prefect_runs import flow_run_artifacts
 from tests.fixtures.throwaway_runbook import read_flag, stale_flag
 from tests.fixtures.triggers import (
@@ -45,11 +48,17 @@ from tests.fixtures.triggers import (
     serve_app,
 )
 
-#: The stand-in catalog: the throwaway runbook, as the recipe's catalog entry.
+#: The stand-in catalog: the throwaway runbook (the recipe's catalog entry), and the same
+#: with a severity.
 CATALOG = (
     Runbook(
         entrypoint="tests.fixtures.throwaway_runbook:stale_flag",
         description="Throwaway: a stale Redis flag, set back.",
+        concurrency_limit=None,
+    ),
+    Runbook(
+        entrypoint="tests.fixtures.paged_flag:paged_flag",
+        description="Throwaway, paging high / database.",
         concurrency_limit=None,
     ),
 )
@@ -57,11 +66,12 @@ TABLE = RoutingTable.model_validate(
     {
         "routes": [
             {
-                "alertname": "FlagStale",
-                "runbook": "stale-flag",
+                "alertname": alertname,
+                "runbook": runbook,
                 "mode": "approve",
                 "params": {"key": "${key}", "approval_timeout_s": 120},
             }
+            for alertname, runbook in (("FlagStale", "stale-flag"), ("FlagPaged", "paged-flag"))
         ]
     }
 )
@@ -96,13 +106,13 @@ def key() -> Iterator[str]:
     client.delete(name)
 
 
-def fire(server: LiveServer, firing: dict[str, Any]) -> UUID:
+def fire(server: LiveServer, firing: dict[str, Any], runbook: str = "stale-flag") -> UUID:
     """Deliver the alert as Alertmanager does; the id of the run it started."""
     r = httpx.post(f"{server.url}/alerts", json=payload(firing), headers=bearer(), timeout=30)
     assert r.status_code == 200, r.text
     (result,) = r.json()["alerts"]
     assert result["outcome"] == "started", result
-    assert result["deployment"] == "stale-flag/stale-flag"
+    assert result["deployment"] == f"{runbook}/{runbook}"
     return UUID(result["flow_run_id"])
 
 
@@ -210,3 +220,23 @@ def test_an_alert_that_resolves_while_its_run_waits_is_not_acted_on_after_approv
     (md,) = flow_run_artifacts(run_id, "stale-flag")
     assert "**resolved** (source: receiver" in md
     assert "**skipped**" in md
+
+
+def test_a_paused_alert_run_pages_the_on_call_at_once_with_its_link(
+    receiver: LiveServer, key: str, world_env: Any
+) -> None:
+    world = world_env()
+    run_id = fire(receiver, alert(alertname="FlagPaged", key=key), runbook="paged-flag")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(execute, run_id, paged_flag)
+        wait_paused(run_id, future)
+        # High / database: the team lead, the incident channel and the database team, now,
+        # not after the first reminder interval.
+        (page,) = world.sink["db-team"].delivered
+        assert "Approval needed: paged-flag: reset-flag" in page["text"]
+        assert run_link(run_id) in page["text"]
+        assert world.pages() == {"team-lead": 1, "incidents": 1, "db-team": 1}
+        approve_as_the_ui(run_id)
+        run = ended(run_id, future)
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert read_flag(key) == "ok"
