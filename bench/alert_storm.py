@@ -9,7 +9,7 @@ while the runs themselves execute on the same machine (warm pool + Runner, stand
 targets), plan-only, with the real `db-pool-exhausted` runbook on the local PostgreSQL; target:
 every run finished within 60 s of the last delivery.
 
-`--scenario one-target`: 100 alerts (100 fingerprints) for one database, on an `auto: true`
+`--scenario one-target`: 100 alerts (100 fingerprints) for one database, on a `mode: auto`
 route; target: exactly one run acts, the other 99 are covered by it, all accounted for within
 30 s of the last delivery. (The acting run's guard names a role that does not exist: it acts,
 and ends no session.)
@@ -115,8 +115,8 @@ ROUTING = """
 routes:
   - alertname: DatabaseConnectionPoolExhausted
     match: {storm: act}
-    deployment: db-pool-exhausted/db-pool-exhausted
-    auto: true
+    runbook: db-pool-exhausted
+    mode: auto
     cooldown: 10m
     params:
       guard: {database: "${datname}", username: "${usename}"}
@@ -124,8 +124,8 @@ routes:
       healthy_below_percent: 100
       requested_by: bench
   - alertname: DatabaseConnectionPoolExhausted
-    deployment: db-pool-exhausted/db-pool-exhausted
-    auto: false
+    runbook: db-pool-exhausted
+    mode: plan
     cooldown: 10m
     params:
       guard: {database: "${datname}"}

@@ -239,6 +239,11 @@ def by_deployment(runbooks: tuple[Runbook, ...]) -> dict[str, Runbook]:
     return {rb.deployment: rb for rb in runbooks}
 
 
+def by_name(runbooks: tuple[Runbook, ...]) -> dict[str, Runbook]:
+    """Index runbooks by name (`SPEC.name`), as routes name them."""
+    return {rb.name: rb for rb in runbooks}
+
+
 def load_catalog(ref: str | None) -> tuple[Runbook, ...]:
     """The catalog named `module:attr` (tests and benches use their own), else `RUNBOOKS`."""
     if not ref:

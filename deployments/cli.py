@@ -434,7 +434,7 @@ def run_receiver(settings: ReceiverSettings) -> None:
     import uvicorn
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
-    from deployments.catalog import by_deployment, load_catalog
+    from deployments.catalog import by_name, load_catalog
     from deployments.receiver import create_app
     from deployments.routing import load_routing
     from deployments.warm_pool import WarmPool
@@ -444,8 +444,8 @@ def run_receiver(settings: ReceiverSettings) -> None:
     api_url = PREFECT_API_URL.value()
     if not api_url:
         raise SystemExit("PREFECT_API_URL is not set")
-    index = by_deployment(runbooks)
-    routed = {r.deployment: index[r.deployment].entrypoint for r in table.routes}
+    index = by_name(runbooks)
+    routed = {index[r.runbook].deployment: index[r.runbook].entrypoint for r in table.routes}
     pool = None
     if settings.pool_size > 0 and routed:
         pool = WarmPool(routed, settings.pool_size, env={"PREFECT_API_URL": api_url})

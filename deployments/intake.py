@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from deployments.alertmanager import Alert, WebhookPayload
-from deployments.catalog import Runbook, by_deployment
+from deployments.catalog import Runbook, by_deployment, by_name
 from deployments.coalescing import CoveredArtifacts, handler_run
 from deployments.group_commit import GroupCommit
 from deployments.intake_results import (
@@ -40,7 +40,15 @@ from deployments.prefect_runs import (
     PrefectUnavailable,
 )
 from deployments.resolution import POST_INCIDENT, Resolutions
-from deployments.routing import MissingLabel, Route, RoutingTable, build_params
+from deployments.routing import (
+    DEFAULT_REQUESTED_BY,
+    MODE_LEVELS,
+    MODE_TAGS,
+    MissingLabel,
+    Route,
+    RoutingTable,
+    build_params,
+)
 from deployments.warm_pool import WarmPool
 from tasks.run_tags import ALERT_SOURCE, alert_tags, covered_by_tag, runbook_tag
 
@@ -76,6 +84,9 @@ class Intake:
     max_age_s: float = 3600.0
     retention_s: float = 7 * 24 * 3600.0
     prune_interval_s: float = 600.0
+    #: Who asked, in the runs' parameters (`requested_by`) unless a route says otherwise.
+    requested_by: str = DEFAULT_REQUESTED_BY
+    #: The catalog by runbook name, as routes name them.
     _index: dict[str, Runbook] = field(default_factory=dict)
     _recent: OrderedDict[str, AlertResult] = field(default_factory=OrderedDict)
     _inflight: dict[str, asyncio.Task[AlertResult]] = field(default_factory=dict)
@@ -90,14 +101,14 @@ class Intake:
     _resolutions: Resolutions = field(init=False)
 
     def __post_init__(self) -> None:
-        self._index = by_deployment(self.runbooks)
+        self._index = by_name(self.runbooks)
         self._covered = CoveredArtifacts(self.runs)
         self._journal_writes = GroupCommit(self.journal)
         self._resolutions = Resolutions(
             journal=self.journal,
             runs=self.runs,
             pool=self.pool,
-            post_incident=POST_INCIDENT in self._index,
+            post_incident=POST_INCIDENT in by_deployment(self.runbooks),
             cancelled=self._cancelled,
             keep=self._keep,
             wait=self._wait,
@@ -170,15 +181,15 @@ class Intake:
         if route is None:
             record_decision("unrouted", alert, "no route for this alert")
             return AlertResult(**base, outcome="unrouted")
-        runbook = self._index[route.deployment]
+        runbook = self._index[route.runbook]
         try:
-            params = build_params(route, runbook, alert.labels)
+            params = build_params(route, runbook, alert.labels, self.requested_by)
             target = runbook.target_of({**params}) or ""
         except (MissingLabel, ValidationError) as exc:
             detail = f"parameters rejected: {short_error(exc)}"
-            record_decision("rejected", alert, detail, route.deployment)
+            record_decision("rejected", alert, detail, runbook.deployment)
             return AlertResult(
-                **base, outcome="rejected", deployment=route.deployment, detail=detail
+                **base, outcome="rejected", deployment=runbook.deployment, detail=detail
             )
         key = alert.idempotency_key
         cached = self._recent.get(key)
@@ -197,7 +208,7 @@ class Intake:
             return AlertResult(
                 **base,
                 outcome="deduplicated",
-                deployment=route.deployment,
+                deployment=runbook.deployment,
                 detail="recorded earlier; the run is being created",
             )
         created = await self._wait(task)
@@ -205,7 +216,7 @@ class Intake:
             return AlertResult(
                 **base,
                 outcome="accepted",
-                deployment=route.deployment,
+                deployment=runbook.deployment,
                 detail="recorded; the run is being created",
             )
         return created.model_copy(update=base)
@@ -217,7 +228,7 @@ class Intake:
         key = alert.idempotency_key
         return Entry(
             idempotency_key=key,
-            deployment=route.deployment,
+            deployment=runbook.deployment,
             name=run_name(alert.alertname, alert.fingerprint),
             parameters={"params": params},
             tags=[
@@ -226,14 +237,14 @@ class Intake:
                 # saves every alert run an update of its own tags.
                 runbook_tag(runbook.name),
                 *alert_tags(alert.fingerprint, alert.alertname),
-                "auto" if route.auto else "plan-only",
+                MODE_TAGS[route.mode],
             ],
             fingerprint=alert.fingerprint,
             starts_at=alert.startsAt,
             cooldown_s=route.cooldown.total_seconds(),
             accepted_ts=time.time(),
             target=target,
-            acts=route.auto,
+            acts=MODE_LEVELS[route.mode],
         )
 
     async def _accept(
@@ -248,7 +259,7 @@ class Intake:
         except sqlite3.Error as exc:
             log.error("alert %s: journal write failed: %s", alert.fingerprint, exc)
             return AlertResult(
-                **base, outcome="failed", deployment=route.deployment, detail="not recorded"
+                **base, outcome="failed", deployment=entry.deployment, detail="not recorded"
             )
         if added.outcome == "cooldown":
             ago = time.time() - (added.earlier_ts or 0.0)
@@ -257,12 +268,12 @@ class Intake:
                 f"{added.earlier_key}); cooldown {route.cooldown.total_seconds():.0f} s: "
                 "nothing started"
             )
-            record_decision("cooldown", alert, detail, route.deployment)
+            record_decision("cooldown", alert, detail, entry.deployment)
             # Not cached: a later delivery, after the cooldown, is decided again.
             return AlertResult(
                 **base,
                 outcome="cooldown",
-                deployment=route.deployment,
+                deployment=entry.deployment,
                 flow_run_id=added.flow_run_id,
                 detail=detail,
             )
@@ -270,7 +281,7 @@ class Intake:
             result = AlertResult(
                 **base,
                 outcome="deduplicated",
-                deployment=route.deployment,
+                deployment=entry.deployment,
                 flow_run_id=added.flow_run_id,
                 detail=f"recorded earlier as {added.status}"
                 + (f": {added.reason}" if added.reason else ""),

@@ -21,11 +21,13 @@ time), so a restart does not reset a cooldown. Finished entries are pruned after
 period.
 
 Coalescing (alert storms): an entry names its runbook's *target* (what it would change, e.g.
-`pg:db1:5432/app`) and whether it may act. Within the route's cooldown after an entry that
-started a run for a target (its *handler*), an alert of another fingerprint for the same
-deployment and target is recorded as `covered_by` that handler, in the same transaction as
-the check: however many deliveries race, one run handles the target and the rest point at
-it. A plan-only handler never covers an alert that may act.
+`pg:db1:5432/app`) and how much it may do (plan, approve, auto). Within the route's
+cooldown after an entry that started a run for a target (its *handler*), an alert of
+another fingerprint for the same deployment and target is recorded as `covered_by` that
+handler, in the same transaction as the check: however many deliveries race, one run
+handles the target and the rest point at it. A handler never covers an alert whose route
+lets it do more (a plan-only run never stands in for an `approve` alert, an `approve` run
+never for an `auto` one).
 
 Alert state (`occurrences`): every firing and resolved notification of a routed alert is
 recorded per *occurrence* (fingerprint + startsAt, the idempotency key), in the same
@@ -126,8 +128,9 @@ class Entry:
     accepted_ts: float = 0.0
     #: What the run would change (`Runbook.target_of`); "" = never coalesced.
     target: str = ""
-    #: The route lets the run act (`auto: true`), not only plan.
-    acts: bool = False
+    #: How much the route lets the run do (`routing.MODE_LEVELS`: 0 plan, 1 approve,
+    #: 2 auto); a run covers only alerts whose route lets them do no more.
+    acts: int = 0
     #: The handler's idempotency key when this alert is covered by its run.
     covered_by: str | None = None
     #: The occurrence's startsAt (Alertmanager's text); "" = the key's part after the
@@ -426,7 +429,7 @@ class Journal:
                 fingerprint=f,
                 accepted_ts=a,
                 target=tg,
-                acts=bool(ac),
+                acts=int(ac),
                 covered_by=cb,
             )
             for k, d, n, p, t, f, a, tg, ac, cb in rows

@@ -137,6 +137,7 @@ def _intake(
         max_age_s=settings.max_age_s,
         retention_s=settings.retention_s,
         prune_interval_s=settings.prune_interval_s,
+        requested_by=settings.requested_by,
     )
 
 

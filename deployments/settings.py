@@ -85,6 +85,12 @@ class ReceiverSettings(BaseSettings):
         ROOT / "deployments" / "routing.yaml", description="The routing table (YAML)."
     )
     catalog: str | None = Field(None, description="`module:attr` of another runbook catalog.")
+    requested_by: str = Field(
+        "alertmanager",
+        min_length=1,
+        max_length=200,
+        description="`requested_by` of the runs alerts start (a route's params may override).",
+    )
     pool_size: int = Field(
         4,
         ge=0,

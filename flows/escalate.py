@@ -55,6 +55,7 @@ from flows.common import (
     _end_expired_pause,
     md_escape,
     publish_on_exit,
+    run_link,
     table,
     tag_run,
 )
@@ -441,9 +442,11 @@ def _approval(chain: _Chain) -> Ended:
 
     if (why := stop()) is not None:
         return chain.stopped(why)
+    # The incident key of an approval wait is the paused run's id: link straight to it.
+    where = run_link(watched) if watched else f"(run {key})"
     body = (
         f"{params.summary or 'A runbook run waits for an approval.'}\n"
-        f"Approve or refuse it in the Prefect UI (run {key}); acknowledge this page to stop"
+        f"Approve or refuse it in the Prefect UI: {where}; acknowledge this page to stop"
         f" the reminders. Next reminder in {policy.repage_after_s} s."
     )
 

@@ -1,7 +1,8 @@
 """Runbook `high-error-rate`: the on-call runbook's "High Error Rate" (5xx) runbook.
 
-Trigger: alert `HighErrorRate` (> 5 % of /api answered 5xx over 1 min; route `auto: false`,
-so an alert-started run only plans), or by hand from the Prefect UI.
+Trigger: alert `HighErrorRate` (> 5 % of /api answered 5xx over 1 min; route `mode: approve`:
+the alert's own run plans, pauses for an approval in the UI, then re-measures and acts), or
+by hand from the Prefect UI.
 
 Check (all at once, a source that fails is a row "unavailable", never a crash): the backend
 Deployment's log tail (5xx / error lines, those naming the database or the cache), backend

@@ -3,8 +3,8 @@
 What it may change: nothing, apart from one action: clearing the Redis cache keys matching
 the configured pattern (`RUNBOOKS_REDIS_CACHE_KEY_PATTERN`, SCAN + UNLINK, never FLUSHALL).
 That clear (approval `always`) needs `dry_run=False` AND a human approval in the UI, on every
-run, whatever the alert route or `auto_approve` says (`auto: true` only lets the read-only
-part run unattended).
+run, whatever the alert route or `auto_approve` says (its route's `mode: auto` only lets the
+read-only part run unattended).
 Safety limits: the checks only read; after the approval the cache is measured again under
 the lock and only cleared if there is still something to clear. Undo: none needed, the
 cache refills from the database (expect a short burst of database reads).

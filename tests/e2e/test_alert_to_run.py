@@ -1,11 +1,12 @@
 """End to end with real components: Alertmanager -> receiver -> Prefect -> runbook -> UI.
 
-`make run`'s CLI starts the Prefect server, serves the real catalog and the receiver (real
-routing table). The apt `prometheus-alertmanager` is configured with a webhook receiver and a
-bearer token; an alert pushed to its v2 API must become a db-pool-exhausted run (dry run,
-database from the alert's label) that completes against the local PostgreSQL. Headless
-Chromium then opens the Prefect UI's runs list, finds the run and screenshots it: into a
-temporary folder, or into $RUNBOOKS_SCREENSHOT_DIR (`make screenshots` points it at docs/).
+`make run`'s CLI starts the Prefect server, serves the real catalog and the receiver (the
+real routing table, its db-pool-exhausted route in `mode: plan`). The apt
+`prometheus-alertmanager` is configured with a webhook receiver and a bearer token; an alert
+pushed to its v2 API must become a db-pool-exhausted run (dry run, database from the alert's
+label) that completes against the local PostgreSQL. Headless Chromium then opens the Prefect
+UI's runs list, finds the run and screenshots it: into a temporary folder, or into
+$RUNBOOKS_SCREENSHOT_DIR (`make screenshots` points it at docs/).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.fixtures.stack import Stack, running_stack
 from tests.fixtures.triggers import free_port
 
 pytestmark = pytest.mark.e2e
 
+REPO = Path(__file__).resolve().parents[2]
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 CHROMIUM = "/usr/bin/chromium"
 
@@ -43,8 +46,21 @@ def require_binary(path: str) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("stack")
-    with running_stack(home, pool_size=1, catalog=None, routing=None) as s:
+    with running_stack(home, pool_size=1, catalog=None, routing=plan_only_routing(home)) as s:
         yield s
+
+
+def plan_only_routing(home: Path) -> Path:
+    """The shipped routing table with the db-pool-exhausted route in `mode: plan`: this test
+    follows the dry-run path to the UI (the shipped `approve` path, paused and approved in
+    the alert's own run, is tests/integration/test_alert_approval.py)."""
+    table = yaml.safe_load((REPO / "deployments" / "routing.yaml").read_text())
+    for route in table["routes"]:
+        if route["runbook"] == "db-pool-exhausted":
+            route["mode"] = "plan"
+    path = home / "routing.yaml"
+    path.write_text(yaml.safe_dump(table))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +178,7 @@ def test_alertmanager_alert_runs_the_runbook_in_dry_run(
 ) -> None:
     assert alert_run["state"]["type"] == "COMPLETED", stack.log()[-3000:]
     params = alert_run["parameters"]["params"]
-    assert params["dry_run"] is True  # route has auto: false
+    assert params["dry_run"] is True  # route has mode: plan
     assert params["guard"] == {"database": "postgres"}
     assert params["requested_by"] == "alertmanager"
     assert "pg-e2e" in params["reason"]

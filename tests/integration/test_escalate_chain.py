@@ -16,6 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 from prefect.states import Completed, Paused, Running, Scheduled
 
+from flows.common import run_link
 from flows.escalate import EscalateParams, EscalationOutcome, escalate
 from tasks.contacts import Severity
 from tests.fixtures.prefect_runs import paused_runs
@@ -174,11 +175,17 @@ def test_approval_reminders_go_to_the_on_call_chain_never_to_leadership(
 ) -> None:
     world = world_env()
     monkeypatch.setenv("RUNBOOKS_ESCALATION_APPROVAL_REPAGE_S", "1")
-    state = run("critical", str(paused_runbook_run()), reason="approval")
+    runbook_run = paused_runbook_run()
+    state = run("critical", str(runbook_run), reason="approval")
     assert world.pages() == {"on-call": 1, "on-call-secondary": 1}
     reminded = outcome(state)
     assert (reminded.ended, reminded.levels_paged) == ("unacknowledged", 2)
-    assert "APPROVAL" in world.sink["on-call"].delivered[0]["payload"]["summary"]
+    page = world.sink["on-call"].delivered[0]["payload"]
+    assert "APPROVAL" in page["summary"]
+    # The page's body (PagerDuty: its custom details) links to the paused run in the UI,
+    # where it is approved or refused.
+    body = page["custom_details"]["details"]
+    assert run_link(runbook_run) in body, body
 
 
 def test_approval_reminders_stop_when_the_runbook_run_stops_waiting(

@@ -64,7 +64,14 @@ def deployed(prefect_api: None) -> None:
 def receiver() -> Any:
     url = PREFECT_API_URL.value()
     assert url
-    table = load_routing(REPO / "deployments" / "routing.yaml", RUNBOOKS)
+    shipped = load_routing(REPO / "deployments" / "routing.yaml", RUNBOOKS)
+    # This incident is a plan-only alert run, then the on-call's own run from the UI; the
+    # shipped route approves in the alert's own run (tests/integration/test_alert_approval.py).
+    plan_only = [
+        r.model_copy(update={"mode": "plan"}) if r.runbook == "db-pool-exhausted" else r
+        for r in shipped.routes
+    ]
+    table = shipped.model_copy(update={"routes": plan_only})
     return create_app(receiver_settings(sync_wait_s=10), table, RUNBOOKS, api_url=str(url))
 
 
@@ -156,7 +163,7 @@ def _build_incident(world: PgWorld, sessions: Sessions) -> Incident:
         (fired,) = r.json()["alerts"]
         assert fired["outcome"] == "started", fired
         inc.dry_run_id = UUID(fired["flow_run_id"])
-        # 1. The alert's run: plan only (the route is auto: false).
+        # 1. The alert's run: plan only (the route is `mode: plan` here).
         assert run_here(inc.dry_run_id, db_pool_exhausted) == "COMPLETED"
         assert alive([pid(c) for c in victims]) == {pid(c) for c in victims}
         # 2. The on-call starts the real run from the UI, in the same incident, with approval.

@@ -69,16 +69,20 @@ def test_a_route_for_it_validates_and_fills_the_request() -> None:
             "routes": [
                 {
                     "alertname": "FlagStale",
-                    "deployment": "stale-flag/stale-flag",
-                    "auto": False,
+                    "runbook": "stale-flag",
+                    "mode": "plan",
                     "params": {"key": "${key}"},
                 }
             ]
         }
     )
     validate_routing(table, (ENTRY,), "test")
-    params = build_params(table.routes[0], ENTRY, {"key": "k9"})
+    params = build_params(table.routes[0], ENTRY, {"alertname": "FlagStale", "key": "k9"})
     assert params["key"] == "k9" and params["dry_run"] is True
+    assert (params["requested_by"], params["reason"]) == (
+        "alertmanager",
+        "alert FlagStale on an unnamed target",
+    )
 
 
 def test_dry_run_plans_and_changes_nothing(key: str) -> None:

@@ -136,8 +136,7 @@ def test_alert_for_a_deployment_not_served_yet_is_kept_until_it_is() -> None:
     table = stub_table().model_copy(
         update={
             "routes": [
-                r.model_copy(update={"deployment": "never-served/never-served"})
-                for r in stub_table().routes
+                r.model_copy(update={"runbook": "never-served"}) for r in stub_table().routes
             ]
         }
     )
@@ -409,8 +408,8 @@ def test_a_run_prefect_refuses_is_journaled_failed_and_asked_once() -> None:
             "routes": [
                 {
                     "alertname": "StubLoose",
-                    "deployment": "stub-remediate/stub-remediate",
-                    "auto": True,
+                    "runbook": "stub-remediate",
+                    "mode": "auto",
                     "params": {"namespace": "${namespace}", "max_sessions": "${n}"},
                 }
             ]

@@ -83,7 +83,9 @@ def test_prefect_kept_locked_the_alert_is_journaled_and_answered_fast() -> None:
     assert r.status_code == 200
     assert r.json()["alerts"][0]["outcome"] == "accepted"
     (entry,) = journal.pending()
-    assert entry.parameters == {"params": {"namespace": "x", "dry_run": False}}
+    assert entry.parameters == {
+        "params": {"namespace": "x", "dry_run": False, "auto_approve": True}
+    }
 
 
 def test_journal_failure_is_a_503_so_alertmanager_retries() -> None:

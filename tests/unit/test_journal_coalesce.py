@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from deployments.journal import Entry, Journal
+from deployments.routing import MODE_LEVELS
 
 T1 = "2026-11-27T03:00:00Z"
 T2 = "2026-11-27T03:04:00Z"
 T3 = "2026-11-27T05:00:00Z"
 
 
-def entry(key: str, *, target: str = "pg:h:5432/app", acts: bool = False, **kw: object) -> Entry:
+def entry(key: str, *, target: str = "pg:h:5432/app", acts: int = 0, **kw: object) -> Entry:
     base: dict[str, object] = {
         "idempotency_key": f"{key}:{T1}",
         "deployment": "db-pool-exhausted/db-pool-exhausted",
@@ -51,10 +52,21 @@ def test_other_targets_deployments_and_expired_cooldowns_are_not_covered() -> No
 def test_a_plan_only_handler_never_covers_an_alert_that_may_act() -> None:
     j = Journal(None)
     assert j.add(entry("plan"), now=1000.0).outcome == "new"
-    acting = j.add(entry("act", acts=True), now=1001.0)
+    acting = j.add(entry("act", acts=MODE_LEVELS["auto"]), now=1001.0)
     assert acting.outcome == "new"
     later = j.add(entry("plan2"), now=1002.0)
     assert (later.outcome, later.earlier_key) == ("covered", "act:2026-11-27T03:00:00Z")
+
+
+def test_an_approve_handler_covers_plan_alerts_but_never_an_auto_one() -> None:
+    # Coalescing compares the route modes' levels: plan < approve < auto.
+    j = Journal(None)
+    assert j.add(entry("approve", acts=MODE_LEVELS["approve"]), now=1000.0).outcome == "new"
+    planned = j.add(entry("plan", acts=MODE_LEVELS["plan"]), now=1001.0)
+    assert (planned.outcome, planned.earlier_key) == ("covered", f"approve:{T1}")
+    assert j.add(entry("auto", acts=MODE_LEVELS["auto"]), now=1002.0).outcome == "new"
+    approve2 = j.add(entry("approve2", acts=MODE_LEVELS["approve"]), now=1003.0)
+    assert (approve2.outcome, approve2.earlier_key) == ("covered", f"auto:{T1}")
 
 
 def test_a_handler_that_never_got_a_run_covers_nothing_more() -> None:

@@ -14,8 +14,19 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deployments.catalog import Runbook
+from deployments.receiver import create_app
 from deployments.receiver_auth import Credentials
-from tests.fixtures.triggers import BASIC, TOKEN, RecordingRuns, alert, bearer, payload
+from deployments.routing import RoutingTable, validate_routing
+from tests.fixtures.triggers import (
+    BASIC,
+    TOKEN,
+    RecordingRuns,
+    alert,
+    bearer,
+    payload,
+    receiver_settings,
+)
 
 
 def post(client: TestClient, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -141,6 +152,47 @@ def test_firing_alert_becomes_one_run_with_tags_params_and_key(
     assert {"source:alert", "runbook:stub-remediate", "alert:abc1", "alertname:StubPlan"} <= set(
         call["tags"]
     )
+
+
+def test_an_approve_route_starts_an_acting_run_that_asks_with_the_request_filled_in(
+    recording_runs: RecordingRuns,
+) -> None:
+    table = RoutingTable.model_validate(
+        {
+            "routes": [
+                {
+                    "alertname": "FlagStale",
+                    "runbook": "stale-flag",
+                    "mode": "approve",
+                    "params": {"key": "${key}"},
+                }
+            ]
+        }
+    )
+    flag = (Runbook(entrypoint="tests.fixtures.throwaway_runbook:stale_flag", description=""),)
+    validate_routing(table, flag, "test")
+    app = create_app(
+        receiver_settings(requested_by="am-eu"),
+        table,
+        flag,
+        api_url="http://127.0.0.1:9/api",
+        runs=recording_runs,
+    )
+    a = alert(alertname="FlagStale", key="k1", job="flagger", fingerprint="appr1")
+    with TestClient(app) as client:
+        assert post(client, payload(a), bearer()).json()["alerts"][0]["outcome"] == "started"
+    (call,) = recording_runs.calls
+    assert call["deployment"] == "stale-flag/stale-flag"  # from the catalog, not the route
+    assert call["parameters"] == {
+        "params": {
+            "key": "k1",
+            "dry_run": False,
+            "auto_approve": False,
+            "requested_by": "am-eu",
+            "reason": "alert FlagStale on flagger",
+        }
+    }
+    assert {"source:alert", "alert:appr1", "alertname:FlagStale", "approve"} <= set(call["tags"])
 
 
 def test_concurrent_identical_deliveries_share_one_create(

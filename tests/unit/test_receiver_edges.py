@@ -537,7 +537,7 @@ def evil_table() -> RoutingTable:
             "routes": [
                 {
                     "alertname": EVIL,
-                    "deployment": "stub-remediate/stub-remediate",
+                    "runbook": "stub-remediate",
                     "params": {"namespace": "${namespace}"},
                 }
             ]

@@ -93,3 +93,26 @@ def test_a_resolve_of_a_cooled_down_occurrence_cancels_nothing(
         # Occurrence 1 never resolved, but occurrence 2 (later) did: the alert is over.
         assert state(client, "occ4") == "resolved"
     assert recording_runs.cancel_requests == []
+
+
+def test_resolved_alerts_start_drafts_only_where_post_incident_is_in_the_catalog() -> None:
+    # The intake indexes runbooks by name (routes name them); post-incident is looked up
+    # by its deployment, `post-incident/post-incident`.
+    from deployments.catalog import RUNBOOKS
+    from deployments.intake import Intake
+    from tests.fixtures.stub_runbooks import STUB_RUNBOOKS
+    from tests.fixtures.triggers import stub_table
+
+    def drafts(runbooks: Any) -> bool:
+        intake = Intake(
+            table=stub_table(),
+            runbooks=runbooks,
+            runs=RecordingRuns(),
+            pool=None,
+            grace_s=0,
+            cache_size=0,
+        )
+        return bool(intake._resolutions.post_incident)
+
+    assert drafts(RUNBOOKS)
+    assert not drafts(STUB_RUNBOOKS)
