@@ -171,10 +171,34 @@ def write_tls_secret(
     check = validate_replacement(pair, old_infos, now=now)
     if not check.ok:
         raise SafetyViolation(f"{what}: new pair refused: " + "; ".join(check.problems))
-    timeout = kube_request_timeout(settings)
     # The caller names the backup before the write, so its audit holds the undo even
     # when this call fails half-way.
     backup_name = backup_name or backup_secret_name(name, now)
+    updated = _backup_and_replace(secret, pair, backup_name, what, settings)
+    return SecretReplacement(
+        namespace=namespace,
+        name=name,
+        old_serial=old_infos[0].serial,
+        old_not_after=old_infos[0].not_after,
+        old_fingerprint_sha256=old_infos[0].fingerprint_sha256,
+        new_serial=check.new[0].serial,
+        new_not_after=check.new[0].not_after,
+        new_fingerprint_sha256=check.new[0].fingerprint_sha256,
+        backup_secret=backup_name,
+        resource_version=updated.metadata.resource_version,
+    )
+
+
+def _backup_and_replace(
+    secret: Any,
+    pair: NewPair,
+    backup_name: str,
+    what: str,
+    settings: KubernetesSettings | None,
+) -> Any:
+    """Create the backup Secret, then replace `secret` (its resourceVersion pins the write)."""
+    namespace, name = secret.metadata.namespace, secret.metadata.name
+    timeout = kube_request_timeout(settings)
     backup = k8s.V1Secret(
         metadata=k8s.V1ObjectMeta(
             name=backup_name,
@@ -194,9 +218,7 @@ def write_tls_secret(
         with _core_v1(settings) as api:
             api.create_namespaced_secret(namespace, backup, _request_timeout=timeout)
             backed_up = True
-            updated = api.replace_namespaced_secret(
-                name, namespace, secret, _request_timeout=timeout
-            )
+            return api.replace_namespaced_secret(name, namespace, secret, _request_timeout=timeout)
     except ApiException as exc:
         if exc.status == 409 and not backed_up:
             raise SafetyViolation(
@@ -210,18 +232,6 @@ def write_tls_secret(
         raise _kube_error(exc, what) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise _kube_error(exc, what) from None
-    return SecretReplacement(
-        namespace=namespace,
-        name=name,
-        old_serial=old_infos[0].serial,
-        old_not_after=old_infos[0].not_after,
-        old_fingerprint_sha256=old_infos[0].fingerprint_sha256,
-        new_serial=check.new[0].serial,
-        new_not_after=check.new[0].not_after,
-        new_fingerprint_sha256=check.new[0].fingerprint_sha256,
-        backup_secret=backup_name,
-        resource_version=updated.metadata.resource_version,
-    )
 
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="read-tls-secret-{namespace}/{name}")
