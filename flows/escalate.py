@@ -566,7 +566,7 @@ def _start_ack_waiter(params: EscalateParams) -> str | None:
         if not load_config().severities[params.severity].ack_required:
             return None
         with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name(f"{RUNBOOK}/{RUNBOOK}")
+            deployment = client.read_deployment_by_name(SPEC.deployment)
             waiter_run = client.create_flow_run_from_deployment(
                 deployment.id,
                 parameters={

@@ -35,7 +35,7 @@ from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
 
 from flows.common import Report, run_source, table
-from flows.db_pool_exhausted import RUNBOOK as REMEDIATION
+from flows.db_pool_exhausted import SPEC as REMEDIATION_SPEC
 from flows.db_pool_exhausted import DbPoolParams
 from flows.db_pool_exhausted import target_of as remediation_target
 from flows.driver import Held, NotFixed, Runbook, Verification, checks_md, drive
@@ -55,7 +55,8 @@ from tasks.postgres import PoolUsage, measure_pool_usage
 from tasks.run_tags import is_alert_identity, runbook_tag, source_tag
 
 RUNBOOK = "pool-threshold"
-REMEDIATION_DEPLOYMENT = f"{REMEDIATION}/{REMEDIATION}"
+REMEDIATION = REMEDIATION_SPEC.name
+REMEDIATION_DEPLOYMENT = REMEDIATION_SPEC.deployment
 
 
 class PoolThresholdParams(RequestParams):
