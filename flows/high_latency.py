@@ -25,6 +25,7 @@ from prefect import get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, Field
 
+from flows.cache_clear import CacheClear
 from flows.common import Report, Unavailable, collect, md_escape, table
 from flows.driver import Runbook, RunResult, Stop, Verification, checks_md, drive
 from flows.spec import (
@@ -562,33 +563,10 @@ def _count_keys() -> tuple[CacheClearResult | None, str | None]:
         return None, f"{type(exc).__name__} (details in the run's logs)"
 
 
-class ClearCache(Action):
-    """UNLINK the keys matching the configured cache pattern (SCAN + UNLINK, never FLUSHALL)."""
+class ClearCache(CacheClear):
+    """The cache clear, asked of a human on every run whatever the route or auto_approve say."""
 
-    kind: str = "clear-cache"
     approval: ApprovalPolicy = "always"
-    planned: CacheClearResult
-    #: What the clear removed, once applied.
-    done: CacheClearResult | None = None
-
-    def try_dry_run(self) -> str:
-        return f"{self.planned.matched} key(s) would be removed ({self.planned.method})"
-
-    def undo(self) -> str:
-        return (
-            "none needed: the cache refills from the database "
-            "(expect a short burst of database reads)."
-        )
-
-    def apply(self) -> ActionRecord:
-        self.done = clear_cache(dry_run=False)
-        return ActionRecord(
-            kind=self.kind,
-            target=self.target,
-            before=f"{self.planned.matched} key(s) matched when planned",
-            after=f"{self.done.deleted} key(s) removed",
-            message=f"{self.done.method} of {self.done.pattern!r} on {self.done.target}",
-        )
 
 
 class HighLatency(Runbook[HighLatencyParams, Findings]):

@@ -7,6 +7,7 @@ before the write (`undo`) and applies it, then waits for the rollout (`apply`). 
 
 from __future__ import annotations
 
+from flows.cache_clear import CacheClear
 from flows.common import md_escape
 from flows.error_rate.params import Scenario
 from flows.spec import Action, ActionRecord, ApprovalPolicy
@@ -20,7 +21,6 @@ from tasks.kubernetes import (
     wait_for_rollout,
     wait_for_statefulset,
 )
-from tasks.redis import CacheClearResult, clear_cache
 
 #: Why a revision just rolled back from is never the target of a rollback.
 NOT_BACK = "never a rollback target: it is the release just undone"
@@ -137,28 +137,7 @@ class DatabaseRestartAction(ErrorRateAction):
         )
 
 
-class CacheClearAction(ErrorRateAction):
+class CacheClearAction(ErrorRateAction, CacheClear):
     """C: the guarded cache clear (SCAN + UNLINK of the cache key pattern, never FLUSHALL)."""
 
     kind: str = "cache-clear"
-    cache: CacheClearResult
-
-    def try_dry_run(self) -> str:
-        return f"{self.cache.matched} key(s) would be removed"
-
-    def undo(self) -> str:
-        return (
-            f"{self.cache.matched} key(s) matched {md_escape(repr(self.cache.pattern))} when "
-            "planned; no undo: the cache refills from the database."
-        )
-
-    def apply(self) -> ActionRecord:
-        cleared = clear_cache(dry_run=False)
-        return ActionRecord(
-            kind=self.kind,
-            target=self.target,
-            before=f"{self.cache.matched} key(s) matched when planned",
-            after=f"{cleared.deleted} key(s) removed",
-            message=f"{cleared.method} of {cleared.pattern!r} (no undo: the cache refills "
-            "from the database)",
-        )

@@ -118,7 +118,7 @@ def _cache_clear() -> ErrorRateAction:
         target=cc.target,
         summary=f"remove {cc.matched} key(s) matching {cc.pattern!r} ({cc.method})",
         possible=cc.matched > 0,
-        cache=cc,
+        planned=cc,
     )
 
 

@@ -165,7 +165,7 @@ def test_redis_full_is_scenario_c_and_a_dry_run_changes_nothing(
     assert out.outcome == "planned"
     (plan,) = out.plan
     assert plan.kind == "cache-clear" and isinstance(plan, CacheClearAction)
-    assert plan.cache.matched >= filled and plan.cache.deleted == 0
+    assert plan.planned.matched >= filled and plan.planned.deleted == 0
     # A dry run changes nothing: every key is still there.
     assert set(keys) <= set(cache_keys(env))
     assert row(out, "Redis").verdict == "FAIL"
