@@ -51,6 +51,10 @@ from tasks.locks import target_lock
 F = TypeVar("F")
 
 
+class PartlyDone(RunbookError):
+    """An action refused after earlier ones were applied: the run fails, saying which were."""
+
+
 class NotFixed(RunbookError):
     """Verification failed after acting (or with nothing left to do): escalated; the run fails."""
 
@@ -76,6 +80,8 @@ class Held:
 
     waited_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The actions applied so far (a later one refusing must not read as "nothing changed").
+    done: list[ActionRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -156,6 +162,7 @@ class Runbook(Generic[P, F]):
                 report.add(f"Undo record ({action.kind})", undo)
             record = action.apply()
             records.append(record.model_copy(update={"undo": record.undo or undo}))
+            held.done.append(records[-1])
             report.add(f"Done ({action.kind})", records_md(records[-1:]))
         return records
 
@@ -333,7 +340,13 @@ def _under_lock(
         stale = alert_resolved(report)
         if stale is not None:
             return finish("skipped", stale)
-        records = runbook.act(params, acting, report, held)
+        try:
+            records = runbook.act(params, acting, report, held)
+        except SafetyViolation as exc:
+            if not held.done:
+                raise  # the first write refused itself: nothing changed (refused)
+            kinds = ", ".join(r.kind for r in held.done)
+            raise PartlyDone(f"{exc}; already applied: {kinds} (see the Done sections)") from exc
         # Verified with the lock still held: a run waiting for it measures the world after
         # this remediation has shown its effect, not halfway through it.
         verification = runbook.verify(params, findings, records, report)

@@ -14,13 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 
 from deployments.catalog import Runbook
 from deployments.routing import RoutingTable, build_params, validate_routing
-from flows.driver import NotFixed
+from flows.common import Report
+from flows.driver import NotFixed, PartlyDone, drive
+from flows.driver import Runbook as DriverRunbook
+from flows.spec import Action, ActionRecord, RunbookParams, RunbookSpec
+from tasks.errors import SafetyViolation
 from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
 from tests.fixtures.throwaway_runbook import SPEC, StaleFlagParams, read_flag, stale_flag
 
@@ -136,3 +141,53 @@ def test_a_fix_that_does_not_hold_fails_the_run_with_its_report(key: str) -> Non
         state.result()
     (md,) = flow_run_artifacts(state.state_details.flow_run_id, "stale-flag")
     assert "**failed**" in md and "stale-again" in md
+
+
+class _Write(Action):
+    """A pinned write that may refuse itself before writing (as a 409 precondition does)."""
+
+    key: str
+    refuse: bool = False
+
+    def apply(self) -> ActionRecord:
+        if self.refuse:
+            raise SafetyViolation(f"{self.kind} refused; nothing written")
+        redis.Redis(host="127.0.0.1", port=6379).set(self.key, self.kind)
+        return ActionRecord(kind=self.kind, target=self.key, before="-", after="set", message="")
+
+
+class _Writes(DriverRunbook[RunbookParams, None]):
+    spec = RunbookSpec(name="two-writes", title="Two writes", severity=None)
+
+    def __init__(self, key: str, refusing: tuple[bool, ...]) -> None:
+        self.key, self.refusing = key, refusing
+
+    def check(self, params: RunbookParams, report: Report) -> None:
+        return None
+
+    def plan(self, params: RunbookParams, findings: None) -> list[Action]:
+        return [
+            _Write(kind=f"w{n}", target=self.key, summary="", key=self.key, refuse=refuse)
+            for n, refuse in enumerate(self.refusing, 1)
+        ]
+
+
+@flow(name="two-writes")
+def _two_writes(key: str, refusing: tuple[bool, ...]) -> str:
+    params = RunbookParams(dry_run=False, auto_approve=True)
+    return drive(_Writes(key, refusing), params).outcome
+
+
+def test_a_first_write_that_refuses_itself_is_a_refusal(key: str) -> None:
+    assert _two_writes(key, (True, False)) == "refused"
+    assert _value(key) == "stale"
+
+
+def test_a_later_write_that_refuses_fails_the_run_naming_what_was_applied(key: str) -> None:
+    state = _two_writes(key, (False, True), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(PartlyDone, match="already applied: w1"):
+        state.result()
+    assert _value(key) == "w1"  # the first write stays, and the report says so
+    (md,) = flow_run_artifacts(state.state_details.flow_run_id, "two-writes")
+    assert "## Done (w1)" in md and "already applied: w1" in md
