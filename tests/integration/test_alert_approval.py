@@ -35,6 +35,7 @@ from deployments.routing import RoutingTable, validate_routing
 from deployments.serve import to_deployments
 from deployments.warm_pool import execute
 from flows.common import run_link
+from tasks.alerts import alert_status
 from tests.fixtures.paged_flag import paged_flag
 from tests.fixtures.prefect_runs import flow_run_artifacts
 from tests.fixtures.throwaway_runbook import read_flag, stale_flag
@@ -212,6 +213,12 @@ def test_an_alert_that_resolves_while_its_run_waits_is_not_acted_on_after_approv
         resolved = payload({**firing, "status": "resolved"}, status="resolved")
         r = httpx.post(f"{receiver.url}/alerts", json=resolved, headers=bearer(), timeout=30)
         assert r.status_code == 200, r.text
+        # The receiver records the resolution as it answers; wait until it says so (a loaded
+        # machine may take a moment), then approve: the run asks it before acting.
+        deadline = time.monotonic() + 30
+        while alert_status(firing["fingerprint"]).state != "resolved":
+            assert time.monotonic() < deadline, "the receiver never reported the resolution"
+            time.sleep(0.2)
         assert read_run(run_id).state.is_paused()  # type: ignore[union-attr]  # never cancelled
         approve_as_the_ui(run_id)
         run = ended(run_id, future)
