@@ -3,6 +3,7 @@ entry moved since the plan, and its undo patch puts back exactly the previous en
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -31,6 +32,24 @@ def create(apps: Any, ns: str, name: str, entry: dict[str, Any] | None) -> None:
     if entry is not None:
         body["spec"]["template"]["spec"]["containers"][0]["env"].append(entry)
     apps.create_namespaced_deployment(ns, body)
+    settled(apps, ns, name)
+
+
+def settled(apps: Any, ns: str, name: str, timeout: float = 30) -> None:
+    """Wait until the controller has written the new Deployment's status: its status writes
+    move the resourceVersion, so a pinned write racing one is a (correct) 409 and re-read,
+    which would blur what a test counts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dep = apps.read_namespaced_deployment(name, ns)
+        if dep.status and dep.status.observed_generation == dep.metadata.generation:
+            time.sleep(0.5)  # its replica counts follow in the same sync or the next
+            if apps.read_namespaced_deployment(name, ns).metadata.resource_version == (
+                dep.metadata.resource_version
+            ):
+                return
+        assert time.monotonic() < deadline, f"deployment {ns}/{name} never settled"
+        time.sleep(0.1)
 
 
 def env_of(apps: Any, ns: str, name: str) -> list[dict[str, Any]]:
