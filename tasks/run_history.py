@@ -8,8 +8,9 @@ Shared by `post-incident` (which turns an incident's runs into a record) and
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
 import httpx
@@ -45,6 +46,9 @@ def incident_keys(tags: list[str] | None) -> set[str]:
     return parse_run_tags(tags).incident_keys()
 
 
+_T = TypeVar("_T")
+
+
 def page_of_runs(
     client: SyncPrefectClient,
     run_filter: FlowRunFilter,
@@ -67,11 +71,18 @@ def every_run(
     client: SyncPrefectClient, run_filter: FlowRunFilter, flow_filter: FlowFilter | None = None
 ) -> list[FlowRun]:
     """Every flow run the filters match, page by page."""
-    out: list[FlowRun] = []
-    while True:
-        page = page_of_runs(
-            client, run_filter, limit=PAGE, offset=len(out), flow_filter=flow_filter
+    return _all_pages(
+        lambda offset: page_of_runs(
+            client, run_filter, limit=PAGE, offset=offset, flow_filter=flow_filter
         )
+    )
+
+
+def _all_pages(read: Callable[[int], list[_T]]) -> list[_T]:
+    """Every item `read(offset)` returns, one page of `PAGE` at a time."""
+    out: list[_T] = []
+    while True:
+        page = read(len(out))
         out += page
         if len(page) < PAGE:
             return out
@@ -260,31 +271,20 @@ def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
 
 def artifacts_of(client: SyncPrefectClient, run_ids: list[UUID]) -> list[Artifact]:
     """Every artifact of these flow runs, page by page."""
-    out: list[Artifact] = []
-    while run_ids:
-        page = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=run_ids)),
-            limit=PAGE,
-            offset=len(out),
-        )
-        out += page
-        if len(page) < PAGE:
-            break
-    return out
+    if not run_ids:
+        return []
+    only = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=run_ids))
+    return _all_pages(
+        lambda offset: client.read_artifacts(artifact_filter=only, limit=PAGE, offset=offset)
+    )
 
 
 def task_runs_of(client: SyncPrefectClient, run_ids: list[UUID]) -> list[TaskRun]:
     """Every task run of these flow runs, page by page."""
-    out: list[TaskRun] = []
-    while True:
-        page = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)),
-            limit=PAGE,
-            offset=len(out),
-        )
-        out += page
-        if len(page) < PAGE:
-            return out
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=run_ids))
+    return _all_pages(
+        lambda offset: client.read_task_runs(flow_run_filter=runs, limit=PAGE, offset=offset)
+    )
 
 
 def run_answers(client: SyncPrefectClient, run_id: UUID) -> list[FlowRunInput]:
