@@ -1,4 +1,4 @@
-"""What every runbook shares: the approval gate, the audit tags, the report artifact, and
+"""What every runbook shares: the audit tags, the report artifact, and
 the last check before acting (is the alert that started the run still firing?)."""
 
 from __future__ import annotations
@@ -14,55 +14,12 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.futures import PrefectFuture
-from prefect.input import RunInput
 from prefect.states import Running
-from pydantic import Field
 
 from tasks.alerts import alert_status
 from tasks.errors import RunbookError
 from tasks.run_tags import parse_run_tags, runbook_tag, source_tag
-
-
-class Approval(RunInput):
-    """The form an approver fills in the Prefect UI to let a destructive step go ahead."""
-
-    approved: bool = Field(False, description="Tick to allow the planned action.")
-    approver: str = Field(..., min_length=1, description="Your name, recorded in the audit.")
-    reason: str = Field("", description="Why you approve or refuse; recorded in the audit.")
-
-
-@dataclass
-class Decision:
-    """The outcome of an approval gate, for the report."""
-
-    approved: bool
-    approver: str
-    reason: str
-
-    def line(self) -> str:
-        # The approver's name and reason are typed by a human in the UI: escaped.
-        verdict = "approved" if self.approved else "refused"
-        reason = f": {md_escape(self.reason)}" if self.reason else ""
-        return f"{verdict} by **{md_escape(self.approver)}**{reason}"
-
-
-def request_approval(summary: str, timeout_s: int) -> Decision:
-    """Pause the run until someone approves or refuses in the UI; a timeout refuses."""
-    logger = get_run_logger()
-    logger.warning("Approval needed: %s (waiting up to %d s)", summary, timeout_s)
-    try:
-        answer = pause_flow_run(
-            wait_for_input=Approval.with_initial_data(description=summary, approved=False),
-            timeout=timeout_s,
-            poll_interval=min(5, max(1, timeout_s // 4)),
-        )
-    except FlowPauseTimeout:
-        _end_expired_pause()
-        return Decision(False, "nobody", f"no answer within {timeout_s} s; nothing done")
-    return Decision(answer.approved, answer.approver, answer.reason)
 
 
 def _end_expired_pause() -> None:

@@ -21,13 +21,12 @@ from prefect import get_run_logger
 from prefect.context import FlowRunContext
 from pydantic import BaseModel
 
+from flows.approval import Asked, Decision, request_approval
 from flows.common import (
-    Decision,
     Report,
     alert_resolved,
     md_escape,
     publish_on_exit,
-    request_approval,
     run_link,
     run_source,
     table,
@@ -398,24 +397,35 @@ def _approve(
         return None
     text = "; ".join(a.describe() for a in doable)
     summary = f"{runbook.spec.name}: {text}"[:2000]
-    _page_for_approval(runbook, summary)
+    unattended = run_source() in {"alert", "schedule"}
+    if unattended:
+        _page_for_approval(runbook, summary)
     timeout = params.approval_timeout_s if isinstance(params, RunbookParams) else 1200
-    decision = request_approval(summary, timeout)
-    report.add("Approval", decision.line())
+    asked = Asked(
+        runbook=runbook.spec.name,
+        kinds=[a.kind for a in doable],
+        actions=[a.describe() for a in doable],
+        # What the approver reads on the link's page: the evidence and plan so far.
+        evidence="\n".join(report.sections),
+        page_links=unattended,
+    )
+    decision = request_approval(asked, list(doable), timeout)
+    report.add("Approval", decision.markdown())
     return decision
 
 
 def _page_for_approval(runbook: Runbook[Any, Any], summary: str) -> None:
     """An unattended run (alert, schedule) that pauses for approval pages its chain now,
     with the link to this paused run; a run a human started in the UI has its human."""
-    if run_source() not in {"alert", "schedule"} or runbook.spec.severity is None:
+    if runbook.spec.severity is None:
         return
     ctx = FlowRunContext.get()
     link = run_link(ctx.flow_run.id) if ctx and ctx.flow_run else ""
     escalate_incident(
         runbook.spec.severity,
         runbook.spec.topic,
-        f"Approval needed: {summary}" + (f"\nApprove or refuse: {link}" if link else ""),
+        f"Approval needed: {summary}\nThe allowed approvers got their own Approve and Refuse"
+        " links." + (f"\nThe run: {link}" if link else ""),
     )
 
 

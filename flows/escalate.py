@@ -60,6 +60,7 @@ from flows.common import (
     tag_run,
 )
 from flows.spec import RunbookSpec, runbook_flow
+from tasks.approvals.message import ApprovalMessage
 from tasks.contacts import EscalationConfig, EscalationSettings, Severity, load_config
 from tasks.errors import RunbookError
 from tasks.incidents import (
@@ -152,13 +153,14 @@ def notify_contact(
     subject: str,
     body: str,
     stage: str = "",
+    approval: ApprovalMessage | None = None,
 ) -> list[Delivery]:
     """Try the contact's channels in order until one confirms; every attempt is a row."""
     logger = get_run_logger()
     rows: list[Delivery] = []
     for block_ref in config.contacts[contact].channels:
         state = send_notification(
-            incident_key, contact, block_ref, subject, body, stage, return_state=True
+            incident_key, contact, block_ref, subject, body, stage, approval, return_state=True
         )
         if state.is_completed():
             delivery = state.result()

@@ -49,6 +49,16 @@ class Contact(BaseModel):
     channels: list[str] = Field(
         min_length=1, description="Notification block refs `<block-type-slug>/<block-name>`."
     )
+    members: list[str] = Field(
+        default_factory=list,
+        description="A group: the contacts it stands for. An approval request goes to each"
+        " member with links of their own; without members the contact is one approver.",
+    )
+    slack_user_ids: list[str] = Field(
+        default_factory=list,
+        description="Slack user ids (U0...) that are this contact: a button click from one of"
+        " them is this contact's decision.",
+    )
 
     @field_validator("channels")
     @classmethod
@@ -166,6 +176,52 @@ def _default_topics() -> dict[str, str]:
     }
 
 
+class ApproverRule(BaseModel):
+    """Who may approve an action of a runbook, and how many distinct approvers it needs.
+
+    The most specific rule applies: runbook and action named, then the runbook with `*`,
+    then `*` with the action, then `*`/`*`.
+    """
+
+    runbook: str = Field("*", description="The runbook's name, or `*`.")
+    action: str = Field("*", description="The action's kind (e.g. `database-restart`), or `*`.")
+    approvers: list[str] = Field(
+        min_length=1, description="Contact names; a group contact stands for its members."
+    )
+    min_approvers: int = Field(1, ge=1, le=10, description="Distinct approvals needed.")
+    self_declared: bool = Field(
+        True,
+        description="Whether a name typed into Prefect's Resume form counts (unverified).",
+    )
+
+    def specificity(self) -> int:
+        return (self.runbook != "*") * 2 + (self.action != "*")
+
+    def matches(self, runbook: str, action: str) -> bool:
+        return self.runbook in {"*", runbook} and self.action in {"*", action}
+
+
+def _default_approvers() -> list[ApproverRule]:
+    return [
+        ApproverRule(approvers=["on-call", "on-call-secondary", "team-lead"]),
+        # A database restart drops every session: the database team decides, verified.
+        ApproverRule(
+            runbook="high-error-rate",
+            action="database-restart",
+            approvers=["db-team"],
+            self_declared=False,
+        ),
+        # Secret rotation logs every user out: two distinct, verified approvers.
+        ApproverRule(
+            runbook="security-breach",
+            action="rotate-secrets",
+            approvers=["security-team", "leadership"],
+            min_approvers=2,
+            self_declared=False,
+        ),
+    ]
+
+
 class EscalationConfig(BaseModel):
     """Contacts, topics and the severity table; every name used must be defined."""
 
@@ -180,6 +236,10 @@ class EscalationConfig(BaseModel):
     approval: ApprovalPolicy = Field(
         default_factory=ApprovalPolicy, description="Re-paging for a long approval wait."
     )
+    approvers: list[ApproverRule] = Field(
+        default_factory=_default_approvers,
+        description="Who may approve which runbook's actions (the most specific rule wins).",
+    )
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Self:
@@ -190,12 +250,62 @@ class EscalationConfig(BaseModel):
         for policy in self.severities.values():
             used |= {n for n in policy.notify if n != TOPIC} | set(policy.next_levels)
         used |= set(self.approval.notify) | set(self.approval.next_levels)
+        for contact in self.contacts.values():
+            used |= set(contact.members)
+        for rule in self.approvers:
+            used |= set(rule.approvers)
         missing = sorted(used - set(self.contacts))
         if missing:
             raise ValueError(f"contacts used but not defined: {missing}")
+        slack_owner: dict[str, str] = {}
+        for name, contact in self.contacts.items():
+            for user in contact.slack_user_ids:
+                if slack_owner.setdefault(user, name) != name:
+                    raise ValueError(f"Slack user {user} is both {slack_owner[user]} and {name}")
+        for rule in self.approvers:
+            found = len(self.individuals(rule.approvers))
+            if rule.min_approvers > found:
+                raise ValueError(
+                    f"approvers rule {rule.runbook}/{rule.action} needs {rule.min_approvers}"
+                    f" distinct approvers but names only {found}: it could never be met"
+                )
+        if not any(r.runbook == "*" and r.action == "*" for r in self.approvers):
+            raise ValueError("approvers: a default rule (runbook `*`, action `*`) is needed")
         if set(self.severities) != set(Severity):
             raise ValueError("every severity (critical, high, medium, low) needs a policy")
         return self
+
+    def individuals(self, names: list[str]) -> list[str]:
+        """The approvers `names` stand for: a group is its members (recursively), in order."""
+        out: list[str] = []
+        seen: set[str] = set()
+
+        def walk(name: str) -> None:
+            if name in seen:
+                return  # a group listing itself (or a cycle) adds nobody twice
+            seen.add(name)
+            members = self.contacts[name].members if name in self.contacts else []
+            if not members:
+                out.append(name)
+            for member in members:
+                walk(member)
+
+        for name in names:
+            walk(name)
+        return out
+
+    def rule_for(self, runbook: str, action: str) -> ApproverRule:
+        """The approvers rule of one action of one runbook: the most specific that matches."""
+        matching = [r for r in self.approvers if r.matches(runbook, action)]
+        # Validated: a `*`/`*` rule exists. Ties: the later rule (an override file's) wins.
+        return max(reversed(matching), key=ApproverRule.specificity)
+
+    def slack_contact(self, user_id: str) -> str | None:
+        """The contact a Slack user id belongs to, or None."""
+        for name, contact in self.contacts.items():
+            if user_id in contact.slack_user_ids:
+                return name
+        return None
 
     def topic_contact(self, topic: str) -> str:
         """The contact that owns `topic` (the default contact for an unknown topic)."""

@@ -43,6 +43,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import BaseModel, Field
 
+from tasks.approvals.message import ApprovalMessage
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_IDEMPOTENT_WRITE
 
@@ -171,7 +172,13 @@ def _classify(exc: Exception) -> tuple[Status, str, bool]:
     **RETRY_IDEMPOTENT_WRITE,
 )
 def send_notification(
-    incident_key: str, contact: str, block_ref: str, subject: str, body: str, stage: str = ""
+    incident_key: str,
+    contact: str,
+    block_ref: str,
+    subject: str,
+    body: str,
+    stage: str = "",
+    approval: ApprovalMessage | None = None,
 ) -> Delivery:
     """Notify one contact through one block, unless this incident already did at this stage."""
     logger = get_run_logger()
@@ -217,8 +224,13 @@ def send_notification(
     dedup = deduplicates(block)
     try:
         with _with_dedup_key(block, incident_key).raise_on_failure():
-            # `_sync`: this task is synchronous; never hand back an unawaited coroutine.
-            block.notify(body=body, subject=subject, _sync=True)  # type: ignore[call-arg,unused-coroutine]
+            notify_approval = getattr(block, "notify_approval", None)
+            if approval is not None and callable(notify_approval):
+                # A channel that shows buttons (the Slack app) gets the whole request.
+                notify_approval(approval)
+            else:
+                # `_sync`: this task is synchronous; never hand back an unawaited coroutine.
+                block.notify(body=body, subject=subject, _sync=True)  # type: ignore[call-arg,unused-coroutine]
     except Exception as exc:  # noqa: BLE001 - classified below, text never kept
         status, answer, retryable = _classify(exc)
         if status == "unconfirmed" and dedup:

@@ -11,6 +11,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RUNBOOKS_RETRY_ATTEMPTS", "2")
 os.environ.setdefault("RUNBOOKS_RETRY_BACKOFF_S", "0.05")
 os.environ.setdefault("RUNBOOKS_RETRY_JITTER_FACTOR", "0")
+# Approval links and votes are signed in every test run (a fixed test key, never a real one).
+os.environ.setdefault("RUNBOOKS_APPROVAL_SIGNING_KEY", "test-approval-signing-key-0123456789abcdef")
 
 from collections.abc import Iterator
 

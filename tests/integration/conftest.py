@@ -14,7 +14,7 @@ import pytest
 # 0.2 s gives them the same outcome in a fraction of that. Timeouts are unchanged (Prefect's
 # loop still ends at `timeout`), so a form nobody answers still times out when it should.
 FAST_POLL_S = 0.2
-PAUSING_MODULES = ("flows.common", "flows.post_incident", "flows.escalate")
+PAUSING_MODULES = ("flows.approval", "flows.post_incident", "flows.escalate")
 
 
 def _fast(pause: Callable[..., Any]) -> Callable[..., Any]:

@@ -246,7 +246,16 @@ def test_a_paused_alert_run_pages_the_on_call_at_once_with_its_link(
         (page,) = world.sink["db-team"].delivered
         assert "Approval needed: paged-flag: reset-flag" in page["text"]
         assert run_link(run_id) in page["text"]
-        assert world.pages() == {"team-lead": 1, "incidents": 1, "db-team": 1}
+        # And each allowed approver (the default rule: the on-call chain) its own links.
+        assert world.pages() == {
+            "team-lead": 2,
+            "incidents": 1,
+            "db-team": 1,
+            "on-call": 1,
+            "on-call-secondary": 1,
+        }
+        (request,) = world.sink["on-call"].delivered  # PagerDuty's shape
+        assert "/approvals/" in str(request) and "asks on-call to approve" in str(request)
         approve_as_the_ui(run_id)
         run = ended(run_id, future)
     assert run.state is not None and run.state.is_completed(), run.state

@@ -32,8 +32,8 @@ from prefect.states import Cancelled, Completed, Failed, Paused, Pending, Runnin
 from pydantic import ValidationError
 
 import flows.audit_retention as retention
+from flows.approval import Approval
 from flows.audit_retention import RetentionParams, audit_retention
-from flows.common import Approval
 from flows.post_incident import ChecklistForm, post_incident
 from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
 

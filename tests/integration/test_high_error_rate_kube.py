@@ -29,6 +29,7 @@ from flows.high_error_rate import (
 )
 from sandbox.db import create_database
 from sandbox.server import free_port
+from tests.fixtures.approvals import vote
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.pg_private import private_cluster
 from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
@@ -275,9 +276,12 @@ def test_database_restart_waits_for_approval_even_with_auto_approve(
                 high_error_rate, HighErrorRateParams(dry_run=False, auto_approve=True)
             )
             run_id = wait_for_paused_run(RUNBOOK)
+            # A name typed into the Resume form does not count for a database restart
+            # (verified approvers only): recorded and ignored; the database team refuses.
             resume_flow_run(
-                run_id, run_input={"approved": False, "approver": "carol", "reason": "DBA on it"}
+                run_id, run_input={"approved": True, "approver": "carol", "reason": "go"}
             )
+            vote(run_id, "db-team", "refuse", reason="DBA on it")
             out = fut.result(timeout=120)
     assert "A" in held(out)
     (a,) = [s for s in out.scenarios if s.scenario == "A"]
@@ -287,7 +291,8 @@ def test_database_restart_waits_for_approval_even_with_auto_approve(
     sts = p.apps.read_namespaced_stateful_set("akig-postgres", p.namespace)
     assert sts.metadata.generation == sts_generation
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
-    assert "carol" in md and "database-restart" in md
+    assert "carol" in md and "self-declared answers do not count here" in md
+    assert "db-team" in md and "DBA on it" in md and "database-restart" in md
 
 
 def test_database_restart_under_the_runs_own_lock_ends_by_its_verification(
@@ -332,7 +337,7 @@ def test_database_restart_under_the_runs_own_lock_ends_by_its_verification(
             )
             run_id = wait_for_paused_run(RUNBOOK)
             assert server_start(cluster.admin_dsn) == started  # nothing before the approval
-            resume_flow_run(run_id, run_input={"approved": True, "approver": "erin"})
+            vote(run_id, "db-team")  # a database restart: verified approvers only
             out = fut.result(timeout=300)
         # The StatefulSet's restart really restarted the server (and ended the stuck session).
         assert server_start(cluster.admin_dsn) > started
@@ -343,7 +348,7 @@ def test_database_restart_under_the_runs_own_lock_ends_by_its_verification(
     assert out.verify is not None and out.verify.recovered, out.verify
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "its session ended with this run's restart of statefulset/akig-postgres" in md
-    assert "recovered" in md and "erin" in md
+    assert "recovered" in md and "db-team" in md and "signed link" in md
 
 
 def server_start(admin_dsn: str) -> Any:
