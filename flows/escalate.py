@@ -448,8 +448,9 @@ def _approval(chain: _Chain) -> Ended:
     where = run_link(watched) if watched else f"(run {key})"
     body = (
         f"{params.summary or 'A runbook run waits for an approval.'}\n"
-        f"Approve or refuse it in the Prefect UI: {where}; acknowledge this page to stop"
-        f" the reminders. Next reminder in {policy.repage_after_s} s."
+        f"Its allowed approvers got their own Approve and Refuse links; the run: {where}."
+        f" Acknowledge this page to stop the reminders. Next reminder in"
+        f" {policy.repage_after_s} s."
     )
 
     def subject(level: int) -> str:

@@ -14,10 +14,16 @@ from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.objects import FlowRun
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.approvals.signing import Channel, LinkClaims, Vote
-from tasks.approvals.store import ApprovalRequest, latest_request, read_votes, record_vote
+from tasks.approvals.store import (
+    ApprovalRequest,
+    latest_request,
+    read_decision,
+    read_votes,
+    record_vote,
+)
 from tasks.approvals.tally import recipients, tally
 
 Outcome = Literal["recorded", "used", "stale", "not-waiting", "not-allowed"]
@@ -32,6 +38,10 @@ class Looked(BaseModel):
     run_name: str
     state: str
     paused: bool
+    #: The gate still counts votes: the run is not final and has not decided this plan (it
+    #: may be Running for a moment between two pauses, counting the previous vote).
+    waiting: bool
+    decided: str = Field("", description="approved / refused / pending (timed out), if so.")
     request: ApprovalRequest | None
 
     @property
@@ -45,10 +55,14 @@ def look(client: SyncPrefectClient, claims: LinkClaims) -> Looked:
     state = run.state
     request = latest_request(client, run.id)
     current = request if request is not None and request.plan == claims.plan else None
+    decision = read_decision(client, run.id, claims.plan)
+    final = state is None or state.is_final()
     return Looked(
         run_name=run.name,
         state=state.name if state and state.name else "unknown",
         paused=bool(state and state.is_paused()),
+        waiting=not final and decision is None,
+        decided=str(decision.get("state", "")) if decision else "",
         request=current,
     )
 
@@ -80,8 +94,13 @@ def decide(
     def answer(outcome: Outcome, message: str) -> Decided:
         return Decided(outcome=outcome, message=message, approver=approver, choice=claims.choice)
 
-    if not looked.paused:
-        return answer("not-waiting", f"The run no longer waits for an approval ({looked.state}).")
+    if not looked.waiting:
+        already = f"; it already decided: {looked.decided}" if looked.decided else ""
+        return answer(
+            "not-waiting",
+            f"The run no longer waits for an approval ({looked.state}{already}). Nothing was"
+            " recorded.",
+        )
     latest = latest_request(client, run_id)
     if looked.request is None or latest is None:
         return answer(
@@ -132,8 +151,8 @@ def _wake(client: SyncPrefectClient, run: UUID, vote: Vote, use: str, within_s: 
     }
     while True:
         state = client.read_flow_run(run).state
-        if state is None or state.is_final():
-            return False
+        if state is None or state.is_final() or read_decision(client, run, vote.plan):
+            return False  # ended, or the gate decided (it counted this vote or did not need it)
         if state.is_paused():
             result = client.resume_flow_run(run, run_input=run_input)
             if result.status.value == "ACCEPT":

@@ -113,6 +113,14 @@ def read_votes(client: SyncPrefectClient, run: UUID, key: bytes) -> tuple[list[V
     return votes, broken
 
 
+def read_decision(client: SyncPrefectClient, run: UUID, plan: str) -> dict[str, Any] | None:
+    """The stored decision of the run's gate on `plan`, or None while it is still open."""
+    for value in _all(client, run, DECISION + plan):
+        if isinstance(value, dict):
+            return value
+    return None
+
+
 def save_decision(client: SyncPrefectClient, run: UUID, plan: str, result: Tally) -> None:
     """How the gate ended and who counted: read by post-incident and the audit export."""
     value = {
