@@ -64,6 +64,8 @@ class Decision:
     summary: str
     requirements: list[Requirement] = field(default_factory=list)
     votes: list[Counted] = field(default_factory=list)
+    #: Whom the links went to, through which channel (or why none).
+    paged: list[str] = field(default_factory=list)
 
     @property
     def approver(self) -> str:
@@ -152,19 +154,25 @@ def request_approval(asked: Asked, plan_of: list[Any], timeout_s: int) -> Decisi
         "; ".join(asked.actions)[:500],
         timeout_s,
     )
+    paged: list[str] = []
     if key is None:
         logger.warning("no approval signing key: no links sent; only the Resume form answers")
+        paged.append("no links sent: no approval signing key is configured")
     elif asked.page_links or not all(r.self_declared for r in reqs):
         # Unattended runs page their approvers; a run started by a human in the UI too when
         # a rule counts verified answers only (the Resume form cannot approve it).
-        _page_links(request, settings, key, config)
-    return _wait(request, reqs, key, timeout_s)
+        paged = _page_links(request, settings, key, config)
+    decision = _wait(request, reqs, key, timeout_s)
+    decision.paged = paged
+    return decision
 
 
 def _page_links(
     request: ApprovalRequest, settings: ApprovalSettings, key: bytes, config: EscalationConfig
-) -> None:
-    """Each allowed approver gets their own Approve and Refuse links, on their channels."""
+) -> list[str]:
+    """Each allowed approver gets their own Approve and Refuse links, on their channels;
+    returns one line per recipient: reached through which block, or not."""
+    lines: list[str] = []
     expires = int(min(request.expires_at, time.time() + settings.link_ttl_s))
     needs = "; ".join(r.line() for r in request.requirements)
     base = settings.base_url.rstrip("/")
@@ -199,7 +207,7 @@ def _page_links(
             expires_at=expires,
         )
         # One page per recipient and plan: a retried gate does not page twice.
-        notify_contact(
+        rows = notify_contact(
             config,
             recipient,
             request.run,
@@ -208,6 +216,12 @@ def _page_links(
             stage=f"approval-request:{request.plan[:12]}",
             approval=message,
         )
+        sent = [d.block for d in rows if d.status in {"sent", "unconfirmed"}]
+        lines.append(
+            f"links to {recipient}: "
+            + (f"via {', '.join(sent)}" if sent else "NOT delivered (no channel answered)")
+        )
+    return lines
 
 
 def _wait(
