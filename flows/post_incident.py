@@ -13,13 +13,13 @@ Incident key (`IncidentKey.parse`):
 - `<runbook>@<since>..<until>`: the runs of that runbook expected to start in the range.
 
 Gathers, through the Prefect API: every flow run (with its subflows), task run, state change,
-artifact, approval and notification (runs of the `escalate` flow) → one ordered
-timeline with durations (each approval vote: who, through which channel — signed link,
-Slack, or the UI's self-declared form — the decision, and whether it counted; see
-`tasks/approvals/record.py`), the times to first action, approval and recovery, and the on-call runbook's
-post-incident checklist, filled in a Prefect form (`ChecklistForm`), each item with who and
-when. The same record is published as a markdown artifact and can be exported as markdown
-and JSON (the JSON loads back into the same `PostIncidentRecord`).
+artifact, approval and notification (runs of the `escalate` flow) → one ordered timeline
+with durations (each approval vote: who, through which channel — signed link, Slack, or
+the UI's self-declared form — the decision, and whether it counted; see
+`tasks/approvals/record.py`), the times to first action, approval and recovery, and the
+on-call runbook's post-incident checklist, filled in a Prefect form (`ChecklistForm`),
+each item with who and when. The same record is published as a markdown artifact and can
+be exported as markdown and JSON (the JSON loads back into the same `PostIncidentRecord`).
 
 May change: nothing outside this run (it reads the API; its form answers are its own run
 inputs). Safety: read-only; human text (approver names, reasons, checklist answers) is
