@@ -184,4 +184,5 @@ def run_approvals(
     answers: Iterable[FlowRunInput], records: Iterable[FlowRunInput]
 ) -> RunApprovals | None:
     """The run's approvals: its gate decisions when it stored any, else its form answers."""
-    return from_decisions(records) or from_answers(answers)
+    found = from_decisions(records)
+    return found if found is not None else from_answers(answers)
