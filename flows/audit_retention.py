@@ -45,8 +45,8 @@ at least 1; at most `max_runs` deleted per run; a batch (up to 200 runs, the API
 limit) is deleted only once its lines are on disk (fsync; the export file's name too: its
 folder is fsync'd when the file is created), 50 runs per delete call (Prefect's bulk-delete
 limit); the export file is created mode 0600 whatever the umask. Undo: the export file holds
-every deleted run, its task runs, artifacts and pause answers (approval, checklist) as the
-API returned them.
+every deleted run, its task runs, artifacts, pause answers (approval, checklist) and approval
+records (request, sealed votes, decision) as the API returned them.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ from tasks.errors import PermanentError
 from tasks.retry import RETRY_READ
 from tasks.run_history import (
     PAGE,
+    approval_records,
     artifacts_of,
     classified,
     every_run,
@@ -226,8 +227,9 @@ def _line(
             "flow": flows.get(run.flow_id),
             "task_runs": [t.model_dump(mode="json") for t in tasks],
             "artifacts": [a.model_dump(mode="json") for a in artifacts],
-            # Who approved and why, and the checklist answers: Prefect deletes a run's
-            # inputs with it, so the export is the only copy left.
+            # Who approved and why (the Resume-form answers, and the approval request,
+            # sealed votes and decision), and the checklist answers: Prefect deletes a
+            # run's inputs with it, so the export is the only copy left.
             "inputs": [a.model_dump(mode="json") for a in answers],
         },
         separators=(",", ":"),
@@ -346,7 +348,7 @@ def process_batch(
                 flows,
                 [t for t in task_runs if t.flow_run_id == run.id],
                 [a for a in artifacts if a.flow_run_id == run.id],
-                run_answers(client, run.id),
+                run_answers(client, run.id) + approval_records(client, run.id),
             )
             + "\n"
         )

@@ -13,11 +13,13 @@ Incident key (`IncidentKey.parse`):
 - `<runbook>@<since>..<until>`: the runs of that runbook expected to start in the range.
 
 Gathers, through the Prefect API: every flow run (with its subflows), task run, state change,
-artifact, approval input and notification (runs of the `escalate` flow) → one ordered
-timeline with durations, the times to first action, approval and recovery, and the on-call runbook's
-post-incident checklist, filled in a Prefect form (`ChecklistForm`), each item with who and
-when. The same record is published as a markdown artifact and can be exported as markdown
-and JSON (the JSON loads back into the same `PostIncidentRecord`).
+artifact, approval and notification (runs of the `escalate` flow) → one ordered timeline
+with durations (each approval vote: who, through which channel — signed link, Slack, or
+the UI's self-declared form — the decision, and whether it counted; see
+`tasks/approvals/record.py`), the times to first action, approval and recovery, and the
+on-call runbook's post-incident checklist, filled in a Prefect form (`ChecklistForm`),
+each item with who and when. The same record is published as a markdown artifact and can
+be exported as markdown and JSON (the JSON loads back into the same `PostIncidentRecord`).
 
 May change: nothing outside this run (it reads the API; its form answers are its own run
 inputs). Safety: read-only; human text (approver names, reasons, checklist answers) is
@@ -62,6 +64,7 @@ from flows.common import (
     tag_run,
 )
 from flows.spec import RunbookSpec, dry_run_of, runbook_flow, spec_of
+from tasks.approvals.record import run_approvals
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_READ
 from tasks.run_history import (
@@ -341,7 +344,9 @@ def build_record(
         _add_states(tl, states, notify, base)
         _add_tasks(tl, run, data.task_runs.get(run.id, []), notify, base)
         _add_artifacts(tl, run, flow_name, data.artifacts.get(run.id, []), base)
-        _add_approvals(tl, run, states, data.inputs.get(run.id, []), base)
+        _add_approvals(
+            tl, run, states, data.inputs.get(run.id, []), data.approvals.get(run.id, []), base
+        )
     if not runs:
         raise PermanentError(f"no runs found for incident {key.label()}")
     raw = tl.raw
@@ -461,32 +466,27 @@ def _add_approvals(
     run: FlowRun,
     states: list[Any],
     answers: list[FlowRunInput],
+    records: list[FlowRunInput],
     base: dict[str, str],
 ) -> None:
-    """Each approval answer, timed from the pause it answered; the first approval."""
-    paused = [s for s in states if s.is_paused()]
-    for answer in answers:
-        value = _decoded(answer)
-        if "approved" not in value:
-            continue
-        asked = max((s.timestamp for s in paused if s.timestamp <= answer.created), default=None)
-        verdict = "approved" if value.get("approved") else "refused"
-        who = str(value.get("approver", ""))[:200]
+    """Each vote (who, channel, decision, counted or why not), timed from the pause it
+    answered; the moment and the approvers that decided the run's approval."""
+    found = run_approvals(answers, records)
+    if found is None:
+        return
+    paused = [s.timestamp for s in states if s.is_paused()]
+    for vote in found.votes:
+        asked = max((t for t in paused if t <= vote.at), default=None)
         tl.add(
-            answer.created,
+            vote.at,
             kind="approval",
-            step=verdict,
-            detail=f"{verdict} by {who}"
-            + (f": {value.get('reason')}" if value.get("reason") else ""),
-            duration_s=_secs(asked, answer.created),
+            step="approved" if vote.choice == "approve" else "refused",
+            detail=vote.line(),
+            duration_s=_secs(asked, vote.at),
             **base,
         )
-        if (
-            value.get("approved")
-            and answer.created
-            and (tl.approval is None or answer.created < tl.approval[0])
-        ):
-            tl.approval = (answer.created, who, run.name)
+    if found.approved_at and (tl.approval is None or found.approved_at < tl.approval[0]):
+        tl.approval = (found.approved_at, found.by(), run.name)
 
 
 def _metrics(tl: _Timeline, t0: datetime | None, fired: bool) -> Metrics:

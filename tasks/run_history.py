@@ -28,14 +28,17 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import Artifact, FlowRun, FlowRunInput, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from tasks.approvals.store import DECISION
 from tasks.errors import PermanentError, TransientError
 from tasks.run_tags import ALERT, alert_tag, covered_by_tag, parse_run_tags
 
 #: Flows that describe incidents rather than act in them: never part of a timeline.
 NOT_IN_TIMELINE = frozenset({"post-incident", "audit-retention"})
 PAGE = 200
+#: The key prefix of every approval record a gate and the receiver store on a run.
+APPROVAL = "approval-"
 #: More runs than this under one key is not an incident but a mistyped key (a tag on
 #: everything): refused, rather than read for minutes.
 MAX_RUNS = 500
@@ -174,6 +177,9 @@ class Gathered(BaseModel):
     task_runs: dict[UUID, list[TaskRun]]
     artifacts: dict[UUID, list[Artifact]]
     inputs: dict[UUID, list[FlowRunInput]]
+    approvals: dict[UUID, list[FlowRunInput]] = Field(
+        default_factory=dict, description="The approval gates' decisions, per run."
+    )
 
 
 def classified(exc: Exception, what: str) -> Exception:
@@ -266,6 +272,7 @@ def collect(client: SyncPrefectClient, key: IncidentKey) -> Gathered:
         task_runs={i: task_runs.get(i, []) for i in ids},
         artifacts=artifacts,
         inputs={i: run_answers(client, i) for i in ids},
+        approvals={i: approval_records(client, i, DECISION) for i in ids},
     )
 
 
@@ -296,6 +303,17 @@ def run_answers(client: SyncPrefectClient, run_id: UUID) -> list[FlowRunInput]:
         flow_run_id=run_id, key_prefix="paused-", limit=100, exclude_keys=set()
     )
     return sorted((i for i in inputs if i.key.endswith("-response")), key=created_at)
+
+
+def approval_records(
+    client: SyncPrefectClient, run_id: UUID, prefix: str = APPROVAL
+) -> list[FlowRunInput]:
+    """The run's approval records (`tasks/approvals/store.py`: request, sealed votes,
+    decision), oldest first; `prefix` narrows them (the decisions alone)."""
+    inputs = client.filter_flow_run_input(
+        flow_run_id=run_id, key_prefix=prefix, limit=500, exclude_keys=set()
+    )
+    return sorted(inputs, key=created_at)
 
 
 def created_at(obj: Any) -> datetime:

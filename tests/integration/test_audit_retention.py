@@ -35,6 +35,11 @@ import flows.audit_retention as retention
 from flows.approval import Approval
 from flows.audit_retention import RetentionParams, audit_retention
 from flows.post_incident import ChecklistForm, post_incident
+from tasks.approvals.signing import Vote, open_vote
+from tasks.approvals.store import ApprovalRequest, record_vote, save_decision, save_request
+from tasks.approvals.tally import requirements, tally
+from tasks.contacts import EscalationConfig
+from tests.fixtures.approvals import KEY
 from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -237,6 +242,31 @@ def test_the_export_carries_the_approval_and_checklist_answers(
             "paused-2-response",
             ChecklistForm(filled_by="bob", root_cause="a leaking pool").model_dump_json(),
         )
+        # The approval records of a verified gate: request, a sealed vote, the decision.
+        reqs = requirements(EscalationConfig(), "retention-subject", ["delete-old-runs"])
+        save_request(
+            c,
+            ApprovalRequest(
+                run=str(run_id),
+                runbook="retention-subject",
+                plan="p1",
+                actions=["delete old runs"],
+                requirements=reqs,
+                asked_at=1.0,
+                expires_at=2.0,
+            ),
+        )
+        vote = Vote(
+            run=str(run_id),
+            plan="p1",
+            approver="on-call",
+            choice="approve",
+            channel="link",
+            at=1.5,
+            recipient="on-call",
+        )
+        assert record_vote(c, vote, "nonce1", KEY)
+        save_decision(c, run_id, "p1", tally(reqs, "p1", [vote]))
     out = audit_retention(
         RetentionParams(dry_run=False, auto_approve=True, export_dir=str(tmp_path / "i"))
     )
@@ -251,6 +281,15 @@ def test_the_export_carries_the_approval_and_checklist_answers(
     }
     assert answers["paused-2-response"]["filled_by"] == "bob"
     assert answers["paused-2-response"]["root_cause"] == "a leaking pool"
+    # Who approved, verified: the request, the sealed vote (its seal still holds) and the
+    # decision leave with the run.
+    assert answers["approval-request-p1"]["actions"] == ["delete old runs"]
+    assert open_vote(answers["approval-vote-nonce1"], KEY) == vote
+    decision = answers["approval-decision-p1"]
+    assert decision["state"] == "approved"
+    assert [(a["approver"], a["channel"], a["counted"]) for a in decision["approvers"]] == [
+        ("on-call", "link", True)
+    ]
 
 
 def test_the_export_file_is_0600_whatever_the_umask(world: World, tmp_path: Path) -> None:

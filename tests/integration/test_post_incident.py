@@ -19,10 +19,12 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.context import tags
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Completed, Scheduled
@@ -33,6 +35,7 @@ from deployments.receiver import create_app
 from deployments.routing import load_routing
 from deployments.serve import to_deployments
 from deployments.warm_pool import execute
+from flows.common import md_escape
 from flows.db_pool_exhausted import DbPoolParams, _cooldown_key, db_pool_exhausted, target_of
 from flows.high_latency import high_latency
 from flows.pool_threshold import pool_threshold
@@ -46,9 +49,12 @@ from flows.post_incident import (
     post_incident,
     record_markdown,
 )
+from tasks.approvals.desk import WAKE
 from tasks.run_history import IncidentKey, collect
+from tests.fixtures.approvals import vote
 from tests.fixtures.postgres import ADMIN_DSN, PgWorld, Sessions, alive, pid, wait_gone
 from tests.fixtures.prefect_runs import flow_run_artifacts, paused_runs, wait_for_paused_run
+from tests.fixtures.throwaway_runbook import StaleFlagParams, read_flag, stale_flag
 from tests.fixtures.triggers import alert, bearer, payload, receiver_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,7 +248,22 @@ def api_facts(run_ids: list[UUID]) -> dict[str, Any]:
             ]
             for i in run_ids
         }
-    return {"runs": runs, "tasks": tasks, "states": states, "inputs": inputs}
+        decisions = {
+            i: [
+                json.loads(x.value)
+                for x in client.filter_flow_run_input(
+                    flow_run_id=i, key_prefix="approval-decision-", limit=50, exclude_keys=set()
+                )
+            ]
+            for i in run_ids
+        }
+    return {
+        "runs": runs,
+        "tasks": tasks,
+        "states": states,
+        "inputs": inputs,
+        "decisions": decisions,
+    }
 
 
 def secs(a: datetime | None, b: datetime | None) -> float:
@@ -299,15 +320,23 @@ def test_timeline_lists_every_step_in_order_with_the_apis_durations(incident: In
         ]
     real_states = [s.type for s in facts["states"][incident.real_run_id]]
     assert StateType.PAUSED in real_states
-    # The approval: who, and how long the run waited for it.
+    # The approval: who, through what, and how long the run waited for it. The gate's
+    # decision is the record (the Resume-form answer it counted is not listed twice).
     (answer,) = facts["inputs"][incident.real_run_id]
+    (decision,) = facts["decisions"][incident.real_run_id]
+    assert decision["state"] == "approved"
+    (vote,) = decision["approvers"]
+    assert (vote["approver"], vote["channel"], vote["counted"]) == ("alice", "ui", True)
+    voted = datetime.fromtimestamp(vote["at"], UTC)
+    assert voted >= answer.created
     paused = max(
         s.timestamp for s in facts["states"][incident.real_run_id] if s.type == StateType.PAUSED
     )
     (approval,) = [e for e in record.timeline if e.kind == "approval"]
-    assert approval.step == "approved" and "alice" in approval.detail
-    assert approval.at == answer.created
-    assert approval.duration_s == secs(paused, answer.created)
+    assert approval.step == "approved"
+    assert approval.detail == "approved by alice (UI, self-declared); counted; reason: INC-9"
+    assert approval.at == voted
+    assert approval.duration_s == secs(paused, voted)
     assert approval.duration_s > 0  # the API's own times; no wall-clock bound in a test
     # The figures, from the alert's startsAt.
     m = record.metrics
@@ -316,8 +345,8 @@ def test_timeline_lists_every_step_in_order_with_the_apis_durations(incident: In
     assert m.first_action_at == api_tasks[0].start_time
     assert api_tasks[0].flow_run_id == incident.dry_run_id  # the dry run acted first
     assert m.first_action_s == secs(incident.fired, api_tasks[0].start_time)
-    assert m.approval_at == answer.created and m.approval_by == "alice"
-    assert m.approval_s == secs(incident.fired, answer.created)
+    assert m.approval_at == voted and m.approval_by == "alice (UI, self-declared)"
+    assert m.approval_s == secs(incident.fired, voted)
     assert m.recovered and m.recovery_at == real.end_time
     assert m.recovery_s == secs(incident.fired, real.end_time)
     assert 0 < m.first_action_s < m.approval_s < m.recovery_s
@@ -504,3 +533,48 @@ def test_each_runbook_is_dry_or_acting_by_its_own_dry_run_field(prefect_api: Non
         "high-latency acting": False,
         "high-latency planning": True,
     }
+
+
+def test_a_verified_vote_is_named_with_its_channel_in_the_record(prefect_api: None) -> None:
+    """A run approved through a signed link: the record names the approver and the link,
+    once (the receiver's wake-up answer is not a second vote), timed by the vote."""
+    flags = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
+    flag = f"runbooks-test:post-incident:{uuid4().hex}"
+    flags.set(flag, "stale")
+    tag = f"pi-verified-{uuid4().hex[:12]}"
+
+    def run() -> Any:
+        with tags(tag):
+            return stale_flag(StaleFlagParams(key=flag, dry_run=False, approval_timeout_s=120))
+
+    try:
+        before = set(paused_runs("stale-flag"))
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(run)
+            run_id = wait_for_paused_run("stale-flag", ignore=before)
+            decided = vote(run_id, "on-call", reason="INC-20 plan read")
+            assert decided.outcome == "recorded", decided
+            assert future.result(timeout=120)["outcome"] == "acted"
+        assert read_flag(flag) == "ok"
+    finally:
+        flags.delete(flag)
+    facts = api_facts([run_id])
+    (decision,) = facts["decisions"][run_id]
+    (row,) = decision["approvers"]
+    assert (row["approver"], row["channel"], row["counted"]) == ("on-call", "link", True)
+    voted = datetime.fromtimestamp(row["at"], UTC)
+    # The receiver woke the paused run with a Resume-form answer: there, and not a vote.
+    (wake,) = facts["inputs"][run_id]
+    assert json.loads(wake.value)["reason"].startswith(WAKE)
+    key = IncidentKey.parse(f"tag:{tag}")
+    with get_client(sync_client=True) as client:
+        record = build_record(key, collect(client, key), mode="draft")
+    (approval,) = [e for e in record.timeline if e.kind == "approval"]
+    assert approval.step == "approved" and approval.at == voted
+    assert approval.detail == (
+        "approved by on-call (signed link); counted; reason: INC-20 plan read"
+    )
+    m = record.metrics
+    assert m.approval_at == voted and m.approval_by == "on-call (signed link)"
+    # Table cells are escaped (approver names are typed by humans): the escaped text.
+    assert md_escape("(by on-call (signed link))") in record_markdown(record)

@@ -21,6 +21,7 @@ MODULES = [
     "tasks.settings",
     "tasks.acme",
     "tasks.contacts",
+    "tasks.approvals.signing",
     "tasks.pool_sizing",
     "deployments.settings",
 ]
