@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import parse_qs
+from uuid import UUID
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
@@ -28,6 +29,7 @@ from deployments.approval_pages import confirm_page, outcome_page, problem_page
 from flows.common import run_link
 from tasks.approvals import desk
 from tasks.approvals.signing import ApprovalSettings, LinkClaims, TokenRejected, verify_link
+from tasks.approvals.store import vote_used
 from tasks.errors import PermanentError
 
 log = logging.getLogger("runbooks.approvals")
@@ -56,13 +58,22 @@ def approval_router(api_url: str, api_auth_string: str | None = None) -> APIRout
         claims = verified(token, key, "GET")
         if isinstance(claims, HTMLResponse):
             return claims
+
+        def look(client: SyncPrefectClient) -> tuple[desk.Looked, bool]:
+            looked = desk.look(client, claims)
+            used = looked.asked and vote_used(client, UUID(claims.run), claims.nonce)
+            return looked, used
+
         try:
-            looked = await asyncio.to_thread(with_client, lambda c: desk.look(c, claims))
+            looked, used = await asyncio.to_thread(with_client, look)
         except Exception as exc:  # noqa: BLE001  # each kind gets its page, below
             return _prefect_failed(exc, claims, "GET")
         problem = _not_askable(looked, claims, "GET")
         if problem is not None:
             return problem
+        if used:
+            log.warning("approval link refused (GET): run %s, already used", claims.run)
+            return problem_page("used")
         log.info(
             "approval page shown: run %s, %s (%s link)", claims.run, claims.recipient, claims.choice
         )

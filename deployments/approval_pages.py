@@ -48,6 +48,7 @@ Problem = Literal[
     "wrong-run",
     "not-waiting",
     "stale",
+    "used",
     "unavailable",
 ]
 
@@ -93,6 +94,12 @@ PROBLEMS: dict[Problem, tuple[int, str, str]] = {
         "This link is for an older plan",
         "This link is for an older plan: the run re-planned since. Nothing was recorded;"
         " use the links of the newest page.",
+    ),
+    "used": (
+        409,
+        "This link was already used",
+        "A link decides once, and this one (or your other link for this plan) already did."
+        " Nothing more was recorded.",
     ),
     "unavailable": (
         502,

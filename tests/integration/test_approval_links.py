@@ -198,6 +198,8 @@ def test_two_distinct_approvers_needed_a_link_decides_once_and_outsiders_do_not_
         assert read_flag(flag) == "stale"
         # The same recipient's other link (one nonce: one use), and the same link again.
         for token in (refuse, approve):
+            shown = open_link(receiver, token)
+            assert shown.status_code == 409 and "already used" in shown.text
             again = confirm(receiver, token, "second try")
             assert again.status_code == 409 and "already used" in again.text
         # Someone the rule does not name: recorded, not counted.
