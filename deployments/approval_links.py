@@ -124,11 +124,14 @@ def approval_router(api_url: str, api_auth_string: str | None = None) -> APIRout
 def signing_key() -> bytes | None:
     """The key links are signed with, read now (so a rotated key file applies); None: unset."""
     try:
-        return ApprovalSettings().key()
+        key = ApprovalSettings().key()
     except (PermanentError, ValidationError) as exc:
         # The message names the file or the rule broken, never the key.
-        log.error("approval links refused: %s", str(exc).splitlines()[0][:300])
+        log.error("approval link refused: %s", str(exc).splitlines()[0][:300])
         return None
+    if key is None:
+        log.error("approval link refused: no signing key (RUNBOOKS_APPROVAL_SIGNING_KEY[_FILE])")
+    return key
 
 
 def verified(token: str, key: bytes, method: str) -> LinkClaims | HTMLResponse:

@@ -119,7 +119,7 @@ def test_a_bad_token_gets_its_page_on_get_and_post(
 
 
 def test_without_a_signing_key_the_links_are_not_configured(
-    offline_app: Any, monkeypatch: pytest.MonkeyPatch
+    offline_app: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv("RUNBOOKS_APPROVAL_SIGNING_KEY")
     monkeypatch.delenv("RUNBOOKS_APPROVAL_SIGNING_KEY_FILE", raising=False)
@@ -129,6 +129,7 @@ def test_without_a_signing_key_the_links_are_not_configured(
         assert r.status_code == 503
         assert "approval links are not configured" in r.text
         check_headers(r)
+    assert "approval link refused: no signing key" in caplog.text
 
 
 def test_an_unreadable_key_file_is_not_configured_and_not_leaked(
