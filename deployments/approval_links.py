@@ -147,12 +147,13 @@ def _not_askable(looked: desk.Looked, claims: LinkClaims, method: str) -> HTMLRe
     """The page for a link whose run cannot take this decision now; None when it can."""
     if not looked.asked:
         return _wrong_run(claims, method)
-    if not looked.paused:
+    if not looked.waiting:
+        already = f"; it already decided: {looked.decided}" if looked.decided else ""
         log.warning(
-            "approval link refused (%s): run %s no longer waits (%s)",
-            method, claims.run, looked.state,
+            "approval link refused (%s): run %s no longer waits (%s%s)",
+            method, claims.run, looked.state, already,
         )  # fmt: skip
-        return problem_page("not-waiting", f"The run is {looked.state}.")
+        return problem_page("not-waiting", f"The run is {looked.state}{already}.")
     if looked.stale:
         log.warning("approval link refused (%s): run %s re-planned (stale)", method, claims.run)
         return problem_page("stale")
