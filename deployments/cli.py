@@ -88,15 +88,35 @@ def receiver_token(home: Path) -> str:
     given = os.environ.get("RUNBOOKS_RECEIVER_TOKEN")
     if given:
         return given
-    path = home / "receiver-token"
+    return secret_file(home / "receiver-token").read_text().strip()
+
+
+def secret_file(path: Path, nbytes: int = 32) -> Path:
+    """`path`, holding a random secret written once (0600, created exclusively)."""
     if path.exists():
-        return path.read_text().strip()
-    home.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    return token
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(nbytes) + "\n")
+    return path
+
+
+def approval_env(env: dict[str, str], home: Path, receiver_url: str) -> None:
+    """Signed approval links for every part: a key file made once (0600), the receiver's URL.
+
+    An operator's own `RUNBOOKS_APPROVAL_SIGNING_KEY[_FILE]` and `..._BASE_URL` win.
+    """
+    if not env.get("RUNBOOKS_APPROVAL_SIGNING_KEY") and not env.get(
+        "RUNBOOKS_APPROVAL_SIGNING_KEY_FILE"
+    ):
+        env["RUNBOOKS_APPROVAL_SIGNING_KEY_FILE"] = str(
+            secret_file(home / "approval-signing-key", nbytes=48)
+        )
+    env.setdefault("RUNBOOKS_APPROVAL_BASE_URL", receiver_url)
+    where = env.get("RUNBOOKS_APPROVAL_SIGNING_KEY_FILE") or "RUNBOOKS_APPROVAL_SIGNING_KEY"
+    log.info("approval links: signed with the key in %s, pointing at %s", where, receiver_url)
 
 
 def is_loopback(host: str) -> bool:
@@ -338,6 +358,7 @@ def _stack_env(
             rec_host = "127.0.0.1"
     env.setdefault("RUNBOOKS_ALERTS_RECEIVER_URL", f"http://{rec_host}:{receiver.port}")
     env.setdefault("RUNBOOKS_ALERTS_RECEIVER_TOKEN", env["RUNBOOKS_RECEIVER_TOKEN"])
+    approval_env(env, stack.home, f"http://{rec_host}:{receiver.port}")
     return env, rec_host
 
 
@@ -434,6 +455,7 @@ def run_receiver(settings: ReceiverSettings) -> None:
     import uvicorn
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
+    from deployments.approval_links import install_redaction
     from deployments.catalog import by_name, load_catalog
     from deployments.receiver import create_app
     from deployments.routing import load_routing
@@ -463,6 +485,9 @@ def run_receiver(settings: ReceiverSettings) -> None:
     # for 100+ ms in the storm bench.
     gc.collect()
     gc.freeze()
+    # The access log is off, but an operator may turn it on (or run us under `uvicorn`):
+    # its lines print each path, and `/approvals/<token>` must not reach a log.
+    install_redaction()
     try:
         # Our own log lines record every alert's fate; per-request access lines add nothing.
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)

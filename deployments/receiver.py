@@ -3,8 +3,9 @@
 Order of checks, each refusing before anything starts:
 
 1. auth (bearer token or basic auth, constant-time compare) on every request but
-   `/healthz`, in an ASGI middleware before the body is even read, and again in the route
-   (so it holds under a `root_path`, mounted in another app, or without the middleware): 401;
+   `/healthz` and the signed approval links (`deployments/approval_links.py`), in an ASGI
+   middleware before the body is even read, and again in the route (so it holds under a
+   `root_path`, mounted in another app, or without the middleware): 401;
 2. body size, counted while the body is read whatever its framing (chunked too): 413;
    JSON and the version-4 payload model: 422;
 3. per alert: resolved -> recorded for its occurrence (fingerprint + startsAt); the runs of
@@ -40,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from deployments.alertmanager import WebhookPayload
+from deployments.approval_links import approval_router, install_redaction
 from deployments.catalog import Runbook
 from deployments.intake import Intake
 from deployments.intake_results import IntakeResult
@@ -71,6 +73,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Whichever server runs us has configured its logging by now: keep link tokens out.
+        install_redaction()
         await intake.start()
         try:
             yield
@@ -92,6 +96,8 @@ def create_app(
     app.state.intake = intake
 
     _add_routes(app, intake, credentials, table, pool)
+    # Signed approval links: their token is their credential (AuthFirst lets them through).
+    app.include_router(approval_router(api_url, api_auth_string))
     app.add_middleware(AuthFirst, credentials=credentials, max_body=settings.max_body_bytes)
     return app
 

@@ -3,6 +3,10 @@
 Every request but `/healthz` is authenticated (constant-time compare) in an ASGI middleware
 before its body is read, and the body is then read counting bytes (413 past the limit).
 The route checks the credentials again (`deployments/receiver.py`). Never printed.
+
+Exempt from the credentials, not from the body limit: the signed approval links
+(`/approvals`, `/approvals/<token>`: the signed token is their credential) and Slack's
+interactions (`/slack/interactions`: the route verifies Slack's request signature).
 """
 
 from __future__ import annotations
@@ -45,6 +49,18 @@ class Credentials:
         return False
 
 
+#: Paths whose route checks its own credential (a signed token, Slack's signature).
+SIGNED_PATHS = frozenset({"/approvals", "/slack/interactions"})
+
+
+def signed_path(path: str) -> bool:
+    """Exactly `/approvals`, `/approvals/<one segment>` or `/slack/interactions`."""
+    if path in SIGNED_PATHS:
+        return True
+    head, sep, rest = path.partition("/approvals/")
+    return head == "" and sep != "" and rest != "" and "/" not in rest
+
+
 def route_path(scope: Scope) -> str:
     """The path inside this app, whether it is served under a `root_path` or mounted.
 
@@ -62,8 +78,8 @@ def route_path(scope: Scope) -> str:
 class AuthFirst:
     """ASGI middleware: every request but `/healthz` is authenticated before anything else.
 
-    Default deny: a request that is not exactly `/healthz` (inside this app) needs
-    credentials, 401 otherwise, before its body is read or parsed. The body of an
+    Default deny: a request that is not exactly `/healthz` or a signed path (inside this
+    app) needs credentials, 401 otherwise, before its body is read or parsed. The body of an
     authenticated request is then read here, counting bytes, whatever its framing
     (Content-Length, chunked, or a stream with neither): 413 as soon as it exceeds
     `max_body`, so a sender that never ends its body cannot make us buffer it.
@@ -95,7 +111,10 @@ class AuthFirst:
             await self.app(scope, receive, timed_send)
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
-        if not self.credentials.check(headers.get("authorization", b"").decode("latin-1")):
+        signed = signed_path(route_path(scope))
+        if not signed and not self.credentials.check(
+            headers.get("authorization", b"").decode("latin-1")
+        ):
             await _unauthorized()(scope, receive, send)
             return
         length = headers.get("content-length")

@@ -43,6 +43,8 @@ class Looked(BaseModel):
     waiting: bool
     decided: str = Field("", description="approved / refused / pending (timed out), if so.")
     request: ApprovalRequest | None
+    #: Whether the run ever asked for an approval (False: a link for the wrong run).
+    asked: bool = True
 
     @property
     def stale(self) -> bool:
@@ -64,6 +66,7 @@ def look(client: SyncPrefectClient, claims: LinkClaims) -> Looked:
         waiting=not final and decision is None,
         decided=str(decision.get("state", "")) if decision else "",
         request=current,
+        asked=request is not None,
     )
 
 

@@ -100,6 +100,13 @@ def record_vote(client: SyncPrefectClient, vote: Vote, use: str, key: bytes) -> 
     return True
 
 
+def vote_used(client: SyncPrefectClient, run: UUID, use: str) -> bool:
+    """Whether the single use `use` was made on the run (a link's page says so up front)."""
+    key = VOTE + key_part(use)
+    found = client.filter_flow_run_input(run, key_prefix=key, limit=50, exclude_keys=set())
+    return any(item.key == key for item in found)
+
+
 def read_votes(client: SyncPrefectClient, run: UUID, key: bytes) -> tuple[list[Vote], int]:
     """The run's votes whose seal holds, and how many stored ones did not (never counted)."""
     votes: list[Vote] = []
