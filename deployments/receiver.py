@@ -48,6 +48,7 @@ from deployments.prefect_runs import PrefectRuns
 from deployments.receiver_auth import AuthFirst, Credentials
 from deployments.routing import RoutingTable
 from deployments.settings import ReceiverSettings
+from deployments.slack_interactions import slack_router
 from deployments.warm_pool import WarmPool
 from tasks.alerts import FINGERPRINT
 
@@ -92,6 +93,8 @@ def create_app(
     app.state.intake = intake
 
     _add_routes(app, intake, credentials, table, pool)
+    # Slack's approval buttons: authenticated by Slack's signature, not the bearer token.
+    app.include_router(slack_router(api_url=api_url, api_auth_string=api_auth_string))
     app.add_middleware(AuthFirst, credentials=credentials, max_body=settings.max_body_bytes)
     return app
 
