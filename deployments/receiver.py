@@ -3,7 +3,8 @@
 Order of checks, each refusing before anything starts:
 
 1. auth (bearer token or basic auth, constant-time compare) on every request but
-   `/healthz`, in an ASGI middleware before the body is even read, and again in the route
+   `/healthz` and `/slack/interactions` (Slack signs those: deployments/slack_interactions.py),
+   in an ASGI middleware before the body is even read, and again in the route
    (so it holds under a `root_path`, mounted in another app, or without the middleware): 401;
 2. body size, counted while the body is read whatever its framing (chunked too): 413;
    JSON and the version-4 payload model: 422;

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import logging
 import re
 import socket
 from datetime import UTC, datetime
@@ -34,6 +35,11 @@ APPROVE_ACTION = "approval-approve"
 REFUSE_ACTION = "approval-refuse"
 ACTIONS_BLOCK = "approval-buttons"
 _SLACK_ERROR = re.compile(r"^[a-z0-9_]{1,60}$")
+
+# slack_sdk logs every request and answer body at DEBUG, button values (link tokens)
+# included: its clients log here, never below WARNING, whatever the root level.
+_SDK_LOG = logging.getLogger("runbooks.slack_sdk")
+_SDK_LOG.setLevel(logging.WARNING)
 
 
 class SlackSendError(Exception):
@@ -69,11 +75,11 @@ def _lost(exc: Exception) -> tuple[Literal["failed", "unconfirmed"], str, bool]:
     return "unconfirmed", f"no answer: {kind}", False
 
 
-def call(method: str, fn: Any, /, **kwargs: Any) -> dict[str, Any]:
+def call(method: str, fn: Any, /, **kwargs: Any) -> None:
     """Call one Web API method; `SlackSendError` (raised outside the handler) on failure."""
     try:
-        answer = fn(**kwargs)
-        return dict(answer.data) if isinstance(answer.data, dict) else {}
+        fn(**kwargs)
+        return
     except SlackApiError as exc:
         outcome = _refused(exc)
     except (OSError, http.client.HTTPException, SlackRequestError) as exc:
@@ -174,6 +180,7 @@ class SlackApp(NotificationBlock):
             base_url=base,
             timeout=self.timeout_s,
             retry_handlers=[],  # slack_sdk retries a reset connection: a page could double
+            logger=_SDK_LOG,
         )
 
     def _post_text(self, body: str, subject: str | None) -> None:

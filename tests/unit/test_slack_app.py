@@ -4,6 +4,7 @@ refusals that need no Prefect: Block Kit shape, failures classified without a se
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -48,8 +49,13 @@ def message() -> ApprovalMessage:
     )
 
 
-def test_an_approval_request_is_a_block_kit_message_with_two_buttons(slack_api: SlackApi) -> None:
+def test_an_approval_request_is_a_block_kit_message_with_two_buttons(
+    slack_api: SlackApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     app_block(slack_api).notify_approval(message())
+    # slack_sdk logs request bodies at DEBUG: its clients' logger never goes below WARNING.
+    assert APPROVE not in caplog.text and slack_api.bot_token not in caplog.text
     (call,) = slack_api.wait_for("chat.postMessage")
     assert call.token == slack_api.bot_token
     body = call.body
