@@ -17,6 +17,7 @@ Log lines name the Slack user, the contact, the run and the outcome: never a tok
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -131,6 +132,11 @@ class ClickDesk:
             await asyncio.to_thread(self._handle, app, click)
         except Exception as exc:  # noqa: BLE001 - after Slack's 200: log, never leak
             log.warning("Slack click by %s: not handled (%s)", click.user, type(exc).__name__)
+            # The person should not wait for an outcome that will not come.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    self._notice, app, click, "Not recorded: an error on our side. Try again."
+                )
 
     def _handle(self, app: SlackApp, click: Click) -> None:
         settings = ApprovalSettings()

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +26,7 @@ from uuid import UUID
 
 import httpx
 import pytest
+import redis
 import yaml
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
@@ -30,6 +34,8 @@ from prefect.settings import PREFECT_API_URL
 
 from deployments.blocks import main as blocks_main
 from deployments.receiver import create_app
+from deployments.serve import to_deployments
+from deployments.warm_pool import execute
 from tasks.approvals.signing import verify_link
 from tasks.approvals.store import read_votes
 from tasks.slack_app import SlackApp
@@ -89,8 +95,6 @@ def receiver(
     prefect_api: None, slack_app: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[LiveServer]:
     """The receiver on a loopback port, `stale-flag` registered (as test_alert_approval)."""
-    from deployments.serve import to_deployments
-
     for deployment in to_deployments(CATALOG):
         deployment.apply()
     url = PREFECT_API_URL.value()
@@ -103,8 +107,7 @@ def receiver(
 
 @pytest.fixture
 def key() -> Iterator[str]:
-    import redis
-
+    """A stale Redis flag for the run to set back."""
     client = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
     name = f"runbooks-test:slack:{secrets.token_hex(8)}"
     client.set(name, "stale")
@@ -228,8 +231,6 @@ def test_a_slack_click_signed_by_slack_approves_and_the_run_acts(
 
 def execute_stale_flag(run_id: UUID) -> str:
     """The run, executed as the warm pool executes alert runs."""
-    from deployments.warm_pool import execute
-
     return str(execute(run_id, stale_flag))
 
 
@@ -257,10 +258,6 @@ def test_a_refuse_click_from_an_allowed_approver_refuses(
 def test_blocks_check_registers_slack_app_and_create_takes_secrets_from_env_only(
     prefect_api: None, slack_api: SlackApi, tmp_path: Path
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     check = subprocess.run(
         [sys.executable, "-m", "deployments.blocks", "check"], env=env, capture_output=True
