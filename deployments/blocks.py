@@ -7,17 +7,26 @@
         python -m deployments.blocks create pagerduty on-call-pagerduty
     RUNBOOKS_BLOCK_SECRET=https://tickets.example/hook \\
         python -m deployments.blocks create webhook tickets
+    RUNBOOKS_SLACK_BOT_TOKEN=xoxb-... RUNBOOKS_SLACK_SIGNING_SECRET=... \\
+        python -m deployments.blocks create slack-app db-team C0123456789
 
 `check` (run by `make run` once the server answers) compares every channel of the escalation
 config (`tasks/contacts.py`) and the last-resort block with the blocks saved in Prefect. It
 logs the contacts that cannot be reached and writes a markdown artifact, key
 `escalation-contacts` (UI: Artifacts), so a fresh install learns it before an incident.
 
-`create` saves a `CustomWebhookNotificationBlock` speaking the service's own shape (Slack
-incoming webhook, PagerDuty Events v2, a generic JSON webhook) under `custom-webhook/NAME`.
+`check` also registers the `slack-app` block type (tasks/slack_app.py) with the server, so
+the UI can create one and `Block.load("slack-app/NAME")` finds it.
+
+`create slack|pagerduty|webhook` saves a `CustomWebhookNotificationBlock` speaking the
+service's own shape (Slack incoming webhook, PagerDuty Events v2, a generic JSON webhook)
+under `custom-webhook/NAME`.
 The secret (Slack webhook URL, PagerDuty routing key, webhook URL) is read from
 `RUNBOOKS_BLOCK_SECRET` or prompted for, never from the command line (shell history, `ps`),
 and is stored as a block secret. `prefect block create` (3.9.1) only prints a UI link.
+`create slack-app NAME CHANNEL_ID` saves a `SlackApp` block (`slack-app/NAME`, Approve/Refuse
+buttons on approval requests); its bot token and signing secret come from
+`RUNBOOKS_SLACK_BOT_TOKEN` and `RUNBOOKS_SLACK_SIGNING_SECRET` or prompts, never argv.
 """
 
 from __future__ import annotations
@@ -35,11 +44,14 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
 from tasks.contacts import EscalationConfig, EscalationSettings, load_config
+from tasks.slack_app import SlackApp
 
 log = logging.getLogger("runbooks.blocks")
 
 ARTIFACT_KEY = "escalation-contacts"
 SECRET_ENV = "RUNBOOKS_BLOCK_SECRET"  # noqa: S105 - the variable's name, not a secret
+BOT_TOKEN_ENV = "RUNBOOKS_SLACK_BOT_TOKEN"  # noqa: S105 - the variable's name
+SIGNING_SECRET_ENV = "RUNBOOKS_SLACK_SIGNING_SECRET"  # noqa: S105 - the variable's name
 PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
 Kind = Literal["slack", "pagerduty", "webhook"]
 
@@ -121,7 +133,9 @@ def _markdown(found: BlocksCheck) -> str:
             *rows,
             "",
             "Create a block: `RUNBOOKS_BLOCK_SECRET=... python -m deployments.blocks create"
-            " slack|pagerduty|webhook NAME` (docs/escalation.md).",
+            " slack|pagerduty|webhook NAME`, or a Slack app with buttons:"
+            " `python -m deployments.blocks create slack-app NAME CHANNEL_ID`"
+            " (docs/escalation.md).",
         ]
     )
 
@@ -192,6 +206,23 @@ def create(kind: Kind, name: str, secret: str, *, pd_severity: str = "critical")
     return f"custom-webhook/{name}"
 
 
+def create_slack_app(
+    name: str, channel: str, bot_token: str, signing_secret: str, api_url: str | None = None
+) -> str:
+    """Save (or overwrite) the block `slack-app/<name>`; its ref."""
+    fields: dict[str, Any] = {"channel": channel}
+    if api_url:
+        fields["api_url"] = api_url
+    block = SlackApp(bot_token=bot_token, signing_secret=signing_secret, **fields)
+    block.save(name, overwrite=True)
+    return f"slack-app/{name}"
+
+
+def _secret(env: str, prompt: str) -> str:
+    """A secret from the environment, or typed at a terminal; never from argv."""
+    return os.environ.get(env) or (getpass.getpass(prompt) if sys.stdin.isatty() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,18 +230,33 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="which contacts cannot be reached (log + artifact)")
     made = sub.add_parser("create", help=f"save a notification block (secret from ${SECRET_ENV})")
-    made.add_argument("kind", choices=["slack", "pagerduty", "webhook"])
+    made.add_argument("kind", choices=["slack", "pagerduty", "webhook", "slack-app"])
     made.add_argument("name", help="block name: lowercase letters, digits, dashes")
+    made.add_argument("channel", nargs="?", help="slack-app only: the channel id (C...)")
     made.add_argument("--pd-severity", default="critical", choices=["critical", "error"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "check":
+        # The project's own block type: registered so the UI and `Block.load` know it.
+        SlackApp.register_type_and_schema()
         found = check_blocks()
         report(found)
         return 1 if found.unreachable else 0
-    secret = os.environ.get(SECRET_ENV) or (
-        getpass.getpass(f"{args.kind} secret (URL or routing key): ") if sys.stdin.isatty() else ""
-    )
+    if args.kind == "slack-app":
+        if not args.channel:
+            parser.error("slack-app needs the channel id: create slack-app NAME CHANNEL_ID")
+        token = _secret(BOT_TOKEN_ENV, "Slack bot token (xoxb-...): ")
+        signing = _secret(SIGNING_SECRET_ENV, "Slack signing secret: ")
+        if not token or not signing:
+            parser.error(f"set {BOT_TOKEN_ENV} and {SIGNING_SECRET_ENV} (or type them)")
+        ref = create_slack_app(
+            args.name, args.channel, token, signing, os.environ.get("RUNBOOKS_SLACK_API_URL")
+        )
+        log.info("saved %s: name it in the escalation config", ref)
+        return 0
+    if args.channel:
+        parser.error("only slack-app takes a channel id")
+    secret = _secret(SECRET_ENV, f"{args.kind} secret (URL or routing key): ")
     if not secret:
         parser.error(f"set {SECRET_ENV} (the webhook URL or routing key)")
     try:

@@ -3,7 +3,8 @@
 Order of checks, each refusing before anything starts:
 
 1. auth (bearer token or basic auth, constant-time compare) on every request but
-   `/healthz` and the signed approval links (`deployments/approval_links.py`), in an ASGI
+   `/healthz`, the signed approval links (`deployments/approval_links.py`) and
+   `/slack/interactions` (Slack signs those: `deployments/slack_interactions.py`), in an ASGI
    middleware before the body is even read, and again in the route (so it holds under a
    `root_path`, mounted in another app, or without the middleware): 401;
 2. body size, counted while the body is read whatever its framing (chunked too): 413;
@@ -50,6 +51,7 @@ from deployments.prefect_runs import PrefectRuns
 from deployments.receiver_auth import AuthFirst, Credentials
 from deployments.routing import RoutingTable
 from deployments.settings import ReceiverSettings
+from deployments.slack_interactions import slack_router
 from deployments.warm_pool import WarmPool
 from tasks.alerts import FINGERPRINT
 
@@ -98,6 +100,8 @@ def create_app(
     _add_routes(app, intake, credentials, table, pool)
     # Signed approval links: their token is their credential (AuthFirst lets them through).
     app.include_router(approval_router(api_url, api_auth_string))
+    # Slack's approval buttons: authenticated by Slack's signature, not the bearer token.
+    app.include_router(slack_router(api_url=api_url, api_auth_string=api_auth_string))
     app.add_middleware(AuthFirst, credentials=credentials, max_body=settings.max_body_bytes)
     return app
 

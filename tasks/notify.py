@@ -21,9 +21,10 @@ A page is one (incident, stage, contact, block): the stage is the severity and l
 (`critical`, `critical:level2`, `approval`), so an upgraded incident pages its new level
 once and a repeat at the same level pages nobody. The block is loaded by
 `<block-type-slug>/<block-name>`, so any `NotificationBlock` works (`slack-webhook`,
-`pager-duty-webhook`, `custom-webhook`, `ms-teams-webhook`). Webhook URLs, tokens and routing
-keys live in the blocks and never reach a log, a record, a state or an exception text:
-failures are reported by class and HTTP status only.
+`pager-duty-webhook`, `custom-webhook`, `ms-teams-webhook`, and this project's `slack-app`,
+tasks/slack_app.py). Webhook URLs, tokens and routing keys live in the blocks and never
+reach a log, a record, a state or an exception text: failures are reported by class and
+HTTP status only.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ from pydantic import BaseModel, Field
 from tasks.approvals.message import ApprovalMessage
 from tasks.errors import PermanentError, TransientError
 from tasks.retry import RETRY_IDEMPOTENT_WRITE
+
+# Importing the Slack app block also registers its class: `Block.load("slack-app/x")` finds it.
+from tasks.slack_app import SlackSendError
 
 Status = Literal["sending", "sent", "unconfirmed", "failed"]
 #: Records in these states are never sent again.
@@ -151,6 +155,8 @@ def _with_dedup_key(block: NotificationBlock, incident_key: str) -> Notification
 
 def _classify(exc: Exception) -> tuple[Status, str, bool]:
     """(status, answer, retryable) for a failed send; never the exception's own text."""
+    if isinstance(exc, SlackSendError):  # the Slack app block classified it (no secret in it)
+        return exc.status, exc.answer, exc.retryable
     if isinstance(exc, httpx.HTTPStatusError):
         code = exc.response.status_code
         return "failed", f"HTTP {code}", code == 429 or code >= 500

@@ -34,6 +34,7 @@ pytest_plugins = [
     "tests.fixtures.prometheus",
     "tests.fixtures.pg_private",
     "tests.fixtures.sinks",
+    "tests.fixtures.slack_api",
     "tests.fixtures.acme",
     "tests.fixtures.worktree",
 ]
