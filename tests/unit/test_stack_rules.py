@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments.cli import ExposureRefused, Part, Supervisor, check_exposure, restart_delay
+from deployments.cli import ExposureRefused, check_exposure
 from deployments.settings import StackSettings
+from deployments.supervisor import Part, Supervisor, restart_delay
 
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104 - the exposure under test, never bound here
 
