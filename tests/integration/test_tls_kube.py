@@ -307,7 +307,8 @@ def test_refused_approval_changes_nothing(
     dep: Any = apps.read_namespaced_deployment("ingress", kube_namespace)
     assert "kubectl.kubernetes.io/restartedAt" not in (dep.spec.template.metadata.annotations or {})
     report = _artifact(run_id, "cert-replace")
-    assert "refused by **bob**: wrong CA" in report
+    assert "refused by **bob**" in report and "wrong CA" in report
+    assert "self-declared" in report
     assert "not approved: nothing changed." in report
 
 
