@@ -189,6 +189,7 @@ class PoolExhaustion(Drill):
             raise DrillFailed("first task", f"run {run['name']} ran no task")
         first = started[0]
         timeline.mark("first task", parse_time(first["start_time"]), "Prefect", first["name"])
+        ctx.say(_tasks_line(timeline, started))
         kills = [t for t in started if t["name"].startswith("terminate-sessions")]
         state = run["state"]
         if not kills or kills[0]["state"]["type"] != "COMPLETED" or not kills[0]["end_time"]:
@@ -228,6 +229,18 @@ class PoolExhaustion(Drill):
             conn.close()  # a terminated session closes without error
         self.leaked.clear()
         self.decoys.clear()
+
+
+def _tasks_line(timeline: Timeline, tasks: list[dict[str, Any]]) -> str:
+    """The run's task runs as `name +start (duration)` from the fault: where the time went."""
+    t0 = timeline.t0
+    parts = []
+    for t in tasks:
+        start = parse_time(t["start_time"])
+        took = (parse_time(t["end_time"]) - start).total_seconds() if t.get("end_time") else None
+        offset = (start - t0).total_seconds() if t0 else 0.0
+        parts.append(f"{t['name']} +{offset:.2f}s ({took:.2f}s)" if took is not None else t["name"])
+    return "pool: run tasks: " + ", ".join(parts)
 
 
 def _seen(journal: Any, fingerprint: str, column: str) -> dict[str, Any] | None:
