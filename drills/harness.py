@@ -25,7 +25,6 @@ from drills.stack import running_stack
 from drills.timeline import DrillFailed, Timeline
 
 INTERVAL_S = 1.0
-RUNBOOK_DEPLOYMENT = "db-pool-exhausted"
 
 
 def _intervals(drills: Sequence[Drill]) -> str:
@@ -78,7 +77,8 @@ def run_drills(drills: Sequence[Drill], say: Callable[[str], None] = print) -> l
                     workdir / "stack",
                     routing=routing,
                     env=env,
-                    deployments=(RUNBOOK_DEPLOYMENT,),
+                    # A runbook's deployment is named as the runbook (deployments.catalog).
+                    deployments=tuple(sorted({str(r["runbook"]) for r in routes})),
                 )
             )
             say("drill: starting postgres_exporter, Alertmanager and Prometheus")

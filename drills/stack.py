@@ -38,6 +38,11 @@ class Stack:
         return self.home / "receiver-journal.sqlite3"
 
 
+def new_token() -> str:
+    """The receiver's bearer token for one drill (Alertmanager gets it in a 0600 file)."""
+    return secrets.token_urlsafe(24)
+
+
 def _wait_deployment(api_url: str, name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     body = {"deployments": {"name": {"any_": [name]}}}
@@ -63,7 +68,7 @@ def running_stack(
     """Start the stack; wait for the API, the receiver's warm pool and `deployments`."""
     home.mkdir(parents=True, exist_ok=True)
     prefect_port, receiver_port = free_port(), free_port()
-    token = secrets.token_urlsafe(24)
+    token = new_token()
     child = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOKS_"))}
     child.update(
         {

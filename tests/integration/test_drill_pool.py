@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import drills.stack
+from drills.__main__ import report
 from drills.harness import run_drills
 from drills.monitoring import missing_binaries
 from drills.pool import STEPS, PoolExhaustion
@@ -31,14 +33,19 @@ def _cmdlines() -> list[str]:
     return lines
 
 
-def test_pool_drill_recovers_in_order_and_leaves_nothing() -> None:
+def test_pool_drill_recovers_in_order_and_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     reason = missing_binaries()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+    token = "drill-receiver-token-" + os.urandom(8).hex()
+    monkeypatch.setattr(drills.stack, "new_token", lambda: token)
     said: list[str] = []
-    [outcome] = run_drills([PoolExhaustion()], say=said.append)
+    drill = PoolExhaustion()
+    [outcome] = run_drills([drill], say=said.append)
+    printed = "\n".join([*said, report(outcome, drill.mttr)])
+    assert token not in printed  # the receiver's bearer token is never printed
 
     assert outcome.ok, f"failed at {outcome.failed_step}: {outcome.error}"
     tl = outcome.timeline
