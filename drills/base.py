@@ -50,6 +50,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
+        """The drill saw every step it waited for."""
         return self.error is None
 
 

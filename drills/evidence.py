@@ -41,6 +41,7 @@ def parse_time(text: str) -> datetime:
 
 
 def epoch(ts: float) -> datetime:
+    """An epoch time (the journal's) as an aware UTC datetime."""
     return datetime.fromtimestamp(ts, UTC)
 
 

@@ -104,6 +104,7 @@ class PoolExhaustion(Drill):
         ]
 
     def _connect(self, ctx: Context, role: str, db: str) -> Conn:
+        """A session of `role` on `db` of the drill cluster."""
         return psycopg.connect(ctx.cluster.dsn(db, role), autocommit=True, connect_timeout=5)
 
     def inject(self, ctx: Context, timeline: Timeline) -> None:
@@ -244,5 +245,6 @@ def _tasks_line(timeline: Timeline, tasks: list[dict[str, Any]]) -> str:
 
 
 def _seen(journal: Any, fingerprint: str, column: str) -> dict[str, Any] | None:
+    """The alert's journaled occurrence once `column` (fired_ts, resolved_ts) is set."""
     row = occurrence(journal, fingerprint)
     return row if row and row.get(column) else None
