@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from types import FrameType
 
 from drills.base import Drill, Outcome
 from drills.monitoring import missing_binaries
@@ -67,6 +69,11 @@ def summary(outcomes: list[Outcome], drills: dict[str, Drill]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
 
 
+def _interrupted(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM as Ctrl-C: the harness then stops and removes everything on its way out."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m drills", description=__doc__)
     parser.add_argument(
@@ -82,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    signal.signal(signal.SIGTERM, _interrupted)
     from drills.harness import run_drills
 
     chosen = {n: DRILLS[n]() for n in (args.names or DRILLS)}
-    outcomes = run_drills(list(chosen.values()), say=lambda s: print(s, flush=True))
+    try:
+        outcomes = run_drills(list(chosen.values()), say=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print("drill: interrupted; everything stopped and removed", file=sys.stderr)
+        return 130
     for o in outcomes:
         print(report(o, chosen[o.name].mttr))
     print("\n=== summary ===\n" + summary(outcomes, chosen))
