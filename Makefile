@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell { echo $(UV_VERSION); cat pyproject.toml uv.
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup lock system-deps kube lint test test-fast run bench demo clean prefect-yaml docs-tables screenshots
+.PHONY: setup lock system-deps kube lint test test-fast run bench demo drill clean prefect-yaml docs-tables screenshots
 
 define uv_bootstrap
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -79,6 +79,16 @@ bench: setup
 # high-error-rate acting on it unattended (dry_run off, auto_approve), its artifact; cleaned up.
 demo: setup system-deps kube
 	$(PY) scripts/demo.py
+
+# Game day (drills/, docs/drills.md): `make drill` runs every drill, `make drill pool` one.
+# Real Prometheus, postgres_exporter, Alertmanager and the `make run` stack; prints each
+# timeline, the MTTR and a summary table; leaves nothing running.
+ifeq (drill,$(firstword $(MAKECMDGOALS)))
+DRILL_NAMES := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+$(eval $(DRILL_NAMES):;@:)
+endif
+drill: setup system-deps
+	$(PY) -m drills $(DRILL_NAMES)
 
 clean:
 	rm -rf $(VENV) .prefect .mypy_cache .ruff_cache .pytest_cache

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real. Idempotent: does nothing when present.
 set -euo pipefail
-PACKAGES=(etcd-server prometheus-alertmanager chromium rsync pgbouncer prometheus pebble)
+PACKAGES=(etcd-server prometheus-alertmanager chromium rsync pgbouncer prometheus pebble
+          prometheus-postgres-exporter prometheus-blackbox-exporter)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,7 +14,8 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian starts these as services on install; the tests run their own instances.
-for svc in etcd prometheus-alertmanager pgbouncer prometheus; do
+for svc in etcd prometheus-alertmanager pgbouncer prometheus prometheus-postgres-exporter \
+    prometheus-blackbox-exporter; do
     if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi
@@ -21,4 +23,7 @@ done
 pkill -u etcd -x etcd 2>/dev/null || true  # only the package service, never a test cluster's etcd
 pkill -u prometheus -f '^/usr/bin/prometheus-alertmanager' 2>/dev/null || true
 pkill -u prometheus -x prometheus 2>/dev/null || true  # the package's server, never a test's (root)
+# The exporters' package services (user prometheus); the drills start their own as root.
+pkill -u prometheus -f '^/usr/bin/prometheus-postgres-exporter' 2>/dev/null || true
+pkill -u prometheus -f '^/usr/bin/prometheus-blackbox-exporter' 2>/dev/null || true
 exit 0
