@@ -7,6 +7,7 @@ starts everything once and runs `inject` → `observe` → `cleanup` for each dr
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ class Context:
     say: Callable[[str], None] = print
     stack: Stack | None = None
     monitoring: Monitoring | None = None
+    #: Prometheus's port, chosen before the stack starts (its runbooks query it).
+    prometheus_port: int = 0
+
+    @property
+    def prometheus_url(self) -> str:
+        """Where the drill Prometheus answers (once the monitoring is up)."""
+        return f"http://127.0.0.1:{self.prometheus_port}"
 
     @property
     def running(self) -> tuple[Stack, Monitoring]:
@@ -70,6 +78,14 @@ class Drill(ABC):
 
     def stack_env(self, ctx: Context) -> dict[str, str]:
         """`RUNBOOKS_*` settings the served runbooks need for this drill."""
+        return {}
+
+    def parts(self, ctx: Context) -> contextlib.AbstractContextManager[object]:
+        """What the drill runs for the whole harness (a platform); stopped on every path."""
+        return contextlib.nullcontext()
+
+    def scrape_targets(self, ctx: Context) -> dict[str, list[str]]:
+        """Prometheus jobs this drill adds (job → host:port targets), scraped like the rest."""
         return {}
 
     def prepare(self, ctx: Context) -> None:  # noqa: B027 (optional hook)

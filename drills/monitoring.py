@@ -79,12 +79,17 @@ class Monitoring:
         return list(r.json())
 
 
-def _prometheus_config(workdir: Path, rules: Path, targets: list[str], am: str, every: str) -> Path:
+def _prometheus_config(
+    workdir: Path, rules: Path, jobs: dict[str, list[str]], am: str, every: str
+) -> Path:
     config = {
         "global": {"scrape_interval": every, "evaluation_interval": every, "scrape_timeout": every},
         "rule_files": [str(rules)],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [am]}]}]},
-        "scrape_configs": [{"job_name": "postgres", "static_configs": [{"targets": targets}]}],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": targets}]}
+            for job, targets in jobs.items()
+        ],
     }
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
@@ -130,13 +135,19 @@ def running_monitoring(
     exporter_port: int,
     interval_s: float = 1.0,
     timeout_s: float = 60.0,
+    prometheus_port: int = 0,
+    jobs: dict[str, list[str]] | None = None,
 ) -> Iterator[Monitoring]:
-    """Start exporter, Alertmanager and Prometheus; wait until the exporter is scraped."""
+    """Start exporter, Alertmanager and Prometheus; wait until the exporter is scraped.
+
+    `jobs` are the drills' own scrape targets (job → host:port), beside job `postgres`.
+    """
     every = f"{interval_s:g}s"
     workdir.mkdir(parents=True, exist_ok=True)
     procs: list[Proc] = []
     try:
-        exp_port, am_port, prom_port = exporter_port, free_port(), free_port()
+        exp_port, am_port = exporter_port, free_port()
+        prom_port = prometheus_port or free_port()
         exporter = spawn(
             "postgres_exporter",
             [PG_EXPORTER, f"--web.listen-address=127.0.0.1:{exp_port}", "--log.level=warn"],
@@ -162,7 +173,8 @@ def running_monitoring(
         target = f"127.0.0.1:{exp_port}"
         prom_dir = workdir / "prometheus"
         prom_dir.mkdir()
-        config = _prometheus_config(prom_dir, rules, [target], f"127.0.0.1:{am_port}", every)
+        scraped = {"postgres": [target], **(jobs or {})}
+        config = _prometheus_config(prom_dir, rules, scraped, f"127.0.0.1:{am_port}", every)
         prom = spawn(
             "prometheus",
             [
