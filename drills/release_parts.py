@@ -22,6 +22,7 @@ from urllib.parse import urljoin
 import httpx
 
 from drills.timeline import DrillFailed
+from tests.fixtures.kube import missing_reason
 from tests.fixtures.platform import Platform, running_platform
 from tests.fixtures.sinks import Kind, Sink, Sinks
 
@@ -83,6 +84,11 @@ def default_blocks() -> list[str]:
 @contextlib.contextmanager
 def platform_and_pages(admin_dsn: str) -> Iterator[tuple[Platform, Pages]]:
     """The platform (database through `admin_dsn`) and the sinks; stopped and removed after."""
+    reason = missing_reason()
+    if reason:  # without it the platform has no Deployment to roll out
+        raise RuntimeError(
+            f"drill release needs the Kubernetes test binaries (make kube): {reason}"
+        )
     pages = Pages()
     try:
         pages.start(default_blocks())
