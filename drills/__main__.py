@@ -13,10 +13,11 @@ import sys
 from types import FrameType
 
 from drills.base import Drill, Outcome
+from drills.cert import CertExpiring
 from drills.monitoring import missing_binaries
 from drills.pool import PoolExhaustion
 
-DRILLS: dict[str, type[Drill]] = {"pool": PoolExhaustion}
+DRILLS: dict[str, type[Drill]] = {"pool": PoolExhaustion, "cert": CertExpiring}
 
 
 def report(outcome: Outcome, mttr: tuple[str, str]) -> str:

@@ -7,6 +7,7 @@ starts everything once and runs `inject` → `observe` → `cleanup` for each dr
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,11 @@ class Drill(ABC):
 
     def prepare(self, ctx: Context) -> None:  # noqa: B027 (optional hook)
         """Create what the drill works on (databases, roles) before the stack starts."""
+
+    def scrape(self, ctx: Context, parts: contextlib.ExitStack) -> list[dict[str, Any]]:
+        """Start the exporters the drill needs (entered on `parts`, stopped with the
+        harness); their Prometheus scrape jobs. Called after the stack, before Prometheus."""
+        return []
 
     @abstractmethod
     def routes(self, ctx: Context) -> list[dict[str, Any]]:
