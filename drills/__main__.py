@@ -10,6 +10,8 @@ import argparse
 import os
 import signal
 import sys
+from functools import partial
+from pathlib import Path
 from types import FrameType
 
 from drills.base import Drill, Outcome
@@ -80,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "names", nargs="*", help=f"drills to run (default all: {', '.join(DRILLS)})"
     )
+    parser.add_argument(
+        "--screenshots",
+        metavar="DIR",
+        type=Path,
+        help="before teardown, screenshot the Prefect UI (runs, incident record) into DIR",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in DRILLS]
     if unknown:
@@ -92,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     signal.signal(signal.SIGTERM, _interrupted)
     from drills.harness import run_drills
+    from drills.screenshots import take
 
     chosen = {n: DRILLS[n]() for n in (args.names or DRILLS)}
+    shoot = partial(take, folder=args.screenshots) if args.screenshots else None
     try:
-        outcomes = run_drills(list(chosen.values()), say=lambda s: print(s, flush=True))
+        outcomes = run_drills(
+            list(chosen.values()), say=lambda s: print(s, flush=True), before_teardown=shoot
+        )
     except KeyboardInterrupt:
         print("drill: interrupted; everything stopped and removed", file=sys.stderr)
         return 130

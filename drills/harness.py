@@ -52,8 +52,16 @@ def _intervals(drills: Sequence[Drill]) -> str:
     return "\n".join(lines)
 
 
-def run_drills(drills: Sequence[Drill], say: Callable[[str], None] = print) -> list[Outcome]:
-    """Run `drills` on one harness; their outcomes, in order."""
+def run_drills(
+    drills: Sequence[Drill],
+    say: Callable[[str], None] = print,
+    before_teardown: Callable[[Context, list[Outcome]], object] | None = None,
+) -> list[Outcome]:
+    """Run `drills` on one harness; their outcomes, in order.
+
+    `before_teardown(ctx, outcomes)` runs after the last drill, everything still up (the
+    UI screenshots of `python -m drills --screenshots`).
+    """
     workdir = Path(tempfile.mkdtemp(prefix="runbooks-drill-"))
     outcomes: list[Outcome] = []
     pg_settings = {k: v for d in drills for k, v in d.pg_settings.items()}
@@ -101,6 +109,8 @@ def run_drills(drills: Sequence[Drill], say: Callable[[str], None] = print) -> l
             )
             for drill in drills:
                 outcomes.append(run_one(drill, ctx))
+            if before_teardown is not None:
+                before_teardown(ctx, outcomes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return outcomes
