@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in DRILLS]
     if unknown:
         parser.error(f"unknown drill(s) {', '.join(unknown)}; known: {', '.join(DRILLS)}")
-    missing = missing_binaries()
+    names = args.names or list(DRILLS)
+    absent = [b for n in names for b in DRILLS[n].binaries if not os.access(b, os.X_OK)]
+    missing = missing_binaries() or (
+        f"{', '.join(absent)} not installed (`make system-deps` installs them)" if absent else None
+    )
     if missing:
         print(f"drill: {missing}", file=sys.stderr)
         return 2
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from drills.harness import run_drills
     from drills.screenshots import take
 
-    chosen = {n: DRILLS[n]() for n in (args.names or DRILLS)}
+    chosen = {n: DRILLS[n]() for n in names}
     shoot = partial(take, folder=args.screenshots) if args.screenshots else None
     try:
         outcomes = run_drills(

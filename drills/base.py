@@ -68,6 +68,8 @@ class Drill(ABC):
     holds: dict[str, str] = {}
     #: Extra server settings of the drill PostgreSQL cluster.
     pg_settings: dict[str, str] = {}
+    #: Programs this drill needs beyond the harness's (`make drill` exits 2 without them).
+    binaries: tuple[str, ...] = ()
 
     def stack_env(self, ctx: Context) -> dict[str, str]:
         """`RUNBOOKS_*` settings the served runbooks need for this drill."""

@@ -22,7 +22,7 @@ from typing import Any
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from drills.base import Context, Drill, Outcome
-from drills.blackbox import running_blackbox, scrape_config
+from drills.blackbox import BLACKBOX, running_blackbox, scrape_config
 from drills.evidence import (
     alert_run,
     epoch,
@@ -70,6 +70,7 @@ class CertExpiring(Drill):
     # The alert is the incident's end: recovery is the renewal (the drill's, at once).
     mttr = ("fault injected", "alert resolved")
     # Time compressed 60x, as in the pool drill: the shipped holds (10 min, 5 min) in s.
+    binaries = (BLACKBOX,)
     holds = {f"{ALERT}{{severity=warning}}": "10s", f"{ALERT}{{severity=critical}}": "5s"}
 
     def __init__(self) -> None:

@@ -36,7 +36,7 @@ def _cmdlines() -> list[str]:
 
 
 def test_cert_drill_pages_then_resolves_on_renewal(monkeypatch: pytest.MonkeyPatch) -> None:
-    reason = missing_binaries() or (None if os.access(BLACKBOX, os.X_OK) else BLACKBOX)
+    reason = missing_binaries() or ("" if os.access(BLACKBOX, os.X_OK) else f"no {BLACKBOX}")
     if reason:
         if os.environ.get("CI"):
             pytest.fail(reason)
