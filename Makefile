@@ -68,9 +68,11 @@ prefect-yaml: setup
 docs-tables: setup
 	env -u RUNBOOKS_POOL_CHECK_INTERVAL_S $(PY) -m deployments.docs_tables
 
-# Refresh the Prefect UI screenshots in docs/ (`make test` writes them to a temporary folder).
+# Refresh the Prefect UI screenshots in docs/ (`make test` writes them to a temporary folder);
+# docs/img/drill-*.png: every drill run, the UI shot before the teardown (docs/drills.md).
 screenshots: setup system-deps
 	RUNBOOKS_SCREENSHOT_DIR=$(CURDIR)/docs $(PY) -m pytest tests/e2e/test_alert_to_run.py -k prefect_ui
+	$(PY) -m drills --screenshots $(CURDIR)/docs/img
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -10,14 +10,21 @@ import argparse
 import os
 import signal
 import sys
+from functools import partial
+from pathlib import Path
 from types import FrameType
 
 from drills.base import Drill, Outcome
+from drills.cert import CertExpiring
 from drills.monitoring import missing_binaries
 from drills.pool import PoolExhaustion
 from drills.release import BadRelease
 
-DRILLS: dict[str, type[Drill]] = {"pool": PoolExhaustion, "release": BadRelease}
+DRILLS: dict[str, type[Drill]] = {
+    "pool": PoolExhaustion,
+    "cert": CertExpiring,
+    "release": BadRelease,
+}
 
 
 def report(outcome: Outcome, mttr: tuple[str, str]) -> str:
@@ -80,11 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "names", nargs="*", help=f"drills to run (default all: {', '.join(DRILLS)})"
     )
+    parser.add_argument(
+        "--screenshots",
+        metavar="DIR",
+        type=Path,
+        help="before teardown, screenshot the Prefect UI (runs, incident record) into DIR",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in DRILLS]
     if unknown:
         parser.error(f"unknown drill(s) {', '.join(unknown)}; known: {', '.join(DRILLS)}")
-    missing = missing_binaries()
+    names = args.names or list(DRILLS)
+    absent = [b for n in names for b in DRILLS[n].binaries if not os.access(b, os.X_OK)]
+    missing = missing_binaries() or (
+        f"{', '.join(absent)} not installed (`make system-deps` installs them)" if absent else None
+    )
     if missing:
         print(f"drill: {missing}", file=sys.stderr)
         return 2
@@ -92,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     signal.signal(signal.SIGTERM, _interrupted)
     from drills.harness import run_drills
+    from drills.screenshots import take
 
-    chosen = {n: DRILLS[n]() for n in (args.names or DRILLS)}
+    chosen = {n: DRILLS[n]() for n in names}
+    shoot = partial(take, folder=args.screenshots) if args.screenshots else None
     try:
-        outcomes = run_drills(list(chosen.values()), say=lambda s: print(s, flush=True))
+        outcomes = run_drills(
+            list(chosen.values()), say=lambda s: print(s, flush=True), before_teardown=shoot
+        )
     except KeyboardInterrupt:
         print("drill: interrupted; everything stopped and removed", file=sys.stderr)
         return 130

@@ -75,6 +75,8 @@ class Drill(ABC):
     holds: dict[str, str] = {}
     #: Extra server settings of the drill PostgreSQL cluster.
     pg_settings: dict[str, str] = {}
+    #: Programs this drill needs beyond the harness's (`make drill` exits 2 without them).
+    binaries: tuple[str, ...] = ()
 
     def stack_env(self, ctx: Context) -> dict[str, str]:
         """`RUNBOOKS_*` settings the served runbooks need for this drill."""
@@ -84,12 +86,13 @@ class Drill(ABC):
         """What the drill runs for the whole harness (a platform); stopped on every path."""
         return contextlib.nullcontext()
 
-    def scrape_targets(self, ctx: Context) -> dict[str, list[str]]:
-        """Prometheus jobs this drill adds (job → host:port targets), scraped like the rest."""
-        return {}
-
     def prepare(self, ctx: Context) -> None:  # noqa: B027 (optional hook)
         """Create what the drill works on (databases, roles) before the stack starts."""
+
+    def scrape(self, ctx: Context, parts: contextlib.ExitStack) -> list[dict[str, Any]]:
+        """Start the exporters the drill needs (entered on `parts`, stopped with the
+        harness); their Prometheus scrape jobs. Called after the stack, before Prometheus."""
+        return []
 
     @abstractmethod
     def routes(self, ctx: Context) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from drills.base import Context, Drill, Outcome
-from drills.monitoring import RULES, drill_rules, running_monitoring
+from drills.monitoring import RULES, drill_rules, hold_key, running_monitoring
 from drills.pg_cluster import private_cluster
 from drills.procs import free_port
 from drills.stack import running_stack
@@ -31,10 +31,11 @@ def _intervals(drills: Sequence[Drill]) -> str:
     shipped = yaml.safe_load(RULES.read_text())
     holds = {a: h for d in drills for a, h in d.holds.items()}
     shipped_for = {
-        r["alert"]: r.get("for", "0s")
+        key: r.get("for", "0s")
         for g in shipped["groups"]
         for r in g["rules"]
-        if r.get("alert") in holds
+        for key in (r.get("alert"), hold_key(r))
+        if key in holds
     }
     lines = [
         f"Prometheus: scrape every {INTERVAL_S:g} s, rule evaluation every {INTERVAL_S:g} s,"
@@ -51,8 +52,16 @@ def _intervals(drills: Sequence[Drill]) -> str:
     return "\n".join(lines)
 
 
-def run_drills(drills: Sequence[Drill], say: Callable[[str], None] = print) -> list[Outcome]:
-    """Run `drills` on one harness; their outcomes, in order."""
+def run_drills(
+    drills: Sequence[Drill],
+    say: Callable[[str], None] = print,
+    before_teardown: Callable[[Context, list[Outcome]], object] | None = None,
+) -> list[Outcome]:
+    """Run `drills` on one harness; their outcomes, in order.
+
+    `before_teardown(ctx, outcomes)` runs after the last drill, everything still up (the
+    UI screenshots of `python -m drills --screenshots`).
+    """
     workdir = Path(tempfile.mkdtemp(prefix="runbooks-drill-"))
     outcomes: list[Outcome] = []
     pg_settings = {k: v for d in drills for k, v in d.pg_settings.items()}
@@ -84,6 +93,7 @@ def run_drills(drills: Sequence[Drill], say: Callable[[str], None] = print) -> l
                     deployments=tuple(sorted({str(r["runbook"]) for r in routes})),
                 )
             )
+            scrape = [job for d in drills for job in d.scrape(ctx, stack)]
             say("drill: starting postgres_exporter, Alertmanager and Prometheus")
             rules = drill_rules(
                 workdir / "rules.yml", {a: h for d in drills for a, h in d.holds.items()}
@@ -97,12 +107,14 @@ def run_drills(drills: Sequence[Drill], say: Callable[[str], None] = print) -> l
                     token=ctx.stack.token,
                     exporter_port=int(ctx.exporter_target.rsplit(":", 1)[1]),
                     interval_s=INTERVAL_S,
+                    scrape=scrape,
                     prometheus_port=ctx.prometheus_port,
-                    jobs={j: t for d in drills for j, t in d.scrape_targets(ctx).items()},
                 )
             )
             for drill in drills:
                 outcomes.append(run_one(drill, ctx))
+            if before_teardown is not None:
+                before_teardown(ctx, outcomes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return outcomes

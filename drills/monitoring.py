@@ -36,13 +36,24 @@ def missing_binaries() -> str | None:
     return None
 
 
+def hold_key(rule: dict[str, Any]) -> str:
+    """How `holds` names a rule: `Alert{severity=...}` (one rule of several), else `Alert`."""
+    return f"{rule.get('alert')}{{severity={(rule.get('labels') or {}).get('severity')}}}"
+
+
 def drill_rules(out: Path, holds: dict[str, str]) -> Path:
-    """The shipped rules with `for:` of the named alerts replaced; nothing else changed."""
+    """The shipped rules with `for:` of the named alerts replaced; nothing else changed.
+
+    A hold is keyed by the alert name (every rule of it), or by `Alert{severity=warning}`
+    when one alert name has several rules (`CertificateExpiringInDays`).
+    """
     doc = yaml.safe_load(RULES.read_text())
     for group in doc["groups"]:
         for rule in group["rules"]:
-            if rule.get("alert") in holds:
-                rule["for"] = holds[rule["alert"]]
+            for key in (hold_key(rule), rule.get("alert")):
+                if key in holds:
+                    rule["for"] = holds[key]
+                    break
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
 
@@ -80,15 +91,15 @@ class Monitoring:
 
 
 def _prometheus_config(
-    workdir: Path, rules: Path, jobs: dict[str, list[str]], am: str, every: str
+    workdir: Path, rules: Path, targets: list[str], am: str, every: str, more: list[dict[str, Any]]
 ) -> Path:
     config = {
         "global": {"scrape_interval": every, "evaluation_interval": every, "scrape_timeout": every},
         "rule_files": [str(rules)],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [am]}]}]},
         "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": targets}]}
-            for job, targets in jobs.items()
+            {"job_name": "postgres", "static_configs": [{"targets": targets}]},
+            *more,
         ],
     }
     path = workdir / "prometheus.yml"
@@ -135,12 +146,13 @@ def running_monitoring(
     exporter_port: int,
     interval_s: float = 1.0,
     timeout_s: float = 60.0,
+    scrape: list[dict[str, Any]] | None = None,
     prometheus_port: int = 0,
-    jobs: dict[str, list[str]] | None = None,
 ) -> Iterator[Monitoring]:
     """Start exporter, Alertmanager and Prometheus; wait until the exporter is scraped.
 
-    `jobs` are the drills' own scrape targets (job → host:port), beside job `postgres`.
+    `scrape`: more scrape jobs (the drills' own exporters, e.g. the blackbox prober).
+    `prometheus_port`: Prometheus's port when chosen beforehand (the stack's runbooks query it).
     """
     every = f"{interval_s:g}s"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -173,8 +185,9 @@ def running_monitoring(
         target = f"127.0.0.1:{exp_port}"
         prom_dir = workdir / "prometheus"
         prom_dir.mkdir()
-        scraped = {"postgres": [target], **(jobs or {})}
-        config = _prometheus_config(prom_dir, rules, scraped, f"127.0.0.1:{am_port}", every)
+        config = _prometheus_config(
+            prom_dir, rules, [target], f"127.0.0.1:{am_port}", every, scrape or []
+        )
         prom = spawn(
             "prometheus",
             [

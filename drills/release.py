@@ -96,9 +96,10 @@ class BadRelease(Drill):
         assert self.platform is not None and self.pages is not None
         return self.platform, self.pages
 
-    def scrape_targets(self, ctx: Context) -> dict[str, list[str]]:
+    def scrape(self, ctx: Context, parts: contextlib.ExitStack) -> list[dict[str, Any]]:
         platform, _ = self._running()
-        return {JOB: [platform.backend.url.split("://", 1)[1]]}
+        target = platform.backend.url.split("://", 1)[1]
+        return [{"job_name": JOB, "static_configs": [{"targets": [target]}]}]
 
     def stack_env(self, ctx: Context) -> dict[str, str]:
         platform, _ = self._running()

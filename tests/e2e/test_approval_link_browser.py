@@ -8,17 +8,15 @@ plan, types a reason and clicks confirm; the same run acts: the key is set back.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from tests.e2e.test_alert_to_run import CHROMIUM, require_binary
 from tests.fixtures.link_runs import link_receiver, links_in, paused_run
 from tests.fixtures.prefect_runs import flow_run_artifacts
-from tests.fixtures.throwaway_runbook import read_flag
+from tests.fixtures.throwaway_runbook import read_flag, stale_key
 from tests.fixtures.triggers import LiveServer
 from tests.integration.test_alert_approval import served  # noqa: F401  # the deployment
 
@@ -33,11 +31,8 @@ def receiver(served: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveServ
 
 @pytest.fixture
 def flag() -> Iterator[str]:
-    client = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
-    name = f"runbooks-test:browser:{uuid.uuid4().hex}"
-    client.set(name, "stale")
-    yield name
-    client.delete(name)
+    with stale_key("browser") as made:
+        yield made
 
 
 def test_chromium_opens_the_approve_link_from_the_page_confirms_and_the_run_acts(

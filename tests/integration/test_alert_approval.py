@@ -15,7 +15,6 @@ on-call as its run pauses, with the link to that run in the UI.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -23,7 +22,6 @@ from uuid import UUID
 
 import httpx
 import pytest
-import redis
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun, StateType
@@ -38,7 +36,7 @@ from flows.common import run_link
 from tasks.alerts import alert_status
 from tests.fixtures.paged_flag import paged_flag
 from tests.fixtures.prefect_runs import flow_run_artifacts
-from tests.fixtures.throwaway_runbook import read_flag, stale_flag
+from tests.fixtures.throwaway_runbook import read_flag, stale_flag, stale_key
 from tests.fixtures.triggers import (
     TOKEN,
     LiveServer,
@@ -100,11 +98,8 @@ def receiver(served: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveServ
 
 @pytest.fixture
 def key() -> Iterator[str]:
-    client = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
-    name = f"runbooks-test:approval:{uuid.uuid4().hex}"
-    client.set(name, "stale")
-    yield name
-    client.delete(name)
+    with stale_key("approval") as made:
+        yield made
 
 
 def fire(server: LiveServer, firing: dict[str, Any], runbook: str = "stale-flag") -> UUID:

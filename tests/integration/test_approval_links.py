@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import yaml
 
 from tests.fixtures.approvals import KEY, current_request, link_token
@@ -31,7 +30,7 @@ from tests.fixtures.link_runs import (
     wait_until,
 )
 from tests.fixtures.prefect_runs import flow_run_artifacts, flow_run_logs
-from tests.fixtures.throwaway_runbook import read_flag
+from tests.fixtures.throwaway_runbook import read_flag, stale_key
 from tests.fixtures.triggers import LiveServer
 from tests.integration.test_alert_approval import served  # noqa: F401  # the deployment
 
@@ -51,11 +50,8 @@ def receiver(served: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveServ
 
 @pytest.fixture
 def flag() -> Iterator[str]:
-    client = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
-    name = f"runbooks-test:links:{uuid.uuid4().hex}"
-    client.set(name, "stale")
-    yield name
-    client.delete(name)
+    with stale_key("links") as made:
+        yield made
 
 
 @pytest.fixture

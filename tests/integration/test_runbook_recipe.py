@@ -27,7 +27,7 @@ from flows.driver import Runbook as DriverRunbook
 from flows.spec import Action, ActionRecord, RunbookParams, RunbookSpec
 from tasks.errors import SafetyViolation
 from tests.fixtures.prefect_runs import flow_run_artifacts, wait_for_paused_run
-from tests.fixtures.throwaway_runbook import SPEC, StaleFlagParams, read_flag, stale_flag
+from tests.fixtures.throwaway_runbook import SPEC, StaleFlagParams, read_flag, stale_flag, stale_key
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -41,11 +41,8 @@ ENTRY = Runbook(
 
 @pytest.fixture
 def key() -> Iterator[str]:
-    client = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
-    name = f"runbooks-test:recipe:{uuid.uuid4().hex}"
-    client.set(name, "stale")
-    yield name
-    client.delete(name)
+    with stale_key("recipe") as made:
+        yield made
 
 
 def _value(key: str) -> str | None:

@@ -26,28 +26,26 @@ from uuid import UUID
 
 import httpx
 import pytest
-import redis
 import yaml
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
 from deployments.blocks import main as blocks_main
-from deployments.receiver import create_app
 from deployments.serve import to_deployments
 from deployments.warm_pool import execute
 from tasks.approvals.signing import verify_link
 from tasks.approvals.store import read_votes
 from tasks.slack_app import SlackApp
 from tests.fixtures.approvals import KEY
+from tests.fixtures.link_runs import link_receiver
 from tests.fixtures.prefect_runs import flow_run_artifacts, flow_run_logs
 from tests.fixtures.sinks import CONTACTS
 from tests.fixtures.slack_api import SlackApi, click_body, signed_headers
-from tests.fixtures.throwaway_runbook import read_flag, stale_flag
-from tests.fixtures.triggers import TOKEN, LiveServer, alert, receiver_settings, serve_app
+from tests.fixtures.throwaway_runbook import read_flag, stale_flag, stale_key
+from tests.fixtures.triggers import LiveServer, alert
 from tests.integration.test_alert_approval import (
     CATALOG,
-    TABLE,
     ended,
     fire,
     read_run,
@@ -97,22 +95,14 @@ def receiver(
     """The receiver on a loopback port, `stale-flag` registered (as test_alert_approval)."""
     for deployment in to_deployments(CATALOG):
         deployment.apply()
-    url = PREFECT_API_URL.value()
-    app = create_app(receiver_settings(sync_wait_s=10), TABLE, CATALOG, api_url=str(url))
-    with serve_app(app) as server:
-        monkeypatch.setenv("RUNBOOKS_ALERTS_RECEIVER_URL", server.url)
-        monkeypatch.setenv("RUNBOOKS_ALERTS_RECEIVER_TOKEN", TOKEN)
+    with link_receiver(monkeypatch) as server:
         yield server
 
 
 @pytest.fixture
 def key() -> Iterator[str]:
-    """A stale Redis flag for the run to set back."""
-    client = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
-    name = f"runbooks-test:slack:{secrets.token_hex(8)}"
-    client.set(name, "stale")
-    yield name
-    client.delete(name)
+    with stale_key("slack") as made:
+        yield made
 
 
 def click(server: LiveServer, body: bytes, headers: dict[str, str]) -> httpx.Response:

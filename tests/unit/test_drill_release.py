@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import yaml
 
@@ -58,16 +61,19 @@ def test_the_summary_shows_the_figure_less_the_wait() -> None:
 
 
 def test_release_is_registered_beside_pool() -> None:
-    assert list(DRILLS)[:2] == ["pool", "release"]
+    assert DRILLS["release"] is BadRelease and "pool" in DRILLS
     assert BadRelease.holds == {"HighErrorRate": "1s"}
 
 
-def test_prometheus_scrapes_the_drills_jobs_beside_postgres(tmp_path: Path) -> None:
-    jobs = {"postgres": ["127.0.0.1:1"], "akig-backend": ["127.0.0.1:2"]}
-    config = yaml.safe_load(_prometheus_config(tmp_path, tmp_path / "r.yml", jobs, "a", "1s")
-                            .read_text())  # fmt: skip
+def test_prometheus_scrapes_the_backend_beside_postgres(tmp_path: Path) -> None:
+    drill = BadRelease()
+    drill.platform = cast(Any, SimpleNamespace(backend=SimpleNamespace(url="http://127.0.0.1:2")))
+    drill.pages = Pages()
+    jobs = drill.scrape(cast(Any, None), contextlib.ExitStack())
+    path = _prometheus_config(tmp_path, tmp_path / "r.yml", ["127.0.0.1:1"], "a", "1s", jobs)
+    config = yaml.safe_load(path.read_text())
     got = {c["job_name"]: c["static_configs"][0]["targets"] for c in config["scrape_configs"]}
-    assert got == jobs
+    assert got == {"postgres": ["127.0.0.1:1"], "akig-backend": ["127.0.0.1:2"]}
 
 
 def test_every_default_channel_gets_a_sink_of_its_shape() -> None:
