@@ -32,6 +32,8 @@ class Context:
     monitoring: Monitoring | None = None
     #: Prometheus's port, chosen before the stack starts (its runbooks query it).
     prometheus_port: int = 0
+    #: The drills' settings the stack runs with, merged (what the runbooks see).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def prometheus_url(self) -> str:

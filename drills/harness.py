@@ -82,6 +82,7 @@ def run_drills(
             # No Kubernetes here: the runbooks must not reach for ~/.kube/config.
             # (A drill with a cluster of its own, the release drill's, names its kubeconfig.)
             env.setdefault("RUNBOOKS_K8S_KUBECONFIG", str(workdir / "no-cluster.kubeconfig"))
+            ctx.env = env
             say(_intervals(drills))
             say("drill: starting the `make run` stack (Prefect server, deployments, receiver)")
             ctx.stack = stack.enter_context(

@@ -29,14 +29,12 @@ from drills.evidence import (
     task_offsets,
     task_runs,
 )
-from drills.release_parts import Pages, follow_link, platform_and_pages
+from drills.release_parts import Pages, channel_blocks, follow_link, platform_and_pages
 from drills.timeline import DrillFailed, Step, Target, Timeline
 from tests.fixtures.platform import JOB, Platform
 
 ALERT = "HighErrorRate"
 RUNBOOK = "high-error-rate"
-#: The on-call's first channel (default contacts): the page whose link the drill follows.
-ON_CALL_BLOCK = "on-call-pagerduty"
 #: The undo task (`kubectl rollout undo`) and the verification's query, as the run names them.
 UNDO, CHECK = "apply-rollback", "prometheus-5xx-by-route"
 
@@ -78,6 +76,8 @@ class BadRelease(Drill):
         self.platform: Platform | None = None
         self.pages: Pages | None = None
         self.during = contextlib.ExitStack()
+        #: The on-call's first channel: the page whose Approve link the drill follows.
+        self.on_call = "on-call-pagerduty"
 
     @contextlib.contextmanager
     def _parts(self, ctx: Context) -> Iterator[None]:
@@ -126,6 +126,8 @@ class BadRelease(Drill):
     def inject(self, ctx: Context, timeline: Timeline) -> None:
         platform, pages = self._running()
         stack, mon = ctx.running
+        blocks, self.on_call = channel_blocks(ctx.env)
+        pages.start(blocks)
         pages.save_blocks(stack.api_url)
         self.during.enter_context(platform.traffic())
         ratio = f'sum(rate(http_requests_total{{job="{JOB}",route=~"/api/.*"}}[1m]))'
@@ -157,12 +159,12 @@ class BadRelease(Drill):
         run = poll(lambda: alert_run(stack.api_url, fp), 20)
         if run is None:
             raise DrillFailed("first task", f"no flow run tagged alert:{fp}")
-        link = poll(lambda: pages.approve_link(ON_CALL_BLOCK), 60, 0.05)
+        link = poll(lambda: pages.approve_link(self.on_call), 60, 0.05)
         if link is None:
             ended = final_run(stack.api_url, run["id"])
             why = f"run ended {ended['state']['name']}" if ended else "no page within 60 s"
             raise DrillFailed("page received", f"no Approve link reached the on-call: {why}")
-        timeline.mark("page received", datetime.now(UTC), "the on-call's sink", ON_CALL_BLOCK)
+        timeline.mark("page received", datetime.now(UTC), "the on-call's sink", self.on_call)
         followed = follow_link(
             link, "drill: :v2 is the bad release, undo it", "rollback deployment/akig-backend"
         )

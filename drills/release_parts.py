@@ -5,7 +5,8 @@ the sandbox backend following Deployment `akig-backend` on the test Kubernetes c
 plane and its fake kubelet), with its database on the drill's private cluster. The on-call's
 pages reach local sinks (`tests.fixtures.sinks.Sink`, the shapes of PagerDuty, Slack and a
 plain webhook) through Prefect notification blocks saved under the default contacts' names,
-so the default approvers rule (`*`/`*` → the on-call chain) applies unchanged. The drill then
+so the default approvers rule (`*`/`*` → the on-call chain) applies unchanged (another
+drill's contacts file, when one is in the run, names the blocks instead). The drill then
 opens the on-call's Approve link and confirms, as the on-call would in a browser.
 """
 
@@ -16,6 +17,7 @@ import html
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
@@ -45,10 +47,10 @@ class Pages:
     by_block: dict[str, Sink] = field(default_factory=dict)
 
     def start(self, blocks: list[str]) -> None:
-        """A sink per block, each of the shape the block's name says."""
+        """A sink per block not yet served, each of the shape the block's name says."""
         for block in blocks:
-            kind = _kind(block)
-            self.by_block[block] = getattr(self.sinks, kind)()
+            if block not in self.by_block:
+                self.by_block[block] = getattr(self.sinks, _kind(block))()
 
     def save_blocks(self, api_url: str) -> None:
         """Save each block in the drill's Prefect, pointing at its sink."""
@@ -72,13 +74,22 @@ class Pages:
             sink.stop()
 
 
-def default_blocks() -> list[str]:
-    """The notification blocks the default contacts page through (names without the type)."""
-    from tasks.contacts import EscalationConfig, EscalationSettings
+def channel_blocks(env: dict[str, str]) -> tuple[list[str], str]:
+    """The blocks the stack's contacts page through, and the on-call's first one.
 
-    refs = {ref for c in EscalationConfig().contacts.values() for ref in c.channels}
-    refs.add(EscalationSettings().last_resort_block)
-    return sorted(ref.split("/", 1)[1] for ref in refs)
+    The contacts are the stack's: the defaults, or the file another drill of the same run
+    names (`RUNBOOKS_ESCALATION_CONFIG_FILE`, the cert drill's); its blocks are pointed at
+    this drill's sinks while it runs (the drills run one after another).
+    """
+    from tasks.contacts import EscalationSettings, load_config
+
+    file = env.get("RUNBOOKS_ESCALATION_CONFIG_FILE")
+    settings = EscalationSettings(config_file=Path(file) if file else None)
+    config = load_config(settings)
+    refs = {ref for c in config.contacts.values() for ref in c.channels}
+    refs.add(settings.last_resort_block)
+    on_call = config.contacts["on-call"].channels[0].split("/", 1)[1]
+    return sorted(ref.split("/", 1)[1] for ref in refs), on_call
 
 
 @contextlib.contextmanager
@@ -91,7 +102,6 @@ def platform_and_pages(admin_dsn: str) -> Iterator[tuple[Platform, Pages]]:
         )
     pages = Pages()
     try:
-        pages.start(default_blocks())
         with running_platform(kube=True, admin_dsn=admin_dsn) as platform:
             yield platform, pages
     finally:

@@ -14,8 +14,9 @@ from drills.__main__ import DRILLS, summary
 from drills.base import Outcome
 from drills.monitoring import _prometheus_config
 from drills.release import BadRelease
-from drills.release_parts import APPROVE, Pages, _form, _kind, _plan, default_blocks
+from drills.release_parts import APPROVE, Pages, _form, _kind, _plan, channel_blocks
 from drills.timeline import Step, Target, Timeline
+from tests.fixtures.sinks import CONTACTS
 
 T0 = datetime(2026, 12, 6, 3, 0, tzinfo=UTC)
 STEPS = (
@@ -77,13 +78,28 @@ def test_prometheus_scrapes_the_backend_beside_postgres(tmp_path: Path) -> None:
 
 
 def test_every_default_channel_gets_a_sink_of_its_shape() -> None:
-    blocks = default_blocks()
+    blocks, on_call = channel_blocks({})
     assert {"on-call-pagerduty", "on-call-slack", "team-lead-slack", "last-resort"} <= set(blocks)
+    assert on_call == "on-call-pagerduty"
     assert [_kind(b) for b in ("on-call-pagerduty", "db-team-slack", "tickets")] == [
         "pagerduty",
         "slack",
         "webhook",
     ]
+
+
+def test_another_drills_contacts_file_names_the_blocks(tmp_path: Path) -> None:
+    """The cert drill's contacts (`test-*` blocks): the on-call's page is looked for there."""
+    names = [n for n in CONTACTS if n != "on-call-slack"]  # as `World` writes it
+    contacts = {n: {"channels": [f"custom-webhook/test-{n}"]} for n in names}
+    contacts["on-call"]["channels"].append("custom-webhook/test-on-call-slack")
+    file = tmp_path / "escalation.yaml"
+    topics = {"database": "db-team", "security": "security-team"}
+    file.write_text(yaml.safe_dump({"contacts": contacts, "topics": topics}))
+    blocks, on_call = channel_blocks({"RUNBOOKS_ESCALATION_CONFIG_FILE": str(file)})
+    assert on_call == "test-on-call"
+    assert {"test-on-call", "test-on-call-slack", "test-team-lead"} <= set(blocks)
+    assert "on-call-pagerduty" not in blocks
 
 
 PAGE = (
