@@ -18,8 +18,13 @@ from drills.base import Drill, Outcome
 from drills.cert import CertExpiring
 from drills.monitoring import missing_binaries
 from drills.pool import PoolExhaustion
+from drills.release import BadRelease
 
-DRILLS: dict[str, type[Drill]] = {"pool": PoolExhaustion, "cert": CertExpiring}
+DRILLS: dict[str, type[Drill]] = {
+    "pool": PoolExhaustion,
+    "cert": CertExpiring,
+    "release": BadRelease,
+}
 
 
 def report(outcome: Outcome, mttr: tuple[str, str]) -> str:
@@ -29,7 +34,7 @@ def report(outcome: Outcome, mttr: tuple[str, str]) -> str:
     took = tl.between(*mttr)
     lines.append(f"MTTR ({mttr[0]} → {mttr[1]}): " + (f"{took:.3f} s" if took is not None else "—"))
     for target in outcome.targets:
-        value = tl.between(target.start, target.end)
+        value = tl.took(target)
         met = tl.met(target)
         shown = f"{value:.3f} s" if value is not None else "—"
         verdict = {True: "met", False: "NOT met", None: "not reached"}[met]
@@ -58,7 +63,7 @@ def summary(outcomes: list[Outcome], drills: dict[str, Drill]) -> str:
         took = o.timeline.between(*drill.mttr)
         mttr = f"{took:.2f} s" if took is not None else "—"
         for i, target in enumerate(o.targets):
-            value = o.timeline.between(target.start, target.end)
+            value = o.timeline.took(target)
             met = o.timeline.met(target)
             shown = f"{value:.2f} s" if value is not None else "—"
             verdict = {True: "met", False: "NOT met", None: "—"}[met]

@@ -30,6 +30,15 @@ class Context:
     say: Callable[[str], None] = print
     stack: Stack | None = None
     monitoring: Monitoring | None = None
+    #: Prometheus's port, chosen before the stack starts (its runbooks query it).
+    prometheus_port: int = 0
+    #: The drills' settings the stack runs with, merged (what the runbooks see).
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prometheus_url(self) -> str:
+        """Where the drill Prometheus answers (once the monitoring is up)."""
+        return f"http://127.0.0.1:{self.prometheus_port}"
 
     @property
     def running(self) -> tuple[Stack, Monitoring]:
@@ -74,6 +83,10 @@ class Drill(ABC):
     def stack_env(self, ctx: Context) -> dict[str, str]:
         """`RUNBOOKS_*` settings the served runbooks need for this drill."""
         return {}
+
+    def parts(self, ctx: Context) -> contextlib.AbstractContextManager[object]:
+        """What the drill runs for the whole harness (a platform); stopped on every path."""
+        return contextlib.nullcontext()
 
     def prepare(self, ctx: Context) -> None:  # noqa: B027 (optional hook)
         """Create what the drill works on (databases, roles) before the stack starts."""

@@ -107,3 +107,33 @@ def post_incident_record(api_url: str, fingerprint: str) -> Any:
         get_client(sync_client=True) as client,
     ):
         return build_record(key, collect(client, key), mode="draft")
+
+
+def seen(journal: Path, fingerprint: str, column: str) -> dict[str, Any] | None:
+    """The alert's journaled occurrence once `column` (fired_ts, resolved_ts) is set."""
+    row = occurrence(journal, fingerprint)
+    return row if row and row.get(column) else None
+
+
+def task_offsets(t0: datetime | None, tasks: list[dict[str, Any]]) -> str:
+    """The task runs as `name +start (duration)` from `t0`: where the run's time went."""
+    parts = []
+    for t in tasks:
+        start = parse_time(t["start_time"])
+        took = (parse_time(t["end_time"]) - start).total_seconds() if t.get("end_time") else None
+        offset = (start - t0).total_seconds() if t0 else 0.0
+        parts.append(f"{t['name']} +{offset:.2f}s ({took:.2f}s)" if took is not None else t["name"])
+    return ", ".join(parts)
+
+
+def incident_figures(api_url: str, fingerprint: str) -> dict[str, Any]:
+    """The post-incident record's figures as the drill report prints them."""
+    record = post_incident_record(api_url, fingerprint)
+    return {
+        "incident": record.incident.label(),
+        "first_action_s": record.metrics.first_action_s,
+        "recovery_s": record.metrics.recovery_s,
+        "recovered": record.metrics.recovered,
+        "recovery_by": record.metrics.recovery_by,
+        "started_by": record.metrics.started_by,
+    }

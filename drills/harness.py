@@ -71,14 +71,18 @@ def run_drills(
             say("drill: starting a private PostgreSQL cluster")
             cluster = stack.enter_context(private_cluster(settings=pg_settings))
             ctx = Context(workdir, cluster, f"127.0.0.1:{free_port()}", say)
+            ctx.prometheus_port = free_port()
             for drill in drills:
+                stack.enter_context(drill.parts(ctx))
                 drill.prepare(ctx)
             routing = workdir / "routing.yaml"
             routes = [r for d in drills for r in d.routes(ctx)]
             routing.write_text(yaml.safe_dump({"routes": routes}, sort_keys=False))
             env = {k: v for d in drills for k, v in d.stack_env(ctx).items()}
             # No Kubernetes here: the runbooks must not reach for ~/.kube/config.
-            env["RUNBOOKS_K8S_KUBECONFIG"] = str(workdir / "no-cluster.kubeconfig")
+            # (A drill with a cluster of its own, the release drill's, names its kubeconfig.)
+            env.setdefault("RUNBOOKS_K8S_KUBECONFIG", str(workdir / "no-cluster.kubeconfig"))
+            ctx.env = env
             say(_intervals(drills))
             say("drill: starting the `make run` stack (Prefect server, deployments, receiver)")
             ctx.stack = stack.enter_context(
@@ -105,6 +109,7 @@ def run_drills(
                     exporter_port=int(ctx.exporter_target.rsplit(":", 1)[1]),
                     interval_s=INTERVAL_S,
                     scrape=scrape,
+                    prometheus_port=ctx.prometheus_port,
                 )
             )
             for drill in drills:

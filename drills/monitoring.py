@@ -147,16 +147,19 @@ def running_monitoring(
     interval_s: float = 1.0,
     timeout_s: float = 60.0,
     scrape: list[dict[str, Any]] | None = None,
+    prometheus_port: int = 0,
 ) -> Iterator[Monitoring]:
     """Start exporter, Alertmanager and Prometheus; wait until the exporter is scraped.
 
     `scrape`: more scrape jobs (the drills' own exporters, e.g. the blackbox prober).
+    `prometheus_port`: Prometheus's port when chosen beforehand (the stack's runbooks query it).
     """
     every = f"{interval_s:g}s"
     workdir.mkdir(parents=True, exist_ok=True)
     procs: list[Proc] = []
     try:
-        exp_port, am_port, prom_port = exporter_port, free_port(), free_port()
+        exp_port, am_port = exporter_port, free_port()
+        prom_port = prometheus_port or free_port()
         exporter = spawn(
             "postgres_exporter",
             [PG_EXPORTER, f"--web.listen-address=127.0.0.1:{exp_port}", "--log.level=warn"],

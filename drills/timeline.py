@@ -22,12 +22,16 @@ class Step:
 
 @dataclass(frozen=True)
 class Target:
-    """A figure the drill must reach: `start` → `end` under `limit_s` seconds."""
+    """A figure the drill must reach: `start` → `end` under `limit_s` seconds.
+
+    `less` is a span (from step, to step) left out of the figure: a human's approval wait.
+    """
 
     label: str
     start: str
     end: str
     limit_s: float
+    less: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,17 @@ class Timeline:
                     wrong.append(f"{step.name} came before {before}")
         return wrong
 
+    def took(self, target: Target) -> float | None:
+        """The target's figure: `start` → `end`, less its `less` span (None: a step missing)."""
+        took = self.between(target.start, target.end)
+        if took is None or target.less is None:
+            return took
+        wait = self.between(*target.less)
+        return None if wait is None else took - wait
+
     def met(self, target: Target) -> bool | None:
         """Whether a target was reached (None: a step of it never happened)."""
-        took = self.between(target.start, target.end)
+        took = self.took(target)
         return None if took is None else took < target.limit_s
 
     def render(self) -> str:

@@ -86,8 +86,9 @@ NOTIFY_FLOW = "escalate"
 #: How each runbook says "recovered" when it has no `verify*` task: a Completed run whose
 #: report (artifact description, `<runbook>: <outcome>`) ends with this outcome.
 #: db-pool-exhausted fails its run (PoolStillExhausted) when usage stays above the healthy
-#: mark after acting, so a Completed "acted" run is a passed verification.
-RECOVERED_WHEN = {"db-pool-exhausted": ": acted"}
+#: mark after acting, so a Completed "acted" run is a passed verification. So does
+#: high-error-rate (ErrorRateNotRecovered) when the 5xx ratio stays above its threshold.
+RECOVERED_WHEN = {"db-pool-exhausted": ": acted", "high-error-rate": ": acted"}
 
 ChecklistName = Literal[
     "root_cause",
