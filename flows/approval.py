@@ -256,7 +256,7 @@ def _wait(
                     description=_form_text(request, reqs, result.missing), approved=False
                 ),
                 timeout=remaining,
-                poll_interval=min(5, max(1, remaining // 4)),
+                poll_interval=min(2, max(1, remaining // 4)),  # a confirmed link acts within ~2 s
                 key=f"approval-{secrets.token_hex(4)}",
             )
         except FlowPauseTimeout:
