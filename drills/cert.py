@@ -34,7 +34,7 @@ from drills.evidence import (
     task_runs,
 )
 from drills.procs import free_port
-from drills.timeline import DrillFailed, Step, Target, Timeline
+from drills.timeline import ALERT_TO_RUN, DrillFailed, Step, Target, Timeline
 from drills.tls_endpoint import TlsEndpoint
 from tests.fixtures.sinks import Sinks, World
 from tests.fixtures.tls import CertFactory, Issued, server_context
@@ -43,10 +43,7 @@ ALERT = "CertificateExpiringInDays"
 DAYS_LEFT = 2.0
 
 STEPS = (
-    Step("fault injected"),
-    Step("alert firing", ("fault injected",)),
-    Step("webhook received", ("alert firing",)),
-    Step("first task", ("webhook received",)),
+    *ALERT_TO_RUN,
     Step("page delivered", ("first task",)),
     Step("cert renewed", ("page delivered",)),
     Step("alert resolved", ("cert renewed",)),

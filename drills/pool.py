@@ -28,17 +28,14 @@ from drills.evidence import (
     post_incident_record,
     task_runs,
 )
-from drills.timeline import DrillFailed, Step, Target, Timeline
+from drills.timeline import ALERT_TO_RUN, DrillFailed, Step, Target, Timeline
 
 ALERT = "DatabaseConnectionPoolExhausted"
 DATABASE, OTHER_DATABASE, ROLE = "drill_pool", "drill_other", "drill_app"
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 STEPS = (
-    Step("fault injected"),
-    Step("alert firing", ("fault injected",)),
-    Step("webhook received", ("alert firing",)),
-    Step("first task", ("webhook received",)),
+    *ALERT_TO_RUN,
     Step("action done", ("first task",)),
     Step("verify passed", ("action done",)),
     Step("alert resolved", ("action done",)),

@@ -30,7 +30,7 @@ from drills.evidence import (
     task_runs,
 )
 from drills.release_parts import Pages, channel_blocks, follow_link, platform_and_pages
-from drills.timeline import DrillFailed, Step, Target, Timeline
+from drills.timeline import ALERT_TO_RUN, DrillFailed, Step, Target, Timeline
 from tests.fixtures.platform import JOB, Platform
 
 ALERT = "HighErrorRate"
@@ -39,10 +39,7 @@ RUNBOOK = "high-error-rate"
 UNDO, CHECK = "apply-rollback", "prometheus-5xx-by-route"
 
 STEPS = (
-    Step("fault injected"),
-    Step("alert firing", ("fault injected",)),
-    Step("webhook received", ("alert firing",)),
-    Step("first task", ("webhook received",)),
+    *ALERT_TO_RUN,
     Step("page received", ("first task",)),
     Step("approval", ("page received",)),
     Step("action done", ("approval",)),

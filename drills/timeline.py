@@ -20,6 +20,15 @@ class Step:
     after: tuple[str, ...] = ()
 
 
+#: What every drill observes from its fault to its run's first task; each adds its own steps.
+ALERT_TO_RUN = (
+    Step("fault injected"),
+    Step("alert firing", ("fault injected",)),
+    Step("webhook received", ("alert firing",)),
+    Step("first task", ("webhook received",)),
+)
+
+
 @dataclass(frozen=True)
 class Target:
     """A figure the drill must reach: `start` → `end` under `limit_s` seconds.

@@ -14,40 +14,19 @@ from pathlib import Path
 
 import pytest
 
-import drills.stack
-from drills.__main__ import report
 from drills.blackbox import BLACKBOX
 from drills.cert import STEPS, CertExpiring
-from drills.harness import run_drills
-from drills.monitoring import missing_binaries
+from tests.fixtures.drills import left_behind, run_one
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _cmdlines() -> list[str]:
-    lines = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except OSError:
-                continue  # ended meanwhile
-    return lines
-
-
 def test_cert_drill_pages_then_resolves_on_renewal(monkeypatch: pytest.MonkeyPatch) -> None:
-    reason = missing_binaries() or ("" if os.access(BLACKBOX, os.X_OK) else f"no {BLACKBOX}")
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    token = "drill-receiver-token-" + os.urandom(8).hex()
-    monkeypatch.setattr(drills.stack, "new_token", lambda: token)
-    said: list[str] = []
     drill = CertExpiring()
-    [outcome] = run_drills([drill], say=said.append)
-    printed = "\n".join([*said, report(outcome, drill.mttr)])
-    assert token not in printed  # the receiver's bearer token is never printed
+    ran = run_one(
+        drill, monkeypatch, missing=("" if os.access(BLACKBOX, os.X_OK) else f"no {BLACKBOX}")
+    )
+    outcome, said, printed = ran.outcome, ran.said, ran.printed
     assert not any(s.secret and s.secret in printed for s in drill.sinks.started)
 
     assert outcome.ok, f"failed at {outcome.failed_step}: {outcome.error}"
@@ -66,6 +45,6 @@ def test_cert_drill_pages_then_resolves_on_renewal(monkeypatch: pytest.MonkeyPat
     assert outcome.record["started_by"] == "alert startsAt"
     assert outcome.record["first_action_s"] > 0
 
-    workdir = next(s for s in said if s.startswith("drill: working in ")).split()[3]
+    workdir = ran.workdir
     assert not Path(workdir).exists()
-    assert [c for c in _cmdlines() if workdir in c] == []
+    assert left_behind(workdir) == []

@@ -8,44 +8,20 @@ running or on disk. Timings are the drill's to print (`make drill`), not asserte
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-import drills.stack
-from drills.__main__ import report
-from drills.harness import run_drills
-from drills.monitoring import missing_binaries
 from drills.pool import STEPS, PoolExhaustion
+from tests.fixtures.drills import left_behind, run_one
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _cmdlines() -> list[str]:
-    lines = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except OSError:
-                continue  # ended meanwhile
-    return lines
-
-
 def test_pool_drill_recovers_in_order_and_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    reason = missing_binaries()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    token = "drill-receiver-token-" + os.urandom(8).hex()
-    monkeypatch.setattr(drills.stack, "new_token", lambda: token)
-    said: list[str] = []
     drill = PoolExhaustion()
-    [outcome] = run_drills([drill], say=said.append)
-    printed = "\n".join([*said, report(outcome, drill.mttr)])
-    assert token not in printed  # the receiver's bearer token is never printed
+    ran = run_one(drill, monkeypatch)
+    outcome, said = ran.outcome, ran.said
 
     assert outcome.ok, f"failed at {outcome.failed_step}: {outcome.error}"
     tl = outcome.timeline
@@ -66,6 +42,6 @@ def test_pool_drill_recovers_in_order_and_leaves_nothing(monkeypatch: pytest.Mon
     assert 0 < outcome.record["first_action_s"] < outcome.record["recovery_s"]
     assert any("scrape every 1 s, rule evaluation every 1 s" in s for s in said)
 
-    workdir = next(s for s in said if s.startswith("drill: working in ")).split()[3]
+    workdir = ran.workdir
     assert not Path(workdir).exists()
-    assert [c for c in _cmdlines() if workdir in c] == []
+    assert left_behind(workdir) == []

@@ -9,20 +9,15 @@ folder, the platform's Kubernetes folder). Timings are the drill's to print, not
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import drills.stack
-from drills.__main__ import report
 from drills.base import Context
-from drills.harness import run_drills
-from drills.monitoring import missing_binaries
 from drills.release import STEPS, BadRelease
+from tests.fixtures.drills import left_behind, run_one
 from tests.fixtures.kube import missing_reason
-from tests.integration.test_drill_pool import _cmdlines
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -40,18 +35,9 @@ class Recording(BadRelease):
 def test_release_drill_is_approved_by_link_undone_and_leaves_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    reason = missing_binaries() or missing_reason()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    token = "drill-receiver-token-" + os.urandom(8).hex()
-    monkeypatch.setattr(drills.stack, "new_token", lambda: token)
-    said: list[str] = []
     drill = Recording()
-    [outcome] = run_drills([drill], say=said.append)
-    printed = "\n".join([*said, report(outcome, drill.mttr)])
-    assert token not in printed
+    ran = run_one(drill, monkeypatch, missing=missing_reason())
+    outcome, said, printed = ran.outcome, ran.said, ran.printed
     assert "/approvals/" not in printed  # a link (its signed token) is never printed
 
     assert outcome.ok, f"failed at {outcome.failed_step}: {outcome.error}"
@@ -68,9 +54,9 @@ def test_release_drill_is_approved_by_link_undone_and_leaves_nothing(
     assert record["recovered"] is True
     assert 0 < record["first_action_s"] < record["recovery_s"]
 
-    workdir = next(s for s in said if s.startswith("drill: working in ")).split()[3]
+    workdir = ran.workdir
     kubeconfig = Path(drill.env["RUNBOOKS_K8S_KUBECONFIG"])
     platform = next(p for p in kubeconfig.parents if p.name.startswith("runbooks-platform-"))
     for gone in (workdir, str(platform)):
         assert not Path(gone).exists()
-        assert [c for c in _cmdlines() if gone in c] == []
+        assert left_behind(gone) == []
