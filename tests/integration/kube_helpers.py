@@ -69,6 +69,24 @@ def wait_until(
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
 
 
+def status_settled(
+    read: Callable[[str, str], Any], namespace: str, name: str, timeout: float = 30
+) -> None:
+    """Wait until the controller has written a new workload's status (`read` is e.g.
+    `apps.read_namespaced_stateful_set`): its status writes move the resourceVersion, so a
+    pinned write racing one is a (correct) 409 and re-read, which would blur what a test
+    counts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = read(name, namespace)
+        if obj.status and obj.status.observed_generation == obj.metadata.generation:
+            time.sleep(0.5)  # its replica counts follow in the same sync or the next
+            if read(name, namespace).metadata.resource_version == obj.metadata.resource_version:
+                return
+        assert time.monotonic() < deadline, f"{namespace}/{name} never settled"
+        time.sleep(0.1)
+
+
 def revision_of(apps: Any, namespace: str, name: str) -> int:
     dep = apps.read_namespaced_deployment(name, namespace)
     return int((dep.metadata.annotations or {}).get(REVISION, "0"))

@@ -3,7 +3,6 @@ entry moved since the plan, and its undo patch puts back exactly the previous en
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from tasks.kubernetes.env import EnvChangeResult, apply_env_value, plan_env_valu
 from tasks.kubernetes.workload import ContainerFieldWrite, apply_container_field
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.prefect_runs import task_runs
-from tests.integration.kube_helpers import deployment_body, through_proxy
+from tests.integration.kube_helpers import deployment_body, status_settled, through_proxy
 
 pytestmark = pytest.mark.kube
 ENV = "DB_POOL_SIZE"
@@ -32,24 +31,7 @@ def create(apps: Any, ns: str, name: str, entry: dict[str, Any] | None) -> None:
     if entry is not None:
         body["spec"]["template"]["spec"]["containers"][0]["env"].append(entry)
     apps.create_namespaced_deployment(ns, body)
-    settled(apps, ns, name)
-
-
-def settled(apps: Any, ns: str, name: str, timeout: float = 30) -> None:
-    """Wait until the controller has written the new Deployment's status: its status writes
-    move the resourceVersion, so a pinned write racing one is a (correct) 409 and re-read,
-    which would blur what a test counts."""
-    deadline = time.monotonic() + timeout
-    while True:
-        dep = apps.read_namespaced_deployment(name, ns)
-        if dep.status and dep.status.observed_generation == dep.metadata.generation:
-            time.sleep(0.5)  # its replica counts follow in the same sync or the next
-            if apps.read_namespaced_deployment(name, ns).metadata.resource_version == (
-                dep.metadata.resource_version
-            ):
-                return
-        assert time.monotonic() < deadline, f"deployment {ns}/{name} never settled"
-        time.sleep(0.1)
+    status_settled(apps.read_namespaced_deployment, ns, name)
 
 
 def env_of(apps: Any, ns: str, name: str) -> list[dict[str, Any]]:
