@@ -369,7 +369,9 @@ def test_retried_memory_limit_raise_writes_once(
     ns, name = kube_namespace, "akig-postgres"
     apps.create_namespaced_stateful_set(ns, statefulset_body(name, replicas=1, memory_limit="1Gi"))
     # A controller status write between the plan's read and the PATCH is a correct 409 and
-    # a second PATCH: counted writes are measured on a settled StatefulSet.
+    # a second PATCH: counted writes are measured on a settled StatefulSet (its pod ready,
+    # the controller's last status write done).
+    _sts_ready(kube_cluster, ns, name)
     status_settled(apps.read_namespaced_stateful_set, ns, name)
     generation = apps.read_namespaced_stateful_set(name, ns).metadata.generation
     proxy, via_proxy = through_proxy(kube_cluster, response_dropping_proxy, ns)
