@@ -25,12 +25,13 @@ from drills.base import Context, Drill, Outcome
 from drills.blackbox import BLACKBOX, running_blackbox, scrape_config
 from drills.evidence import (
     alert_run,
+    alert_to_webhook,
     epoch,
     final_run,
-    occurrence,
     parse_time,
     poll,
     post_incident_record,
+    seen,
     task_runs,
 )
 from drills.procs import free_port
@@ -132,24 +133,12 @@ class CertExpiring(Drill):
     def observe(self, ctx: Context, timeline: Timeline, outcome: Outcome) -> None:
         stack, mon = ctx.running
 
-        def firing() -> dict[str, Any] | None:
-            ours = [
-                a
-                for a in mon.alertmanager_alerts(ALERT)
-                if a["labels"].get("instance") == self.target
-            ]
-            return ours[0] if ours else None
+        def ours() -> list[dict[str, Any]]:
+            alerts = mon.alertmanager_alerts(ALERT)
+            return [a for a in alerts if a["labels"].get("instance") == self.target]
 
-        alert = poll(firing, 60)
-        if alert is None:
-            raise DrillFailed("alert firing", f"{ALERT} not in Alertmanager within 60 s")
+        alert = alert_to_webhook(timeline, stack.journal, ours, ALERT, 60, "severity")
         fp = str(alert["fingerprint"])
-        sev = str(alert["labels"].get("severity", ""))
-        timeline.mark("alert firing", parse_time(alert["startsAt"]), "Alertmanager startsAt", sev)
-        got = poll(lambda: _seen(stack.journal, fp, "fired_ts"), 20)
-        if got is None:
-            raise DrillFailed("webhook received", f"no firing notification of {fp} journaled")
-        timeline.mark("webhook received", epoch(got["fired_ts"]), "receiver journal")
         page = poll(self._first_page, 60, 0.05)
         if page is None:
             raise DrillFailed("page delivered", "no sink received a page within 60 s")
@@ -165,7 +154,7 @@ class CertExpiring(Drill):
         if done is None:
             raise DrillFailed("first task", f"run {run['name']} not final within 60 s")
         self._mark_run(ctx, timeline, done)
-        gone = poll(lambda: _seen(stack.journal, fp, "resolved_ts"), 60)
+        gone = poll(lambda: seen(stack.journal, fp, "resolved_ts"), 60)
         if gone is None:
             raise DrillFailed("alert resolved", "no resolved notification within 60 s")
         ends = parse_time(gone["ends_at"]) if gone.get("ends_at") else epoch(gone["resolved_ts"])
@@ -216,9 +205,3 @@ class CertExpiring(Drill):
         self.endpoint.stop()
         for sink in self.sinks.started:
             sink.stop()
-
-
-def _seen(journal: Any, fingerprint: str, column: str) -> dict[str, Any] | None:
-    """The alert's journaled occurrence once `column` (fired_ts, resolved_ts) is set."""
-    row = occurrence(journal, fingerprint)
-    return row if row and row.get(column) else None

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from drills.timeline import DrillFailed, Timeline
+
 T = TypeVar("T")
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
@@ -137,3 +139,26 @@ def incident_figures(api_url: str, fingerprint: str) -> dict[str, Any]:
         "recovery_by": record.metrics.recovery_by,
         "started_by": record.metrics.started_by,
     }
+
+
+def alert_to_webhook(
+    timeline: Timeline,
+    journal: Path,
+    alerts: Callable[[], list[dict[str, Any]]],
+    name: str,
+    wait_s: float,
+    detail_label: str = "",
+) -> dict[str, Any]:
+    """Wait for the drill's alert in Alertmanager, then for its webhook in the receiver's
+    journal; mark "alert firing" (its startsAt) and "webhook received"; the alert."""
+    alert = poll(lambda: next(iter(alerts()), None), wait_s)
+    if alert is None:
+        raise DrillFailed("alert firing", f"{name} not in Alertmanager within {wait_s:.0f} s")
+    fp = str(alert["fingerprint"])
+    detail = str(alert["labels"].get(detail_label, "")) if detail_label else ""
+    timeline.mark("alert firing", parse_time(alert["startsAt"]), "Alertmanager startsAt", detail)
+    got = poll(lambda: seen(journal, fp, "fired_ts"), 20)
+    if got is None:
+        raise DrillFailed("webhook received", f"no firing notification of {fp} journaled")
+    timeline.mark("webhook received", epoch(got["fired_ts"]), "receiver journal")
+    return alert

@@ -20,12 +20,14 @@ import psycopg
 from drills.base import Context, Drill, Outcome
 from drills.evidence import (
     alert_run,
+    alert_to_webhook,
     epoch,
     final_run,
-    occurrence,
     parse_time,
     poll,
     post_incident_record,
+    seen,
+    task_offsets,
     task_runs,
 )
 from drills.timeline import ALERT_TO_RUN, DrillFailed, Step, Target, Timeline
@@ -140,20 +142,12 @@ class PoolExhaustion(Drill):
     def observe(self, ctx: Context, timeline: Timeline, outcome: Outcome) -> None:
         stack, mon = ctx.running
 
-        def firing() -> dict[str, Any] | None:
+        def ours() -> list[dict[str, Any]]:
             alerts = mon.alertmanager_alerts(ALERT)
-            ours = [a for a in alerts if a["labels"].get("instance") == ctx.exporter_target]
-            return ours[0] if ours else None
+            return [a for a in alerts if a["labels"].get("instance") == ctx.exporter_target]
 
-        alert = poll(firing, 30)
-        if alert is None:
-            raise DrillFailed("alert firing", f"{ALERT} not in Alertmanager within 30 s")
+        alert = alert_to_webhook(timeline, stack.journal, ours, ALERT, 30)
         fp = str(alert["fingerprint"])
-        timeline.mark("alert firing", parse_time(alert["startsAt"]), "Alertmanager startsAt")
-        got = poll(lambda: _seen(stack.journal, fp, "fired_ts"), 20)
-        if got is None:
-            raise DrillFailed("webhook received", f"no firing notification of {fp} journaled")
-        timeline.mark("webhook received", epoch(got["fired_ts"]), "receiver journal")
         run = poll(lambda: alert_run(stack.api_url, fp), 20)
         if run is None:
             raise DrillFailed("first task", f"no flow run tagged alert:{fp}")
@@ -162,7 +156,7 @@ class PoolExhaustion(Drill):
             raise DrillFailed("verify passed", f"run {run['name']} not final within 90 s")
         self._mark_run(ctx, timeline, done)
         self._check_exact(ctx)
-        gone = poll(lambda: _seen(stack.journal, fp, "resolved_ts"), 30)
+        gone = poll(lambda: seen(stack.journal, fp, "resolved_ts"), 30)
         if gone is None:
             raise DrillFailed("alert resolved", "no resolved notification within 30 s")
         ends = parse_time(gone["ends_at"]) if gone.get("ends_at") else epoch(gone["resolved_ts"])
@@ -187,7 +181,7 @@ class PoolExhaustion(Drill):
             raise DrillFailed("first task", f"run {run['name']} ran no task")
         first = started[0]
         timeline.mark("first task", parse_time(first["start_time"]), "Prefect", first["name"])
-        ctx.say(_tasks_line(timeline, started))
+        ctx.say("pool: run tasks: " + task_offsets(timeline.t0, started))
         kills = [t for t in started if t["name"].startswith("terminate-sessions")]
         state = run["state"]
         if not kills or kills[0]["state"]["type"] != "COMPLETED" or not kills[0]["end_time"]:
@@ -227,21 +221,3 @@ class PoolExhaustion(Drill):
             conn.close()  # a terminated session closes without error
         self.leaked.clear()
         self.decoys.clear()
-
-
-def _tasks_line(timeline: Timeline, tasks: list[dict[str, Any]]) -> str:
-    """The run's task runs as `name +start (duration)` from the fault: where the time went."""
-    t0 = timeline.t0
-    parts = []
-    for t in tasks:
-        start = parse_time(t["start_time"])
-        took = (parse_time(t["end_time"]) - start).total_seconds() if t.get("end_time") else None
-        offset = (start - t0).total_seconds() if t0 else 0.0
-        parts.append(f"{t['name']} +{offset:.2f}s ({took:.2f}s)" if took is not None else t["name"])
-    return "pool: run tasks: " + ", ".join(parts)
-
-
-def _seen(journal: Any, fingerprint: str, column: str) -> dict[str, Any] | None:
-    """The alert's journaled occurrence once `column` (fired_ts, resolved_ts) is set."""
-    row = occurrence(journal, fingerprint)
-    return row if row and row.get(column) else None

@@ -20,6 +20,7 @@ from typing import Any
 from drills.base import Context, Drill, Outcome
 from drills.evidence import (
     alert_run,
+    alert_to_webhook,
     epoch,
     final_run,
     incident_figures,
@@ -140,19 +141,11 @@ class BadRelease(Drill):
         stack, mon = ctx.running
         platform, pages = self._running()
 
-        def firing() -> dict[str, Any] | None:
-            ours = [a for a in mon.alertmanager_alerts(ALERT) if a["labels"].get("job") == JOB]
-            return ours[0] if ours else None
+        def ours() -> list[dict[str, Any]]:
+            return [a for a in mon.alertmanager_alerts(ALERT) if a["labels"].get("job") == JOB]
 
-        alert = poll(firing, 60)
-        if alert is None:
-            raise DrillFailed("alert firing", f"{ALERT} not in Alertmanager within 60 s")
+        alert = alert_to_webhook(timeline, stack.journal, ours, ALERT, 60)
         fp = str(alert["fingerprint"])
-        timeline.mark("alert firing", parse_time(alert["startsAt"]), "Alertmanager startsAt")
-        got = poll(lambda: seen(stack.journal, fp, "fired_ts"), 20)
-        if got is None:
-            raise DrillFailed("webhook received", f"no firing notification of {fp} journaled")
-        timeline.mark("webhook received", epoch(got["fired_ts"]), "receiver journal")
         run = poll(lambda: alert_run(stack.api_url, fp), 20)
         if run is None:
             raise DrillFailed("first task", f"no flow run tagged alert:{fp}")
