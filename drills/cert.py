@@ -28,9 +28,9 @@ from drills.evidence import (
     alert_to_webhook,
     epoch,
     final_run,
+    incident_figures,
     parse_time,
     poll,
-    post_incident_record,
     seen,
     task_runs,
 )
@@ -162,15 +162,7 @@ class CertExpiring(Drill):
                          " - time()) / 86400")  # fmt: skip
         left = f"probe now reads {float(days[0]['value'][1]):.1f} days" if days else "no probe"
         timeline.mark("alert resolved", ends, "endsAt of the resolved webhook", left)
-        record = post_incident_record(stack.api_url, fp)
-        outcome.record = {
-            "incident": record.incident.label(),
-            "first_action_s": record.metrics.first_action_s,
-            "recovery_s": record.metrics.recovery_s,
-            "recovered": record.metrics.recovered,
-            "recovery_by": record.metrics.recovery_by,
-            "started_by": record.metrics.started_by,
-        }
+        outcome.record = incident_figures(stack.api_url, fp)
 
     def _first_page(self) -> tuple[str, datetime] | None:
         """The first payload a sink accepted: its contact and when it arrived."""

@@ -23,9 +23,9 @@ from drills.evidence import (
     alert_to_webhook,
     epoch,
     final_run,
+    incident_figures,
     parse_time,
     poll,
-    post_incident_record,
     seen,
     task_offsets,
     task_runs,
@@ -162,15 +162,7 @@ class PoolExhaustion(Drill):
         ends = parse_time(gone["ends_at"]) if gone.get("ends_at") else epoch(gone["resolved_ts"])
         received = epoch(gone["resolved_ts"]).isoformat(timespec="milliseconds")
         timeline.mark("alert resolved", ends, "endsAt of the resolved webhook", received)
-        record = post_incident_record(stack.api_url, fp)
-        outcome.record = {
-            "incident": record.incident.label(),
-            "first_action_s": record.metrics.first_action_s,
-            "recovery_s": record.metrics.recovery_s,
-            "recovered": record.metrics.recovered,
-            "recovery_by": record.metrics.recovery_by,
-            "started_by": record.metrics.started_by,
-        }
+        outcome.record = incident_figures(stack.api_url, fp)
 
     def _mark_run(self, ctx: Context, timeline: Timeline, run: dict[str, Any]) -> None:
         """First task, the terminations, the verification: from the run's task runs."""
