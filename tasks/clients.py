@@ -241,6 +241,23 @@ def payments_http(settings: PaymentsSettings | None = None) -> httpx.Client:
     )
 
 
+def gateway_http(settings: PaymentsSettings | None = None) -> httpx.Client:
+    """An HTTP client for the payment gateway's API (read-only use); token in a header only."""
+    settings = settings or PaymentsSettings()
+    if not settings.gateway_url:
+        raise PermanentError(
+            "the payment gateway is not configured (RUNBOOKS_PAYMENTS_GATEWAY_URL)"
+        )
+    token = resolve_secret(settings.gateway_token, settings.gateway_token_secret_block)
+    return httpx.Client(
+        base_url=settings.gateway_url,
+        timeout=httpx.Timeout(
+            settings.gateway_timeout_s, connect=min(5.0, settings.gateway_timeout_s)
+        ),
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )
+
+
 def prometheus_http(settings: PrometheusSettings) -> httpx.Client:
     """An HTTP client for the Prometheus API (URL required); the token rides in a header only."""
     if not settings.url:

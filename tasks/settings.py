@@ -143,6 +143,21 @@ class PaymentsSettings(BaseSettings):
     token: SecretStr = Field(SecretStr(""), description="Bearer token for the payments API.")
     token_secret_block: str | None = Field(None, description="Prefect Secret block, token.")
     timeout_s: float = Field(15.0, gt=0, description="Request timeout, seconds.")
+    gateway_url: str | None = Field(
+        None,
+        description="The payment gateway's API (status, charges by payment); unset ="
+        " reconciliation against the gateway is unavailable.",
+    )
+    gateway_token: SecretStr = Field(SecretStr(""), description="Bearer token, gateway API.")
+    gateway_token_secret_block: str | None = Field(
+        None, description="Prefect Secret block holding the gateway token."
+    )
+    gateway_timeout_s: float = Field(5.0, gt=0, description="Gateway request timeout, seconds.")
+    ledger_prefix: str = Field(
+        "runbooks:payments:",
+        min_length=1,
+        description="Prefix of the idempotency-key ledger in the runbooks' Redis.",
+    )
 
 
 class TlsSettings(BaseSettings):
