@@ -20,7 +20,7 @@ from tasks.clients import gateway_http, payments_http, pg_connect, redis_client
 from tasks.errors import TransientError
 from tasks.kubernetes import TailLogsResult
 from tasks.logs import scrub_secrets
-from tasks.payments.api import check_token, gateway_status
+from tasks.payments.api import Payment, check_token, gateway_status, list_failed
 from tasks.retry import RETRY_READ
 from tasks.settings import PaymentsSettings, PostgresSettings, RedisSettings
 
@@ -164,3 +164,10 @@ def failed_queue_stream(
         ms = int(str(first[0][0]).split("-")[0])
         oldest = datetime.fromtimestamp(ms / 1000, UTC)
     return QueueDepth(source=f"Redis stream {key}", depth=depth, oldest=oldest)
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="failed-payments")
+def failed_payments(limit: int, settings: PaymentsSettings | None = None) -> list[Payment]:
+    """Up to `limit` failed payments from the API (the plan pins their ids)."""
+    with payments_http(settings) as client:
+        return list_failed(client, limit)

@@ -16,7 +16,8 @@ checked in order, so a cap stops the run exactly there), pin its key in the ledg
 
 A batch is re-entrant (a Prefect task retry re-runs it): payments with a definite answer
 are skipped, the others re-read their pinned key. The token never leaves the client's
-headers. Pure engine: no Prefect here (the flow wraps a batch in a task, the bench does not).
+headers. The engine itself runs without Prefect (the bench); the flow runs each batch as
+the task `retry_batch` (`run_batch=`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from tasks.clients import payments_http, redis_client
 from tasks.payments.api import AnswerKind, Payment, RetryAnswer, retry_one
 from tasks.payments.keys import KeyLedger
+from tasks.retry import RETRY_IDEMPOTENT_WRITE
 from tasks.settings import PaymentsSettings, RedisSettings
 
 #: What a payment came to in a run: an API answer, or `not_attempted` (a cap or the
@@ -316,3 +320,9 @@ def retry_payments(
         calls=engine.calls,
         failed_calls=engine.failed_calls,
     )
+
+
+@task(**RETRY_IDEMPOTENT_WRITE, cache_policy=NO_CACHE, task_run_name="retry-batch-{index}")
+def retry_batch(engine: Engine, index: int, batch: Sequence[Payment]) -> list[RetryOutcome]:
+    """One batch as a Prefect task; a retry is safe: every call re-uses its pinned key."""
+    return engine.run_batch(batch)

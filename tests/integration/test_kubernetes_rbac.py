@@ -65,6 +65,7 @@ ROLES = {
     "cert-renew",  # tests/integration/test_acme_rbac.py
     "cert-renew-ingress",
     "db-pool-exhausted",
+    "payment-failure",
 }
 
 
