@@ -66,6 +66,7 @@ from tasks.payments.retry import RetryOutcome, RetryProgress, RetryRun
 from tasks.settings import PaymentsSettings
 
 __all__ = [
+    "RUNBOOK",
     "SPEC",
     "PaymentFailure",
     "PaymentFailureOutcome",

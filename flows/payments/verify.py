@@ -41,7 +41,8 @@ def verify_payments(
     params: PaymentFailureParams, run: RetryRun, onset: datetime | None
 ) -> PaymentVerification:
     """Reconcile the touched payments, then judge: anomalies, the gateway stop, the RTO."""
-    rec = reconcile(touched_ids(run))
+    unknown = [o.payment_id for o in run.outcomes if o.calls > 0 and not o.definite]
+    rec = reconcile(touched_ids(run), unknown)
     ended = datetime.now(UTC)
     started = params.incident_started_at or onset
     elapsed = (ended - started).total_seconds() if started else None

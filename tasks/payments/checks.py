@@ -38,7 +38,7 @@ _KEYWORDS: list[tuple[str, re.Pattern[str]]] = [
     ("gateway_5xx", re.compile(r"(?i)status=5\d\d|\b50[0-4]\b")),
     ("connection", re.compile(r"(?i)connect(ion)?\s*(refused|reset|error)")),
 ]
-_FAILURE = re.compile(r"(?i)\b(error|fail(ed|ure)?|declined|timeout|unknown)\b")
+_FAILURE = re.compile(r"(?i)\b(error|fail(ed|ure)?|declined|timed?.?out|unknown|rate.?limited)\b")
 
 
 class PaymentLogCounts(BaseModel):

@@ -54,10 +54,19 @@ class Reconciliation(BaseModel):
         return not self.anomalies and not self.missing
 
 
+#: Said of an anomaly whose payment still has an open key: the charge the backend does not
+#: know yet is the one a retry with that key replays (never a second one).
+OPEN_KEY_NOTE = "; its key is still open: a retry with the same key settles it"
+
+
 def compare(
-    ids: Sequence[str], payments: Sequence[Payment], charges: dict[str, list[GatewayCharge]]
+    ids: Sequence[str],
+    payments: Sequence[Payment],
+    charges: dict[str, list[GatewayCharge]],
+    open_keys: frozenset[str] = frozenset(),
 ) -> Reconciliation:
-    """The three views compared (pure: unit-tested without any server)."""
+    """The three views compared (pure: unit-tested without any server). `open_keys`: the
+    payments whose outcome is still unknown (their anomalies say how they settle)."""
     by_id = {p.id: p for p in payments}
     anomalies: list[Anomaly] = []
     still: list[StillFailed] = []
@@ -102,6 +111,12 @@ def compare(
             failed_amounts[p.currency] = failed_amounts.get(p.currency, 0) + p.amount
         else:
             anomalies.append(Anomaly(payment_id=pid, problem=f"ends {p.status} without a reason"))
+    anomalies = [
+        a.model_copy(update={"problem": a.problem + OPEN_KEY_NOTE})
+        if a.payment_id in open_keys
+        else a
+        for a in anomalies
+    ]
     return Reconciliation(
         touched=len(ids),
         recovered=count,
@@ -114,11 +129,13 @@ def compare(
 
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="reconcile-payments")
-def reconcile(ids: list[str], settings: PaymentsSettings | None = None) -> Reconciliation:
+def reconcile(
+    ids: list[str], open_keys: list[str] | None = None, settings: PaymentsSettings | None = None
+) -> Reconciliation:
     """Read the backend's and the gateway's views of `ids` and compare them."""
     settings = settings or PaymentsSettings()
     with payments_http(settings) as api:
         payments = get_payments(api, ids)
     with gateway_http(settings) as gw:
         charges = gateway_charges(gw, ids)
-    return compare(ids, payments, charges)
+    return compare(ids, payments, charges, frozenset(open_keys or ()))
