@@ -4,9 +4,14 @@ gateway fault, every payment accounted for; the token, the lock, the caps, the d
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +31,8 @@ from tasks.settings import PaymentsSettings
 from tests.fixtures.prefect_runs import flow_run_artifacts, flow_run_logs, runs_in_state, task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -204,4 +211,46 @@ def test_two_runs_at_once_one_acts_the_other_waits_and_retries_nothing(pay: Any)
     skipped = [o for o in outs if o.outcome == "skipped"]
     assert len(acted) == 1 and len(skipped) == 1, [(o.outcome, o.note) for o in outs]
     assert "none of the approved payments is still failed" in skipped[0].note
+    assert_once_and_accounted(pay, ids)
+
+
+KILLED_ENGINE = """
+from tasks.clients import payments_http
+from tasks.payments.api import list_failed
+from tasks.payments.retry import RetryCaps, retry_payments
+
+with payments_http() as client:
+    payments = list_failed(client, 1000)
+retry_payments(payments, RetryCaps(concurrency=2, batch_size=4, failure_rate_max=1.0))
+"""
+
+
+def test_the_engine_sigkilled_mid_batch_then_a_run_no_double_charge_nothing_forgotten(
+    pay: Any,
+) -> None:
+    ids = pay.seed(20)
+    pay.set_gateway("slow", delay_ms=250)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_ENGINE], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(pay.gateway_charges_per_payment(ids).values()) < 3:
+            assert proc.poll() is None, "the engine ended before it could be killed"
+            assert time.monotonic() < deadline, "no charge within 60 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    left = set(pay.failed_view())
+    assert 0 < len(left) < 20  # killed mid-way: some recovered, some not
+    ledger = KeyLedger(redis_client(), PaymentsSettings().ledger_prefix)
+    pinned = {pid: key for pid in ids if (key := ledger.open_key(pid))}
+    assert pinned  # the calls in flight when it died: pinned, never answered to it
+    pay.set_gateway("ok")
+    out = outcome(run(act())[0])
+    assert out.outcome == "acted" and out.retry is not None, out.note
+    # A key the killed engine pinned (its call in flight, or unanswered) is the one sent again.
+    for o in out.retry.outcomes:
+        if o.payment_id in pinned:
+            assert o.key == pinned[o.payment_id] and o.reused_key
     assert_once_and_accounted(pay, ids)
