@@ -442,9 +442,9 @@ def test_queue_stream_and_view_agree(payments_sandbox):
     pay.retry(ids[1], key())  # still failed: stays queued, once
     assert pay.stream_ids() == pay.failed_view() == ids[1:]
     with psycopg.connect(pay.dsn) as conn:
-        cols = [
-            d.name for d in conn.execute("SELECT * FROM failed_transactions LIMIT 0").description
-        ]
+        description = conn.execute("SELECT * FROM failed_transactions LIMIT 0").description
+    assert description is not None
+    cols = [d.name for d in description]
     assert cols == ["id", "customer", "amount", "currency", "attempts", "last_error", "failed_at"]
 
 
