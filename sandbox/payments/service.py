@@ -154,7 +154,8 @@ class PaymentService:
             return _answer(503, {"error": "gateway_not_configured"}, "no gateway configured")
         self._maybe_purge()
         settings = self.settings
-        with self.pool.connection() as conn, conn.transaction():
+        # Pipeline mode: statements whose results are not needed yet share a round trip.
+        with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             candidate = new_payment_id() if create is not None else payment_id
             claim = idempotency.claim(
                 conn,
@@ -181,38 +182,17 @@ class PaymentService:
                     " VALUES (%s, %s, %s, %s, 'pending')",
                     (payment_id, create.customer, create.amount, create.currency),
                 )
+            # The common case in one statement: mark the payment as being charged by this key.
             row = conn.execute(
-                "SELECT id, customer, amount, currency, status, charging_key,"
-                " charging_since > now() - make_interval(secs => %s) AS charging"
-                " FROM payments WHERE id = %s FOR UPDATE",
-                (settings.idempotency_lock_s, payment_id),
+                "UPDATE payments SET charging_key = %(key)s, charging_since = now()"
+                " WHERE id = %(id)s AND status <> 'succeeded' AND (charging_key IS NULL"
+                " OR charging_key = %(key)s"
+                " OR charging_since <= now() - make_interval(secs => %(lock)s))"
+                " RETURNING customer, amount, currency",
+                {"key": key, "id": payment_id, "lock": settings.idempotency_lock_s},
             ).fetchone()
             if row is None:
-                answer = _answer(
-                    404,
-                    {"result": "not_found", "error": "payment_not_found"},
-                    "payment not found",
-                )
-                idempotency.store(conn, key, answer.status, answer.body)
-                return answer
-            if row["status"] == "succeeded":
-                answer = _answer(
-                    409, {"result": "not_failed", "payment": self._payment(conn, payment_id)}
-                )
-                idempotency.store(conn, key, answer.status, answer.body)
-                return answer
-            if row["charging"] and row["charging_key"] != key:
-                # Another key is charging this payment right now: wait for its outcome.
-                idempotency.unlock(conn, key)
-                return _answer(
-                    409,
-                    {"error": "idempotency_key_in_flight", "detail": "payment_in_flight"},
-                    "payment charged by another key",
-                )
-            conn.execute(
-                "UPDATE payments SET charging_key = %s, charging_since = now() WHERE id = %s",
-                (key, payment_id),
-            )
+                return self._not_chargeable(conn, key, payment_id)
         charged = self.gateway.charge(
             idempotency.gateway_key(payment_id, key),
             payment_id,
@@ -223,11 +203,33 @@ class PaymentService:
         self.attempts.labels(kind, "succeeded" if charged.kind == "charged" else charged.kind).inc()
         return self._record(kind, key, payment_id, row, charged)
 
+    def _not_chargeable(
+        self, conn: psycopg.Connection[DictRow], key: str, payment_id: str
+    ) -> Answer:
+        """Why a payment could not be marked: unknown, succeeded, or another key charging it."""
+        payment = self._payment(conn, payment_id)
+        if payment is None:
+            answer = _answer(
+                404, {"result": "not_found", "error": "payment_not_found"}, "payment not found"
+            )
+        elif payment["status"] == "succeeded":
+            answer = _answer(409, {"result": "not_failed", "payment": payment})
+        else:
+            # Another key is charging this payment right now: wait for its outcome.
+            idempotency.unlock(conn, key)
+            return _answer(
+                409,
+                {"error": "idempotency_key_in_flight", "detail": "payment_in_flight"},
+                "payment charged by another key",
+            )
+        idempotency.store(conn, key, answer.status, answer.body)
+        return answer
+
     def _record(
         self, kind: Kind, key: str, payment_id: str, row: DictRow, charged: GatewayAnswer
     ) -> Answer:
         """The outcome transaction, then the queue."""
-        with self.pool.connection() as conn, conn.transaction():
+        with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             if charged.kind == "charged":
                 conn.execute(
                     "INSERT INTO charges (payment_id, gateway_charge_id, amount, currency,"
@@ -303,24 +305,23 @@ class PaymentService:
         error: str | None = None,
         *,
         unless_succeeded: bool = False,
-    ) -> dict[str, Any]:
-        params: dict[str, Any] = {"id": payment_id, "error": error}
+    ) -> dict[str, Any] | None:
+        """Update the payment (and end its charging mark); returns it as the API shows it."""
         guard = " AND status <> 'succeeded'" if unless_succeeded else ""
-        conn.execute(
-            f"UPDATE payments SET {assignments}, updated_at = now(), charging_key = NULL,"  # noqa: S608 - constant fragments
-            f" charging_since = NULL WHERE id = %(id)s{guard}",
-            params,
-        )
-        return self._payment(conn, payment_id)
+        row = conn.execute(
+            f"UPDATE payments p SET {assignments}, updated_at = now(), charging_key = NULL,"  # noqa: S608 - constant fragments
+            f" charging_since = NULL WHERE p.id = %(id)s{guard} RETURNING {PAYMENT_COLUMNS}",
+            {"id": payment_id, "error": error},
+        ).fetchone()
+        return payment_json(row) if row is not None else None
 
     @staticmethod
-    def _payment(conn: psycopg.Connection[DictRow], payment_id: str) -> dict[str, Any]:
+    def _payment(conn: psycopg.Connection[DictRow], payment_id: str) -> dict[str, Any] | None:
         row = conn.execute(
             f"SELECT {PAYMENT_COLUMNS} FROM payments p WHERE p.id = %s",  # noqa: S608 - constant fragments
             (payment_id,),
         ).fetchone()
-        assert row is not None
-        return payment_json(row)
+        return payment_json(row) if row is not None else None
 
     def _maybe_purge(self) -> None:
         """Drop expired keys now and then (expired ones are also ignored on lookup)."""
