@@ -12,7 +12,7 @@ import argparse
 import uvicorn
 
 from sandbox.payments.gateway import create_gateway
-from sandbox.payments.schema import ensure_payments_schema
+from sandbox.payments.schema import ensure_payments_schema_or_warn
 from sandbox.settings import SandboxSettings
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=4010)
     args = parser.parse_args(argv)
     settings = SandboxSettings()
-    ensure_payments_schema(settings.database_dsn)
+    ensure_payments_schema_or_warn(settings.database_dsn)
     gateway = create_gateway(settings)
     try:
         uvicorn.run(

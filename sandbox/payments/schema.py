@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import psycopg
 
 #: Serialises concurrent schema creation (a backend and a gateway starting together).
@@ -66,6 +68,15 @@ TRUNCATE = "TRUNCATE payments, payment_idempotency_keys, charges, gateway_charge
 
 def ensure_payments_schema(dsn: str) -> None:
     """Create the payments tables and view in an existing database (idempotent)."""
-    with psycopg.connect(dsn) as conn, conn.transaction():
+    with psycopg.connect(dsn, connect_timeout=5) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         conn.execute(SCHEMA)
+
+
+def ensure_payments_schema_or_warn(dsn: str) -> None:
+    """`ensure_payments_schema`, but an unreachable database only warns on stderr: a process
+    starting before its database must still serve (its payment routes fail until then)."""
+    try:
+        ensure_payments_schema(dsn)
+    except psycopg.Error as exc:
+        sys.stderr.write(f"payments schema not ensured: {type(exc).__name__}\n")
