@@ -40,7 +40,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandbox.faults import FaultPatch, Faults, FaultState
-from sandbox.payments.router import payments_router
+from sandbox.payments.router import add_payment_routes
 from sandbox.payments.service import PaymentService
 from sandbox.pool import Pool, PoolExhaustedError
 from sandbox.release import BUGGY_RELEASES, ReleaseSource, release_source
@@ -399,7 +399,7 @@ class Backend:
             removed = backend.clean_redis_fill()
             return {**backend._fault_view(backend.faults.reset()), "fill_removed": removed}
 
-        app.include_router(payments_router(backend.payments, guarded))
+        add_payment_routes(app, backend.payments, guarded)
         return app
 
     def _fault_view(self, state: FaultState) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import hmac
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.params import Depends as DependsParam
 from fastapi.responses import JSONResponse, Response
 
@@ -38,9 +38,13 @@ def _key_or_400(request: Request, key: str | None) -> str | JSONResponse:
     return JSONResponse({"error": problem}, status_code=400)
 
 
-def payments_router(service: PaymentService, admin: Sequence[DependsParam]) -> APIRouter:
-    """The routes over `service`; `admin` guards the /admin ones (the backend's admin token)."""
-    router = APIRouter()
+def add_payment_routes(
+    app: FastAPI, service: PaymentService, admin: Sequence[DependsParam]
+) -> None:
+    """Add the routes over `service` to the app; `admin` guards the /admin ones.
+
+    On the app itself, not an included APIRouter: the access log and the request metrics name
+    the route template, which they find among the app's own routes."""
     settings = service.settings
 
     def token(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -55,7 +59,7 @@ def payments_router(service: PaymentService, admin: Sequence[DependsParam]) -> A
 
     guarded = [Depends(token)]
 
-    @router.post("/api/payments", dependencies=guarded)
+    @app.post("/api/payments", dependencies=guarded)
     def create_payment(
         request: Request,
         req: PaymentCreate,
@@ -66,7 +70,7 @@ def payments_router(service: PaymentService, admin: Sequence[DependsParam]) -> A
             return key
         return _respond(request, service.create(req, key))
 
-    @router.get("/api/payments", dependencies=guarded)
+    @app.get("/api/payments", dependencies=guarded)
     def list_payments(
         status: Literal["failed", "succeeded", "pending"] | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 500,
@@ -80,18 +84,18 @@ def payments_router(service: PaymentService, admin: Sequence[DependsParam]) -> A
             return service.by_ids(wanted)
         return service.page(status, limit, after)
 
-    @router.post("/api/payments/retry", dependencies=guarded)
+    @app.post("/api/payments/retry", dependencies=guarded)
     def retry_all(req: BulkRetry) -> dict[str, int]:
         return service.retry_all_failed()
 
-    @router.get("/api/payments/{payment_id}", dependencies=guarded)
+    @app.get("/api/payments/{payment_id}", dependencies=guarded)
     def get_payment(payment_id: str) -> dict[str, Any]:
         payment = service.get(payment_id)
         if payment is None:
             raise HTTPException(404, "no such payment")
         return payment
 
-    @router.post("/api/payments/{payment_id}/retry", dependencies=guarded)
+    @app.post("/api/payments/{payment_id}/retry", dependencies=guarded)
     def retry_payment(
         request: Request,
         payment_id: str,
@@ -103,13 +107,11 @@ def payments_router(service: PaymentService, admin: Sequence[DependsParam]) -> A
             return key
         return _respond(request, service.retry(payment_id, key, idempotency.canonical_body(body)))
 
-    @router.post("/admin/payments/seed", dependencies=list(admin))
+    @app.post("/admin/payments/seed", dependencies=list(admin))
     def seed(req: SeedRequest) -> dict[str, Any]:
         return {"ids": service.seed(req)}
 
-    @router.delete("/admin/payments", dependencies=list(admin))
+    @app.delete("/admin/payments", dependencies=list(admin))
     def truncate() -> dict[str, Any]:
         service.truncate()
         return {"truncated": True}
-
-    return router

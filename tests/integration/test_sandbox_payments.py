@@ -471,6 +471,20 @@ def test_metrics(payments_sandbox):
     assert "akig_payments_failed_oldest_age_seconds 0.0" in text
 
 
+def test_payment_requests_are_logged_and_counted_by_route_template(payments_sandbox):
+    pay = payments_sandbox
+    [pid] = pay.seed(1)
+    pay.set_gateway("charge_then_5xx")
+    assert pay.retry(pid, key()).status_code == 502
+    with pay.sandbox.client() as c:
+        text = c.get("/metrics").text
+    route = "/api/payments/{payment_id}/retry"
+    assert metric(text, "http_requests_total", route=route, status="502") == 1
+    [line] = [ln for ln in pay.sandbox.log_lines() if f"path=/api/payments/{pid}/retry" in ln]
+    assert f"route={route} status=502" in line and "level=error" in line
+    assert 'error="gateway_outcome_unknown: gateway answered 500"' in line
+
+
 def test_seed_and_truncate(payments_sandbox):
     pay = payments_sandbox
     ids = pay.seed(50, amount=250, currency="USD", declined_share=1.0)
