@@ -114,11 +114,14 @@ def test_dry_run_changes_nothing_then_a_run_recovers_each_payment_once(pay: Any)
     assert out.retry is not None and out.retry.counts == {"succeeded": 6}
     assert out.verify is not None and out.verify.healthy and out.verify.rto_met
     rec = out.verify.reconciliation
+    assert rec is not None
     assert (rec.recovered, rec.anomalies, rec.recovered_amounts) == (6, [], {"EUR": 11_994})
     assert_once_and_accounted(pay, ids)
     assert any(name.startswith("retry-batch-") for name in task_runs(run_id))
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "Verify (reconciliation)" in md and "**met**" in md
+    # The progress artifact, updated per batch, ends at 100 %.
+    assert [float(p) for p in flow_run_artifacts(run_id, "payment-failure-retry")] == [100.0]
 
 
 def test_gateway_fails_transiently_then_succeeds(pay: Any) -> None:
