@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +258,16 @@ def test_the_engine_sigkilled_mid_batch_then_a_run_no_double_charge_nothing_forg
         if o.payment_id in pinned:
             assert o.key == pinned[o.payment_id] and o.reused_key
     assert_once_and_accounted(pay, ids)
+
+
+def test_rto_at_risk_then_missed_pages_one_follow_up_each_and_fails_the_run(pay: Any) -> None:
+    ids = pay.seed(4)
+    started = datetime.now(UTC) - timedelta(seconds=400)
+    state, run_id = run(act(batch_size=2, rto_s=300, incident_started_at=started))
+    assert state.is_failed() and "RTO missed" in (state.message or "")
+    assert_once_and_accounted(pay, ids)  # recovered, just too late
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "Follow-up page (rto-at-risk)" in md and "Follow-up page (rto-missed)" in md
+    assert "**MISSED**" in md
+    # The first page, then one per reason: never the same page twice.
+    assert pay.world.counts()["on-call"] == 3
