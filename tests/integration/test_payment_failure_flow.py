@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from prefect.client.schemas.objects import StateType
+from prefect.flow_runs import resume_flow_run
 
 from flows.payment_failure import (
     RUNBOOK,
@@ -29,7 +30,13 @@ from tasks.clients import redis_client
 from tasks.locks import target_lock
 from tasks.payments.keys import KeyLedger
 from tasks.settings import PaymentsSettings
-from tests.fixtures.prefect_runs import flow_run_artifacts, flow_run_logs, runs_in_state, task_runs
+from tests.fixtures.prefect_runs import (
+    flow_run_artifacts,
+    flow_run_logs,
+    runs_in_state,
+    task_runs,
+    wait_for_paused_run,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -271,3 +278,19 @@ def test_rto_at_risk_then_missed_pages_one_follow_up_each_and_fails_the_run(pay:
     assert "**MISSED**" in md
     # The first page, then one per reason: never the same page twice.
     assert pay.world.counts()["on-call"] == 3
+
+
+def test_without_an_approval_nothing_is_retried(pay: Any) -> None:
+    """Dry run off, no auto approve: the run pauses for an approval (policy unless-auto); a
+    refusal (or no verified approval in time) retries nothing."""
+    ids = pay.seed(3)
+    params = PaymentFailureParams(dry_run=False, approval_timeout_s=10)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(payment_failure, params)
+        run_id = wait_for_paused_run(RUNBOOK)
+        assert sum(pay.gateway_charges_per_payment(ids).values()) == 0  # waits for a human
+        resume_flow_run(run_id, run_input={"approved": False, "approver": "bob", "reason": "no"})
+        out = fut.result(timeout=180)
+    assert out.outcome == "refused" and out.actions == [] and out.retry is None
+    assert sum(pay.gateway_charges_per_payment(ids).values()) == 0
+    assert sorted(pay.failed_view()) == sorted(ids)
