@@ -255,7 +255,9 @@ class PaymentFailure(Runbook[PaymentFailureParams, Findings]):
         result = verify_payments(params, self.retry, params.incident_started_at or findings.onset)
         report.add("Verify (reconciliation)", verification_md(result))
         rec = result.reconciliation
-        if rec.anomalies or rec.missing:
+        if rec is None:
+            self._update("reconciliation-unavailable", result.summary, report)
+        elif rec.anomalies or rec.missing:
             self._update(
                 "reconciliation-anomaly",
                 f"{len(rec.anomalies) + len(rec.missing)} payment(s) whose backend and gateway"

@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 
 from pydantic import Field
 
-from flows.common import md_escape, table
+from flows.common import failure_text, md_escape, table
 from flows.driver import Verification
 from flows.payments.params import PaymentFailureParams, amounts_text
+from tasks.errors import RunbookError
 from tasks.payments.reconcile import Reconciliation, reconcile
 from tasks.payments.retry import RetryRun
 
@@ -22,7 +23,9 @@ from tasks.payments.retry import RetryRun
 class PaymentVerification(Verification):
     """Reconciliation, the engine's stop, and the time against the RTO."""
 
-    reconciliation: Reconciliation
+    reconciliation: Reconciliation | None = Field(
+        None, description="None: it could not be read (the reason in `summary`)."
+    )
     stopped: str | None = None
     gateway_stop: bool = False
     not_attempted: int = 0
@@ -42,14 +45,20 @@ def verify_payments(
 ) -> PaymentVerification:
     """Reconcile the touched payments, then judge: anomalies, the gateway stop, the RTO."""
     unknown = [o.payment_id for o in run.outcomes if o.calls > 0 and not o.definite]
-    rec = reconcile(touched_ids(run), unknown)
+    try:
+        rec: Reconciliation | None = reconcile(touched_ids(run), unknown)
+        unreadable = ""
+    except RunbookError as exc:
+        rec, unreadable = None, failure_text(exc)
     ended = datetime.now(UTC)
     started = params.incident_started_at or onset
     elapsed = (ended - started).total_seconds() if started else None
     rto_met = elapsed is not None and elapsed <= params.rto_s
     gateway_stop = bool(run.stopped and run.stopped.startswith("gateway failure rate"))
     problems = []
-    if rec.anomalies or rec.missing:
+    if rec is None:
+        problems.append(f"reconciliation unavailable ({unreadable})")
+    elif rec.anomalies or rec.missing:
         problems.append(f"{len(rec.anomalies) + len(rec.missing)} reconciliation anomaly(ies)")
     if gateway_stop:
         problems.append(f"stopped: {run.stopped}")
@@ -59,11 +68,13 @@ def verify_payments(
             if elapsed is not None
             else "RTO unknown: no start time"
         )
-    summary = (
+    figures = (
         f"{rec.recovered} of {rec.touched} touched payment(s) recovered "
         f"({amounts_text(rec.recovered_amounts)}), {len(rec.still_failed)} still failed"
-        + (f"; {'; '.join(problems)}" if problems else "; reconciled, within the RTO")
+        if rec is not None
+        else f"{run.counts.get('succeeded', 0)} answered succeeded (not reconciled)"
     )
+    summary = figures + (f"; {'; '.join(problems)}" if problems else "; reconciled, within the RTO")
     return PaymentVerification(
         healthy=not problems,
         summary=summary,
@@ -81,6 +92,8 @@ def verify_payments(
 def verification_md(v: PaymentVerification) -> str:
     """The Verify section: counts and amounts, still failed with reasons, anomalies, the RTO."""
     rec = v.reconciliation
+    if rec is None:
+        return f"**Not reconciled**: {md_escape(v.summary)}."
     rto = (
         f"{v.elapsed_s:.0f} s from {v.started_at:%H:%M:%S} UTC against the {v.rto_s:g} s RTO: "
         + ("**met**" if v.rto_met else "**MISSED**")

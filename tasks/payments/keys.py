@@ -87,7 +87,12 @@ class KeyLedger:
             closed = self.last_closed(payment_id)
             if closed is not None and closed[0].split("#")[0] == fresh:
                 # The same attempt count after a definite answer: a later failure, a new key.
-                fresh = f"{fresh}#{self.client.incr(self._closed(payment_id) + ':n')}"
+                counter = self._closed(payment_id) + ":n"
+                pipe = self.client.pipeline()
+                pipe.incr(counter)
+                pipe.expire(counter, self.ttl_s)
+                number, _ = pipe.execute()
+                fresh = f"{fresh}#{number}"
             won = self.client.set(self._open(payment_id), fresh, nx=True, ex=self.ttl_s)
             if won:
                 return PinnedKey(payment_id, fresh, reused=False)

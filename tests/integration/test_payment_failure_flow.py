@@ -11,11 +11,13 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect.client.schemas.objects import StateType
+from prefect.flow_runs import resume_flow_run
 
 from flows.payment_failure import (
     RUNBOOK,
@@ -28,7 +30,13 @@ from tasks.clients import redis_client
 from tasks.locks import target_lock
 from tasks.payments.keys import KeyLedger
 from tasks.settings import PaymentsSettings
-from tests.fixtures.prefect_runs import flow_run_artifacts, flow_run_logs, runs_in_state, task_runs
+from tests.fixtures.prefect_runs import (
+    flow_run_artifacts,
+    flow_run_logs,
+    runs_in_state,
+    task_runs,
+    wait_for_paused_run,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -114,11 +122,14 @@ def test_dry_run_changes_nothing_then_a_run_recovers_each_payment_once(pay: Any)
     assert out.retry is not None and out.retry.counts == {"succeeded": 6}
     assert out.verify is not None and out.verify.healthy and out.verify.rto_met
     rec = out.verify.reconciliation
+    assert rec is not None
     assert (rec.recovered, rec.anomalies, rec.recovered_amounts) == (6, [], {"EUR": 11_994})
     assert_once_and_accounted(pay, ids)
     assert any(name.startswith("retry-batch-") for name in task_runs(run_id))
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "Verify (reconciliation)" in md and "**met**" in md
+    # The progress artifact, updated per batch, ends at 100 %.
+    assert [float(p) for p in flow_run_artifacts(run_id, "payment-failure-retry")] == [100.0]
 
 
 def test_gateway_fails_transiently_then_succeeds(pay: Any) -> None:
@@ -254,3 +265,32 @@ def test_the_engine_sigkilled_mid_batch_then_a_run_no_double_charge_nothing_forg
         if o.payment_id in pinned:
             assert o.key == pinned[o.payment_id] and o.reused_key
     assert_once_and_accounted(pay, ids)
+
+
+def test_rto_at_risk_then_missed_pages_one_follow_up_each_and_fails_the_run(pay: Any) -> None:
+    ids = pay.seed(4)
+    started = datetime.now(UTC) - timedelta(seconds=400)
+    state, run_id = run(act(batch_size=2, rto_s=300, incident_started_at=started))
+    assert state.is_failed() and "RTO missed" in (state.message or "")
+    assert_once_and_accounted(pay, ids)  # recovered, just too late
+    (md,) = flow_run_artifacts(run_id, RUNBOOK)
+    assert "Follow-up page (rto-at-risk)" in md and "Follow-up page (rto-missed)" in md
+    assert "**MISSED**" in md
+    # The first page, then one per reason: never the same page twice.
+    assert pay.world.counts()["on-call"] == 3
+
+
+def test_without_an_approval_nothing_is_retried(pay: Any) -> None:
+    """Dry run off, no auto approve: the run pauses for an approval (policy unless-auto); a
+    refusal (or no verified approval in time) retries nothing."""
+    ids = pay.seed(3)
+    params = PaymentFailureParams(dry_run=False, approval_timeout_s=10)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(payment_failure, params)
+        run_id = wait_for_paused_run(RUNBOOK)
+        assert sum(pay.gateway_charges_per_payment(ids).values()) == 0  # waits for a human
+        resume_flow_run(run_id, run_input={"approved": False, "approver": "bob", "reason": "no"})
+        out = fut.result(timeout=180)
+    assert out.outcome == "refused" and out.actions == [] and out.retry is None
+    assert sum(pay.gateway_charges_per_payment(ids).values()) == 0
+    assert sorted(pay.failed_view()) == sorted(ids)
