@@ -3,7 +3,8 @@
 Hypothesis drives the runbook's own retry engine (`tasks.payments.retry.retry_payments`)
 against the real sandbox API and gateway (PostgreSQL, Redis, HTTP) with any sequence of
 steps. A step sets a gateway behaviour (each fault mode, on a share of the charges), lists
-the payments still failed (as a re-run plans) and runs the engine on them; it may crash:
+the payments still failed (as a re-run plans) and runs the engine on them within a payments
+cap (a run that stops early) and the gateway failure-rate stop; it may also crash:
 after its n-th request the client process "dies": every answer from then on is lost (the
 server still processes what was sent) and nothing more is sent. The crash is raised out of
 the engine, as a SIGKILL ends a run, and the ledger is left as the dead run left it.
@@ -56,7 +57,7 @@ CAPS = RetryCaps(
     same_key_backoff_s=0.01,
     retry_after_max_s=0.05,
     rate_limit_retries=2,
-    failure_min_sample=1_000,  # the failure-rate stop is tested elsewhere; here, every call
+    failure_min_sample=4,  # the failure-rate stop fires early on a failing gateway
 )
 
 
@@ -89,10 +90,11 @@ class DyingTransport(httpx.BaseTransport):
 
 @dataclass(frozen=True)
 class Step:
-    """One run: the gateway's behaviour during it, and whether (when) it crashes."""
+    """One run: the gateway's behaviour during it, its payments cap, and when it crashes."""
 
     mode: str
     share: float
+    max_payments: int
     crash_after: int | None
 
 
@@ -101,6 +103,7 @@ steps = st.lists(
         Step,
         mode=st.sampled_from(MODES),
         share=st.sampled_from((0.3, 0.6, 1.0)),
+        max_payments=st.integers(1, 8),
         crash_after=st.one_of(st.none(), st.integers(1, 8)),
     ),
     min_size=1,
@@ -141,7 +144,7 @@ def _run(
         base_url=pay.url, headers=headers, timeout=5.0, transport=transport
     ) as client:
         try:
-            return retry_payments(
+            done = retry_payments(
                 failed,
                 CAPS.model_copy(update=caps),
                 settings=settings,
@@ -150,6 +153,8 @@ def _run(
             )
         except Crash:
             return None
+    assert len(done.outcomes) == len(failed), "a payment the run was given has no outcome"
+    return done
 
 
 def _assert_exactly_once(pay: PaymentsSandbox, ids: list[str], declined: set[str]) -> None:
@@ -194,7 +199,7 @@ def test_any_faults_crashes_and_reruns_charge_each_payment_at_most_once(
     declined = _declined(pay, ids)
     for step in plan:
         pay.set_gateway(step.mode, share=step.share, retry_after_s=1)
-        _run(pay, prefix, step.crash_after)
+        _run(pay, prefix, step.crash_after, max_payments=step.max_payments)
     pay.set_gateway("ok")
     final = _run(pay, prefix, None)
     assert final is not None
