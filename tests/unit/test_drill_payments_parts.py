@@ -1,0 +1,101 @@
+"""The payments drill's pieces: its verdict on the ledgers, its checkout's same-key retries."""
+
+from __future__ import annotations
+
+import httpx
+
+from drills.__main__ import DRILLS
+from drills.payments import STEPS, PaymentFailures
+from drills.payments_ledger import PaymentView, Verdict
+from drills.payments_traffic import KEY_PREFIX, Checkout
+
+
+def view(
+    pid: str, status: str, gateway: int, backend: int, error: str | None = None
+) -> PaymentView:
+    return PaymentView(pid, status, error, 1999, gateway, backend)
+
+
+def test_charged_once_or_failed_with_a_reason_is_clean() -> None:
+    v = Verdict(
+        [
+            view("pay_a", "succeeded", 1, 1),
+            view("pay_b", "failed", 0, 0, "card_declined"),
+        ]
+    )
+    assert v.problems() == []
+    assert v.by_status == {"succeeded": 1, "failed": 1}
+    assert v.amount("succeeded") == 1999
+    assert v.most_charges == 1
+
+
+def test_every_breach_is_named() -> None:
+    v = Verdict(
+        [
+            view("pay_twice", "succeeded", 2, 1),
+            view("pay_none", "succeeded", 0, 0),
+            view("pay_charged", "failed", 1, 0, "gateway_outcome_unknown"),
+            view("pay_silent", "failed", 0, 0),
+            view("pay_stuck", "pending", 0, 0),
+        ],
+        doubles={"pay_twice": 2},
+        gateway_only=["ch_1"],
+        backend_only=["ch_2"],
+        missing=["pay_lost"],
+    )
+    problems = v.problems()
+    assert problems == [
+        "pay_twice charged 2 times at the gateway",
+        "gateway charge ch_1 unknown to the backend",
+        "backend charge ch_2 unknown to the gateway",
+        "pay_lost is gone from the payments table",
+        "pay_twice succeeded with 2 gateway / 1 backend charges",
+        "pay_none succeeded with 0 gateway / 0 backend charges",
+        "pay_charged failed but charged 1 time(s)",
+        "pay_silent failed without a reason",
+        "pay_stuck ended pending",
+    ]
+    assert v.most_charges == 2
+
+
+def checkout_answering(*statuses: int) -> tuple[Checkout, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+    answers = iter(statuses)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(next(answers), json={})
+
+    def client() -> httpx.Client:
+        return httpx.Client(base_url="http://sandbox", transport=httpx.MockTransport(handler))
+
+    return Checkout(client, same_key_retries=2), seen
+
+
+def test_an_unknown_outcome_is_retried_with_the_same_key_until_definite() -> None:
+    checkout, seen = checkout_answering(504, 502, 201)
+    with checkout.client() as api:
+        assert checkout.pay(api, "cus_drill_1", 1999) == "201"
+    keys = {r.headers["Idempotency-Key"] for r in seen}
+    assert len(seen) == 3 and len(keys) == 1
+    assert next(iter(keys)).startswith(KEY_PREFIX)
+    assert checkout.answers == {"201": 1}
+
+
+def test_a_definite_answer_is_never_retried_and_retries_are_bounded() -> None:
+    checkout, seen = checkout_answering(402, 502, 502, 502)
+    with checkout.client() as api:
+        assert checkout.pay(api, "cus_decline_1", 1999) == "402"
+        assert checkout.pay(api, "cus_drill_2", 1999) == "502"
+    assert len(seen) == 4  # 1 declined, then 1 + 2 same-key retries
+    assert seen[1].headers["Idempotency-Key"] != seen[0].headers["Idempotency-Key"]
+
+
+def test_the_drill_is_registered_with_its_steps_in_order() -> None:
+    assert DRILLS["payments"] is PaymentFailures
+    names = [s.name for s in STEPS]
+    assert names[:4] == ["fault injected", "alert firing", "webhook received", "first task"]
+    after = {s.name: s.after for s in STEPS}
+    assert after["gateway recovered"] == ("alert firing",)
+    assert after["verify passed"] == ("action done",)
+    assert PaymentFailures.mttr == ("fault injected", "verify passed")
