@@ -130,7 +130,7 @@ class PaymentFailures(Drill):
             started,
             "drill",
             f"gateway mode fails (5xx, nothing charged); checkout {self.checkout.rate:g}/s;"
-            f" {DECLINED} declined cards ({', '.join(declined)})",
+            f" {DECLINED} more from cards the gateway declines (answered {', '.join(declined)})",
         )
         ctx.say(f"payments: the gateway fails every charge; status page: {sandbox.status()}")
 
@@ -215,12 +215,15 @@ class PaymentFailures(Drill):
         if problems:
             more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
             raise DrillFailed("verify passed", "; ".join(problems[:5]) + more)
+        if mine.by_retry == 0:
+            raise DrillFailed("action done", "no failed payment succeeded under the run's keys")
         declined = mine.by_status.get("failed", 0)
         ctx.say(
             f"payments: of {len(mine.payments)} failed at the alert"
             f" ({mine.amount('succeeded') + mine.amount('failed')} EUR cents),"
             f" {mine.by_status.get('succeeded', 0)} succeeded"
-            f" ({mine.amount('succeeded')} cents), {declined} still failed with a reason"
+            f" ({mine.amount('succeeded')} cents; {mine.by_retry} under the run's keys),"
+            f" {declined} still failed with a reason"
             f" (declined); gateway charges per payment at most {everything.most_charges}"
             f" over all {len(everything.payments)} payments; backend and gateway agree"
         )

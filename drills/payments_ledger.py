@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from drills.payments_traffic import KEY_PREFIX
+
 
 @dataclass(frozen=True)
 class PaymentView:
@@ -24,6 +26,8 @@ class PaymentView:
     amount: int
     gateway_charges: int
     backend_charges: int
+    #: Charged under one of the drill checkout's own keys (not by the runbook's retry).
+    by_checkout: bool = False
 
 
 @dataclass
@@ -47,6 +51,11 @@ class Verdict:
     def amount(self, status: str) -> int:
         """Minor units of the payments in `status`."""
         return sum(p.amount for p in self.payments if p.status == status)
+
+    @property
+    def by_retry(self) -> int:
+        """Payments that succeeded under a key not the checkout's: the runbook's retries."""
+        return sum(1 for p in self.payments if p.status == "succeeded" and not p.by_checkout)
 
     @property
     def most_charges(self) -> int:
@@ -77,7 +86,9 @@ class Verdict:
 PAYMENTS = """
 SELECT p.id, p.status, p.last_error, p.amount,
        (SELECT count(*) FROM gateway_charges g WHERE g.payment_ref = p.id) AS gateway_charges,
-       (SELECT count(*) FROM charges c WHERE c.payment_id = p.id) AS backend_charges
+       (SELECT count(*) FROM charges c WHERE c.payment_id = p.id) AS backend_charges,
+       EXISTS (SELECT 1 FROM charges c WHERE c.payment_id = p.id
+               AND starts_with(c.idempotency_key, %s)) AS by_checkout
 FROM payments p WHERE p.id = ANY(%s) ORDER BY p.id
 """
 DOUBLES = """
@@ -111,11 +122,14 @@ def verdict(dsn: str, ids: Iterable[str]) -> Verdict:
     """The three views of `ids`, and the ledgers' doubles and one-sided charges (all rows)."""
     wanted = sorted(set(ids))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(PAYMENTS, (wanted,)).fetchall()
+        rows = conn.execute(PAYMENTS, (KEY_PREFIX, wanted)).fetchall()
         doubles = {str(r[0]): int(r[1]) for r in conn.execute(DOUBLES).fetchall()}
         gateway_only = [str(r[0]) for r in conn.execute(GATEWAY_ONLY).fetchall()]
         backend_only = [str(r[0]) for r in conn.execute(BACKEND_ONLY).fetchall()]
-    views = [PaymentView(str(r[0]), str(r[1]), r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]
+    views = [
+        PaymentView(str(r[0]), str(r[1]), r[2], int(r[3]), int(r[4]), int(r[5]), bool(r[6]))
+        for r in rows
+    ]
     found = {v.id for v in views}
     missing = [i for i in wanted if i not in found]
     return Verdict(views, doubles, gateway_only, backend_only, missing)

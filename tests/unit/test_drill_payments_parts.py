@@ -11,9 +11,9 @@ from drills.payments_traffic import KEY_PREFIX, Checkout
 
 
 def view(
-    pid: str, status: str, gateway: int, backend: int, error: str | None = None
+    pid: str, status: str, gateway: int, backend: int, error: str | None = None, mine: bool = False
 ) -> PaymentView:
-    return PaymentView(pid, status, error, 1999, gateway, backend)
+    return PaymentView(pid, status, error, 1999, gateway, backend, by_checkout=mine)
 
 
 def test_charged_once_or_failed_with_a_reason_is_clean() -> None:
@@ -21,11 +21,13 @@ def test_charged_once_or_failed_with_a_reason_is_clean() -> None:
         [
             view("pay_a", "succeeded", 1, 1),
             view("pay_b", "failed", 0, 0, "card_declined"),
+            view("pay_c", "succeeded", 1, 1, mine=True),
         ]
     )
     assert v.problems() == []
-    assert v.by_status == {"succeeded": 1, "failed": 1}
-    assert v.amount("succeeded") == 1999
+    assert v.by_status == {"succeeded": 2, "failed": 1}
+    assert v.amount("succeeded") == 2 * 1999
+    assert v.by_retry == 1  # pay_c was charged under the checkout's own key
     assert v.most_charges == 1
 
 
