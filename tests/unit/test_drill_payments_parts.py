@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from drills.__main__ import DRILLS
-from drills.payments import STEPS, PaymentFailures
+from drills.payments import STEPS, PaymentFailures, compressed_hold
 from drills.payments_ledger import PaymentView, Verdict
 from drills.payments_traffic import KEY_PREFIX, Checkout
 
@@ -101,3 +101,11 @@ def test_the_drill_is_registered_with_its_steps_in_order() -> None:
     assert after["gateway recovered"] == ("alert firing",)
     assert after["verify passed"] == ("action done",)
     assert PaymentFailures.mttr == ("fault injected", "verify passed")
+
+
+def test_the_hold_is_the_shipped_one_compressed_60x() -> None:
+    rules = "groups: [{name: p, rules: [{alert: PaymentFailuresHigh, for: %s}]}]"
+    assert compressed_hold("PaymentFailuresHigh", rules_text=rules % "2m") == "2s"
+    assert compressed_hold("PaymentFailuresHigh", rules_text=rules % "5m") == "5s"
+    assert compressed_hold("PaymentFailuresHigh", rules_text=rules % "30s") == "1s"
+    assert compressed_hold("Absent", rules_text=rules % "2m") == "1s"  # as the other drills
