@@ -45,8 +45,8 @@ from drills.timeline import ALERT_TO_RUN, DrillFailed, Step, Target, Timeline
 ALERT = "PaymentFailuresHigh"
 RUNBOOK = "payment-failure"
 JOB = "akig-payments"
-#: The run's retry engine and its reconciliation, as the run names its task runs.
-RETRY, RECONCILE = "retry-payments", "reconcile-payments"
+#: The run's retry batches and its reconciliation, as the run names its task runs.
+RETRY, RECONCILE = "retry-batch-", "reconcile-payments"
 #: Cards the gateway declines (customers `cus_decline*`): they must end failed, with a reason.
 DECLINED = 3
 
@@ -86,7 +86,7 @@ class PaymentFailures(Drill):
     steps = STEPS
     targets = (
         Target("fault → payments recovered", "fault injected", "verify passed", 30.0),
-        Target("fault → alert resolved", "fault injected", "alert resolved", 60.0),
+        Target("fault → alert resolved", "fault injected", "alert resolved", 90.0),
     )
     mttr = ("fault injected", "verify passed")
     # Time compressed 60x as in the other drills: the shipped hold, minutes read as seconds.
@@ -130,7 +130,8 @@ class PaymentFailures(Drill):
                 "runbook": RUNBOOK,
                 "mode": "auto",  # the drill's own backend only (the shipped route approves)
                 "cooldown": "10m",
-                "params": {},
+                # Caps sized to the drill: a few dozen payments of at most 200 EUR each.
+                "params": {"max_payments": 500, "max_amount": 5_000_000},
             }
         ]
 

@@ -80,7 +80,10 @@ class PaymentsSandbox:
             "RUNBOOKS_PAYMENTS_TIMEOUT_S": "5",
             "RUNBOOKS_PAYMENTS_GATEWAY_TIMEOUT_S": "5",
             "RUNBOOKS_PAYMENTS_LEDGER_PREFIX": self.ledger_prefix,
+            "RUNBOOKS_PAYMENTS_FAILED_STREAM_KEY": f"{self.key_prefix}payments:failed",
             "RUNBOOKS_REDIS_URL": REDIS_URL,
+            # The failed-transactions view is read in the payments database (read only).
+            "RUNBOOKS_PG_DSN": self.dsn,
         }
 
 
@@ -122,6 +125,8 @@ def running_payments(admin_dsn: str, workdir: Path) -> Iterator[PaymentsSandbox]
                 "SANDBOX_GATEWAY_TIMEOUT_S": str(GATEWAY_TIMEOUT_S),
                 "SANDBOX_LOG_FILE": str(workdir / "backend-access.log"),
                 "SANDBOX_LOG_STDOUT": "false",
+                # Few connections each: the pool drill fills the same private cluster.
+                "SANDBOX_DB_POOL_SIZE": "4",
             },
         )
         for name, module, url in (
