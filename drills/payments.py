@@ -37,8 +37,9 @@ from drills.evidence import (
     task_runs,
 )
 from drills.monitoring import RULES
-from drills.payments_ledger import all_payments, failed_now, verdict
+from drills.payments_ledger import all_payments, verdict
 from drills.payments_parts import PaymentsSandbox, running_payments
+from drills.payments_recovery import Recovery
 from drills.payments_traffic import Checkout
 from drills.timeline import ALERT_TO_RUN, DrillFailed, Step, Target, Timeline
 
@@ -47,6 +48,8 @@ RUNBOOK = "payment-failure"
 JOB = "akig-payments"
 #: The run's retry batches and its reconciliation, as the run names its task runs.
 RETRY, RECONCILE = "retry-batch-", "reconcile-payments"
+#: The share of charges the recovering gateway charges, then answers too late for.
+FLAKY_SHARE = 0.5
 #: Cards the gateway declines (customers `cus_decline*`): they must end failed, with a reason.
 DECLINED = 3
 
@@ -71,7 +74,8 @@ def compressed_hold(alert: str, factor: int = 60, rules_text: str | None = None)
 
 STEPS = (
     *ALERT_TO_RUN,
-    Step("gateway recovered", ("alert firing",)),
+    Step("gateway recovering", ("alert firing",)),
+    Step("gateway recovered", ("gateway recovering",)),
     Step("action done", ("first task",)),
     Step("verify passed", ("action done",)),
     Step("alert resolved", ("action done",)),
@@ -97,6 +101,7 @@ class PaymentFailures(Drill):
         self.checkout: Checkout | None = None
         #: The payments in the failed queue when the alert fired: the run's work.
         self.failed_at_alert: list[str] = []
+        self.recovery: Recovery | None = None
 
     @contextlib.contextmanager
     def _parts(self, ctx: Context) -> Iterator[None]:
@@ -171,22 +176,26 @@ class PaymentFailures(Drill):
             alerts = mon.prometheus_alerts(ALERT)
             return [a for a in alerts if a["labels"].get("job") == JOB and a["state"] == "firing"]
 
-        # The gateway comes back the moment Prometheus fires, before the run starts.
+        # The gateway comes back the moment Prometheus fires, before the run starts: flaky
+        # (charges, then times out, for a share) until the run's retries met it, then ok.
         if poll(lambda: firing() or None, 60, 0.05) is None:
             raise DrillFailed("alert firing", f"{ALERT} not firing in Prometheus within 60 s")
-        sandbox.behaviour("ok")
-        recovered = datetime.now(UTC)
-        # Once no checkout request is in flight, the queue is what the run has to retry (a
-        # payment the checkout resolved itself with its same-key retry is not in it).
-        with self.checkout.quiet():
-            self.failed_at_alert = failed_now(sandbox.dsn)
+        recovery = self.recovery = Recovery(sandbox, self.checkout, FLAKY_SHARE)
+        recovery.begin()
+        if recovery.flaky_at is None:
+            raise DrillFailed("gateway recovering", f"gateway not switched: {recovery.error}")
+        self.failed_at_alert = recovery.failed_at_alert
         timeline.mark(
-            "gateway recovered",
-            recovered,
+            "gateway recovering",
+            recovery.flaky_at,
             "drill",
-            f"gateway mode ok; {len(self.failed_at_alert)} payments in the failed queue",
+            f"gateway mode charge_then_timeout for {FLAKY_SHARE:.0%} of charges;"
+            f" {len(self.failed_at_alert)} payments in the failed queue; checkout holds",
         )
-        ctx.say(f"payments: gateway back (ok); failed queue: {len(self.failed_at_alert)}")
+        ctx.say(
+            f"payments: gateway recovering (charges, then times out, for {FLAKY_SHARE:.0%});"
+            f" failed queue: {len(self.failed_at_alert)}"
+        )
         alert = alert_to_webhook(timeline, stack.journal, ours, ALERT, 10)
         fp = str(alert["fingerprint"])
         run = poll(lambda: alert_run(stack.api_url, fp), 20)
@@ -195,6 +204,16 @@ class PaymentFailures(Drill):
         done = poll(lambda: final_run(stack.api_url, run["id"]), 120, 0.25)
         if done is None:
             raise DrillFailed("verify passed", f"run {run['name']} not final within 120 s")
+        recovery.finish()
+        if recovery.ok_at is None:
+            raise DrillFailed("gateway recovered", f"gateway not back to ok: {recovery.error}")
+        met = recovery.unknown_met()
+        timeline.mark(
+            "gateway recovered",
+            recovery.ok_at,
+            "drill",
+            f"gateway mode ok; the run's retries met {met} charged-then-timed-out answer(s)",
+        )
         self._mark_run(ctx, timeline, done)
         self._check_ledgers(ctx)
         gone = poll(lambda: seen(stack.journal, fp, "resolved_ts"), 120)
@@ -240,10 +259,11 @@ class PaymentFailures(Drill):
         assert self.checkout is not None
         if not self.failed_at_alert:
             raise DrillFailed("action done", "no payment was in the failed queue at the alert")
-        mine = verdict(sandbox.dsn, self.failed_at_alert)
-        with self.checkout.quiet():  # no payment half made
+        with self.checkout.quiet():  # no payment half made (charged, not yet recorded)
+            mine = verdict(sandbox.dsn, self.failed_at_alert)
             everything = verdict(sandbox.dsn, all_payments(sandbox.dsn))
-        problems = mine.problems() + everything.problems()
+        # The ledger-wide lines (doubles, one-sided charges) come in both: said once.
+        problems = list(dict.fromkeys(mine.problems() + everything.problems()))
         if problems:
             more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
             raise DrillFailed("verify passed", "; ".join(problems[:5]) + more)
@@ -261,6 +281,9 @@ class PaymentFailures(Drill):
         )
 
     def cleanup(self, ctx: Context) -> None:
+        if self.recovery is not None:
+            self.recovery.finish()
+            self.recovery = None
         if self.checkout is not None:
             self.checkout.stop()
             self.checkout = None

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from drills.procs import free_port, spawn, stop, wait_http
 from sandbox.db import create_database, drop_database
@@ -69,6 +70,19 @@ class PaymentsSandbox:
         r = httpx.get(f"{self.gateway_url}/status", timeout=5)
         r.raise_for_status()
         return str(r.json()["status"])
+
+    def attempts(self, kind: str, result: str) -> float:
+        """The backend's `akig_payment_attempts_total{kind, result}` now (its /metrics)."""
+        r = httpx.get(f"{self.backend_url}/metrics", timeout=5)
+        r.raise_for_status()
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                if sample.name == "akig_payment_attempts_total" and sample.labels == {
+                    "kind": kind,
+                    "result": result,
+                }:
+                    return float(sample.value)
+        return 0.0
 
     def env(self) -> dict[str, str]:
         """The `RUNBOOKS_*` settings the payment-failure runbook needs to work on it."""

@@ -34,6 +34,7 @@ class Checkout:
     same_key_retries: int = 2
     answers: Counter[str] = field(default_factory=Counter)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _hold: threading.Event = field(default_factory=threading.Event)
     _locks: list[threading.Lock] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
     _seq: int = 0
@@ -51,6 +52,8 @@ class Checkout:
         answer = "?"
         for attempt in range(1 + (self.same_key_retries if retries is None else retries)):
             if attempt:
+                if self._hold.is_set():
+                    break  # held: no more tries, the payment is left to the failed queue
                 time.sleep(0.1 * attempt)
             try:
                 r = api.post("/api/payments", json=body, headers={"Idempotency-Key": key})
@@ -88,11 +91,16 @@ class Checkout:
 
     @contextlib.contextmanager
     def quiet(self) -> Iterator[None]:
-        """No checkout request in flight while the block runs (each worker between payments)."""
-        with contextlib.ExitStack() as held:
-            for lock in self._locks:
-                held.enter_context(lock)
-            yield
+        """No checkout request in flight while the block runs: each worker ends its current
+        request (no further same-key try) and waits between payments."""
+        self._hold.set()
+        try:
+            with contextlib.ExitStack() as held:
+                for lock in self._locks:
+                    held.enter_context(lock)
+                yield
+        finally:
+            self._hold.clear()
 
     def stop(self) -> None:
         """Stop the workers (each ends its current payment)."""

@@ -98,7 +98,8 @@ def test_the_drill_is_registered_with_its_steps_in_order() -> None:
     names = [s.name for s in STEPS]
     assert names[:4] == ["fault injected", "alert firing", "webhook received", "first task"]
     after = {s.name: s.after for s in STEPS}
-    assert after["gateway recovered"] == ("alert firing",)
+    assert after["gateway recovering"] == ("alert firing",)
+    assert after["gateway recovered"] == ("gateway recovering",)
     assert after["verify passed"] == ("action done",)
     assert PaymentFailures.mttr == ("fault injected", "verify passed")
 
