@@ -11,8 +11,8 @@ drill's ledger check would find.
 The checkout holds its new payments while the gateway is flaky: a checkout payment whose
 create charged and timed out, then left failed, would be retried by the run under a new key
 and charged twice (the backend derives the gateway's key from the caller's, and the run
-cannot know the checkout's key). That gap is the payments API's, reported; the drill does
-not hide it in noise, it keeps its own traffic out of that window.
+cannot know the checkout's key). That gap is the payments API's (docs/drills.md); until it
+is closed the drill keeps its own traffic out of that window.
 """
 
 from __future__ import annotations

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from typing import cast
+
 import httpx
+import pytest
 
 from drills.__main__ import DRILLS
 from drills.payments import STEPS, PaymentFailures, compressed_hold
 from drills.payments_ledger import PaymentView, Verdict
+from drills.payments_parts import PaymentsSandbox
+from drills.payments_recovery import Recovery
 from drills.payments_traffic import KEY_PREFIX, Checkout
 
 
@@ -110,3 +116,55 @@ def test_the_hold_is_the_shipped_one_compressed_60x() -> None:
     assert compressed_hold("PaymentFailuresHigh", rules_text=rules % "5m") == "5s"
     assert compressed_hold("PaymentFailuresHigh", rules_text=rules % "30s") == "1s"
     assert compressed_hold("Absent", rules_text=rules % "2m") == "1s"  # as the other drills
+
+
+class FakeGateway:
+    """The sandbox as the recovery sees it: behaviour switches, the retry-unknown counter."""
+
+    def __init__(self, unknown_after: int) -> None:
+        self.dsn = "unused"
+        self.modes: list[tuple[str, float]] = []
+        self.reads_at_switch: list[int] = []
+        self.reads = 0
+        self.unknown_after = unknown_after
+
+    def behaviour(self, mode: str, share: float = 1.0) -> dict[str, object]:
+        self.modes.append((mode, share))
+        self.reads_at_switch.append(self.reads)
+        return {}
+
+    def attempts(self, kind: str, result: str) -> float:
+        assert (kind, result) == ("retry", "unknown")
+        self.reads += 1
+        return 5.0 if self.reads <= self.unknown_after else 7.0
+
+
+def test_the_gateway_is_flaky_until_the_run_met_it_then_ok(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("drills.payments_recovery.failed_now", lambda dsn: ["pay_a", "pay_b"])
+    gateway = FakeGateway(unknown_after=3)
+    checkout = Checkout(lambda: httpx.Client())
+    recovery = Recovery(cast(PaymentsSandbox, gateway), checkout, share=0.5, wait_s=10)
+    recovery.begin()
+    assert recovery.failed_at_alert == ["pay_a", "pay_b"]
+    assert recovery.flaky_at is not None
+    deadline = time.monotonic() + 10
+    while recovery.ok_at is None and time.monotonic() < deadline:  # the counter rose: ok
+        time.sleep(0.01)
+    recovery.finish()
+    assert gateway.modes == [("charge_then_timeout", 0.5), ("ok", 1.0)]
+    assert gateway.reads_at_switch == [1, 4]  # ok only once the counter rose (4th read)
+    assert recovery.ok_at is not None and recovery.ok_at >= recovery.flaky_at
+    assert recovery.unknown_met() == 2
+    assert recovery.error is None
+
+
+def test_the_gateway_is_ok_again_even_when_the_run_never_met_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("drills.payments_recovery.failed_now", lambda dsn: [])
+    gateway = FakeGateway(unknown_after=10**6)
+    recovery = Recovery(cast(PaymentsSandbox, gateway), Checkout(httpx.Client), wait_s=0.2)
+    recovery.begin()
+    recovery.finish()
+    assert gateway.modes[-1] == ("ok", 1.0)
+    assert recovery.unknown_met() == 0
