@@ -6,11 +6,14 @@ is switched to `fails` (5xx, nothing charged): every payment fails and joins the
 failed-transactions queue. The drill Prometheus scrapes the backend's `/metrics` every 1 s
 (job `akig-payments`); the shipped `PaymentFailuresHigh` fires; Alertmanager sends it to
 the receiver, whose drill route (`mode: auto`, scoped to the drill's job) starts
-`payment-failure`. When the alert fires the gateway recovers (`ok`): the run checks,
-retries the failed payments (one pinned key per payment) and reconciles. The drill then
-reads the ledgers itself: every payment failed at the alert ended succeeded with exactly
-one gateway charge (or failed with a reason: the declined card), no payment has two
-charges, the backend's and the gateway's charges agree. Then the alert resolves.
+`payment-failure`. When the alert fires the gateway comes back flaky (it charges, then
+times out, for half the charges: `drills.payments_recovery`) until the run's retries met
+that, then `ok`. The run checks, pages the payments on-call (a local sink), retries the
+failed payments (one pinned key per payment, the same key again after an unknown outcome)
+and reconciles. The drill then reads the ledgers itself: every payment failed at the alert
+ended succeeded with exactly one gateway charge (or failed with a reason: the declined
+cards), no payment has two charges, the backend's and the gateway's charges agree. Then
+the alert resolves.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from drills.evidence import (
 )
 from drills.monitoring import RULES
 from drills.payments_ledger import all_payments, verdict
+from drills.payments_pages import first_delivery, topic_blocks
 from drills.payments_parts import PaymentsSandbox, running_payments
 from drills.payments_recovery import Recovery
 from drills.payments_traffic import Checkout
+from drills.release_parts import Pages, channel_blocks
 from drills.timeline import ALERT_TO_RUN, DrillFailed, Step, Target, Timeline
 
 ALERT = "PaymentFailuresHigh"
@@ -74,8 +79,9 @@ def compressed_hold(alert: str, factor: int = 60, rules_text: str | None = None)
 
 STEPS = (
     *ALERT_TO_RUN,
-    Step("gateway recovering", ("alert firing",)),
-    Step("gateway recovered", ("gateway recovering",)),
+    Step("gateway flaky", ("alert firing",)),
+    Step("page delivered", ("first task",)),
+    Step("gateway ok", ("gateway flaky",)),
     Step("action done", ("first task",)),
     Step("verify passed", ("action done",)),
     Step("alert resolved", ("action done",)),
@@ -102,6 +108,9 @@ class PaymentFailures(Drill):
         #: The payments in the failed queue when the alert fired: the run's work.
         self.failed_at_alert: list[str] = []
         self.recovery: Recovery | None = None
+        self.pages = Pages()
+        #: The contact of topic `payments` and its blocks (whose sinks must get the page).
+        self.on_call: tuple[str, list[str]] = ("", [])
 
     @contextlib.contextmanager
     def _parts(self, ctx: Context) -> Iterator[None]:
@@ -142,7 +151,12 @@ class PaymentFailures(Drill):
 
     def inject(self, ctx: Context, timeline: Timeline) -> None:
         sandbox = self._running()
-        _, mon = ctx.running
+        stack, mon = ctx.running
+        # The stack's contacts page through local sinks (before the fault: saving takes time).
+        blocks, _ = channel_blocks(ctx.env)
+        self.pages.start(blocks)
+        self.pages.save_blocks(stack.api_url)
+        self.on_call = topic_blocks(ctx.env)
         self.checkout = Checkout(sandbox.api)
         self.checkout.start()
         paid = f'sum(akig_payment_attempts_total{{job="{JOB}",result="succeeded"}}) > 0'
@@ -183,17 +197,17 @@ class PaymentFailures(Drill):
         recovery = self.recovery = Recovery(sandbox, self.checkout, FLAKY_SHARE)
         recovery.begin()
         if recovery.flaky_at is None:
-            raise DrillFailed("gateway recovering", f"gateway not switched: {recovery.error}")
+            raise DrillFailed("gateway flaky", f"gateway not switched: {recovery.error}")
         self.failed_at_alert = recovery.failed_at_alert
         timeline.mark(
-            "gateway recovering",
+            "gateway flaky",
             recovery.flaky_at,
             "drill",
             f"gateway mode charge_then_timeout for {FLAKY_SHARE:.0%} of charges;"
             f" {len(self.failed_at_alert)} payments in the failed queue; checkout holds",
         )
         ctx.say(
-            f"payments: gateway recovering (charges, then times out, for {FLAKY_SHARE:.0%});"
+            f"payments: gateway flaky (charges, then times out, for {FLAKY_SHARE:.0%});"
             f" failed queue: {len(self.failed_at_alert)}"
         )
         alert = alert_to_webhook(timeline, stack.journal, ours, ALERT, 10)
@@ -206,15 +220,20 @@ class PaymentFailures(Drill):
             raise DrillFailed("verify passed", f"run {run['name']} not final within 120 s")
         recovery.finish()
         if recovery.ok_at is None:
-            raise DrillFailed("gateway recovered", f"gateway not back to ok: {recovery.error}")
+            raise DrillFailed("gateway ok", f"gateway not back to ok: {recovery.error}")
         met = recovery.unknown_met()
         timeline.mark(
-            "gateway recovered",
+            "gateway ok",
             recovery.ok_at,
             "drill",
             f"gateway mode ok; the run's retries met {met} charged-then-timed-out answer(s)",
         )
         self._mark_run(ctx, timeline, done)
+        contact, channels = self.on_call
+        page = poll(lambda: first_delivery(self.pages, channels), 10)
+        if page is None:
+            raise DrillFailed("page delivered", f"{contact} ({', '.join(channels)}) got no page")
+        timeline.mark("page delivered", page[1], "sink", f"{contact} ({page[0]})")
         self._check_ledgers(ctx)
         gone = poll(lambda: seen(stack.journal, fp, "resolved_ts"), 120)
         if gone is None:
@@ -284,6 +303,7 @@ class PaymentFailures(Drill):
         if self.recovery is not None:
             self.recovery.finish()
             self.recovery = None
+        self.pages.stop()
         if self.checkout is not None:
             self.checkout.stop()
             self.checkout = None

@@ -1,5 +1,5 @@
 """`make drill payments` as a test: the real harness, the failing gateway, the alert, the
-runbook's retries, the ledgers, recovery.
+runbook's page and retries, the ledgers, recovery.
 
 Asserts the order of the timeline (every step seen, none before its cause), that every
 payment failed at the alert ended charged exactly once or failed with a reason, with no
@@ -50,11 +50,13 @@ def test_payments_drill_retries_each_once_in_order_and_leaves_nothing(
     assert tl.out_of_order() == []
     order = [s.name for s in sorted(STEPS, key=lambda s: tl.marks[s.name].at)]
     assert order[0] == "fault injected"
-    assert order.index("alert firing") < order.index("gateway recovered")
+    assert order.index("alert firing") < order.index("gateway ok")
     assert order.index("webhook received") < order.index("first task") < order.index("action done")
     assert order.index("action done") < order.index("verify passed")
     assert order.index("action done") < order.index("alert resolved")
     assert "gateway mode fails" in tl.marks["fault injected"].detail
+    assert tl.marks["page delivered"].detail == "payments-team (payments-team-slack)"
+    assert "met 0 " not in tl.marks["gateway ok"].detail  # the run met the flaky gateway
     # The drill's own reading of the ledgers, printed once it found nothing wrong.
     [ledger] = [s for s in said if s.startswith("payments: of ")]
     assert "gateway charges per payment at most 1" in ledger

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import cast
 
 import httpx
 import pytest
+import yaml
 
 from drills.__main__ import DRILLS
 from drills.payments import STEPS, PaymentFailures, compressed_hold
 from drills.payments_ledger import PaymentView, Verdict
+from drills.payments_pages import first_delivery, topic_blocks
 from drills.payments_parts import PaymentsSandbox
 from drills.payments_recovery import Recovery
 from drills.payments_traffic import KEY_PREFIX, Checkout
+from drills.release_parts import Pages
+from tests.fixtures.sinks import CONTACTS, Sink
+from tests.fixtures.sinks import Request as SinkRequest
 
 
 def view(
@@ -104,8 +110,8 @@ def test_the_drill_is_registered_with_its_steps_in_order() -> None:
     names = [s.name for s in STEPS]
     assert names[:4] == ["fault injected", "alert firing", "webhook received", "first task"]
     after = {s.name: s.after for s in STEPS}
-    assert after["gateway recovering"] == ("alert firing",)
-    assert after["gateway recovered"] == ("gateway recovering",)
+    assert after["gateway flaky"] == ("alert firing",)
+    assert after["gateway ok"] == ("gateway flaky",)
     assert after["verify passed"] == ("action done",)
     assert PaymentFailures.mttr == ("fault injected", "verify passed")
 
@@ -168,3 +174,34 @@ def test_the_gateway_is_ok_again_even_when_the_run_never_met_it(
     recovery.finish()
     assert gateway.modes[-1] == ("ok", 1.0)
     assert recovery.unknown_met() == 0
+
+
+def test_the_page_is_looked_for_at_the_payments_contact(tmp_path: Path) -> None:
+    assert topic_blocks({}) == ("payments-team", ["payments-team-slack"])
+    other = tmp_path / "escalation.yaml"
+    other.write_text(
+        yaml.safe_dump(
+            {
+                "contacts": {c: {"channels": [f"custom-webhook/test-{c}"]} for c in CONTACTS},
+                "topics": {"database": "db-team"},
+                "default_topic_contact": "incidents",
+            }
+        )
+    )
+    env = {"RUNBOOKS_ESCALATION_CONFIG_FILE": str(other)}
+    assert topic_blocks(env) == ("incidents", ["test-incidents"])  # the topic's default
+
+
+def test_the_first_page_delivered_to_those_blocks_counts() -> None:
+    pages = Pages()
+    sink = Sink("slack", "s3cret")
+    other = Sink("slack", "s3cret")
+    pages.by_block = {"payments-team-slack": sink, "team-lead-slack": other}
+    assert first_delivery(pages, ["payments-team-slack"]) is None
+    other.requests.append(SinkRequest("/x", {}, delivered=True, answered=200, at=100.0))
+    sink.requests.append(SinkRequest("/x", {}, delivered=False, answered=500, at=101.0))
+    assert first_delivery(pages, ["payments-team-slack"]) is None  # refused, another's
+    sink.requests.append(SinkRequest("/x", {}, delivered=True, answered=200, at=102.5))
+    found = first_delivery(pages, ["payments-team-slack"])
+    assert found is not None and found[0] == "payments-team-slack"
+    assert found[1].timestamp() == 102.5
