@@ -140,7 +140,7 @@ def running_payments(admin_dsn: str, workdir: Path) -> Iterator[PaymentsSandbox]
                 "SANDBOX_LOG_FILE": str(workdir / "backend-access.log"),
                 "SANDBOX_LOG_STDOUT": "false",
                 # Few connections each: the pool drill fills the same private cluster.
-                "SANDBOX_DB_POOL_SIZE": "4",
+                "SANDBOX_DB_POOL_SIZE": "3",
             },
         )
         for name, module, url in (
