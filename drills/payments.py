@@ -19,12 +19,9 @@ the alert resolves.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
-
-import yaml
 
 from drills.base import Context, Drill, Outcome
 from drills.evidence import (
@@ -39,7 +36,7 @@ from drills.evidence import (
     task_offsets,
     task_runs,
 )
-from drills.monitoring import RULES
+from drills.monitoring import compressed_hold
 from drills.payments_ledger import all_payments, verdict
 from drills.payments_pages import first_delivery, topic_blocks
 from drills.payments_parts import PaymentsSandbox, running_payments
@@ -57,25 +54,6 @@ RETRY, RECONCILE = "retry-batch-", "reconcile-payments"
 FLAKY_SHARE = 0.5
 #: Cards the gateway declines (customers `cus_decline*`): they must end failed, with a reason.
 DECLINED = 3
-
-UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def compressed_hold(alert: str, factor: int = 60, rules_text: str | None = None) -> str:
-    """The shipped `for:` of `alert` divided by `factor` (whole seconds, at least 1 s)."""
-    doc = yaml.safe_load(RULES.read_text() if rules_text is None else rules_text)
-    shipped = next(
-        (
-            str(r.get("for", "0s"))
-            for g in doc["groups"]
-            for r in g["rules"]
-            if r.get("alert") == alert
-        ),
-        "1m",  # the rule is not in this tree (yet): the other drills' 1 m
-    )
-    seconds = sum(int(n) * UNITS_S[unit] for n, unit in re.findall(r"(\d+)(ms|s|m|h|d|w)", shipped))
-    return f"{max(1, round(seconds / factor))}s"
-
 
 STEPS = (
     *ALERT_TO_RUN,

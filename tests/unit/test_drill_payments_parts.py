@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from drills.__main__ import DRILLS
-from drills.payments import STEPS, PaymentFailures, compressed_hold
+from drills.monitoring import compressed_hold
+from drills.payments import STEPS, PaymentFailures
 from drills.payments_ledger import PaymentView, Verdict
 from drills.payments_pages import first_delivery, topic_blocks
 from drills.payments_parts import PaymentsSandbox
