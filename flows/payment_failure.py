@@ -257,11 +257,12 @@ class PaymentFailure(Runbook[PaymentFailureParams, Findings]):
         rec = result.reconciliation
         if rec is None:
             self._update("reconciliation-unavailable", result.summary, report)
-        elif rec.anomalies or rec.missing:
+        elif rec.anomalies or rec.missing or result.charged_elsewhere:
+            count = len(rec.anomalies) + len(rec.missing) + len(result.charged_elsewhere)
             self._update(
                 "reconciliation-anomaly",
-                f"{len(rec.anomalies) + len(rec.missing)} payment(s) whose backend and gateway"
-                " views disagree; see the run's Verify section",
+                f"{count} payment(s) whose backend and gateway views disagree; see the run's"
+                " Verify section",
                 report,
             )
         if result.gateway_stop:

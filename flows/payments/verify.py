@@ -29,6 +29,11 @@ class PaymentVerification(Verification):
     stopped: str | None = None
     gateway_stop: bool = False
     not_attempted: int = 0
+    charged_elsewhere: list[str] = Field(
+        default_factory=list,
+        description="Failed at the backend, charged at the gateway by no key of ours: not"
+        " retried, reconcile by hand.",
+    )
     started_at: datetime | None = None
     elapsed_s: float | None = Field(None, description="From the start to reconcile's end.")
     rto_s: float
@@ -60,6 +65,12 @@ def verify_payments(
         problems.append(f"reconciliation unavailable ({unreadable})")
     elif rec.anomalies or rec.missing:
         problems.append(f"{len(rec.anomalies) + len(rec.missing)} reconciliation anomaly(ies)")
+    elsewhere = [o.payment_id for o in run.outcomes if o.result == "charged_elsewhere"]
+    if elsewhere:
+        problems.append(
+            f"{len(elsewhere)} payment(s) charged at the gateway while the backend says failed"
+            " (not retried: reconcile by hand)"
+        )
     if gateway_stop:
         problems.append(f"stopped: {run.stopped}")
     if not rto_met:
@@ -82,6 +93,7 @@ def verify_payments(
         stopped=run.stopped,
         gateway_stop=gateway_stop,
         not_attempted=run.counts.get("not_attempted", 0),
+        charged_elsewhere=elsewhere,
         started_at=started,
         elapsed_s=round(elapsed, 1) if elapsed is not None else None,
         rto_s=params.rto_s,
@@ -120,9 +132,18 @@ def verification_md(v: PaymentVerification) -> str:
                 ],
             )
         )
-    anomalies = [[a.payment_id, a.problem] for a in rec.anomalies] + [
-        [pid, "touched, unknown to the payments API"] for pid in rec.missing
-    ]
+    anomalies = (
+        [[a.payment_id, a.problem] for a in rec.anomalies]
+        + [[pid, "touched, unknown to the payments API"] for pid in rec.missing]
+        + [
+            [
+                pid,
+                "charged at the gateway by no key of ours, failed at the backend: not"
+                " retried (a new key would charge again); reconcile by hand",
+            ]
+            for pid in v.charged_elsewhere
+        ]
+    )
     parts.append(
         "Anomalies:\n\n" + table(["payment", "problem"], anomalies[:100])
         if anomalies

@@ -19,6 +19,7 @@ cannot be reached is a `TransientError` (the batch retries; nothing is called wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
 
@@ -68,6 +69,19 @@ class KeyLedger:
         except redis.RedisError as exc:
             raise TransientError(f"key ledger unreachable ({type(exc).__name__})") from None
         return str(value) if value is not None else None
+
+    def open_keys(self, payment_ids: list[str]) -> dict[str, str | None]:
+        """The open key of each payment (None: none), in one round trip."""
+        if not payment_ids:
+            return {}
+        try:
+            values = cast(list[Any], self.client.mget([self._open(pid) for pid in payment_ids]))
+        except redis.RedisError as exc:
+            raise TransientError(f"key ledger unreachable ({type(exc).__name__})") from None
+        return {
+            pid: (str(v) if v is not None else None)
+            for pid, v in zip(payment_ids, values, strict=True)
+        }
 
     def last_closed(self, payment_id: str) -> tuple[str, str] | None:
         """The last closed key of the payment and the answer that closed it."""

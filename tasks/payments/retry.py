@@ -2,8 +2,15 @@
 
 `retry_payments` walks the payments in batches; inside a batch, up to `caps.concurrency`
 threads share one `httpx.Client`. For each payment: admit it (the payments and amount caps,
-checked in order, so a cap stops the run exactly there), pin its key in the ledger
-(`tasks.payments.keys`), call, and:
+checked in order, so a cap stops the run exactly there), screen it, pin its key in the
+ledger (`tasks.payments.keys`), call, and:
+
+- screened first: a payment with no open key of ours gets a NEW key, which the gateway
+  treats as a new charge. If the gateway already holds a charge for it (a checkout whose
+  own call charged, then timed out), it is not retried: `charged_elsewhere`, reported for
+  reconciliation by hand. When the gateway's charges cannot be read, nothing gets a new key
+  (`not_attempted`, with the reason). A payment with an open key of ours is not screened:
+  the gateway replays whatever that key charged;
 
 - a definite answer closes the key (succeeded, declined, already succeeded, not found);
 - `unknown` (gateway 5xx / timeout) and `in_flight` (409) are asked again with the SAME key,
@@ -34,15 +41,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from tasks.clients import payments_http, redis_client
-from tasks.payments.api import AnswerKind, Payment, RetryAnswer, retry_one
+from tasks.clients import gateway_http, payments_http, redis_client
+from tasks.errors import RunbookError
+from tasks.payments.api import AnswerKind, Payment, RetryAnswer, gateway_charges, retry_one
 from tasks.payments.keys import KeyLedger
 from tasks.retry import RETRY_IDEMPOTENT_WRITE
 from tasks.settings import PaymentsSettings, RedisSettings
 
 #: What a payment came to in a run: an API answer, or `not_attempted` (a cap or the
 #: failure-rate stop came first; no key was pinned, it is left for the next run).
-ResultKind = AnswerKind | Literal["not_attempted"]
+#: `charged_elsewhere`: the gateway holds a charge for it that no key of ours made (screened,
+#: never called).
+ResultKind = AnswerKind | Literal["not_attempted", "charged_elsewhere"]
 
 
 class RetryCaps(BaseModel):
@@ -118,8 +128,10 @@ class Engine:
         client: httpx.Client,
         ledger: KeyLedger,
         sleep: Callable[[float], None] = time.sleep,
+        gateway: httpx.Client | None = None,
     ) -> None:
         self.caps, self.client, self.ledger, self.sleep = caps, client, ledger, sleep
+        self.gateway = gateway
         self._lock = threading.Lock()
         self.pause_until = 0.0
         self.admitted: set[str] = set()
@@ -231,18 +243,48 @@ class Engine:
         admitted = [p for p in todo if self.admit(p)]
         refused = [p for p in todo if p.id not in self.admitted]
         for p in refused:
-            self.outcomes[p.id] = RetryOutcome(
-                payment_id=p.id,
-                amount=p.amount,
-                currency=p.currency,
-                result="not_attempted",
-                error=self.stopped or "",
-            )
-        workers = max(1, min(self.caps.concurrency, len(admitted)))
+            self.outcomes[p.id] = _unsent(p, "not_attempted", self.stopped or "")
+        screened = self.screen(admitted)
+        for p in admitted:
+            if p.id in screened:
+                self.outcomes[p.id] = _unsent(p, *screened[p.id])
+        calling = [p for p in admitted if p.id not in screened]
+        workers = max(1, min(self.caps.concurrency, len(calling)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="payments") as pool:
-            for outcome in pool.map(self.one, admitted):
+            for outcome in pool.map(self.one, calling):
                 self.outcomes[outcome.payment_id] = outcome
         return [self.outcomes[p.id] for p in batch if p.id in self.outcomes]
+
+    def screen(self, payments: Sequence[Payment]) -> dict[str, tuple[ResultKind, str]]:
+        """The payments a NEW key must not be sent for, with the outcome and the reason."""
+        open_keys = self.ledger.open_keys([p.id for p in payments])
+        fresh = [p.id for p in payments if open_keys.get(p.id) is None]
+        if not fresh:
+            return {}
+        risk = "a new key could charge the customer a second time"
+        if self.gateway is None:
+            why = f"the gateway's charges cannot be read (no gateway configured): {risk}"
+            return dict.fromkeys(fresh, ("not_attempted", why))
+        try:
+            charges = gateway_charges(self.gateway, fresh)
+        except RunbookError as exc:
+            why = f"the gateway's charges could not be read ({exc}): {risk}"
+            return dict.fromkeys(fresh, ("not_attempted", why))
+        return {
+            pid: (
+                "charged_elsewhere",
+                f"the gateway holds charge {', '.join(c.id for c in found)} while the backend"
+                " says failed: not retried (a new key would charge again); reconcile by hand",
+            )
+            for pid, found in charges.items()
+            if found
+        }
+
+
+def _unsent(payment: Payment, result: ResultKind, error: str) -> RetryOutcome:
+    """The outcome of a payment no call was sent for."""
+    base = {"payment_id": payment.id, "amount": payment.amount, "currency": payment.currency}
+    return RetryOutcome(result=result, error=error, **base)
 
 
 #: Runs one batch: the engine's own method, or a wrapper (the flow's Prefect task).
@@ -274,11 +316,12 @@ def retry_payments(
     redis_settings: RedisSettings | None = None,
     run_batch: BatchRunner | None = None,
     client: httpx.Client | None = None,
+    gateway: httpx.Client | None = None,
 ) -> RetryRun:
     """Retry `payments` (each at most once charged) within `caps`; every payment accounted for.
 
-    `run_batch` wraps each batch (the flow: a Prefect task); `client` replaces the API client
-    (unit tests); `progress` is called after each batch.
+    `run_batch` wraps each batch (the flow: a Prefect task); `client` and `gateway` replace
+    the API and gateway clients (tests); `progress` is called after each batch.
     """
     settings = settings or PaymentsSettings()
     started = time.monotonic()
@@ -287,7 +330,8 @@ def retry_payments(
     size = caps.batch_size
     batches = [payments[i : i + size] for i in range(0, len(payments), size)]
     http = client or payments_http(settings)
-    engine = Engine(caps, http, ledger)
+    reader = gateway or (gateway_http(settings) if settings.gateway_url else None)
+    engine = Engine(caps, http, ledger, gateway=reader)
     try:
         for index, batch in enumerate(batches, start=1):
             if engine.stopped is None:
@@ -309,6 +353,8 @@ def retry_payments(
     finally:
         if client is None:
             http.close()
+        if gateway is None and reader is not None:
+            reader.close()
     outcomes = [engine.outcomes[p.id] for p in payments if p.id in engine.outcomes]
     counts, amounts = summarize(outcomes)
     return RetryRun(

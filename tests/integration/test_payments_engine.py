@@ -44,7 +44,7 @@ def _run(fake: FakePayments, prefix: str, caps: RetryCaps, **kw: Any) -> RetryRu
             settings=PaymentsSettings(ledger_prefix=prefix),
             redis_settings=RedisSettings(url=REDIS_URL),
             client=client,
-            **kw,
+            **{"gateway": client, **kw},  # the fake answers the gateway's charges too
         )
 
 
@@ -169,6 +169,38 @@ def test_wrong_token_is_a_clear_error_without_the_token(prefix: str) -> None:
             settings=PaymentsSettings(ledger_prefix=prefix),
             redis_settings=RedisSettings(url=REDIS_URL),
             client=bad,
+            gateway=fake.client(),
         )
     assert "401" in str(err.value) and "wrong-secret-value" not in str(err.value)
     assert not fake.gateway
+
+
+def test_a_payment_the_gateway_charged_elsewhere_is_never_retried(prefix: str) -> None:
+    """A checkout charged it, then timed out: the backend says failed, the gateway holds the
+    charge under a key we never had. A new key would charge again: screened, not called."""
+    fake = FakePayments()
+    charged, clean = fake.seed(2)
+    fake.gateway[f"{charged}|checkout-key"] = "ch_checkout"
+    run = _run(fake, prefix, RetryCaps(**FAST))
+    by_id = {o.payment_id: o for o in run.outcomes}
+    assert by_id[charged].result == "charged_elsewhere" and by_id[charged].calls == 0
+    assert "ch_checkout" in by_id[charged].error
+    assert by_id[clean].result == "succeeded"
+    assert fake.charges_per_payment() == {charged: 1, clean: 1}
+    assert _ledger(prefix).open_key(charged) is None  # no key was even pinned
+
+
+def test_without_the_gateway_s_charges_no_new_key_is_sent(prefix: str) -> None:
+    fake = FakePayments()
+    fake.seed(3)
+    with fake.client() as client:
+        payments = get_payments(client, list(fake.payments))
+        run = retry_payments(
+            payments,
+            RetryCaps(**FAST),
+            settings=PaymentsSettings(ledger_prefix=prefix),  # no gateway configured
+            redis_settings=RedisSettings(url=REDIS_URL),
+            client=client,
+        )
+    assert run.counts == {"not_attempted": 3} and not fake.calls
+    assert all("cannot be read" in o.error for o in run.outcomes)
