@@ -317,7 +317,7 @@ class Profiles:
             out = self.workdir / f"profile-{name.replace(' ', '-')}.txt"
             cmd = [self.py_spy, "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", str(out)]
             self.procs[name] = subprocess.Popen(
-                [*cmd, "--nonblocking", "--threads"],
+                [*cmd, "--nonblocking", "--gil"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -334,24 +334,51 @@ class Profiles:
                 proc.kill()
                 proc.wait()
 
-    def summary(self, top: int = 12) -> str:
+    def summary(self, top: int = 10) -> str:
         lines: list[str] = []
         for name in self.pids:
             out = self.workdir / f"profile-{name.replace(' ', '-')}.txt"
             if not out.exists():
                 lines.append(f"{name}: no profile")
                 continue
-            leaves: Counter[str] = Counter()
+            own: Counter[str] = Counter()  # innermost frame's package
+            within: Counter[str] = Counter()  # package anywhere on the stack
             total = 0
             for row in out.read_text(errors="replace").splitlines():
                 stack, _, count = row.rpartition(" ")
                 if not count.isdigit():
                     continue
-                total += int(count)
-                leaves[stack.rsplit(";", 1)[-1]] += int(count)
-            lines.append(f"{name}: {total} samples at 200/s; innermost frames:")
-            lines += [f"  {100 * n / max(total, 1):5.1f}%  {f}" for f, n in leaves.most_common(top)]
+                n = int(count)
+                total += n
+                packages = [package_of(f) for f in stack.split(";")]
+                own[packages[-1]] += n
+                for package in set(packages):
+                    within[package] += n
+            share = {k: f"{100 * v / max(total, 1):.0f}%" for k, v in within.items()}
+            lines.append(
+                f"{name}: {total} samples holding the GIL (200/s); by package, own time"
+                " (on the stack at all):"
+            )
+            lines += [
+                f"  {100 * n / max(total, 1):5.1f}%  ({share[k]:>4})  {k}"
+                for k, n in own.most_common(top)
+            ]
         return "\n".join(lines)
+
+
+_FRAME_FILE = re.compile(r"\(([^()]*):\d+\)$")
+
+
+def package_of(frame: str) -> str:
+    """`fn (httpcore/_sync/http11.py:12)` -> `httpcore` (py-spy names files relative to the
+    import path); the project's own by package: `sandbox/payments`."""
+    m = _FRAME_FILE.search(frame)
+    path = m.group(1) if m else frame
+    path = path.rsplit("site-packages/", 1)[-1]
+    parts = path.split("/")
+    if parts[0] in ("sandbox", "tasks", "flows", "bench") and len(parts) > 1:
+        return "/".join(parts[:2]).removesuffix(".py")
+    return parts[0].removesuffix(".py") or "?"
 
 
 def server_latencies(log: Path, ids: set[str]) -> list[float]:
