@@ -16,11 +16,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from queue import Empty, Queue
 from typing import Annotated, Any, cast
 
 import anyio
@@ -36,79 +34,21 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from psycopg.rows import DictRow, dict_row
 from pydantic import BaseModel, Field
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandbox.faults import FaultPatch, Faults, FaultState
+from sandbox.payments.router import add_payment_routes
+from sandbox.payments.service import PaymentService
+from sandbox.pool import Pool, PoolExhaustedError
 from sandbox.release import BUGGY_RELEASES, ReleaseSource, release_source
 from sandbox.settings import SandboxSettings
 
 #: Buckets of `http_request_duration_seconds`: fine below 1 s, where the p95 alert sits.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 UNMATCHED = "<unmatched>"
-
-
-class PoolExhaustedError(Exception):
-    """No pooled connection became free in time."""
-
-
-class Pool:
-    """A small fixed-size psycopg connection pool; a broken connection is replaced lazily."""
-
-    def __init__(self, dsn: str, size: int, wait_s: float) -> None:
-        self._dsn = dsn
-        self._wait_s = wait_s
-        self._free: Queue[psycopg.Connection[DictRow] | None] = Queue()
-        for _ in range(size):
-            self._free.put(None)
-        self.queries = 0  # for tests: statements sent, N+1 shows as many per request
-        self._count_lock = threading.Lock()
-
-    @contextmanager
-    def connection(self, wait_s: float | None = None) -> Iterator[psycopg.Connection[DictRow]]:
-        """A pooled connection; raises `PoolExhaustedError` after `wait_s`."""
-        try:
-            conn = self._free.get(timeout=self._wait_s if wait_s is None else wait_s)
-        except Empty:
-            raise PoolExhaustedError("database connection pool exhausted") from None
-        try:
-            if conn is None or conn.closed or conn.broken:
-                conn = psycopg.connect(
-                    self._dsn,
-                    autocommit=True,
-                    connect_timeout=3,
-                    application_name="akig-backend",
-                    options="-c statement_timeout=10000",
-                    row_factory=dict_row,
-                )
-            yield conn
-        except BaseException:
-            if conn is not None and conn.broken:
-                conn.close()
-                conn = None
-            raise
-        finally:
-            self._free.put(conn)
-
-    def fetch(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        """Run one read and return its rows."""
-        with self._count_lock:
-            self.queries += 1
-        with self.connection() as conn:
-            return list(conn.execute(query, params).fetchall())
-
-    def close(self) -> None:
-        """Close every idle connection."""
-        while True:
-            try:
-                conn = self._free.get_nowait()
-            except Empty:
-                return
-            if conn is not None:
-                conn.close()
 
 
 class AccessLog:
@@ -184,7 +124,7 @@ def route_template(routes: list[BaseRoute], scope: Scope) -> str:
 
 
 class Backend:
-    """One backend instance: its app, pool, Redis client, metrics, faults and release."""
+    """One backend instance: its app, pool, Redis client, metrics, faults, release, payments."""
 
     def __init__(self, settings: SandboxSettings, release: ReleaseSource | None = None) -> None:
         self.settings = settings
@@ -199,6 +139,7 @@ class Backend:
         self.faults = Faults(gzip=settings.gzip)
         self.release = release or release_source(settings)
         self.log = AccessLog(settings.log_file, settings.log_stdout)
+        self.payments = PaymentService(settings, self.pool, self.redis, self.metrics.registry)
         self.app = self._build_app()
         self.asgi: ASGIApp = _Instrument(self, _SwitchableGZip(self.app, self.faults))
 
@@ -210,6 +151,7 @@ class Backend:
     def close(self) -> None:
         """Stop the release poller, close connections and the log file."""
         self.release.close()
+        self.payments.close()
         self.pool.close()
         self.redis.close()
         self.log.close()
@@ -457,6 +399,7 @@ class Backend:
             removed = backend.clean_redis_fill()
             return {**backend._fault_view(backend.faults.reset()), "fill_removed": removed}
 
+        add_payment_routes(app, backend.payments, guarded)
         return app
 
     def _fault_view(self, state: FaultState) -> dict[str, Any]:

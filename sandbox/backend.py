@@ -13,6 +13,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from sandbox.app import create_backend
 from sandbox.db import create_database, database_dsn
+from sandbox.payments.schema import ensure_payments_schema_or_warn
 from sandbox.settings import SandboxSettings
 
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.setup_db:
         name = str(conninfo_to_dict(settings.database_dsn).get("dbname"))
         create_database(database_dsn(settings.database_dsn, "postgres"), name)
+    else:
+        ensure_payments_schema_or_warn(settings.database_dsn)  # a database from before the payments
     backend = create_backend(settings)
     try:
         uvicorn.run(backend.asgi, host=args.host, port=args.port, access_log=False, lifespan="off")

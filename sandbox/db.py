@@ -1,5 +1,7 @@
 """The sandbox database: create it, give it a realistic schema and seed data, drop it.
 
+The payments tables come from `sandbox.payments.schema`.
+
 `orders.user_id` deliberately has no index: `/api/orders?user_id=` sequentially scans
 `orders`, which is what a "missing index" check must find.
 """
@@ -11,6 +13,8 @@ import re
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+
+from sandbox.payments.schema import SCHEMA as PAYMENTS_SCHEMA
 
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -92,6 +96,7 @@ def create_database(
     dsn = database_dsn(admin_dsn, name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(SCHEMA)
+        conn.execute(PAYMENTS_SCHEMA)
         # Client-side binding: the seed is several statements, which the extended protocol refuses.
         with psycopg.ClientCursor(conn) as cur:
             cur.execute(SEED, {"users": users, "products": products, "orders": orders})

@@ -1,13 +1,16 @@
-"""Run a backend instance with uvicorn in a background thread (tests, benches, demos)."""
+"""Run a backend (or any sandbox app) with uvicorn in a background thread (tests, benches)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
+from typing import Self
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from sandbox.app import Backend
 
@@ -19,48 +22,55 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class BackendServer:
-    """A started uvicorn serving `backend` on 127.0.0.1:`port`; `stop()` ends it."""
+class ThreadedServer:
+    """A started uvicorn serving `asgi` on 127.0.0.1:`port`; `stop()` ends it, then `close`."""
 
-    def __init__(self, backend: Backend, port: int | None = None, host: str = "127.0.0.1") -> None:
-        self.backend = backend
+    def __init__(
+        self,
+        asgi: ASGIApp,
+        close: Callable[[], None],
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        name: str = "sandbox-server",
+    ) -> None:
         self.host = host
         self.port = port or free_port()
+        self._close = close
         config = uvicorn.Config(
-            backend.asgi,
+            asgi,
             host=host,
             port=self.port,
             log_level="warning",
             access_log=False,  # the backend writes its own access lines
             lifespan="off",
+            # Requests parked in a sleep (a gateway "timeout") must not hold up a stop.
+            timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, name="sandbox-backend", daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
 
     @property
     def url(self) -> str:
         """Base URL, e.g. http://127.0.0.1:43123."""
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> BackendServer:
+    def start(self, timeout: float = 15.0) -> Self:
         """Start serving; returns once the socket accepts connections."""
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"sandbox backend did not start on port {self.port}")
+                raise RuntimeError(f"{self._thread.name} did not start on port {self.port}")
             time.sleep(0.02)
         return self
 
     def stop(self) -> None:
-        """Stop serving and release the backend's resources."""
+        """Stop serving and release the app's resources."""
         self._server.should_exit = True
         self._thread.join(timeout=10)
-        self.backend.close()
+        self._close()
 
-    def __enter__(self) -> BackendServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -70,3 +80,11 @@ class BackendServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class BackendServer(ThreadedServer):
+    """A started uvicorn serving `backend` on 127.0.0.1:`port`; `stop()` ends it."""
+
+    def __init__(self, backend: Backend, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.backend = backend
+        super().__init__(backend.asgi, backend.close, port, host, name="sandbox-backend")

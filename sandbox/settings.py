@@ -47,3 +47,31 @@ class SandboxSettings(BaseSettings):
         description="Access lines on stdout too; unset: only without `log_file` "
         "(`python -m sandbox.backend` sets it: a container's log is its stdout).",
     )
+    payments_token: SecretStr | None = Field(
+        None, description="Bearer token of /api/payments*; unset = those routes refuse (403)."
+    )
+    gateway_url: str | None = Field(
+        None, description="The simulated payment gateway the backend charges through."
+    )
+    gateway_key: SecretStr | None = Field(
+        None,
+        description="The gateway's API key: the backend sends it, the gateway checks it"
+        " (unset on the gateway = its /v1 API refuses everything).",
+    )
+    gateway_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="The backend's timeout per gateway call; the gateway's timeout modes"
+        " sleep past it.",
+    )
+    gateway_latency_ms: float = Field(
+        20.0, ge=0, le=10_000, description="Base latency of every gateway charge, ms."
+    )
+    idempotency_lock_s: float = Field(
+        30.0,
+        gt=0,
+        description="A key locked longer than this counts as abandoned and is taken over.",
+    )
+    idempotency_key_ttl_s: int = Field(
+        48 * 3600, ge=24 * 3600, description="How long idempotency keys are kept (>= 24 h)."
+    )
