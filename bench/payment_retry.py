@@ -505,7 +505,7 @@ def naive_loop(sandbox: Sandbox, ids: Sequence[str]) -> int:
     return ok
 
 
-def engine_run(ids: Sequence[str], concurrency: int | None, notes: list[str]) -> Callable[[], int]:
+def engine_run(ids: Sequence[str], tuning: dict[str, int], notes: list[str]) -> Callable[[], int]:
     """List the failed payments with the runbook's client and retry them with its engine."""
     # Imported once the RUNBOOKS_* environment points at this sandbox.
     from tasks.payments.api import list_failed  # type: ignore[import-not-found]
@@ -523,7 +523,7 @@ def engine_run(ids: Sequence[str], concurrency: int | None, notes: list[str]) ->
         caps = RetryCaps(
             max_payments=len(ids),
             max_amount=AMOUNT * len(ids),
-            **({"concurrency": concurrency} if concurrency else {}),
+            **tuning,
         )
         result = retry_payments(payments, caps)
         if result.stopped:
@@ -582,9 +582,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--payments", type=int, default=TARGET_N, help="for the engine")
     parser.add_argument("--naive", type=int, default=1000, help="sample for the naive loop")
-    parser.add_argument("--concurrency", type=int, default=None, help="engine default if unset")
+    parser.add_argument("--concurrency", type=int, help="RetryCaps.concurrency (engine default)")
+    parser.add_argument("--batch-size", type=int, help="RetryCaps.batch_size (engine default)")
     parser.add_argument("--py-spy", help="py-spy binary: profile the processes during the engine")
     args = parser.parse_args()
+    tuning = {
+        k: v for k, v in (("concurrency", args.concurrency), ("batch_size", args.batch_size)) if v
+    }
     load = os.getloadavg()[0]
     with running_sandbox() as sandbox:
         os.environ.update(sandbox.runbook_env())
@@ -601,7 +605,7 @@ def main() -> int:
             sandbox,
             "engine (retry_payments)",
             ids,
-            engine_run(ids, args.concurrency, notes),
+            engine_run(ids, tuning, notes),
             py_spy=args.py_spy,
         )
         engine.note = "".join(notes)
