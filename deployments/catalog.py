@@ -215,6 +215,16 @@ RUNBOOKS: tuple[Runbook, ...] = (
         service_account="incident-runbooks",
     ),
     Runbook(
+        entrypoint="flows.payment_failure:payment_failure",
+        description="Payment failures: checks at once, the payments on-call paged; failed"
+        " payments retried after approval, each with one pinned idempotency key (never"
+        " charged twice), capped, then reconciled against the gateway and the 5-min RTO.",
+        tags=("payments", "kubernetes", "postgres", "redis", "destructive"),
+        # Acting takes the payments API's target lock; plan-only runs never wait.
+        concurrency_limit=None,
+        service_account="payment-failure",
+    ),
+    Runbook(
         entrypoint="flows.post_incident:post_incident",
         description="The incident's timeline, figures and checklist form; exported as"
         " markdown and JSON. Started as a draft when an alert whose runbook ran resolves.",

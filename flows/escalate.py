@@ -15,6 +15,11 @@ severity pages its first level and takes the wait over; an ack is passed to the 
 other paused runs, and no run re-pages after it. Approval reminders page the on-call chain
 only, and stop when the runbook run stops waiting.
 
+Follow-ups (`escalate_update(reason, ...)`, `reason: update`): news on an incident already
+paged (the RTO at risk, the gateway down, a reconciliation anomaly) pages the first level of
+the incident's severity once per reason (stage `update:<reason>`) and waits for nothing; a
+second page at the incident's own stage would be deduplicated away and reach nobody.
+
 Acknowledgement: for a severity with `ack_required` (critical), the waiting run pauses for
 an `Acknowledgement` input (the UI's Resume form, or `resume_flow_run(id, run_input=...)`)
 up to the severity's deadline; without one it pages the next level and waits again, until
@@ -61,7 +66,7 @@ from flows.common import (
 )
 from flows.spec import RunbookSpec, runbook_flow
 from tasks.approvals.message import ApprovalMessage
-from tasks.contacts import EscalationConfig, EscalationSettings, Severity, load_config
+from tasks.contacts import EscalationConfig, EscalationSettings, Severity, highest, load_config
 from tasks.errors import RunbookError
 from tasks.incidents import (
     AckRecord,
@@ -108,10 +113,18 @@ class EscalateParams(BaseModel):
     wait_for_ack: bool = Field(
         True, description="Wait for an acknowledgement where the severity needs one."
     )
-    reason: Literal["incident", "approval"] = Field(
+    reason: Literal["incident", "approval", "update"] = Field(
         "incident",
         description="incident: page the severity's contacts; approval: remind the on-call"
-        " chain while the run `incident_key` waits for an approval (never leadership).",
+        " chain while the run `incident_key` waits for an approval (never leadership);"
+        " update: a follow-up on an incident already paged, once per `update` reason.",
+    )
+    update: str = Field(
+        "",
+        max_length=64,
+        pattern=r"^([a-z0-9][a-z0-9-]*)?$",
+        description="reason update: what the follow-up is about (rto-at-risk, gateway-down,"
+        " ...); each one pages the incident's first level once.",
     )
 
 
@@ -463,6 +476,31 @@ def _approval(chain: _Chain) -> Ended:
     return chain.wait("approval", policy.next_levels, policy.repage_after_s, body, stop, subject)
 
 
+def _update(chain: _Chain) -> Ended:
+    """A follow-up on an incident: the first level of its severity (the highest raised so
+    far, or this one), once per reason (stage `update:<reason>`), never waiting for an ack.
+
+    The incident's first page (stage `critical`) already reached these contacts, and a
+    second one at that stage would reach nobody; a new reason is news, so it has a stage
+    of its own, deduplicated like every page (retries and re-runs send it once).
+    """
+    params, config = chain.params, chain.config
+    if not params.update:
+        raise ValueError("an update names its reason (`update`)")
+    raised = current_severity(params.incident_key)
+    severity = highest(params.severity, raised) if raised else params.severity
+    policy = config.severities[severity]
+    subject = (
+        f"[{severity.value.upper()} UPDATE] {params.topic}: {params.update}: {params.incident_key}"
+    )[:250]
+    body = (
+        f"{params.summary or 'No summary given.'}\nUpdate ({params.update}) on incident"
+        f" {params.incident_key}, severity {severity.value}: {policy.action}."
+    )
+    chain.page(config.first_level(severity, params.topic), f"update:{params.update}", subject, body)
+    return "notified"
+
+
 SPEC: RunbookSpec[Any] = RunbookSpec(
     name=RUNBOOK,
     title="Escalation",
@@ -478,7 +516,9 @@ def escalate(params: EscalateParams) -> EscalationOutcome:
     _tag_incident(params.incident_key)
     settings = EscalationSettings()
     config = load_config(settings)
-    kind = "approval wait" if params.reason == "approval" else params.severity.value
+    kind = {"approval": "approval wait", "update": f"update {params.update}"}.get(
+        params.reason, params.severity.value
+    )
     report = Report(RUNBOOK, f"Escalation ({kind}, {params.topic})")
     chain = _Chain(params, config, report, settings.poll_interval_s)
     outcome: list[EscalationOutcome] = []
@@ -497,7 +537,8 @@ def escalate(params: EscalateParams) -> EscalationOutcome:
             f"\n\n{md_escape(params.summary)}",
         )
         try:
-            ended = _approval(chain) if params.reason == "approval" else _incident(chain)
+            flows = {"approval": _approval, "update": _update, "incident": _incident}
+            ended = flows[params.reason](chain)
         finally:
             report.add("Notifications", _deliveries_md(chain.deliveries))
         deliveries = chain.deliveries
@@ -553,6 +594,39 @@ def escalate_incident(
         assert isinstance(result, EscalationOutcome)
         return result
     get_run_logger().error("escalation %s/%s: %s", params.severity.value, topic, state.message)
+    return None
+
+
+def escalate_update(
+    reason: str,
+    topic: str,
+    summary: str,
+    severity: Severity | str = Severity.CRITICAL,
+    incident_key: str | None = None,
+) -> EscalationOutcome | None:
+    """A follow-up on this run's incident (the one `escalate_incident` paged): the first level
+    of its severity hears about `reason` (`rto-at-risk`, `gateway-down`, ...) once, whatever
+    the retries and re-runs; a new reason pages again. A subflow that never waits or raises.
+    """
+    ctx = FlowRunContext.get()
+    key = incident_key or (str(ctx.flow_run.id) if ctx and ctx.flow_run else None)
+    if key is None:
+        raise ValueError("escalate_update needs an incident_key outside a flow run")
+    params = EscalateParams(
+        severity=Severity(severity),
+        topic=topic,
+        incident_key=key,
+        summary=summary[:2000],
+        wait_for_ack=False,
+        reason="update",
+        update=reason,
+    )
+    state = escalate(params, return_state=True)
+    if state.is_completed():
+        result = state.result()
+        assert isinstance(result, EscalationOutcome)
+        return result
+    get_run_logger().error("escalation update %s/%s: %s", reason, topic, state.message)
     return None
 
 

@@ -211,6 +211,13 @@ def _default_approvers() -> list[ApproverRule]:
             approvers=["db-team"],
             self_declared=False,
         ),
+        # Retrying payments moves money: the payments team or the on-call, verified.
+        ApproverRule(
+            runbook="payment-failure",
+            action="retry-payments",
+            approvers=["payments-team", "on-call"],
+            self_declared=False,
+        ),
         # Secret rotation logs every user out: two distinct, verified approvers.
         ApproverRule(
             runbook="security-breach",

@@ -158,6 +158,11 @@ class PaymentsSettings(BaseSettings):
         min_length=1,
         description="Prefix of the idempotency-key ledger in the runbooks' Redis.",
     )
+    failed_stream_key: str = Field(
+        "akig:payments:failed",
+        min_length=1,
+        description="Redis stream of the failed-transactions queue (`<prefix>payments:failed`).",
+    )
 
 
 class TlsSettings(BaseSettings):

@@ -26,6 +26,8 @@ from tasks.kubernetes import (
     RevisionInfo,
     RolloutHistory,
     TailLogsResult,
+    began_after_rollout,
+    began_before_rollout,
     current_and_previous,
     pod_restarts,
     rollout_history,
@@ -44,10 +46,6 @@ from tasks.settings import KubernetesSettings, PrometheusSettings
 
 #: The step of the 5xx history read to date the onset; a point every 5 s is plenty.
 ONSET_STEP_S = 5.0
-#: Clock skew allowed between Prometheus and the API server when dating the onset; it also
-#: covers the 1 s resolution of the Kubernetes times a revision is dated by.
-ONSET_TOLERANCE_S = 15.0
-_TOLERANCE = timedelta(seconds=ONSET_TOLERANCE_S)
 
 # What the sandbox's (and the on-call runbook's) log lines look like:
 # `... status=503 ... error="..."`.
@@ -440,11 +438,8 @@ def _rollout_evidence(
     # Dated from when the revision became current, not from its ReplicaSet's creation: an
     # undo re-uses the old ReplicaSet, whose creation time is the old release's.
     since = latest.became_current
-    began_after = (
-        onset is not None
-        and since is not None
-        and onset >= since - _TOLERANCE
-        and onset - since <= timedelta(minutes=params.rollout_window_minutes)
+    began_after = began_after_rollout(
+        onset, since, timedelta(minutes=params.rollout_window_minutes)
     )
     above = (ratio or 0) > params.error_rate_max
     suspect = began_after and prev is not None and above
@@ -504,6 +499,7 @@ def _rollout_detail(
     else:
         details = ["no previous revision"]
     since = latest.became_current
-    if onset is not None and since is not None and onset < since - _TOLERANCE:
+    if began_before_rollout(onset, since):
+        assert onset is not None
         details.append(f"5xx since {onset:%H:%M:%S} UTC, before revision {latest.revision}")
     return "; ".join(details)

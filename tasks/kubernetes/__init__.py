@@ -50,7 +50,10 @@ from tasks.kubernetes.resources import (
     raise_memory_limit,
 )
 from tasks.kubernetes.revisions import (
+    ONSET_TOLERANCE_S,
     became_current,
+    began_after_rollout,
+    began_before_rollout,
     current_and_previous,
     earlier_revisions,
     revision_written_at,
@@ -102,6 +105,7 @@ __all__ = [
     "ANNOTATIONS_TO_SKIP",
     "CHANGE_CAUSE",
     "MEMORY_LIMIT_MAX_FACTOR",
+    "ONSET_TOLERANCE_S",
     "POD_TEMPLATE_HASH",
     "RESTARTED_AT",
     "REVISION",
@@ -134,6 +138,8 @@ __all__ = [
     "apply_rollback",
     "apply_statefulset_restart",
     "became_current",
+    "began_after_rollout",
+    "began_before_rollout",
     "classify_api_error",
     "current_and_previous",
     "earlier_revisions",

@@ -24,7 +24,7 @@ here talks to the API server (unit-tested in tests/unit/test_kubernetes_revision
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from kubernetes import client as k8s
@@ -43,6 +43,38 @@ from tasks.kubernetes.semantics import (
 )
 
 DatedBy = Literal["created", "revision annotation", "unknown"]
+
+#: Clock skew allowed between the source that dates a failure's onset (Prometheus, the
+#: payments database) and the API server; it also covers the 1 s resolution of the
+#: Kubernetes times a revision is dated by.
+ONSET_TOLERANCE_S = 15.0
+
+
+def began_after_rollout(
+    onset: datetime | None,
+    became_current: datetime | None,
+    window: timedelta,
+    tolerance_s: float = ONSET_TOLERANCE_S,
+) -> bool:
+    """Whether failures that began at `onset` began within `window` after a revision became
+    current (`became_current`, never its ReplicaSet's creation), give or take `tolerance_s`.
+
+    The one dating rule of every runbook that suspects a release (high-error-rate's D,
+    payment-failure's rollout row). Unknown times suspect nothing.
+    """
+    if onset is None or became_current is None:
+        return False
+    tolerance = timedelta(seconds=tolerance_s)
+    return onset >= became_current - tolerance and onset - became_current <= window
+
+
+def began_before_rollout(
+    onset: datetime | None, became_current: datetime | None, tolerance_s: float = ONSET_TOLERANCE_S
+) -> bool:
+    """Whether the failures plainly began before the revision became current."""
+    if onset is None or became_current is None:
+        return False
+    return onset < became_current - timedelta(seconds=tolerance_s)
 
 
 def earlier_revisions(rs: k8s.V1ReplicaSet) -> list[int]:

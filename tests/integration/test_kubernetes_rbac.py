@@ -65,6 +65,7 @@ ROLES = {
     "cert-renew",  # tests/integration/test_acme_rbac.py
     "cert-renew-ingress",
     "db-pool-exhausted",
+    "payment-failure",
 }
 
 
@@ -501,6 +502,58 @@ def test_db_pool_exhausted_role(rbac_cluster: Cluster):
             # a server dry run: authorized like the real write
             lambda: apply_env_value.fn(again, dry_run=True, settings=sa),
             lambda: read_backend_pool_now(sa, from_cm),
+        ],
+    )
+
+
+def test_payment_failure_role(rbac_cluster: Cluster):
+    """Read only: the backend's revisions, its pods and their logs; nothing else."""
+    c, ns = rbac_cluster, rbac_cluster.platform
+    apps: Any = k8s.AppsV1Api(c.admin)
+    admin_settings = c.kube.settings(ns)
+    sa = c.token_settings("payment-failure")
+    create_with_revisions(apps, admin_settings, ns, "akig-backend", revisions=2, replicas=1)
+    apps.create_namespaced_deployment(ns, deployment_body("akig-intruder", replicas=1))
+    wait_for_rollout.fn("akig-backend", ns, timeout_s=30, poll_s=0.1, settings=admin_settings)
+    settled_pods(admin_settings, ns, "component=akig-backend", 1)
+
+    # The runbook's reads, with the Role alone.
+    history = rollout_history.fn("akig-backend", ns, settings=sa)
+    assert [r.revision for r in history.revisions] == [1, 2]
+    logs = tail_logs.fn("akig-backend", lines=5, namespace=ns, settings=sa)
+    assert [len(p.lines) for p in logs.logs] == [5]
+
+    # Around it, refused: another Deployment, any write, Secrets, events.
+    with pytest.raises(PermanentError, match=r"forbidden: cannot get deployments"):
+        rollout_history.fn("akig-intruder", ns, settings=sa)
+    sa_api = kube_api_client(sa)
+    sa_apps: Any = k8s.AppsV1Api(sa_api)
+    sa_core: Any = k8s.CoreV1Api(sa_api)
+    assert forbidden(lambda: restart_rollout.fn("akig-backend", ns, settings=sa))
+    assert forbidden(lambda: undo_rollout.fn("akig-backend", ns, settings=sa))
+    assert forbidden(lambda: sa_apps.list_namespaced_deployment(ns))
+    assert forbidden(lambda: sa_apps.delete_namespaced_deployment("akig-backend", ns))
+    assert forbidden(lambda: sa_core.delete_collection_namespaced_pod(ns))
+    assert forbidden(lambda: sa_core.list_namespaced_secret(ns))
+    assert forbidden(lambda: sa_core.list_namespaced_config_map(ns))
+    assert forbidden(lambda: list_events.fn(ns, settings=sa))
+
+    # Every rule is needed.
+    the_role = role(c.docs, "payment-failure")
+    assert [(r["resources"][0], r["verbs"]) for r in the_role["rules"]] == [
+        ("deployments", ["get"]),
+        ("replicasets", ["list"]),
+        ("pods", ["list"]),
+        ("pods/log", ["get"]),
+    ]
+    without_each_rule_something_breaks(
+        c.admin,
+        the_role,
+        [
+            lambda: rollout_history.fn("akig-backend", ns, settings=sa),
+            lambda: rollout_history.fn("akig-backend", ns, settings=sa),
+            lambda: tail_logs.fn("akig-backend", lines=1, namespace=ns, settings=sa),
+            lambda: tail_logs.fn("akig-backend", lines=1, namespace=ns, settings=sa),
         ],
     )
 

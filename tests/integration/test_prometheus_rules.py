@@ -20,6 +20,7 @@ SEED_ALERTS = {
     "DatabaseConnectionPoolExhausted",
     "DatabaseConnectionPoolHigh",
     "CertificateExpiringInDays",
+    "PaymentFailuresHigh",
 }
 
 

@@ -187,3 +187,20 @@ def test_undoing_an_undo_is_an_undo_too() -> None:
     )
     undone = undone_previous(revisions)
     assert undone is not None and (undone.revision, undone.template_of) == (4, 3)
+
+
+def test_began_after_rollout_is_the_one_dating_rule() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tasks.kubernetes import began_after_rollout, began_before_rollout
+
+    rolled = datetime(2026, 12, 6, 22, 0, tzinfo=UTC)
+    window = timedelta(minutes=30)
+    assert began_after_rollout(rolled + timedelta(minutes=5), rolled, window)
+    assert began_after_rollout(rolled - timedelta(seconds=10), rolled, window)  # skew
+    assert not began_after_rollout(rolled - timedelta(seconds=20), rolled, window)
+    assert not began_after_rollout(rolled + timedelta(minutes=31), rolled, window)
+    assert not began_after_rollout(None, rolled, window)
+    assert not began_after_rollout(rolled, None, window)
+    assert began_before_rollout(rolled - timedelta(seconds=20), rolled)
+    assert not began_before_rollout(rolled - timedelta(seconds=10), rolled)
