@@ -517,10 +517,9 @@ def naive_loop(sandbox: Sandbox, ids: Sequence[str]) -> int:
 def engine_run(ids: Sequence[str], tuning: dict[str, int], notes: list[str]) -> Callable[[], int]:
     """List the failed payments with the runbook's client and retry them with its engine."""
     # Imported once the RUNBOOKS_* environment points at this sandbox.
-    from tasks.payments.api import list_failed  # type: ignore[import-not-found]
-    from tasks.payments.retry import RetryCaps, retry_payments  # type: ignore[import-not-found]
-
     from tasks.clients import payments_http
+    from tasks.payments.api import list_failed
+    from tasks.payments.retry import RetryCaps, retry_payments
 
     def run() -> int:
         t0 = time.perf_counter()
