@@ -590,7 +590,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--payments", type=int, default=TARGET_N, help="for the engine")
     parser.add_argument("--naive", type=int, default=1000, help="sample for the naive loop")
-    # 16, not the flow's 8: as fast as 32 or 64 here at half their latency (docs/payments.md).
+    # 16, not the flow's 8: as fast as 32 here at half its latency (docs/payments.md).
     parser.add_argument("--concurrency", type=int, default=16, help="RetryCaps.concurrency")
     parser.add_argument("--batch-size", type=int, help="RetryCaps.batch_size (engine default)")
     parser.add_argument("--py-spy", help="py-spy binary: profile the processes during the engine")
