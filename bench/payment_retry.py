@@ -71,6 +71,8 @@ TARGET_N = 10_000
 RTO_S = 300.0
 AMOUNT = 1999
 CURRENCY = "EUR"
+#: The gateway's base latency per charge (the sandbox's default, pinned: the figures rest on it).
+GATEWAY_LATENCY_MS = 20
 REDIS_URL = os.environ.get("RUNBOOKS_PLATFORM_REDIS_URL", "redis://127.0.0.1:6379/0")
 TICK = os.sysconf("SC_CLK_TCK")
 RETRY_PATH = re.compile(r"/api/payments/[^/]+/retry$")
@@ -133,6 +135,7 @@ class Sandbox:
                 "SANDBOX_PAYMENTS_TOKEN": self.payments_token,
                 "SANDBOX_GATEWAY_URL": self.gateway_url,
                 "SANDBOX_GATEWAY_KEY": self.gateway_key,
+                "SANDBOX_GATEWAY_LATENCY_MS": str(GATEWAY_LATENCY_MS),
                 "SANDBOX_LOG_STDOUT": "true",
             }
         )
@@ -605,7 +608,8 @@ def main() -> int:
         print(
             f"sandbox: gateway pid {sandbox.procs['gateway'].pid} ({sandbox.gateway_url}),"
             f" backend pid {sandbox.procs['backend'].pid} ({sandbox.backend_url}),"
-            f" database {sandbox.db_name}; {os.cpu_count()} cores, load {load:.1f}"
+            f" database {sandbox.db_name}; gateway latency {GATEWAY_LATENCY_MS} ms;"
+            f" {os.cpu_count()} cores, load {load:.1f}"
         )
         t0 = time.perf_counter()
         ids = sandbox.seed(args.payments)
