@@ -17,6 +17,7 @@ from types import FrameType
 from drills.base import Drill, Outcome
 from drills.cert import CertExpiring
 from drills.monitoring import missing_binaries
+from drills.payments import PaymentFailures
 from drills.pool import PoolExhaustion
 from drills.release import BadRelease
 
@@ -24,6 +25,7 @@ DRILLS: dict[str, type[Drill]] = {
     "pool": PoolExhaustion,
     "cert": CertExpiring,
     "release": BadRelease,
+    "payments": PaymentFailures,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,25 @@ def missing_binaries() -> str | None:
 def hold_key(rule: dict[str, Any]) -> str:
     """How `holds` names a rule: `Alert{severity=...}` (one rule of several), else `Alert`."""
     return f"{rule.get('alert')}{{severity={(rule.get('labels') or {}).get('severity')}}}"
+
+
+UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def compressed_hold(alert: str, factor: int = 60, rules_text: str | None = None) -> str:
+    """The shipped `for:` of `alert` divided by `factor` (whole seconds, at least 1 s)."""
+    doc = yaml.safe_load(RULES.read_text() if rules_text is None else rules_text)
+    shipped = next(
+        (
+            str(r.get("for", "0s"))
+            for g in doc["groups"]
+            for r in g["rules"]
+            if r.get("alert") == alert
+        ),
+        "1m",  # the rule is not in this tree (yet): the other drills' 1 m
+    )
+    seconds = sum(int(n) * UNITS_S[unit] for n, unit in re.findall(r"(\d+)(ms|s|m|h|d|w)", shipped))
+    return f"{max(1, round(seconds / factor))}s"
 
 
 def drill_rules(out: Path, holds: dict[str, str]) -> Path:

@@ -102,7 +102,9 @@ def platform_and_pages(admin_dsn: str) -> Iterator[tuple[Platform, Pages]]:
         )
     pages = Pages()
     try:
-        with running_platform(kube=True, admin_dsn=admin_dsn) as platform:
+        # Few connections: every /metrics scrape reads the payments queue through the
+        # pool, which then keeps them all open, and the pool drill fills the same cluster.
+        with running_platform(kube=True, admin_dsn=admin_dsn, db_pool_size=3) as platform:
             yield platform, pages
     finally:
         pages.stop()

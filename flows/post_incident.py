@@ -87,8 +87,14 @@ NOTIFY_FLOW = "escalate"
 #: report (artifact description, `<runbook>: <outcome>`) ends with this outcome.
 #: db-pool-exhausted fails its run (PoolStillExhausted) when usage stays above the healthy
 #: mark after acting, so a Completed "acted" run is a passed verification. So does
-#: high-error-rate (ErrorRateNotRecovered) when the 5xx ratio stays above its threshold.
-RECOVERED_WHEN = {"db-pool-exhausted": ": acted", "high-error-rate": ": acted"}
+#: high-error-rate (ErrorRateNotRecovered) when the 5xx ratio stays above its threshold,
+#: and payment-failure (PaymentsNotRecovered) on a reconciliation anomaly, the gateway stop
+#: or a missed RTO.
+RECOVERED_WHEN = {
+    "db-pool-exhausted": ": acted",
+    "high-error-rate": ": acted",
+    "payment-failure": ": acted",
+}
 
 ChecklistName = Literal[
     "root_cause",
