@@ -48,7 +48,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
     FlowRunFilterTags,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import State, StateType
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout, ObjectNotFound
 from prefect.flow_runs import pause_flow_run, resume_flow_run
@@ -576,25 +576,16 @@ def escalate_incident(
     the runbook how. A failure to notify is logged and in the subflow's artifact; the
     runbook goes on.
     """
-    ctx = FlowRunContext.get()
-    key = incident_key or (str(ctx.flow_run.id) if ctx and ctx.flow_run else None)
-    if key is None:
-        raise ValueError("escalate_incident needs an incident_key outside a flow run")
     params = EscalateParams(
         severity=Severity(severity),
         topic=topic,
-        incident_key=key,
+        incident_key=_incident_key(incident_key, "escalate_incident"),
         summary=summary[:2000],
         wait_for_ack=False,
     )
     state = escalate(params, return_state=True)
     _start_ack_waiter(params)
-    if state.is_completed():
-        result = state.result()
-        assert isinstance(result, EscalationOutcome)
-        return result
-    get_run_logger().error("escalation %s/%s: %s", params.severity.value, topic, state.message)
-    return None
+    return _outcome_of(state, f"escalation {params.severity.value}/{topic}")
 
 
 def escalate_update(
@@ -608,25 +599,34 @@ def escalate_update(
     of its severity hears about `reason` (`rto-at-risk`, `gateway-down`, ...) once, whatever
     the retries and re-runs; a new reason pages again. A subflow that never waits or raises.
     """
-    ctx = FlowRunContext.get()
-    key = incident_key or (str(ctx.flow_run.id) if ctx and ctx.flow_run else None)
-    if key is None:
-        raise ValueError("escalate_update needs an incident_key outside a flow run")
     params = EscalateParams(
         severity=Severity(severity),
         topic=topic,
-        incident_key=key,
+        incident_key=_incident_key(incident_key, "escalate_update"),
         summary=summary[:2000],
         wait_for_ack=False,
         reason="update",
         update=reason,
     )
-    state = escalate(params, return_state=True)
+    return _outcome_of(escalate(params, return_state=True), f"escalation update {reason}/{topic}")
+
+
+def _incident_key(given: str | None, caller: str) -> str:
+    """The incident: the key given, else the calling run's id."""
+    ctx = FlowRunContext.get()
+    key = given or (str(ctx.flow_run.id) if ctx and ctx.flow_run else None)
+    if key is None:
+        raise ValueError(f"{caller} needs an incident_key outside a flow run")
+    return key
+
+
+def _outcome_of(state: State[Any], what: str) -> EscalationOutcome | None:
+    """The escalate subflow's outcome; a failed one is logged, never raised."""
     if state.is_completed():
         result = state.result()
         assert isinstance(result, EscalationOutcome)
         return result
-    get_run_logger().error("escalation update %s/%s: %s", reason, topic, state.message)
+    get_run_logger().error("%s: %s", what, state.message)
     return None
 
 
