@@ -29,10 +29,10 @@ from drills.evidence import (
     epoch,
     final_run,
     incident_figures,
+    mark_first_task,
     parse_time,
     poll,
     seen,
-    task_runs,
 )
 from drills.procs import free_port
 from drills.timeline import ALERT_TO_RUN, DrillFailed, Step, Target, Timeline
@@ -181,11 +181,7 @@ class CertExpiring(Drill):
     def _mark_run(self, ctx: Context, timeline: Timeline, run: dict[str, Any]) -> None:
         """First task from the run's task runs; its end state and the pages sent, said."""
         stack, _ = ctx.running
-        tasks = [t for t in task_runs(stack.api_url, run["id"]) if t.get("start_time")]
-        if not tasks:
-            raise DrillFailed("first task", f"run {run['name']} ran no task")
-        first = tasks[0]
-        timeline.mark("first task", parse_time(first["start_time"]), "Prefect", first["name"])
+        mark_first_task(timeline, stack.api_url, run)
         state = run["state"]
         assert self.world is not None
         ctx.say(

@@ -162,3 +162,24 @@ def alert_to_webhook(
         raise DrillFailed("webhook received", f"no firing notification of {fp} journaled")
     timeline.mark("webhook received", epoch(got["fired_ts"]), "receiver journal")
     return alert
+
+
+def mark_first_task(timeline: Timeline, api_url: str, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mark "first task" (the run's first task to start); the run's started task runs."""
+    started = [t for t in task_runs(api_url, run["id"]) if t.get("start_time")]
+    if not started:
+        raise DrillFailed("first task", f"run {run['name']} ran no task")
+    first = started[0]
+    timeline.mark("first task", parse_time(first["start_time"]), "Prefect", first["name"])
+    return started
+
+
+def mark_resolved(timeline: Timeline, journal: Path, fingerprint: str, wait_s: float) -> None:
+    """Wait for the alert's resolved webhook in the receiver's journal; mark "alert resolved"
+    at its endsAt (when Alertmanager says it ended), noting when it was received."""
+    gone = poll(lambda: seen(journal, fingerprint, "resolved_ts"), wait_s)
+    if gone is None:
+        raise DrillFailed("alert resolved", f"no resolved notification within {wait_s:.0f} s")
+    ends = parse_time(gone["ends_at"]) if gone.get("ends_at") else epoch(gone["resolved_ts"])
+    received = epoch(gone["resolved_ts"]).isoformat(timespec="milliseconds")
+    timeline.mark("alert resolved", ends, "endsAt of the resolved webhook", received)

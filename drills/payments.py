@@ -27,14 +27,13 @@ from drills.base import Context, Drill, Outcome
 from drills.evidence import (
     alert_run,
     alert_to_webhook,
-    epoch,
     final_run,
     incident_figures,
+    mark_first_task,
+    mark_resolved,
     parse_time,
     poll,
-    seen,
     task_offsets,
-    task_runs,
 )
 from drills.monitoring import compressed_hold
 from drills.payments_ledger import all_payments, verdict
@@ -213,22 +212,13 @@ class PaymentFailures(Drill):
             raise DrillFailed("page delivered", f"{contact} ({', '.join(channels)}) got no page")
         timeline.mark("page delivered", page[1], "sink", f"{contact} ({page[0]})")
         self._check_ledgers(ctx)
-        gone = poll(lambda: seen(stack.journal, fp, "resolved_ts"), 120)
-        if gone is None:
-            raise DrillFailed("alert resolved", "no resolved notification within 120 s")
-        ends = parse_time(gone["ends_at"]) if gone.get("ends_at") else epoch(gone["resolved_ts"])
-        received = epoch(gone["resolved_ts"]).isoformat(timespec="milliseconds")
-        timeline.mark("alert resolved", ends, "endsAt of the resolved webhook", received)
+        mark_resolved(timeline, stack.journal, fp, 120)
         outcome.record = incident_figures(stack.api_url, fp)
 
     def _mark_run(self, ctx: Context, timeline: Timeline, run: dict[str, Any]) -> None:
         """First task, the retries, the reconciliation: from the run's task runs."""
         stack, _ = ctx.running
-        started = [t for t in task_runs(stack.api_url, run["id"]) if t.get("start_time")]
-        if not started:
-            raise DrillFailed("first task", f"run {run['name']} ran no task")
-        first = started[0]
-        timeline.mark("first task", parse_time(first["start_time"]), "Prefect", first["name"])
+        started = mark_first_task(timeline, stack.api_url, run)
         ctx.say("payments: run tasks: " + task_offsets(timeline.t0, started))
         retries = [t for t in started if t["name"].startswith(RETRY)]
         state = run["state"]

@@ -21,14 +21,13 @@ from drills.base import Context, Drill, Outcome
 from drills.evidence import (
     alert_run,
     alert_to_webhook,
-    epoch,
     final_run,
     incident_figures,
+    mark_first_task,
+    mark_resolved,
     parse_time,
     poll,
-    seen,
     task_offsets,
-    task_runs,
 )
 from drills.timeline import ALERT_TO_RUN, DrillFailed, Step, Target, Timeline
 
@@ -156,23 +155,13 @@ class PoolExhaustion(Drill):
             raise DrillFailed("verify passed", f"run {run['name']} not final within 90 s")
         self._mark_run(ctx, timeline, done)
         self._check_exact(ctx)
-        gone = poll(lambda: seen(stack.journal, fp, "resolved_ts"), 30)
-        if gone is None:
-            raise DrillFailed("alert resolved", "no resolved notification within 30 s")
-        ends = parse_time(gone["ends_at"]) if gone.get("ends_at") else epoch(gone["resolved_ts"])
-        received = epoch(gone["resolved_ts"]).isoformat(timespec="milliseconds")
-        timeline.mark("alert resolved", ends, "endsAt of the resolved webhook", received)
+        mark_resolved(timeline, stack.journal, fp, 30)
         outcome.record = incident_figures(stack.api_url, fp)
 
     def _mark_run(self, ctx: Context, timeline: Timeline, run: dict[str, Any]) -> None:
         """First task, the terminations, the verification: from the run's task runs."""
         stack, _ = ctx.running
-        tasks = task_runs(stack.api_url, run["id"])
-        started = [t for t in tasks if t.get("start_time")]
-        if not started:
-            raise DrillFailed("first task", f"run {run['name']} ran no task")
-        first = started[0]
-        timeline.mark("first task", parse_time(first["start_time"]), "Prefect", first["name"])
+        started = mark_first_task(timeline, stack.api_url, run)
         ctx.say("pool: run tasks: " + task_offsets(timeline.t0, started))
         kills = [t for t in started if t["name"].startswith("terminate-sessions")]
         state = run["state"]
