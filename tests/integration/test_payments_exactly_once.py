@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import typing
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,21 +42,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sandbox.payments.gateway import Mode
 from tasks.payments.api import list_failed
 from tasks.payments.retry import RetryCaps, RetryRun, retry_payments
 from tasks.settings import RedisSettings
 from tests.fixtures.sandbox import PaymentsFactory, PaymentsSandbox
 
-MODES = (
-    "ok",
-    "slow",
-    "fails",
-    "timeout_before_charge",
-    "charge_then_timeout",
-    "charge_then_5xx",
-    "down",
-    "rate_limit",
-)
+MODES = typing.get_args(Mode)  # every gateway behaviour
 # Fast enough for many examples: same-key retries are few and short, a 429 waits 50 ms.
 CAPS = RetryCaps(
     concurrency=4,
