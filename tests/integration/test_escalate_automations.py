@@ -207,6 +207,7 @@ def test_make_run_registers_escalate_and_one_pair_per_runbook_with_a_severity(
         "db-pool-exhausted",
         "high-error-rate",
         "high-latency",
+        "payment-failure",
         "pool-threshold",
     ]
     assert names == sorted(
