@@ -54,16 +54,7 @@ def test_payment_failures_high_fires_when_the_gateway_fails(
             what="PaymentFailuresHigh expression true",
         )
         assert float(rows[0]["value"][1]) > 0
-        alert = prometheus.wait_for(
-            lambda: [
-                a
-                for a in prometheus.alerts()
-                if a["labels"]["alertname"] == "PaymentFailuresHigh"
-                and a["labels"].get("job") == job
-            ],
-            timeout=20,
-            what="PaymentFailuresHigh pending",
-        )[0]
+        alert = prometheus.wait_for_alert("PaymentFailuresHigh", job, timeout=20)
         assert alert["state"] in {"pending", "firing"}
         assert alert["labels"]["severity"] == "critical"
     finally:

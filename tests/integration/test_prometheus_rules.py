@@ -104,15 +104,7 @@ def test_high_error_rate_fires_on_real_30_percent_5xx(scraped_sandbox):
         ratio = float(rows[0]["value"][1])
         assert 0.05 < ratio < 0.6, ratio
         # ... and the rule itself went active (pending: its `for: 1m` has not elapsed).
-        alert = prom.wait_for(
-            lambda: [
-                a
-                for a in prom.alerts()
-                if a["labels"]["alertname"] == "HighErrorRate" and a["labels"].get("job") == job
-            ],
-            timeout=15,
-            what="HighErrorRate pending",
-        )[0]
+        alert = prom.wait_for_alert("HighErrorRate", job, timeout=15)
         assert alert["state"] in {"pending", "firing"}
         assert alert["labels"]["severity"] == "critical"
     finally:
