@@ -6,8 +6,12 @@ an HTTP error status is a finding, returned in the result, not raised.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import socket
+import ssl
+import threading
 import time
 from typing import Any
 
@@ -26,9 +30,13 @@ BODY_PREVIEW = 300
 
 
 class Timings(BaseModel):
-    """Where the time of one request went, in milliseconds (None: not measured, e.g. reuse)."""
+    """Where the time of one request went, in milliseconds from its start, each figure
+    including the ones before it, as `curl -w` reports them (None: not measured: an IP
+    literal needs no lookup, plain HTTP no TLS, a kept-alive connection no connect)."""
 
+    dns_ms: float | None = Field(None, description="Name resolved (curl's time_namelookup).")
     connect_ms: float | None = None
+    tls_ms: float | None = Field(None, description="TLS handshake done (time_appconnect).")
     first_byte_ms: float | None = Field(None, description="Until the response headers.")
     total_ms: float
 
@@ -109,14 +117,23 @@ def _summary(response: httpx.Response) -> tuple[str | None, list[str], str]:
     return (str(status) if status is not None else None), failing, summary[:BODY_PREVIEW]
 
 
-def _timed_get(http: httpx.Client, path: str, **kwargs: Any) -> tuple[httpx.Response, Timings]:
+def _timed_get(
+    http: httpx.Client,
+    path: str,
+    *,
+    start: float | None = None,
+    dns_ms: float | None = None,
+    **kwargs: Any,
+) -> tuple[httpx.Response, Timings]:
+    """GET with httpcore's trace: when the connection, TLS and headers were done."""
     marks: dict[str, float] = {}
 
     def trace(event: str, info: dict[str, Any]) -> None:
         marks.setdefault(event, time.perf_counter())
 
-    start = time.perf_counter()
-    response = http.get(path, extensions={"trace": trace}, **kwargs)
+    start = time.perf_counter() if start is None else start
+    extensions = {"trace": trace, **kwargs.pop("extensions", {})}
+    response = http.get(path, extensions=extensions, **kwargs)
     response.read()
     end = time.perf_counter()
 
@@ -125,11 +142,67 @@ def _timed_get(http: httpx.Client, path: str, **kwargs: Any) -> tuple[httpx.Resp
         return round((at - start) * 1000, 2) if at is not None else None
 
     timings = Timings(
+        dns_ms=dns_ms,
         connect_ms=since("connection.connect_tcp.complete"),
+        tls_ms=since("connection.start_tls.complete"),
         first_byte_ms=since("http11.receive_response_headers.complete"),
         total_ms=round((end - start) * 1000, 2),
     )
     return response, timings
+
+
+def _resolve(host: str, port: int, timeout_s: float) -> str:
+    """The first address `host` resolves to (the system resolver), within `timeout_s`.
+
+    getaddrinfo has no timeout of its own: it runs in a daemon thread and is abandoned
+    when late, so a dead resolver costs this call `timeout_s` and nothing more."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    found: list[str] = []
+    failed: list[BaseException] = []
+
+    def lookup() -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            found.append(str(infos[0][4][0]))
+        except (OSError, IndexError) as exc:
+            failed.append(exc)
+
+    worker = threading.Thread(target=lookup, name=f"resolve-{host}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if found:
+        return found[0]
+    if failed:
+        raise httpx.ConnectError(f"{host}: name not resolved ({type(failed[0]).__name__})")
+    raise httpx.ConnectTimeout(f"{host}: name not resolved within {timeout_s:g} s")
+
+
+def timed_url(
+    url: str, *, timeout_s: float, verify: ssl.SSLContext | bool = True
+) -> tuple[httpx.Response, Timings]:
+    """One GET of `url` split into DNS, connect, TLS, first byte and total, as a user's
+    request goes: the name resolved first (timed), then a fresh connection to that address
+    with the name kept for `Host` and TLS (SNI and certificate check). Each phase counts
+    against `timeout_s`; a transport failure raises `httpx.TransportError`."""
+    parts = httpx.URL(url)
+    host = parts.host
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    start = time.perf_counter()
+    address = _resolve(host, port, timeout_s)
+    dns_ms = None if address == host else round((time.perf_counter() - start) * 1000, 2)
+    left = max(0.05, timeout_s - (time.perf_counter() - start))
+    # The address in the URL, the name in Host and SNI: the request a browser makes.
+    direct = parts.copy_with(host=address)
+    headers = {"Host": parts.netloc.decode("ascii")}
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    with httpx.Client(timeout=httpx.Timeout(left), verify=verify) as http:
+        return _timed_get(
+            http, str(direct), start=start, dns_ms=dns_ms, headers=headers, extensions=extensions
+        )
 
 
 def _transport_error(url: str, exc: httpx.TransportError) -> TransientError:

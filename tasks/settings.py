@@ -246,3 +246,71 @@ class AlertSourceSettings(BaseSettings):
         None, description="The receiver's bearer token (RUNBOOKS_RECEIVER_TOKEN)."
     )
     timeout_s: float = Field(3.0, gt=0, le=30, description="Per request, seconds.")
+
+
+class OutageSettings(BaseSettings):
+    """What the system-outage cascade checks, layer by layer, each within its own timeout."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_OUTAGE_")
+
+    hostnames: list[str] = Field(
+        default_factory=list, description="DNS names users resolve (e.g. akig.example.com)."
+    )
+    resolver: str | None = Field(
+        None, description="DNS server as ip or ip:port; unset = the system's resolv.conf."
+    )
+    dns_timeout_s: float = Field(2.0, gt=0, le=30, description="Per name lookup, seconds.")
+    endpoint_url: str | None = Field(
+        None,
+        description="The health URL through the load balancer / ingress, as a user reaches it"
+        " (e.g. https://akig.example.com/api/health); unset = layer not configured.",
+    )
+    endpoint_ca_file: Path | None = Field(
+        None, description="CA bundle for the endpoint's TLS; unset = the system's."
+    )
+    endpoint_timeout_s: float = Field(3.0, gt=0, le=60, description="TCP+TLS+HTTP, seconds.")
+    ingress_namespace: str = Field("ingress-nginx", description="The ingress controller's ns.")
+    ingress_deployment: str = Field(
+        "ingress-nginx-controller", description="The ingress controller's Deployment."
+    )
+    dependencies: list[str] = Field(
+        default_factory=list,
+        description="External dependencies as URLs (the payment gateway and others); any"
+        " HTTP answer below 500 counts as up. Credentials in a URL are never shown.",
+    )
+    dependency_timeout_s: float = Field(3.0, gt=0, le=60, description="Per URL, seconds.")
+    layer_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="Cap on any one layer's check, whatever it waits for."
+    )
+    replica_dsn: SecretStr | None = Field(
+        None, description="A replica's DSN for its replay lag; unset = the primary's view only."
+    )
+    backup_list_command: str | None = Field(
+        None,
+        description="Command printing the base backups, newest last (e.g. `pgbackrest info`"
+        " or `wal-g backup-list`); unset = the base-backup age is not configured.",
+    )
+    restart_stagger_s: float = Field(
+        10.0,
+        ge=0,
+        le=600,
+        description="Pause between restarting the backend and the frontend, after the first"
+        " rollout finished, so the database is not hit by every reconnect at once.",
+    )
+
+
+class PerformanceSettings(BaseSettings):
+    """Where the performance report reads "slow for some users?" and where it keeps reports."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_PERFORMANCE_")
+
+    audit_table: str = Field("audit_logs", description="Table (optionally schema.table).")
+    user_column: str = Field("user_id", description="Who made the request.")
+    response_time_column: str = Field("response_time", description="Milliseconds.")
+    created_at_column: str = Field("created_at", description="When (timestamptz).")
+    window_minutes: int = Field(60, ge=1, le=7 * 24 * 60, description="How far back to look.")
+    report_dir: Path = Field(
+        Path(".prefect/performance-reports"),
+        description="Where each report is exported (markdown, JSON, PNG chart); the previous"
+        " JSON there is what the next report compares against.",
+    )

@@ -1,0 +1,1 @@
+"""The system-outage check cascade: one read-only check per layer (`models` has the results)."""
