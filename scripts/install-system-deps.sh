@@ -2,7 +2,7 @@
 # Installs the Debian packages the tests run for real. Idempotent: does nothing when present.
 set -euo pipefail
 PACKAGES=(etcd-server prometheus-alertmanager chromium rsync pgbouncer prometheus pebble
-          prometheus-postgres-exporter prometheus-blackbox-exporter)
+          prometheus-postgres-exporter prometheus-blackbox-exporter dnsmasq-base nginx)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,4 +26,7 @@ pkill -u prometheus -x prometheus 2>/dev/null || true  # the package's server, n
 # The exporters' package services (user prometheus); the drills start their own as root.
 pkill -u prometheus -f '^/usr/bin/prometheus-postgres-exporter' 2>/dev/null || true
 pkill -u prometheus -f '^/usr/bin/prometheus-blackbox-exporter' 2>/dev/null || true
+# nginx's package service (the default config on :80); the tests run their own with -c.
+pkill -f '^nginx: master process /usr/sbin/nginx -g daemon on; master_process on;' \
+    2>/dev/null || true
 exit 0

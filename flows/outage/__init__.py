@@ -1,0 +1,1 @@
+"""The system-outage runbook's parts: the check cascade, recovery, disaster-recovery readiness."""
