@@ -30,6 +30,7 @@ def _pod_info(pod: k8s.V1Pod) -> PodInfo:
     status = pod.status or k8s.V1PodStatus()
     statuses = status.container_statuses or []
     ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+    waiting = next((c.state.waiting.reason for c in statuses if c.state and c.state.waiting), None)
     return PodInfo(
         name=meta(pod).name,
         namespace=meta(pod).namespace,
@@ -42,6 +43,7 @@ def _pod_info(pod: k8s.V1Pod) -> PodInfo:
         ip=status.pod_ip,
         created=meta(pod).creation_timestamp,
         terminating=meta(pod).deletion_timestamp is not None,
+        reason=status.reason or waiting,
     )
 
 
@@ -193,16 +195,27 @@ def tail_logs(
     )
 
 
-def _event_time(ev: k8s.CoreV1Event) -> datetime:
-    for ts in (
-        ev.last_timestamp,
-        ev.event_time,
-        ev.first_timestamp,
-        meta(ev).creation_timestamp,
-    ):
+def event_time(ev: k8s.CoreV1Event) -> datetime:
+    """When an event happened, as `kubectl get events --sort-by=.lastTimestamp` orders them:
+    lastTimestamp, else eventTime (events.k8s.io writers set only that), else creation."""
+    for ts in (ev.last_timestamp, ev.event_time, meta(ev).creation_timestamp):
         if ts is not None:
             return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
     return datetime.min.replace(tzinfo=UTC)
+
+
+def _event_info(ev: k8s.CoreV1Event) -> EventInfo:
+    return EventInfo(
+        namespace=meta(ev).namespace,
+        type=ev.type,
+        reason=ev.reason,
+        message=ev.message,
+        kind=ev.involved_object.kind,
+        name=ev.involved_object.name,
+        count=ev.count,
+        first_seen=ev.first_timestamp,
+        last_seen=event_time(ev),
+    )
 
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="list-events-{namespace}")
@@ -224,26 +237,47 @@ def list_events(
             resource="events",
             namespace=namespace,
         )
-    return [
-        EventInfo(
-            type=ev.type,
-            reason=ev.reason,
-            message=ev.message,
-            kind=ev.involved_object.kind,
-            name=ev.involved_object.name,
-            count=ev.count,
-            first_seen=ev.first_timestamp,
-            last_seen=_event_time(ev),
-        )
-        for ev in sorted(events.items, key=_event_time)
-    ]
+    return [_event_info(ev) for ev in sorted(events.items, key=event_time)]
 
 
-@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="node-status")
-def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
-    """Every Node's readiness, schedulability and pressure conditions (needs the ClusterRole)."""
+#: The most events `cluster_events` returns (a busy cluster keeps thousands for an hour).
+MAX_EVENTS = 1000
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="cluster-events")
+def cluster_events(limit: int = 100, settings: KubernetesSettings | None = None) -> list[EventInfo]:
+    """Events of all namespaces, the newest `limit`, oldest first (kubectl --sort-by order)."""
+    if not 1 <= limit <= MAX_EVENTS:
+        raise PermanentError(f"limit must be between 1 and {MAX_EVENTS}, not {limit}")
     with kube_session(settings) as kube:
-        nodes = call(kube, kube.core.list_node, verb="list", resource="nodes")
+        events = call(kube, kube.core.list_event_for_all_namespaces, verb="list", resource="events")
+    # sorted() is stable: events of the same second keep the API's order, as kubectl does.
+    ordered = sorted(events.items, key=event_time)
+    return [_event_info(ev) for ev in ordered[-limit:]]
+
+
+def not_running_pods(kube: Kube) -> list[PodInfo]:
+    """Pods of every namespace that are not Running or not Ready, by namespace and name.
+
+    Succeeded pods (finished Jobs) are done, not down: they are left out."""
+    pods = call(kube, kube.core.list_pod_for_all_namespaces, verb="list", resource="pods")
+    found = [_pod_info(p) for p in pods.items]
+    return sorted(
+        (p for p in found if p.phase != "Succeeded" and (p.phase != "Running" or not p.ready)),
+        key=lambda p: (p.namespace, p.name),
+    )
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="pods-not-ready-all-namespaces")
+def pods_not_ready(settings: KubernetesSettings | None = None) -> list[PodInfo]:
+    """Pods in all namespaces not Running or not Ready (needs the ClusterRole's pods list)."""
+    with kube_session(settings) as kube:
+        return not_running_pods(kube)
+
+
+def node_infos(kube: Kube) -> list[NodeInfo]:
+    """Every Node's readiness and conditions, by name."""
+    nodes = call(kube, kube.core.list_node, verb="list", resource="nodes")
     result = []
     for node in sorted(nodes.items, key=lambda n: meta(n).name or ""):
         conditions = (node.status.conditions if node.status else None) or []
@@ -257,6 +291,10 @@ def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
                     for c in conditions
                     if c.type != "Ready" and c.status == "True"
                 ],
+                conditions=[
+                    f"{c.type}={c.status}" + (f" ({c.reason})" if c.reason else "")
+                    for c in conditions
+                ],
                 kubelet_version=(
                     node.status.node_info.kubelet_version
                     if node.status and node.status.node_info
@@ -268,3 +306,10 @@ def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
             )
         )
     return result
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="node-status")
+def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
+    """Every Node's readiness, schedulability and pressure conditions (needs the ClusterRole)."""
+    with kube_session(settings) as kube:
+        return node_infos(kube)
