@@ -256,6 +256,7 @@ class PodRestarts(BaseModel):
     phase: str | None
     node: str | None
     containers: list[ContainerRestarts]
+    ready: bool | None = Field(None, description="The pod's Ready condition (None: not read).")
 
     @property
     def restarts(self) -> int:

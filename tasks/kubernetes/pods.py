@@ -61,6 +61,11 @@ def list_pod_objects(kube: Kube, namespace: str, selector: str) -> list[k8s.V1Po
     return sorted(pods.items, key=lambda p: meta(p).name or "")
 
 
+def pods_of(kube: Kube, namespace: str, selector: str) -> list[PodInfo]:
+    """`kubectl get pods -l selector -o wide` as PodInfo, sorted by name."""
+    return [_pod_info(p) for p in list_pod_objects(kube, namespace, selector)]
+
+
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="list-pods-{label_selector}")
 def list_pods(
     label_selector: str | None = None,
@@ -72,7 +77,7 @@ def list_pods(
     namespace = namespace or settings.namespace
     selector = settings.label_selector if label_selector is None else label_selector
     with kube_session(settings) as kube:
-        return [_pod_info(p) for p in list_pod_objects(kube, namespace, selector)]
+        return pods_of(kube, namespace, selector)
 
 
 def _container_restarts(pod: k8s.V1Pod, status: k8s.V1ContainerStatus) -> ContainerRestarts:
@@ -104,6 +109,28 @@ def _container_restarts(pod: k8s.V1Pod, status: k8s.V1ContainerStatus) -> Contai
     )
 
 
+def restarts_of(kube: Kube, namespace: str, selector: str) -> list[PodRestarts]:
+    """Per pod matching `selector`: its containers' restarts and last termination."""
+    result = []
+    for pod in list_pod_objects(kube, namespace, selector):
+        status = pod.status or k8s.V1PodStatus()
+        # Init containers restart too (a crash-looping migration shows up there).
+        statuses = (status.init_container_statuses or []) + (status.container_statuses or [])
+        result.append(
+            PodRestarts(
+                pod=meta(pod).name,
+                namespace=meta(pod).namespace,
+                phase=status.phase,
+                node=pod.spec.node_name if pod.spec else None,
+                containers=[_container_restarts(pod, c) for c in statuses],
+                ready=any(
+                    c.type == "Ready" and c.status == "True" for c in status.conditions or []
+                ),
+            )
+        )
+    return result
+
+
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="pod-restarts-{label_selector}")
 def pod_restarts(
     label_selector: str | None = None,
@@ -115,22 +142,7 @@ def pod_restarts(
     namespace = namespace or settings.namespace
     selector = settings.label_selector if label_selector is None else label_selector
     with kube_session(settings) as kube:
-        pods = list_pod_objects(kube, namespace, selector)
-    result = []
-    for pod in pods:
-        status = pod.status or k8s.V1PodStatus()
-        # Init containers restart too (a crash-looping migration shows up there).
-        statuses = (status.init_container_statuses or []) + (status.container_statuses or [])
-        result.append(
-            PodRestarts(
-                pod=meta(pod).name,
-                namespace=meta(pod).namespace,
-                phase=status.phase,
-                node=pod.spec.node_name if pod.spec else None,
-                containers=[_container_restarts(pod, c) for c in statuses],
-            )
-        )
-    return result
+        return restarts_of(kube, namespace, selector)
 
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="tail-logs-{deployment}")
