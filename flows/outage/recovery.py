@@ -34,7 +34,7 @@ BELOW_ENDPOINT: tuple[LayerName, ...] = ("ingress", "kubernetes", "backend", "da
 NO_RESTART: dict[LayerName, str] = {
     "dns": "the names do not resolve: fix DNS (records, resolver); restarted pods would"
     " still be unreachable",
-    "endpoint": "the endpoint fails while a layer below it is broken too: see that layer",
+    "endpoint": "the endpoint fails while a layer below it is not answering well: see it",
     "ingress": "the ingress controller is not ready: its own Deployment, not the backend",
     "kubernetes": "the cluster itself is unhealthy (API, nodes): a restart needs a working"
     " cluster and would reschedule pods onto the broken nodes",
@@ -81,21 +81,35 @@ class RestartStep(Action):
 
 def restart_helps(layers: list[LayerResult], first_broken: LayerName | None) -> bool:
     """Whether restarting the platform's pods can fix what the cascade found."""
+    return first_broken is not None and why_not(layers, first_broken) is None
+
+
+def why_not(layers: list[LayerResult], first_broken: LayerName) -> str | None:
+    """Why a restart cannot help (None: it can). The backend crash-looping while the
+    database is down too is the database's doing: restarted pods would reconnect in a
+    storm to a database that is down."""
+    status = {r.layer: r.status for r in layers}
     if first_broken == "backend":
-        return True
-    if first_broken == "endpoint":
-        status = {r.layer: r.status for r in layers}
-        return all(status.get(name) == "ok" for name in BELOW_ENDPOINT)
-    return False
+        if status.get("database") == "broken":
+            return (
+                f"{LAYER_TITLES['database']} is broken too: the backend fails because of it;"
+                f" {NO_RESTART['database']}"
+            )
+        return None
+    if first_broken == "endpoint" and all(status.get(n) == "ok" for n in BELOW_ENDPOINT):
+        return None
+    return f"the likely cause is {LAYER_TITLES[first_broken]} ({NO_RESTART[first_broken]})"
 
 
-def not_planned(first_broken: LayerName, kube: KubernetesSettings) -> Action:
+def not_planned(
+    layers: list[LayerResult], first_broken: LayerName, kube: KubernetesSettings
+) -> Action:
     """The restart listed as impossible, with the reason: nothing to approve."""
-    reason = NO_RESTART.get(first_broken, "a restart cannot help here")
+    reason = why_not(layers, first_broken) or "a restart cannot help here"
     return Action(
         kind="restart",
         target=f"{kube.namespace}/{kube.backend_deployment}+{kube.frontend_deployment}",
-        summary=f"not planned: the likely cause is {LAYER_TITLES[first_broken]} ({reason}).",
+        summary=f"not planned: {reason}.",
         possible=False,
     )
 

@@ -37,14 +37,20 @@ def test_a_restart_helps_only_when_the_platforms_own_pods_are_the_cause() -> Non
         broken: dict[str, LayerStatus] = {cause: "broken"}
         assert not restart_helps(layers(**broken), cause), cause
     assert not restart_helps(layers(), None)
+    # The backend crash-loops because the database is down: a restart would only storm it.
+    assert not restart_helps(layers(backend="broken", database="broken"), "backend")
 
 
 @pytest.mark.parametrize("cause", ["dns", "kubernetes", "database", "dependencies"])
 def test_no_restart_is_an_impossible_action_with_the_reason(cause: LayerName) -> None:
-    action = not_planned(cause, KubernetesSettings(namespace="prod"))
+    broken: dict[str, LayerStatus] = {cause: "broken"}
+    action = not_planned(layers(**broken), cause, KubernetesSettings(namespace="prod"))
     assert action.possible is False
     assert action.target == "prod/akig-backend+akig-frontend"
-    assert "not planned" in action.summary and NO_RESTART[cause] in action.summary
+    assert action.summary.startswith("not planned: the likely cause is")
+    assert NO_RESTART[cause] in action.summary
+    both = not_planned(layers(backend="broken", database="broken"), "backend", KubernetesSettings())
+    assert "Database is broken too" in both.summary
 
 
 def test_newest_stamp_reads_the_backup_tools_listings() -> None:
