@@ -174,17 +174,28 @@ def layer_checks(
     }
 
 
-def _collect(layer: LayerName, future: PrefectFuture[LayerResult]) -> LayerResult:
+def _crashed(layer: LayerName, exc: BaseException) -> LayerResult:
     # The checks never raise; a crash of the task machinery itself still yields a row.
+    return LayerResult(
+        layer=layer,
+        status="unavailable",
+        summary=f"check crashed: {type(exc).__name__}",
+        seconds=0.0,
+    )
+
+
+def _collect(layer: LayerName, future: PrefectFuture[LayerResult]) -> LayerResult:
     try:
         return future.result()
     except Exception as exc:  # noqa: BLE001 - one layer's crash must not hide the others
-        return LayerResult(
-            layer=layer,
-            status="unavailable",
-            summary=f"check crashed: {type(exc).__name__}",
-            seconds=0.0,
-        )
+        return _crashed(layer, exc)
+
+
+def _call(layer: LayerName, task: Task[..., LayerResult], args: tuple[Any, ...]) -> LayerResult:
+    try:
+        return task(*args)
+    except Exception as exc:  # noqa: BLE001 - one layer's crash must not hide the others
+        return _crashed(layer, exc)
 
 
 def run_cascade(targets: CascadeTargets, *, concurrent: bool = True) -> Cascade:
@@ -196,5 +207,5 @@ def run_cascade(targets: CascadeTargets, *, concurrent: bool = True) -> Cascade:
         futures = {name: task.submit(*args) for name, (task, args) in checks.items()}
         results = [_collect(name, f) for name, f in futures.items()]
     else:
-        results = [task(*args) for task, args in checks.values()]
+        results = [_call(name, task, args) for name, (task, args) in checks.items()]
     return Cascade.of(results, seconds=time.perf_counter() - start, concurrent=concurrent)
