@@ -204,6 +204,13 @@ def endpoint_stopped(w: World) -> Iterator[CascadeTargets]:
     yield w.targets
 
 
+@contextlib.contextmanager
+def endpoint_untrusted(w: World) -> Iterator[CascadeTargets]:
+    """The system's CAs, which never signed the test certificate: TLS fails, TCP does not."""
+    outage = w.targets.outage.model_copy(update={"endpoint_ca_file": None})
+    yield replace(w.targets, outage=outage)
+
+
 def _scale(w: World, replicas: int) -> None:
     apps: Any = k8s.AppsV1Api(w.cluster.api())
     apps.patch_namespaced_deployment_scale(
@@ -296,6 +303,7 @@ BREAKS: dict[
     "dns-nxdomain": ("dns", dns_nxdomain),
     "dns-timeout": ("dns", dns_timeout),
     "endpoint-stopped": ("endpoint", endpoint_stopped),
+    "endpoint-untrusted-certificate": ("endpoint", endpoint_untrusted),
     "ingress-scaled-to-0": ("ingress", ingress_scaled_to_zero),
     "node-not-ready": ("kubernetes", node_not_ready),
     "backend-crash-looping": ("backend", backend_crash_looping),
@@ -322,7 +330,9 @@ def test_each_layer_broken_is_named_first(world: World, case: str) -> None:
         # ...and the cascade, run concurrently, no more than its slowest layer.
         assert c.seconds < DNS_TIMEOUT_S + 3
     elif case == "endpoint-stopped":
-        assert "ConnectError" in details
+        assert "ConnectError" in details and "refused" in details.lower()
+    elif case == "endpoint-untrusted-certificate":
+        assert "CERTIFICATE_VERIFY_FAILED" in details
     elif case == "ingress-scaled-to-0":
         assert "scaled to 0" in broken.summary
     elif case == "node-not-ready":
