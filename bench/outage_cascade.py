@@ -44,6 +44,7 @@ from kubernetes import client as k8s
 from flows.outage.cascade import Cascade, CascadeTargets, layer_checks, run_cascade
 from tasks.cascade.models import LAYERS, LayerResult
 from tasks.settings import KubernetesSettings, OutageSettings, PostgresSettings
+from tests.fixtures.kube import stop
 from tests.fixtures.outage import DNS_NAMES, Dnsmasq, start_dnsmasq, start_nginx
 from tests.fixtures.platform import NAMESPACE, running_platform
 from tests.integration.kube_helpers import deployment_body, rolled_out
@@ -131,12 +132,13 @@ def main() -> int:
     try:
         with running_platform() as platform, contextlib.ExitStack() as stack:
             if platform.cluster is None:
-                print("the Kubernetes test binaries are not built (`make kube`): no bench")
-                return 1
+                # Three of the seven layers need the API server: without it there is no cascade.
+                print("skipped: the Kubernetes test binaries are not built (`make kube`)")
+                return 0
             dns_dir = work / "dns"
             dns_dir.mkdir()
             dns = start_dnsmasq(DNS_NAMES, dns_dir)
-            stack.callback(dns.proc.terminate)
+            stack.callback(stop, dns.proc)
             nginx = start_nginx(work / "nginx", platform.backend.url, trustme.CA())
             stack.callback(nginx.stop)
             core: Any = k8s.CoreV1Api(platform.cluster.api())
