@@ -119,14 +119,19 @@ def check_dns(outage: OutageSettings) -> LayerResult:
     if not outage.hostnames:
         return _not_configured("dns", "no hostnames configured (RUNBOOKS_OUTAGE_HOSTNAMES)")
 
+    # Each name within its own timeout, never past the layer's: a finding per name, always.
+    per_name = outage.model_copy(
+        update={"dns_timeout_s": min(outage.dns_timeout_s, outage.layer_timeout_s)}
+    )
+
     def check() -> Finding:
-        answers = resolve_all(outage.hostnames, outage)
+        answers = resolve_all(per_name.hostnames, per_name)
         probes = [
             Probe(
                 item=a.name,
                 ok=a.ok,
                 observed=", ".join(a.addresses) if a.ok else (a.error or "no answer"),
-                threshold=f"A/AAAA within {outage.dns_timeout_s:g} s",
+                threshold=f"A/AAAA within {per_name.dns_timeout_s:g} s",
                 detail=f"resolver {a.resolver}",
                 ms=a.ms,
             )
