@@ -68,9 +68,7 @@ def base_backups(command: str, timeout_s: float = 30.0) -> BaseBackups:
         raise PermanentError("the backup-list command is empty")
     program = argv[0].rsplit("/", 1)[-1]
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
     except FileNotFoundError:
         raise PermanentError(f"backup-list command {program!r} not found") from None
     except subprocess.TimeoutExpired:
