@@ -23,7 +23,8 @@ nobody is asked (`flows/outage/recovery.py`).
 
 Safety limits: dry run by default (the restarts go to the API server as server-side dry
 runs); otherwise an approval (`unless-auto`); an alert's run pauses for it (`mode:
-approve`). Under the target lock (`k8s:<ns>/<backend>+<frontend>`) the cascade runs again
+approve`). Under the target lock (`k8s:<ns>/<backend>+<frontend>`, then the backend's own
+`k8s:<ns>/<backend>` that the other runbooks changing it take) the cascade runs again
 and only an approved restart still called for is made (none when the platform answers
 again). Staggered: the backend's rollout finishes, `restart_stagger_s` passes, then the
 frontend restarts, so the database never sees both reconnect waves at once.
@@ -40,6 +41,8 @@ pods with identical ones, there is nothing to roll back.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 from prefect import get_run_logger
@@ -73,6 +76,7 @@ from flows.spec import (
 from tasks.cascade.models import LAYER_TITLES, LayerName, LayerResult
 from tasks.kubernetes import EventInfo
 from tasks.kubernetes.pods import cluster_events
+from tasks.locks import kube_lock_target, target_lock
 from tasks.settings import (
     KubernetesSettings,
     OutageSettings,
@@ -286,6 +290,20 @@ class SystemOutage(Runbook[SystemOutageParams, Findings]):
         report.add(f"Follow-up page ({reason})", md_escape(summary))
 
     # ------------------------------------------------------------------ plan and act
+
+    @contextmanager
+    def hold(self, params: SystemOutageParams, report: Report) -> Iterator[Held]:
+        """The spec's lock, then the backend's own workload lock: one change to the backend
+        at a time, whichever runbook makes it (high-error-rate and db-pool-exhausted take it)."""
+        k8s = KubernetesSettings()
+        backend = kube_lock_target(k8s.namespace, k8s.backend_deployment).key
+        with (
+            super().hold(params, report) as held,
+            target_lock(backend, timeout_s=self.spec.lock_timeout_s) as waited,
+        ):
+            report.add("Backend lock", f"Held {md_escape(backend)} (waited {waited:.1f} s).")
+            held.waited_s += waited
+            yield held
 
     def plan(self, params: SystemOutageParams, findings: Findings) -> list[Action]:
         cascade = findings.cascade

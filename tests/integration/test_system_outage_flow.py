@@ -226,6 +226,9 @@ def test_approved_restart_is_staggered_and_verified_from_outside(
     assert out.verify is not None and out.verify.healthy and out.verify.check.via == "endpoint"
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "Undo record (restart)" in md and "restartedAt was never set" in md
+    # The spec's lock, then the backend's own (the other runbooks that change it take it).
+    assert f"k8s:{p.namespace}/{BACKEND}+{FRONTEND}" in md.replace("\\", "")
+    assert "Backend lock" in md
     assert "Verify (from outside)" in md and "**recovered**" in md
 
 
