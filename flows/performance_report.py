@@ -448,7 +448,6 @@ class PerformanceReportRunbook(Runbook[PerformanceReportParams, Found]):
             f"Chart (p50 and p95 by endpoint): {md_code(stem + '.png')} in"
             f" {md_code(settings.report_dir)}."
         )
-        report.add("Summary", checks_md(checks))
         report.add("Slow overall?", overall_md(snap, checks))
         report.add("Slow for some endpoints?", endpoints_md(snap, checks[2], chart))
         report.add("Slow for some users?", users_md(snap.users, checks[3]))
@@ -472,6 +471,7 @@ class PerformanceReportRunbook(Runbook[PerformanceReportParams, Found]):
             [
                 report.markdown(),
                 f"![Latency by endpoint]({stem}.png)",
+                "",
             ]
         )
         files = _write(settings.report_dir, stem, snap, png, exported)

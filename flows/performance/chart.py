@@ -74,8 +74,11 @@ def latency_chart(endpoints: list[EndpointStats], title: str) -> bytes:
     for i in range(6):
         x = LABEL_W + plot_w * i / 5
         draw.line((x, TOP - 4, x, axis_y), fill=GRID)
-        draw.text((x - 10, axis_y + 6), f"{top_ms * i / 5:g}", fill=INK, font=small)
-    draw.text((WIDTH - 36, axis_y + 6), "ms", fill=INK, font=small)
+        tick = f"{top_ms * i / 5:g}"
+        draw.text(
+            (x - draw.textlength(tick, font=small) / 2, axis_y + 6), tick, fill=INK, font=small
+        )
+    draw.text((LABEL_W - 40, axis_y + 6), "ms", fill=INK, font=small)
     for n, e in enumerate(rows):
         y = TOP + n * ROW_H
         draw.text((12, y + 9), _fit(draw, e.endpoint, font, LABEL_W - 24), fill=INK, font=font)
