@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from kubernetes import client as k8s
 from PIL import Image
+from pydantic import SecretStr
 
 from flows.performance_report import (
     PerformanceReport,
@@ -119,6 +120,7 @@ def test_slow_endpoint_and_slow_user_head_their_tables_then_the_diff(
     )
     point_at(monkeypatch, sb, perf_db, tmp_path / "reports", kube_cluster.kubeconfig)
     monkeypatch.setenv("RUNBOOKS_K8S_NAMESPACE", ns)
+    assert kube_cluster.kubelet is not None
     with kube_cluster.kubelet.serve_backend_logs(ns, sb.log_file):
         sb.faults(route_latency_ms={"/api/orders": 250}, user_latency_ms={"7": 600})
         send(
@@ -217,7 +219,7 @@ def test_missing_audit_table_is_a_clear_row(
 
 def test_audit_query_names_are_identifiers(perf_db: str, backend: Sandbox):
     """A missing column is a result; a malformed table setting a clear error; a schema works."""
-    pg = PostgresSettings(dsn=perf_db)  # type: ignore[arg-type]
+    pg = PostgresSettings(dsn=SecretStr(perf_db))
     send(backend, perf_db, [("/api/users/4", 3)])
     ok = slow_users.fn(30, settings=PerformanceSettings(audit_table="public.audit_logs"), pg=pg)
     assert ok.status == "ok" and ok.users[0].user == "4" and ok.users[0].requests == 3
