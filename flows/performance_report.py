@@ -14,13 +14,15 @@ the exported files to forget a report).
    of a few GETs, through the load balancer when `RUNBOOKS_OUTAGE_ENDPOINT_URL` is set);
    `pg_stat_statements` top 10 by mean time.
 2. Slow for some endpoints? The `duration=…ms` lines of every backend pod: p50, p95 and max
-   per endpoint, the 20 slowest requests, and a chart of latency by endpoint (PNG).
+   per endpoint, the 20 slowest requests, and a chart of latency by endpoint (a PNG, inline
+   in the artifact and beside the exported report).
 3. Slow for some users? The audit query over the window, slowest average first.
 Then "Since the last report": the newest earlier JSON in the report folder compared.
 """
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +56,8 @@ from tasks.postgres import TopStatements, top_statements
 from tasks.settings import KubernetesSettings, PerformanceSettings
 
 RUNBOOK = "performance-report"
+#: A chart larger than this is linked, not inlined, in the artifact (15 rows stay far below).
+MAX_INLINE_PNG = 512 * 1024
 
 SPEC: RunbookSpec[Any] = RunbookSpec(
     name=RUNBOOK,
@@ -444,9 +448,13 @@ class PerformanceReportRunbook(Runbook[PerformanceReportParams, Found]):
         snap, _ = _snapshot(params, got, at)
         checks = summary_checks(params, snap)
         png = latency_chart(snap.endpoints, f"Latency by endpoint · {at:%Y-%m-%d %H:%M} UTC")
+        # The Prefect UI renders a markdown image from a data: URI (checked in Chromium): the
+        # chart is in the artifact itself; the exported markdown links the PNG beside it.
+        inline = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        embed = inline if len(png) <= MAX_INLINE_PNG else f"{stem}.png"
         chart = (
-            f"Chart (p50 and p95 by endpoint): {md_code(stem + '.png')} in"
-            f" {md_code(settings.report_dir)}."
+            f"![Latency by endpoint: p50 and p95]({embed})\n\n"
+            f"_The chart is also {md_code(stem + '.png')} in {md_code(settings.report_dir)}._"
         )
         report.add("Slow overall?", overall_md(snap, checks))
         report.add("Slow for some endpoints?", endpoints_md(snap, checks[2], chart))
@@ -467,13 +475,7 @@ class PerformanceReportRunbook(Runbook[PerformanceReportParams, Found]):
                 changes_md(changes, f"{before.taken_at:%Y-%m-%d %H:%M:%S} UTC ({path.name})"),
             )
         # The exported markdown shows the chart inline (a relative link next to it).
-        exported = "\n".join(
-            [
-                report.markdown(),
-                f"![Latency by endpoint]({stem}.png)",
-                "",
-            ]
-        )
+        exported = report.markdown().replace(f"]({inline})", f"]({stem}.png)") + "\n"
         files = _write(settings.report_dir, stem, snap, png, exported)
         report.add(
             "Export",

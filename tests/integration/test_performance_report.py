@@ -177,7 +177,11 @@ def test_slow_endpoint_and_slow_user_head_their_tables_then_the_diff(
         with Image.open(files.png) as img:
             assert img.format == "PNG" and img.width == 960 and img.height > 100
         assert Path(files.markdown).stem == Path(files.png).stem == Path(files.json_file).stem
-        assert f"({Path(files.png).name})" in Path(files.markdown).read_text()
+        # The chart: inline in the artifact (the UI shows a data: URI image), linked in the file.
+        assert "![Latency by endpoint: p50 and p95](data:image/png;base64,iVBOR" in artifact
+        exported = Path(files.markdown).read_text()
+        assert f"({Path(files.png).name})" in exported and "data:image" not in exported
+        assert "## Slow for some users?" in exported
 
         # Then /api/products slows down and a new user is slow: the second report says so.
         sb.faults(route_latency_ms={"/api/products": 200}, user_latency_ms={"11": 800})
