@@ -252,3 +252,36 @@ def test_previous_report_is_the_newest_readable_one_before(tmp_path: Path):
     assert found is not None and found[0].stem == stamp_of(newer)
     found = previous_snapshot(tmp_path, stamp_of(newer))  # never itself
     assert found is not None and found[0].stem == stamp_of(older)
+
+
+# ------------------------------------------------------------------------------ sandbox faults
+
+
+def test_sandbox_delays_add_up_per_route_and_user():
+    from pydantic import ValidationError
+
+    from sandbox.app import _delay_ms, create_backend, request_user
+    from sandbox.faults import FaultPatch, FaultState
+    from sandbox.settings import SandboxSettings
+
+    state = FaultState(
+        latency_ms=5, route_latency_ms={"/api/orders": 250}, user_latency_ms={"7": 600}
+    )
+    assert _delay_ms(state, "/api/orders", "7") == 855
+    assert _delay_ms(state, "/api/orders", None) == 255
+    assert _delay_ms(state, "/api/products", "8") == 5
+    with pytest.raises(ValidationError):
+        FaultPatch(route_latency_ms={"/api/orders": -1})
+    with pytest.raises(ValidationError):
+        FaultPatch(user_latency_ms={"7": 60_001})
+    # Nothing is connected to: the pool and the Redis client connect on first use.
+    backend = create_backend(SandboxSettings(database_dsn="postgresql://x@127.0.0.1:1/x"))
+    routes = backend.app.router.routes
+    backend.close()
+
+    def scope(path: str, query: bytes = b"") -> dict[str, object]:
+        return {"type": "http", "method": "GET", "path": path, "query_string": query}
+
+    assert request_user(routes, scope("/api/users/7")) == "7"
+    assert request_user(routes, scope("/api/orders", b"user_id=5&x=1")) == "5"
+    assert request_user(routes, scope("/api/products")) is None
