@@ -44,7 +44,6 @@ from tasks.kubernetes.models import TailLogsResult
 from tasks.performance import (
     DURATION_GREP,
     HealthTimings,
-    RequestTiming,
     SlowUsers,
     endpoint_stats,
     health_timings,
@@ -154,7 +153,9 @@ def _gather(params: PerformanceReportParams) -> dict[str, Any]:
 
 def _snapshot(
     params: PerformanceReportParams, got: dict[str, Any], at: datetime
-) -> tuple[PerformanceSnapshot, list[RequestTiming]]:
+) -> PerformanceSnapshot:
+    """The reads as the report's figures (a failed read: its reason in `*_unavailable`)."""
+
     def value(name: str) -> Any:
         return None if isinstance(got[name], Unavailable) else got[name]
 
@@ -164,7 +165,7 @@ def _snapshot(
     logs: TailLogsResult | None = value("logs")
     parsed = parse_request_lines(logs) if logs is not None else None
     requests = parsed.requests if parsed else []
-    snap = PerformanceSnapshot(
+    return PerformanceSnapshot(
         taken_at=at,
         health=value("health"),
         health_unavailable=reason("health"),
@@ -178,7 +179,6 @@ def _snapshot(
         users=value("users"),
         users_unavailable=reason("users"),
     )
-    return snap, requests
 
 
 # ------------------------------------------------------------------------------ summary rows
@@ -445,7 +445,7 @@ class PerformanceReportRunbook(Runbook[PerformanceReportParams, Found]):
         at = datetime.now(UTC)
         stem = stamp_of(at)
         got = _gather(params)
-        snap, _ = _snapshot(params, got, at)
+        snap = _snapshot(params, got, at)
         checks = summary_checks(params, snap)
         png = latency_chart(snap.endpoints, f"Latency by endpoint · {at:%Y-%m-%d %H:%M} UTC")
         # The Prefect UI renders a markdown image from a data: URI (checked in Chromium): the

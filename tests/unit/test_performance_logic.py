@@ -285,3 +285,17 @@ def test_sandbox_delays_add_up_per_route_and_user():
     assert request_user(routes, scope("/api/users/7")) == "7"
     assert request_user(routes, scope("/api/orders", b"user_id=5&x=1")) == "5"
     assert request_user(routes, scope("/api/products")) is None
+
+
+def test_the_health_url_is_the_users_path_when_configured(monkeypatch: pytest.MonkeyPatch):
+    from tasks.performance import _safe_url, health_target
+
+    monkeypatch.setenv("RUNBOOKS_BACKEND_URL", "http://backend:4000/")
+    monkeypatch.delenv("RUNBOOKS_OUTAGE_ENDPOINT_URL", raising=False)
+    assert health_target()[:2] == ("http://backend:4000/api/health", "backend")
+    monkeypatch.setenv("RUNBOOKS_OUTAGE_ENDPOINT_URL", "https://akig.example/api/health")
+    monkeypatch.setenv("RUNBOOKS_OUTAGE_ENDPOINT_TIMEOUT_S", "2.5")
+    assert health_target()[:3] == ("https://akig.example/api/health", "endpoint", 2.5)
+    # What a report shows of a URL: never its credentials or query.
+    shown = _safe_url("https://u:s3cret@h.example:8443/api/health?token=t0k#x")
+    assert shown == "https://h.example:8443/api/health"
