@@ -1,8 +1,8 @@
 """The `performance-report` runbook on the sandbox platform: a backend on its own seeded
-database (its audit_logs table), its log lines served as the pods' logs of Deployment
-`akig-backend` on the test Kubernetes API (two pods, read through `pods/log`), PostgreSQL for
-real. Faults inject a slow endpoint and a slow user; they must head their tables. Nothing is
-mocked."""
+database (its audit_logs table; in the private cluster, where pg_stat_statements is loaded),
+its log lines served as the pods' logs of Deployment `akig-backend` on the test Kubernetes
+API (two pods, read through `pods/log`), PostgreSQL for real. Faults inject a slow endpoint
+and a slow user; they must head their tables. Nothing is mocked."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from tasks.errors import PermanentError
 from tasks.performance import slow_users
 from tasks.settings import PerformanceSettings, PostgresSettings
 from tests.fixtures.kube import KubeCluster
+from tests.fixtures.pg_private import PrivateCluster
 from tests.fixtures.prefect_runs import flow_run_artifacts
 from tests.fixtures.sandbox import ADMIN_DSN, Sandbox, SandboxFactory
 from tests.integration.kube_helpers import deployment_body, rolled_out, wait_until
@@ -51,12 +52,28 @@ def perf_db() -> Iterator[str]:
     drop_database(ADMIN_DSN, name)
 
 
+@pytest.fixture(scope="module")
+def stmt_db(pg_private: PrivateCluster) -> Iterator[str]:
+    """The same in the private cluster, where pg_stat_statements is preloaded and created."""
+    name = f"rb_perf_stmt_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    dsn = create_database(pg_private.admin_dsn, name, users=50, products=20, orders=500)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    yield dsn
+    drop_database(pg_private.admin_dsn, name)
+
+
+def fresh_backend(make: SandboxFactory, dsn: str) -> Sandbox:
+    """A sandbox backend on `dsn`, its audit table emptied first."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE audit_logs")
+    return make(database_dsn=dsn)
+
+
 @pytest.fixture
 def backend(make_sandbox_backend: SandboxFactory, perf_db: str) -> Sandbox:
-    """A sandbox backend on the module's database, its audit table emptied first."""
-    with psycopg.connect(perf_db, autocommit=True) as conn:
-        conn.execute("TRUNCATE audit_logs")
-    return make_sandbox_backend(database_dsn=perf_db)
+    """A sandbox backend on the module's database (no pg_stat_statements there)."""
+    return fresh_backend(make_sandbox_backend, perf_db)
 
 
 def audit_rows(dsn: str) -> int:
@@ -98,12 +115,13 @@ def run(params: PerformanceReportParams) -> tuple[PerformanceReport, str]:
 def test_slow_endpoint_and_slow_user_head_their_tables_then_the_diff(
     kube_cluster: KubeCluster,
     kube_namespace: str,
-    backend: Sandbox,
-    perf_db: str,
+    make_sandbox_backend: SandboxFactory,
+    stmt_db: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ):
-    ns, sb = kube_namespace, backend
+    ns, perf_db = kube_namespace, stmt_db
+    sb = fresh_backend(make_sandbox_backend, perf_db)
     apps: Any = k8s.AppsV1Api(kube_cluster.api())
     core: Any = k8s.CoreV1Api(kube_cluster.api())
     apps.create_namespaced_deployment(ns, deployment_body(DEPLOYMENT, replicas=2))
@@ -122,6 +140,8 @@ def test_slow_endpoint_and_slow_user_head_their_tables_then_the_diff(
     monkeypatch.setenv("RUNBOOKS_K8S_NAMESPACE", ns)
     assert kube_cluster.kubelet is not None
     with kube_cluster.kubelet.serve_backend_logs(ns, sb.log_file):
+        with psycopg.connect(perf_db, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_statements_reset()")
         sb.faults(route_latency_ms={"/api/orders": 250}, user_latency_ms={"7": 600})
         send(
             sb,
@@ -163,10 +183,10 @@ def test_slow_endpoint_and_slow_user_head_their_tables_then_the_diff(
         assert snap.health.median.connect_ms is not None
         assert snap.health.median.first_byte_ms is not None
         assert snap.health.median.dns_ms is None and snap.health.median.tls_ms is None
-        # pg_stat_statements is not preloaded on this server: a clear row, not a crash.
-        stmt = first.checks[1]
-        assert stmt.verdict in (Verdict.NOT_CONFIGURED, Verdict.PASS, Verdict.FAIL)
-        assert "pg_stat_statements" in stmt.item
+        # pg_stat_statements, top by mean: the backend's own statements, none slow yet.
+        assert snap.statements is not None and snap.statements.status == "ok"
+        assert snap.statements.by_mean and "pg_sleep" not in artifact
+        assert "### pg_stat_statements, top by mean time" in artifact
         # The artifact answers all three questions; the files are beside each other.
         for heading in ("Slow overall?", "Slow for some endpoints?", "Slow for some users?"):
             assert f"## {heading}" in artifact
@@ -186,6 +206,8 @@ def test_slow_endpoint_and_slow_user_head_their_tables_then_the_diff(
         # Then /api/products slows down and a new user is slow: the second report says so.
         sb.faults(route_latency_ms={"/api/products": 200}, user_latency_ms={"11": 800})
         send(sb, perf_db, [("/api/products", 10), ("/api/orders?user_id=11", 1)])
+        with psycopg.connect(perf_db, autocommit=True) as conn:
+            conn.execute("SELECT pg_sleep(0.25)")  # a statement slower than any before
         second, artifact2 = run(PerformanceReportParams(samples=1, window_minutes=30))
 
     assert second.previous == Path(files.json_file).name
@@ -194,6 +216,9 @@ def test_slow_endpoint_and_slow_user_head_their_tables_then_the_diff(
     products = changes[("endpoint", "GET /api/products")]
     assert products.change.startswith("p95 up"), products
     assert changes[("user", "11")].change == "new among the slowest users (average)"
+    slow = [c for c in second.changes if c.kind == "statement" and "pg_sleep" in c.subject]
+    assert [c.change for c in slow] == ["new in the top 10 by mean"]
+    assert second.checks[1].verdict == Verdict.FAIL and "pg_sleep" in second.checks[1].detail
     assert "## Since the last report" in artifact2 and "p95 up" in artifact2
     assert len(list((tmp_path / "reports").glob("*.json"))) == 2
 
@@ -218,6 +243,9 @@ def test_missing_audit_table_is_a_clear_row(
     # The other questions are still answered; the absent cluster is its own row.
     assert result.snapshot.health is not None and result.snapshot.health.median is not None
     assert result.checks[2].verdict == Verdict.UNAVAILABLE
+    # pg_stat_statements is not installed on this server: a clear row, not a crash.
+    stmt = result.checks[1]
+    assert stmt.verdict == Verdict.NOT_CONFIGURED and "pg_stat_statements" in stmt.detail
     assert result.outcome == "nothing to do" and result.files.error is None
 
 
