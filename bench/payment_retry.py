@@ -51,7 +51,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, cast
 
 import httpx
 import psycopg
@@ -61,8 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+from drills.procs import Proc, free_port, spawn, stop, wait_http
 from sandbox.db import create_database, drop_database
-from sandbox.server import free_port
 from tests.fixtures.sandbox import ADMIN_DSN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +112,7 @@ class Sandbox:
     gateway_key: str = field(default_factory=lambda: "bench-gw-" + secrets.token_hex(8))
     gateway_port: int = field(default_factory=free_port)
     backend_port: int = field(default_factory=free_port)
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    logs: dict[str, Path] = field(default_factory=dict)
+    procs: dict[str, Proc] = field(default_factory=dict)
 
     @property
     def backend_url(self) -> str:
@@ -154,42 +153,15 @@ class Sandbox:
 
     def start(self, name: str, module: str, port: int, ready: str) -> None:
         """`python -m <module> --port <port>` in its own session; wait until `ready` is 200."""
-        log_path = self.workdir / f"{name}.log"
-        log: TextIO = log_path.open("w")
-        self.logs[name] = log_path
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", str(port)],
-            cwd=ROOT,
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        cmd = [sys.executable, "-m", module, "--port", str(port)]
+        proc = spawn(name, cmd, self.workdir / f"{name}.log", env=self.env(), cwd=ROOT)
         self.procs[name] = proc
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{module} exited ({proc.returncode}):\n{self.tail(name)}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"{module} not ready on port {port} after 60 s:\n{self.tail(name)}")
-
-    def tail(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace")[-3000:]
+        wait_http(proc, f"http://127.0.0.1:{port}{ready}", timeout_s=60)
 
     def stop(self) -> None:
-        """SIGTERM each process group we started (SIGKILL after 10 s)."""
+        """Stop each process group we started, the last started first."""
         for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop(proc, timeout_s=10)
 
     def admin(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.admin_token}"}
@@ -207,7 +179,7 @@ class Sandbox:
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far: each process, the bench itself, PostgreSQL's sessions on our db."""
-        spent = {name: cpu_seconds(p.pid) for name, p in self.procs.items()}
+        spent = {name: cpu_seconds(p.proc.pid) for name, p in self.procs.items()}
         spent["bench client"] = sum(os.times()[:2])
         with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
             pids = conn.execute(
@@ -476,7 +448,7 @@ def measured(
 ) -> Part:
     """Time `run` (returns how many payments it recovered), then check the ledger."""
     timer = RequestTimer()
-    pids = {n: p.pid for n, p in sandbox.procs.items()} | {"bench client": os.getpid()}
+    pids = {n: p.proc.pid for n, p in sandbox.procs.items()} | {"bench client": os.getpid()}
     where = profile_dir or sandbox.workdir
     profiles = Profiles(py_spy, where, pids) if py_spy else contextlib.nullcontext()
     with profiles:
@@ -492,7 +464,7 @@ def measured(
     if recovered != len(ids):
         print(f"{name}: recovered {recovered} of {len(ids)}", file=sys.stderr)
         raise SystemExit(2)
-    server = server_latencies(sandbox.logs["backend"], set(ids))
+    server = server_latencies(sandbox.procs["backend"].log, set(ids))
     cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
     part = Part(name, len(ids), seconds, timer.latencies, server, timer.statuses, charges, cpu)
     part.note, part.concurrent = note, concurrent
@@ -606,8 +578,8 @@ def main() -> int:
     with running_sandbox() as sandbox:
         os.environ.update(sandbox.runbook_env())
         print(
-            f"sandbox: gateway pid {sandbox.procs['gateway'].pid} ({sandbox.gateway_url}),"
-            f" backend pid {sandbox.procs['backend'].pid} ({sandbox.backend_url}),"
+            f"sandbox: gateway pid {sandbox.procs['gateway'].proc.pid} ({sandbox.gateway_url}),"
+            f" backend pid {sandbox.procs['backend'].proc.pid} ({sandbox.backend_url}),"
             f" database {sandbox.db_name}; gateway latency {GATEWAY_LATENCY_MS} ms;"
             f" {os.cpu_count()} cores, load {load:.1f}"
         )

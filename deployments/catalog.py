@@ -46,6 +46,8 @@ POOL_THRESHOLD_INTERVAL_S = int(os.environ.get("RUNBOOKS_POOL_CHECK_INTERVAL_S",
 CERT_EXPIRY_CRON = "0 6 * * *"
 #: Daily at 03:30 UTC, when the run list is quietest.
 AUDIT_RETENTION_CRON = "30 3 * * *"
+#: Daily at 06:15 UTC: the day's report waits for the morning, after cert-expiry's.
+PERFORMANCE_REPORT_CRON = "15 6 * * *"
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,16 @@ RUNBOOKS: tuple[Runbook, ...] = (
         tags=("audit", "scheduled", "destructive"),
         cron=AUDIT_RETENTION_CRON,
         service_account=NO_KUBE_SERVICE_ACCOUNT,
+    ),
+    Runbook(
+        entrypoint="flows.performance_report:performance_report",
+        description="Daily: slow overall (health phases, pg_stat_statements), for some"
+        " endpoints (every backend pod's duration lines, p50/p95/max, chart), for some users"
+        " (audit table); what changed since the last report. Read only.",
+        tags=("performance", "scheduled", "kubernetes", "postgres"),
+        cron=PERFORMANCE_REPORT_CRON,
+        # Reads the backend's pods and their logs; changes nothing anywhere.
+        service_account="performance-report",
     ),
 )
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, cast
+from urllib.parse import parse_qs
 
 import anyio
 import psycopg
@@ -121,6 +122,28 @@ def route_template(routes: list[BaseRoute], scope: Scope) -> str:
         if match == Match.FULL:
             return str(getattr(route, "path", UNMATCHED))
     return UNMATCHED
+
+
+def request_user(routes: list[BaseRoute], scope: Scope) -> str | None:
+    """The user a request is for: the matched route's `{user_id}`, else `?user_id=`."""
+    for route in routes:
+        match, child = route.matches(scope)
+        if match == Match.FULL:
+            found = (child.get("path_params") or {}).get("user_id")
+            if found is not None:
+                return str(found)
+            break
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    values = query.get("user_id")
+    return values[0] if values else None
+
+
+def _delay_ms(faults: FaultState, route: str, user: str | None) -> float:
+    """The injected delay of one /api request: everywhere, for its route, for its user."""
+    extra = faults.route_latency_ms.get(route, 0.0)
+    if user is not None:
+        extra += faults.user_latency_ms.get(user, 0.0)
+    return faults.latency_ms + extra
 
 
 class Backend:
@@ -485,8 +508,9 @@ class _Instrument:
 
         try:
             faults = backend.faults.state
-            if path.startswith("/api/") and faults.latency_ms:
-                await asyncio.sleep(faults.latency_ms / 1000)
+            delay_ms = _delay_ms(faults, route, request_user(backend.app.router.routes, scope))
+            if path.startswith("/api/") and delay_ms:
+                await asyncio.sleep(delay_ms / 1000)
             pct = backend.error_rate_pct()
             if _is_faultable(path) and pct and random.random() * 100 < pct:
                 release = backend.release.current()

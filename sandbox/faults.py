@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import threading
+from typing import Annotated
 
 from pydantic import BaseModel, Field
+
+#: Milliseconds added to one route's or one user's requests (a slow endpoint, a slow user).
+DelayMs = Annotated[float, Field(ge=0, le=60_000)]
 
 
 class FaultState(BaseModel):
@@ -15,6 +19,16 @@ class FaultState(BaseModel):
     n_plus_one: bool = Field(False, description="/api/orders reads each product separately.")
     cache_miss: bool = Field(False, description="Every cache read misses (a key per request).")
     gzip: bool = Field(True, description="GZip middleware on (off = the 'compression off' fault).")
+    route_latency_ms: dict[str, DelayMs] = Field(
+        default_factory=dict,
+        description="Added to the requests of these route templates (`/api/orders`): a slow"
+        " endpoint.",
+    )
+    user_latency_ms: dict[str, DelayMs] = Field(
+        default_factory=dict,
+        description="Added to the requests of these user ids (the path's or query's `user_id`):"
+        " a slow user.",
+    )
 
 
 class FaultPatch(BaseModel):
@@ -25,6 +39,8 @@ class FaultPatch(BaseModel):
     n_plus_one: bool | None = None
     cache_miss: bool | None = None
     gzip: bool | None = None
+    route_latency_ms: dict[str, DelayMs] | None = None
+    user_latency_ms: dict[str, DelayMs] | None = None
 
 
 class Faults:

@@ -18,7 +18,6 @@ kubectl in tests/integration/test_kubernetes_kubectl.py.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import urllib3
@@ -64,6 +63,7 @@ from tasks.kubernetes.workload import (
     WriteCall,
     apply_restart_value,
     plan_restart_value,
+    poll_rollout,
     workload_write,
 )
 from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
@@ -362,25 +362,15 @@ def wait_for_rollout(
     """Wait until a Deployment is rolled out, like `kubectl rollout status --timeout`."""
     settings = settings or KubernetesSettings()
     timeout = settings.rollout_timeout_s if timeout_s is None else timeout_s
-    log = run_logger()
-    start = time.monotonic()
-    last = ""
     with kube_session(settings) as kube:
-        while True:
-            dep = get_deployment(kube, deployment, namespace)
-            message, done = rollout_status_message(dep)
-            elapsed = time.monotonic() - start
-            if message != last:
-                log.info("%s/%s: %s", namespace, deployment, message)
-                last = message
-            if done:
-                return _status_model(dep, message, True, elapsed)
-            if elapsed >= timeout:
-                raise PermanentError(
-                    f"timed out after {timeout:g} s waiting for deployment {deployment} in "
-                    f"namespace {namespace} to roll out; last status: {message}"
-                )
-            time.sleep(min(poll_s, max(0.05, timeout - elapsed)))
+        return poll_rollout(
+            lambda: get_deployment(kube, deployment, namespace),
+            rollout_status_message,
+            lambda dep, message, elapsed: _status_model(dep, message, True, elapsed),
+            f"deployment {deployment} in namespace {namespace}",
+            timeout,
+            poll_s,
+        )
 
 
 @task(

@@ -16,13 +16,10 @@ Deployments (`rollout.py`) keeps a retried write from restarting twice:
 
 from __future__ import annotations
 
-import time
-
 from kubernetes import client as k8s
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import PermanentError
 from tasks.kubernetes.api import (
     Kube,
     kube_session,
@@ -42,6 +39,7 @@ from tasks.kubernetes.workload import (
     apply_restart_value,
     get_workload,
     plan_restart_value,
+    poll_rollout,
     workload_write,
 )
 from tasks.retry import RETRY_IDEMPOTENT_WRITE, RETRY_READ
@@ -157,22 +155,12 @@ def wait_for_statefulset(
     """Wait until a StatefulSet is rolled out, like `kubectl rollout status --timeout`."""
     settings = settings or KubernetesSettings()
     timeout = settings.rollout_timeout_s if timeout_s is None else timeout_s
-    log = run_logger()
-    start = time.monotonic()
-    last = ""
     with kube_session(settings) as kube:
-        while True:
-            sts = get_statefulset(kube, statefulset, namespace)
-            message, done = statefulset_status_message(sts)
-            elapsed = time.monotonic() - start
-            if message != last:
-                log.info("%s/%s: %s", namespace, statefulset, message)
-                last = message
-            if done:
-                return _status_model(sts, message, True, elapsed)
-            if elapsed >= timeout:
-                raise PermanentError(
-                    f"timed out after {timeout:g} s waiting for statefulset {statefulset} in "
-                    f"namespace {namespace} to roll out; last status: {message}"
-                )
-            time.sleep(min(poll_s, max(0.05, timeout - elapsed)))
+        return poll_rollout(
+            lambda: get_statefulset(kube, statefulset, namespace),
+            statefulset_status_message,
+            lambda sts, message, elapsed: _status_model(sts, message, True, elapsed),
+            f"statefulset {statefulset} in namespace {namespace}",
+            timeout,
+            poll_s,
+        )

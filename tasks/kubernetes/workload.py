@@ -19,6 +19,7 @@ container-field write (memory limit, env var).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import update_wrapper
@@ -36,6 +37,7 @@ from tasks.kubernetes.api import (
     call,
     classify_api_error,
     patch_restarted_at,
+    run_logger,
 )
 from tasks.kubernetes.semantics import RESTARTED_AT, meta, rfc3339_now
 from tasks.settings import KubernetesSettings
@@ -289,3 +291,37 @@ def apply_container_field(
         f"{write.kind} {write.name} in namespace {write.namespace} kept changing "
         f"({CONFLICT_ATTEMPTS} conflicts in a row); nothing patched"
     )
+
+
+W = TypeVar("W")
+S = TypeVar("S")
+
+
+def poll_rollout(
+    read: Callable[[], W],
+    status: Callable[[W], tuple[str, bool]],
+    result: Callable[[W, str, float], S],
+    what: str,
+    timeout_s: float,
+    poll_s: float,
+) -> S:
+    """Read a workload until `status` says rolled out, like `kubectl rollout status
+    --timeout`: each new status message logged once, a clear error at the timeout."""
+    log = run_logger()
+    start = time.monotonic()
+    last = ""
+    while True:
+        obj = read()
+        message, done = status(obj)
+        elapsed = time.monotonic() - start
+        if message != last:
+            log.info("%s: %s", what, message)
+            last = message
+        if done:
+            return result(obj, message, elapsed)
+        if elapsed >= timeout_s:
+            raise PermanentError(
+                f"timed out after {timeout_s:g} s waiting for {what} to roll out;"
+                f" last status: {message}"
+            )
+        time.sleep(min(poll_s, max(0.05, timeout_s - elapsed)))

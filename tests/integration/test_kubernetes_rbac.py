@@ -40,6 +40,7 @@ from tasks.kubernetes import (
 )
 from tasks.kubernetes.env import apply_env_value, plan_env_value
 from tasks.kubernetes.metrics import pod_metrics
+from tasks.performance import DURATION_GREP
 from tasks.pool_sizing import PoolSizingSettings, read_backend_pool_now
 from tasks.settings import KubernetesSettings
 from tasks.tls import load_pair_from_secret, read_secret_certificates, write_tls_secret
@@ -66,6 +67,7 @@ ROLES = {
     "cert-renew-ingress",
     "db-pool-exhausted",
     "payment-failure",
+    "performance-report",
 }
 
 
@@ -603,3 +605,44 @@ def test_shipped_manifests_apply_with_kustomize_as_is(kube_cluster: KubeCluster,
         kubectl_k("delete", MANIFESTS / "ingress")
         kubectl_k("delete", MANIFESTS)
         core.delete_namespace(INGRESS)
+
+
+def test_performance_report_role(rbac_cluster: Cluster):
+    """Read only: the backend Deployment's selector, its pods and their logs; nothing else."""
+    c, ns = rbac_cluster, rbac_cluster.platform
+    apps: Any = k8s.AppsV1Api(c.admin)
+    admin_settings = c.kube.settings(ns)
+    sa = c.token_settings("performance-report")
+    apps.create_namespaced_deployment(ns, deployment_body("akig-backend", replicas=2))
+    apps.create_namespaced_deployment(ns, deployment_body("akig-intruder", replicas=1))
+    wait_for_rollout.fn("akig-backend", ns, timeout_s=30, poll_s=0.1, settings=admin_settings)
+    settled_pods(admin_settings, ns, "component=akig-backend", 2)
+
+    # The runbook's read (every pod's duration lines), with the Role alone.
+    logs = tail_logs.fn("akig-backend", lines=5, grep=DURATION_GREP, namespace=ns, settings=sa)
+    assert len(logs.logs) == 2 and all(p.error is None for p in logs.logs)
+
+    # Around it, refused: another Deployment, any write, Secrets, ConfigMaps, events, and the
+    # same reads in another namespace.
+    with pytest.raises(PermanentError, match=r"forbidden: cannot get deployments"):
+        tail_logs.fn("akig-intruder", lines=1, namespace=ns, settings=sa)
+    sa_api = kube_api_client(sa)
+    sa_apps: Any = k8s.AppsV1Api(sa_api)
+    sa_core: Any = k8s.CoreV1Api(sa_api)
+    assert forbidden(lambda: restart_rollout.fn("akig-backend", ns, settings=sa))
+    assert forbidden(lambda: sa_apps.list_namespaced_deployment(ns))
+    assert forbidden(lambda: sa_core.delete_collection_namespaced_pod(ns))
+    assert forbidden(lambda: sa_core.list_namespaced_secret(ns))
+    assert forbidden(lambda: sa_core.list_namespaced_config_map(ns))
+    assert forbidden(lambda: list_events.fn(ns, settings=sa))
+    assert forbidden(lambda: sa_core.list_namespaced_pod(c.ingress))
+
+    # Every rule is needed.
+    the_role = role(c.docs, "performance-report")
+    assert [(r["resources"][0], r["verbs"]) for r in the_role["rules"]] == [
+        ("deployments", ["get"]),
+        ("pods", ["list"]),
+        ("pods/log", ["get"]),
+    ]
+    needs = lambda: tail_logs.fn("akig-backend", lines=1, namespace=ns, settings=sa)  # noqa: E731
+    without_each_rule_something_breaks(c.admin, the_role, [needs, needs, needs])

@@ -1,0 +1,1 @@
+"""The performance-report runbook's parts: the snapshot it exports, its chart, its diff."""
