@@ -131,8 +131,9 @@ def _redis_row(found: RedisPersistence | Unavailable) -> Check:
 
 def readiness(params: SystemOutageParams, outage: OutageSettings) -> Readiness:
     """The three DR figures, read at once; each source that fails is one row, not a crash."""
-    wal = archiver_status.submit(params.wal_archive_max_age_s)
-    redis = redis_persistence.submit()
+    # No retries: in an outage a source that does not answer is a row, not a wait.
+    wal = archiver_status.with_options(retries=0).submit(params.wal_archive_max_age_s)
+    redis = redis_persistence.with_options(retries=0).submit()
     listing = (
         base_backups.submit(outage.backup_list_command) if outage.backup_list_command else None
     )

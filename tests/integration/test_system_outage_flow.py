@@ -285,6 +285,9 @@ def test_no_restart_when_the_cause_is_not_the_platforms_pods(
     (action,) = out.plan
     assert action.possible is False and action.summary.startswith("not planned: ")
     assert ("Database is broken too" in action.summary) == (cause == "database")
+    if cause == "database":  # the DR figure it cannot read is a row, not a crash
+        wal = next(c for c in out.dr_checks if c.item.startswith("WAL archive"))
+        assert wal.verdict == "unavailable" and "unavailable" in wal.detail
     assert {n: p.generation(n) for n in (BACKEND, FRONTEND)} == generations
     assert p.world.counts().get("on-call") == 1  # still paged at the start
 
