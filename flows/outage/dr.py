@@ -62,7 +62,11 @@ def _wal_row(found: ArchiverState | Unavailable, max_age_s: float) -> Check:
         observed=observed,
         verdict=Verdict.PASS if fresh else Verdict.FAIL,
         detail=found.detail
-        + ("" if fresh else ": point-in-time recovery loses what is unarchived"),
+        + (
+            "; point-in-time recovery loses what is not archived yet"
+            if found.status in ("stale", "failing")
+            else ""
+        ),
     )
 
 
@@ -198,13 +202,20 @@ def checklist_md(
         if outage.backup_list_command
         else None
     )
-    wal, base, aof = (c.observed for c in found.checks)
-    archiver = found.archiver
-    last_wal = (
-        archiver.last_archived_time.strftime("%Y-%m-%d %H:%M:%S UTC")
-        if not isinstance(archiver, Unavailable) and archiver.last_archived_time
-        else "unknown"
+    wal, base, aof = (
+        c.observed if c.observed != "-" else f"{c.verdict.value} ({c.detail})" for c in found.checks
     )
+    archiver = found.archiver
+    if isinstance(archiver, Unavailable):
+        reach = "replaying the archived WAL reaches the last archived segment (unknown now)"
+    elif archiver.archive_mode == "off" or archiver.last_archived_time is None:
+        reach = (
+            "no WAL is archived: point-in-time recovery is impossible, the base backup is all"
+            " there is (turn archive_mode on)"
+        )
+    else:
+        at = archiver.last_archived_time.strftime("%Y-%m-%d %H:%M:%S UTC")
+        reach = f"replaying the archived WAL reaches the last archived segment ({at})"
     url = outage.endpoint_url or "<RUNBOOKS_OUTAGE_ENDPOINT_URL>/api/health"
 
     def cmds(lines: list[str]) -> str:
@@ -214,9 +225,8 @@ def checklist_md(
         (
             "Restore PostgreSQL: point-in-time recovery, not just the latest backup",
             f"WAL archive: {md_escape(wal)}. Base backup: {md_escape(base)}. Restoring the"
-            " base backup alone loses every write since it was taken; replaying the archived"
-            f" WAL reaches the last archived segment ({md_escape(last_wal)}). Stop the writers"
-            " first.",
+            f" base backup alone loses every write since it was taken; {md_escape(reach)}."
+            " Stop the writers first.",
             [
                 f"kubectl -n {ns} scale deployment/{backend} deployment/{frontend} --replicas=0",
                 *_restore_commands(tool, pg_name),

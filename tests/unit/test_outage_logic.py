@@ -146,3 +146,12 @@ def test_checklist_has_five_steps_with_this_platforms_commands_and_pitr_first() 
     assert "cannot meet an RPO of 0" in text
     assert "AOF off" in text  # the figure filled in
     assert "pw-secret" not in text and "redis-secret" not in text
+    assert "last archived segment \\(2026-12-07 01:00:00 UTC\\)" in text
+    off = Readiness(
+        archiver=_archiver(None, "off"),
+        backups=None,
+        redis=_redis(),
+        checks=[_wal_row(_archiver(None, "off"), 900), _backup_row(None, 1), _redis_row(_redis())],
+    )
+    text = checklist_md(off, outage, KubernetesSettings(), PostgresSettings(), RedisSettings())
+    assert "point-in-time recovery is impossible" in text
