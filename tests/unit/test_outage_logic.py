@@ -4,6 +4,7 @@ say, the newest backup in a tool's listing, and the checklist's commands."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,8 @@ from tasks.postgres.backups import BaseBackups, newest_stamp
 from tasks.postgres.storage import ArchiverState, ArchiverStatus
 from tasks.redis import RedisPersistence
 from tasks.settings import KubernetesSettings, OutageSettings, PostgresSettings, RedisSettings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def layers(**status: LayerStatus) -> list[LayerResult]:
@@ -155,3 +158,15 @@ def test_checklist_has_five_steps_with_this_platforms_commands_and_pitr_first() 
     )
     text = checklist_md(off, outage, KubernetesSettings(), PostgresSettings(), RedisSettings())
     assert "point-in-time recovery is impossible" in text
+
+
+def test_the_alert_route_runs_system_outage_for_approval_never_unattended() -> None:
+    from deployments.catalog import RUNBOOKS, by_name
+    from deployments.routing import build_params, load_routing
+
+    table = load_routing(REPO / "deployments" / "routing.yaml", RUNBOOKS)
+    labels = {"alertname": "AkigUnreachable", "instance": "https://akig.example.com/api/health"}
+    route = table.route_for(labels)
+    assert route is not None and (route.runbook, route.mode) == ("system-outage", "approve")
+    params = build_params(route, by_name(RUNBOOKS)["system-outage"], labels)
+    assert params["dry_run"] is False and params["auto_approve"] is False
