@@ -6,6 +6,7 @@ timeout per attempt, not a hidden stack of them. Tests swap settings, not this c
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import dns.resolver
 import httpx
 import psycopg
 import redis
@@ -30,6 +32,7 @@ from tasks.errors import PermanentError, TransientError
 from tasks.settings import (
     BackendSettings,
     KubernetesSettings,
+    OutageSettings,
     PaymentsSettings,
     PostgresSettings,
     PrometheusSettings,
@@ -268,3 +271,42 @@ def prometheus_http(settings: PrometheusSettings) -> httpx.Client:
         timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
         headers={"Authorization": f"Bearer {token}"} if token else {},
     )
+
+
+def resolver_address(resolver: str) -> tuple[str, int]:
+    """`ip`, `ip:port`, `[v6]` or `[v6]:port` as (ip, port); anything else a clear error."""
+    text = resolver.strip()
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise PermanentError(f"DNS resolver {resolver!r} is not ip, ip:port or [v6]:port")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise PermanentError(
+            f"DNS resolver {resolver!r} is not an IP address (ip, ip:port or [v6]:port)"
+        ) from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise PermanentError(f"DNS resolver {resolver!r}: port must be 1-65535")
+    return ip, int(port)
+
+
+def dns_resolver(settings: OutageSettings) -> dns.resolver.Resolver:
+    """A stub resolver: the configured server (no search domains, no cache), else the
+    system's resolv.conf; every lookup bounded by `dns_timeout_s`."""
+    if settings.resolver:
+        ip, port = resolver_address(settings.resolver)
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [ip]
+        resolver.port = port
+    else:
+        resolver = dns.resolver.Resolver(configure=True)
+    resolver.cache = None
+    resolver.timeout = settings.dns_timeout_s
+    resolver.lifetime = settings.dns_timeout_s
+    return resolver

@@ -37,6 +37,7 @@ pytest_plugins = [
     "tests.fixtures.slack_api",
     "tests.fixtures.acme",
     "tests.fixtures.worktree",
+    "tests.fixtures.outage",
 ]
 
 

@@ -14,7 +14,8 @@ One module per concern, all re-exported here (`from tasks.kubernetes import undo
 - `statefulset`: StatefulSet restart (plan + apply) and rollout status;
 - `resources`: a container's memory limit, raised at most 2x (plan + apply);
 - `env`: one container env var set to a capped literal, with its undo (plan + apply);
-- `pods`: pods, restarts and OOMKilled reasons, logs, events, Nodes (read only).
+- `pods`: pods, restarts and OOMKilled reasons, logs, events (one namespace or all), Nodes,
+  the pods of all namespaces not Running/Ready (read only).
 """
 
 from tasks.kubernetes.api import classify_api_error
@@ -42,7 +43,16 @@ from tasks.kubernetes.models import (
     StatefulSetRolloutStatus,
     TailLogsResult,
 )
-from tasks.kubernetes.pods import list_events, list_pods, node_status, pod_restarts, tail_logs
+from tasks.kubernetes.pods import (
+    cluster_events,
+    event_time,
+    list_events,
+    list_pods,
+    node_status,
+    pod_restarts,
+    pods_not_ready,
+    tail_logs,
+)
 from tasks.kubernetes.resources import (
     apply_memory_limit,
     memory_bytes,
@@ -141,9 +151,11 @@ __all__ = [
     "began_after_rollout",
     "began_before_rollout",
     "classify_api_error",
+    "cluster_events",
     "current_and_previous",
     "earlier_revisions",
     "equal_ignore_hash",
+    "event_time",
     "images_of",
     "label_selector_string",
     "labels_match",
@@ -158,6 +170,7 @@ __all__ = [
     "plan_rollback",
     "plan_statefulset_restart",
     "pod_restarts",
+    "pods_not_ready",
     "raise_memory_limit",
     "restart_rollout",
     "restart_statefulset",

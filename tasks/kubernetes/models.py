@@ -120,6 +120,9 @@ class PodInfo(BaseModel):
     ip: str | None
     created: datetime | None
     terminating: bool
+    reason: str | None = Field(
+        None, description="Why not running: the pod's reason, else a container's waiting reason."
+    )
 
 
 class PodLogs(BaseModel):
@@ -149,6 +152,7 @@ class TailLogsResult(BaseModel):
 class EventInfo(BaseModel):
     """One core/v1 Event."""
 
+    namespace: str | None = None
     type: str | None
     reason: str | None
     message: str | None
@@ -166,6 +170,9 @@ class NodeInfo(BaseModel):
     ready: bool
     unschedulable: bool
     problems: list[str] = Field(description="Conditions other than Ready that are True.")
+    conditions: list[str] = Field(
+        default_factory=list, description='Every condition as "Type=Status (Reason)".'
+    )
     kubelet_version: str | None
     addresses: list[str]
 
@@ -249,6 +256,7 @@ class PodRestarts(BaseModel):
     phase: str | None
     node: str | None
     containers: list[ContainerRestarts]
+    ready: bool | None = Field(None, description="The pod's Ready condition (None: not read).")
 
     @property
     def restarts(self) -> int:

@@ -30,6 +30,7 @@ def _pod_info(pod: k8s.V1Pod) -> PodInfo:
     status = pod.status or k8s.V1PodStatus()
     statuses = status.container_statuses or []
     ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+    waiting = next((c.state.waiting.reason for c in statuses if c.state and c.state.waiting), None)
     return PodInfo(
         name=meta(pod).name,
         namespace=meta(pod).namespace,
@@ -42,6 +43,7 @@ def _pod_info(pod: k8s.V1Pod) -> PodInfo:
         ip=status.pod_ip,
         created=meta(pod).creation_timestamp,
         terminating=meta(pod).deletion_timestamp is not None,
+        reason=status.reason or waiting,
     )
 
 
@@ -59,6 +61,11 @@ def list_pod_objects(kube: Kube, namespace: str, selector: str) -> list[k8s.V1Po
     return sorted(pods.items, key=lambda p: meta(p).name or "")
 
 
+def pods_of(kube: Kube, namespace: str, selector: str) -> list[PodInfo]:
+    """`kubectl get pods -l selector -o wide` as PodInfo, sorted by name."""
+    return [_pod_info(p) for p in list_pod_objects(kube, namespace, selector)]
+
+
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="list-pods-{label_selector}")
 def list_pods(
     label_selector: str | None = None,
@@ -70,7 +77,7 @@ def list_pods(
     namespace = namespace or settings.namespace
     selector = settings.label_selector if label_selector is None else label_selector
     with kube_session(settings) as kube:
-        return [_pod_info(p) for p in list_pod_objects(kube, namespace, selector)]
+        return pods_of(kube, namespace, selector)
 
 
 def _container_restarts(pod: k8s.V1Pod, status: k8s.V1ContainerStatus) -> ContainerRestarts:
@@ -102,6 +109,28 @@ def _container_restarts(pod: k8s.V1Pod, status: k8s.V1ContainerStatus) -> Contai
     )
 
 
+def restarts_of(kube: Kube, namespace: str, selector: str) -> list[PodRestarts]:
+    """Per pod matching `selector`: its containers' restarts and last termination."""
+    result = []
+    for pod in list_pod_objects(kube, namespace, selector):
+        status = pod.status or k8s.V1PodStatus()
+        # Init containers restart too (a crash-looping migration shows up there).
+        statuses = (status.init_container_statuses or []) + (status.container_statuses or [])
+        result.append(
+            PodRestarts(
+                pod=meta(pod).name,
+                namespace=meta(pod).namespace,
+                phase=status.phase,
+                node=pod.spec.node_name if pod.spec else None,
+                containers=[_container_restarts(pod, c) for c in statuses],
+                ready=any(
+                    c.type == "Ready" and c.status == "True" for c in status.conditions or []
+                ),
+            )
+        )
+    return result
+
+
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="pod-restarts-{label_selector}")
 def pod_restarts(
     label_selector: str | None = None,
@@ -113,22 +142,7 @@ def pod_restarts(
     namespace = namespace or settings.namespace
     selector = settings.label_selector if label_selector is None else label_selector
     with kube_session(settings) as kube:
-        pods = list_pod_objects(kube, namespace, selector)
-    result = []
-    for pod in pods:
-        status = pod.status or k8s.V1PodStatus()
-        # Init containers restart too (a crash-looping migration shows up there).
-        statuses = (status.init_container_statuses or []) + (status.container_statuses or [])
-        result.append(
-            PodRestarts(
-                pod=meta(pod).name,
-                namespace=meta(pod).namespace,
-                phase=status.phase,
-                node=pod.spec.node_name if pod.spec else None,
-                containers=[_container_restarts(pod, c) for c in statuses],
-            )
-        )
-    return result
+        return restarts_of(kube, namespace, selector)
 
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="tail-logs-{deployment}")
@@ -193,16 +207,27 @@ def tail_logs(
     )
 
 
-def _event_time(ev: k8s.CoreV1Event) -> datetime:
-    for ts in (
-        ev.last_timestamp,
-        ev.event_time,
-        ev.first_timestamp,
-        meta(ev).creation_timestamp,
-    ):
+def event_time(ev: k8s.CoreV1Event) -> datetime:
+    """When an event happened, as `kubectl get events --sort-by=.lastTimestamp` orders them:
+    lastTimestamp, else eventTime (events.k8s.io writers set only that), else creation."""
+    for ts in (ev.last_timestamp, ev.event_time, meta(ev).creation_timestamp):
         if ts is not None:
             return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
     return datetime.min.replace(tzinfo=UTC)
+
+
+def _event_info(ev: k8s.CoreV1Event) -> EventInfo:
+    return EventInfo(
+        namespace=meta(ev).namespace,
+        type=ev.type,
+        reason=ev.reason,
+        message=ev.message,
+        kind=ev.involved_object.kind,
+        name=ev.involved_object.name,
+        count=ev.count,
+        first_seen=ev.first_timestamp,
+        last_seen=event_time(ev),
+    )
 
 
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="list-events-{namespace}")
@@ -224,26 +249,47 @@ def list_events(
             resource="events",
             namespace=namespace,
         )
-    return [
-        EventInfo(
-            type=ev.type,
-            reason=ev.reason,
-            message=ev.message,
-            kind=ev.involved_object.kind,
-            name=ev.involved_object.name,
-            count=ev.count,
-            first_seen=ev.first_timestamp,
-            last_seen=_event_time(ev),
-        )
-        for ev in sorted(events.items, key=_event_time)
-    ]
+    return [_event_info(ev) for ev in sorted(events.items, key=event_time)]
 
 
-@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="node-status")
-def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
-    """Every Node's readiness, schedulability and pressure conditions (needs the ClusterRole)."""
+#: The most events `cluster_events` returns (a busy cluster keeps thousands for an hour).
+MAX_EVENTS = 1000
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="cluster-events")
+def cluster_events(limit: int = 100, settings: KubernetesSettings | None = None) -> list[EventInfo]:
+    """Events of all namespaces, the newest `limit`, oldest first (kubectl --sort-by order)."""
+    if not 1 <= limit <= MAX_EVENTS:
+        raise PermanentError(f"limit must be between 1 and {MAX_EVENTS}, not {limit}")
     with kube_session(settings) as kube:
-        nodes = call(kube, kube.core.list_node, verb="list", resource="nodes")
+        events = call(kube, kube.core.list_event_for_all_namespaces, verb="list", resource="events")
+    # sorted() is stable: events of the same second keep the API's order, as kubectl does.
+    ordered = sorted(events.items, key=event_time)
+    return [_event_info(ev) for ev in ordered[-limit:]]
+
+
+def not_running_pods(kube: Kube) -> list[PodInfo]:
+    """Pods of every namespace that are not Running or not Ready, by namespace and name.
+
+    Succeeded pods (finished Jobs) are done, not down: they are left out."""
+    pods = call(kube, kube.core.list_pod_for_all_namespaces, verb="list", resource="pods")
+    found = [_pod_info(p) for p in pods.items]
+    return sorted(
+        (p for p in found if p.phase != "Succeeded" and (p.phase != "Running" or not p.ready)),
+        key=lambda p: (p.namespace, p.name),
+    )
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="pods-not-ready-all-namespaces")
+def pods_not_ready(settings: KubernetesSettings | None = None) -> list[PodInfo]:
+    """Pods in all namespaces not Running or not Ready (needs the ClusterRole's pods list)."""
+    with kube_session(settings) as kube:
+        return not_running_pods(kube)
+
+
+def node_infos(kube: Kube) -> list[NodeInfo]:
+    """Every Node's readiness and conditions, by name."""
+    nodes = call(kube, kube.core.list_node, verb="list", resource="nodes")
     result = []
     for node in sorted(nodes.items, key=lambda n: meta(n).name or ""):
         conditions = (node.status.conditions if node.status else None) or []
@@ -257,6 +303,10 @@ def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
                     for c in conditions
                     if c.type != "Ready" and c.status == "True"
                 ],
+                conditions=[
+                    f"{c.type}={c.status}" + (f" ({c.reason})" if c.reason else "")
+                    for c in conditions
+                ],
                 kubelet_version=(
                     node.status.node_info.kubelet_version
                     if node.status and node.status.node_info
@@ -268,3 +318,10 @@ def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
             )
         )
     return result
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="node-status")
+def node_status(settings: KubernetesSettings | None = None) -> list[NodeInfo]:
+    """Every Node's readiness, schedulability and pressure conditions (needs the ClusterRole)."""
+    with kube_session(settings) as kube:
+        return node_infos(kube)
