@@ -9,7 +9,7 @@ not resolve is what the outage cascade is looking for.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import dns.exception
 import dns.rdatatype
@@ -80,15 +80,38 @@ def _first_line(exc: BaseException) -> str:
 
 
 def resolve_all(names: list[str], settings: OutageSettings) -> list[NameResolution]:
-    """Every name at once (a dead resolver costs one timeout, not one per name), in order."""
+    """Every name at once (a dead resolver costs one timeout, not one per name), in order.
+
+    The wait is capped here too: a lookup still running at `dns_timeout_s` (dnspython's own
+    deadline overrun by a retry's sleep or a busy CPU) is reported timed out and abandoned."""
     if not names:
         return []
     resolver = dns_resolver(settings)
     label = _resolver_label(resolver, settings)
-    with ThreadPoolExecutor(min(MAX_PARALLEL, len(names)), thread_name_prefix="dns") as pool:
-        return list(
-            pool.map(lambda n: resolve_name(n, resolver, settings.dns_timeout_s, label), names)
+    timeout_s = settings.dns_timeout_s
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(min(MAX_PARALLEL, len(names)), thread_name_prefix="dns")
+    futures = [pool.submit(resolve_name, n, resolver, timeout_s, label) for n in names]
+    done, _ = wait(futures, timeout=timeout_s)
+    pool.shutdown(wait=False, cancel_futures=True)
+    results = []
+    for name, future in zip(names, futures, strict=True):
+        if future in done and future.exception() is None:
+            results.append(future.result())
+            continue
+        error = future.exception() if future in done else None
+        results.append(
+            NameResolution(
+                name=name,
+                ok=False,
+                error=f"{type(error).__name__}: {_first_line(error)}"
+                if error
+                else f"timed out after {timeout_s:g} s",
+                ms=round((time.perf_counter() - start) * 1000, 2),
+                resolver=label,
+            )
         )
+    return results
 
 
 @task(cache_policy=NO_CACHE, task_run_name="resolve-hostnames")
