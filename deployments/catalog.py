@@ -227,6 +227,16 @@ RUNBOOKS: tuple[Runbook, ...] = (
         service_account="payment-failure",
     ),
     Runbook(
+        entrypoint="flows.system_outage:system_outage",
+        description="Complete outage: the seven-layer check cascade at once, the likely cause"
+        " named, events and DR readiness; a staggered backend-then-frontend restart after"
+        " approval only when it can help, verified from outside.",
+        tags=("outage", "kubernetes", "postgres", "redis", "dns", "destructive"),
+        # Acting takes the backend+frontend target lock; plan-only runs never wait.
+        concurrency_limit=None,
+        service_account="system-outage",
+    ),
+    Runbook(
         entrypoint="flows.post_incident:post_incident",
         description="The incident's timeline, figures and checklist form; exported as"
         " markdown and JSON. Started as a draft when an alert whose runbook ran resolves.",

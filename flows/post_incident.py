@@ -89,11 +89,13 @@ NOTIFY_FLOW = "escalate"
 #: mark after acting, so a Completed "acted" run is a passed verification. So does
 #: high-error-rate (ErrorRateNotRecovered) when the 5xx ratio stays above its threshold,
 #: and payment-failure (PaymentsNotRecovered) on a reconciliation anomaly, the gateway stop
-#: or a missed RTO.
+#: or a missed RTO; system-outage (OutageNotRecovered) when the endpoint still fails from
+#: outside after its restarts.
 RECOVERED_WHEN = {
     "db-pool-exhausted": ": acted",
     "high-error-rate": ": acted",
     "payment-failure": ": acted",
+    "system-outage": ": acted",
 }
 
 ChecklistName = Literal[

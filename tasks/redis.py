@@ -175,6 +175,55 @@ def redis_info(window_s: float = 0.0, settings: RedisSettings | None = None) -> 
     return result
 
 
+class RedisPersistence(BaseModel):
+    """INFO persistence: is AOF on, how its last rewrite went, and the last RDB save."""
+
+    target: str
+    aof_enabled: bool
+    aof_rewrite_in_progress: bool
+    aof_last_rewrite_time_sec: int | None = Field(
+        None, description="Duration of the last AOF rewrite, seconds; None: never rewritten."
+    )
+    aof_last_bgrewrite_status: str | None = None
+    aof_last_write_status: str | None = None
+    aof_rewrites: int | None = Field(None, description="Rewrites since start (Redis 7+).")
+    rdb_last_save_time: int | None = Field(None, description="Unix time of the last save.")
+    rdb_last_save_age_s: float | None = None
+    rdb_last_bgsave_status: str | None = None
+    rdb_changes_since_last_save: int | None = None
+
+
+def _opt_int(value: Any) -> int | None:
+    """An INFO figure as an int; None where absent or -1 (Redis' "never")."""
+    if value is None:
+        return None
+    number = int(value)
+    return None if number == -1 else number
+
+
+@task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="redis-persistence")
+def redis_persistence(settings: RedisSettings | None = None) -> RedisPersistence:
+    """INFO persistence: AOF on, last rewrite, last save and their statuses (read only)."""
+    settings = settings or RedisSettings()
+    with _redis(settings) as (client, target):
+        info = cast(dict[str, Any], client.info("persistence"))
+        now = time.time()
+    saved = _opt_int(info.get("rdb_last_save_time"))
+    return RedisPersistence(
+        target=target,
+        aof_enabled=bool(int(info.get("aof_enabled", 0))),
+        aof_rewrite_in_progress=bool(int(info.get("aof_rewrite_in_progress", 0))),
+        aof_last_rewrite_time_sec=_opt_int(info.get("aof_last_rewrite_time_sec")),
+        aof_last_bgrewrite_status=info.get("aof_last_bgrewrite_status"),
+        aof_last_write_status=info.get("aof_last_write_status"),
+        aof_rewrites=_opt_int(info.get("aof_rewrites")),
+        rdb_last_save_time=saved,
+        rdb_last_save_age_s=None if saved is None else round(max(0.0, now - saved), 1),
+        rdb_last_bgsave_status=info.get("rdb_last_bgsave_status"),
+        rdb_changes_since_last_save=_opt_int(info.get("rdb_changes_since_last_save")),
+    )
+
+
 def matches_everything(pattern: str) -> bool:
     """True for a glob that matches any key (`*`, `**`, `*?*`...): nothing but wildcards."""
     return "*" in pattern and set(pattern) <= {"*", "?"}

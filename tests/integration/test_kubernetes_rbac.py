@@ -67,6 +67,8 @@ ROLES = {
     "cert-renew-ingress",
     "db-pool-exhausted",
     "payment-failure",
+    "system-outage",  # tests/integration/test_outage_rbac.py
+    "system-outage-ingress",
     "performance-report",
 }
 

@@ -21,6 +21,7 @@ SEED_ALERTS = {
     "DatabaseConnectionPoolHigh",
     "CertificateExpiringInDays",
     "PaymentFailuresHigh",
+    "AkigUnreachable",
 }
 
 
