@@ -314,3 +314,60 @@ class PerformanceSettings(BaseSettings):
         description="Where each report is exported (markdown, JSON, PNG chart); the previous"
         " JSON there is what the next report compares against.",
     )
+
+
+class SecuritySettings(BaseSettings):
+    """What the security-breach runbook reads, where it keeps evidence, what it may reset."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_SECURITY_")
+
+    evidence_dir: Path = Field(
+        Path(".prefect/security-evidence"),
+        description="Where evidence bundles are written (one folder per incident, files"
+        " 0600, a manifest with a SHA-256 per file and one for the manifest).",
+    )
+    audit_table: str = Field("audit_logs", description="Table (optionally schema.table).")
+    user_column: str = Field("user_id", description="Who acted.")
+    ip_column: str = Field("ip", description="The source address.")
+    action_column: str = Field("action", description="What was done (e.g. login).")
+    status_column: str = Field("status", description="HTTP status of the request.")
+    created_at_column: str = Field("created_at", description="When (timestamptz).")
+    login_actions: list[str] = Field(
+        default_factory=lambda: ["login"], description="Values of the action column: logins."
+    )
+    window_hours: float = Field(24.0, gt=0, le=24 * 90, description="How far back to assess.")
+    failed_login_burst: int = Field(
+        20, ge=1, description="Failed logins by one user or address in 5 minutes: a burst."
+    )
+    many_ips: int = Field(5, ge=2, description="Distinct source addresses: one account shared.")
+    secret_change_hours: float = Field(
+        72.0, gt=0, description="A Secret changed within this is listed as recently changed."
+    )
+    session_key_pattern: str | None = Field(
+        None,
+        description="SCAN MATCH pattern of the login session keys in Redis (e.g."
+        " `akig:session:*`); unset = session revocation refuses.",
+    )
+    password_reset_path: str = Field(
+        "/api/admin/users/force-password-reset",
+        description="Backend endpoint (POST) that forces a password reset for all users.",
+    )
+    password_reset_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token of that endpoint."
+    )
+    password_reset_token_secret_block: str | None = Field(
+        None, description="Prefect Secret block holding that token."
+    )
+    egress_bytes_query: str | None = Field(
+        None,
+        description="PromQL giving egress bytes per user (label `user`) over the window;"
+        " unset = that exfiltration signal is not configured.",
+    )
+    requests_query: str | None = Field(
+        None,
+        description="PromQL giving requests per user (label `user`) over the window; unset ="
+        " not configured. Each is compared with the same query offset by a week (baseline).",
+    )
+    exfiltration_factor: float = Field(
+        5.0, gt=1, description="A user above this multiple of their own baseline is flagged."
+    )
