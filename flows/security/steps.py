@@ -16,13 +16,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from tasks.kubernetes.netpol import IsolationPlan, apply_isolation, plan_isolation
-from tasks.kubernetes.secret_rotation import (
-    RotationPlan,
-    RotationResult,
-    apply_rotation,
-    plan_rotation,
-)
 from tasks.security.passwords import force_password_reset
 from tasks.security.sessions import revoke_sessions
 
@@ -30,6 +23,13 @@ from flows.common import Report, md_escape
 from flows.driver import Runbook
 from flows.security.params import SPEC, SecurityBreachParams
 from flows.spec import Action, ActionRecord, ApprovalPolicy
+from tasks.kubernetes.netpol import IsolationPlan, apply_isolation, plan_isolation
+from tasks.kubernetes.secret_rotation import (
+    RotationPlan,
+    RotationResult,
+    apply_rotation,
+    plan_rotation,
+)
 
 SHOWN = 10
 
@@ -171,8 +171,10 @@ class RevokeAction(Action):
 
 
 def _todo(plan: RotationPlan) -> list[str]:
-    """The Secrets a plan still rotates (those not yet rotated for the incident)."""
-    return sorted(s.name for s in plan.secrets if not s.already_rotated)
+    """What a plan still does: the Secrets not yet rotated for the incident, the restarts."""
+    return sorted(s.name for s in plan.secrets if not s.already_rotated) + sorted(
+        f"restart {r.kind}/{r.name}" for r in plan.restarts
+    )
 
 
 def _rotation_text(result: RotationResult) -> str:
@@ -227,6 +229,11 @@ class IsolateStep(Step):
             f" pod(s) selected by `{params.selector}`: {_names(plan.pods)}"
             + (f"; cordon node(s) {_names(plan.nodes)}" if plan.cordon else "; no cordon")
             + "; no pod deleted, restarted or scaled"
+            + (
+                f"; WARNING: the selector picks EVERY pod of namespace {plan.namespace}"
+                if plan.selects_all_pods
+                else ""
+            )
         )
         return [
             IsolateAction(
@@ -257,11 +264,17 @@ class RotateStep(Step):
             f"rotate {'; '.join(parts) or 'no Secret'}; each backed up first"
             f" (`<name>-backup-<incident>`), then restart exactly {restarts}"
         )
+        if not todo:
+            # Rotated for this incident already: only restarts still owed (a run stopped
+            # between the write and the restarts) are left to do; never a second rotation.
+            summary = (
+                "restarts still owed: " if plan.restarts else "nothing to rotate: "
+            ) + summary
         return [
             RotateAction(
                 target=f"k8s:{plan.namespace}/secrets/{','.join(params.secrets)}",
-                summary=summary if todo else "nothing to rotate: " + summary,
-                possible=bool(todo),
+                summary=summary,
+                possible=bool(todo or plan.restarts),
                 rotation=plan,
             )
         ]

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -26,6 +26,7 @@ from uuid import UUID
 import psycopg
 import pytest
 import redis
+import yaml
 from kubernetes import client as k8s
 from prefect.client.orchestration import get_client
 
@@ -48,6 +49,7 @@ from tests.fixtures.prefect_runs import (
     wait_for_paused_run,
 )
 from tests.fixtures.sandbox import Sandbox
+from tests.fixtures.sinks import Sink, Sinks
 from tests.integration.kube_helpers import deployment_body, rolled_out, wait_until
 
 pytestmark = [pytest.mark.kube, pytest.mark.usefixtures("prefect_api")]
@@ -211,9 +213,35 @@ def acting(**kw: Any) -> SecurityBreachParams:
         "secrets": [SECRET],
         "dry_run": False,
         "ask_form": False,
+        "notify": False,
         "approval_timeout_s": 120,
     }
     return SecurityBreachParams(**{**base, **kw})
+
+
+RUNBOOK_CONTACTS = ("security-lead", "legal", "pr", "customer-support")
+
+
+@pytest.fixture
+def runbook_contacts(
+    breach: Callable[[], Breach], sinks: Sinks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], tuple[Breach, dict[str, Sink]]]:
+    """The breach, and the runbook's four contacts added to the test escalation config,
+    each with a sink of its own."""
+
+    def make() -> tuple[Breach, dict[str, Sink]]:
+        b = breach()
+        config = yaml.safe_load(Path(os.environ["RUNBOOKS_ESCALATION_CONFIG_FILE"]).read_text())
+        own: dict[str, Sink] = {}
+        for name in RUNBOOK_CONTACTS:
+            own[name] = sinks.slack()
+            config["contacts"][name] = {"channels": [own[name].save_block(f"test-breach-{name}")]}
+        path = tmp_path / "escalation-breach.yaml"
+        path.write_text(yaml.safe_dump(config))
+        monkeypatch.setenv("RUNBOOKS_ESCALATION_CONFIG_FILE", str(path))
+        return b, own
+
+    return make
 
 
 def start(params: SecurityBreachParams) -> tuple[Future[Any], UUID, ThreadPoolExecutor]:
@@ -303,7 +331,7 @@ def test_dry_run_captures_evidence_plans_every_step_and_changes_nothing(
     assert all(p in isolate for p in target_pods)
     rotate = out.step("rotate secrets").detail
     for user in ("akig-backend", "worker", "cron"):
-        assert f"Deployment/{user}" in rotate
+        assert f"deployment/{user}" in rotate
     assert "bystander" not in rotate
     assert f"delete {SESSIONS} session key(s)" in out.step("revoke sessions").detail
     assert "user(s)" in out.step("force password reset").detail
@@ -324,13 +352,13 @@ def test_dry_run_captures_evidence_plans_every_step_and_changes_nothing(
 
 
 def test_every_change_approved_evidence_first_no_value_leaks_and_a_second_run_rotates_nothing(
-    breach: Callable[[], Breach],
+    runbook_contacts: Callable[[], tuple[Breach, dict[str, Sink]]],
 ) -> None:
-    b = breach()
+    b, own = runbook_contacts()
     before = b.restarted()
     incident = f"inc-{uuid.uuid4().hex[:8]}"
     target_pods = b.pods("app=akig,component=akig-backend")
-    fut, run_id, pool = start(acting(incident=incident))
+    fut, run_id, pool = start(acting(incident=incident, notify=True))
     with pool:
         asked_for(run_id, "isolate")
         assert b.policies() == []  # nothing before the approval
@@ -380,21 +408,33 @@ def test_every_change_approved_evidence_first_no_value_leaks_and_a_second_run_ro
     # Evidence before any change: the bundle was complete before the policy and restarts.
     assert out.evidence is not None
     manifest = Path(out.evidence.directory) / "manifest.json"
-    written = datetime.fromtimestamp(manifest.stat().st_mtime).astimezone()
+    # The API server stamps whole seconds: the bundle's last write, cut to its second, is
+    # no later than the policy's creation and every restart.
+    written = datetime.fromtimestamp(int(manifest.stat().st_mtime), UTC)
     created = policy.metadata.creation_timestamp
     assert written <= created, (written, created)
     restart_times = [datetime.fromisoformat(after[n] or "") for n in changed]
-    assert all(written <= t.astimezone() for t in restart_times)
+    assert all(written <= t for t in restart_times), (written, restart_times)
     evidence_row = out.step("investigate")
     assert evidence_row.at <= out.step("isolate").at <= out.step("rotate secrets").at
     # Notified: critical, topic security (on-call, leadership, security team).
     assert {"on-call", "leadership", "security-team"} <= set(b.world.counts())
+    assert {name: len(sink.delivered) for name, sink in own.items()} == dict.fromkeys(
+        RUNBOOK_CONTACTS, 1
+    )
+    assert str(run_id) in json.dumps(own["legal"].delivered[0])  # the run's link
     # No secret value, old or new, in any log line or artifact of the run.
     scan_for(run_id, [OLD_VALUE, new["password"]])
 
     # A second run for the same incident: the earlier bundle verifies, nothing re-rotated.
     second = security_breach(
-        acting(incident=incident, isolate=False, reset_passwords=False, revoke_sessions=False),
+        acting(
+            incident=incident,
+            isolate=False,
+            reset_passwords=False,
+            revoke_sessions=False,
+            notify=True,
+        ),
         return_state=True,
     )
     again = outcome(second)
@@ -402,6 +442,10 @@ def test_every_change_approved_evidence_first_no_value_leaks_and_a_second_run_ro
     assert "already rotated" in again.step("rotate secrets").detail
     assert b.secret_values() == new and b.restarted() == after
     assert [c.ok for c in again.earlier_bundles] == [True]
+    # ... and pages nobody twice for the same incident.
+    assert {name: len(sink.delivered) for name, sink in own.items()} == dict.fromkeys(
+        RUNBOOK_CONTACTS, 1
+    )
     scan_for(second.state_details.flow_run_id, [OLD_VALUE, new["password"]])
 
 
@@ -510,5 +554,5 @@ def test_bad_parameters_are_refused_before_anything() -> None:
         SecurityBreachParams(selector="app=(")
     with pytest.raises(ValueError, match="DNS-1123"):
         SecurityBreachParams(selector="app=x", secrets=["Bad_Name"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="selector is required"):
         SecurityBreachParams(selector="")

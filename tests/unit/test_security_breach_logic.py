@@ -56,7 +56,7 @@ def test_label_selectors_that_parse(selector: str) -> None:
     "selector", ["", "   ", "app=(", "app=a b", "=x", "app in api", "app=x,,y=z", "a=" + "b" * 600]
 )
 def test_label_selectors_refused(selector: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="selector"):
         valid_selector(selector)
 
 
@@ -168,7 +168,7 @@ def test_drift_secret_and_exfiltration_rows() -> None:
     )
     (row,) = secret_rows(changes)
     assert row.verdict == Verdict.FAIL and "db-creds" in row.detail and "kubectl-edit" in row.detail
-    assert "1 of 4 (+1 ours)" == row.observed
+    assert row.observed == "1 of 4 (+1 ours)"
     (row,) = exfiltration_rows(ExfiltrationAssessment(status="not configured", factor=5))
     assert row.verdict == Verdict.NOT_CONFIGURED
     figures = ExfiltrationAssessment(
