@@ -115,9 +115,7 @@ def test_isolation_selects_exactly_the_affected_pods_and_undo_removes_only_ours(
         plan.pods + other.pods
     )
 
-    assert undo_isolation.fn(INCIDENT, ns, kube=settings) == [
-        f"networkpolicy/{plan.policy_name}"
-    ]
+    assert undo_isolation.fn(INCIDENT, ns, kube=settings) == [f"networkpolicy/{plan.policy_name}"]
     left = sorted(p.metadata.name for p in net.list_namespaced_network_policy(ns).items)
     assert left == sorted(["team-policy", other.policy_name])
     assert undo_isolation.fn(INCIDENT, ns, kube=settings) == []  # nothing left of ours
@@ -249,8 +247,10 @@ def _workloads(apps: Any, ns: str) -> None:
 
 
 def _restarted_at(apps: Any, ns: str, kind: str, name: str) -> str | None:
-    read = apps.read_namespaced_deployment if kind == "deployment" else (
-        apps.read_namespaced_stateful_set
+    read = (
+        apps.read_namespaced_deployment
+        if kind == "deployment"
+        else (apps.read_namespaced_stateful_set)
     )
     annotations = read(name, ns).spec.template.metadata.annotations or {}
     return annotations.get(RESTARTED_AT)
