@@ -417,7 +417,9 @@ def verify_bundle(directory: str) -> BundleCheck:
         rel = str(entry["path"])
         known.add(rel)
         path = root / rel
-        if not path.is_file():
+        if not path.resolve().is_relative_to(root.resolve()):
+            mismatched.append(rel)  # a manifest pointing outside its bundle is not ours
+        elif not path.is_file():
             missing.append(rel)
         elif _sha256(path.read_bytes()) != entry["sha256"]:
             mismatched.append(rel)

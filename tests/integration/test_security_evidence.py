@@ -222,7 +222,6 @@ def test_the_bundle_is_complete_verifies_and_detects_a_changed_byte(
     assert verify_bundle.fn(bundle.directory).manifest_ok is False
 
     # A second capture for the incident never overwrites: a new folder, the first kept.
-    time.sleep(0.01)
     again = capture_evidence.fn(
         "INC-42/breach", "component=web", ns, settings=settings, kube=kube, pg=pg_of(sec_db)
     )
