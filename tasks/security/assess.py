@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
 from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
@@ -227,26 +229,33 @@ def logins_of(
     params = _params(settings)
     try:
         with pg_connect(pg) as conn:
-            totals = conn.execute(_query(names, TOTALS_SQL), params).fetchone() or {}
-            bursts = conn.execute(_query(names, BURSTS_SQL), params).fetchall()
-            new_ips = conn.execute(_query(names, NEW_IPS_SQL), params).fetchall()
-            shared = conn.execute(_query(names, SHARED_SQL), params).fetchall()
-    except psycopg.errors.UndefinedTable:
-        return _unavailable(
-            settings, target, f"no table {settings.audit_table!r} (RUNBOOKS_SECURITY_AUDIT_TABLE)"
-        )
-    except psycopg.errors.UndefinedColumn:
-        return _unavailable(
-            settings,
-            target,
-            f"{settings.audit_table!r} lacks a configured column (RUNBOOKS_SECURITY_*_COLUMN)",
-        )
-    except psycopg.errors.InsufficientPrivilege:
-        return _unavailable(
-            settings, target, f"the runbook's role may not read {settings.audit_table!r}"
-        )
-    except (psycopg.errors.UndefinedFunction, psycopg.errors.DatatypeMismatch) as exc:
-        return _unavailable(settings, target, f"column types do not fit: {type(exc).__name__}")
+            # Caught inside the connection: pg_connect maps what escapes it to our errors.
+            try:
+                totals = conn.execute(_query(names, TOTALS_SQL), params).fetchone() or {}
+                bursts = conn.execute(_query(names, BURSTS_SQL), params).fetchall()
+                new_ips = conn.execute(_query(names, NEW_IPS_SQL), params).fetchall()
+                shared = conn.execute(_query(names, SHARED_SQL), params).fetchall()
+            except psycopg.errors.UndefinedTable:
+                return _unavailable(
+                    settings,
+                    target,
+                    f"no table {settings.audit_table!r} (RUNBOOKS_SECURITY_AUDIT_TABLE)",
+                )
+            except psycopg.errors.UndefinedColumn:
+                return _unavailable(
+                    settings,
+                    target,
+                    f"{settings.audit_table!r} lacks a configured column"
+                    " (RUNBOOKS_SECURITY_*_COLUMN)",
+                )
+            except psycopg.errors.InsufficientPrivilege:
+                return _unavailable(
+                    settings, target, f"the runbook's role may not read {settings.audit_table!r}"
+                )
+            except (psycopg.errors.UndefinedFunction, psycopg.errors.DatatypeMismatch) as exc:
+                return _unavailable(
+                    settings, target, f"column types do not fit: {type(exc).__name__}"
+                )
     except (TransientError, PermanentError) as exc:
         # The database down must not stop the evidence capture: it says so instead.
         return _unavailable(settings, target, str(exc))
@@ -467,6 +476,7 @@ def image_drift(
 
 #: Ask the API server for metadata only: Secret values never cross the wire.
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+ONE_METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class FieldWrite(BaseModel):
@@ -540,19 +550,29 @@ def secret_change_of(item: dict[str, Any]) -> SecretChange:
     )
 
 
+def _get_metadata(kube: Kube, path: str, path_params: dict[str, str], accept: str) -> Any:
+    """GET `path` asking for metadata only; a non-2xx answer raised as the API's."""
+    params = kube.client.param_serialize(
+        method="GET",
+        resource_path=path,
+        path_params=path_params,
+        header_params={"Accept": accept},
+        auth_settings=["BearerToken"],
+    )
+    response = kube.client.call_api(*params, _request_timeout=kube.timeout)
+    response.read()
+    if not 200 <= response.status < 300:
+        raise ApiException(http_resp=response)
+    return json.loads(response.data or b"{}")
+
+
 def list_secret_metadata(kube: Kube, namespace: str) -> list[dict[str, Any]]:
     """The namespace's Secrets as PartialObjectMetadata (names, labels, managedFields)."""
     body = call(
         kube,
-        kube.client.call_api,
-        "/api/v1/namespaces/{namespace}/secrets",
-        "GET",
-        {"namespace": namespace},
-        [],
-        {"Accept": METADATA_ONLY},
-        response_type="object",
-        auth_settings=["BearerToken"],
-        _return_http_data_only=True,
+        lambda _request_timeout: _get_metadata(
+            kube, "/api/v1/namespaces/{namespace}/secrets", {"namespace": namespace}, METADATA_ONLY
+        ),
         verb="list",
         resource="secrets",
         namespace=namespace,
@@ -563,19 +583,53 @@ def list_secret_metadata(kube: Kube, namespace: str) -> list[dict[str, Any]]:
     return list(body.get("items") or [])
 
 
+def named_secret_metadata(kube: Kube, namespace: str, names: list[str]) -> list[dict[str, Any]]:
+    """The named Secrets as PartialObjectMetadata (a missing one is skipped)."""
+    out = []
+    for name in names:
+        try:
+            body = call(
+                kube,
+                lambda _request_timeout, name=name: _get_metadata(
+                    kube,
+                    "/api/v1/namespaces/{namespace}/secrets/{name}",
+                    {"namespace": namespace, "name": name},
+                    ONE_METADATA_ONLY,
+                ),
+                verb="get",
+                resource="secrets",
+                name=name,
+                namespace=namespace,
+            )
+        except PermanentError as exc:
+            if "not found" in str(exc):
+                continue
+            raise
+        if not isinstance(body, dict) or body.get("kind") != "PartialObjectMetadata":
+            raise PermanentError("the API server did not answer Secret metadata only; not reading")
+        out.append(body)
+    return out
+
+
 @task(**RETRY_READ, cache_policy=NO_CACHE, task_run_name="recent-secret-changes")
 def recent_secret_changes(
     namespace: str | None = None,
     settings: SecuritySettings | None = None,
     kube: KubernetesSettings | None = None,
+    names: list[str] | None = None,
 ) -> SecretChanges:
-    """Secrets written within `secret_change_hours` by managedFields time (metadata only)."""
+    """Secrets written within `secret_change_hours` by managedFields time (metadata only);
+    `names` limits it to those Secrets (GET each: no `list secrets` permission needed)."""
     settings = settings or SecuritySettings()
     kube = kube or KubernetesSettings()
     namespace = namespace or kube.namespace
     since = datetime.now(UTC) - timedelta(hours=settings.secret_change_hours)
     with kube_session(kube) as session:
-        items = list_secret_metadata(session, namespace)
+        items = (
+            named_secret_metadata(session, namespace, names)
+            if names is not None
+            else list_secret_metadata(session, namespace)
+        )
     changes = [secret_change_of(i) for i in items]
     recent = sorted(
         (c for c in changes if c.last_changed is not None and c.last_changed >= since),

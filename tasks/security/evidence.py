@@ -110,7 +110,13 @@ class _Writer:
 
     def write(self, rel: str, data: bytes, kind: str) -> None:
         path = self.root / rel
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Each folder 0700 (mkdir's `parents` would give the intermediate ones the umask's).
+        folder = self.root
+        for part in Path(rel).parent.parts:
+            folder = folder / part
+            if not folder.is_dir():
+                folder.mkdir(mode=0o700)
+                os.chmod(folder, 0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -122,7 +128,9 @@ class _Writer:
 
 def _new_bundle_dir(base: Path, slug: str, now: datetime) -> Path:
     """`<base>/<slug>/<timestamp>` created 0700 (a clash gets a suffix, never a reuse)."""
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not base.is_dir():
+        base.mkdir(mode=0o700, parents=True)
+        os.chmod(base, 0o700)
     incident_dir = base / slug
     incident_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(incident_dir, 0o700)
@@ -409,7 +417,9 @@ def verify_bundle(directory: str) -> BundleCheck:
         rel = str(entry["path"])
         known.add(rel)
         path = root / rel
-        if not path.is_file():
+        if not path.resolve().is_relative_to(root.resolve()):
+            mismatched.append(rel)  # a manifest pointing outside its bundle is not ours
+        elif not path.is_file():
             missing.append(rel)
         elif _sha256(path.read_bytes()) != entry["sha256"]:
             mismatched.append(rel)
