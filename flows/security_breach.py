@@ -218,6 +218,9 @@ class _Run:
         try:
             result = drive(step, self.params)
         except Exception as exc:  # noqa: BLE001 - one step failing must not hide the next ones
+            # The type (and our own errors' secret-free message); a library's text may quote
+            # anything, so no traceback.
+            get_run_logger().error("step %s %s failed: %s", number, label, failure_text(exc))
             self.row(number, label, "failed", "-", failure_text(exc))
             return
         decision = result.approval

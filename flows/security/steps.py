@@ -14,10 +14,9 @@ ever passes through here: the rotation task keeps old and new values to itself.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
-from tasks.security.passwords import force_password_reset
-from tasks.security.sessions import revoke_sessions
+from prefect.utilities.annotations import quote
 
 from flows.common import Report, md_escape
 from flows.driver import Runbook
@@ -30,6 +29,8 @@ from tasks.kubernetes.secret_rotation import (
     apply_rotation,
     plan_rotation,
 )
+from tasks.security.passwords import force_password_reset
+from tasks.security.sessions import revoke_sessions
 
 SHOWN = 10
 
@@ -95,7 +96,7 @@ class RotateAction(Action):
     rotation: RotationPlan
 
     def try_dry_run(self) -> str:
-        result = apply_rotation(self.rotation, dry_run=True)
+        result = apply_rotation(_unvisited(self.rotation), dry_run=True)
         return "server dry run: " + _rotation_text(result) + "; nothing written"
 
     def undo(self) -> str:
@@ -114,7 +115,7 @@ class RotateAction(Action):
         )
 
     def apply(self) -> ActionRecord:
-        result = apply_rotation(self.rotation)
+        result = apply_rotation(_unvisited(self.rotation))
         return ActionRecord(
             kind=self.kind,
             target=self.target,
@@ -168,6 +169,12 @@ class RevokeAction(Action):
             after=f"{result.revoked} deleted",
             message=f"{result.revoked} session(s) revoked on {result.target}",
         )
+
+
+def _unvisited(plan: RotationPlan) -> RotationPlan:
+    """The plan as a task parameter Prefect does not walk: walking a model calls `dict()` on
+    it, which a field named `keys` (the Secret's key names) breaks."""
+    return cast(RotationPlan, quote(plan))
 
 
 def _todo(plan: RotationPlan) -> list[str]:
