@@ -283,6 +283,24 @@ def statuses(out: SecurityBreachOutcome) -> dict[str, str]:
     }
 
 
+def all_logs(run_id: UUID) -> list[str]:
+    """Every log line the run (and its tasks and subflows' tasks) sent, page by page."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    flow_run_logs(run_id)  # drains the pending lines first
+    lines: list[str] = []
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                limit=200,
+                offset=len(lines),
+            )
+            lines += [log.message for log in page]
+            if len(page) < 200:
+                return lines
+
+
 def scan_for(run_id: UUID | None, values: list[str]) -> None:
     """No value appears in any log line, task state message or artifact of the run."""
     assert run_id is not None
@@ -294,13 +312,13 @@ def scan_for(run_id: UUID | None, values: list[str]) -> None:
         )
         run = client.read_flow_run(run_id)
     texts = [
-        *flow_run_logs(run_id),
+        *all_logs(run_id),
         *task_run_states(run_id),
         *[f"{a.key}: {a.description}: {a.data}" for a in arts],
         json.dumps(run.parameters),
         str(run.state.message if run.state else ""),
     ]
-    assert len(texts) > 10  # the scan saw the run
+    assert len(texts) > 10 and any(SECRET in t for t in texts)  # the scan saw the rotation
     for value in values:
         for variant in {value, base64.b64encode(value.encode()).decode()}:
             leaked = [t for t in texts if variant in t]
