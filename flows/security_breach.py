@@ -51,9 +51,11 @@ from prefect.flow_runs import pause_flow_run
 from pydantic import BaseModel, Field
 
 from flows.common import (
+    Report,
     _end_expired_pause,
     failure_text,
     md_escape,
+    publish_on_exit,
     run_link,
     tag_run,
 )
@@ -152,8 +154,9 @@ class _Run:
     def section(self, heading: str, body: str) -> None:
         self.sections.append(f"## {heading}\n\n{body.strip()}\n")
 
-    def publish(self) -> None:
-        self.checklist.publish_with(self.sections)
+    def fill(self, report: Report) -> None:
+        """The report's sections: the checklist first, then the evidence behind it."""
+        report.sections = [f"## Checklist\n\n{self.checklist.markdown()}\n", *self.sections]
 
     # ------------------------------------------------------------------ 1 investigate
 
@@ -355,48 +358,45 @@ def security_breach(params: SecurityBreachParams) -> SecurityBreachOutcome:
     tag_run(RUNBOOK)
     run = _Run(params)
     namespace = run.namespace
-    try:
+    report = Report(ARTIFACT_KEY, f"Security breach checklist: incident {run.incident}")
+    with publish_on_exit(report, run.checklist.summary):
         try:
-            run.investigate()
-        except Exception as exc:  # noqa: BLE001 - the row says why; every change then refuses
-            run.row("1", "investigate", "failed", "runbook", failure_text(exc))
-        run.change(
-            "2",
-            IsolateStep(run.incident, namespace),
-            params.isolate,
-            "isolate is off",
-        )
-        try:
-            run.assess()
-        except Exception as exc:  # noqa: BLE001
-            run.row("3", "assess", "failed", "runbook", failure_text(exc))
-        try:
-            run.notify()
-        except Exception as exc:  # noqa: BLE001
-            run.row("4", "notify", "failed", "runbook", failure_text(exc))
-        run.change(
-            "5a",
-            RotateStep(run.incident, namespace),
-            params.rotate and bool(params.secrets),
-            "rotate is off" if not params.rotate else "no Secret named",
-        )
-        run.change(
-            "5b",
-            ResetStep(run.incident, namespace),
-            params.reset_passwords,
-            "reset_passwords is off",
-        )
-        run.change(
-            "5c",
-            RevokeStep(run.incident, namespace),
-            params.revoke_sessions,
-            "revoke_sessions is off",
-        )
-        run.human_form()
-        run.waf()
-    finally:
-        run.out.steps = list(run.checklist.rows)
-        run.publish()
+            try:
+                run.investigate()
+            except Exception as exc:  # noqa: BLE001 - the row says why; every change refuses
+                run.row("1", "investigate", "failed", "runbook", failure_text(exc))
+            run.change("2", IsolateStep(run.incident, namespace), params.isolate, "isolate is off")
+            try:
+                run.assess()
+            except Exception as exc:  # noqa: BLE001
+                run.row("3", "assess", "failed", "runbook", failure_text(exc))
+            try:
+                run.notify()
+            except Exception as exc:  # noqa: BLE001
+                run.row("4", "notify", "failed", "runbook", failure_text(exc))
+            run.change(
+                "5a",
+                RotateStep(run.incident, namespace),
+                params.rotate and bool(params.secrets),
+                "rotate is off" if not params.rotate else "no Secret named",
+            )
+            run.change(
+                "5b",
+                ResetStep(run.incident, namespace),
+                params.reset_passwords,
+                "reset_passwords is off",
+            )
+            run.change(
+                "5c",
+                RevokeStep(run.incident, namespace),
+                params.revoke_sessions,
+                "revoke_sessions is off",
+            )
+            run.human_form()
+            run.waf()
+        finally:
+            run.out.steps = list(run.checklist.rows)
+            run.fill(report)
     if run.failed:
         raise BreachStepsFailed(
             f"step(s) failed: {', '.join(run.failed)} (see the {ARTIFACT_KEY} artifact)"

@@ -11,11 +11,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from prefect.artifacts import create_markdown_artifact
 from prefect.input import RunInput
 from pydantic import BaseModel, Field
 
-from flows.common import md_escape, table
+from flows.common import table
 
 ARTIFACT_KEY = "security-breach-checklist"
 
@@ -47,6 +46,7 @@ class Checklist(BaseModel):
         return row
 
     def markdown(self) -> str:
+        """The checklist table: one row per step and human item."""
         rows = [
             [
                 r.number,
@@ -58,16 +58,15 @@ class Checklist(BaseModel):
             ]
             for r in self.rows
         ]
-        return f"# Security breach checklist: incident {md_escape(self.incident)}\n\n" + table(
-            ["#", "step", "status", "who", "when (UTC)", "detail"], rows
-        )
+        return table(["#", "step", "status", "who", "when (UTC)", "detail"], rows)
 
-    def publish_with(self, sections: list[str]) -> None:
-        """The checklist, then the sections behind it (evidence, assessment), as the artifact."""
-        create_markdown_artifact(
-            key=ARTIFACT_KEY,
-            markdown="\n".join([self.markdown(), *sections]),
-            description=f"security-breach checklist, incident {self.incident}",
+    def summary(self) -> str:
+        """The artifact's description: how many steps ended how."""
+        counts: dict[str, int] = {}
+        for r in self.rows:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return f"security-breach {self.incident}: " + ", ".join(
+            f"{n} {status}" for status, n in counts.items()
         )
 
 

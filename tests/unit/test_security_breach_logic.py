@@ -91,9 +91,9 @@ def test_checklist_rows_say_who_and_when() -> None:
     c.add("1", "investigate", "done", "runbook", "12 file(s)")
     c.add("5a", "rotate secrets", "refused", "leadership", "refused | by an allowed approver")
     md = c.markdown()
-    assert "inc-1" in md and "| REFUSED |" in md and "leadership" in md
+    assert "| REFUSED |" in md and "leadership" in md and "inc-1" in c.summary()
     assert "\\|" in md  # a cell's pipe cannot break the table
-    assert md.count("\n|") == 4  # header, rule, two rows
+    assert md.count("\n") == 3  # header, rule, two rows
 
 
 def test_human_form_answers_in_order() -> None:
