@@ -407,3 +407,57 @@ def test_rotation_refuses_what_it_must_not_touch(
     assert ROTATED_FOR not in (secret.metadata.annotations or {})
     names = [s.metadata.name for s in core.list_namespaced_secret(ns).items]
     assert plan.secrets[0].backup_name not in names
+
+
+def test_rotation_after_a_lost_backup_answer_goes_on_and_a_foreign_backup_stops_it(
+    kube_cluster: KubeCluster, kube_namespace: str
+) -> None:
+    ns, settings = kube_namespace, kube_cluster.settings(kube_namespace)
+    core: Any = k8s.CoreV1Api(kube_cluster.api())
+    for name in ("akig-db-credentials", "akig-api-keys"):
+        core.create_namespaced_secret(ns, _secret(name, {"password": f"pw-{name}"}))
+    plan = plan_rotation.fn(INCIDENT, ["akig-db-credentials", "akig-api-keys"], ns, kube=settings)
+    first, second = plan.secrets
+    # The backup of the first landed, its answer was lost: the same backup, ours, identical.
+    landed = core.read_namespaced_secret(first.name, ns)
+    core.create_namespaced_secret(
+        ns,
+        {
+            "metadata": {"name": first.backup_name, "labels": {BACKUP_OF: first.name}},
+            "type": "Opaque",
+            "data": landed.data,
+        },
+    )
+    # The second's backup name is taken by something else: that Secret must not be rotated.
+    core.create_namespaced_secret(ns, _secret(second.backup_name, {"password": "stale"}))
+    with pytest.raises(SafetyViolation, match="does not hold the current values"):
+        apply_rotation.fn(plan, kube=settings)
+    rotated = core.read_namespaced_secret(first.name, ns)
+    assert rotated.metadata.annotations[ROTATED_FOR] == incident_slug(INCIDENT)
+    assert rotated.data != landed.data
+    untouched = core.read_namespaced_secret(second.name, ns)
+    assert untouched.metadata.resource_version == second.resource_version
+
+
+def test_second_run_restarts_nothing_when_the_plan_was_made_long_before_the_apply(
+    kube_cluster: KubeCluster, kube_namespace: str
+) -> None:
+    # An approval takes minutes: the users' restartedAt (chosen at plan time) is older than
+    # the rotation itself, and still counts as "restarted after the rotation".
+    ns, settings = kube_namespace, kube_cluster.settings(kube_namespace)
+    admin = kube_cluster.api()
+    core: Any = k8s.CoreV1Api(admin)
+    core.create_namespaced_secret(ns, _secret("akig-db-credentials", {"password": "p-3"}))
+    _workloads(k8s.AppsV1Api(admin), ns)
+    early = "2026-01-01T00:00:00Z"
+    plan = plan_rotation.fn(INCIDENT, ["akig-db-credentials"], ns, kube=settings)
+    plan = plan.model_copy(
+        update={
+            "restarted_at": early,
+            "restarts": [r.model_copy(update={"restarted_at": early}) for r in plan.restarts],
+        }
+    )
+    done = apply_rotation.fn(plan, kube=settings)
+    assert done.rotated == ["akig-db-credentials"] and len(done.restarts) == 3
+    second = plan_rotation.fn(INCIDENT, ["akig-db-credentials"], ns, kube=settings)
+    assert second.secrets[0].already_rotated and second.restarts == []
