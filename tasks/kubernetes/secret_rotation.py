@@ -62,6 +62,7 @@ ROTATED_AT = "runbooks/rotated-at"
 USERS_RESTART_AT = "runbooks/users-restart-at"
 BACKUP_OF = "runbooks/backup-of"
 ROTATABLE_TYPES = ("Opaque", "kubernetes.io/basic-auth")
+Outcome = Literal["rotated", "already rotated", "dry run"]
 _NAME = TypeAdapter(KubeName)
 _NETWORK = (urllib3.exceptions.HTTPError, OSError)
 
@@ -86,7 +87,7 @@ class SecretRotationPlan(BaseModel):
     name: str
     resource_version: str = Field(description="Pinned: the write fails if it changed since.")
     type: str
-    keys: list[str]
+    key_names: list[str] = Field(description="The Secret's keys (never their values).")
     already_rotated: bool = Field(description="Rotated for this incident before: skipped.")
     backup_name: str
     users: list[SecretUser]
@@ -116,9 +117,9 @@ class RotatedSecret(BaseModel):
     """What happened to one Secret."""
 
     name: str
-    outcome: Literal["rotated", "already rotated", "dry run"]
+    outcome: Outcome
     backup_name: str
-    keys: list[str]
+    key_names: list[str] = Field(description="The Secret's keys (never their values).")
 
 
 class RestartDone(BaseModel):
@@ -288,7 +289,7 @@ def plan_rotation(
                     name=name,
                     resource_version=str(meta(secret).resource_version),
                     type=str(secret.type),
-                    keys=keys,
+                    key_names=keys,
                     already_rotated=done,
                     backup_name=backup_name(name, slug),
                     users=users,
@@ -347,15 +348,20 @@ def _backup(
         )
 
 
+def _outcome(item: SecretRotationPlan, outcome: Outcome) -> RotatedSecret:
+    return RotatedSecret(
+        name=item.name, outcome=outcome, backup_name=item.backup_name, key_names=item.key_names
+    )
+
+
 def _rotate_one(
     kube: Kube, plan: RotationPlan, item: SecretRotationPlan, dry: bool
 ) -> RotatedSecret:
     ns = plan.namespace
-    keep = {"name": item.name, "backup_name": item.backup_name, "keys": item.keys}
     secret = _read_secret(kube, item.name, ns)
     annotations = dict(meta(secret).annotations or {})
     if annotations.get(ROTATED_FOR) == plan.slug:
-        return RotatedSecret(outcome="already rotated", **keep)
+        return _outcome(item, "already rotated")
     if meta(secret).resource_version != item.resource_version:
         raise SafetyViolation(
             f"secret {ns}/{item.name} changed since the plan (resourceVersion"
@@ -368,7 +374,7 @@ def _rotate_one(
     annotations[USERS_RESTART_AT] = plan.restarted_at
     secret.metadata.annotations = annotations
     secret.data = {
-        key: base64.b64encode(secrets.token_urlsafe(32).encode()).decode() for key in item.keys
+        key: base64.b64encode(secrets.token_urlsafe(32).encode()).decode() for key in item.key_names
     }
     try:
         kube.core.replace_namespaced_secret(
@@ -385,7 +391,7 @@ def _rotate_one(
         raise _secret_error(exc, "update", item.name, ns) from None
     finally:
         secret.data = None  # drop the new values as soon as they are sent
-    return RotatedSecret(outcome="dry run" if dry else "rotated", **keep)
+    return _outcome(item, "dry run" if dry else "rotated")
 
 
 @task(
@@ -405,8 +411,7 @@ def apply_rotation(
     with kube_session(settings) as k:
         for item in plan.secrets:
             if item.already_rotated:
-                keep = {"name": item.name, "backup_name": item.backup_name, "keys": item.keys}
-                done.append(RotatedSecret(outcome="already rotated", **keep))
+                done.append(_outcome(item, "already rotated"))
                 continue
             result = _rotate_one(k, plan, item, dry_run)
             log.warning(
@@ -414,7 +419,7 @@ def apply_rotation(
                 plan.namespace,
                 item.name,
                 result.outcome,
-                len(item.keys),
+                len(item.key_names),
                 item.backup_name,
             )
             done.append(result)

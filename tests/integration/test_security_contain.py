@@ -272,7 +272,7 @@ def test_rotation_backs_up_rotates_and_restarts_exactly_its_users(
 
     plan = plan_rotation.fn(INCIDENT, ["akig-db-credentials"], ns, kube=settings)
     (item,) = plan.secrets
-    assert item.keys == ["password", "username"] and not item.already_rotated
+    assert item.key_names == ["password", "username"] and not item.already_rotated
     assert item.backup_name == f"akig-db-credentials-backup-{slug}"
     assert {(u.kind, u.name) for u in item.users} == {
         ("deployment", "uses-volume"),
@@ -461,3 +461,44 @@ def test_second_run_restarts_nothing_when_the_plan_was_made_long_before_the_appl
     assert done.rotated == ["akig-db-credentials"] and len(done.restarts) == 3
     second = plan_rotation.fn(INCIDENT, ["akig-db-credentials"], ns, kube=settings)
     assert second.secrets[0].already_rotated and second.restarts == []
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_as_prefect_tasks_in_a_flow_run_no_value_reaches_the_api(
+    kube_cluster: KubeCluster, kube_namespace: str
+) -> None:
+    from prefect import flow
+
+    from tests.fixtures.prefect_runs import flow_run_logs, task_run_states
+
+    ns, settings = kube_namespace, kube_cluster.settings(kube_namespace)
+    admin = kube_cluster.api()
+    core: Any = k8s.CoreV1Api(admin)
+    old = {"password": "old-flow-pw-Qe41", "api_key": "old-flow-key-8Hn"}
+    core.create_namespaced_secret(ns, _secret("akig-db-credentials", old))
+    _workloads(k8s.AppsV1Api(admin), ns)
+    settled_pods(settings, ns, "component=uses-volume", 1)
+
+    @flow(name="contain-test")
+    def contain() -> tuple[Any, Any, list[str]]:
+        isolation = apply_isolation(
+            plan_isolation(INCIDENT, "component=uses-volume", ns, kube=settings), kube=settings
+        )
+        rotation = apply_rotation(
+            plan_rotation(INCIDENT, ["akig-db-credentials"], ns, kube=settings), kube=settings
+        )
+        return isolation, rotation, undo_isolation(INCIDENT, ns, kube=settings)
+
+    state = contain(return_state=True)
+    isolation, rotation, undone = state.result()
+    assert isolation.created and rotation.rotated == ["akig-db-credentials"]
+    assert undone == [f"networkpolicy/{isolation.policy_name}"]
+    new = core.read_namespaced_secret("akig-db-credentials", ns).data
+    text = "\n".join(
+        flow_run_logs(state.state_details.flow_run_id)
+        + task_run_states(state.state_details.flow_run_id)
+    )
+    assert "rotated (2 key(s)" in text  # the scan looks at the real log
+    values = [*old.values(), *(_b64(v) for v in old.values()), *new.values()]
+    values += [base64.b64decode(v).decode() for v in new.values()]
+    assert not [v for v in values if v in text]
