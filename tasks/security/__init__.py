@@ -1,0 +1,1 @@
+"""Security-breach tasks: evidence, assessments and the containment primitives."""
