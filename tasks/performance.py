@@ -272,13 +272,13 @@ class SlowUsers(BaseModel):
     users: list[UserLatency] = Field(default_factory=list)
 
 
-def audit_table_identifier(name: str) -> sql.Identifier:
+def audit_table_identifier(
+    name: str, setting: str = "RUNBOOKS_PERFORMANCE_AUDIT_TABLE"
+) -> sql.Identifier:
     """`table` or `schema.table` as one SQL identifier (each part quoted); else a clear error."""
     parts = name.split(".")
     if not 1 <= len(parts) <= 2 or not all(p.strip() for p in parts):
-        raise PermanentError(
-            f"RUNBOOKS_PERFORMANCE_AUDIT_TABLE must be `table` or `schema.table`, not {name!r}"
-        )
+        raise PermanentError(f"{setting} must be `table` or `schema.table`, not {name!r}")
     return sql.Identifier(*parts)
 
 
