@@ -10,6 +10,7 @@ import base64
 import json
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,9 @@ from tasks.errors import SafetyViolation, TransientError
 from tasks.kubernetes import restart_rollout, scale
 from tasks.kubernetes.netpol import apply_isolation, plan_isolation, undo_isolation
 from tasks.kubernetes.secret_rotation import apply_rotation, plan_rotation
-from tasks.settings import KubernetesSettings
+from tasks.security.assess import image_drift, recent_secret_changes
+from tasks.security.evidence import capture_evidence, verify_bundle
+from tasks.settings import KubernetesSettings, SecuritySettings
 from tests.integration.kube_helpers import deployment_body, settled_pods, wait_until
 from tests.integration.test_kubernetes_rbac import (
     Cluster,
@@ -82,7 +85,7 @@ def _plan_when_a_second_passed(incident: str, ns: str, sa: KubernetesSettings) -
         return None
 
 
-def test_security_breach_grants(breach_grants: Cluster) -> None:
+def test_security_breach_grants(breach_grants: Cluster, tmp_path: Path) -> None:
     c, ns, ingress = breach_grants, breach_grants.platform, breach_grants.ingress
     admin_settings = c.kube.settings(ns)
     apps: Any = k8s.AppsV1Api(c.admin)
@@ -106,6 +109,17 @@ def test_security_breach_grants(breach_grants: Cluster) -> None:
     sa_core: Any = k8s.CoreV1Api(sa_api)
     sa_net: Any = k8s.NetworkingV1Api(sa_api)
     wait_until(lambda: not forbidden(lambda: sa_core.list_namespaced_pod(ns)), what="binding")
+
+    # The runbook's read-only steps first, with the token alone: evidence, assessments.
+    security = SecuritySettings(evidence_dir=tmp_path)
+    bundle = capture_evidence.fn("SEC-1", "app=akig", ns, settings=security, kube=sa)
+    assert len(bundle.pods) == 2 and not [e for e in bundle.errors if "forbidden" in e]
+    assert verify_bundle.fn(bundle.directory).ok
+    assert len(image_drift.fn("app=akig", ns, kube=sa).containers) == 2
+    assert {c.name for c in recent_secret_changes.fn(ns, kube=sa).changed} >= {
+        "akig-db-credentials",
+        "akig-other-secret",
+    }
 
     # Isolate (with cordon) and undo, with the token alone.
     plan = plan_isolation.fn("SEC-1", "component=akig-intruder", ns, cordon=True, kube=sa)
