@@ -57,12 +57,12 @@ from flows.outage.dr import Readiness, checklist_md, publish_checklist, readines
 from flows.outage.params import RUNBOOK, SystemOutageParams
 from flows.outage.recovery import (
     OutageVerification,
-    RestartStep,
     not_planned,
     plan_restarts,
     restart_helps,
     verify_from_outside,
 )
+from flows.restart import DeploymentRestart
 from flows.spec import (
     Action,
     ActionRecord,
@@ -328,7 +328,7 @@ class SystemOutage(Runbook[SystemOutageParams, Findings]):
                 report.add("Stagger", f"{stagger:g} s before the next restart.")
                 time.sleep(stagger)
             records += super().act(params, [action], report, held)
-            if isinstance(action, RestartStep):
+            if isinstance(action, DeploymentRestart):
                 if action.restart.deployment == kube.backend_deployment:
                     times.backend_started_at = action.started_at
                     times.backend_rolled_out_at = action.rolled_out_at

@@ -10,12 +10,11 @@ from __future__ import annotations
 from flows.cache_clear import CacheClear
 from flows.common import md_escape
 from flows.error_rate.params import Scenario
+from flows.restart import DeploymentRestart
 from flows.spec import Action, ActionRecord, ApprovalPolicy
 from tasks.kubernetes import (
-    RestartPlan,
     RollbackPlan,
     StatefulSetRestartPlan,
-    apply_restart,
     apply_rollback,
     apply_statefulset_restart,
     wait_for_rollout,
@@ -80,31 +79,10 @@ class RollbackAction(ErrorRateAction):
         )
 
 
-class RestartAction(ErrorRateAction):
+class RestartAction(ErrorRateAction, DeploymentRestart):
     """B: `kubectl rollout restart` of the backend Deployment."""
 
     kind: str = "restart"
-    restart: RestartPlan
-    rollout_timeout_s: float
-
-    def try_dry_run(self) -> str:
-        return apply_restart(self.restart, dry_run=True).message
-
-    def undo(self) -> str:
-        was = self.restart.previous_restarted_at or "never set"
-        return f"{md_escape(self.target)}: restartedAt was {md_escape(was)}."
-
-    def apply(self) -> ActionRecord:
-        rs = self.restart
-        done = apply_restart(rs)
-        status = wait_for_rollout(rs.deployment, rs.namespace, timeout_s=self.rollout_timeout_s)
-        return ActionRecord(
-            kind=self.kind,
-            target=self.target,
-            before=f"restartedAt {rs.previous_restarted_at or 'never'}",
-            after=f"restartedAt {done.restarted_at}",
-            message=f"{done.message}; {status.message}",
-        )
 
 
 class DatabaseRestartAction(ErrorRateAction):

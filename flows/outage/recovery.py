@@ -14,16 +14,16 @@ of quiet so the database sees one wave of reconnects at a time, then the fronten
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
-from flows.common import failure_text, md_escape
+from flows.common import failure_text
 from flows.driver import Verification
 from flows.outage.params import SystemOutageParams
-from flows.spec import Action, ActionRecord
+from flows.restart import DeploymentRestart
+from flows.spec import Action
 from tasks.cascade.models import LAYER_TITLES, LayerName, LayerResult
 from tasks.endpoint import EndpointCheck, endpoint_health
 from tasks.errors import RunbookError
-from tasks.kubernetes import RestartPlan, apply_restart, plan_restart, wait_for_rollout
+from tasks.kubernetes import plan_restart
 from tasks.locks import kube_lock_target
 from tasks.settings import BackendSettings, KubernetesSettings, OutageSettings
 
@@ -43,40 +43,6 @@ NO_RESTART: dict[LayerName, str] = {
     "dependencies": "an external dependency is down: our pods cannot fix it; degrade or wait"
     " for the provider",
 }
-
-
-class RestartStep(Action):
-    """`kubectl rollout restart` of one Deployment (pinned `restartedAt`), then its rollout
-    waited for; the start and end times are kept so the stagger can be shown (and tested)."""
-
-    kind: str = "restart"
-    restart: RestartPlan
-    rollout_timeout_s: float
-    started_at: datetime | None = None
-    rolled_out_at: datetime | None = None
-
-    def try_dry_run(self) -> str:
-        return apply_restart(self.restart, dry_run=True).message
-
-    def undo(self) -> str:
-        was = self.restart.previous_restarted_at or "never set"
-        return f"{md_escape(self.target)}: restartedAt was {md_escape(was)}."
-
-    def apply(self) -> ActionRecord:
-        rs = self.restart
-        self.started_at = datetime.now(UTC)
-        done = apply_restart(rs)
-        status = wait_for_rollout(rs.deployment, rs.namespace, timeout_s=self.rollout_timeout_s)
-        self.rolled_out_at = datetime.now(UTC)
-        return ActionRecord(
-            kind=self.kind,
-            target=self.target,
-            before=f"restartedAt {rs.previous_restarted_at or 'never'}",
-            after=f"restartedAt {done.restarted_at}",
-            message=f"{done.message}; {status.message} (started {self.started_at:%H:%M:%S.%f}"[:-3]
-            + f", rolled out {self.rolled_out_at:%H:%M:%S.%f}"[:-3]
-            + " UTC)",
-        )
 
 
 def restart_helps(layers: list[LayerResult], first_broken: LayerName | None) -> bool:
@@ -133,7 +99,7 @@ def plan_restarts(params: SystemOutageParams, kube: KubernetesSettings) -> list[
             )
             continue
         steps.append(
-            RestartStep(
+            DeploymentRestart(
                 target=target,
                 summary=f"rollout restart of deployment/{name}, then wait for its rollout"
                 f" (at most {params.rollout_timeout_s:g} s)",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from prefect import task
@@ -277,6 +278,25 @@ def apply_isolation(
     )
 
 
+def _nodes_for_undo(kube: Kube, slug: str) -> list[Any]:
+    """The nodes annotated as cordoned for the incident; none when Nodes may not be listed
+    (the optional cordon's ClusterRole left out: then nothing was cordoned by us)."""
+    try:
+        nodes = kube.core.list_node(_request_timeout=kube.timeout)
+    except ApiException as exc:
+        if exc.status == 403:
+            run_logger().info("nodes may not be listed (no cordon grant): no node to uncordon")
+            return []
+        raise classify_api_error(
+            exc, verb="list", resource="nodes", name=None, namespace=None, host=kube.host
+        ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise classify_api_error(
+            exc, verb="list", resource="nodes", name=None, namespace=None, host=kube.host
+        ) from None
+    return [n for n in nodes.items if (meta(n).annotations or {}).get(CORDONED_FOR) == slug]
+
+
 @task(**RETRY_IDEMPOTENT_WRITE, cache_policy=NO_CACHE, task_run_name="undo-isolation-{incident}")
 def undo_isolation(
     incident: str, namespace: str | None = None, kube: KubernetesSettings | None = None
@@ -311,10 +331,7 @@ def undo_isolation(
                         host=k.host,
                     ) from None
             undone.append(f"networkpolicy/{name}")
-        nodes: Any = call(k, k.core.list_node, verb="list", resource="nodes")
-        for node in nodes.items:
-            if (node.metadata.annotations or {}).get(CORDONED_FOR) != slug:
-                continue
+        for node in _nodes_for_undo(k, slug):
             body = {
                 "metadata": {"annotations": {CORDONED_FOR: None}},
                 "spec": {"unschedulable": None},

@@ -10,10 +10,12 @@ then restart exactly the workloads that use them.
 - `apply_rotation` (idempotent write): per Secret, first the backup `<name>-backup-<slug>`
   (same type and data, labelled ours), then every key gets `secrets.token_urlsafe(32)`,
   written with the pinned resourceVersion (a change since the plan: 409, nothing written)
-  and the annotations `runbooks/rotated-for` / `runbooks/rotated-at`. A Secret already
-  rotated for the incident is never rotated again (a second run, or a retry after a lost
-  answer). Then the users are restarted (`kubectl rollout restart` semantics, a no-op when
-  the planned value is set).
+  and the annotations `runbooks/rotated-for`, `runbooks/rotated-at` and
+  `runbooks/users-restart-at` (the users' planned `restartedAt`). A Secret already rotated
+  for the incident is never rotated again (a second run, or a retry after a lost answer);
+  its users are restarted again only when their `restartedAt` is older than that planned
+  one (a run that died in between). Then the users are restarted (`kubectl rollout
+  restart` semantics, a no-op when the planned value is set).
 
 Only `Opaque` and `kubernetes.io/basic-auth` Secrets are rotated: random bytes in a TLS key,
 a registry credential or a ServiceAccount token would break them, not secure them. A
@@ -31,6 +33,7 @@ import secrets
 from datetime import datetime
 from typing import Any, Literal
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from prefect import task
@@ -54,9 +57,14 @@ from tasks.tls.secrets import KubeName
 
 ROTATED_FOR = "runbooks/rotated-for"
 ROTATED_AT = "runbooks/rotated-at"
+#: The `restartedAt` the rotation's plan chose for the Secret's users: a user whose own value
+#: is older was not restarted after the rotation.
+USERS_RESTART_AT = "runbooks/users-restart-at"
 BACKUP_OF = "runbooks/backup-of"
 ROTATABLE_TYPES = ("Opaque", "kubernetes.io/basic-auth")
+Outcome = Literal["rotated", "already rotated", "dry run"]
 _NAME = TypeAdapter(KubeName)
+_NETWORK = (urllib3.exceptions.HTTPError, OSError)
 
 _LISTS: dict[Kind, str] = {
     "deployment": "list_namespaced_deployment",
@@ -79,7 +87,7 @@ class SecretRotationPlan(BaseModel):
     name: str
     resource_version: str = Field(description="Pinned: the write fails if it changed since.")
     type: str
-    keys: list[str]
+    key_names: list[str] = Field(description="The Secret's keys (never their values).")
     already_rotated: bool = Field(description="Rotated for this incident before: skipped.")
     backup_name: str
     users: list[SecretUser]
@@ -101,6 +109,7 @@ class RotationPlan(BaseModel):
     slug: str
     namespace: str
     secrets: list[SecretRotationPlan]
+    restarted_at: str = Field(description="The `restartedAt` chosen for every user restart.")
     restarts: list[PlannedRestart]
 
 
@@ -108,9 +117,9 @@ class RotatedSecret(BaseModel):
     """What happened to one Secret."""
 
     name: str
-    outcome: Literal["rotated", "already rotated", "dry run"]
+    outcome: Outcome
     backup_name: str
-    keys: list[str]
+    key_names: list[str] = Field(description="The Secret's keys (never their values).")
 
 
 class RestartDone(BaseModel):
@@ -143,10 +152,12 @@ def backup_name(name: str, slug: str) -> str:
     return f"{name}-backup-{slug}"[:253].rstrip("-.")
 
 
-def _secret_error(exc: ApiException, verb: str, name: str, namespace: str) -> Exception:
+def _secret_error(exc: Exception, verb: str, name: str, namespace: str) -> Exception:
     # Never the server's message: a validation error could quote a value.
-    status = exc.status or 0
     what = f"secret {namespace}/{name}"
+    if not isinstance(exc, ApiException):
+        return TransientError(f"cannot {verb} {what}: Kubernetes API unreachable")
+    status = exc.status or 0
     if status == 404:
         return PermanentError(f"{what} not found")
     if status == 403:
@@ -159,7 +170,7 @@ def _secret_error(exc: ApiException, verb: str, name: str, namespace: str) -> Ex
 def _read_secret(kube: Kube, name: str, namespace: str) -> Any:
     try:
         return kube.core.read_namespaced_secret(name, namespace, _request_timeout=kube.timeout)
-    except ApiException as exc:
+    except (ApiException, *_NETWORK) as exc:
         raise _secret_error(exc, "get", name, namespace) from None
 
 
@@ -213,13 +224,15 @@ def _validated_names(names: list[str]) -> list[str]:
     return names
 
 
-def _restarted_before(obj: Any, rotated_at: str | None) -> bool:
-    """A user of an already rotated Secret still needs its restart (a run died between)."""
-    if rotated_at is None:
+def _restart_missed(obj: Any, users_restart_at: str | None) -> bool:
+    """A user of an already rotated Secret still needs its restart: its `restartedAt` is
+    older than the one the rotation planned for its users (the run died between the two)."""
+    if users_restart_at is None:
         return False
     last = template_annotations(obj).get(RESTARTED_AT)
     try:
-        return last is None or datetime.fromisoformat(last) < datetime.fromisoformat(rotated_at)
+        planned = datetime.fromisoformat(users_restart_at)
+        return last is None or datetime.fromisoformat(last) < planned
     except ValueError:
         return True
 
@@ -262,7 +275,7 @@ def plan_rotation(
                 if not how:
                     continue
                 users.append(SecretUser(kind=kind, name=meta(obj).name, how=how))
-                if done and not _restarted_before(obj, annotations.get(ROTATED_AT)):
+                if done and not _restart_missed(obj, annotations.get(USERS_RESTART_AT)):
                     continue
                 key = (kind, str(meta(obj).name))
                 if key not in restarts:
@@ -276,7 +289,7 @@ def plan_rotation(
                     name=name,
                     resource_version=str(meta(secret).resource_version),
                     type=str(secret.type),
-                    keys=keys,
+                    key_names=keys,
                     already_rotated=done,
                     backup_name=backup_name(name, slug),
                     users=users,
@@ -287,6 +300,7 @@ def plan_rotation(
         slug=slug,
         namespace=ns,
         secrets=planned,
+        restarted_at=restarted_at,
         restarts=sorted(restarts.values(), key=lambda r: (r.kind, r.name)),
     )
 
@@ -310,6 +324,8 @@ def _backup(
             ns, body, dry_run="All" if dry else None, _request_timeout=kube.timeout
         )
         return
+    except _NETWORK as exc:
+        raise _secret_error(exc, "create", item.backup_name, ns) from None
     except ApiException as exc:
         if exc.status != 409:
             raise _secret_error(exc, "create", item.backup_name, ns) from None
@@ -317,6 +333,8 @@ def _backup(
         existing = kube.core.read_namespaced_secret(
             item.backup_name, ns, _request_timeout=kube.timeout
         )
+    except _NETWORK as exc:
+        raise _secret_error(exc, "get", item.backup_name, ns) from None
     except ApiException as exc:
         raise SafetyViolation(
             f"backup secret {ns}/{item.backup_name} already exists and cannot be checked"
@@ -330,15 +348,20 @@ def _backup(
         )
 
 
+def _outcome(item: SecretRotationPlan, outcome: Outcome) -> RotatedSecret:
+    return RotatedSecret(
+        name=item.name, outcome=outcome, backup_name=item.backup_name, key_names=item.key_names
+    )
+
+
 def _rotate_one(
     kube: Kube, plan: RotationPlan, item: SecretRotationPlan, dry: bool
 ) -> RotatedSecret:
     ns = plan.namespace
-    keep = {"name": item.name, "backup_name": item.backup_name, "keys": item.keys}
     secret = _read_secret(kube, item.name, ns)
     annotations = dict(meta(secret).annotations or {})
     if annotations.get(ROTATED_FOR) == plan.slug:
-        return RotatedSecret(outcome="already rotated", **keep)
+        return _outcome(item, "already rotated")
     if meta(secret).resource_version != item.resource_version:
         raise SafetyViolation(
             f"secret {ns}/{item.name} changed since the plan (resourceVersion"
@@ -348,14 +371,17 @@ def _rotate_one(
     _backup(kube, secret, plan, item, dry)
     annotations[ROTATED_FOR] = plan.slug
     annotations[ROTATED_AT] = rfc3339_now()
+    annotations[USERS_RESTART_AT] = plan.restarted_at
     secret.metadata.annotations = annotations
     secret.data = {
-        key: base64.b64encode(secrets.token_urlsafe(32).encode()).decode() for key in item.keys
+        key: base64.b64encode(secrets.token_urlsafe(32).encode()).decode() for key in item.key_names
     }
     try:
         kube.core.replace_namespaced_secret(
             item.name, ns, secret, dry_run="All" if dry else None, _request_timeout=kube.timeout
         )
+    except _NETWORK as exc:
+        raise _secret_error(exc, "update", item.name, ns) from None
     except ApiException as exc:
         if exc.status == 409:
             raise SafetyViolation(
@@ -365,7 +391,7 @@ def _rotate_one(
         raise _secret_error(exc, "update", item.name, ns) from None
     finally:
         secret.data = None  # drop the new values as soon as they are sent
-    return RotatedSecret(outcome="dry run" if dry else "rotated", **keep)
+    return _outcome(item, "dry run" if dry else "rotated")
 
 
 @task(
@@ -385,8 +411,7 @@ def apply_rotation(
     with kube_session(settings) as k:
         for item in plan.secrets:
             if item.already_rotated:
-                keep = {"name": item.name, "backup_name": item.backup_name, "keys": item.keys}
-                done.append(RotatedSecret(outcome="already rotated", **keep))
+                done.append(_outcome(item, "already rotated"))
                 continue
             result = _rotate_one(k, plan, item, dry_run)
             log.warning(
@@ -394,7 +419,7 @@ def apply_rotation(
                 plan.namespace,
                 item.name,
                 result.outcome,
-                len(item.keys),
+                len(item.key_names),
                 item.backup_name,
             )
             done.append(result)

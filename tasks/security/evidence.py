@@ -36,7 +36,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from tasks.errors import PermanentError
+from tasks.errors import PermanentError, TransientError
 from tasks.kubernetes.api import Kube, call, kube_session, run_logger
 from tasks.kubernetes.pods import event_time, list_pod_objects
 from tasks.kubernetes.semantics import meta
@@ -90,6 +90,9 @@ class BundleCheck(BaseModel):
     mismatched: list[str] = Field(default_factory=list)
     missing: list[str] = Field(default_factory=list)
     unexpected: list[str] = Field(default_factory=list, description="Files not in the manifest.")
+    incomplete: str | None = Field(
+        None, description="Why the capture stopped early (its files still hashed), or None."
+    )
 
 
 def _sha256(data: bytes) -> str:
@@ -294,6 +297,64 @@ def _capture_pods(
                     w.write(f"logs/{part}/{_safe_part(c.name)}.previous.log", prev, "previous-log")
 
 
+def _capture_objects(
+    kube: Kube,
+    w: _Writer,
+    pods: list[k8s.V1Pod],
+    replica_sets: list[Any],
+    deployments: list[Any],
+    events: list[Any],
+) -> None:
+    """images.json, events.json and the owners' objects."""
+    api = kube.client
+    w.write_json("images.json", _images(pods), "images")
+    involved = {meta(o).name for o in [*pods, *replica_sets, *deployments]}
+    about = [e for e in sorted(events, key=event_time) if e.involved_object.name in involved]
+    w.write_json("events.json", api.sanitize_for_serialization(about), "events")
+    for rs in replica_sets:
+        w.write_json(
+            f"workloads/replicaset-{_safe_part(str(meta(rs).name))}.json",
+            api.sanitize_for_serialization(rs),
+            "workload",
+        )
+    for dep in deployments:
+        w.write_json(
+            f"workloads/deployment-{_safe_part(str(meta(dep).name))}.json",
+            api.sanitize_for_serialization(dep),
+            "workload",
+        )
+
+
+def _capture_audit(
+    w: _Writer, settings: SecuritySettings, pg: PostgresSettings | None, errors: list[str]
+) -> str:
+    """audit.json: the login assessment and the window's login rows; returns the status."""
+    logins = logins_of(settings, pg)
+    rows: list[dict[str, Any]] = []
+    truncated = False
+    if logins.ok:
+        try:
+            rows, truncated = audit_login_rows(settings, pg, AUDIT_ROW_LIMIT)
+        except (PermanentError, TransientError) as exc:
+            errors.append(f"audit rows: {exc}")
+    w.write_json(
+        "audit.json",
+        {"assessment": logins.model_dump(mode="json"), "rows": rows, "truncated": truncated},
+        "audit",
+    )
+    return "ok" if logins.ok else f"{logins.status}: {logins.detail}"
+
+
+def _write_manifest(w: _Writer, header: dict[str, Any]) -> str:
+    """manifest.json (every file written so far) and manifest.sha256; returns the hash."""
+    manifest = {**header, "files": [f.model_dump() for f in w.files]}
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    w.write(MANIFEST, data, "manifest")
+    digest = _sha256(data)
+    w.write(MANIFEST_HASH, f"{digest}  {MANIFEST}\n".encode(), "manifest")
+    return digest
+
+
 @task(cache_policy=NO_CACHE, task_run_name="capture-evidence-{incident}")
 def capture_evidence(
     incident: str,
@@ -327,49 +388,28 @@ def capture_evidence(
         )
         root = _new_bundle_dir(settings.evidence_dir, slug, captured_at)
         w = _Writer(root)
-        _capture_pods(session, w, namespace, pods, errors)
-        w.write_json("images.json", _images(pods), "images")
-        involved = {meta(o).name for o in [*pods, *replica_sets, *deployments]}
-        about = [
-            e for e in sorted(events.items, key=event_time) if e.involved_object.name in involved
-        ]
-        w.write_json("events.json", session.client.sanitize_for_serialization(about), "events")
-        for rs in replica_sets:
-            w.write_json(
-                f"workloads/replicaset-{_safe_part(str(meta(rs).name))}.json",
-                session.client.sanitize_for_serialization(rs),
-                "workload",
-            )
-        for dep in deployments:
-            w.write_json(
-                f"workloads/deployment-{_safe_part(str(meta(dep).name))}.json",
-                session.client.sanitize_for_serialization(dep),
-                "workload",
-            )
-    logins = logins_of(settings, pg)
-    rows, truncated = audit_login_rows(settings, pg, AUDIT_ROW_LIMIT) if logins.ok else ([], False)
-    w.write_json(
-        "audit.json",
-        {"assessment": logins.model_dump(mode="json"), "rows": rows, "truncated": truncated},
-        "audit",
-    )
-    audit_status = "ok" if logins.ok else f"{logins.status}: {logins.detail}"
-    pod_names = [meta(p).name for p in pods]
-    manifest = {
-        "incident": incident,
-        "slug": slug,
-        "namespace": namespace,
-        "selector": selector,
-        "captured_at": captured_at.isoformat(),
-        "pods": pod_names,
-        "errors": errors,
-        "files": [f.model_dump() for f in w.files],
-    }
-    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        header = {
+            "incident": incident,
+            "slug": slug,
+            "namespace": namespace,
+            "selector": selector,
+            "captured_at": captured_at.isoformat(),
+            "pods": [meta(p).name for p in pods],
+            "errors": errors,
+        }
+        try:
+            _capture_pods(session, w, namespace, pods, errors)
+            _capture_objects(session, w, pods, replica_sets, deployments, events.items)
+            audit_status = _capture_audit(w, settings, pg, errors)
+        except Exception as exc:
+            # What was written stays, hashed and marked incomplete; the caller sees the error
+            # (and must not go on to change anything).
+            why = str(exc)[:300] if isinstance(exc, PermanentError | TransientError) else ""
+            _write_manifest(w, {**header, "incomplete": why or type(exc).__name__})
+            raise
     files = list(w.files)
-    w.write(MANIFEST, data, "manifest")
-    digest = _sha256(data)
-    w.write(MANIFEST_HASH, f"{digest}  {MANIFEST}\n".encode(), "manifest")
+    digest = _write_manifest(w, header)
+    pod_names = [str(n) for n in header["pods"]]
     run_logger().info(
         "evidence for %s: %d pod(s), %d file(s) in %s, manifest sha256 %s",
         slug,
@@ -407,7 +447,9 @@ def verify_bundle(directory: str) -> BundleCheck:
     mismatched = [] if manifest_ok else [MANIFEST]
     missing = [] if (root / MANIFEST_HASH).is_file() else [MANIFEST_HASH]
     try:
-        listed = json.loads(data)["files"]
+        parsed = json.loads(data)
+        listed = parsed["files"]
+        incomplete = parsed.get("incomplete")
     except (ValueError, KeyError, TypeError):
         return BundleCheck(
             directory=directory, ok=False, manifest_ok=False, mismatched=[MANIFEST], missing=missing
@@ -443,4 +485,5 @@ def verify_bundle(directory: str) -> BundleCheck:
         mismatched=mismatched,
         missing=missing,
         unexpected=unexpected,
+        incomplete=None if incomplete is None else str(incomplete),
     )

@@ -272,7 +272,7 @@ def test_rotation_backs_up_rotates_and_restarts_exactly_its_users(
 
     plan = plan_rotation.fn(INCIDENT, ["akig-db-credentials"], ns, kube=settings)
     (item,) = plan.secrets
-    assert item.keys == ["password", "username"] and not item.already_rotated
+    assert item.key_names == ["password", "username"] and not item.already_rotated
     assert item.backup_name == f"akig-db-credentials-backup-{slug}"
     assert {(u.kind, u.name) for u in item.users} == {
         ("deployment", "uses-volume"),
@@ -407,3 +407,98 @@ def test_rotation_refuses_what_it_must_not_touch(
     assert ROTATED_FOR not in (secret.metadata.annotations or {})
     names = [s.metadata.name for s in core.list_namespaced_secret(ns).items]
     assert plan.secrets[0].backup_name not in names
+
+
+def test_rotation_after_a_lost_backup_answer_goes_on_and_a_foreign_backup_stops_it(
+    kube_cluster: KubeCluster, kube_namespace: str
+) -> None:
+    ns, settings = kube_namespace, kube_cluster.settings(kube_namespace)
+    core: Any = k8s.CoreV1Api(kube_cluster.api())
+    for name in ("akig-db-credentials", "akig-api-keys"):
+        core.create_namespaced_secret(ns, _secret(name, {"password": f"pw-{name}"}))
+    plan = plan_rotation.fn(INCIDENT, ["akig-db-credentials", "akig-api-keys"], ns, kube=settings)
+    first, second = plan.secrets
+    # The backup of the first landed, its answer was lost: the same backup, ours, identical.
+    landed = core.read_namespaced_secret(first.name, ns)
+    core.create_namespaced_secret(
+        ns,
+        {
+            "metadata": {"name": first.backup_name, "labels": {BACKUP_OF: first.name}},
+            "type": "Opaque",
+            "data": landed.data,
+        },
+    )
+    # The second's backup name is taken by something else: that Secret must not be rotated.
+    core.create_namespaced_secret(ns, _secret(second.backup_name, {"password": "stale"}))
+    with pytest.raises(SafetyViolation, match="does not hold the current values"):
+        apply_rotation.fn(plan, kube=settings)
+    rotated = core.read_namespaced_secret(first.name, ns)
+    assert rotated.metadata.annotations[ROTATED_FOR] == incident_slug(INCIDENT)
+    assert rotated.data != landed.data
+    untouched = core.read_namespaced_secret(second.name, ns)
+    assert untouched.metadata.resource_version == second.resource_version
+
+
+def test_second_run_restarts_nothing_when_the_plan_was_made_long_before_the_apply(
+    kube_cluster: KubeCluster, kube_namespace: str
+) -> None:
+    # An approval takes minutes: the users' restartedAt (chosen at plan time) is older than
+    # the rotation itself, and still counts as "restarted after the rotation".
+    ns, settings = kube_namespace, kube_cluster.settings(kube_namespace)
+    admin = kube_cluster.api()
+    core: Any = k8s.CoreV1Api(admin)
+    core.create_namespaced_secret(ns, _secret("akig-db-credentials", {"password": "p-3"}))
+    _workloads(k8s.AppsV1Api(admin), ns)
+    early = "2026-01-01T00:00:00Z"
+    plan = plan_rotation.fn(INCIDENT, ["akig-db-credentials"], ns, kube=settings)
+    plan = plan.model_copy(
+        update={
+            "restarted_at": early,
+            "restarts": [r.model_copy(update={"restarted_at": early}) for r in plan.restarts],
+        }
+    )
+    done = apply_rotation.fn(plan, kube=settings)
+    assert done.rotated == ["akig-db-credentials"] and len(done.restarts) == 3
+    second = plan_rotation.fn(INCIDENT, ["akig-db-credentials"], ns, kube=settings)
+    assert second.secrets[0].already_rotated and second.restarts == []
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_as_prefect_tasks_in_a_flow_run_no_value_reaches_the_api(
+    kube_cluster: KubeCluster, kube_namespace: str
+) -> None:
+    from prefect import flow
+
+    from tests.fixtures.prefect_runs import flow_run_logs, task_run_states
+
+    ns, settings = kube_namespace, kube_cluster.settings(kube_namespace)
+    admin = kube_cluster.api()
+    core: Any = k8s.CoreV1Api(admin)
+    old = {"password": "old-flow-pw-Qe41", "api_key": "old-flow-key-8Hn"}
+    core.create_namespaced_secret(ns, _secret("akig-db-credentials", old))
+    _workloads(k8s.AppsV1Api(admin), ns)
+    settled_pods(settings, ns, "component=uses-volume", 1)
+
+    @flow(name="contain-test")
+    def contain() -> tuple[Any, Any, list[str]]:
+        isolation = apply_isolation(
+            plan_isolation(INCIDENT, "component=uses-volume", ns, kube=settings), kube=settings
+        )
+        rotation = apply_rotation(
+            plan_rotation(INCIDENT, ["akig-db-credentials"], ns, kube=settings), kube=settings
+        )
+        return isolation, rotation, undo_isolation(INCIDENT, ns, kube=settings)
+
+    state = contain(return_state=True)
+    isolation, rotation, undone = state.result()
+    assert isolation.created and rotation.rotated == ["akig-db-credentials"]
+    assert undone == [f"networkpolicy/{isolation.policy_name}"]
+    new = core.read_namespaced_secret("akig-db-credentials", ns).data
+    text = "\n".join(
+        flow_run_logs(state.state_details.flow_run_id)
+        + task_run_states(state.state_details.flow_run_id)
+    )
+    assert "rotated (2 key(s)" in text  # the scan looks at the real log
+    values = [*old.values(), *(_b64(v) for v in old.values()), *new.values()]
+    values += [base64.b64decode(v).decode() for v in new.values()]
+    assert not [v for v in values if v in text]

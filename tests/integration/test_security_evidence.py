@@ -255,6 +255,56 @@ def test_capture_refuses_bad_input_and_keeps_going_without_the_audit_table(
         verify_bundle.fn(str(tmp_path))
 
 
+def token_with(kube_cluster: KubeCluster, ns: str, rules: list[dict[str, Any]]) -> Any:
+    """KubernetesSettings of a fresh ServiceAccount in `ns` bound to a Role with `rules`."""
+    api = kube_cluster.api()
+    core: Any = k8s.CoreV1Api(api)
+    rbac: Any = k8s.RbacAuthorizationV1Api(api)
+    name = f"sa-{uuid.uuid4().hex[:6]}"
+    core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
+    rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
+    rbac.create_namespaced_role_binding(
+        ns,
+        {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+        },
+    )
+    token = core.create_namespaced_service_account_token(
+        name, ns, k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(audiences=[]))
+    ).status.token
+    return kube_cluster.settings(ns, kubeconfig=kube_cluster.kubeconfig_for(token, name))
+
+
+READS = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets", "deployments"], "verbs": ["get"]},
+]
+
+
+def test_capture_with_least_privilege_and_an_rbac_gap_mid_capture(
+    kube_cluster: KubeCluster, kube_namespace: str, tmp_path: Path
+) -> None:
+    ns = kube_namespace
+    make_web(kube_cluster, ns)
+    settings = SecuritySettings(evidence_dir=tmp_path / "ev", audit_table="no_such_table")
+    logs = {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}
+    enough = token_with(kube_cluster, ns, [*READS, logs])
+    full = capture_evidence.fn("INC-7", "component=web", ns, settings=settings, kube=enough)
+    assert len(full.pods) == 2 and full.errors == [] and verify_bundle.fn(full.directory).ok
+
+    # Without pods/log the capture fails loudly, and what it wrote is kept, hashed, marked.
+    no_logs = token_with(kube_cluster, ns, READS)
+    with pytest.raises(PermanentError, match="forbidden"):
+        capture_evidence.fn("INC-7", "component=web", ns, settings=settings, kube=no_logs)
+    dirs = bundles_of("INC-7", settings)
+    assert len(dirs) == 2 and dirs[0] == full.directory
+    partial = verify_bundle.fn(dirs[1])
+    assert partial.ok and partial.incomplete and "pods/log" in partial.incomplete
+
+
 # ---------------------------------------------------------------------------------------------
 # Image drift and Secrets (Kubernetes API)
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +363,25 @@ def test_recent_secret_changes_come_from_managed_fields_without_values(
         ns, settings=settings, kube=kube, names=["db-creds", "old-creds", "gone"]
     )
     assert [c.name for c in named.changed] == ["db-creds"] and named.total == 2
+    # A Role with `get` on the named Secrets only is enough by name; listing is forbidden.
+    named_only = token_with(
+        kube_cluster,
+        ns,
+        [
+            {
+                "apiGroups": [""],
+                "resources": ["secrets"],
+                "resourceNames": ["db-creds"],
+                "verbs": ["get"],
+            }
+        ],
+    )
+    by_name = recent_secret_changes.fn(ns, settings=settings, kube=named_only, names=["db-creds"])
+    assert [c.name for c in by_name.changed] == ["db-creds"]
+    with pytest.raises(PermanentError, match="forbidden"):
+        recent_secret_changes.fn(ns, settings=settings, kube=named_only)
     # Values never come back (they never even cross the wire: metadata only).
-    for result in (got, wide, named):
+    for result in (got, wide, named, by_name):
         dumped = result.model_dump_json()
         assert value not in dumped and "c2VjcmV0" not in dumped
 
