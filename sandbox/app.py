@@ -46,6 +46,7 @@ from sandbox.payments.router import add_payment_routes
 from sandbox.payments.service import PaymentService
 from sandbox.pool import Pool, PoolExhaustedError
 from sandbox.release import BUGGY_RELEASES, ReleaseSource, release_source
+from sandbox.security import add_security_routes
 from sandbox.settings import SandboxSettings
 
 #: Buckets of `http_request_duration_seconds`: fine below 1 s, where the p95 alert sits.
@@ -461,6 +462,7 @@ class Backend:
             return {**backend._fault_view(backend.faults.reset()), "fill_removed": removed}
 
         add_payment_routes(app, backend.payments, guarded)
+        add_security_routes(app, backend.pool, guarded)
         return app
 
     def _fault_view(self, state: FaultState) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def redis_target(settings: RedisSettings) -> str:
 
 
 @contextmanager
-def _redis(settings: RedisSettings) -> Iterator[tuple[redis.Redis, str]]:
+def redis_session(settings: RedisSettings) -> Iterator[tuple[redis.Redis, str]]:
     client = redis_client(settings)
     target = redis_target(settings)
     try:
@@ -109,7 +109,7 @@ def _redis(settings: RedisSettings) -> Iterator[tuple[redis.Redis, str]]:
 def redis_ping(settings: RedisSettings | None = None) -> PingResult:
     """PING the server and time the round trip."""
     settings = settings or RedisSettings()
-    with _redis(settings) as (client, target):
+    with redis_session(settings) as (client, target):
         start = time.perf_counter()
         ok = bool(client.ping())
         return PingResult(
@@ -135,7 +135,7 @@ def redis_info(window_s: float = 0.0, settings: RedisSettings | None = None) -> 
     if not 0 <= window_s <= 300:
         raise PermanentError(f"window_s must be between 0 and 300, not {window_s}")
     settings = settings or RedisSettings()
-    with _redis(settings) as (client, target):
+    with redis_session(settings) as (client, target):
         first = _info(client)
         last = first
         if window_s:
@@ -205,7 +205,7 @@ def _opt_int(value: Any) -> int | None:
 def redis_persistence(settings: RedisSettings | None = None) -> RedisPersistence:
     """INFO persistence: AOF on, last rewrite, last save and their statuses (read only)."""
     settings = settings or RedisSettings()
-    with _redis(settings) as (client, target):
+    with redis_session(settings) as (client, target):
         info = cast(dict[str, Any], client.info("persistence"))
         now = time.time()
     saved = _opt_int(info.get("rdb_last_save_time"))
@@ -227,6 +227,27 @@ def redis_persistence(settings: RedisSettings | None = None) -> RedisPersistence
 def matches_everything(pattern: str) -> bool:
     """True for a glob that matches any key (`*`, `**`, `*?*`...): nothing but wildcards."""
     return "*" in pattern and set(pattern) <= {"*", "?"}
+
+
+def scan_unlink(client: redis.Redis, pattern: str, dry_run: bool) -> tuple[int, int, list[str]]:
+    """SCAN `pattern` and UNLINK in batches (count only on a dry run): matched, deleted, a
+    few sample names. A retry finds the keys already gone."""
+    matched = deleted = 0
+    sample: list[str] = []
+    batch: list[str] = []
+    for key in client.scan_iter(match=pattern, count=BATCH):
+        matched += 1
+        if len(sample) < SAMPLE_KEYS:
+            sample.append(str(key))
+        if dry_run:
+            continue
+        batch.append(str(key))
+        if len(batch) >= BATCH:
+            deleted += int(cast(int, client.unlink(*batch)))
+            batch = []
+    if batch:
+        deleted += int(cast(int, client.unlink(*batch)))
+    return matched, deleted, sample
 
 
 @task(
@@ -252,7 +273,7 @@ def clear_cache(dry_run: bool = True, settings: RedisSettings | None = None) -> 
             "(RUNBOOKS_REDIS_CACHE_ONLY): refusing"
         )
     sample: list[str] = []
-    with _redis(settings) as (client, target):
+    with redis_session(settings) as (client, target):
         if everything:
             # Cache-only db: DBSIZE is the count; FLUSHDB ASYNC frees it without blocking.
             matched = int(cast(int, client.dbsize()))
@@ -271,21 +292,7 @@ def clear_cache(dry_run: bool = True, settings: RedisSettings | None = None) -> 
                 deleted=deleted,
                 sample_keys=sample,
             )
-        matched = deleted = 0
-        sample = []
-        batch: list[str] = []
-        for key in client.scan_iter(match=pattern, count=BATCH):
-            matched += 1
-            if len(sample) < SAMPLE_KEYS:
-                sample.append(str(key))
-            if dry_run:
-                continue
-            batch.append(str(key))
-            if len(batch) >= BATCH:
-                deleted += int(cast(int, client.unlink(*batch)))
-                batch = []
-        if batch:
-            deleted += int(cast(int, client.unlink(*batch)))
+        matched, deleted, sample = scan_unlink(client, pattern, dry_run)
     return CacheClearResult(
         target=target,
         pattern=pattern,

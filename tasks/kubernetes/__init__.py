@@ -15,7 +15,11 @@ One module per concern, all re-exported here (`from tasks.kubernetes import undo
 - `resources`: a container's memory limit, raised at most 2x (plan + apply);
 - `env`: one container env var set to a capped literal, with its undo (plan + apply);
 - `pods`: pods, restarts and OOMKilled reasons, logs, events (one namespace or all), Nodes,
-  the pods of all namespaces not Running/Ready (read only).
+  the pods of all namespaces not Running/Ready (read only);
+- `netpol` (security-breach): the deny-all NetworkPolicy isolation, its undo, the cordon;
+- `secret_rotation` (security-breach): Secret rotation with a backup and the restart of
+  exactly the workloads that use the Secret (plan + apply).
+`netpol` and `secret_rotation` are imported from their modules (not re-exported here).
 """
 
 from tasks.kubernetes.api import classify_api_error

@@ -262,6 +262,44 @@ def labels_match(selector: str, labels: Mapping[str, str] | None) -> bool:
     return True
 
 
+def parse_label_selector(selector: str) -> dict[str, Any]:
+    """A label selector string as a LabelSelector body (`matchLabels`, `matchExpressions`).
+
+    The inverse of `label_selector_string`; an empty or unparsable selector is refused.
+    """
+    text = selector.strip()
+    if not text:
+        raise PermanentError("an empty label selector selects every pod: refused")
+    match_labels: dict[str, str] = {}
+    exprs: list[dict[str, Any]] = []
+    pos = 0
+    while pos < len(text):
+        m = _REQ.match(text, pos)
+        if m is None or m.end() == pos:
+            raise PermanentError(f"cannot parse label selector {selector!r}")
+        pos = m.end()
+        if m["not"]:
+            exprs.append({"key": m["nkey"], "operator": "DoesNotExist"})
+        elif m["skey"]:
+            vals = sorted({v.strip() for v in m["vals"].split(",") if v.strip()})
+            op = "In" if m["sop"] == "in" else "NotIn"
+            exprs.append({"key": m["skey"], "operator": op, "values": vals})
+        elif m["op"] is None:
+            exprs.append({"key": m["key"], "operator": "Exists"})
+        elif m["op"] == "!=":
+            exprs.append({"key": m["key"], "operator": "NotIn", "values": [m["val"]]})
+        elif match_labels.get(m["key"], m["val"]) != m["val"]:
+            raise PermanentError(f"label selector {selector!r} asks {m['key']} for two values")
+        else:
+            match_labels[m["key"]] = m["val"]
+    body: dict[str, Any] = {}
+    if match_labels:
+        body["matchLabels"] = match_labels
+    if exprs:
+        body["matchExpressions"] = exprs
+    return body
+
+
 def rollout_status_message(dep: k8s.V1Deployment) -> tuple[str, bool]:
     """kubectl's DeploymentStatusViewer.Status: (message, done); raises past the deadline."""
     name = meta(dep).name

@@ -70,6 +70,7 @@ ROLES = {
     "system-outage",  # tests/integration/test_outage_rbac.py
     "system-outage-ingress",
     "performance-report",
+    "security-breach",  # tests/integration/test_security_rbac.py
 }
 
 
