@@ -14,9 +14,7 @@ ever passes through here: the rotation task keeps old and new values to itself.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
-
-from prefect.utilities.annotations import quote
+from typing import Any, ClassVar
 
 from flows.common import Report, md_escape
 from flows.driver import Runbook
@@ -96,7 +94,7 @@ class RotateAction(Action):
     rotation: RotationPlan
 
     def try_dry_run(self) -> str:
-        result = apply_rotation(_unvisited(self.rotation), dry_run=True)
+        result = apply_rotation(self.rotation, dry_run=True)
         return "server dry run: " + _rotation_text(result) + "; nothing written"
 
     def undo(self) -> str:
@@ -115,7 +113,7 @@ class RotateAction(Action):
         )
 
     def apply(self) -> ActionRecord:
-        result = apply_rotation(_unvisited(self.rotation))
+        result = apply_rotation(self.rotation)
         return ActionRecord(
             kind=self.kind,
             target=self.target,
@@ -169,12 +167,6 @@ class RevokeAction(Action):
             after=f"{result.revoked} deleted",
             message=f"{result.revoked} session(s) revoked on {result.target}",
         )
-
-
-def _unvisited(plan: RotationPlan) -> RotationPlan:
-    """The plan as a task parameter Prefect does not walk: walking a model calls `dict()` on
-    it, which a field named `keys` (the Secret's key names) breaks."""
-    return cast(RotationPlan, quote(plan))
 
 
 def _todo(plan: RotationPlan) -> list[str]:
@@ -260,7 +252,7 @@ class RotateStep(Step):
     def make_plan(self, params: SecurityBreachParams) -> list[Action]:
         plan = plan_rotation(self.incident, params.secrets, namespace=self.namespace)
         parts = [
-            f"{s.name} (keys {_names(s.keys)}; users"
+            f"{s.name} (keys {_names(s.key_names)}; users"
             f" {_names([f'{u.kind}/{u.name}' for u in s.users])})"
             + (": already rotated for this incident, skipped" if s.already_rotated else "")
             for s in plan.secrets
