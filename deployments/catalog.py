@@ -237,6 +237,16 @@ RUNBOOKS: tuple[Runbook, ...] = (
         service_account="system-outage",
     ),
     Runbook(
+        entrypoint="flows.security_breach:security_breach",
+        description="Security breach: evidence bundle first (hashed, 0600), then isolate,"
+        " assess, notify, secure (Secret rotation, password reset, session revocation), each"
+        " change approved on its own; a checklist with who and when. Dry run by default.",
+        tags=("security", "kubernetes", "postgres", "redis", "destructive"),
+        # Each changing step takes the namespace's target lock; plan-only runs never wait.
+        concurrency_limit=None,
+        service_account="security-breach",
+    ),
+    Runbook(
         entrypoint="flows.post_incident:post_incident",
         description="The incident's timeline, figures and checklist form; exported as"
         " markdown and JSON. Started as a draft when an alert whose runbook ran resolves.",

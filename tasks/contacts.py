@@ -136,6 +136,19 @@ def _default_contacts() -> dict[str, Contact]:
         "leadership": Contact(
             description="executives (Slack)", channels=["custom-webhook/leadership-slack"]
         ),
+        # The security-breach runbook's own contacts (the on-call runbook's escalation list).
+        "security-lead": Contact(
+            description="CTO or security lead (Slack)",
+            channels=["custom-webhook/security-lead-slack"],
+        ),
+        "legal": Contact(description="legal team (Slack)", channels=["custom-webhook/legal-slack"]),
+        "pr": Contact(
+            description="PR / communications (Slack)", channels=["custom-webhook/pr-slack"]
+        ),
+        "customer-support": Contact(
+            description="customer support (Slack)",
+            channels=["custom-webhook/customer-support-slack"],
+        ),
         "tickets": Contact(
             description="ticket queue (webhook)", channels=["custom-webhook/tickets"]
         ),
@@ -224,6 +237,13 @@ def _default_approvers() -> list[ApproverRule]:
             action="rotate-secrets",
             approvers=["security-team", "leadership"],
             min_approvers=2,
+            self_declared=False,
+        ),
+        # The breach's other changes (isolation, password reset, session revocation): the
+        # security team or the on-call, verified (a name typed in the UI does not count).
+        ApproverRule(
+            runbook="security-breach",
+            approvers=["security-team", "on-call"],
             self_declared=False,
         ),
     ]

@@ -1,0 +1,1 @@
+"""The security-breach runbook's parts: parameters, the changing steps, the checklist."""
