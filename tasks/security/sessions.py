@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from tasks.errors import SafetyViolation
 from tasks.kubernetes.api import run_logger
@@ -26,7 +26,8 @@ class RevokeResult(BaseModel):
     dry_run: bool
     matched: int
     revoked: int
-    sample_keys: list[str] = Field(default_factory=list, description="A few key names.")
+    # No sample of key names, unlike the cache clear's: a session key usually holds the
+    # session id, a bearer credential that must not reach a task result, log or artifact.
 
 
 def session_pattern(settings: SecuritySettings) -> str:
@@ -51,7 +52,7 @@ def revoke_sessions(
     """Count (dry run) or UNLINK the login session keys; idempotent (a retry finds none)."""
     pattern = session_pattern(settings or SecuritySettings())
     with redis_session(redis_settings or RedisSettings()) as (client, target):
-        matched, deleted, sample = scan_unlink(client, pattern, dry_run)
+        matched, deleted, _ = scan_unlink(client, pattern, dry_run)
     run_logger().warning(
         "sessions %s on %s: %d matched, %d revoked%s",
         pattern,
@@ -66,5 +67,4 @@ def revoke_sessions(
         dry_run=dry_run,
         matched=matched,
         revoked=deleted,
-        sample_keys=sample,
     )

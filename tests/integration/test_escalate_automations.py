@@ -209,6 +209,7 @@ def test_make_run_registers_escalate_and_one_pair_per_runbook_with_a_severity(
         "high-latency",
         "payment-failure",
         "pool-threshold",
+        "security-breach",
         "system-outage",
     ]
     assert names == sorted(
