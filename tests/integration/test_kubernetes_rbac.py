@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -166,6 +167,23 @@ class Cluster:
         kubeconfig = self.kube.kubeconfig_for(token, f"{service_account}-{self.platform}")
         return self.kube.settings(self.platform, kubeconfig=kubeconfig)
 
+    @contextmanager
+    def cluster_grants(self, prefix: str = "") -> Iterator[None]:
+        """The shipped ClusterRoles and bindings whose names start with `prefix`, applied
+        for the block only (they are cluster-wide: other tests must not see them)."""
+        mine = [d for d in self.cluster_scoped if d["metadata"]["name"].startswith(prefix)]
+        for doc in mine:
+            apply(self.admin, doc)
+        rbac: Any = k8s.RbacAuthorizationV1Api(self.admin)
+        try:
+            yield
+        finally:
+            for doc in mine:
+                if doc["kind"] == "ClusterRoleBinding":
+                    rbac.delete_cluster_role_binding(doc["metadata"]["name"])
+                else:
+                    rbac.delete_cluster_role(doc["metadata"]["name"])
+
 
 @pytest.fixture
 def rbac_cluster(kube_cluster: KubeCluster, kube_namespace: str) -> Iterator[Cluster]:
@@ -317,22 +335,13 @@ def test_incident_runbooks_role(rbac_cluster: Cluster):
 def test_nodes_need_the_separate_cluster_role(rbac_cluster: Cluster):
     c = rbac_cluster
     sa = c.token_settings("incident-runbooks")
-    rbac: Any = k8s.RbacAuthorizationV1Api(c.admin)
     with pytest.raises(PermanentError, match=r"forbidden: cannot list nodes \(RBAC\)"):
         node_status.fn(settings=sa)
-    for doc in c.cluster_scoped:
-        apply(c.admin, doc)
-    try:
+    with c.cluster_grants():
         wait_until(lambda: not forbidden(lambda: node_status.fn(settings=sa)), what="nodes")
         assert [n.name for n in node_status.fn(settings=sa)] == ["fake-node"]
         sa_core: Any = k8s.CoreV1Api(kube_api_client(sa))
         assert forbidden(lambda: sa_core.delete_node("fake-node"))
-    finally:
-        for doc in c.cluster_scoped:
-            if doc["kind"] == "ClusterRoleBinding":
-                rbac.delete_cluster_role_binding(doc["metadata"]["name"])
-            else:
-                rbac.delete_cluster_role(doc["metadata"]["name"])
 
 
 def _tls_secret(core: Any, ns: str, name: str, issued: Issued) -> None:

@@ -18,7 +18,6 @@ from tasks.kubernetes import node_status, restart_rollout, scale, undo_rollout, 
 from tests.integration.kube_helpers import deployment_body, wait_until
 from tests.integration.test_kubernetes_rbac import (
     Cluster,
-    apply,
     forbidden,
     rbac_cluster,
     role,
@@ -33,20 +32,8 @@ pytestmark = pytest.mark.kube
 @pytest.fixture
 def outage_grants(rbac_cluster: Cluster) -> Iterator[Cluster]:
     """The shipped manifests, with system-outage's ClusterRole and binding applied too."""
-    mine = [
-        d for d in rbac_cluster.cluster_scoped if d["metadata"]["name"].startswith("system-outage")
-    ]
-    for doc in mine:
-        apply(rbac_cluster.admin, doc)
-    rbac: Any = k8s.RbacAuthorizationV1Api(rbac_cluster.admin)
-    try:
+    with rbac_cluster.cluster_grants("system-outage"):
         yield rbac_cluster
-    finally:
-        for doc in mine:
-            if doc["kind"] == "ClusterRoleBinding":
-                rbac.delete_cluster_role_binding(doc["metadata"]["name"])
-            else:
-                rbac.delete_cluster_role(doc["metadata"]["name"])
 
 
 def test_system_outage_grants(outage_grants: Cluster) -> None:

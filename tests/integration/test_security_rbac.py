@@ -27,7 +27,6 @@ from tasks.settings import KubernetesSettings, SecuritySettings
 from tests.integration.kube_helpers import deployment_body, settled_pods, wait_until
 from tests.integration.test_kubernetes_rbac import (
     Cluster,
-    apply,
     forbidden,
     rbac_cluster,
     role,
@@ -44,22 +43,8 @@ METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v
 @pytest.fixture
 def breach_grants(rbac_cluster: Cluster) -> Iterator[Cluster]:
     """The shipped manifests, with security-breach's ClusterRole and binding applied too."""
-    mine = [
-        d
-        for d in rbac_cluster.cluster_scoped
-        if d["metadata"]["name"].startswith("security-breach")
-    ]
-    for doc in mine:
-        apply(rbac_cluster.admin, doc)
-    rbac: Any = k8s.RbacAuthorizationV1Api(rbac_cluster.admin)
-    try:
+    with rbac_cluster.cluster_grants("security-breach"):
         yield rbac_cluster
-    finally:
-        for doc in mine:
-            if doc["kind"] == "ClusterRoleBinding":
-                rbac.delete_cluster_role_binding(doc["metadata"]["name"])
-            else:
-                rbac.delete_cluster_role(doc["metadata"]["name"])
 
 
 def _secret(name: str) -> dict[str, Any]:
