@@ -37,7 +37,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from tasks.errors import PermanentError, TransientError
-from tasks.kubernetes.api import Kube, call, kube_session, run_logger
+from tasks.kubernetes.api import Kube, call, get_deployment, kube_session, run_logger
 from tasks.kubernetes.pods import event_time, list_pod_objects
 from tasks.kubernetes.semantics import meta
 from tasks.retry import RETRY_READ
@@ -190,19 +190,7 @@ def _owners(kube: Kube, namespace: str, pods: list[k8s.V1Pod]) -> tuple[list[Any
             if o.controller and o.kind == "Deployment"
         }
     )
-    deployments = [
-        call(
-            kube,
-            kube.apps.read_namespaced_deployment,
-            name,
-            namespace,
-            verb="get",
-            resource="deployments",
-            name=name,
-            namespace=namespace,
-        )
-        for name in dep_names
-    ]
+    deployments = [get_deployment(kube, name, namespace) for name in dep_names]
     return replica_sets, deployments
 
 
