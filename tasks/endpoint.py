@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.backend import Timings, timed_url
+from tasks.errors import PermanentError
 from tasks.settings import BackendSettings, OutageSettings
 
 #: What a result says about where it looked.
@@ -40,10 +41,23 @@ def health_url(outage: OutageSettings, backend: BackendSettings) -> tuple[str, V
     return backend.url.rstrip("/") + backend.health_path, "backend"
 
 
-def _verify(outage: OutageSettings) -> ssl.SSLContext | bool:
+def endpoint_verify(outage: OutageSettings) -> ssl.SSLContext | bool:
+    """How the endpoint's TLS is checked: its CA file when configured, else the system's."""
     if outage.endpoint_ca_file is None:
         return True
+    if not outage.endpoint_ca_file.is_file():
+        raise PermanentError(f"endpoint CA file {outage.endpoint_ca_file} not found")
     return ssl.create_default_context(cafile=str(outage.endpoint_ca_file))
+
+
+def shown_url(url: str) -> str:
+    """`url` without what may be a credential (user:password@, the query, the fragment)."""
+    try:
+        parts = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "<unparseable URL>"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.host}{port}{parts.path}"
 
 
 @task(cache_policy=NO_CACHE, task_run_name="endpoint-health")
@@ -55,18 +69,19 @@ def endpoint_health(
     outage = outage or OutageSettings()
     backend = backend or BackendSettings()
     url, via = health_url(outage, backend)
+    shown = shown_url(url)
     try:
         response, timings = timed_url(
-            url, timeout_s=outage.endpoint_timeout_s, verify=_verify(outage)
+            url, timeout_s=outage.endpoint_timeout_s, verify=endpoint_verify(outage)
         )
     except httpx.TransportError as exc:
         kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "unreachable"
-        return EndpointCheck(url=url, via=via, ok=False, detail=f"{kind}: {type(exc).__name__}")
+        return EndpointCheck(url=shown, via=via, ok=False, detail=f"{kind}: {type(exc).__name__}")
     except ssl.SSLError as exc:
-        return EndpointCheck(url=url, via=via, ok=False, detail=f"TLS: {type(exc).__name__}")
+        return EndpointCheck(url=shown, via=via, ok=False, detail=f"TLS: {type(exc).__name__}")
     ok = response.status_code < 400
     return EndpointCheck(
-        url=url,
+        url=shown,
         via=via,
         ok=ok,
         status_code=response.status_code,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import ssl
 import statistics
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -27,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from tasks.backend import Timings, percentile, timed_url
 from tasks.clients import pg_connect, pg_target
+from tasks.endpoint import Via, endpoint_verify, health_url, shown_url
 from tasks.errors import PermanentError, TransientError
 from tasks.kubernetes.models import TailLogsResult
 from tasks.logs import run_logger
@@ -60,7 +60,7 @@ class HealthTimings(BaseModel):
     """`samples` timed GETs of the health URL: each one's phases, and the median per phase."""
 
     url: str
-    via: Literal["endpoint", "backend"] = Field(
+    via: Via = Field(
         description="`endpoint`: through the load balancer (a user's path); `backend`: direct."
     )
     samples: int
@@ -71,15 +71,14 @@ class HealthTimings(BaseModel):
     median: Timings | None = Field(None, description="The median of each phase over the runs.")
 
 
-def health_target() -> tuple[str, Literal["endpoint", "backend"], float, Path | None]:
+def health_target() -> tuple[str, Via, float, ssl.SSLContext | bool]:
     """The health URL a user reaches (the outage endpoint when configured, else the
-    backend's), how it was chosen, its timeout and the CA file for its TLS."""
-    outage = OutageSettings()
-    if outage.endpoint_url:
-        return outage.endpoint_url, "endpoint", outage.endpoint_timeout_s, outage.endpoint_ca_file
-    backend = BackendSettings()
-    url = backend.url.rstrip("/") + backend.health_path
-    return url, "backend", backend.timeout_s, None
+    backend's), how it was chosen, its timeout and how its TLS is checked."""
+    outage, backend = OutageSettings(), BackendSettings()
+    url, via = health_url(outage, backend)
+    if via == "endpoint":
+        return url, via, outage.endpoint_timeout_s, endpoint_verify(outage)
+    return url, via, backend.timeout_s, True
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -105,10 +104,7 @@ def health_timings(samples: int = 5) -> HealthTimings:
     """GET the health URL `samples` times, each split into DNS/connect/TLS/first byte/total."""
     if not 1 <= samples <= 50:
         raise PermanentError(f"samples must be between 1 and 50, not {samples}")
-    url, via, timeout_s, ca_file = health_target()
-    verify: ssl.SSLContext | bool = (
-        ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
-    )
+    url, via, timeout_s, verify = health_target()
     runs: list[Timings] = []
     codes: list[int] = []
     errors, last = 0, None
@@ -125,7 +121,7 @@ def health_timings(samples: int = 5) -> HealthTimings:
         parts = httpx.URL(url)
         raise TransientError(f"health {parts.scheme}://{parts.host} unreachable: {last}")
     return HealthTimings(
-        url=_safe_url(url),
+        url=shown_url(url),
         via=via,
         samples=samples,
         errors=errors,
@@ -134,12 +130,6 @@ def health_timings(samples: int = 5) -> HealthTimings:
         runs=runs,
         median=median_timings(runs),
     )
-
-
-def _safe_url(url: str) -> str:
-    """The URL without credentials or query (what a report may show)."""
-    parts = httpx.URL(url)
-    return str(parts.copy_with(username=None, password=None, query=None, fragment=None))
 
 
 # ------------------------------------------------------------------------------ endpoints

@@ -11,7 +11,6 @@ for an outage, the timeout is the verdict.
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from tasks.backend import timed_url
 from tasks.cascade.models import LayerName, LayerResult, LayerStatus, Probe
 from tasks.clients import pg_connect, pg_target
 from tasks.dns import resolve_all
+from tasks.endpoint import endpoint_verify, shown_url
 from tasks.errors import PermanentError, TransientError
 from tasks.kubernetes.api import call, get_deployment, kube_session
 from tasks.kubernetes.pods import node_infos, not_running_pods, pods_of, restarts_of
@@ -49,16 +49,6 @@ BROKEN_WAITING = frozenset(
 MAX_POD_ROWS = 50
 
 Finding = tuple[LayerStatus, str, list[Probe]]
-
-
-def shown_url(url: str) -> str:
-    """`url` without what may be a credential (user:password@, the query, the fragment)."""
-    try:
-        parts = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
-        return "<unparseable URL>"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.host}{port}{parts.path}"
 
 
 def _error(exc: BaseException) -> str:
@@ -149,14 +139,6 @@ def check_dns(outage: OutageSettings) -> LayerResult:
 # --- 2. Endpoint -------------------------------------------------------------------------
 
 
-def _verify(outage: OutageSettings) -> ssl.SSLContext | bool:
-    if outage.endpoint_ca_file is None:
-        return True
-    if not outage.endpoint_ca_file.is_file():
-        raise PermanentError(f"endpoint CA file {outage.endpoint_ca_file} not found")
-    return ssl.create_default_context(cafile=str(outage.endpoint_ca_file))
-
-
 @task(cache_policy=NO_CACHE, task_run_name="cascade-endpoint")
 def check_endpoint(outage: OutageSettings) -> LayerResult:
     """The load balancer / ingress endpoint answers: DNS, TCP, TLS and HTTP each timed."""
@@ -166,7 +148,7 @@ def check_endpoint(outage: OutageSettings) -> LayerResult:
     timeout = min(outage.endpoint_timeout_s, outage.layer_timeout_s)
 
     def check() -> Finding:
-        verify = _verify(outage)
+        verify = endpoint_verify(outage)
         try:
             response, t = timed_url(url, timeout_s=timeout, verify=verify)
         except httpx.TransportError as exc:

@@ -13,9 +13,10 @@ from kubernetes import client as k8s
 
 from flows.outage.cascade import Cascade, first_broken_of
 from flows.spec import Verdict
-from tasks.cascade.layers import Finding, bounded, shown_url
+from tasks.cascade.layers import Finding, bounded
 from tasks.cascade.models import LAYER_TITLES, LAYERS, LayerResult, LayerStatus
 from tasks.clients import resolver_address
+from tasks.endpoint import shown_url
 from tasks.errors import PermanentError, TransientError
 from tasks.kubernetes import event_time
 

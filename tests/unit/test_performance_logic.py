@@ -288,7 +288,8 @@ def test_sandbox_delays_add_up_per_route_and_user():
 
 
 def test_the_health_url_is_the_users_path_when_configured(monkeypatch: pytest.MonkeyPatch):
-    from tasks.performance import _safe_url, health_target
+    from tasks.endpoint import shown_url
+    from tasks.performance import health_target
 
     monkeypatch.setenv("RUNBOOKS_BACKEND_URL", "http://backend:4000/")
     monkeypatch.delenv("RUNBOOKS_OUTAGE_ENDPOINT_URL", raising=False)
@@ -297,5 +298,5 @@ def test_the_health_url_is_the_users_path_when_configured(monkeypatch: pytest.Mo
     monkeypatch.setenv("RUNBOOKS_OUTAGE_ENDPOINT_TIMEOUT_S", "2.5")
     assert health_target()[:3] == ("https://akig.example/api/health", "endpoint", 2.5)
     # What a report shows of a URL: never its credentials or query.
-    shown = _safe_url("https://u:s3cret@h.example:8443/api/health?token=t0k#x")
+    shown = shown_url("https://u:s3cret@h.example:8443/api/health?token=t0k#x")
     assert shown == "https://h.example:8443/api/health"
