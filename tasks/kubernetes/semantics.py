@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -232,31 +233,53 @@ def validated_plan(model: type[Planned], data: Any, what: str) -> Planned:
         raise SafetyViolation(f"{what}: " + "; ".join(e["msg"] for e in exc.errors())) from None
 
 
-def labels_match(selector: str, labels: Mapping[str, str] | None) -> bool:
-    """Whether `labels` satisfy a label selector string (equality and set-based forms)."""
-    labels = labels or {}
-    pos, text = 0, selector.strip()
-    if not text:
-        return True
+@dataclass(frozen=True)
+class _Requirement:
+    """One requirement of a label selector string: `key`, a LabelSelector operator
+    (In, NotIn, Exists, DoesNotExist) and its values; `equality` for `key=value`."""
+
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+    equality: bool = False
+
+
+def _requirements(selector: str) -> list[_Requirement]:
+    """The requirements of a selector string (equality and set-based forms), in order."""
+    text = selector.strip()
+    found: list[_Requirement] = []
+    pos = 0
     while pos < len(text):
         m = _REQ.match(text, pos)
         if m is None or m.end() == pos:
             raise PermanentError(f"cannot parse label selector {selector!r}")
         pos = m.end()
         if m["not"]:
-            ok = m["nkey"] not in labels
+            found.append(_Requirement(m["nkey"], "DoesNotExist"))
         elif m["skey"]:
-            vals = {v.strip() for v in m["vals"].split(",") if v.strip()}
-            if m["sop"] == "in":
-                ok = labels.get(m["skey"]) in vals
-            else:
-                ok = labels.get(m["skey"]) not in vals
+            vals = tuple(sorted({v.strip() for v in m["vals"].split(",") if v.strip()}))
+            found.append(_Requirement(m["skey"], "In" if m["sop"] == "in" else "NotIn", vals))
         elif m["op"] is None:
-            ok = m["key"] in labels
+            found.append(_Requirement(m["key"], "Exists"))
         elif m["op"] == "!=":
-            ok = labels.get(m["key"]) != m["val"]
+            found.append(_Requirement(m["key"], "NotIn", (m["val"],)))
         else:
-            ok = labels.get(m["key"]) == m["val"]
+            found.append(_Requirement(m["key"], "In", (m["val"],), equality=True))
+    return found
+
+
+def labels_match(selector: str, labels: Mapping[str, str] | None) -> bool:
+    """Whether `labels` satisfy a label selector string (equality and set-based forms)."""
+    labels = labels or {}
+    for req in _requirements(selector):
+        if req.operator == "Exists":
+            ok = req.key in labels
+        elif req.operator == "DoesNotExist":
+            ok = req.key not in labels
+        elif req.operator == "In":
+            ok = labels.get(req.key) in req.values
+        else:
+            ok = labels.get(req.key) not in req.values
         if not ok:
             return False
     return True
@@ -267,31 +290,21 @@ def parse_label_selector(selector: str) -> dict[str, Any]:
 
     The inverse of `label_selector_string`; an empty or unparsable selector is refused.
     """
-    text = selector.strip()
-    if not text:
+    if not selector.strip():
         raise PermanentError("an empty label selector selects every pod: refused")
     match_labels: dict[str, str] = {}
     exprs: list[dict[str, Any]] = []
-    pos = 0
-    while pos < len(text):
-        m = _REQ.match(text, pos)
-        if m is None or m.end() == pos:
-            raise PermanentError(f"cannot parse label selector {selector!r}")
-        pos = m.end()
-        if m["not"]:
-            exprs.append({"key": m["nkey"], "operator": "DoesNotExist"})
-        elif m["skey"]:
-            vals = sorted({v.strip() for v in m["vals"].split(",") if v.strip()})
-            op = "In" if m["sop"] == "in" else "NotIn"
-            exprs.append({"key": m["skey"], "operator": op, "values": vals})
-        elif m["op"] is None:
-            exprs.append({"key": m["key"], "operator": "Exists"})
-        elif m["op"] == "!=":
-            exprs.append({"key": m["key"], "operator": "NotIn", "values": [m["val"]]})
-        elif match_labels.get(m["key"], m["val"]) != m["val"]:
-            raise PermanentError(f"label selector {selector!r} asks {m['key']} for two values")
-        else:
-            match_labels[m["key"]] = m["val"]
+    for req in _requirements(selector):
+        if not req.equality:
+            expr: dict[str, Any] = {"key": req.key, "operator": req.operator}
+            if req.operator in ("In", "NotIn"):
+                expr["values"] = list(req.values)
+            exprs.append(expr)
+            continue
+        (value,) = req.values
+        if match_labels.get(req.key, value) != value:
+            raise PermanentError(f"label selector {selector!r} asks {req.key} for two values")
+        match_labels[req.key] = value
     body: dict[str, Any] = {}
     if match_labels:
         body["matchLabels"] = match_labels
