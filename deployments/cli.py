@@ -1,13 +1,15 @@
 """`make run`: the Prefect server, every runbook served, and the alert receiver, in one command.
 
     python -m deployments.cli run        # all three; Ctrl-C / SIGTERM stops them in order
+    python -m deployments.cli join       # one more machine: Runner + receiver, no server
     python -m deployments.cli receiver   # the receiver alone (PREFECT_API_URL must be set)
 
 `run` starts, each in its own process group:
 
 1. `prefect server start` on SQLite under a project-local PREFECT_HOME (`.prefect/`), with
-   telemetry off. A Postgres-backed server is one setting away: export
-   `PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pw@host:5432/prefect`.
+   telemetry off. `RUNBOOKS_PREFECT_DB=postgres` puts it on PostgreSQL instead (the database
+   of `RUNBOOKS_PREFECT_PG_DSN`, created when missing: `deployments/prefect_db.py`); an
+   explicit `PREFECT_API_DATABASE_CONNECTION_URL` wins over both.
    `PREFECT_SERVER_API_AUTH_STRING` (user:password), when set, protects the API and the UI
    and is handed to the other processes as `PREFECT_API_AUTH_STRING`; a server bound off
    loopback without it is refused;
@@ -30,6 +32,10 @@ process died are marked Crashed by the heartbeat automation.
 
 Shutdown: receiver first (no new alerts), then the Runner, then the server; SIGTERM to each
 process group, SIGKILL after a timeout, so no child outlives `make run`.
+
+`join` runs the same Runner and receiver (own journal, token and warm pool under its own
+`RUNBOOKS_STACK_HOME`) against the server at `PREFECT_API_URL`, supervised the same way; it
+leaves the automations to the node that runs the server (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from types import FrameType
 
 from pydantic import SecretStr
 
+from deployments.prefect_db import PREFECT_DB_URL, PrefectDatabaseError, prefect_database
 from deployments.prefect_runs import api_headers
 from deployments.settings import ROOT, ReceiverSettings, StackSettings
 from deployments.supervisor import RECEIVER, RUNNER, SERVER, Supervisor, wait_healthy
@@ -57,15 +64,15 @@ from deployments.supervisor import RECEIVER, RUNNER, SERVER, Supervisor, wait_he
 log = logging.getLogger("runbooks.cli")
 
 
-def base_env(stack: StackSettings) -> dict[str, str]:
-    """Environment shared by the three processes."""
+def base_env(stack: StackSettings, api_url: str | None = None) -> dict[str, str]:
+    """Environment shared by the processes; `api_url`: another node's server (`join`)."""
     env = dict(os.environ)
     env.update(
         {
             "PREFECT_HOME": str(stack.home),
             "DO_NOT_TRACK": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": f"http://{stack.host}:{stack.prefect_port}/api",
+            "PREFECT_API_URL": api_url or f"http://{stack.host}:{stack.prefect_port}/api",
             "PREFECT_RUNNER_POLL_FREQUENCY": str(stack.poll_frequency_s),
             # Runs (Runner subprocesses and warm processes) prove they are alive this often;
             # the `crash-zombie-runs` automation marks a silent one Crashed.
@@ -162,10 +169,13 @@ def report_contacts(env: Mapping[str, str], timeout_s: float = 120.0) -> int | N
 
 
 def _stack_env(
-    stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None
+    stack: StackSettings,
+    receiver: ReceiverSettings,
+    pool_size: int | None,
+    api_url: str | None = None,
 ) -> tuple[dict[str, str], str]:
     """The environment of the stack's processes, and the host runs reach the receiver at."""
-    env = base_env(stack)
+    env = base_env(stack, api_url)
     env["RUNBOOKS_RECEIVER_TOKEN"] = receiver_token(stack.home)
     if stack.catalog:
         env["RUNBOOKS_RECEIVER_CATALOG"] = stack.catalog
@@ -184,7 +194,7 @@ def _stack_env(
 
 
 def _serve_cmd(
-    stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None
+    stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None, automations: bool
 ) -> list[str]:
     """The Runner's command: every deployment served; no prefetch while a warm pool runs."""
     serve_cmd = [sys.executable, "-m", "deployments.serve", "--limit", str(stack.runner_limit)]
@@ -192,18 +202,45 @@ def _serve_cmd(
         serve_cmd += ["--catalog", stack.catalog]
     if (pool_size if pool_size is not None else receiver.pool_size) > 0:
         serve_cmd += ["--prefetch-s", "0"]
+    if not automations:
+        serve_cmd += ["--no-automations"]
     return serve_cmd
 
 
-def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int | None) -> int:
-    """Start server, Runner and receiver; restart a crashed one; stop all on a signal."""
+def _database_env(stack: StackSettings, env: dict[str, str]) -> None:
+    """Point the server at its database (RUNBOOKS_PREFECT_DB) and say which, password-free."""
+    db = prefect_database(
+        stack.prefect_db, stack.prefect_pg_dsn.get_secret_value(), env, str(stack.home)
+    )
+    if db.url is not None:
+        env[PREFECT_DB_URL] = db.url
+    log.info("Prefect database: %s", db.shown)
+
+
+def run_stack(
+    stack: StackSettings,
+    receiver: ReceiverSettings,
+    pool_size: int | None,
+    join_api_url: str | None = None,
+) -> int:
+    """Start server, Runner and receiver; restart a crashed one; stop all on a signal.
+
+    With `join_api_url` (`join`): no server here, the Runner and the receiver use that one.
+    """
     try:
-        check_exposure(stack.host, os.environ)
+        if join_api_url is None:
+            check_exposure(stack.host, os.environ)
     except ExposureRefused as exc:
         log.error("%s", exc)
         return 2
     stack.home.mkdir(parents=True, exist_ok=True)
-    env, rec_host = _stack_env(stack, receiver, pool_size)
+    env, rec_host = _stack_env(stack, receiver, pool_size, join_api_url)
+    if join_api_url is None:
+        try:
+            _database_env(stack, env)
+        except PrefectDatabaseError as exc:
+            log.error("%s", exc)
+            return 2
     api_url = env["PREFECT_API_URL"]
     sup = Supervisor(stack, env)
 
@@ -215,26 +252,32 @@ def run_stack(stack: StackSettings, receiver: ReceiverSettings, pool_size: int |
     signal.signal(signal.SIGTERM, on_signal)
 
     try:
-        server = sup.add(
-            SERVER,
-            [
-                sys.executable, "-m", "prefect", "server", "start",
-                "--host", stack.host, "--port", str(stack.prefect_port),
-            ],
-        )  # fmt: skip
-        assert server.proc is not None
-        api_headers_ = api_headers(env.get("PREFECT_API_AUTH_STRING"))
-        if not wait_healthy(
-            f"{api_url}/health",
-            api_headers_,
-            stack.startup_timeout_s,
-            server.proc,
-            "Prefect server",
-            lambda: sup.stopping,
-        ):
-            return 0
-        log.info("Prefect UI: http://%s:%d", stack.host, stack.prefect_port)
-        serve_cmd = _serve_cmd(stack, receiver, pool_size)
+        if join_api_url is None:
+            server = sup.add(
+                SERVER,
+                [
+                    sys.executable, "-m", "prefect", "server", "start",
+                    "--host", stack.host, "--port", str(stack.prefect_port),
+                ],
+            )  # fmt: skip
+            assert server.proc is not None
+            api_headers_ = api_headers(env.get("PREFECT_API_AUTH_STRING"))
+            if not wait_healthy(
+                f"{api_url}/health",
+                api_headers_,
+                stack.startup_timeout_s,
+                server.proc,
+                "Prefect server",
+                lambda: sup.stopping,
+            ):
+                return 0
+            log.info("Prefect UI: http://%s:%d", stack.host, stack.prefect_port)
+        elif not sup.server_healthy():
+            log.error("the Prefect server at %s does not answer: stopping", api_url)
+            return 1
+        # The automations are the server node's: two nodes writing them at once could
+        # create one twice (they are matched by name).
+        serve_cmd = _serve_cmd(stack, receiver, pool_size, automations=join_api_url is None)
         # The receiver must answer Alertmanager within its timeout even while a burst of runs
         # imports and executes: the Runner and its run subprocesses yield the CPU to it.
         runner = sup.add(RUNNER, ["nice", "-n", str(stack.runner_nice), *serve_cmd])
@@ -324,10 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="server + deployments + receiver")
     run.add_argument("--pool-size", type=int, default=None, help="warm processes (0 = none)")
+    join = sub.add_parser("join", help="Runner + receiver against PREFECT_API_URL's server")
+    join.add_argument("--pool-size", type=int, default=None, help="warm processes (0 = none)")
     sub.add_parser("receiver", help="the webhook receiver only")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run_stack(StackSettings(), ReceiverSettings(), args.pool_size)
+    if args.command == "join":
+        api_url = os.environ.get("PREFECT_API_URL")
+        if not api_url:
+            parser.error("join: set PREFECT_API_URL to the Prefect server's API")
+        return run_stack(StackSettings(), ReceiverSettings(), args.pool_size, api_url)
     settings = ReceiverSettings()
     if settings.journal_path is None:
         settings = settings.model_copy(

@@ -80,12 +80,18 @@ def main(argv: list[str] | None = None) -> None:
         help="Runner prefetch; 0 leaves alert runs (scheduled a grace ahead) to the warm pool",
     )
     parser.add_argument("--limit", type=int, default=None, help="max concurrent runs")
+    parser.add_argument(
+        "--no-automations",
+        action="store_true",
+        help="leave the automations alone (a joined node: the server's node applies them)",
+    )
     args = parser.parse_args(argv)
     # Prefect's logging config owns the root logger (WARNING): let our INFO lines through.
     logging.getLogger("runbooks").setLevel(logging.INFO)
     runbooks = load_catalog(args.catalog)
     deployments = to_deployments(runbooks)
-    apply_automations(runbooks, deployments)
+    if not args.no_automations:
+        apply_automations(runbooks, deployments)
     runner_kwargs: dict[str, Any] = {}
     if args.prefetch_s is not None:
         runner_kwargs["prefetch_seconds"] = args.prefetch_s

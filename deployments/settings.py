@@ -8,6 +8,7 @@ pass through the environment unchanged.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class StackSettings(BaseSettings):
     """What `python -m deployments.cli run` starts."""
 
-    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_STACK_")
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_STACK_", populate_by_name=True)
 
     home: Path = Field(
         ROOT / ".prefect", description="PREFECT_HOME: SQLite database, logs, receiver token."
@@ -56,6 +57,20 @@ class StackSettings(BaseSettings):
         120,
         ge=10,  # Prefect's minimum window for a proactive trigger
         description="A run silent this long (no heartbeat, no final state) is marked Crashed.",
+    )
+
+    prefect_db: Literal["sqlite", "postgres"] = Field(
+        "sqlite",
+        validation_alias="RUNBOOKS_PREFECT_DB",
+        description="The Prefect server's database: SQLite under `home` (one machine), or "
+        "PostgreSQL at `prefect_pg_dsn` (created if missing). An explicit "
+        "PREFECT_API_DATABASE_CONNECTION_URL wins over both.",
+    )
+    prefect_pg_dsn: SecretStr = Field(
+        SecretStr("postgresql://postgres@127.0.0.1:5432/runbooks_prefect"),
+        validation_alias="RUNBOOKS_PREFECT_PG_DSN",
+        description="libpq URL of the Prefect database when RUNBOOKS_PREFECT_DB=postgres "
+        "(a database on the local server by default; the role needs CREATEDB to make it).",
     )
 
     @model_validator(mode="after")

@@ -56,7 +56,7 @@ def pay(
     `@pytest.mark.gateway_timeout(s)` sets how long the backend waits for the gateway."""
     marker = request.node.get_closest_marker("gateway_timeout")
     # a tests.fixtures.sandbox.PaymentsSandbox
-    sb = make_payments_sandbox(gateway_timeout_s=marker.args[0] if marker else 0.5)
+    sb = make_payments_sandbox(gateway_timeout_s=marker.args[0] if marker else 2.0)
     world = world_env()
     monkeypatch.setenv("RUNBOOKS_PAYMENTS_URL", sb.url)
     monkeypatch.setenv("RUNBOOKS_PAYMENTS_TOKEN", sb.payments_token)
