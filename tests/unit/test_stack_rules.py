@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
-from deployments.cli import ExposureRefused, check_exposure
-from deployments.settings import StackSettings
+from deployments.cli import ExposureRefused, _serve_cmd, check_exposure, main
+from deployments.settings import ReceiverSettings, StackSettings
 from deployments.supervisor import Part, Supervisor, restart_delay
 
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104 - the exposure under test, never bound here
@@ -59,3 +60,35 @@ def test_supervisor_backs_off_per_crash_in_a_row_and_starts_over_after_a_stable_
     assert part.proc is None
     assert "receiver (pid" in caplog.text
     assert "exited with code 3" in caplog.text
+
+
+def test_join_needs_the_servers_api_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["join"])
+    assert exited.value.code == 2
+    assert "set PREFECT_API_URL" in capsys.readouterr().err
+
+
+def test_join_against_a_server_that_does_not_answer_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # discard port: refused
+    monkeypatch.setenv("RUNBOOKS_STACK_HOME", str(tmp_path))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(["join"]) == 1
+    finally:  # the CLI ignores both signals on its way out: give pytest its Ctrl-C back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert "does not answer" in caplog.text
+    assert "started" not in caplog.text
+
+
+def test_join_serves_without_touching_the_automations_run_applies_them() -> None:
+    receiver = ReceiverSettings()
+    stack = StackSettings()
+    assert "--no-automations" in _serve_cmd(stack, receiver, None, automations=False)
+    assert "--no-automations" not in _serve_cmd(stack, receiver, None, automations=True)
