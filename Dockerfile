@@ -25,7 +25,8 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH
 
 RUN pip install --no-cache-dir "uv==${UV_VERSION}" \
-    && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp runbooks
+    && groupadd --gid 10001 runbooks \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp runbooks
 
 # deployments/prefect.yaml's pull step: `set_working_directory: /opt/runbooks`; the
 # deployments' entrypoints (flows/<name>.py:<flow>) are relative to it.
