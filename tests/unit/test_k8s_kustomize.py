@@ -187,3 +187,16 @@ def test_a_second_receiver_has_its_own_journal_behind_the_same_service() -> None
     assert not _selects(a["spec"]["selector"]["matchLabels"], labels_b)
     assert not _selects(b["spec"]["selector"]["matchLabels"], labels_a)
     assert b["spec"]["strategy"] == {"type": "Recreate"} and b["spec"]["replicas"] == 1
+
+
+def test_runs_rights_and_receivers_share_one_namespace() -> None:
+    # The worker starts each run's Job in prefect.yaml's namespace under the runbook's
+    # ServiceAccount, which deployments/k8s creates: the two must agree, and the receivers
+    # sit beside them (docs/scale-out-kubernetes.md installs the worker chart there too).
+    prefect_yaml = yaml.safe_load((MANIFESTS.parent / "prefect.yaml").read_text())
+    jobs = {d["work_pool"]["job_variables"]["namespace"] for d in prefect_yaml["deployments"]}
+    kustomized = {
+        _doc(MANIFESTS / rel / KUSTOMIZATION)["namespace"]
+        for rel in (".", "receiver", "receiver/second")
+    }
+    assert jobs == kustomized == {"default"}
