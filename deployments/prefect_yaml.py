@@ -27,6 +27,7 @@ HEADER = """\
 # (prefect-kubernetes) starts each run as a Job, under the runbook's own least-privilege
 # ServiceAccount from deployments/k8s/ (`service_account_name`).
 #
+#   docker build -t registry.example/incident-runbooks:1.2.3 .   # the Dockerfile at the root
 #   prefect work-pool create runbooks-k8s --type kubernetes
 #   prefect worker start --pool runbooks-k8s   # in the cluster, with prefect-kubernetes
 #   RUNBOOKS_IMAGE=registry.example/incident-runbooks:1.2.3 \\
@@ -40,7 +41,8 @@ prefect-version: {version}
 build: null
 push: null
 
-# The image carries the code at /opt/runbooks (pip install . in the Dockerfile).
+# The image (the repository's Dockerfile) carries the code at /opt/runbooks, installed from
+# uv.lock with the project editable in place, so these entrypoints are files under it.
 pull:
   - prefect.deployments.steps.set_working_directory:
       directory: /opt/runbooks
