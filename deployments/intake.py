@@ -112,6 +112,7 @@ class Intake:
             cancelled=self._cancelled,
             keep=self._keep,
             wait=self._wait,
+            routed=lambda alert: self.table.route_for(alert.labels) is not None,
         )
 
     async def start(self) -> None:

@@ -179,6 +179,22 @@ class PrefectRuns:
             if len(batch) < page:
                 return found
 
+    async def runs_of_occurrence(self, idempotency_key: str, tag: str) -> list[dict[str, Any]]:
+        """The runs created for one alert occurrence (its idempotency key), carrying `tag`.
+
+        What a receiver that never journaled the occurrence (another receiver created its
+        run) finds to cancel when it resolves. Prefect keys runs by (flow, idempotency key),
+        so this is one run per routed deployment, normally one.
+        """
+        body = {
+            "flow_runs": {"idempotency_key": {"any_": [idempotency_key]}, "tags": {"all_": [tag]}},
+            "limit": 20,
+        }
+        response = await self._request("POST", "flow_runs/filter", json=body)
+        if response.is_error:
+            raise PrefectUnavailable(f"reading the runs of an alert: HTTP {response.status_code}")
+        return list(response.json())
+
     async def put_markdown(
         self, artifact_id: str | None, flow_run_id: str, key: str, markdown: str, description: str
     ) -> str:

@@ -2,6 +2,10 @@
 
 A Running run is left alone, and so is any run of another occurrence (a newer one may be
 firing). If one of its runs ran, a `post-incident` draft run is started (once).
+
+The runs are found in this receiver's journal, or, when it has no record of the occurrence
+(another receiver behind the same load balancer created its run), in Prefect by the
+occurrence's idempotency key (`fingerprint:startsAt`, the key the run was created with).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.alertmanager import Alert
@@ -23,7 +27,7 @@ from deployments.prefect_runs import (
     PrefectUnavailable,
 )
 from deployments.warm_pool import WarmPool
-from tasks.run_tags import ALERT_SOURCE, alert_tag, incident_tag
+from tasks.run_tags import ALERT_SOURCE, alert_tag, incident_tag, parse_run_tags
 
 log = logging.getLogger("runbooks.receiver")
 
@@ -46,6 +50,9 @@ class Resolutions:
     cancelled: set[str]
     keep: Callable[[asyncio.Task[Any]], asyncio.Task[Any]]
     wait: Callable[[asyncio.Task[AlertResult]], Awaitable[AlertResult | None]]
+    #: Whether a route takes the alert: only then can another receiver have started a run
+    #: of it, worth a look in Prefect when this journal has none.
+    routed: Callable[[Alert], bool] = field(default=lambda alert: True)
 
     async def resolved(self, alert: Alert) -> AlertResult:
         """Cancel the runs of this occurrence that have not started; a Running run is left
@@ -60,7 +67,7 @@ class Resolutions:
         except sqlite3.Error:
             log.exception("alert %s resolved: journal unreadable", alert.fingerprint)
             records = []
-        if not records:
+        if not records and not self.routed(alert):
             record_decision("resolved", alert, "resolved; no run of it waiting to start")
             return AlertResult(**base, outcome="resolved")
         task = self.keep(
@@ -75,6 +82,13 @@ class Resolutions:
 
     async def _cancel_not_started(self, alert: Alert, records: list[Record]) -> AlertResult:
         try:
+            if not records:
+                records = await self._created_elsewhere(alert)
+            if not records:
+                record_decision("resolved", alert, "resolved; no run of it waiting to start")
+                return AlertResult(
+                    fingerprint=alert.fingerprint, alertname=alert.alertname, outcome="resolved"
+                )
             return await self._cancel_each(alert, records)
         except Exception:  # a cancellation must never crash the receiver
             log.exception("alert %s resolved: cancelling its runs failed", alert.fingerprint)
@@ -84,6 +98,32 @@ class Resolutions:
                 outcome="resolved",
                 detail="its runs could not be checked",
             )
+
+    async def _created_elsewhere(self, alert: Alert) -> list[Record]:
+        """The occurrence's runs in Prefect, as records: this journal has none (another
+        receiver created them). Only runs created with this occurrence's key and tagged with
+        its alert: never a run of another occurrence. A covered run is marked as covered."""
+        try:
+            found = await self.runs.runs_of_occurrence(
+                alert.idempotency_key, alert_tag(alert.fingerprint)
+            )
+        except PrefectUnavailable as exc:
+            log.warning("alert %s resolved: its runs not looked up: %s", alert.fingerprint, exc)
+            return []
+        records = []
+        for run in found:
+            handlers = parse_run_tags(run.get("tags")).covered_by
+            records.append(
+                Record(
+                    idempotency_key=alert.idempotency_key,
+                    status="created",
+                    flow_run_id=str(run["id"]),
+                    reason=None,
+                    accepted_ts=0.0,
+                    covered_by=handlers[-1] if handlers else None,
+                )
+            )
+        return records
 
     async def _cancel_each(self, alert: Alert, records: list[Record]) -> AlertResult:
         base = {"fingerprint": alert.fingerprint, "alertname": alert.alertname}

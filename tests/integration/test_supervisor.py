@@ -1,6 +1,7 @@
 """`make run`'s supervisor with real processes: a crashed part comes back, Ctrl-C stops all.
 
-The CLI (`python -m deployments.cli run`) on free loopback ports, stand-in runbooks.
+The CLI (`python -m deployments.cli run`) on free loopback ports, stand-in runbooks, with the
+Prefect server on SQLite and on PostgreSQL (`RUNBOOKS_PREFECT_DB`).
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ def restarted(stack: Stack, part: str, old: int) -> int:
     return stack.pids(part)[-1]
 
 
-def test_crashed_parts_are_restarted_alone_and_ctrl_c_stops_all_in_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefect_db", ["sqlite", "postgres"])
+def test_crashed_parts_are_restarted_alone_and_ctrl_c_stops_all_in_order(
+    tmp_path: Path, prefect_db: str
+) -> None:
     home = tmp_path / "stack"
-    with running_stack(home, pool_size=1) as stack:
+    with running_stack(home, pool_size=1, prefect_db=prefect_db) as stack:
         (server,), (runner,), (receiver,) = (stack.pids(p) for p in (SERVER, RUNNER, RECEIVER))
 
         os.kill(receiver, signal.SIGKILL)

@@ -9,12 +9,14 @@ tests/integration/test_db_pool_locks.py (the approved run acts after a re-fire).
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
 
 from deployments.journal import Journal
+from tasks.run_tags import ALERT_SOURCE, alert_tag, covered_by_tag
 from tests.fixtures.triggers import RecordingRuns, alert, bearer, no_cooldown_table, payload
 from tests.unit.test_receiver_edges import app_with
 
@@ -116,3 +118,50 @@ def test_resolved_alerts_start_drafts_only_where_post_incident_is_in_the_catalog
 
     assert drafts(RUNBOOKS)
     assert not drafts(STUB_RUNBOOKS)
+
+
+def test_a_resolve_reaching_the_other_receiver_cancels_that_occurrences_run_only(
+    recording_runs: RecordingRuns,
+) -> None:
+    """Two receivers, one Prefect: B never saw the firing alert; its resolve finds A's run by
+    the occurrence's key (never another occurrence's run) and asks to cancel it."""
+    one = alert(namespace="o", fingerprint="occ5", starts_at=T1)
+    two = alert(namespace="o", fingerprint="occ5", starts_at=T2)
+    a = app_with(recording_runs, table=no_cooldown_table())
+    b = app_with(recording_runs, table=no_cooldown_table())
+    with TestClient(a) as client_a, TestClient(b) as client_b:
+        run_one = send(client_a, one)["flow_run_id"]
+        run_two = send(client_a, two)["flow_run_id"]
+        answer = send(client_b, resolved(one))
+        assert recording_runs.cancel_requests == [run_one]
+        assert recording_runs.lookups == ["occ5:" + T1]
+        assert state(client_b, "occ5") == "resolved"  # B recorded the notification
+        # Unrouted: no route, so no receiver started a run of it; Prefect is not asked.
+        send(client_b, resolved(alert("NoSuchRoute", fingerprint="occ6", starts_at=T1)))
+        send(client_b, resolved(two))
+    assert answer["outcome"] == "resolved"  # the stand-in cancels nothing: state unknown
+    assert recording_runs.lookups == ["occ5:" + T1, "occ5:" + T2]
+    assert recording_runs.cancel_requests == [run_one, run_two]
+
+
+def test_a_covered_run_found_in_prefect_is_left_alone(recording_runs: RecordingRuns) -> None:
+    """A covered alert's run never executes: the other receiver notes it, cancels nothing."""
+    covered = alert(namespace="o", fingerprint="occ7", starts_at=T1)
+    # The run another receiver created for it (Completed "Covered"), with that receiver's tags.
+    asyncio.run(
+        recording_runs.create_run(
+            "stub-remediate/stub-remediate",
+            name="stubauto-occ7",
+            parameters={},
+            tags=[ALERT_SOURCE, alert_tag("occ7"), covered_by_tag("handler-run-id")],
+            idempotency_key="occ7:" + T1,
+            grace_s=0.0,
+            covered_by="handler-run-id",
+        )
+    )
+    with TestClient(app_with(recording_runs)) as client:
+        answer = send(client, resolved(covered))
+    assert recording_runs.lookups == ["occ7:" + T1]
+    assert recording_runs.cancel_requests == []
+    assert answer["outcome"] == "resolved"
+    assert "covered by the run of handler-run-id" in answer["detail"]
