@@ -25,10 +25,14 @@ HEADER = """\
 #
 # The catalog's deployments for scale-out: a Kubernetes work pool whose worker
 # (prefect-kubernetes) starts each run as a Job, under the runbook's own least-privilege
-# ServiceAccount from deployments/k8s/ (`service_account_name`).
+# ServiceAccount from deployments/k8s/ (`service_account_name`). The pool's base job
+# template (deployments/k8s/work-pool/) gives every Job the runbooks' settings from the
+# Secret incident-runbooks-settings: no setting's value is written here.
 #
 #   docker build -t registry.example/incident-runbooks:1.2.3 .   # the Dockerfile at the root
-#   prefect work-pool create runbooks-k8s --type kubernetes
+#   kubectl -n default create secret generic incident-runbooks-settings --from-env-file=...
+#   prefect work-pool create runbooks-k8s --type kubernetes \\
+#     --base-job-template deployments/k8s/work-pool/base-job-template.json
 #   prefect worker start --pool runbooks-k8s   # in the cluster, with prefect-kubernetes
 #   RUNBOOKS_IMAGE=registry.example/incident-runbooks:1.2.3 \\
 #     prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
@@ -58,6 +62,10 @@ definitions:
       # The crash-zombie-runs automation expects a heartbeat well inside its window
       # (docs/triggers.md); Prefect's default of 180 s would mark live runs Crashed.
       PREFECT_FLOWS_HEARTBEAT_FREQUENCY: "30"
+      # The Dockerfile's value, on the pod's /tmp emptyDir (the base job template's root
+      # filesystem is read-only); set here because the worker copies its own PREFECT_HOME,
+      # when it has one, into every Job and that would win over the image's.
+      PREFECT_HOME: /tmp/prefect
 
 deployments:
 """

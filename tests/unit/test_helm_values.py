@@ -40,6 +40,7 @@ CHART_KEYS = {
         "worker.config.type",
         "worker.config.installPolicy",
         "worker.config.limit",
+        "worker.config.baseJobTemplate.existingConfigMapName",
         "worker.apiConfig",
         "worker.selfHostedServerApiConfig.apiUrl",
         "worker.selfHostedServerApiConfig.basicAuth.enabled",
@@ -133,3 +134,22 @@ def test_the_prefect_release_matches_the_lock() -> None:
     assert values("prefect-worker")["worker"]["image"]["prefectTag"] == (
         f"{locked}-python3.11-kubernetes"
     )
+
+
+def test_the_worker_reads_the_shipped_base_job_template() -> None:
+    # The chart mounts key baseJobTemplate.json of worker.config.baseJobTemplate
+    # .existingConfigMapName; deployments/k8s/work-pool generates that ConfigMap from the
+    # template file `prefect work-pool create --base-job-template` takes.
+    name = values("prefect-worker")["worker"]["config"]["baseJobTemplate"]["existingConfigMapName"]
+    folder = REPO / "deployments" / "k8s" / "work-pool"
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    assert generator["name"] == name
+    assert generator["options"]["disableNameSuffixHash"] is True
+    assert generator["files"] == ["baseJobTemplate.json=base-job-template.json"]
+    assert (folder / "base-job-template.json").is_file()
+    # The ConfigMap must be where the worker runs: the runbooks' namespace.
+    doc = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    assert {d["work_pool"]["job_variables"]["namespace"] for d in doc["deployments"]} == {
+        kustomization["namespace"]
+    }

@@ -65,7 +65,7 @@ def test_a_folder_no_root_builds_is_caught(tmp_path: Path) -> None:
 
 def test_the_applied_kustomizations() -> None:
     roots = {str(d.relative_to(MANIFESTS)) for d in applied_roots()}
-    assert roots == {".", "ingress", "receiver", "receiver/second"}
+    assert roots == {".", "ingress", "receiver", "receiver/second", "work-pool"}
 
 
 def test_one_receiver_pod_ever_opens_its_journal() -> None:
