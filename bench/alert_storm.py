@@ -32,7 +32,7 @@ PostgreSQL including the database's backends for Prefect). Measured figures:
 docs/alert-storms.md, docs/triggers.md, docs/scale-out-measured.md.
 
     .venv/bin/python bench/alert_storm.py [--scenario intake|distinct|one-target]
-        [--prefect-db sqlite|postgres] [--receivers 1|2] [--pool-size 4] [--db-pool N]
+        [--prefect-db sqlite|postgres] [--receivers 1|2] [--pool-size N] [--db-pool N]
         [--deliveries 1000] [--alerts 50] [--seconds 10] [--wait-s 300] [--intake-only]
 """
 
@@ -60,6 +60,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deployments.settings import POSTGRES_POOL_SIZE
 from tests.fixtures.stack import STUB_CATALOG, Stack, joined_node, running_stack
 from tests.fixtures.stub_runbooks import ROUTING as STUB_ROUTING
 from tests.fixtures.triggers import alert, payload
@@ -543,7 +544,11 @@ def main() -> int:
         "2 for the intake storm on postgres",
     )  # fmt: skip
     parser.add_argument("--wait-s", type=float, default=300.0)
-    parser.add_argument("--pool-size", type=int, default=4, help="warm processes per node (storms)")
+    parser.add_argument(
+        "--pool-size", type=int, default=None,
+        help="warm processes per node (storms); default as `make run`: 4, on postgres "
+        f"{POSTGRES_POOL_SIZE} (deployments.settings.POSTGRES_POOL_SIZE)",
+    )  # fmt: skip
     parser.add_argument("--deliveries", type=int, default=None, help="1000; 10000 on postgres")
     parser.add_argument("--alerts", type=int, default=None, help="50 (100 storms); 500 on postgres")
     parser.add_argument("--seconds", type=float, default=None, help="10; 80 intake on postgres")
@@ -566,8 +571,9 @@ def main() -> int:
     receivers = args.receivers or (2 if big else 1)
     if args.scenario != "intake":
         n = args.alerts or 100
+        default_pool = POSTGRES_POOL_SIZE if args.prefect_db == "postgres" else 4
         return storm_to_finish(
-            args.scenario, n, args.seconds or 10.0, args.wait_s, args.pool_size,
+            args.scenario, n, args.seconds or 10.0, args.wait_s, args.pool_size or default_pool,
             args.prefect_db, receivers, server_env,
         )  # fmt: skip
     deliveries = args.deliveries or (10_000 if big else 1000)

@@ -58,7 +58,7 @@ from pydantic import SecretStr
 
 from deployments.prefect_db import PREFECT_DB_URL, PrefectDatabaseError, prefect_database
 from deployments.prefect_runs import api_headers
-from deployments.settings import ROOT, ReceiverSettings, StackSettings
+from deployments.settings import POSTGRES_POOL_SIZE, ROOT, ReceiverSettings, StackSettings
 from deployments.supervisor import RECEIVER, RUNNER, SERVER, Supervisor, wait_healthy
 
 log = logging.getLogger("runbooks.cli")
@@ -217,6 +217,16 @@ def _database_env(stack: StackSettings, env: dict[str, str]) -> None:
     log.info("Prefect database: %s", db.shown)
 
 
+def default_pool_size(
+    stack: StackSettings, pool_size: int | None, environ: Mapping[str, str]
+) -> int | None:
+    """The warm pool's size: `--pool-size`, else the operator's setting, else more
+    processes on PostgreSQL, which takes their writes at once (`POSTGRES_POOL_SIZE`)."""
+    if pool_size is not None or "RUNBOOKS_RECEIVER_POOL_SIZE" in environ:
+        return pool_size
+    return POSTGRES_POOL_SIZE if stack.prefect_db == "postgres" else None
+
+
 def run_stack(
     stack: StackSettings,
     receiver: ReceiverSettings,
@@ -234,6 +244,7 @@ def run_stack(
         log.error("%s", exc)
         return 2
     stack.home.mkdir(parents=True, exist_ok=True)
+    pool_size = default_pool_size(stack, pool_size, os.environ)
     env, rec_host = _stack_env(stack, receiver, pool_size, join_api_url)
     if join_api_url is None:
         try:

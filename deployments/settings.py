@@ -16,6 +16,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Warm processes per receiver when the Prefect server is on PostgreSQL and the operator set
+#: none (`RUNBOOKS_RECEIVER_POOL_SIZE` wins). Measured with `bench/alert_storm.py --scenario
+#: distinct` (100 runs, 2 cores, idle machine): on PostgreSQL every run was final 18.8-36.0 s
+#: after the last alert with 6 (median 23.4 s, 8 runs), 24.9-36.3 s with 4 (median 32.4 s, 4);
+#: on SQLite 6 did not help (32.4 s against 34.9 s: more writers queue on its one lock).
+POSTGRES_POOL_SIZE = 6
+
+
 class StackSettings(BaseSettings):
     """What `python -m deployments.cli run` starts."""
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deployments.cli import ExposureRefused, _serve_cmd, check_exposure, main
-from deployments.settings import ReceiverSettings, StackSettings
+from deployments.cli import ExposureRefused, _serve_cmd, check_exposure, default_pool_size, main
+from deployments.settings import POSTGRES_POOL_SIZE, ReceiverSettings, StackSettings
 from deployments.supervisor import Part, Supervisor, restart_delay
 
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104 - the exposure under test, never bound here
@@ -92,3 +92,19 @@ def test_join_serves_without_touching_the_automations_run_applies_them() -> None
     stack = StackSettings()
     assert "--no-automations" in _serve_cmd(stack, receiver, None, automations=False)
     assert "--no-automations" not in _serve_cmd(stack, receiver, None, automations=True)
+
+
+@pytest.mark.parametrize(
+    ("db", "given", "environ", "expected"),
+    [
+        ("sqlite", None, {}, None),  # the receiver's own default (4)
+        ("postgres", None, {}, POSTGRES_POOL_SIZE),
+        ("postgres", 2, {}, 2),  # --pool-size wins
+        ("postgres", None, {"RUNBOOKS_RECEIVER_POOL_SIZE": "3"}, None),  # the operator's wins
+    ],
+)
+def test_the_warm_pool_is_larger_on_postgresql_unless_set(
+    db: str, given: int | None, environ: dict[str, str], expected: int | None
+) -> None:
+    stack = StackSettings(prefect_db=db)
+    assert default_pool_size(stack, given, environ) == expected
