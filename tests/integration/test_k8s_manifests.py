@@ -25,7 +25,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from tests.fixtures.kube import KubeCluster
-from tests.fixtures.kustomize import MANIFESTS, applied_roots
+from tests.fixtures.kustomize import MANIFESTS, applied_roots, render
 
 pytestmark = pytest.mark.kube
 
@@ -114,17 +114,6 @@ def _objects(out: subprocess.CompletedProcess[str]) -> list[str]:
     return [line.split()[0] for line in lines]
 
 
-def _rendered(kubectl: Path, folder: Path) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [str(kubectl), "kustomize", str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
 @pytest.mark.parametrize(
     "folder",
     applied_roots(),
@@ -137,7 +126,7 @@ def test_every_kustomization_passes_a_server_dry_run(
     assert out.returncode == 0, out.stderr
     objects = _objects(out)
     # Every object the kustomization builds went through the API server, and none was kept.
-    rendered = _rendered(kubectl, folder)
+    rendered = render(kubectl, folder)
     assert len(objects) == len(rendered) > 0
     names = {o.split("/", 1)[1] for o in objects}
     assert names == {d["metadata"]["name"] for d in rendered}

@@ -9,7 +9,6 @@ Secrets, env var names the code reads, a second receiver behind the same Service
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.fixtures.kustomize import (
     applied_roots,
     kustomization_dirs,
     reached_files,
+    render,
 )
 
 RECEIVER = MANIFESTS / "receiver"
@@ -139,15 +139,7 @@ def _render(folder: Path) -> list[dict[str, Any]]:
     if kubectl is None:
         skip_or_fail("no versioned kubectl to run `kubectl kustomize` with")
         raise AssertionError("unreachable")
-    out = subprocess.run(
-        [str(kubectl), "kustomize", str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+    return render(kubectl, folder)
 
 
 def _by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
