@@ -255,12 +255,17 @@ def test_the_flow_process_sigkilled_mid_batch_then_rerun_no_double_charge_nothin
     proc = subprocess.Popen([sys.executable, "-c", KILLED_FLOW], cwd=REPO, env=env)
     ledger = KeyLedger(redis_client(), PaymentsSettings().ledger_prefix)
 
+    seen: set[str] = set(ids)  # the first look finds nothing fresh
+
     def in_flight() -> bool:
-        # Some charged, and a call pinned and unanswered now: not the gap between two batch
-        # tasks, when nothing is in flight.
-        return sum(pay.gateway_charges_per_payment(ids).values()) >= 3 and any(
-            ledger.open_key(pid) for pid in ids
-        )
+        """Some charged, and a call pinned since the last look: it has most of its 2 s still
+        to run, so it is unanswered when the kill lands. (A key merely open could be
+        answered in the moment between this look and the kill on a loaded machine.)"""
+        nonlocal seen
+        charged = sum(pay.gateway_charges_per_payment(ids).values())
+        open_now = {pid for pid in ids if ledger.open_key(pid)}
+        fresh, seen = open_now - seen, open_now
+        return charged >= 3 and bool(fresh)
 
     try:
         deadline = time.monotonic() + 120
