@@ -107,9 +107,7 @@ def _running(cluster: PrivateCluster) -> Iterator[None]:
         )
         yield
     finally:
-        subprocess.run(
-            [*pg_ctl, "-m", "immediate", "stop"], check=False, stdout=subprocess.DEVNULL
-        )
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], check=False, stdout=subprocess.DEVNULL)
         shutil.rmtree(cluster.root, ignore_errors=True)
 
 
