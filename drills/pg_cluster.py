@@ -89,29 +89,63 @@ def private_cluster(
     with (data / "postgresql.conf").open("a") as conf:
         for name, value in extra.items():
             conf.write(f"{name} = '{value}'\n")
-    opts = f"-p {port} -c listen_addresses=127.0.0.1 -k {tmp}"
-    subprocess.run(
-        [
-            *run_as,
-            f"{bindir}/pg_ctl",
-            "-D",
-            str(data),
-            "-o",
-            opts,
-            "-l",
-            str(tmp / "log"),
-            "-w",
-            "start",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    cluster = PrivateCluster(port=port, root=tmp, data=data, bindir=bindir, run_as=run_as)
+    with _running(cluster):
+        yield cluster
+
+
+@contextlib.contextmanager
+def _running(cluster: PrivateCluster) -> Iterator[None]:
+    """`pg_ctl start` on the cluster's port (socket in its root); stopped and removed after."""
+    opts = f"-p {cluster.port} -c listen_addresses=127.0.0.1 -k {cluster.root}"
+    pg_ctl = [*cluster.run_as, f"{cluster.bindir}/pg_ctl", "-D", str(cluster.data)]
     try:
-        yield PrivateCluster(port=port, root=tmp, data=data, bindir=bindir, run_as=run_as)
-    finally:
         subprocess.run(
-            [*run_as, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
-            check=False,
+            [*pg_ctl, "-o", opts, "-l", str(cluster.root / "log"), "-w", "start"],
+            check=True,
             stdout=subprocess.DEVNULL,
         )
+        yield
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], check=False, stdout=subprocess.DEVNULL)
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def standby_of(primary: PrivateCluster) -> Iterator[PrivateCluster]:
+    """A streaming replica of `primary` (`pg_basebackup -R`: standby.signal and
+    primary_conninfo written) on its own free port; stopped and removed after."""
+    tmp = Path(tempfile.mkdtemp(prefix="rb-pg-standby-"))
+    if primary.run_as:
+        pw = pwd.getpwnam("postgres")
+        os.chown(tmp, pw.pw_uid, pw.pw_gid)
+    data = tmp / "data"
+    cluster = PrivateCluster(
+        port=free_port(), root=tmp, data=data, bindir=primary.bindir, run_as=primary.run_as
+    )
+    try:
+        # initdb's pg_hba trusts replication from loopback: no password to pass.
+        subprocess.run(
+            [
+                *primary.run_as,
+                f"{primary.bindir}/pg_basebackup",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(primary.port),
+                "-U",
+                "postgres",
+                "-D",
+                str(data),
+                "-R",
+                "-X",
+                "stream",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with _running(cluster):
+        yield cluster

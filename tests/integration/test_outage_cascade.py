@@ -184,6 +184,40 @@ def test_one_after_another_reads_the_same(world: World) -> None:
     assert {r.layer: r.status for r in c.layers} == dict.fromkeys(LAYERS, "ok")
 
 
+def test_kubernetes_lists_pods_not_ready_in_every_namespace(world: World) -> None:
+    """A crash-looping pod in a namespace the runbook is not configured for: the Kubernetes
+    layer lists it (pods of all namespaces) and stays ok, since the pods' own layers judge
+    them; the backend's namespace is not the only one looked at."""
+    core: Any = k8s.CoreV1Api(world.cluster.api())
+    apps: Any = k8s.AppsV1Api(world.cluster.api())
+    other = f"elsewhere-{uuid.uuid4().hex[:6]}"
+    assert other not in (world.targets.kube.namespace, world.targets.outage.ingress_namespace)
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=other)))
+    try:
+        sick = {"fake-kubelet/ready": "false", "fake-kubelet/waiting": "CrashLoopBackOff"}
+        apps.create_namespaced_deployment(
+            other,
+            deployment_body("sick", replicas=1, template_annotations=sick, labels={"app": "sick"}),
+        )
+
+        def crashing() -> bool:
+            pods = core.list_namespaced_pod(other).items
+            return bool(pods) and all(
+                s.state.waiting for p in pods for s in (p.status.container_statuses or [])
+            )
+
+        wait_until(crashing, what="the other namespace's pod crash-looping")
+        c, _ = cascade(world.targets)
+    finally:
+        with contextlib.suppress(ApiException):
+            core.delete_namespace(other)
+    assert c.first_broken is None, c.probes_md()
+    layer = c.layer("kubernetes")
+    assert layer.status == "ok" and "not Running/Ready in all namespaces" in layer.summary
+    (row,) = [p for p in layer.probes if p.item.startswith(f"pod {other}/sick-")]
+    assert row.ok is False and "not Ready" in row.observed and "CrashLoopBackOff" in row.detail
+
+
 @contextlib.contextmanager
 def dns_nxdomain(w: World) -> Iterator[CascadeTargets]:
     outage = w.targets.outage.model_copy(

@@ -1,22 +1,28 @@
 """system-outage's own tasks on real things: Redis' INFO persistence (the local server), the
 backup-listing command (real programs, no shell), the health URL from outside (the sandbox
-backend, then a port nobody listens on)."""
+backend, then a port nobody listens on), the database layer's replication lag (a private
+primary and its streaming standby)."""
 
 from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
+from pydantic import SecretStr
 
+from drills.pg_cluster import private_cluster, standby_of
 from flows.outage.params import SystemOutageParams
 from flows.outage.recovery import verify_from_outside
+from tasks.cascade.layers import check_database
 from tasks.endpoint import endpoint_health
 from tasks.errors import PermanentError, TransientError
 from tasks.postgres.backups import base_backups
 from tasks.redis import redis_persistence
-from tasks.settings import BackendSettings, OutageSettings, RedisSettings
+from tasks.settings import BackendSettings, OutageSettings, PostgresSettings, RedisSettings
 from tests.fixtures.sandbox import Sandbox
+from tests.integration.kube_helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -82,3 +88,42 @@ def test_verify_from_outside_polls_until_its_deadline_and_says_which_url(
     bad = verify_from_outside(SystemOutageParams(verify_timeout_s=2), down)
     assert not bad.healthy and bad.attempts >= 2 and 2 <= bad.waited_s < 4
     assert "unreachable" in bad.check.detail and "the path a user takes" in bad.summary
+
+
+def test_database_layer_reports_replication_lag_where_there_is_a_replica() -> None:
+    """Replication lag where there is a replica: the primary's pg_stat_replication row and the
+    standby's own replay lag; none where there is none; a "replica" that is a primary is said."""
+    with private_cluster() as primary, standby_of(primary) as standby:
+        pg = PostgresSettings(dsn=SecretStr(primary.admin_dsn), connect_timeout_s=2)
+        with psycopg.connect(primary.admin_dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE replicated (id int)")  # a transaction to replay
+
+            def streaming() -> bool:
+                rows = conn.execute("SELECT state FROM pg_stat_replication").fetchall()
+                return [r[0] for r in rows] == ["streaming"]
+
+            wait_until(streaming, what="the standby streaming", timeout=30)
+
+        def replayed() -> bool:
+            with psycopg.connect(standby.admin_dsn) as conn:
+                row = conn.execute("SELECT pg_last_xact_replay_timestamp()").fetchone()
+            return row is not None and row[0] is not None
+
+        wait_until(replayed, what="the standby replaying", timeout=30)
+        alone = check_database.fn(OutageSettings(), pg)
+        both = check_database.fn(OutageSettings(replica_dsn=SecretStr(standby.admin_dsn)), pg)
+        wrong = check_database.fn(OutageSettings(replica_dsn=SecretStr(primary.admin_dsn)), pg)
+
+    assert alone.status == "ok" and "1 replica(s) streaming" in alone.summary
+    (sent,) = [p for p in alone.probes if p.item.startswith("replication to ")]
+    assert sent.ok and sent.observed.startswith("streaming, replay lag ")
+    assert "bytes behind" in sent.observed
+    assert not any(p.item.startswith("replica ") for p in alone.probes)
+    assert both.status == "ok"
+    (replica,) = [p for p in both.probes if p.item.startswith("replica ")]
+    assert replica.ok and f":{standby.port}/" in replica.item
+    assert replica.observed.startswith("replay lag ") and replica.ms is not None
+    (not_one,) = [p for p in wrong.probes if p.item.startswith("replica ")]
+    assert not_one.ok is False and "not in recovery" in not_one.observed
+    # The primary decides the layer: a wrong replica is a figure, not an outage.
+    assert wrong.status == "ok"

@@ -26,9 +26,10 @@ from flows.performance_report import (
 from flows.spec import Verdict
 from sandbox.db import create_database, drop_database
 from tasks.errors import PermanentError
-from tasks.performance import slow_users
+from tasks.performance import health_timings, slow_users
 from tasks.settings import PerformanceSettings, PostgresSettings
 from tests.fixtures.kube import KubeCluster
+from tests.fixtures.outage import NginxFactory
 from tests.fixtures.pg_private import PrivateCluster
 from tests.fixtures.prefect_runs import flow_run_artifacts
 from tests.fixtures.sandbox import ADMIN_DSN, Sandbox, SandboxFactory
@@ -263,3 +264,25 @@ def test_audit_query_names_are_identifiers(perf_db: str, backend: Sandbox):
     assert missing.status == "table missing"
     with pytest.raises(PermanentError, match=r"schema\.table"):
         slow_users.fn(30, settings=PerformanceSettings(audit_table="a.b.c"), pg=pg)
+
+
+def test_health_call_through_the_load_balancer_is_split_in_five(
+    sandbox_backend: Sandbox, make_nginx: NginxFactory, monkeypatch: pytest.MonkeyPatch
+):
+    """Slow overall? Through a TLS load balancer reached by name, as a user's request goes:
+    DNS, connect, TLS, first byte and total are each measured, cumulative as `curl -w`."""
+    lb = make_nginx(sandbox_backend.url)
+    monkeypatch.setenv("RUNBOOKS_OUTAGE_ENDPOINT_URL", lb.url("/api/health"))
+    monkeypatch.setenv("RUNBOOKS_OUTAGE_ENDPOINT_CA_FILE", str(lb.ca_file))
+    got = health_timings.fn(3)
+    assert (got.via, got.url, got.errors, got.status_codes) == (
+        "endpoint",
+        lb.url("/api/health"),
+        0,
+        [200, 200, 200],
+    )
+    assert got.median is not None
+    for t in [*got.runs, got.median]:
+        phases = [t.dns_ms, t.connect_ms, t.tls_ms, t.first_byte_ms, t.total_ms]
+        measured = [v for v in phases if v is not None]
+        assert len(measured) == 5 and measured == sorted(measured) and t.total_ms > 0, t

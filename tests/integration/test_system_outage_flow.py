@@ -1,7 +1,8 @@
 """The `system-outage` runbook on real components: the test Kubernetes API (backend, frontend
 and ingress controller Deployments; the fake kubelet crash-loops the backend's pods), the
-sandbox backend as the endpoint a user reaches, the local PostgreSQL and Redis (read only:
-the DR figures), Prefect, and sinks for the pages. Nothing of ours is mocked."""
+sandbox backend behind nginx (TLS) as the endpoint a user reaches, the local PostgreSQL and
+Redis (read only: the DR figures), Prefect, and sinks for the pages. Nothing of ours is
+mocked."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from flows.system_outage import (
 from tasks.kubernetes import RESTARTED_AT
 from tests.fixtures.approvals import vote
 from tests.fixtures.kube import KubeCluster
+from tests.fixtures.outage import Nginx, NginxFactory
 from tests.fixtures.prefect_runs import flow_run_artifacts, paused_runs, wait_for_paused_run
 from tests.fixtures.sandbox import Sandbox
 from tests.integration.kube_helpers import deployment_body, rolled_out, wait_until
@@ -46,6 +48,7 @@ class Platform:
     namespace: str
     sandbox: Sandbox
     world: Any
+    endpoint: Nginx
 
     @property
     def apps(self) -> Any:
@@ -113,6 +116,7 @@ def platform(
     kube_cluster: KubeCluster,
     kube_namespace: str,
     sandbox_backend: Sandbox,
+    make_nginx: NginxFactory,
     world_env: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Callable[[], Platform]:
@@ -126,12 +130,15 @@ def platform(
         settings = kube_cluster.settings(ns)
         for name in (BACKEND, FRONTEND, INGRESS):
             rolled_out(settings, ns, name)
+        # The path a user takes: a TLS load balancer in front of the backend, by name.
+        endpoint = make_nginx(sandbox_backend.url)
         env = {
             "RUNBOOKS_K8S_KUBECONFIG": str(kube_cluster.kubeconfig),
             "RUNBOOKS_K8S_NAMESPACE": ns,
             "RUNBOOKS_OUTAGE_INGRESS_NAMESPACE": ns,
             "RUNBOOKS_OUTAGE_INGRESS_DEPLOYMENT": INGRESS,
-            "RUNBOOKS_OUTAGE_ENDPOINT_URL": sandbox_backend.url + "/api/health",
+            "RUNBOOKS_OUTAGE_ENDPOINT_URL": endpoint.url("/api/health"),
+            "RUNBOOKS_OUTAGE_ENDPOINT_CA_FILE": str(endpoint.ca_file),
             "RUNBOOKS_OUTAGE_RESTART_STAGGER_S": str(STAGGER_S),
             "RUNBOOKS_BACKEND_URL": sandbox_backend.url,
         }
@@ -139,7 +146,7 @@ def platform(
             monkeypatch.setenv(key, value)
         for key in ("RUNBOOKS_OUTAGE_HOSTNAMES", "RUNBOOKS_OUTAGE_DEPENDENCIES"):
             monkeypatch.delenv(key, raising=False)
-        return Platform(kube_cluster, ns, sandbox_backend, world_env())
+        return Platform(kube_cluster, ns, sandbox_backend, world_env(), endpoint)
 
     return make
 
@@ -219,11 +226,16 @@ def test_approved_restart_is_staggered_and_verified_from_outside(
     s = out.stagger
     assert s is not None and s.stagger_s == STAGGER_S
     assert s.backend_rolled_out_at and s.frontend_started_at and s.backend_started_at
+    # Both rollouts were waited for, the frontend's after its own restart.
+    assert s.frontend_rolled_out_at and s.frontend_started_at < s.frontend_rolled_out_at
     # The stagger holds: the frontend restart starts no earlier than the backend's rollout
     # finished plus the stagger.
     assert s.backend_started_at < s.backend_rolled_out_at
     assert s.frontend_started_at >= s.backend_rolled_out_at + timedelta(seconds=STAGGER_S)
     assert out.verify is not None and out.verify.healthy and out.verify.check.via == "endpoint"
+    # Verified from outside through the load balancer (TLS, by name), not at the backend.
+    assert out.verify.check.url == p.endpoint.url("/api/health")
+    assert out.verify.check.timings and out.verify.check.timings.tls_ms
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "Undo record (restart)" in md and "restartedAt was never set" in md
     # The spec's lock, then the backend's own (the other runbooks that change it take it).
@@ -300,7 +312,8 @@ def test_verification_failing_pages_a_follow_up_and_fails(
     fut, run_id, pool = start(acting(verify_timeout_s=2))
     with pool:
         vote(run_id, "on-call")
-        # The endpoint goes down once the restarts began: they did not bring it back.
+        # The backend goes down once the restarts began: they did not bring it back; the
+        # load balancer in front of it still answers, with a 502.
         wait_until(lambda: p.restarted_at(BACKEND) is not None, timeout=60, what="restart")
         p.sandbox.server.stop()
         state = fut.result(timeout=180)
@@ -310,3 +323,4 @@ def test_verification_failing_pages_a_follow_up_and_fails(
     assert p.world.counts().get("on-call", 0) >= 2  # the start, then the follow-up
     (md,) = flow_run_artifacts(run_id, RUNBOOK)
     assert "Follow-up page (not-recovered)" in md and "**NOT recovered**" in md
+    assert "HTTP 502" in md
