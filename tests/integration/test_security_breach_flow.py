@@ -409,6 +409,7 @@ def test_every_change_approved_evidence_first_no_value_leaks_and_a_second_run_ro
     assert out.step("isolate").who == "security-team"
     assert "contain the backend" in out.step("isolate").detail
     assert set(out.step("rotate secrets").who.split(", ")) == {"security-team", "leadership"}
+    assert "leaked credentials" in out.step("rotate secrets").detail
     assert out.step("force password reset").who == "on-call"
     # Isolation: exactly the affected pods, labelled ours; no pod deleted.
     (policy,) = b.policies()

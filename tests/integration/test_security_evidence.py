@@ -173,6 +173,14 @@ def test_the_bundle_is_complete_verifies_and_detects_a_changed_byte(
         p.metadata.name for p in core.list_namespaced_pod(ns, label_selector="component=web").items
     )
     settings = SecuritySettings(evidence_dir=tmp_path / "evidence", window_hours=1)
+    # A login row of this test's own: the audit query's result must carry it.
+    marker_ip = f"198.51.100.{uuid.uuid4().int % 250 + 1}"
+    with psycopg.connect(sec_db) as conn:
+        conn.execute(
+            "INSERT INTO audit_logs (user_id, action, route, status, ip, response_time, release)"
+            " VALUES (4242, 'login', '/api/login', 401, %s, 1.0, 'test')",
+            (marker_ip,),
+        )
     bundle = capture_evidence.fn(
         "INC-42/breach", "component=web", ns, settings=settings, kube=kube, pg=pg_of(sec_db)
     )
@@ -202,6 +210,11 @@ def test_the_bundle_is_complete_verifies_and_detects_a_changed_byte(
     assert {i["image_id"] for i in images} == {f"fake://{IMAGE}:1"}
     pod_obj = json.loads((root / f"pods/{web[0]}.json").read_text())
     assert pod_obj["metadata"]["name"] == web[0] and pod_obj["status"]["phase"] == "Running"
+    audit = json.loads((root / "audit.json").read_text())
+    assert audit["assessment"]["status"] == "ok" and audit["truncated"] is False
+    assert {"user": "4242", "ip": marker_ip, "action": "login", "status": 401} in [
+        {k: r[k] for k in ("user", "ip", "action", "status")} for r in audit["rows"]
+    ]
     manifest = json.loads((root / "manifest.json").read_text())
     assert (root / "manifest.sha256").read_text().startswith(bundle.manifest_sha256 + "  ")
     assert manifest["pods"] == web
