@@ -537,7 +537,9 @@ def test_timeout_at_each_step_changes_nothing(breach: Callable[[], Breach]) -> N
     b = breach()
     before = b.restarted()
     started = time.monotonic()
-    out = outcome(security_breach(acting(approval_timeout_s=10), return_state=True))
+    # auto_approve too: every change of this runbook still waits for a human (`always`).
+    params = acting(approval_timeout_s=10, auto_approve=True)
+    out = outcome(security_breach(params, return_state=True))
     assert time.monotonic() - started >= 36  # four approvals, each waited for (~10 s)
     for step in ("isolate", "rotate secrets", "force password reset", "revoke sessions"):
         row = out.step(step)
