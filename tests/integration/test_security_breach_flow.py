@@ -410,6 +410,9 @@ def test_every_change_approved_evidence_first_no_value_leaks_and_a_second_run_ro
     assert "contain the backend" in out.step("isolate").detail
     assert set(out.step("rotate secrets").who.split(", ")) == {"security-team", "leadership"}
     assert "leaked credentials" in out.step("rotate secrets").detail
+    # ... and in the checklist artifact itself, whole.
+    (md,) = flow_run_artifacts(run_id, ARTIFACT_KEY)
+    assert "contain the backend" in md and "leaked credentials" in md
     assert out.step("force password reset").who == "on-call"
     # Isolation: exactly the affected pods, labelled ours; no pod deleted.
     (policy,) = b.policies()
@@ -529,7 +532,7 @@ def test_a_rerun_verifies_the_earlier_bundle_and_names_a_changed_byte(
     assert second.is_failed()
     (md,) = flow_run_artifacts(second.state_details.flow_run_id, ARTIFACT_KEY)
     row = next(line for line in md.splitlines() if line.startswith("| 1 | investigate |"))
-    assert "FAILED" in row and "CHANGED" in row, row
+    assert "| FAILED |" in row and "CHANGED" in row, row
     assert f"**CHANGED**: {md_escape(pod_file)}" in md
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
+from flows.common import md_escape
 from flows.security.assessment import (
     Assessment,
     drift_rows,
@@ -95,6 +96,10 @@ def test_checklist_rows_say_who_and_when() -> None:
     assert "| REFUSED |" in md and "leadership" in md and "inc-1" in c.summary()
     assert "\\|" in md  # a cell's pipe cannot break the table
     assert md.count("\n") == 3  # header, rule, two rows
+    # A long plan does not cut off the approval's reason at the end of the detail.
+    plan = "Plan: rotate " + "; ".join(f"secret-{i}" for i in range(40))
+    c.add("5b", "force password reset", "done", "on-call", f"{plan} Approval: ok (why: phished)")
+    assert md_escape("(why: phished)") in c.markdown()
 
 
 def test_human_form_answers_in_order() -> None:
