@@ -206,7 +206,10 @@ class _Run:
             detail += f"; {len(earlier) - len(broken)}/{len(earlier)} earlier bundle(s) verify"
         if broken:
             # The reason first: the rest (paths, hashes) is in the evidence section.
-            changed = f"{len(broken)} earlier bundle(s) of this incident CHANGED (a file altered or missing)"
+            changed = (
+                f"{len(broken)} earlier bundle(s) of this incident CHANGED"
+                " (a file altered or missing)"
+            )
             self.row("1", "investigate", "failed", "runbook", f"{changed}; {detail}")
         else:
             self.row("1", "investigate", "done", "runbook", detail)
