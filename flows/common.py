@@ -138,11 +138,11 @@ def md_code(value: object) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], cell_limit: int = 200) -> str:
     """A markdown table; cells are escaped so a label or query text cannot break the layout."""
 
     def cell(value: object) -> str:
-        return md_escape(str(value)[:200])
+        return md_escape(str(value)[:cell_limit])
 
     if not rows:
         return "_none_"

@@ -9,7 +9,8 @@ a dry run) with who and when, in the artifact `security-breach-checklist`:
 
 1. Investigate: the evidence bundle (`tasks.security.evidence.capture_evidence`), always
    first and on a dry run too: read-only on every system, files 0600 in a new folder of
-   the incident with a SHA-256 manifest; a re-run first verifies every earlier bundle of
+   the incident with a SHA-256 manifest, every file and its hash listed in the checklist
+   artifact (the bundle's index); a re-run first verifies every earlier bundle of
    the incident (a changed or missing file fails this step). Without a bundle, every
    changing step is refused: nothing changes before the pods' state is kept.
 2. Isolate: a deny-all ingress+egress NetworkPolicy on the pods the selector picks,
@@ -57,6 +58,7 @@ from flows.common import (
     md_escape,
     publish_on_exit,
     run_link,
+    table,
     tag_run,
 )
 from flows.driver import checks_md, drive
@@ -189,7 +191,12 @@ class _Run:
                 if bundle.errors
                 else ""
             )
-            + ("\n\nEarlier bundles of this incident:\n\n" + "\n".join(lines) if lines else ""),
+            + ("\n\nEarlier bundles of this incident:\n\n" + "\n".join(lines) if lines else "")
+            + "\n\nFiles (as in its manifest):\n\n"
+            + table(
+                ["file", "kind", "bytes", "sha256"],
+                [[f.path, f.kind, f.bytes, f.sha256] for f in bundle.files],
+            ),
         )
         detail = (
             f"{len(bundle.files)} file(s) of {len(bundle.pods)} pod(s) in {bundle.directory};"
@@ -198,7 +205,12 @@ class _Run:
         if earlier:
             detail += f"; {len(earlier) - len(broken)}/{len(earlier)} earlier bundle(s) verify"
         if broken:
-            self.row("1", "investigate", "failed", "runbook", detail + " (one CHANGED)")
+            # The reason first: the rest (paths, hashes) is in the evidence section.
+            changed = (
+                f"{len(broken)} earlier bundle(s) of this incident CHANGED"
+                " (a file altered or missing)"
+            )
+            self.row("1", "investigate", "failed", "runbook", f"{changed}; {detail}")
         else:
             self.row("1", "investigate", "done", "runbook", detail)
 

@@ -14,6 +14,7 @@ from tasks.security.assess import (
     ExfiltrationAssessment,
     ImageDrift,
     LoginAssessment,
+    SecretChange,
     SecretChanges,
     assess_logins,
     exfiltration_signals,
@@ -115,23 +116,25 @@ def secret_rows(found: SecretChanges) -> list[Check]:
             threshold=f"written within {found.hours:g} h (managedFields)",
             observed=f"{len(theirs)} of {found.total} (+{len(found.changed) - len(theirs)} ours)",
             verdict=_verdict(bool(theirs)),
-            detail=_more(
-                [
-                    f"{c.name} at {c.last_changed:%Y-%m-%d %H:%M:%S}" if c.last_changed else c.name
-                    for c in theirs
-                ]
-                if theirs
-                else []
-            )
+            detail=_more([_secret_change(c) for c in theirs])
             + (
-                " (by: "
-                + ", ".join(sorted({m.manager for c in theirs for m in c.managers}))
-                + "; the user needs the API server's audit log)"
+                " (by: the field manager; the user needs the API server's audit log)"
                 if theirs
                 else ""
             ),
         )
     ]
+
+
+def _secret_change(change: SecretChange) -> str:
+    """`name at <time> by <manager>`: the latest write and who the API says made it."""
+    text = change.name
+    if change.last_changed:
+        text += f" at {change.last_changed:%Y-%m-%d %H:%M:%S}"
+    latest = [m for m in change.managers if m.time is not None and m.time == change.last_changed]
+    if latest:
+        text += " by " + ", ".join(sorted({m.manager for m in latest}))
+    return text
 
 
 def exfiltration_rows(found: ExfiltrationAssessment) -> list[Check]:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, Field
 from flows.common import table
 
 ARTIFACT_KEY = "security-breach-checklist"
+#: Characters of a checklist row's detail shown in the artifact.
+DETAIL_LIMIT = 2000
 
 Status = Literal["done", "skipped", "refused", "failed", "planned", "open"]
 
@@ -58,7 +60,11 @@ class Checklist(BaseModel):
             ]
             for r in self.rows
         ]
-        return table(["#", "step", "status", "who", "when (UTC)", "detail"], rows)
+        # The detail ends with the approval and its reasons: kept whole (a 200-character cell
+        # would cut off why a change was approved or refused).
+        return table(
+            ["#", "step", "status", "who", "when (UTC)", "detail"], rows, cell_limit=DETAIL_LIMIT
+        )
 
     def summary(self) -> str:
         """The artifact's description: how many steps ended how."""

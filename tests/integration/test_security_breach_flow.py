@@ -30,6 +30,7 @@ import yaml
 from kubernetes import client as k8s
 from prefect.client.orchestration import get_client
 
+from flows.common import md_escape
 from flows.security.checklist import ARTIFACT_KEY, HUMAN_ITEMS
 from flows.security_breach import (
     RUNBOOK,
@@ -365,6 +366,11 @@ def test_dry_run_captures_evidence_plans_every_step_and_changes_nothing(
     run_id = state.state_details.flow_run_id
     (md,) = flow_run_artifacts(run_id, ARTIFACT_KEY)
     assert out.evidence.manifest_sha256 in md and "WAF rules" in md
+    # ... every file of it, with its hash (the artifact is the bundle's index).
+    assert out.evidence.files
+    for f in out.evidence.files:
+        cells = [md_escape(v) for v in (f.path, f.kind, f.bytes, f.sha256)]
+        assert "| " + " | ".join(cells) + " |" in md, f.path
     assert "open" in md and "Image drift" in md
     scan_for(run_id, [OLD_VALUE])
 
@@ -403,6 +409,10 @@ def test_every_change_approved_evidence_first_no_value_leaks_and_a_second_run_ro
     assert out.step("isolate").who == "security-team"
     assert "contain the backend" in out.step("isolate").detail
     assert set(out.step("rotate secrets").who.split(", ")) == {"security-team", "leadership"}
+    assert "leaked credentials" in out.step("rotate secrets").detail
+    # ... and in the checklist artifact itself, whole.
+    (md,) = flow_run_artifacts(run_id, ARTIFACT_KEY)
+    assert "contain the backend" in md and "leaked credentials" in md
     assert out.step("force password reset").who == "on-call"
     # Isolation: exactly the affected pods, labelled ours; no pod deleted.
     (policy,) = b.policies()
@@ -496,17 +506,43 @@ def test_refused_at_each_step_changes_nothing_and_offers_the_next(
         row = out.step(step)
         assert row.status == "refused", (step, row.detail)
         assert row.who == who and "refused by an allowed approver" in row.detail
+    # Why each was refused is recorded with who refused it.
+    assert "not yet" in out.step("isolate").detail
+    assert "wait for legal" in out.step("rotate secrets").detail
     assert b.policies() == []
     assert b.secret_values()["password"] == OLD_VALUE
     assert b.restarted() == before
     assert b.sessions() == SESSIONS and b.must_reset() == 0
 
 
+def test_a_rerun_verifies_the_earlier_bundle_and_names_a_changed_byte(
+    breach: Callable[[], Breach],
+) -> None:
+    breach()
+    params = acting(dry_run=True, incident=f"inc-{uuid.uuid4().hex[:8]}")
+    first = outcome(security_breach(params, return_state=True))
+    assert first.evidence is not None and first.earlier_bundles == []
+    root = Path(first.evidence.directory)
+    pod_file = next(f.path for f in first.evidence.files if f.kind == "pod")
+    data = bytearray((root / pod_file).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (root / pod_file).write_bytes(bytes(data))
+    second = security_breach(params, return_state=True)
+    # The re-run re-hashes the earlier bundle: step 1 fails and names the changed file.
+    assert second.is_failed()
+    (md,) = flow_run_artifacts(second.state_details.flow_run_id, ARTIFACT_KEY)
+    row = next(line for line in md.splitlines() if line.startswith("| 1 | investigate |"))
+    assert "| FAILED |" in row and "CHANGED" in row, row
+    assert f"**CHANGED**: {md_escape(pod_file)}" in md
+
+
 def test_timeout_at_each_step_changes_nothing(breach: Callable[[], Breach]) -> None:
     b = breach()
     before = b.restarted()
     started = time.monotonic()
-    out = outcome(security_breach(acting(approval_timeout_s=10), return_state=True))
+    # auto_approve too: every change of this runbook still waits for a human (`always`).
+    params = acting(approval_timeout_s=10, auto_approve=True)
+    out = outcome(security_breach(params, return_state=True))
     assert time.monotonic() - started >= 36  # four approvals, each waited for (~10 s)
     for step in ("isolate", "rotate secrets", "force password reset", "revoke sessions"):
         row = out.step(step)

@@ -173,6 +173,14 @@ def test_the_bundle_is_complete_verifies_and_detects_a_changed_byte(
         p.metadata.name for p in core.list_namespaced_pod(ns, label_selector="component=web").items
     )
     settings = SecuritySettings(evidence_dir=tmp_path / "evidence", window_hours=1)
+    # A login row of this test's own: the audit query's result must carry it.
+    marker_ip = f"198.51.100.{uuid.uuid4().int % 250 + 1}"
+    with psycopg.connect(sec_db) as conn:
+        conn.execute(
+            "INSERT INTO audit_logs (user_id, action, route, status, ip, response_time, release)"
+            " VALUES (4242, 'login', '/api/login', 401, %s, 1.0, 'test')",
+            (marker_ip,),
+        )
     bundle = capture_evidence.fn(
         "INC-42/breach", "component=web", ns, settings=settings, kube=kube, pg=pg_of(sec_db)
     )
@@ -202,6 +210,11 @@ def test_the_bundle_is_complete_verifies_and_detects_a_changed_byte(
     assert {i["image_id"] for i in images} == {f"fake://{IMAGE}:1"}
     pod_obj = json.loads((root / f"pods/{web[0]}.json").read_text())
     assert pod_obj["metadata"]["name"] == web[0] and pod_obj["status"]["phase"] == "Running"
+    audit = json.loads((root / "audit.json").read_text())
+    assert audit["assessment"]["status"] == "ok" and audit["truncated"] is False
+    assert {"user": "4242", "ip": marker_ip, "action": "login", "status": 401} in [
+        {k: r[k] for k in ("user", "ip", "action", "status")} for r in audit["rows"]
+    ]
     manifest = json.loads((root / "manifest.json").read_text())
     assert (root / "manifest.sha256").read_text().startswith(bundle.manifest_sha256 + "  ")
     assert manifest["pods"] == web
@@ -345,12 +358,18 @@ def test_recent_secret_changes_come_from_managed_fields_without_values(
             k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name), string_data={"password": value}),
             field_manager="setup",
         )
-    time.sleep(1.5)
+    time.sleep(4)
     core.patch_namespaced_secret(
         "db-creds", ns, {"stringData": {"api-key": value}}, field_manager="attacker-tool"
     )
-    settings = SecuritySettings(secret_change_hours=1 / 3600)  # the last second
-    got = recent_secret_changes.fn(ns, settings=settings, kube=kube)
+    patched = time.monotonic()
+
+    def since_the_patch() -> SecuritySettings:
+        # A window reaching back to the patch (stamped in whole seconds: 1 s of slack, and
+        # another 1.5 s) but not to the creates 4 s before it, however slow the steps between.
+        return SecuritySettings(secret_change_hours=(time.monotonic() - patched + 2.5) / 3600)
+
+    got = recent_secret_changes.fn(ns, settings=since_the_patch(), kube=kube)
     assert [c.name for c in got.changed] == ["db-creds"]
     assert got.total >= 2
     writes = {(w.manager, w.operation): w.keys for w in got.changed[0].managers}
@@ -360,7 +379,7 @@ def test_recent_secret_changes_come_from_managed_fields_without_values(
     assert {"db-creds", "old-creds"} <= {c.name for c in wide.changed}
     # By name (what a Role granting only `get` on the named Secrets allows); unknown skipped.
     named = recent_secret_changes.fn(
-        ns, settings=settings, kube=kube, names=["db-creds", "old-creds", "gone"]
+        ns, settings=since_the_patch(), kube=kube, names=["db-creds", "old-creds", "gone"]
     )
     assert [c.name for c in named.changed] == ["db-creds"] and named.total == 2
     # A Role with `get` on the named Secrets only is enough by name; listing is forbidden.
@@ -376,10 +395,12 @@ def test_recent_secret_changes_come_from_managed_fields_without_values(
             }
         ],
     )
-    by_name = recent_secret_changes.fn(ns, settings=settings, kube=named_only, names=["db-creds"])
+    by_name = recent_secret_changes.fn(
+        ns, settings=since_the_patch(), kube=named_only, names=["db-creds"]
+    )
     assert [c.name for c in by_name.changed] == ["db-creds"]
     with pytest.raises(PermanentError, match="forbidden"):
-        recent_secret_changes.fn(ns, settings=settings, kube=named_only)
+        recent_secret_changes.fn(ns, settings=since_the_patch(), kube=named_only)
     # Values never come back (they never even cross the wire: metadata only).
     for result in (got, wide, named, by_name):
         dumped = result.model_dump_json()

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
+from flows.common import md_escape
 from flows.security.assessment import (
     Assessment,
     drift_rows,
@@ -36,6 +37,7 @@ from tasks.security.assess import (
 from tasks.settings import SecuritySettings
 
 NOW = datetime(2026, 12, 7, 2, 0, tzinfo=UTC)
+EARLIER = datetime(2026, 12, 7, 1, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -94,6 +96,10 @@ def test_checklist_rows_say_who_and_when() -> None:
     assert "| REFUSED |" in md and "leadership" in md and "inc-1" in c.summary()
     assert "\\|" in md  # a cell's pipe cannot break the table
     assert md.count("\n") == 3  # header, rule, two rows
+    # A long plan does not cut off the approval's reason at the end of the detail.
+    plan = "Plan: rotate " + "; ".join(f"secret-{i}" for i in range(40))
+    c.add("5b", "force password reset", "done", "on-call", f"{plan} Approval: ok (why: phished)")
+    assert md_escape("(why: phished)") in c.markdown()
 
 
 def test_human_form_answers_in_order() -> None:
@@ -158,7 +164,17 @@ def test_drift_secret_and_exfiltration_rows() -> None:
                 name="db-creds",
                 created=NOW,
                 last_changed=NOW,
-                managers=[FieldWrite(manager="kubectl-edit", operation="Update", time=NOW)],
+                managers=[
+                    FieldWrite(manager="helm", operation="Update", time=EARLIER),
+                    FieldWrite(manager="kubectl-edit", operation="Update", time=NOW),
+                ],
+                ours=False,
+            ),
+            SecretChange(
+                name="api-keys",
+                created=EARLIER,
+                last_changed=EARLIER,
+                managers=[FieldWrite(manager="helm", operation="Update", time=EARLIER)],
                 ours=False,
             ),
             SecretChange(
@@ -167,8 +183,12 @@ def test_drift_secret_and_exfiltration_rows() -> None:
         ],
     )
     (row,) = secret_rows(changes)
-    assert row.verdict == Verdict.FAIL and "db-creds" in row.detail and "kubectl-edit" in row.detail
-    assert row.observed == "1 of 4 (+1 ours)"
+    # Each Secret with its latest write and the field manager that made it.
+    assert row.verdict == Verdict.FAIL
+    assert "db-creds at 2026-12-07 02:00:00 by kubectl-edit;" in row.detail
+    assert "api-keys at 2026-12-07 01:00:00 by helm" in row.detail
+    assert "backup" not in row.detail
+    assert row.observed == "2 of 4 (+1 ours)"
     (row,) = exfiltration_rows(ExfiltrationAssessment(status="not configured", factor=5))
     assert row.verdict == Verdict.NOT_CONFIGURED
     figures = ExfiltrationAssessment(
