@@ -388,7 +388,9 @@ def security_breach(params: SecurityBreachParams) -> SecurityBreachOutcome:
                 run.row("4", "notify", "failed", "runbook", failure_text(exc))
             run.change(
                 "5a",
-                RotateStep(run.incident, namespace),
+                RotateStep(
+                    run.incident, namespace, run.out.evidence.unkept if run.out.evidence else {}
+                ),
                 params.rotate and bool(params.secrets),
                 "rotate is off" if not params.rotate else "no Secret named",
             )

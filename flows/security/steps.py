@@ -249,8 +249,30 @@ class RotateStep(Step):
 
     name = "rotate secrets"
 
+    def __init__(self, incident: str, namespace: str, unkept: dict[str, str] | None = None) -> None:
+        super().__init__(incident, namespace)
+        #: Pods whose logs the evidence bundle could not keep, with their workloads.
+        self.unkept = unkept or {}
+
     def make_plan(self, params: SecurityBreachParams) -> list[Action]:
         plan = plan_rotation(self.incident, params.secrets, namespace=self.namespace)
+        restarted = {f"{r.kind}/{r.name}" for r in plan.restarts}
+        lost = sorted(pod for pod, workload in self.unkept.items() if workload in restarted)
+        if lost:
+            # A restart replaces the pod and its container logs with it: the evidence the
+            # bundle could not read would be gone for good.
+            return [
+                RotateAction(
+                    target=f"k8s:{plan.namespace}/secrets/{','.join(params.secrets)}",
+                    summary=(
+                        f"not now: the restarts would replace pod(s) {_names(lost)}, whose logs"
+                        " the evidence bundle could not keep (see its capture errors); run"
+                        " again for this incident to capture them, then rotate"
+                    ),
+                    possible=False,
+                    rotation=plan,
+                )
+            ]
         parts = [
             f"{s.name} (keys {_names(s.key_names)}; users"
             f" {_names([f'{u.kind}/{u.name}' for u in s.users])})"

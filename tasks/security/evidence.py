@@ -78,6 +78,12 @@ class EvidenceBundle(BaseModel):
     errors: list[str] = Field(
         default_factory=list, description="What could not be captured (no values)."
     )
+    unkept: dict[str, str] = Field(
+        default_factory=dict,
+        description="Pods with a log of a container that ran but could not be read, each with"
+        " its workload (`deployment/<name>`, `statefulset/...`, `daemonset/...`, or `pod/...`):"
+        " restarting that workload would lose the log.",
+    )
 
 
 class BundleCheck(BaseModel):
@@ -250,10 +256,31 @@ def _images(pods: list[k8s.V1Pod]) -> list[dict[str, Any]]:
     return out
 
 
+def _workload_of(pod: k8s.V1Pod, replica_sets: list[Any]) -> str:
+    """`<kind>/<name>` of what a restart would replace the pod through (as the rotation's
+    restarts name them); `pod/<name>` for a pod no workload controls."""
+    deployment_of = {
+        str(meta(rs).name): str(o.name)
+        for rs in replica_sets
+        for o in meta(rs).owner_references or []
+        if o.controller and o.kind == "Deployment"
+    }
+    for o in meta(pod).owner_references or []:
+        if not o.controller:
+            continue
+        if o.kind == "ReplicaSet" and o.name in deployment_of:
+            return f"deployment/{deployment_of[o.name]}"
+        if o.kind in ("StatefulSet", "DaemonSet"):
+            return f"{o.kind.lower()}/{o.name}"
+    return f"pod/{meta(pod).name}"
+
+
 def _capture_pods(
     kube: Kube, w: _Writer, namespace: str, pods: list[k8s.V1Pod], errors: list[str]
-) -> None:
+) -> set[str]:
+    """Write each pod's object and logs; the pods with a log that ran but was not read."""
     api = kube.client
+    unkept: set[str] = set()
     for pod in pods:
         name = str(meta(pod).name)
         part = _safe_part(name)
@@ -271,6 +298,10 @@ def _capture_pods(
             got = _container_log(kube, name, namespace, c.name, previous=False)
             if isinstance(got, str):
                 errors.append(f"{name}/{c.name} log: {got}")
+                # A container still waiting has written nothing yet; one that ran has.
+                state = s.state if s is not None else None
+                if state is not None and (state.running or state.terminated):
+                    unkept.add(name)
             else:
                 w.write(f"logs/{part}/{_safe_part(c.name)}.log", got, "log")
             # kubectl logs --previous exists only after a restart / a termination.
@@ -281,8 +312,10 @@ def _capture_pods(
                 prev = _container_log(kube, name, namespace, c.name, previous=True)
                 if isinstance(prev, str):
                     errors.append(f"{name}/{c.name} previous log: {prev}")
+                    unkept.add(name)
                 else:
                     w.write(f"logs/{part}/{_safe_part(c.name)}.previous.log", prev, "previous-log")
+    return unkept
 
 
 def _capture_objects(
@@ -386,7 +419,7 @@ def capture_evidence(
             "errors": errors,
         }
         try:
-            _capture_pods(session, w, namespace, pods, errors)
+            unkept = _capture_pods(session, w, namespace, pods, errors)
             _capture_objects(session, w, pods, replica_sets, deployments, events.items)
             audit_status = _capture_audit(w, settings, pg, errors)
         except Exception as exc:
@@ -418,6 +451,9 @@ def capture_evidence(
         captured_at=captured_at,
         audit_status=audit_status,
         errors=errors,
+        unkept={
+            str(meta(p).name): _workload_of(p, replica_sets) for p in pods if meta(p).name in unkept
+        },
     )
 
 

@@ -536,6 +536,35 @@ def test_a_rerun_verifies_the_earlier_bundle_and_names_a_changed_byte(
     assert f"**CHANGED**: {md_escape(pod_file)}" in md
 
 
+def test_no_rotation_restarts_a_pod_whose_logs_were_not_kept(
+    breach: Callable[[], Breach],
+) -> None:
+    b = breach()
+    # The affected pods ran, but the kubelet no longer has their logs: the bundle cannot keep
+    # them, and rotating db-creds would restart akig-backend, replacing those pods.
+    b.apps.patch_namespaced_deployment(
+        "akig-backend",
+        b.namespace,
+        {"spec": {"template": {"metadata": {"annotations": {"fake-kubelet/log-gone": "true"}}}}},
+    )
+    rolled_out(b.cluster.settings(b.namespace), b.namespace, "akig-backend")
+    before = b.restarted()
+    params = acting(isolate=False, reset_passwords=False, revoke_sessions=False)
+    out = outcome(security_breach(params, return_state=True))
+    assert out.evidence is not None
+    affected = b.pods("app=akig,component=akig-backend")
+    assert set(out.evidence.unkept) == affected
+    assert set(out.evidence.unkept.values()) == {"deployment/akig-backend"}
+    row = out.step("rotate secrets")
+    assert row.status == "skipped" and "whose logs the evidence bundle could not keep" in (
+        row.detail
+    ), row.detail
+    # Nobody was asked, nothing changed: the Secret, its backup, every workload.
+    assert b.secret_values()["password"] == OLD_VALUE
+    assert b.restarted() == before
+    assert b.pods("app=akig,component=akig-backend") == affected
+
+
 def test_timeout_at_each_step_changes_nothing(breach: Callable[[], Breach]) -> None:
     b = breach()
     before = b.restarted()

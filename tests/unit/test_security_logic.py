@@ -11,10 +11,18 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kubernetes import client as k8s
 
 from tasks.errors import PermanentError
 from tasks.security.assess import compare_volumes, drift_reasons, secret_change_of
-from tasks.security.evidence import MANIFEST, MANIFEST_HASH, _sha256, _Writer, verify_bundle
+from tasks.security.evidence import (
+    MANIFEST,
+    MANIFEST_HASH,
+    _sha256,
+    _workload_of,
+    _Writer,
+    verify_bundle,
+)
 from tasks.security.incident import SLUG_MAX, incident_slug
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -129,3 +137,37 @@ def test_the_writer_never_replaces_a_file(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         w.write("a.txt", b"2", "log")
     assert (tmp_path / "a.txt").read_bytes() == b"1"
+
+
+def _owned(name: str, kind: str | None, owner: str = "o", controller: bool = True) -> k8s.V1Pod:
+    refs = (
+        [
+            k8s.V1OwnerReference(
+                api_version="v1", kind=kind, name=owner, uid="u", controller=controller
+            )
+        ]
+        if kind
+        else None
+    )
+    return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=name, owner_references=refs))
+
+
+def test_a_pods_workload_is_named_as_the_rotations_restarts_name_it() -> None:
+    rs = k8s.V1ReplicaSet(
+        metadata=k8s.V1ObjectMeta(
+            name="web-5d9",
+            owner_references=[
+                k8s.V1OwnerReference(
+                    api_version="apps/v1", kind="Deployment", name="web", uid="d", controller=True
+                )
+            ],
+        ),
+        spec=k8s.V1ReplicaSetSpec(selector=k8s.V1LabelSelector()),
+    )
+    assert _workload_of(_owned("web-5d9-x", "ReplicaSet", "web-5d9"), [rs]) == "deployment/web"
+    assert _workload_of(_owned("db-0", "StatefulSet", "db"), []) == "statefulset/db"
+    assert _workload_of(_owned("agent-x", "DaemonSet", "agent"), []) == "daemonset/agent"
+    # A bare pod, a ReplicaSet of no Deployment, a reference that does not control the pod.
+    assert _workload_of(_owned("lone", None), []) == "pod/lone"
+    assert _workload_of(_owned("rs-only-x", "ReplicaSet", "rs-only"), [rs]) == "pod/rs-only-x"
+    assert _workload_of(_owned("p", "StatefulSet", "db", controller=False), []) == "pod/p"
