@@ -20,7 +20,15 @@ from flows.common import Report, md_escape
 from flows.driver import Runbook
 from flows.security.params import SPEC, SecurityBreachParams
 from flows.spec import Action, ActionRecord, ApprovalPolicy
-from tasks.kubernetes.netpol import IsolationPlan, apply_isolation, plan_isolation
+from tasks.kubernetes.netpol import (
+    CORDONED_FOR,
+    INCIDENT_LABEL,
+    MANAGED_BY,
+    OURS,
+    IsolationPlan,
+    apply_isolation,
+    plan_isolation,
+)
 from tasks.kubernetes.secret_rotation import (
     RotationPlan,
     RotationResult,
@@ -57,11 +65,21 @@ class IsolateAction(Action):
         return f"server dry run: policy {result.policy_name} accepted; nothing written"
 
     def undo(self) -> str:
-        return (
-            f"delete NetworkPolicy {self.isolation.policy_name} (`undo_isolation(incident)`"
-            " deletes exactly the policies labelled for this incident and uncordons the nodes"
-            " it cordoned)"
+        plan = self.isolation
+        # The commands an on-call runs (nothing here needs Python): exactly our policies of
+        # this incident, and only the nodes this step cordons (never one cordoned before).
+        text = (
+            f"`kubectl -n {plan.namespace} delete networkpolicy"
+            f" -l {MANAGED_BY}={OURS},{INCIDENT_LABEL}={plan.slug}`"
         )
+        cordoned = [n for n in plan.nodes if n not in plan.nodes_already_unschedulable]
+        if plan.cordon and cordoned:
+            nodes = " ".join(cordoned)
+            text += (
+                f", then `kubectl uncordon {nodes}` and"
+                f" `kubectl annotate node {nodes} {CORDONED_FOR}-`"
+            )
+        return text + " (the task `undo_isolation(incident)` does the same)"
 
     def same_as(self, approved: Action) -> bool:
         """The same policy on the same pods: pods replaced since the approval were not seen

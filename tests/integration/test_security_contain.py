@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 
+from flows.security.steps import IsolateAction
 from tasks.errors import PermanentError, SafetyViolation
 from tasks.kubernetes.netpol import (
     CORDONED_FOR,
@@ -189,6 +193,44 @@ def test_cordon_marks_the_node_ours_and_undo_uncordons_only_it(
     finally:
         undone = undo_isolation.fn(INCIDENT, ns, kube=settings)
     assert f"node/{node}" in undone
+    after = core.read_node(node)
+    assert not after.spec.unschedulable
+    assert CORDONED_FOR not in (after.metadata.annotations or {})
+
+
+def test_the_undo_an_approver_reads_is_kubectl_that_removes_exactly_ours(
+    kube_cluster: KubeCluster, kube_namespace: str, kubectl: Path
+) -> None:
+    ns, settings = kube_namespace, kube_cluster.settings(kube_namespace)
+    admin = kube_cluster.api()
+    apps: Any = k8s.AppsV1Api(admin)
+    core: Any = k8s.CoreV1Api(admin)
+    net: Any = k8s.NetworkingV1Api(admin)
+    apps.create_namespaced_deployment(ns, deployment_body("akig-backend", replicas=1))
+    (pod,) = settled_pods(settings, ns, "app=akig", 1)
+    node = wait_until(
+        lambda: core.read_namespaced_pod(pod.name, ns).spec.node_name, what="the pod bound"
+    )
+    net.create_namespaced_network_policy(
+        ns, {"metadata": {"name": "team-policy"}, "spec": {"podSelector": {}}}
+    )
+    other = plan_isolation.fn("SEC-other", "app=akig", ns, kube=settings)
+    apply_isolation.fn(other, kube=settings)
+    plan = plan_isolation.fn(INCIDENT, "app=akig", ns, cordon=True, kube=settings)
+    undo = IsolateAction(target="t", summary="s", isolation=plan).undo()
+    commands = re.findall(r"`(kubectl [^`]+)`", undo)
+    assert len(commands) == 3, undo  # the policies, uncordon, the annotation
+    try:
+        apply_isolation.fn(plan, kube=settings)
+        assert core.read_node(node).spec.unschedulable
+        for command in commands:
+            argv = [str(kubectl), f"--kubeconfig={kube_cluster.kubeconfig}", *command.split()[1:]]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 0, (command, done.stderr)
+    finally:
+        undo_isolation.fn(INCIDENT, ns, kube=settings)  # never leave the shared node cordoned
+    left = sorted(p.metadata.name for p in net.list_namespaced_network_policy(ns).items)
+    assert left == sorted(["team-policy", other.policy_name])
     after = core.read_node(node)
     assert not after.spec.unschedulable
     assert CORDONED_FOR not in (after.metadata.annotations or {})
