@@ -163,18 +163,27 @@ def test_isolation_refuses_bad_input_and_changes_nothing(
     }
 
 
+def _one_pod_bound(kube_cluster: KubeCluster, ns: str) -> str:
+    """A one-pod akig-backend, settled; the node its pod is bound to."""
+    admin = kube_cluster.api()
+    apps: Any = k8s.AppsV1Api(admin)
+    core: Any = k8s.CoreV1Api(admin)
+    apps.create_namespaced_deployment(ns, deployment_body("akig-backend", replicas=1))
+    (pod,) = settled_pods(kube_cluster.settings(ns), ns, "app=akig", 1)
+    return str(
+        wait_until(
+            lambda: core.read_namespaced_pod(pod.name, ns).spec.node_name, what="the pod bound"
+        )
+    )
+
+
 def test_cordon_marks_the_node_ours_and_undo_uncordons_only_it(
     kube_cluster: KubeCluster, kube_namespace: str
 ) -> None:
     ns, settings = kube_namespace, kube_cluster.settings(kube_namespace)
     admin = kube_cluster.api()
-    apps: Any = k8s.AppsV1Api(admin)
     core: Any = k8s.CoreV1Api(admin)
-    apps.create_namespaced_deployment(ns, deployment_body("akig-backend", replicas=1))
-    (pod,) = settled_pods(settings, ns, "app=akig", 1)
-    node = wait_until(
-        lambda: core.read_namespaced_pod(pod.name, ns).spec.node_name, what="the pod bound"
-    )
+    node = _one_pod_bound(kube_cluster, ns)
 
     plan = plan_isolation.fn(INCIDENT, "app=akig", ns, cordon=True, kube=settings)
     assert plan.nodes == [node]
@@ -203,14 +212,9 @@ def test_the_undo_an_approver_reads_is_kubectl_that_removes_exactly_ours(
 ) -> None:
     ns, settings = kube_namespace, kube_cluster.settings(kube_namespace)
     admin = kube_cluster.api()
-    apps: Any = k8s.AppsV1Api(admin)
     core: Any = k8s.CoreV1Api(admin)
     net: Any = k8s.NetworkingV1Api(admin)
-    apps.create_namespaced_deployment(ns, deployment_body("akig-backend", replicas=1))
-    (pod,) = settled_pods(settings, ns, "app=akig", 1)
-    node = wait_until(
-        lambda: core.read_namespaced_pod(pod.name, ns).spec.node_name, what="the pod bound"
-    )
+    node = _one_pod_bound(kube_cluster, ns)
     net.create_namespaced_network_policy(
         ns, {"metadata": {"name": "team-policy"}, "spec": {"podSelector": {}}}
     )
