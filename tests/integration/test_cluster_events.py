@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ssl
 import uuid
 from collections.abc import Iterator
@@ -12,11 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
 
 from tasks.errors import PermanentError
 from tasks.kubernetes import cluster_events, pods_not_ready
-from tests.fixtures.kube import KubeCluster
+from tests.fixtures.kube import KubeCluster, namespace
 from tests.integration.kube_helpers import deployment_body, rolled_out, wait_until
 
 pytestmark = pytest.mark.kube
@@ -28,12 +26,9 @@ def core(kube_cluster: KubeCluster) -> Any:
 
 
 @pytest.fixture
-def second_namespace(core: Any) -> Iterator[str]:
-    name = f"t2-{uuid.uuid4().hex[:8]}"
-    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
-    yield name
-    with contextlib.suppress(ApiException):
-        core.delete_namespace(name)
+def second_namespace(kube_cluster: KubeCluster) -> Iterator[str]:
+    with namespace(kube_cluster, "t2") as name:
+        yield name
 
 
 def _event(cluster: KubeCluster, ns: str, name: str, **times: str) -> None:

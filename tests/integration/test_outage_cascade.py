@@ -24,7 +24,7 @@ from flows.outage.cascade import Cascade, CascadeTargets, run_cascade
 from flows.spec import Verdict
 from tasks.cascade.models import LAYER_TITLES, LAYERS, LayerName
 from tasks.settings import OutageSettings, PostgresSettings
-from tests.fixtures.kube import KubeCluster, free_port
+from tests.fixtures.kube import KubeCluster, free_port, namespace
 from tests.fixtures.outage import DNS_NAMES, MISSING_NAME, Dnsmasq, Nginx, NginxFactory
 from tests.fixtures.prefect_runs import task_runs
 from tests.fixtures.sandbox import Sandbox
@@ -190,10 +190,8 @@ def test_kubernetes_lists_pods_not_ready_in_every_namespace(world: World) -> Non
     them; the backend's namespace is not the only one looked at."""
     core: Any = k8s.CoreV1Api(world.cluster.api())
     apps: Any = k8s.AppsV1Api(world.cluster.api())
-    other = f"elsewhere-{uuid.uuid4().hex[:6]}"
-    assert other not in (world.targets.kube.namespace, world.targets.outage.ingress_namespace)
-    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=other)))
-    try:
+    with namespace(world.cluster, "elsewhere") as other:
+        assert other not in (world.targets.kube.namespace, world.targets.outage.ingress_namespace)
         sick = {"fake-kubelet/ready": "false", "fake-kubelet/waiting": "CrashLoopBackOff"}
         apps.create_namespaced_deployment(
             other,
@@ -208,9 +206,6 @@ def test_kubernetes_lists_pods_not_ready_in_every_namespace(world: World) -> Non
 
         wait_until(crashing, what="the other namespace's pod crash-looping")
         c, _ = cascade(world.targets)
-    finally:
-        with contextlib.suppress(ApiException):
-            core.delete_namespace(other)
     assert c.first_broken is None, c.probes_md()
     layer = c.layer("kubernetes")
     assert layer.status == "ok" and "not Running/Ready in all namespaces" in layer.summary
